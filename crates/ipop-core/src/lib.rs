@@ -1,0 +1,15 @@
+//! The protocol brain of ipop: a deterministic, sans-IO state machine.
+//!
+//! Nothing in this crate opens a socket, reads a clock or spawns a task. The daemon feeds it
+//! what happened (a packet from the TUN device, a datagram from the network, the passing of
+//! time) and carries out what it asks for (datagrams to send, packets to deliver). The one
+//! exception to time injection is boringtun's `Tunn`, which reads the monotonic clock itself.
+
+pub mod demux;
+pub mod key;
+pub mod node;
+pub mod packet;
+pub mod route;
+
+pub use key::{KeyError, PublicKey};
+pub use node::{DropReason, Drops, LinkState, Node, PeerConfig, PeerStatus, Problem, Transmit};

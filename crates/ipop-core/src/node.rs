@@ -1,0 +1,893 @@
+//! A node: this device's side of every link, one WireGuard session per peer.
+//!
+//! The data path is two calls that write into buffers the caller owns, so that a packet costs
+//! no allocation: [`Node::handle_tun`] turns an IP packet from the TUN device into a datagram
+//! for a peer, [`Node::handle_udp`] turns a datagram from the network into an IP packet for the
+//! TUN device. Handshakes, cookie replies and keepalives, which are rare, are queued and polled
+//! with [`Node::poll_transmit`]; [`Node::handle_timeout`] drives the WireGuard timers.
+
+use crate::demux::{DatagramKind, classify};
+use crate::key::PublicKey;
+use crate::packet;
+use crate::route::RouteTable;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// How often the WireGuard timers of every session are driven.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// A session is usable for this long after its handshake (WireGuard's REJECT_AFTER_TIME).
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// Handshake initiations without an answer before a peer is reported as not answering.
+const UNANSWERED_BEFORE_PROBLEM: u32 = 2;
+/// The largest WireGuard control message (a handshake initiation).
+const CONTROL_MESSAGE_MAX: usize = 148;
+/// WireGuard's message type for a handshake initiation.
+const HANDSHAKE_INIT: u8 = 1;
+/// WireGuard's message type for a handshake response.
+const HANDSHAKE_RESPONSE: u8 = 2;
+
+/// A peer as the configuration (or, later, the social network) describes it.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub name: Option<String>,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    /// Overlay addresses routed to this peer and accepted as inner sources from it.
+    pub addresses: Vec<IpNet>,
+    /// Persistent keepalive interval in seconds.
+    pub keepalive: Option<u16>,
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Where a link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No endpoint is known: waiting for the peer to reach us.
+    Waiting,
+    /// Handshaking, or the last session expired.
+    Connecting,
+    /// A session is established.
+    Connected,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Waiting => "waiting",
+            LinkState::Connecting => "connecting",
+            LinkState::Connected => "connected",
+        }
+    }
+}
+
+/// Why a link is not up, as far as this side can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// Our handshake initiations went unanswered.
+    NoResponse { endpoint: SocketAddr, attempts: u32 },
+    /// A handshake came from the peer's endpoint with a key other than the configured one.
+    KeyMismatch {
+        endpoint: SocketAddr,
+        announced: PublicKey,
+    },
+    /// A handshake came from the peer's endpoint but was encrypted for another key than ours.
+    NotForOurKey { endpoint: SocketAddr },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::NoResponse { endpoint, attempts } => write!(
+                f,
+                "no handshake response from {endpoint} after {attempts} attempts: the peer is \
+                 down or unreachable, or it does not have our public key"
+            ),
+            Problem::KeyMismatch {
+                endpoint,
+                announced,
+            } => write!(
+                f,
+                "a handshake from {endpoint} carried key {} ({announced}), not the public key \
+                 configured for this peer",
+                announced.fingerprint()
+            ),
+            Problem::NotForOurKey { endpoint } => write!(
+                f,
+                "a handshake from {endpoint} was encrypted for another key than ours: the peer \
+                 has a wrong public key configured for us"
+            ),
+        }
+    }
+}
+
+/// Why a packet was dropped. Every drop is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A TUN packet whose IP header could not be read.
+    MalformedIp,
+    /// A TUN packet for an address that no peer owns.
+    NoRoute,
+    /// A TUN packet for a peer whose endpoint is not known yet.
+    NoEndpoint,
+    /// A datagram that is neither WireGuard nor anything else we speak.
+    NotWireGuard,
+    /// A WireGuard message that could not be parsed.
+    MalformedWireGuard,
+    /// A handshake from a key that belongs to no peer.
+    UnknownKey,
+    /// A handshake that was not encrypted for our key.
+    HandshakeNotForUs,
+    /// A message addressed to a session index we never handed out.
+    UnknownSession,
+    /// A message that failed authentication, was replayed or came too late.
+    Rejected,
+    /// A decrypted packet whose inner source is not an address of the peer that sent it.
+    SpoofedSource,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::MalformedIp,
+        DropReason::NoRoute,
+        DropReason::NoEndpoint,
+        DropReason::NotWireGuard,
+        DropReason::MalformedWireGuard,
+        DropReason::UnknownKey,
+        DropReason::HandshakeNotForUs,
+        DropReason::UnknownSession,
+        DropReason::Rejected,
+        DropReason::SpoofedSource,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::MalformedIp => "malformed_ip",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::NotWireGuard => "not_wireguard",
+            DropReason::MalformedWireGuard => "malformed_wireguard",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::HandshakeNotForUs => "handshake_not_for_us",
+            DropReason::UnknownSession => "unknown_session",
+            DropReason::Rejected => "rejected",
+            DropReason::SpoofedSource => "spoofed_source",
+        }
+    }
+}
+
+/// Drop counters, one per [`DropReason`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drops([u64; DropReason::ALL.len()]);
+
+impl Drops {
+    fn count(&mut self, reason: DropReason) {
+        self.0[reason as usize] += 1;
+    }
+
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|&r| (r, self.get(r)))
+    }
+}
+
+/// What `ipop status` shows of a peer.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub name: Option<String>,
+    pub public_key: PublicKey,
+    pub addresses: Vec<IpNet>,
+    pub state: LinkState,
+    pub endpoint: Option<SocketAddr>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_handshake: Option<Duration>,
+    pub problem: Option<Problem>,
+}
+
+struct Peer {
+    config: PeerConfig,
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+    unanswered: u32,
+    problem: Option<Problem>,
+    connected: bool,
+    started: bool,
+}
+
+impl Peer {
+    fn session_age(&self) -> Option<Duration> {
+        self.tunn.stats().0.filter(|age| *age < SESSION_LIFETIME)
+    }
+
+    fn state(&self) -> LinkState {
+        if self.session_age().is_some() {
+            LinkState::Connected
+        } else if self.endpoint.is_none() {
+            LinkState::Waiting
+        } else {
+            LinkState::Connecting
+        }
+    }
+
+    fn owns(&self, addr: IpAddr) -> bool {
+        self.config.addresses.iter().any(|n| n.contains(&addr))
+    }
+
+    fn label(&self) -> String {
+        match &self.config.name {
+            Some(name) => format!("{name} ({})", self.config.public_key.fingerprint()),
+            None => self.config.public_key.fingerprint(),
+        }
+    }
+
+    fn set_problem(&mut self, problem: Option<Problem>) {
+        if self.problem != problem {
+            if let Some(p) = &problem {
+                tracing::warn!(peer = %self.label(), "link not up: {p}");
+            }
+            self.problem = problem;
+        }
+    }
+
+    /// Notes a handshake initiation that we are about to send.
+    fn initiation_sent(&mut self) {
+        self.unanswered += 1;
+        if self.unanswered > UNANSWERED_BEFORE_PROBLEM
+            && let Some(endpoint) = self.endpoint
+            && !matches!(
+                self.problem,
+                Some(Problem::KeyMismatch { .. } | Problem::NotForOurKey { .. })
+            )
+        {
+            self.set_problem(Some(Problem::NoResponse {
+                endpoint,
+                attempts: self.unanswered - 1,
+            }));
+        }
+    }
+
+    /// Notes an authenticated message from `from`: the peer may have roamed.
+    fn authenticated(&mut self, from: SocketAddr) {
+        if self.endpoint != Some(from) {
+            tracing::info!(peer = %self.label(), endpoint = %from, "peer endpoint set");
+            self.endpoint = Some(from);
+        }
+    }
+
+    fn update_connected(&mut self) {
+        let now_connected = self.session_age().is_some();
+        if now_connected && !self.connected {
+            self.unanswered = 0;
+            self.set_problem(None);
+            tracing::info!(peer = %self.label(), endpoint = ?self.endpoint, "link up");
+        } else if !now_connected && self.connected {
+            tracing::info!(peer = %self.label(), "link down: session expired");
+        }
+        self.connected = now_connected;
+    }
+}
+
+/// Why a [`Node`] could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeError {
+    #[error("peer {0} is listed twice")]
+    DuplicatePeer(PublicKey),
+    #[error("address {net} is claimed by two peers ({first} and {second})")]
+    OverlappingAddress {
+        net: IpNet,
+        first: PublicKey,
+        second: PublicKey,
+    },
+    #[error("peer {0} is this device's own key")]
+    SelfAsPeer(PublicKey),
+    #[error("more peers than sessions can be numbered")]
+    TooManyPeers,
+}
+
+/// This device's side of every link.
+pub struct Node {
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    peers: Vec<Peer>,
+    by_key: HashMap<PublicKey, usize>,
+    routes: RouteTable,
+    transmits: VecDeque<Transmit>,
+    drops: Drops,
+    next_tick: Option<Instant>,
+    scratch: Vec<u8>,
+}
+
+impl Node {
+    /// A node with the given identity and peers. Nothing is sent until the first
+    /// [`Node::handle_timeout`].
+    pub fn new(secret: x25519::StaticSecret, peers: Vec<PeerConfig>) -> Result<Self, NodeError> {
+        let public = x25519::PublicKey::from(&secret);
+        let own = PublicKey(public.to_bytes());
+        let mut node = Node {
+            secret,
+            public,
+            peers: Vec::with_capacity(peers.len()),
+            by_key: HashMap::new(),
+            routes: RouteTable::default(),
+            transmits: VecDeque::new(),
+            drops: Drops::default(),
+            next_tick: None,
+            scratch: vec![0; CONTROL_MESSAGE_MAX + 64],
+        };
+        for config in peers {
+            if config.public_key == own {
+                return Err(NodeError::SelfAsPeer(own));
+            }
+            let index = node.peers.len();
+            if index >= 1 << 24 {
+                return Err(NodeError::TooManyPeers);
+            }
+            if node.by_key.insert(config.public_key, index).is_some() {
+                return Err(NodeError::DuplicatePeer(config.public_key));
+            }
+            for net in &config.addresses {
+                node.routes
+                    .insert(*net, index)
+                    .map_err(|owner| NodeError::OverlappingAddress {
+                        net: *net,
+                        first: node.peers[owner].config.public_key,
+                        second: config.public_key,
+                    })?;
+            }
+            let tunn = Tunn::new(
+                node.secret.clone(),
+                x25519::PublicKey::from(config.public_key.0),
+                None,
+                config.keepalive.filter(|&k| k > 0),
+                index as u32,
+                None,
+            );
+            node.peers.push(Peer {
+                endpoint: config.endpoint,
+                config,
+                tunn,
+                unanswered: 0,
+                problem: None,
+                connected: false,
+                started: false,
+            });
+        }
+        Ok(node)
+    }
+
+    /// This device's public key.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    /// Turns an IP packet read from the TUN device into a datagram for its peer, written to the
+    /// front of `out`. Returns the destination and the datagram's length, or `None` when the
+    /// packet was dropped (and counted) or queued behind a handshake.
+    ///
+    /// `out` must hold at least `packet.len() + 32` and 148 bytes.
+    pub fn handle_tun(&mut self, packet: &[u8], out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        let Some(dst) = packet::destination(packet) else {
+            self.drops.count(DropReason::MalformedIp);
+            return None;
+        };
+        let Some(index) = self.routes.lookup(dst) else {
+            self.drops.count(DropReason::NoRoute);
+            return None;
+        };
+        let peer = &mut self.peers[index];
+        let Some(endpoint) = peer.endpoint else {
+            self.drops.count(DropReason::NoEndpoint);
+            return None;
+        };
+        match peer.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                if datagram.first() == Some(&HANDSHAKE_INIT) {
+                    peer.initiation_sent();
+                }
+                Some((endpoint, datagram.len()))
+            }
+            TunnResult::Err(e) => {
+                tracing::debug!(peer = %peer.label(), "encapsulation failed: {e:?}");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Handles a datagram from the network. When it carries an IP packet for the TUN device,
+    /// the packet is written to the front of `out` and its length returned. Replies (handshake
+    /// responses, queued packets) are queued for [`Node::poll_transmit`].
+    ///
+    /// `out` must be at least as long as `datagram`.
+    pub fn handle_udp(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if classify(datagram) != DatagramKind::WireGuard {
+            self.drops.count(DropReason::NotWireGuard);
+            return None;
+        }
+        let index = self.peer_for(from, datagram)?;
+        let peer = &mut self.peers[index];
+        let result = peer.tunn.decapsulate(Some(from.ip()), datagram, out);
+        let delivered = match result {
+            TunnResult::WriteToNetwork(reply) => {
+                // A handshake response proves the initiation was authentic; a cookie reply
+                // (under load) proves nothing yet.
+                let authentic =
+                    reply.first() == Some(&HANDSHAKE_RESPONSE) || datagram[0] == HANDSHAKE_RESPONSE;
+                let reply = reply.to_vec();
+                if authentic {
+                    peer.authenticated(from);
+                }
+                self.transmits.push_back(Transmit {
+                    destination: from,
+                    payload: reply,
+                });
+                self.flush_queued(index, out);
+                None
+            }
+            TunnResult::WriteToTunnelV4(p, src) => {
+                Self::accept(peer, &mut self.drops, from, p.len(), src.into())
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                Self::accept(peer, &mut self.drops, from, p.len(), src.into())
+            }
+            TunnResult::Done => {
+                // A keepalive, or a handshake response that completed a session.
+                peer.authenticated(from);
+                self.flush_queued(index, out);
+                None
+            }
+            TunnResult::Err(e) => {
+                tracing::debug!(peer = %peer.label(), %from, "datagram rejected: {e:?}");
+                self.drops.count(DropReason::Rejected);
+                None
+            }
+        };
+        self.peers[index].update_connected();
+        delivered
+    }
+
+    fn accept(
+        peer: &mut Peer,
+        drops: &mut Drops,
+        from: SocketAddr,
+        len: usize,
+        src: IpAddr,
+    ) -> Option<usize> {
+        if !peer.owns(src) {
+            tracing::debug!(peer = %peer.label(), %src, "inner source is not the peer's");
+            drops.count(DropReason::SpoofedSource);
+            return None;
+        }
+        peer.authenticated(from);
+        Some(len)
+    }
+
+    /// Sends what the session queued while it waited for a handshake.
+    fn flush_queued(&mut self, index: usize, out: &mut [u8]) {
+        let peer = &mut self.peers[index];
+        let Some(destination) = peer.endpoint else {
+            return;
+        };
+        while let TunnResult::WriteToNetwork(datagram) = peer.tunn.decapsulate(None, &[], out) {
+            self.transmits.push_back(Transmit {
+                destination,
+                payload: datagram.to_vec(),
+            });
+        }
+    }
+
+    /// Finds the peer a WireGuard message belongs to: by the sender's static key for a
+    /// handshake initiation, by our session index for everything else.
+    fn peer_for(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<usize> {
+        let packet = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => {
+                self.drops.count(DropReason::MalformedWireGuard);
+                return None;
+            }
+        };
+        let receiver = match packet {
+            Packet::HandshakeInit(init) => {
+                return match parse_handshake_anon(&self.secret, &self.public, &init) {
+                    Ok(half) => {
+                        let key = PublicKey(half.peer_static_public);
+                        let found = self.by_key.get(&key).copied();
+                        if found.is_none() {
+                            self.drops.count(DropReason::UnknownKey);
+                            tracing::debug!(%from, key = %key.fingerprint(), "handshake from unknown key");
+                            self.blame(
+                                from,
+                                Problem::KeyMismatch {
+                                    endpoint: from,
+                                    announced: key,
+                                },
+                            );
+                        }
+                        found
+                    }
+                    Err(_) => {
+                        self.drops.count(DropReason::HandshakeNotForUs);
+                        self.blame(from, Problem::NotForOurKey { endpoint: from });
+                        None
+                    }
+                };
+            }
+            Packet::HandshakeResponse(p) => p.receiver_idx,
+            Packet::PacketCookieReply(p) => p.receiver_idx,
+            Packet::PacketData(p) => p.receiver_idx,
+        };
+        let index = (receiver >> 8) as usize;
+        if index >= self.peers.len() {
+            self.drops.count(DropReason::UnknownSession);
+            return None;
+        }
+        Some(index)
+    }
+
+    /// Records a key problem on the peer whose endpoint sent a handshake we refused: the exact
+    /// endpoint if one matches, else one at the same address.
+    fn blame(&mut self, from: SocketAddr, problem: Problem) {
+        let exact = self.peers.iter().position(|p| p.endpoint == Some(from));
+        let same_host = || {
+            self.peers
+                .iter()
+                .position(|p| p.endpoint.map(|e| e.ip()) == Some(from.ip()))
+        };
+        if let Some(index) = exact.or_else(same_host)
+            && !self.peers[index].connected
+        {
+            self.peers[index].set_problem(Some(problem));
+        }
+    }
+
+    /// Drives the WireGuard timers: handshake (re)tries, keepalives, session expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_tick.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_tick = Some(now + TIMER_TICK);
+        for peer in &mut self.peers {
+            let result = if peer.started || peer.endpoint.is_none() {
+                peer.tunn.update_timers(&mut self.scratch)
+            } else {
+                // First tick: open the session at once rather than on the first packet, so the
+                // link is up before it is needed and a restarted peer tells us where it is now.
+                peer.started = true;
+                peer.tunn
+                    .format_handshake_initiation(&mut self.scratch, false)
+            };
+            match result {
+                TunnResult::WriteToNetwork(datagram) => {
+                    if let Some(destination) = peer.endpoint {
+                        let payload = datagram.to_vec();
+                        if payload.first() == Some(&HANDSHAKE_INIT) {
+                            peer.initiation_sent();
+                        }
+                        self.transmits.push_back(Transmit {
+                            destination,
+                            payload,
+                        });
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                TunnResult::Err(e) => tracing::debug!(peer = %peer.label(), "timer: {e:?}"),
+                _ => {}
+            }
+            peer.update_connected();
+        }
+    }
+
+    /// When [`Node::handle_timeout`] wants to be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_tick
+    }
+
+    /// The next control datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Drop counters since start.
+    pub fn drops(&self) -> &Drops {
+        &self.drops
+    }
+
+    /// The state of every peer.
+    pub fn peers(&self) -> impl Iterator<Item = PeerStatus> + '_ {
+        self.peers.iter().map(|p| {
+            let (last_handshake, tx, rx, _, _) = p.tunn.stats();
+            let state = p.state();
+            PeerStatus {
+                name: p.config.name.clone(),
+                public_key: p.config.public_key,
+                addresses: p.config.addresses.clone(),
+                state,
+                endpoint: p.endpoint,
+                rx_bytes: rx as u64,
+                tx_bytes: tx as u64,
+                last_handshake,
+                problem: if state == LinkState::Connected {
+                    None
+                } else {
+                    p.problem.clone()
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::tests::{ipv4, ipv6};
+    use std::net::Ipv6Addr;
+
+    struct Sim {
+        a: Node,
+        b: Node,
+        a_addr: SocketAddr,
+        b_addr: SocketAddr,
+    }
+
+    fn secret() -> x25519::StaticSecret {
+        x25519::StaticSecret::random_from_rng(rand_core::OsRng)
+    }
+
+    fn peer(key: PublicKey, endpoint: Option<SocketAddr>, addrs: &[&str]) -> PeerConfig {
+        PeerConfig {
+            name: None,
+            public_key: key,
+            endpoint,
+            addresses: addrs
+                .iter()
+                .map(|a| a.parse().expect("test prefix"))
+                .collect(),
+            keepalive: None,
+        }
+    }
+
+    fn pair(b_key_seen_by_a: Option<PublicKey>) -> Sim {
+        let (sa, sb) = (secret(), secret());
+        let (ka, kb) = (PublicKey::from_secret(&sa), PublicKey::from_secret(&sb));
+        let a_addr: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let b_addr: SocketAddr = "192.0.2.2:2000".parse().unwrap();
+        let a = Node::new(
+            sa,
+            vec![peer(
+                b_key_seen_by_a.unwrap_or(kb),
+                Some(b_addr),
+                &["10.0.0.2/32", "fd00::2/128"],
+            )],
+        )
+        .unwrap();
+        let b = Node::new(
+            sb,
+            vec![peer(ka, Some(a_addr), &["10.0.0.1/32", "fd00::1/128"])],
+        )
+        .unwrap();
+        Sim {
+            a,
+            b,
+            a_addr,
+            b_addr,
+        }
+    }
+
+    impl Sim {
+        /// Delivers every queued control datagram until both sides are quiet.
+        fn exchange(&mut self) {
+            let mut out = vec![0u8; 2048];
+            for _ in 0..10 {
+                let mut moved = false;
+                while let Some(t) = self.a.poll_transmit() {
+                    assert_eq!(t.destination, self.b_addr);
+                    moved = true;
+                    assert_eq!(self.b.handle_udp(self.a_addr, &t.payload, &mut out), None);
+                }
+                while let Some(t) = self.b.poll_transmit() {
+                    assert_eq!(t.destination, self.a_addr);
+                    moved = true;
+                    assert_eq!(self.a.handle_udp(self.b_addr, &t.payload, &mut out), None);
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        fn start(&mut self) {
+            let now = Instant::now();
+            self.a.handle_timeout(now);
+            self.b.handle_timeout(now);
+            self.exchange();
+        }
+    }
+
+    fn state(n: &Node) -> LinkState {
+        n.peers().next().expect("one peer").state
+    }
+
+    #[test]
+    fn handshake_on_start_then_packets_flow_both_ways() {
+        let mut sim = pair(None);
+        sim.start();
+        assert_eq!(state(&sim.a), LinkState::Connected);
+        assert_eq!(state(&sim.b), LinkState::Connected);
+
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"hello");
+        let (dst, n) = sim.a.handle_tun(&p, &mut wire).expect("encrypted");
+        assert_eq!(dst, sim.b_addr);
+        let got = sim
+            .b
+            .handle_udp(sim.a_addr, &wire[..n], &mut inner)
+            .expect("delivered");
+        assert_eq!(&inner[..got], &p[..]);
+
+        let a6: Ipv6Addr = "fd00::1".parse().unwrap();
+        let b6: Ipv6Addr = "fd00::2".parse().unwrap();
+        let p6 = ipv6(b6, a6, b"back");
+        let (dst, n) = sim.b.handle_tun(&p6, &mut wire).expect("encrypted");
+        assert_eq!(dst, sim.a_addr);
+        let got = sim
+            .a
+            .handle_udp(sim.b_addr, &wire[..n], &mut inner)
+            .expect("delivered");
+        assert_eq!(&inner[..got], &p6[..]);
+        assert!(sim.a.peers().next().unwrap().rx_bytes > 0);
+    }
+
+    #[test]
+    fn inner_source_of_another_peer_is_dropped_and_counted() {
+        let mut sim = pair(None);
+        sim.start();
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        // B claims a source address that A routes to nobody (and B does not own).
+        let spoofed = ipv4([10, 0, 0, 9], [10, 0, 0, 1], b"spoof");
+        let (_, n) = sim.b.handle_tun(&spoofed, &mut wire).expect("encrypted");
+        assert_eq!(sim.a.handle_udp(sim.b_addr, &wire[..n], &mut inner), None);
+        assert_eq!(sim.a.drops().get(DropReason::SpoofedSource), 1);
+    }
+
+    #[test]
+    fn roaming_peer_is_followed_to_its_new_endpoint() {
+        let mut sim = pair(None);
+        sim.start();
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let moved: SocketAddr = "192.0.2.2:3000".parse().unwrap();
+        let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from elsewhere");
+        let (_, n) = sim.b.handle_tun(&p, &mut wire).expect("encrypted");
+        assert!(sim.a.handle_udp(moved, &wire[..n], &mut inner).is_some());
+        let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
+        let (dst, _) = sim.a.handle_tun(&back, &mut wire).expect("encrypted");
+        assert_eq!(dst, moved);
+    }
+
+    #[test]
+    fn wrong_key_gives_no_link_and_both_sides_say_why() {
+        let wrong = PublicKey::from_secret(&secret());
+        let mut sim = pair(Some(wrong));
+        sim.start();
+        assert_ne!(state(&sim.a), LinkState::Connected);
+        assert_ne!(state(&sim.b), LinkState::Connected);
+        let a_problem = sim.a.peers().next().unwrap().problem.expect("a knows why");
+        assert!(
+            matches!(a_problem, Problem::KeyMismatch { .. }),
+            "{a_problem:?}"
+        );
+        let b_problem = sim.b.peers().next().unwrap().problem.expect("b knows why");
+        assert!(
+            matches!(b_problem, Problem::NotForOurKey { .. }),
+            "{b_problem:?}"
+        );
+        assert_eq!(sim.a.drops().get(DropReason::UnknownKey), 1);
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeNotForUs), 1);
+        assert!(a_problem.to_string().contains("key"));
+    }
+
+    #[test]
+    fn unrouted_and_malformed_tun_packets_are_counted() {
+        let mut sim = pair(None);
+        let mut wire = vec![0u8; 2048];
+        assert_eq!(
+            sim.a
+                .handle_tun(&ipv4([10, 0, 0, 1], [10, 9, 9, 9], b""), &mut wire),
+            None
+        );
+        assert_eq!(sim.a.handle_tun(&[0x45, 0, 1], &mut wire), None);
+        assert_eq!(sim.a.drops().get(DropReason::NoRoute), 1);
+        assert_eq!(sim.a.drops().get(DropReason::MalformedIp), 1);
+    }
+
+    #[test]
+    fn hostile_datagrams_are_dropped_never_panic() {
+        let mut sim = pair(None);
+        sim.start();
+        let mut out = vec![0u8; 4096];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..600usize {
+            let mut d = vec![0u8; len];
+            for byte in d.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *byte = seed as u8;
+            }
+            if len >= 4 {
+                // Make some of them look like WireGuard so they reach the parser.
+                d[0] = (len % 5) as u8;
+                d[1..4].fill(0);
+            }
+            assert_eq!(sim.a.handle_udp(sim.b_addr, &d, &mut out), None);
+        }
+        let total: u64 = sim.a.drops().iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 600);
+        assert_eq!(state(&sim.a), LinkState::Connected);
+    }
+
+    #[test]
+    fn configuration_conflicts_are_refused() {
+        let s = secret();
+        let k = PublicKey::from_secret(&secret());
+        let dup = Node::new(s.clone(), vec![peer(k, None, &[]), peer(k, None, &[])]);
+        assert!(matches!(dup, Err(NodeError::DuplicatePeer(_))));
+        let k2 = PublicKey::from_secret(&secret());
+        let overlap = Node::new(
+            s.clone(),
+            vec![
+                peer(k, None, &["10.0.0.2/32"]),
+                peer(k2, None, &["10.0.0.2/32"]),
+            ],
+        );
+        assert!(matches!(overlap, Err(NodeError::OverlappingAddress { .. })));
+        let own = PublicKey::from_secret(&s);
+        assert!(matches!(
+            Node::new(s, vec![peer(own, None, &[])]),
+            Err(NodeError::SelfAsPeer(_))
+        ));
+    }
+
+    #[test]
+    fn peer_without_endpoint_waits_and_is_learned_from_its_handshake() {
+        let (sa, sb) = (secret(), secret());
+        let (ka, kb) = (PublicKey::from_secret(&sa), PublicKey::from_secret(&sb));
+        let a_addr: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let b_addr: SocketAddr = "192.0.2.2:2000".parse().unwrap();
+        let a = Node::new(sa, vec![peer(kb, None, &["10.0.0.2/32"])]).unwrap();
+        let b = Node::new(sb, vec![peer(ka, Some(a_addr), &["10.0.0.1/32"])]).unwrap();
+        let mut sim = Sim {
+            a,
+            b,
+            a_addr,
+            b_addr,
+        };
+        assert_eq!(state(&sim.a), LinkState::Waiting);
+        sim.start();
+        assert_eq!(state(&sim.a), LinkState::Connected);
+        assert_eq!(sim.a.peers().next().unwrap().endpoint, Some(b_addr));
+    }
+}
