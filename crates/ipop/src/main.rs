@@ -1,1 +1,196 @@
-fn main() {}
+//! `ipop`: a peer-to-peer VPN whose membership and signalling come from XMPP.
+
+mod config;
+mod control;
+mod dataplane;
+mod device;
+mod status;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use config::Config;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ipop",
+    version,
+    about = "Peer-to-peer VPN whose membership and signalling come from XMPP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a commented config file and generate this device's private key.
+    Init {
+        /// Where to write the config (the key goes next to it as ipop.key).
+        #[arg(default_value = config::DEFAULT_PATH)]
+        path: PathBuf,
+        /// Overwrite an existing config and key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the daemon in the foreground until SIGINT or SIGTERM.
+    Up {
+        #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Show the links of the running daemon.
+    Status {
+        #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print JSON (the stable format for scripts) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this device's public key and its fingerprint.
+    Key {
+        #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init { path, force } => init(&path, force),
+        Command::Up { config } => up(&config),
+        Command::Status { config, json } => status(&config, json),
+        Command::Key { config } => key(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ipop: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init(path: &Path, force: bool) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let key_path = dir.join("ipop.key");
+    if !force {
+        for p in [path, key_path.as_path()] {
+            if p.exists() {
+                bail!("{} exists; use --force to overwrite it", p.display());
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let secret = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = ipop_core::PublicKey::from_secret(&secret);
+    let mut key_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    writeln!(key_file, "{}", ipop_core::key::format_secret(&secret))?;
+    std::fs::write(path, config::template(&public))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    print_out(&format!(
+        "wrote {} and {}\npublic key {public}\nfingerprint {}\n",
+        path.display(),
+        key_path.display(),
+        public.fingerprint()
+    ))
+}
+
+fn key(config: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let secret = config::read_secret(&config.key_path())?;
+    let public = ipop_core::PublicKey::from_secret(&secret);
+    print_out(&format!("{public}\n{}\n", public.fingerprint()))
+}
+
+/// Writes to stdout; a reader that went away (`ipop key | head -1`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn status(config: &Path, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let answer = runtime()?.block_on(control::ask(&config.control_socket(), "status"))?;
+    if json {
+        print_out(&format!("{answer}\n"))
+    } else {
+        let s: status::Status =
+            serde_json::from_str(&answer).context("the daemon's answer is not a status")?;
+        print_out(&status::render(&s))
+    }
+}
+
+fn up(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| config.device.log_level.clone())
+        .unwrap_or_else(|| "info".to_owned());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .with_context(|| format!("invalid log level {filter:?}"))?,
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let secret = config::read_secret(&config.key_path())?;
+    let node = ipop_core::Node::new(secret, config.peer_configs())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let public = node.public_key();
+    runtime()?.block_on(async {
+        let plane = dataplane::Dataplane::new(
+            node,
+            &config.interface.name,
+            &config.interface.addresses,
+            config.interface.mtu,
+            config.interface.listen_port,
+        )?;
+        let (requests_tx, requests) = tokio::sync::mpsc::channel(16);
+        let _control = control::ControlSocket::bind(&config.control_socket(), requests_tx).await?;
+        tracing::info!(
+            interface = %config.interface.name,
+            port = plane.listen_port(),
+            key = %public.fingerprint(),
+            peers = config.peers.len(),
+            "ipop is up"
+        );
+        plane.run(requests, shutdown_signal()?).await;
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,350 @@
+//! The configuration file: one TOML file per device.
+//!
+//! Every error names the file, the line and the key, and says what was expected. Unknown keys
+//! are errors, so that a typo never silently falls back to a default.
+
+use anyhow::Context;
+use ipnet::IpNet;
+use ipop_core::{PeerConfig, PublicKey};
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Where `ipop` looks for its configuration when `-c` is not given.
+pub const DEFAULT_PATH: &str = "/etc/ipop/ipop.toml";
+/// The TUN device's MTU unless configured: 1500 minus the IPv6, UDP and WireGuard overhead.
+pub const DEFAULT_MTU: u16 = 1420;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub device: Device,
+    pub interface: Interface,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// The directory relative paths are resolved against: the config file's own.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    #[serde(default = "default_key_file")]
+    pub private_key_file: PathBuf,
+    pub log_level: Option<String>,
+    pub control_socket: Option<PathBuf>,
+}
+
+impl Default for Device {
+    fn default() -> Self {
+        Device {
+            private_key_file: default_key_file(),
+            log_level: None,
+            control_socket: None,
+        }
+    }
+}
+
+fn default_key_file() -> PathBuf {
+    PathBuf::from("ipop.key")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    #[serde(default = "default_interface", deserialize_with = "interface_name")]
+    pub name: String,
+    #[serde(deserialize_with = "parsed_list")]
+    pub addresses: Vec<IpNet>,
+    #[serde(default = "default_mtu", deserialize_with = "mtu")]
+    pub mtu: u16,
+    #[serde(default)]
+    pub listen_port: u16,
+}
+
+fn default_interface() -> String {
+    "ipop0".to_owned()
+}
+
+fn default_mtu() -> u16 {
+    DEFAULT_MTU
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: Option<String>,
+    #[serde(deserialize_with = "parsed")]
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "parsed_list")]
+    pub addresses: Vec<IpNet>,
+    pub keepalive: Option<u16>,
+}
+
+/// Reads a value through its `FromStr`, so the error says what the text should look like.
+fn parsed<'de, D: Deserializer<'de>, T>(d: D) -> Result<T, D::Error>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+}
+
+fn parsed_list<'de, D: Deserializer<'de>, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    Vec::<String>::deserialize(d)?
+        .into_iter()
+        .map(|s| {
+            s.parse().map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{s:?}: {e} (expected an address with its prefix length, like \"10.77.0.1/24\")"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn interface_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    let ok = !s.is_empty()
+        && s.len() < 16
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{s:?} is not an interface name: expected 1 to 15 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+fn mtu<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let v = u16::deserialize(d)?;
+    if (1280..=9000).contains(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "MTU {v} is out of range: expected 1280 (the IPv6 minimum) to 9000"
+        )))
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let mut config =
+            Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        config.dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(config)
+    }
+
+    /// Parses config text; errors carry the line, the key and what was expected.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| describe(text, &e))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.interface.addresses.is_empty() {
+            return Err("[interface] addresses: at least one overlay address is needed".into());
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            if peer.addresses.is_empty() {
+                return Err(format!(
+                    "[[peers]] #{} ({}): addresses is empty: packets could neither go to nor come from this peer",
+                    i + 1,
+                    peer.name.as_deref().unwrap_or("unnamed")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A path from the config, resolved against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.resolve(&self.device.private_key_file)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        match &self.device.control_socket {
+            Some(p) => self.resolve(p),
+            None => PathBuf::from(format!("/run/ipop/{}.sock", self.interface.name)),
+        }
+    }
+
+    pub fn peer_configs(&self) -> Vec<PeerConfig> {
+        self.peers
+            .iter()
+            .map(|p| PeerConfig {
+                name: p.name.clone(),
+                public_key: p.public_key,
+                endpoint: p.endpoint,
+                addresses: p.addresses.clone(),
+                keepalive: Some(p.keepalive.unwrap_or(25)),
+            })
+            .collect()
+    }
+}
+
+/// Turns a TOML error into "line L, key K: message", quoting the line.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    let Some(span) = e.span() else {
+        return message.to_owned();
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match key {
+        Some(k) => format!("line {line_no}, key `{k}`: {message}\n  | {line}"),
+        None => format!("line {line_no}: {message}\n  | {line}"),
+    }
+}
+
+/// Reads the device's secret key file.
+pub fn read_secret(path: &Path) -> anyhow::Result<boringtun::x25519::StaticSecret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read private key file {}", path.display()))?;
+    ipop_core::key::parse_secret(&text)
+        .map_err(|e| anyhow::anyhow!("private key file {}: {e}", path.display()))
+}
+
+/// The commented config that `ipop init` writes. Addresses are derived from the device's key so
+/// that two devices set up with the defaults do not collide.
+pub fn template(public: &PublicKey) -> String {
+    let k = public.0;
+    let host4 = format!("10.77.{}.{}", k[0], k[1].clamp(1, 254));
+    let host6 = format!(
+        "fd77::{:x}:{:x}",
+        u16::from_be_bytes([k[2], k[3]]),
+        u16::from_be_bytes([k[4], k[5]]).max(1)
+    );
+    format!(
+        r#"# ipop configuration. Reference: docs/config.md. Unknown keys are errors.
+
+[device]
+# This device's WireGuard private key (base64), relative to this file. Keep it secret (mode 0600).
+private_key_file = "ipop.key"
+# Log level: error, warn, info, debug or trace. The RUST_LOG environment variable overrides it.
+log_level = "info"
+# Where `ipop status` reaches the running daemon. Default: /run/ipop/<interface name>.sock
+# control_socket = "/run/ipop/ipop0.sock"
+
+[interface]
+# The virtual network interface (TUN device) that ipop creates.
+name = "ipop0"
+# This device's overlay addresses, with the prefix routed into the overlay.
+addresses = ["{host4}/16", "{host6}/64"]
+# MTU of the interface: 1420 fits WireGuard over IPv6 in a 1500-byte path.
+mtu = 1420
+# UDP port for the tunnels (IPv4 and IPv6); 0 picks a free one.
+listen_port = 51820
+
+# Static peers, like wg-quick's: a public key, where to reach it, and its overlay addresses.
+# [[peers]]
+# name = "laptop"
+# public_key = "BASE64 PUBLIC KEY (from `ipop key` on that device)"
+# endpoint = "192.0.2.10:51820"
+# addresses = ["10.77.0.2/32", "fd77::2/128"]
+# keepalive = 25
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[interface]\naddresses = [\"10.77.0.1/24\"]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.interface.name, "ipop0");
+        assert_eq!(c.interface.mtu, DEFAULT_MTU);
+        assert_eq!(c.interface.listen_port, 0);
+        assert_eq!(c.device.private_key_file, PathBuf::from("ipop.key"));
+        assert_eq!(c.control_socket(), PathBuf::from("/run/ipop/ipop0.sock"));
+    }
+
+    #[test]
+    fn template_is_a_valid_config() {
+        let c = Config::parse(&template(&PublicKey([7; 32]))).expect("template parses");
+        assert_eq!(c.interface.addresses.len(), 2);
+        assert!(c.peers.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = Config::parse("[interface]\naddresses = [\"10.77.0.1/24\"]\nmtuu = 1400\n")
+            .unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("mtuu"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_say_what_was_expected() {
+        let e =
+            Config::parse("[interface]\naddresses = [\"10.77.0.1/24\"]\nmtu = 100\n").unwrap_err();
+        assert!(
+            e.contains("line 3") && e.contains("key `mtu`") && e.contains("1280"),
+            "{e}"
+        );
+
+        let e = Config::parse("[interface]\naddresses = [\"10.77.0.300/24\"]\n").unwrap_err();
+        assert!(
+            e.contains("line 2") && e.contains("addresses") && e.contains("10.77.0.300"),
+            "{e}"
+        );
+
+        let bad_key =
+            format!("{MINIMAL}[[peers]]\npublic_key = \"abc\"\naddresses = [\"10.77.0.2/32\"]\n");
+        let e = Config::parse(&bad_key).unwrap_err();
+        assert!(
+            e.contains("line 4") && e.contains("public_key") && e.contains("32 bytes"),
+            "{e}"
+        );
+
+        let e = Config::parse("[interface]\nname = \"a name with spaces\"\naddresses = []\n")
+            .unwrap_err();
+        assert!(e.contains("key `name`"), "{e}");
+    }
+
+    #[test]
+    fn missing_sections_and_empty_addresses_are_errors() {
+        assert!(Config::parse("").unwrap_err().contains("interface"));
+        assert!(
+            Config::parse("[interface]\naddresses = []\n")
+                .unwrap_err()
+                .contains("addresses")
+        );
+    }
+}

@@ -1,0 +1,418 @@
+//! The data plane: the TUN device, the UDP sockets, and the loop that runs the core.
+//!
+//! One task owns the core and every buffer. Packets move in batches: one TUN read returns up to
+//! 64 KiB of TCP segments (TUN offload), which are encrypted into one contiguous buffer and sent
+//! with one UDP GSO system call per destination; one `recvmmsg` returns many (GRO-coalesced)
+//! datagrams, whose decrypted packets are coalesced again before they are written to the TUN
+//! device. Buffers are allocated once at start.
+
+use crate::control::Request;
+use crate::status::{self, Status};
+use anyhow::Context;
+use ipnet::IpNet;
+use ipop_core::Node;
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+/// The largest IP packet a TUN read can return with offload (a 64 KiB GSO packet).
+const TUN_READ_MAX: usize = VIRTIO_NET_HDR_LEN + 65535;
+/// Room around each encrypted datagram: WireGuard's 32-byte overhead.
+const WG_OVERHEAD: usize = 32;
+/// Datagrams per `recvmmsg`; each slot holds a GRO-coalesced train of up to 64 KiB.
+const UDP_SLOTS: usize = 8;
+const UDP_SLOT_SIZE: usize = 65535;
+/// Reads from one source per wake-up before the loop looks at the others.
+const MAX_READS_PER_WAKE: usize = 16;
+
+struct Udp {
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl Udp {
+    fn bind(addr: SocketAddr) -> io::Result<Udp> {
+        let domain = socket2::Domain::for_address(addr);
+        let socket =
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        // Bigger kernel buffers absorb bursts while the loop is busy with the other direction.
+        let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), 4 << 20);
+        let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), 4 << 20);
+        let socket = UdpSocket::from_std(socket.into())?;
+        Ok(Udp { socket, state })
+    }
+
+    /// Sends, waiting for room in the socket buffer if it is full.
+    async fn send(&self, t: &Transmit<'_>) {
+        let r = self
+            .socket
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send(UdpSockRef::from(&self.socket), t)
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(destination = %t.destination, "send failed: {e}");
+        }
+    }
+}
+
+/// Everything the data plane needs to run.
+pub struct Dataplane {
+    node: Node,
+    tun: AsyncDevice,
+    udp4: Udp,
+    udp6: Option<Udp>,
+    interface: String,
+    addresses: Vec<IpNet>,
+    listen_port: u16,
+    started: Instant,
+    bufs: Buffers,
+}
+
+/// Every packet buffer, allocated once.
+struct Buffers {
+    /// A raw TUN read: virtio header plus a GSO packet.
+    tun_read: Vec<u8>,
+    /// The segments of one TUN read.
+    segments: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Encrypted datagrams, back to back, ready for UDP GSO.
+    wire: Vec<u8>,
+    /// Received datagrams (GRO trains), one slot per `recvmmsg` message.
+    udp_read: Vec<u8>,
+    metas: Vec<RecvMeta>,
+    /// Decrypted packets waiting for the TUN device, each after room for a virtio header.
+    to_tun: Vec<Vec<u8>>,
+    gro: GROTable,
+}
+
+impl Buffers {
+    fn new(mtu: usize) -> Self {
+        let segment = mtu + VIRTIO_NET_HDR_LEN + 64;
+        let to_tun_slots = UDP_SLOTS * 64;
+        Buffers {
+            tun_read: vec![0; TUN_READ_MAX],
+            segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; segment]).collect(),
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            wire: vec![0; IDEAL_BATCH_SIZE * (segment + WG_OVERHEAD)],
+            udp_read: vec![0; UDP_SLOTS * UDP_SLOT_SIZE],
+            metas: vec![RecvMeta::default(); UDP_SLOTS],
+            to_tun: (0..to_tun_slots)
+                .map(|_| Vec::with_capacity(segment))
+                .collect(),
+            gro: GROTable::default(),
+        }
+    }
+}
+
+impl Dataplane {
+    /// Creates the TUN device and binds the UDP sockets.
+    pub fn new(
+        node: Node,
+        interface: &str,
+        addresses: &[IpNet],
+        mtu: u16,
+        listen_port: u16,
+    ) -> anyhow::Result<Self> {
+        let udp4 = Udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, listen_port)))
+            .with_context(|| format!("cannot bind UDP port {listen_port} on IPv4"))?;
+        let port = udp4.socket.local_addr()?.port();
+        let udp6 = match Udp::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(
+                    "no IPv6 socket on UDP port {port}: {e}; peers are reached over IPv4 only"
+                );
+                None
+            }
+        };
+        let tun = crate::device::create(interface, addresses, mtu)?;
+        Ok(Dataplane {
+            node,
+            tun,
+            udp4,
+            udp6,
+            interface: interface.to_owned(),
+            addresses: addresses.to_vec(),
+            listen_port: port,
+            started: Instant::now(),
+            bufs: Buffers::new(mtu.into()),
+        })
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            self.node.handle_timeout(Instant::now());
+            self.flush_control().await;
+            let deadline = self
+                .node
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let udp6_readable = async {
+                match &self.udp6 {
+                    Some(u) => u.socket.readable().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                r = self.tun.readable() => {
+                    if let Err(e) = r {
+                        tracing::error!("TUN device failed: {e}");
+                        return;
+                    }
+                    self.from_tun().await;
+                }
+                r = self.udp4.socket.readable() => {
+                    if r.is_ok() {
+                        self.from_network(false).await;
+                    }
+                }
+                r = udp6_readable => {
+                    if r.is_ok() {
+                        self.from_network(true).await;
+                    }
+                }
+                Some(req) = requests.recv() => {
+                    let answer = self.answer(&req.command);
+                    let _ = req.reply.send(answer);
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
+    }
+
+    /// Sends the control datagrams the core queued (handshakes, keepalives).
+    async fn flush_control(&mut self) {
+        while let Some(t) = self.node.poll_transmit() {
+            let transmit = Transmit {
+                destination: t.destination,
+                ecn: None,
+                contents: &t.payload,
+                segment_size: None,
+                src_ip: None,
+            };
+            match self.socket_for(t.destination) {
+                Some(udp) => udp.send(&transmit).await,
+                None => {
+                    tracing::debug!(destination = %t.destination, "no socket for this address family")
+                }
+            }
+        }
+    }
+
+    fn socket_for(&self, dst: SocketAddr) -> Option<&Udp> {
+        if dst.is_ipv4() {
+            Some(&self.udp4)
+        } else {
+            self.udp6.as_ref()
+        }
+    }
+
+    /// TUN → network: reads packets, encrypts them back to back into `wire`, and sends each run
+    /// of equal-sized datagrams to one destination with a single GSO send.
+    async fn from_tun(&mut self) {
+        for _ in 0..MAX_READS_PER_WAKE {
+            let b = &mut self.bufs;
+            let n =
+                match self
+                    .tun
+                    .try_recv_multiple(&mut b.tun_read, &mut b.segments, &mut b.sizes, 0)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) => {
+                        tracing::debug!("TUN read: {e}");
+                        return;
+                    }
+                };
+            let max_segments = self.udp4.state.max_gso_segments();
+            let mut run: Option<Run> = None;
+            let mut end = 0;
+            for i in 0..n {
+                let b = &mut self.bufs;
+                let packet = &b.segments[i][..b.sizes[i]];
+                let room = packet.len() + WG_OVERHEAD;
+                let Some(out) = b.wire.get_mut(end..end + room.max(148)) else {
+                    break;
+                };
+                let Some((dst, len)) = self.node.handle_tun(packet, out) else {
+                    continue;
+                };
+                match &mut run {
+                    Some(r) if r.extends(dst, len, max_segments) => r.push(len),
+                    _ => {
+                        if let Some(r) = run.take() {
+                            self.send_run(&r).await;
+                        }
+                        run = Some(Run::new(dst, end, len));
+                    }
+                }
+                end += len;
+            }
+            if let Some(r) = run {
+                self.send_run(&r).await;
+            }
+        }
+    }
+
+    async fn send_run(&self, r: &Run) {
+        let Some(udp) = self.socket_for(r.dst) else {
+            return;
+        };
+        let transmit = Transmit {
+            destination: r.dst,
+            ecn: None,
+            contents: &self.bufs.wire[r.start..r.end],
+            segment_size: (r.count > 1).then_some(r.segment),
+            src_ip: None,
+        };
+        udp.send(&transmit).await;
+    }
+
+    /// Network → TUN: receives a batch of datagrams, decrypts them, and writes the packets to
+    /// the TUN device, coalescing TCP segments again where offload allows.
+    async fn from_network(&mut self, v6: bool) {
+        for _ in 0..MAX_READS_PER_WAKE {
+            let udp = if v6 {
+                match &self.udp6 {
+                    Some(u) => u,
+                    None => return,
+                }
+            } else {
+                &self.udp4
+            };
+            let b = &mut self.bufs;
+            let received = {
+                let mut chunks = b.udp_read.chunks_mut(UDP_SLOT_SIZE);
+                let mut iovs: [IoSliceMut<'_>; UDP_SLOTS] =
+                    std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+                udp.socket.try_io(Interest::READABLE, || {
+                    udp.state
+                        .recv(UdpSockRef::from(&udp.socket), &mut iovs, &mut b.metas)
+                })
+            };
+            let count = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::debug!("UDP receive: {e}");
+                    return;
+                }
+            };
+            let mut ready = 0;
+            for slot in 0..count {
+                let meta = self.bufs.metas[slot];
+                let stride = meta.stride.max(1);
+                let base = slot * UDP_SLOT_SIZE;
+                for offset in (0..meta.len).step_by(stride) {
+                    if ready == self.bufs.to_tun.len() {
+                        self.write_tun(ready).await;
+                        ready = 0;
+                    }
+                    let b = &mut self.bufs;
+                    let datagram = &b.udp_read[base + offset..base + meta.len.min(offset + stride)];
+                    let target = &mut b.to_tun[ready];
+                    target.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
+                    if let Some(len) =
+                        self.node
+                            .handle_udp(meta.addr, datagram, &mut target[VIRTIO_NET_HDR_LEN..])
+                    {
+                        target.truncate(VIRTIO_NET_HDR_LEN + len);
+                        ready += 1;
+                    }
+                }
+            }
+            self.write_tun(ready).await;
+            self.flush_control().await;
+        }
+    }
+
+    /// Writes the first `ready` decrypted packets to the TUN device.
+    async fn write_tun(&mut self, ready: usize) {
+        if ready == 0 {
+            return;
+        }
+        let b = &mut self.bufs;
+        if let Err(e) = self
+            .tun
+            .send_multiple(&mut b.gro, &mut b.to_tun[..ready], VIRTIO_NET_HDR_LEN)
+            .await
+        {
+            tracing::debug!("TUN write: {e}");
+        }
+    }
+
+    fn answer(&self, command: &str) -> String {
+        match command {
+            "status" => {
+                let s = Status {
+                    interface: self.interface.clone(),
+                    public_key: self.node.public_key().to_string(),
+                    fingerprint: self.node.public_key().fingerprint(),
+                    listen_port: self.listen_port,
+                    uptime_s: self.started.elapsed().as_secs_f64().round(),
+                    overlays: vec![status::static_overlay(&self.node, &self.addresses)],
+                    drops: status::drops(&self.node),
+                };
+                serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            }
+            other => format!("{{\"error\":\"unknown command {other:?}\"}}"),
+        }
+    }
+}
+
+/// A run of datagrams to one destination, back to back in `wire`, all `segment` bytes long but
+/// the last, which may be shorter: the shape that one UDP GSO send takes.
+struct Run {
+    dst: SocketAddr,
+    start: usize,
+    end: usize,
+    segment: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl Run {
+    fn new(dst: SocketAddr, start: usize, len: usize) -> Self {
+        Run {
+            dst,
+            start,
+            end: start + len,
+            segment: len,
+            count: 1,
+            closed: false,
+        }
+    }
+
+    fn extends(&self, dst: SocketAddr, len: usize, max_segments: usize) -> bool {
+        dst == self.dst && !self.closed && len <= self.segment && self.count < max_segments
+    }
+
+    fn push(&mut self, len: usize) {
+        self.end += len;
+        self.count += 1;
+        self.closed = len < self.segment;
+    }
+}

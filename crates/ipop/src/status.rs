@@ -1,0 +1,250 @@
+//! What `ipop status` shows: the JSON contract that scripts rely on, and its rendering for people.
+
+use ipop_core::{Node, PeerStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// The whole status of a running daemon. `overlays` is the stable top level that scripts read.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub interface: String,
+    pub public_key: String,
+    pub fingerprint: String,
+    pub listen_port: u16,
+    pub uptime_s: f64,
+    pub overlays: Vec<Overlay>,
+    /// Packets dropped since start, by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Overlay {
+    pub name: String,
+    pub kind: String,
+    pub addresses: Vec<String>,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Peer {
+    /// The peer's public key.
+    pub id: String,
+    pub fingerprint: String,
+    pub name: Option<String>,
+    pub jid: Option<String>,
+    pub device: Option<String>,
+    pub addresses: Vec<String>,
+    pub state: String,
+    pub path: Option<String>,
+    pub endpoint: Option<String>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub last_handshake_s: Option<f64>,
+    /// Why the link is not up, when this side knows.
+    pub reason: Option<String>,
+}
+
+impl Peer {
+    fn from_core(p: PeerStatus) -> Self {
+        let connected = p.state == ipop_core::LinkState::Connected;
+        Peer {
+            id: p.public_key.to_string(),
+            fingerprint: p.public_key.fingerprint(),
+            name: p.name,
+            jid: None,
+            device: None,
+            addresses: p.addresses.iter().map(ToString::to_string).collect(),
+            state: p.state.as_str().to_owned(),
+            path: connected.then(|| "direct".to_owned()),
+            endpoint: p.endpoint.map(|e| e.to_string()),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            last_handshake_s: p
+                .last_handshake
+                .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+            reason: p.problem.map(|r| r.to_string()),
+        }
+    }
+}
+
+/// The static overlay: the peers listed in the config file.
+pub fn static_overlay(node: &Node, addresses: &[ipnet::IpNet]) -> Overlay {
+    Overlay {
+        name: "static".to_owned(),
+        kind: "static".to_owned(),
+        addresses: addresses.iter().map(ToString::to_string).collect(),
+        peers: node.peers().map(Peer::from_core).collect(),
+    }
+}
+
+pub fn drops(node: &Node) -> BTreeMap<String, u64> {
+    node.drops()
+        .iter()
+        .map(|(reason, n)| (reason.as_str().to_owned(), n))
+        .collect()
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Renders the status as a compact table per overlay, for people.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "interface {}  port {}  key {}  up {:.0}s",
+        s.interface, s.listen_port, s.fingerprint, s.uptime_s
+    );
+    for o in &s.overlays {
+        let _ = writeln!(
+            out,
+            "\noverlay {} ({})  {}",
+            o.name,
+            o.kind,
+            o.addresses.join(" ")
+        );
+        if o.peers.is_empty() {
+            let _ = writeln!(out, "  no peers");
+            continue;
+        }
+        let rows: Vec<[String; 7]> = o
+            .peers
+            .iter()
+            .map(|p| {
+                [
+                    p.name.clone().unwrap_or_else(|| p.fingerprint.clone()),
+                    p.addresses.first().cloned().unwrap_or_default(),
+                    p.state.clone(),
+                    match (&p.path, &p.endpoint) {
+                        (Some(path), Some(e)) => format!("{path} {e}"),
+                        (None, Some(e)) => format!("- {e}"),
+                        _ => "-".to_owned(),
+                    },
+                    bytes(p.rx_bytes),
+                    bytes(p.tx_bytes),
+                    p.last_handshake_s
+                        .map(|t| format!("{t:.0}s ago"))
+                        .unwrap_or_else(|| "never".to_owned()),
+                ]
+            })
+            .collect();
+        let header = ["PEER", "ADDRESS", "STATE", "PATH", "RX", "TX", "HANDSHAKE"];
+        let mut widths = header.map(str::len);
+        for r in &rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut l = String::from(" ");
+            for (c, w) in cells.iter().zip(widths) {
+                let _ = write!(l, " {c:<w$}");
+            }
+            l.trim_end().to_owned()
+        };
+        let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
+        for (r, p) in rows.iter().zip(&o.peers) {
+            let _ = writeln!(out, "{}", line(r));
+            if let Some(reason) = &p.reason {
+                let _ = writeln!(out, "    why not connected: {reason}");
+            }
+        }
+    }
+    let dropped: Vec<String> = s
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect();
+    if !dropped.is_empty() {
+        let _ = writeln!(out, "\ndropped packets: {}", dropped.join(" "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            interface: "ipop0".into(),
+            public_key: "k".into(),
+            fingerprint: "aaaa-bbbb-cccc-dddd-eeee".into(),
+            listen_port: 51820,
+            uptime_s: 12.0,
+            overlays: vec![Overlay {
+                name: "static".into(),
+                kind: "static".into(),
+                addresses: vec!["10.77.0.1/24".into()],
+                peers: vec![Peer {
+                    id: "key".into(),
+                    fingerprint: "1111-2222-3333-4444-5555".into(),
+                    name: Some("bob".into()),
+                    jid: None,
+                    device: None,
+                    addresses: vec!["10.77.0.2/32".into()],
+                    state: "connecting".into(),
+                    path: None,
+                    endpoint: Some("10.0.0.2:51820".into()),
+                    rx_bytes: 0,
+                    tx_bytes: 3 * 1024 * 1024,
+                    last_handshake_s: None,
+                    reason: Some("no handshake response".into()),
+                }],
+            }],
+            drops: BTreeMap::from([("no_route".into(), 3), ("spoofed_source".into(), 0)]),
+        }
+    }
+
+    #[test]
+    fn json_has_the_documented_shape() {
+        let v = serde_json::to_value(sample()).expect("serialises");
+        let peer = &v["overlays"][0]["peers"][0];
+        for key in [
+            "id",
+            "addresses",
+            "state",
+            "path",
+            "endpoint",
+            "rx_bytes",
+            "tx_bytes",
+            "last_handshake_s",
+        ] {
+            assert!(peer.get(key).is_some(), "peer lacks {key}");
+        }
+        for key in ["name", "kind", "addresses", "peers"] {
+            assert!(v["overlays"][0].get(key).is_some(), "overlay lacks {key}");
+        }
+    }
+
+    #[test]
+    fn table_shows_peer_state_and_why() {
+        let t = render(&sample());
+        assert!(
+            t.contains("bob") && t.contains("connecting") && t.contains("3.0 MiB"),
+            "{t}"
+        );
+        assert!(
+            t.contains("why not connected: no handshake response"),
+            "{t}"
+        );
+        assert!(
+            t.contains("no_route=3") && !t.contains("spoofed_source"),
+            "{t}"
+        );
+    }
+}
