@@ -1,0 +1,124 @@
+//! Harness for ipop's end-to-end tests in Linux network namespaces (run as root).
+//!
+//! - [`Netns`]: a namespace that deletes itself and kills what runs in it on drop;
+//!   [`Netns::run_in`] runs Rust code (sockets) inside it.
+//! - [`veth`], [`Lan`]: links between namespaces, hosts with `10.0.0.i/24` and `fd00::i/64`.
+//! - [`Daemon`]: a process with a log file, stopped on drop, whose log is printed when a test
+//!   fails.
+//! - [`TestDir`]: a temporary directory, kept (and its path printed) when a test fails.
+//! - [`Lab`], [`Node`], [`Config`]: ipop nodes on a LAN, their configs, keys, daemons and
+//!   `ipop status --json`; [`wait_until`] polls for a condition.
+//!
+//! Names carry the PID of the creating process (`ipl-<pid>-<n>-<tag>`), so tests run in
+//! parallel, and namespaces left behind by a killed run are swept on the next run.
+
+mod dir;
+mod ipop;
+mod net;
+mod netns;
+mod process;
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use dir::TestDir;
+pub use ipop::{
+    Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
+};
+pub use net::{Host, Lan, host_letter, ifname, veth};
+pub use netns::{Netns, exists as netns_exists, sweep_stale};
+pub use process::{Daemon, STOP_TIMEOUT, log_tail};
+
+/// Prefix of every namespace and directory this harness creates.
+pub const PREFIX: &str = "ipl-";
+
+/// How often [`wait_until`] polls.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A number unique within this process.
+fn next_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Keeps at most 8 ASCII alphanumerics of a tag, so names stay short and shell-safe.
+fn sanitize_tag(tag: &str) -> String {
+    tag.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect()
+}
+
+/// Runs a command and returns its output.
+///
+/// # Panics
+/// When it cannot start or exits non-zero; the message says what it was for and carries its
+/// output.
+pub fn run_checked(cmd: &mut Command, purpose: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot {purpose}: cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "cannot {purpose}: {cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Calls `f` every [`POLL_INTERVAL`] until it returns `Ok`, and returns that value.
+///
+/// `f` returns `Err(observation)` while the condition does not hold; the observation (say, the
+/// last status) goes into the panic message.
+///
+/// # Panics
+/// When `timeout` passes first: the message names `what` and the last observation.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last observed: {last}")
+            }
+            Err(_) => thread::sleep(POLL_INTERVAL),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_sanitized() {
+        assert_eq!(sanitize_tag("wrong key!"), "wrongkey");
+        assert_eq!(sanitize_tag("a-very-long-tag"), "averylon");
+    }
+
+    #[test]
+    fn wait_until_returns_the_value_once_ready() {
+        let mut calls = 0;
+        let v = wait_until(Duration::from_secs(5), "the third call", || {
+            calls += 1;
+            if calls == 3 {
+                Ok(calls)
+            } else {
+                Err(format!("call {calls}"))
+            }
+        });
+        assert_eq!(v, 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "waiting for the moon; last observed: still night")]
+    fn wait_until_names_what_it_waited_for() {
+        wait_until::<()>(Duration::from_millis(250), "the moon", || {
+            Err("still night".to_owned())
+        });
+    }
+}

@@ -1,0 +1,218 @@
+//! A guard for a long-running process whose output goes to a log file.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// How long [`Daemon::stop`] waits after SIGTERM before it sends SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lines of each log printed when a test fails.
+const LOG_TAIL_LINES: usize = 40;
+
+/// A running process (usually `ipop up`) with stdout and stderr appended to a log file.
+///
+/// Dropping it stops the process (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]); when the
+/// thread is panicking (a failing test), it also prints the log's path and last lines.
+#[derive(Debug)]
+pub struct Daemon {
+    label: String,
+    child: Child,
+    log: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` (typically built by [`crate::Netns::command`]) with its output appended
+    /// to `log`, preceded by a line naming the command.
+    ///
+    /// # Panics
+    /// When the log cannot be opened or the command cannot be started.
+    pub fn spawn(label: &str, mut cmd: Command, log: &Path) -> Daemon {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open log {}: {e}", log.display()));
+        // A marker only: losing it does not matter.
+        let _ = writeln!(file, "===== ipop-lab: starting {label}: {cmd:?}");
+        let stderr = file
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot duplicate log {}: {e}", log.display()));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        Daemon {
+            label: label.to_owned(),
+            child,
+            log: log.to_owned(),
+            exit: None,
+        }
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    #[must_use]
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The exit status if the process has ended (without waiting).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    /// Sends SIGTERM, waits up to `timeout` for the process to end, then kills it. Returns how
+    /// it ended, and whether it needed SIGKILL.
+    pub fn stop_within(&mut self, timeout: Duration) -> (ExitStatus, bool) {
+        if let Some(status) = self.try_wait() {
+            return (status, false);
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // ESRCH means it has just exited; the wait below collects it.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait() {
+                return (status, false);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Child::kill sends SIGKILL to this child's PID only.
+        let _ = self.child.kill();
+        let status = self.child.wait().unwrap_or_else(|e| {
+            panic!("cannot reap {} (pid {}): {e}", self.label, self.child.id())
+        });
+        self.exit = Some(status);
+        (status, true)
+    }
+
+    /// Stops the process (see [`Daemon::stop_within`] with [`STOP_TIMEOUT`]) and returns its exit
+    /// status.
+    ///
+    /// # Panics
+    /// When the process ignored SIGTERM for [`STOP_TIMEOUT`] and had to be killed.
+    pub fn stop(mut self) -> ExitStatus {
+        let (status, killed) = self.stop_within(STOP_TIMEOUT);
+        assert!(
+            !killed,
+            "{} ignored SIGTERM for {STOP_TIMEOUT:?} and was killed; log: {}",
+            self.label,
+            self.log.display()
+        );
+        status
+    }
+
+    /// The last `n` lines of the log.
+    #[must_use]
+    pub fn log_tail(&self, n: usize) -> String {
+        log_tail(&self.log, n)
+    }
+
+    fn report(&self) {
+        eprintln!(
+            "----- {} (pid {}, {}), log {}, last {LOG_TAIL_LINES} lines:\n{}\n----- end of {}",
+            self.label,
+            self.child.id(),
+            self.exit
+                .map_or_else(|| "running".to_owned(), |s| s.to_string()),
+            self.log.display(),
+            self.log_tail(LOG_TAIL_LINES),
+            self.label,
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let (status, killed) = self.stop_within(STOP_TIMEOUT);
+        if killed {
+            eprintln!(
+                "ipop-lab: {} ignored SIGTERM for {STOP_TIMEOUT:?} and was killed ({status})",
+                self.label
+            );
+        }
+        if thread::panicking() {
+            self.report();
+        }
+    }
+}
+
+/// The last `n` lines of a file, or a note saying why it cannot be read.
+#[must_use]
+pub fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Netns, TestDir};
+
+    #[test]
+    fn stop_sends_sigterm_and_collects_the_status() {
+        let dir = TestDir::new("dstop");
+        let ns = Netns::new("dstop");
+        let log = dir.path().join("sleep.log");
+        let mut cmd = ns.command("sh");
+        cmd.args([
+            "-c",
+            "echo hello; trap 'echo bye; exit 3' TERM; sleep 30 & wait",
+        ]);
+        let daemon = Daemon::spawn("sleeper", cmd, &log);
+        let pid = daemon.pid();
+        thread::sleep(Duration::from_millis(300));
+        let status = daemon.stop();
+        assert_eq!(status.code(), Some(3), "the TERM trap should have run");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        let tail = log_tail(&log, 10);
+        assert!(tail.contains("starting sleeper"), "{tail}");
+        assert!(tail.contains("hello") && tail.contains("bye"), "{tail}");
+    }
+
+    #[test]
+    fn drop_kills_a_process_that_ignores_sigterm() {
+        let dir = TestDir::new("dkill");
+        let ns = Netns::new("dkill");
+        let mut cmd = ns.command("sh");
+        cmd.args(["-c", "trap '' TERM; sleep 30 & wait"]);
+        let mut daemon = Daemon::spawn("stubborn", cmd, &dir.path().join("s.log"));
+        thread::sleep(Duration::from_millis(300));
+        let (status, killed) = daemon.stop_within(Duration::from_millis(300));
+        assert!(killed, "SIGTERM was ignored, so SIGKILL was needed");
+        assert!(!status.success());
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = TestDir::new("tail");
+        let path = dir.path().join("x.log");
+        std::fs::write(&path, "1\n2\n3\n4\n").expect("write log");
+        assert_eq!(log_tail(&path, 2), "3\n4");
+        assert_eq!(log_tail(&path, 10), "1\n2\n3\n4");
+        assert!(log_tail(&dir.path().join("none"), 2).contains("cannot read"));
+    }
+}
