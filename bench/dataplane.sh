@@ -1,0 +1,524 @@
+#!/usr/bin/env bash
+# bench/dataplane.sh - data-plane benchmark: raw veth vs boringtun-cli vs ipop.
+#
+# Builds a two-namespace LAN (two fresh netns joined by one veth pair, MTU
+# 1500), then for each configuration measures TCP throughput with iperf3
+# (1 stream and 4 streams, median of BENCH_RUNS runs) and ping RTT, and prints
+# a table with ipop's ratios to the other two and ipop's peak RSS.
+#
+# Must run as root. Everything it creates (namespaces, processes, temp files)
+# is removed on exit, including on error and Ctrl-C.
+#
+# Environment:
+#   BENCH_DURATION   seconds per iperf3 run                   (default 10)
+#   BENCH_RUNS       iperf3 runs per measurement, median taken (default 3)
+#   BENCH_PING_COUNT pings per RTT measurement, 0.2 s apart    (default 20)
+#   BENCH_CONFIGS    which configurations to run               (default "raw boringtun ipop")
+#   IPOP_BIN         ipop binary to use; if unset, target/release/ipop is used
+#                    and (re)built with `cargo build --release -p ipop` when it
+#                    is missing or older than the sources
+#   BORINGTUN_BIN    boringtun-cli binary (default: from PATH or ~/.cargo/bin;
+#                    installed with `cargo install --locked boringtun-cli@0.7.1`
+#                    if missing)
+#   BORINGTUN_THREADS  boringtun-cli --threads                 (default: its own default, 4)
+#   BENCH_UP_TIMEOUT seconds to wait for a tunnel to come up   (default 30)
+
+set -euo pipefail
+
+DURATION=${BENCH_DURATION:-10}
+RUNS=${BENCH_RUNS:-3}
+PING_COUNT=${BENCH_PING_COUNT:-20}
+CONFIGS=${BENCH_CONFIGS:-raw boringtun ipop}
+UP_TIMEOUT=${BENCH_UP_TIMEOUT:-30}
+TUN_MTU=1420
+UNDERLAY_MTU=1500
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# Unique names: pid + 4 random hex digits; interface names stay <= 15 chars.
+TAG="$$$(printf '%04x' $((RANDOM % 65536)))"
+NS_A="ipopbench-a-$TAG"
+NS_B="ipopbench-b-$TAG"
+VETH_A="vb$TAG"a
+VETH_B="vb$TAG"b
+WG_A="wgb${TAG}a"   # boringtun UAPI sockets live in the shared /var/run/wireguard,
+WG_B="wgb${TAG}b"   # so the two ends need distinct interface names.
+IPOP_IF="ipop0"     # lives inside our namespaces only; no clash possible
+
+UNDER_A=10.231.0.1
+UNDER_B=10.231.0.2
+WG_ADDR_A=10.232.0.1
+WG_ADDR_B=10.232.0.2
+IPOP_ADDR_A=10.77.0.1
+IPOP_ADDR_B=10.77.0.2
+WG_PORT=51820
+IPOP_PORT=51821
+
+WORKDIR=""
+PIDS=()          # long-running processes we started (kill by PID at exit)
+FG_PID=""        # current foreground measurement process
+NS_CREATED=()
+IPERF_SRV_PID=""
+
+# Results, keyed by "config:metric".
+declare -A RES=()
+IPOP_RSS=""
+
+log() { printf '[dataplane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+is_alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
+
+# Send SIGTERM to the given PIDs, wait up to 5 s, then SIGKILL what is left.
+stop_pids() {
+	local pid i alive
+	for pid in "$@"; do
+		is_alive "$pid" && kill -TERM "$pid" 2>/dev/null
+	done
+	for ((i = 0; i < 50; i++)); do
+		alive=0
+		for pid in "$@"; do
+			is_alive "$pid" && alive=1
+		done
+		((alive)) || break
+		sleep 0.1
+	done
+	for pid in "$@"; do
+		if is_alive "$pid"; then
+			log "pid $pid did not stop on SIGTERM within 5 s; sending SIGKILL"
+			kill -KILL "$pid" 2>/dev/null
+		fi
+	done
+	# Reap our own children (ignore ones that are not our children).
+	for pid in "$@"; do
+		wait "$pid" 2>/dev/null || true
+	done
+	return 0
+}
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	set +e
+	if ((rc != 0)) && [[ -n "$WORKDIR" && -d "$WORKDIR" ]]; then
+		local f
+		for f in "$WORKDIR"/*.log; do
+			[[ -s "$f" ]] || continue
+			log "--- last lines of $(basename "$f") ---"
+			tail -n 20 "$f" >&2
+		done
+	fi
+	log "cleaning up"
+	stop_pids "$FG_PID" "$IPERF_SRV_PID" "${PIDS[@]}"
+	local ns pid
+	for ns in "${NS_CREATED[@]}"; do
+		# Anything still running inside our namespaces was started by us.
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do
+			log "killing leftover pid $pid in $ns"
+			kill -KILL "$pid" 2>/dev/null
+		done
+		ip netns del "$ns" 2>/dev/null || log "could not delete netns $ns"
+	done
+	rm -f "/var/run/wireguard/$WG_A.sock" "/var/run/wireguard/$WG_B.sock"
+	[[ -n "$WORKDIR" ]] && rm -rf "$WORKDIR"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# fg_run OUT ERR CMD...: run CMD with stdout to OUT and stderr to ERR in the
+# background and wait for it, so that INT/TERM traps fire immediately instead of
+# after CMD finishes. (Redirect inside, not on the fg_run call: a trap firing
+# while the function runs would otherwise log into those files.)
+fg_run() {
+	local rc=0 out=$1 err=$2
+	shift 2
+	"$@" >"$out" 2>"$err" &
+	FG_PID=$!
+	wait "$FG_PID" || rc=$?
+	FG_PID=""
+	return "$rc"
+}
+
+# Foreground helpers only: `in_a cmd &` would make $! the PID of a subshell,
+# not of cmd, so background starts spell out `ip netns exec` (which execs cmd
+# in place, keeping the PID).
+in_a() { ip netns exec "$NS_A" "$@"; }
+in_b() { ip netns exec "$NS_B" "$@"; }
+
+# ---------------------------------------------------------------- prerequisites
+
+ensure_packages() {
+	local -a missing=()
+	command -v iperf3 >/dev/null || missing+=(iperf3)
+	command -v wg >/dev/null || missing+=(wireguard-tools)
+	command -v ip >/dev/null || missing+=(iproute2)
+	command -v ping >/dev/null || missing+=(iputils-ping)
+	command -v jq >/dev/null || missing+=(jq)
+	command -v timeout >/dev/null || missing+=(coreutils)
+	((${#missing[@]} == 0)) && return 0
+	log "installing Debian packages: ${missing[*]}"
+	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; then
+		log "apt-get install failed; running apt-get update and retrying"
+		apt-get update -q >&2
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+	fi
+}
+
+ensure_boringtun() {
+	if [[ -n "${BORINGTUN_BIN:-}" ]]; then
+		[[ -x "$BORINGTUN_BIN" ]] || die "BORINGTUN_BIN=$BORINGTUN_BIN is not executable"
+		return 0
+	fi
+	BORINGTUN_BIN=$(command -v boringtun-cli || true)
+	if [[ -z "$BORINGTUN_BIN" && -x "$HOME/.cargo/bin/boringtun-cli" ]]; then
+		BORINGTUN_BIN="$HOME/.cargo/bin/boringtun-cli"
+	fi
+	if [[ -z "$BORINGTUN_BIN" ]]; then
+		log "boringtun-cli missing; running cargo install --locked boringtun-cli@0.7.1 (takes minutes)"
+		cargo install --locked boringtun-cli@0.7.1 >&2
+		BORINGTUN_BIN="$HOME/.cargo/bin/boringtun-cli"
+		[[ -x "$BORINGTUN_BIN" ]] || die "boringtun-cli not found after cargo install"
+	fi
+	log "boringtun: $BORINGTUN_BIN ($("$BORINGTUN_BIN" --version 2>/dev/null || echo '?'))"
+}
+
+ensure_ipop() {
+	if [[ -n "${IPOP_BIN:-}" ]]; then
+		[[ -x "$IPOP_BIN" ]] || die "IPOP_BIN=$IPOP_BIN is not executable"
+		log "ipop: $IPOP_BIN (from IPOP_BIN)"
+		return 0
+	fi
+	IPOP_BIN="$REPO/target/release/ipop"
+	local stale=""
+	if [[ ! -x "$IPOP_BIN" ]]; then
+		stale="missing"
+	else
+		stale=$(find "$REPO/crates" "$REPO/Cargo.toml" "$REPO/Cargo.lock" -newer "$IPOP_BIN" \
+			\( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print -quit 2>/dev/null || true)
+	fi
+	if [[ -n "$stale" ]]; then
+		log "building ipop (release): $IPOP_BIN is ${stale/#$REPO\//older than }"
+		(cd "$REPO" && cargo build --release -p ipop >&2) || die "cargo build --release -p ipop failed"
+		[[ -x "$IPOP_BIN" ]] || die "$IPOP_BIN not found after build"
+	fi
+	log "ipop: $IPOP_BIN"
+}
+
+# ---------------------------------------------------------------- network
+
+setup_lan() {
+	log "creating namespaces $NS_A, $NS_B and veth pair (MTU $UNDERLAY_MTU)"
+	ip netns add "$NS_A"
+	NS_CREATED+=("$NS_A")
+	ip netns add "$NS_B"
+	NS_CREATED+=("$NS_B")
+	# Create the pair directly inside the namespaces: nothing appears in the root ns.
+	ip link add "$VETH_A" mtu "$UNDERLAY_MTU" netns "$NS_A" type veth \
+		peer name "$VETH_B" mtu "$UNDERLAY_MTU" netns "$NS_B"
+	in_a ip link set lo up
+	in_b ip link set lo up
+	in_a ip addr add "$UNDER_A/24" dev "$VETH_A"
+	in_b ip addr add "$UNDER_B/24" dev "$VETH_B"
+	in_a ip link set "$VETH_A" up
+	in_b ip link set "$VETH_B" up
+	wait_ping "$UNDER_B" "underlay"
+}
+
+# Wait until NS_A can ping ADDR (bounded by UP_TIMEOUT).
+wait_ping() {
+	local addr=$1 what=$2 i
+	for ((i = 0; i < UP_TIMEOUT; i++)); do
+		if in_a ping -c 1 -W 1 -q "$addr" >/dev/null 2>&1; then
+			return 0
+		fi
+		log "waiting for $what: $NS_A cannot ping $addr yet ($((i + 1))/$UP_TIMEOUT)"
+		sleep 1
+	done
+	die "$what: $addr not reachable from $NS_A after ${UP_TIMEOUT}s"
+}
+
+start_iperf_server() {
+	if is_alive "$IPERF_SRV_PID"; then
+		return 0
+	fi
+	[[ -n "$IPERF_SRV_PID" ]] && log "iperf3 server (pid $IPERF_SRV_PID) died; restarting"
+	ip netns exec "$NS_B" iperf3 -s >"$WORKDIR/iperf3-server.log" 2>&1 &
+	IPERF_SRV_PID=$!
+	local i
+	for ((i = 0; i < 50; i++)); do
+		if in_b ss -Hltn 'sport = :5201' | grep -q .; then
+			return 0
+		fi
+		is_alive "$IPERF_SRV_PID" || die "iperf3 server exited at start"
+		sleep 0.1
+	done
+	die "iperf3 server not listening on :5201 after 5 s"
+}
+
+# ---------------------------------------------------------------- measurements
+
+median() {
+	printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+		if (NR == 0) { print "nan"; exit }
+		if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# iperf_once ADDR STREAMS -> sets IPERF_MBPS (Mbit/s received). Not meant for
+# $(...): it must run in the main shell so that PIDs it records are seen by cleanup.
+IPERF_MBPS=""
+iperf_once() {
+	local addr=$1 streams=$2 out="$WORKDIR/iperf3-client.json"
+	IPERF_MBPS=""
+	start_iperf_server
+	if ! fg_run "$out" "$WORKDIR/iperf3-client.log" timeout -k 5 $((DURATION + 30)) ip netns exec "$NS_A" \
+		iperf3 -c "$addr" -t "$DURATION" -P "$streams" --connect-timeout 5000 -J; then
+		log "iperf3 client failed: $(jq -r '.error // empty' "$out" 2>/dev/null || true)"
+		cat "$WORKDIR/iperf3-client.log" >&2
+		return 1
+	fi
+	IPERF_MBPS=$(jq -e -r '.end.sum_received.bits_per_second / 1e6' "$out") ||
+		{ log "no throughput in iperf3 output"; return 1; }
+}
+
+# measure CONFIG ADDR: fills RES[CONFIG:1], RES[CONFIG:4], RES[CONFIG:rtt]
+measure() {
+	local cfg=$1 addr=$2 streams run v
+	for streams in 1 4; do
+		local -a samples=()
+		for ((run = 1; run <= RUNS; run++)); do
+			log "$cfg: iperf3 -P $streams run $run/$RUNS (${DURATION}s) to $addr"
+			iperf_once "$addr" "$streams" || die "$cfg: iperf3 -P $streams run $run failed"
+			v=$IPERF_MBPS
+			samples+=("$v")
+			log "$cfg: -P $streams run $run: $(printf '%.1f' "$v") Mbit/s"
+		done
+		RES[$cfg:$streams]=$(median "${samples[@]}")
+		log "$cfg: -P $streams median: $(printf '%.1f' "${RES[$cfg:$streams]}") Mbit/s (samples: ${samples[*]})"
+	done
+	log "$cfg: ping -c $PING_COUNT -i 0.2 $addr"
+	local out
+	fg_run "$WORKDIR/ping.out" "$WORKDIR/ping.out" timeout -k 5 $((PING_COUNT + 30)) ip netns exec "$NS_A" \
+		ping -c "$PING_COUNT" -i 0.2 -q "$addr" ||
+		die "$cfg: ping failed: $(cat "$WORKDIR/ping.out")"
+	out=$(<"$WORKDIR/ping.out")
+	# rtt min/avg/max/mdev = 0.031/0.045/0.061/0.008 ms
+	RES[$cfg:rtt]=$(awk -F'[/ =]+' '/^rtt|^round-trip/ { print $7 }' <<<"$out")
+	[[ -n "${RES[$cfg:rtt]}" ]] || die "$cfg: could not parse ping output: $out"
+	log "$cfg: RTT avg ${RES[$cfg:rtt]} ms"
+}
+
+# ---------------------------------------------------------------- configurations
+
+run_raw() {
+	log "=== raw veth ==="
+	measure raw "$UNDER_B"
+}
+
+run_boringtun() {
+	log "=== boringtun-cli ==="
+	local d="$WORKDIR/wg" pid_a pid_b
+	mkdir -p "$d"
+	wg genkey >"$d/a.key"
+	wg genkey >"$d/b.key"
+	local pub_a pub_b
+	pub_a=$(wg pubkey <"$d/a.key")
+	pub_b=$(wg pubkey <"$d/b.key")
+	local -a bt_args=(--foreground --disable-drop-privileges)
+	[[ -n "${BORINGTUN_THREADS:-}" ]] && bt_args+=(--threads "$BORINGTUN_THREADS")
+
+	log "boringtun: starting $WG_A in $NS_A and $WG_B in $NS_B"
+	ip netns exec "$NS_A" "$BORINGTUN_BIN" "${bt_args[@]}" "$WG_A" >>"$WORKDIR/boringtun-a.log" 2>&1 &
+	pid_a=$!
+	PIDS+=("$pid_a")
+	ip netns exec "$NS_B" "$BORINGTUN_BIN" "${bt_args[@]}" "$WG_B" >>"$WORKDIR/boringtun-b.log" 2>&1 &
+	pid_b=$!
+	PIDS+=("$pid_b")
+
+	local i
+	for ((i = 0; i < 100; i++)); do
+		[[ -S "/var/run/wireguard/$WG_A.sock" && -S "/var/run/wireguard/$WG_B.sock" ]] && break
+		is_alive "$pid_a" || die "boringtun-cli in $NS_A exited at start"
+		is_alive "$pid_b" || die "boringtun-cli in $NS_B exited at start"
+		sleep 0.1
+	done
+	[[ -S "/var/run/wireguard/$WG_A.sock" && -S "/var/run/wireguard/$WG_B.sock" ]] ||
+		die "boringtun UAPI sockets did not appear in /var/run/wireguard within 10 s"
+
+	in_a wg set "$WG_A" private-key "$d/a.key" listen-port "$WG_PORT" \
+		peer "$pub_b" allowed-ips "$WG_ADDR_B/32" endpoint "$UNDER_B:$WG_PORT"
+	in_b wg set "$WG_B" private-key "$d/b.key" listen-port "$WG_PORT" \
+		peer "$pub_a" allowed-ips "$WG_ADDR_A/32" endpoint "$UNDER_A:$WG_PORT"
+	in_a ip addr add "$WG_ADDR_A/24" dev "$WG_A"
+	in_b ip addr add "$WG_ADDR_B/24" dev "$WG_B"
+	in_a ip link set "$WG_A" mtu "$TUN_MTU" up
+	in_b ip link set "$WG_B" mtu "$TUN_MTU" up
+	wait_ping "$WG_ADDR_B" "boringtun tunnel"
+
+	measure boringtun "$WG_ADDR_B"
+
+	log "boringtun: stopping (pids $pid_a $pid_b)"
+	stop_pids "$pid_a" "$pid_b"
+	rm -f "/var/run/wireguard/$WG_A.sock" "/var/run/wireguard/$WG_B.sock"
+}
+
+# write_ipop_config DIR OWN_ADDR PEER_PUBKEY PEER_UNDERLAY PEER_ADDR
+write_ipop_config() {
+	local dir=$1 own=$2 peer_pub=$3 peer_under=$4 peer_addr=$5
+	cat >"$dir/ipop.toml" <<EOF
+[device]
+private_key_file = "ipop.key"
+log_level = "warn"
+control_socket = "$dir/ipop.sock"
+
+[interface]
+name = "$IPOP_IF"
+addresses = ["$own/24"]
+mtu = $TUN_MTU
+listen_port = $IPOP_PORT
+
+[[peers]]
+public_key = "$peer_pub"
+endpoint = "$peer_under:$IPOP_PORT"
+addresses = ["$peer_addr/32"]
+EOF
+}
+
+# ipop_status NS CONFIG: `ipop status --json` run inside NS, bounded to 5 s.
+ipop_status() {
+	timeout -k 2 5 ip netns exec "$1" "$IPOP_BIN" status --json -c "$2"
+}
+
+# ipop_connected NS CONFIG: true once every peer reports state "connected".
+ipop_connected() {
+	local out
+	out=$(ipop_status "$1" "$2" 2>/dev/null) || return 1
+	jq -e '(.overlays[0].peers | length) > 0 and all(.overlays[0].peers[]; .state == "connected")' \
+		>/dev/null 2>&1 <<<"$out"
+}
+
+run_ipop() {
+	log "=== ipop ==="
+	local da="$WORKDIR/ipop-a" db="$WORKDIR/ipop-b" pid_a pid_b pub_a pub_b
+	mkdir -p "$da" "$db"
+	"$IPOP_BIN" init "$da/ipop.toml" >/dev/null
+	"$IPOP_BIN" init "$db/ipop.toml" >/dev/null
+	[[ -f "$da/ipop.key" && -f "$db/ipop.key" ]] || die "ipop init did not write ipop.key"
+	pub_a=$("$IPOP_BIN" key -c "$da/ipop.toml" | awk 'NR == 1')
+	pub_b=$("$IPOP_BIN" key -c "$db/ipop.toml" | awk 'NR == 1')
+	[[ -n "$pub_a" && -n "$pub_b" ]] || die "ipop key printed no public key"
+	write_ipop_config "$da" "$IPOP_ADDR_A" "$pub_b" "$UNDER_B" "$IPOP_ADDR_B"
+	write_ipop_config "$db" "$IPOP_ADDR_B" "$pub_a" "$UNDER_A" "$IPOP_ADDR_A"
+	# Fail early (outside the namespaces) if ipop rejects the config as we wrote it.
+	"$IPOP_BIN" key -c "$da/ipop.toml" >/dev/null || die "ipop rejects config $da/ipop.toml"
+
+	log "ipop: starting daemons in $NS_A and $NS_B"
+	ip netns exec "$NS_A" "$IPOP_BIN" up -c "$da/ipop.toml" >"$WORKDIR/ipop-a.log" 2>&1 &
+	pid_a=$!
+	PIDS+=("$pid_a")
+	ip netns exec "$NS_B" "$IPOP_BIN" up -c "$db/ipop.toml" >"$WORKDIR/ipop-b.log" 2>&1 &
+	pid_b=$!
+	PIDS+=("$pid_b")
+
+	local i
+	for ((i = 0; i < UP_TIMEOUT * 2; i++)); do
+		is_alive "$pid_a" || die "ipop in $NS_A exited (see ipop-a.log)"
+		is_alive "$pid_b" || die "ipop in $NS_B exited (see ipop-b.log)"
+		if ipop_connected "$NS_A" "$da/ipop.toml" && ipop_connected "$NS_B" "$db/ipop.toml"; then
+			break
+		fi
+		((i % 10 == 9)) && log "ipop: waiting for peers to report state \"connected\" ($(((i + 1) / 2))s/${UP_TIMEOUT}s)"
+		sleep 0.5
+	done
+	if ! { ipop_connected "$NS_A" "$da/ipop.toml" && ipop_connected "$NS_B" "$db/ipop.toml"; }; then
+		log "ipop status A: $(ipop_status "$NS_A" "$da/ipop.toml" 2>&1 || true)"
+		log "ipop status B: $(ipop_status "$NS_B" "$db/ipop.toml" 2>&1 || true)"
+		die "ipop peers not connected after ${UP_TIMEOUT}s"
+	fi
+	log "ipop: peers connected"
+	wait_ping "$IPOP_ADDR_B" "ipop tunnel"
+
+	measure ipop "$IPOP_ADDR_B"
+
+	local hwm_a hwm_b
+	[[ "$(readlink "/proc/$pid_a/exe")" == "$(readlink -f "$IPOP_BIN")" ]] ||
+		log "warning: pid $pid_a is not $IPOP_BIN; VmHWM may be wrong"
+	hwm_a=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid_a/status" 2>/dev/null || true)
+	hwm_b=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid_b/status" 2>/dev/null || true)
+	IPOP_RSS="A (pid $pid_a) ${hwm_a:-?} MB, B (pid $pid_b) ${hwm_b:-?} MB"
+	log "ipop: peak RSS (VmHWM): $IPOP_RSS"
+
+	log "ipop: stopping (pids $pid_a $pid_b)"
+	stop_pids "$pid_a" "$pid_b"
+}
+
+# ---------------------------------------------------------------- report
+
+fmt() { # fmt VALUE PRINTF_FORMAT
+	# shellcheck disable=SC2059 # the format is the second argument by design
+	if [[ -z "$1" || "$1" == nan ]]; then printf 'n/a'; else printf "$2" "$1"; fi
+}
+
+ratio() { # ratio A B -> A/B formatted, or n/a
+	if [[ -z "$1" || -z "$2" ]]; then
+		printf 'n/a'
+	else
+		awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.3fx", a / b }'
+	fi
+}
+
+report() {
+	local cfg label
+	printf '\nipop data-plane benchmark  (%s; kernel %s; %s CPUs; iperf3 %ss x %s runs, median; ping -c %s -i 0.2; tunnel MTU %s, underlay MTU %s)\n\n' \
+		"$(date '+%Y-%m-%d %H:%M:%S')" "$(uname -r)" "$(nproc)" "$DURATION" "$RUNS" "$PING_COUNT" "$TUN_MTU" "$UNDERLAY_MTU"
+	printf '%-16s %16s %16s %10s\n' "configuration" "1-stream Mbit/s" "4-stream Mbit/s" "RTT ms"
+	printf '%-16s %16s %16s %10s\n' "----------------" "---------------" "---------------" "------"
+	for cfg in raw boringtun ipop; do
+		case $cfg in
+		raw) label="raw veth" ;;
+		boringtun) label="boringtun 0.7.1" ;;
+		ipop) label="ipop" ;;
+		esac
+		printf '%-16s %16s %16s %10s\n' "$label" \
+			"$(fmt "${RES[$cfg:1]:-}" '%.1f')" "$(fmt "${RES[$cfg:4]:-}" '%.1f')" "$(fmt "${RES[$cfg:rtt]:-}" '%.3f')"
+	done
+	for cfg in raw boringtun; do
+		printf '%-16s %16s %16s %10s\n' "ipop/$cfg" \
+			"$(ratio "${RES[ipop:1]:-}" "${RES[$cfg:1]:-}")" \
+			"$(ratio "${RES[ipop:4]:-}" "${RES[$cfg:4]:-}")" \
+			"$(ratio "${RES[ipop:rtt]:-}" "${RES[$cfg:rtt]:-}")"
+	done
+	printf '\nipop peak RSS (VmHWM): %s\n' "${IPOP_RSS:-n/a}"
+}
+
+# ---------------------------------------------------------------- main
+
+main() {
+	[[ $EUID -eq 0 ]] || die "must run as root (creates network namespaces)"
+	[[ "$DURATION" =~ ^[0-9]+$ && "$DURATION" -gt 0 ]] || die "BENCH_DURATION must be a positive integer"
+	[[ "$RUNS" =~ ^[0-9]+$ && "$RUNS" -gt 0 ]] || die "BENCH_RUNS must be a positive integer"
+	[[ "$PING_COUNT" =~ ^[0-9]+$ && "$PING_COUNT" -gt 0 ]] || die "BENCH_PING_COUNT must be a positive integer"
+	[[ "$UP_TIMEOUT" =~ ^[0-9]+$ && "$UP_TIMEOUT" -gt 0 ]] || die "BENCH_UP_TIMEOUT must be a positive integer"
+	local cfg
+	for cfg in $CONFIGS; do
+		case $cfg in raw | boringtun | ipop) ;; *) die "unknown configuration in BENCH_CONFIGS: $cfg" ;; esac
+	done
+
+	ensure_packages
+	if [[ " $CONFIGS " == *" boringtun "* ]]; then ensure_boringtun; fi
+	if [[ " $CONFIGS " == *" ipop "* ]]; then ensure_ipop; fi
+
+	WORKDIR=$(mktemp -d /tmp/ipop-dataplane.XXXXXX)
+	chmod 700 "$WORKDIR"
+	umask 077
+
+	setup_lan
+	start_iperf_server
+	for cfg in $CONFIGS; do
+		"run_$cfg"
+	done
+	report
+}
+
+main "$@"
