@@ -14,7 +14,7 @@ pub struct PublicKey(pub [u8; 32]);
 /// Why a key string could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("not valid base64")]
+    #[error("not base64: expected a 32-byte key in base64, as `ipop key` prints it")]
     Base64,
     #[error("a key is 32 bytes, this one has {0}")]
     Length(usize),

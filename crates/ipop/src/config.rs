@@ -326,7 +326,7 @@ mod tests {
         );
 
         let bad_key =
-            format!("{MINIMAL}[[peers]]\npublic_key = \"abc\"\naddresses = [\"10.77.0.2/32\"]\n");
+            format!("{MINIMAL}[[peers]]\npublic_key = \"AAAA\"\naddresses = [\"10.77.0.2/32\"]\n");
         let e = Config::parse(&bad_key).unwrap_err();
         assert!(
             e.contains("line 4") && e.contains("public_key") && e.contains("32 bytes"),

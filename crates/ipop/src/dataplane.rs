@@ -122,6 +122,7 @@ impl Dataplane {
         node: Node,
         interface: &str,
         addresses: &[IpNet],
+        routes: &[IpNet],
         mtu: u16,
         listen_port: u16,
     ) -> anyhow::Result<Self> {
@@ -137,7 +138,7 @@ impl Dataplane {
                 None
             }
         };
-        let tun = crate::device::create(interface, addresses, mtu)?;
+        let tun = crate::device::create(interface, addresses, routes, mtu)?;
         Ok(Dataplane {
             node,
             tun,
@@ -182,16 +183,16 @@ impl Dataplane {
                         tracing::error!("TUN device failed: {e}");
                         return;
                     }
-                    self.from_tun().await;
+                    self.tun_to_network().await;
                 }
                 r = self.udp4.socket.readable() => {
                     if r.is_ok() {
-                        self.from_network(false).await;
+                        self.network_to_tun(false).await;
                     }
                 }
                 r = udp6_readable => {
                     if r.is_ok() {
-                        self.from_network(true).await;
+                        self.network_to_tun(true).await;
                     }
                 }
                 Some(req) = requests.recv() => {
@@ -232,7 +233,7 @@ impl Dataplane {
 
     /// TUN → network: reads packets, encrypts them back to back into `wire`, and sends each run
     /// of equal-sized datagrams to one destination with a single GSO send.
-    async fn from_tun(&mut self) {
+    async fn tun_to_network(&mut self) {
         for _ in 0..MAX_READS_PER_WAKE {
             let b = &mut self.bufs;
             let n =
@@ -293,7 +294,7 @@ impl Dataplane {
 
     /// Network → TUN: receives a batch of datagrams, decrypts them, and writes the packets to
     /// the TUN device, coalescing TCP segments again where offload allows.
-    async fn from_network(&mut self, v6: bool) {
+    async fn network_to_tun(&mut self, v6: bool) {
         for _ in 0..MAX_READS_PER_WAKE {
             let udp = if v6 {
                 match &self.udp6 {

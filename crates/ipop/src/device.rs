@@ -6,8 +6,14 @@ use ipnet::IpNet;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
 /// Creates the TUN device `name` with `addresses` (the kernel adds a route for each prefix), sets
-/// its MTU and brings it up, with segmentation offload when the kernel offers it.
-pub fn create(name: &str, addresses: &[IpNet], mtu: u16) -> anyhow::Result<AsyncDevice> {
+/// its MTU, brings it up with segmentation offload when the kernel offers it, and routes `routes`
+/// (peer prefixes outside the interface's own) into it.
+pub fn create(
+    name: &str,
+    addresses: &[IpNet],
+    routes: &[IpNet],
+    mtu: u16,
+) -> anyhow::Result<AsyncDevice> {
     let mut v4 = addresses.iter().filter_map(|a| match a {
         IpNet::V4(n) => Some(*n),
         IpNet::V6(_) => None,
@@ -40,5 +46,52 @@ pub fn create(name: &str, addresses: &[IpNet], mtu: u16) -> anyhow::Result<Async
             .add_address_v4(n.addr(), n.prefix_len())
             .with_context(|| format!("cannot add address {n} to {name}"))?;
     }
+    let index = device
+        .if_index()
+        .with_context(|| format!("cannot read the index of {name}"))?;
+    for net in routes {
+        crate::netlink::add_route(index, *net)
+            .with_context(|| format!("cannot route {net} into {name}"))?;
+    }
     Ok(device)
+}
+
+/// The peer prefixes that the interface's own prefixes do not cover, each once.
+pub fn extra_routes<'a>(interface: &[IpNet], peers: impl Iterator<Item = &'a IpNet>) -> Vec<IpNet> {
+    let mut routes: Vec<IpNet> = Vec::new();
+    for net in peers {
+        let net = net.trunc();
+        let covered = interface.iter().any(|own| own.trunc().contains(&net));
+        if !covered && !routes.contains(&net) {
+            routes.push(net);
+        }
+    }
+    routes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter()
+            .map(|s| s.parse().expect("test prefix"))
+            .collect()
+    }
+
+    #[test]
+    fn only_prefixes_outside_the_interface_get_routes() {
+        let own = nets(&["10.77.0.1/24", "fd77::1/64"]);
+        let peers = nets(&[
+            "10.77.0.2/32",
+            "10.88.0.0/16",
+            "10.88.0.5/16",
+            "fd77::2/128",
+            "fd99::/64",
+        ]);
+        assert_eq!(
+            extra_routes(&own, peers.iter()),
+            nets(&["10.88.0.0/16", "fd99::/64"])
+        );
+    }
 }

@@ -4,6 +4,7 @@ mod config;
 mod control;
 mod dataplane;
 mod device;
+mod netlink;
 mod status;
 
 use anyhow::{Context, bail};
@@ -159,11 +160,16 @@ fn up(path: &Path) -> anyhow::Result<()> {
     let node = ipop_core::Node::new(secret, config.peer_configs())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let public = node.public_key();
+    let routes = device::extra_routes(
+        &config.interface.addresses,
+        config.peers.iter().flat_map(|p| &p.addresses),
+    );
     runtime()?.block_on(async {
         let plane = dataplane::Dataplane::new(
             node,
             &config.interface.name,
             &config.interface.addresses,
+            &routes,
             config.interface.mtu,
             config.interface.listen_port,
         )?;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every ipop test: formatting and lints, unit tests, simulation tests of the core, and the
+# end-to-end tests that start real daemons in network namespaces with real TUN devices.
+# Run as root on Debian; missing Debian packages are installed first.
+set -euo pipefail
+
+[[ $EUID -eq 0 ]] || { echo "test: run as root (end-to-end tests create network namespaces and TUN devices)" >&2; exit 1; }
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '==> %s\n' "$*" >&2; }
+
+step "checking Debian packages"
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+if ((${#need[@]})); then
+  step "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+[[ -c /dev/net/tun ]] || { echo "test: /dev/net/tun is missing: the kernel has no TUN support here" >&2; exit 1; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+step "cargo test"
+cargo test --workspace
