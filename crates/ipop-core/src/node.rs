@@ -26,8 +26,9 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Handshake initiations without an answer before a peer is reported as not answering.
 const UNANSWERED_BEFORE_PROBLEM: u32 = 2;
-/// The largest WireGuard control message (a handshake initiation).
-const CONTROL_MESSAGE_MAX: usize = 148;
+/// Room for any datagram the node sends on its own: a handshake, a keepalive, or a packet that
+/// waited for a handshake (at most a 64 KiB IP packet plus WireGuard's 32 bytes).
+const SCRATCH_LEN: usize = 65535 + 32;
 /// WireGuard's message type for a handshake initiation.
 const HANDSHAKE_INIT: u8 = 1;
 /// WireGuard's message type for a handshake response.
@@ -328,7 +329,7 @@ impl Node {
             transmits: VecDeque::new(),
             drops: Drops::default(),
             next_tick: None,
-            scratch: vec![0; CONTROL_MESSAGE_MAX + 64],
+            scratch: vec![0; SCRATCH_LEN],
         };
         for config in peers {
             if config.public_key == own {
@@ -442,7 +443,7 @@ impl Node {
                     destination: from,
                     payload: reply,
                 });
-                self.flush_queued(index, out);
+                self.flush_queued(index);
                 None
             }
             TunnResult::WriteToTunnelV4(p, src) => {
@@ -454,7 +455,7 @@ impl Node {
             TunnResult::Done => {
                 // A keepalive, or a handshake response that completed a session.
                 peer.authenticated(from);
-                self.flush_queued(index, out);
+                self.flush_queued(index);
                 None
             }
             TunnResult::Err(e) => {
@@ -484,12 +485,14 @@ impl Node {
     }
 
     /// Sends what the session queued while it waited for a handshake.
-    fn flush_queued(&mut self, index: usize, out: &mut [u8]) {
+    fn flush_queued(&mut self, index: usize) {
         let peer = &mut self.peers[index];
         let Some(destination) = peer.endpoint else {
             return;
         };
-        while let TunnResult::WriteToNetwork(datagram) = peer.tunn.decapsulate(None, &[], out) {
+        while let TunnResult::WriteToNetwork(datagram) =
+            peer.tunn.decapsulate(None, &[], &mut self.scratch)
+        {
             self.transmits.push_back(Transmit {
                 destination,
                 payload: datagram.to_vec(),
@@ -757,6 +760,33 @@ mod tests {
             .expect("delivered");
         assert_eq!(&inner[..got], &p6[..]);
         assert!(sim.a.peers().next().unwrap().rx_bytes > 0);
+    }
+
+    #[test]
+    fn packet_sent_before_the_handshake_is_delivered_after_it() {
+        let mut sim = pair(None);
+        let mut wire = vec![0u8; 2048];
+        let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], &[7; 1200]);
+        // No session yet: the packet waits and a handshake initiation goes out instead.
+        let (dst, n) = sim.a.handle_tun(&p, &mut wire).expect("initiation");
+        assert_eq!((dst, wire[0]), (sim.b_addr, HANDSHAKE_INIT));
+        let mut reply = vec![0u8; 2048];
+        assert_eq!(sim.b.handle_udp(sim.a_addr, &wire[..n], &mut reply), None);
+        let response = sim.b.poll_transmit().expect("handshake response");
+        // The caller's buffer is only as long as the response; the queued packet is bigger.
+        let mut small = vec![0u8; response.payload.len()];
+        assert_eq!(
+            sim.a.handle_udp(sim.b_addr, &response.payload, &mut small),
+            None
+        );
+        // A keepalive confirms the session, then the waiting packet follows.
+        let mut delivered = Vec::new();
+        while let Some(t) = sim.a.poll_transmit() {
+            if let Some(got) = sim.b.handle_udp(sim.a_addr, &t.payload, &mut reply) {
+                delivered.push(reply[..got].to_vec());
+            }
+        }
+        assert_eq!(delivered, vec![p]);
     }
 
     #[test]
