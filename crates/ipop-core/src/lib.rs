@@ -8,6 +8,7 @@
 pub mod demux;
 pub mod key;
 pub mod node;
+pub mod osn;
 pub mod packet;
 pub mod route;
 

@@ -1,0 +1,180 @@
+//! The online social network (OSN) as the core sees it: who may link with whom, which devices
+//! are online with which key, and the link signalling that travels over it.
+//!
+//! A binding (today XMPP, in the `ipop-xmpp` crate) turns its protocol into [`OsnEvent`]s and
+//! carries [`Signal`]s to other devices. Nothing here knows XMPP: a user is an opaque identifier
+//! (a bare JID for XMPP) and a device is a user plus a device name (the XMPP resource).
+
+use crate::key::PublicKey;
+use ipnet::IpNet;
+use std::fmt;
+use std::net::SocketAddr;
+
+/// One device of one user: for XMPP, a full JID `user/device`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId {
+    /// The user, e.g. `alice@example.org`.
+    pub user: String,
+    /// The device name, e.g. `laptop`.
+    pub device: String,
+}
+
+impl DeviceId {
+    pub fn new(user: impl Into<String>, device: impl Into<String>) -> Self {
+        DeviceId {
+            user: user.into(),
+            device: device.into(),
+        }
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.user, self.device)
+    }
+}
+
+/// An overlay: the social one (the user's own devices and roster friends with mutual
+/// subscription), or a group (the members of one multi-user chat room).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OverlayId {
+    Social,
+    /// A group, named by its room, e.g. `lab@conference.example.org`.
+    Group(String),
+}
+
+impl fmt::Display for OverlayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OverlayId::Social => f.write_str("social"),
+            OverlayId::Group(room) => f.write_str(room),
+        }
+    }
+}
+
+/// What the social network reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OsnEvent {
+    /// The session is up (first login or reconnect) as device `me`. A full picture follows:
+    /// [`OsnEvent::Members`] for every overlay, then [`OsnEvent::DeviceUp`] for every device.
+    Online { me: DeviceId },
+    /// The session was lost; the binding reconnects by itself. Links stay up meanwhile.
+    Offline,
+    /// The users authorised in `overlay` are now exactly `users`. Users that were authorised and
+    /// are no longer lose their links at once.
+    Members {
+        overlay: OverlayId,
+        users: Vec<String>,
+    },
+    /// A device announced ipop with `key`, seen through `overlay` (the roster for the social
+    /// overlay, the room for a group).
+    DeviceUp {
+        overlay: OverlayId,
+        device: DeviceId,
+        key: PublicKey,
+    },
+    /// A device went offline (or left the room) as seen through `overlay`.
+    DeviceDown {
+        overlay: OverlayId,
+        device: DeviceId,
+    },
+    /// A link signal from another device, over its authenticated session.
+    Signal { from: DeviceId, signal: Signal },
+    /// A signal we sent was refused or went unanswered.
+    SignalFailed {
+        to: DeviceId,
+        session: String,
+        reason: String,
+    },
+}
+
+/// A link signal, sent to one device. In XMPP this is a Jingle session (XEP-0166) with the
+/// ICE-UDP transport (XEP-0176) and ipop's own application description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// Opens a link session (Jingle `session-initiate`).
+    Initiate { session: String, offer: LinkOffer },
+    /// Accepts it (Jingle `session-accept`).
+    Accept { session: String, offer: LinkOffer },
+    /// More candidates for a session (Jingle `transport-info`).
+    Candidates {
+        session: String,
+        candidates: Vec<Candidate>,
+    },
+    /// Ends a session (Jingle `session-terminate`).
+    Terminate {
+        session: String,
+        reason: TerminateReason,
+    },
+}
+
+impl Signal {
+    pub fn session(&self) -> &str {
+        match self {
+            Signal::Initiate { session, .. }
+            | Signal::Accept { session, .. }
+            | Signal::Candidates { session, .. }
+            | Signal::Terminate { session, .. } => session,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminateReason {
+    /// The sender does not authorise the receiver (Jingle `security-error`).
+    NotAuthorised,
+    /// The key does not match the key the device announced (Jingle `security-error` too).
+    WrongKey,
+    /// The sender prefers the other session of a glare (Jingle `alternative-session`).
+    Glare,
+    /// The link is no longer wanted (Jingle `success`).
+    Done,
+    /// Anything else (Jingle `failed-application`, `general-error`, …).
+    Failed,
+}
+
+/// What a device offers for a link: its identity, its addresses and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkOffer {
+    /// The WireGuard public key the link will use; must equal the announced key.
+    pub key: PublicKey,
+    /// The device's overlay addresses.
+    pub addresses: Vec<IpNet>,
+    /// ICE credentials.
+    pub ufrag: String,
+    pub pwd: String,
+    pub candidates: Vec<Candidate>,
+}
+
+/// An ICE candidate, in the terms of XEP-0176.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub foundation: String,
+    pub component: u8,
+    pub priority: u32,
+    pub address: SocketAddr,
+    pub kind: CandidateKind,
+    /// The base of a server-reflexive or relayed candidate (`rel-addr`, `rel-port`).
+    pub related: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateKind {
+    Host,
+    ServerReflexive,
+    PeerReflexive,
+    Relayed,
+}
+
+impl CandidateKind {
+    /// The name used in XEP-0176 and SDP.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CandidateKind::Host => "host",
+            CandidateKind::ServerReflexive => "srflx",
+            CandidateKind::PeerReflexive => "prflx",
+            CandidateKind::Relayed => "relay",
+        }
+    }
+}
