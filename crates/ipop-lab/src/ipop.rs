@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::dir::TestDir;
 use crate::net::{Host, Lan, host_letter};
 use crate::netns::Netns;
-use crate::process::Daemon;
+use crate::process::{Daemon, log_tail};
 use crate::{run_checked, wait_until};
 
 /// Runs `ipop init DIR/ipop.toml` (which writes a config and `ipop.key`) and returns the public
@@ -305,6 +305,22 @@ impl Node {
         daemon.stop()
     }
 
+    /// How the daemon ended, if it was started and has ended since (a crash, say).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.daemon.as_mut()?.try_wait()
+    }
+
+    /// Panics if the daemon was started and has ended since, naming `what` the test was doing.
+    pub fn assert_running(&mut self, what: &str) {
+        if let Some(exit) = self.exited() {
+            panic!(
+                "ipop {} exited ({exit}) during {what}; log {}",
+                self.name,
+                self.log_path().display()
+            );
+        }
+    }
+
     /// `ipop status --json` for this node.
     pub fn status(&self) -> Result<Value, String> {
         status_json(&self.host.ns, &self.bin, &self.config_path())
@@ -323,15 +339,7 @@ impl Node {
     ) -> Value {
         let what = format!("{what} (on node {})", self.name);
         wait_until(timeout, &what, || {
-            if let Some(daemon) = self.daemon.as_mut()
-                && let Some(exit) = daemon.try_wait()
-            {
-                panic!(
-                    "ipop {} exited ({exit}) while waiting for {what}; log {}",
-                    self.name,
-                    daemon.log_path().display()
-                );
-            }
+            self.assert_running(&format!("the wait for {what}"));
             let status = self.status()?;
             if ready(&status) {
                 Ok(status)
@@ -419,6 +427,27 @@ impl Lab {
         for (node, config) in self.nodes.iter_mut().zip(&configs) {
             node.write_config(config);
             node.start();
+        }
+    }
+
+    /// Stops every started daemon with SIGTERM and checks that each exits with success, so that
+    /// a daemon that crashed during the test fails it.
+    ///
+    /// # Panics
+    /// When a daemon ended with a failure, naming it and showing its log's last lines.
+    pub fn stop_all(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(daemon) = node.daemon.take() {
+                let status = daemon.stop();
+                let log = node.log_path();
+                assert!(
+                    status.success(),
+                    "ipop {} ended with {status}, not with success on SIGTERM; log {}:\n{}",
+                    node.name,
+                    log.display(),
+                    log_tail(&log, 40)
+                );
+            }
         }
     }
 

@@ -1,0 +1,247 @@
+//! End to end: ipop daemons in network namespaces on one LAN, with real TUN devices and real
+//! traffic. Needs root (namespaces, veths, TUN devices), `ip` and `ping`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ipop_lab::{Lab, Node, peer_field, wait_until};
+
+const IPOP: &str = env!("CARGO_BIN_EXE_ipop");
+const PORT: u16 = 51820;
+/// Time for two daemons on one LAN to start and link up.
+const LINK_UP: Duration = Duration::from_secs(10);
+
+fn pair(lab: &mut Lab) -> (&mut Node, &mut Node) {
+    let [a, b] = &mut lab.nodes[..] else {
+        panic!("two nodes expected");
+    };
+    (a, b)
+}
+
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Pings `to`'s IPv4 overlay address from `from` until one ping gets through. Fails at once if
+/// either daemon exits.
+fn wait_ping(from: &mut Node, to: &mut Node, timeout: Duration) {
+    let addr = IpAddr::V4(to.overlay_v4);
+    let what = format!("{addr} ({}) to answer a ping from {}", to.name, from.name);
+    wait_until(timeout, &what, || {
+        from.assert_running(&format!("the wait for {what}"));
+        to.assert_running(&format!("the wait for {what}"));
+        let out = from.ping(addr, 1);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(output_text(&out))
+        }
+    });
+}
+
+fn assert_ping(from: &Node, to: IpAddr) {
+    let out = from.ping(to, 3);
+    assert!(
+        out.status.success(),
+        "ping -c 3 {to} from {} failed:\n{}",
+        from.name,
+        output_text(&out)
+    );
+}
+
+/// Two nodes that name each other with their endpoints, running.
+fn two_nodes(tag: &str) -> Lab {
+    let mut lab = Lab::new(IPOP, tag, 2);
+    lab.start_mesh(PORT);
+    lab
+}
+
+#[test]
+fn two_nodes_ping_over_ipv4_and_ipv6() {
+    let mut lab = two_nodes("ping");
+    let (a, b) = pair(&mut lab);
+    wait_ping(a, b, LINK_UP);
+    for (from, to) in [(&*a, &*b), (&*b, &*a)] {
+        assert_ping(from, IpAddr::V4(to.overlay_v4));
+        assert_ping(from, IpAddr::V6(to.overlay_v6));
+    }
+    let status = a.wait_peer_state(b, "connected", Duration::from_secs(2));
+    assert_eq!(
+        peer_field(&status, &b.public_key, "endpoint"),
+        Some(format!("{}:{PORT}", b.host.ipv4).as_str()),
+        "a should reach b at its configured endpoint: {status}"
+    );
+    lab.stop_all();
+}
+
+/// A deterministic pseudo-random buffer (xorshift64*), so that misplaced or repeated segments
+/// cannot compare equal.
+fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        data.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    data.truncate(len);
+    data
+}
+
+#[test]
+fn tcp_transfer_of_20_mb_arrives_intact() {
+    const LEN: usize = 20 << 20;
+    const IO_TIMEOUT: Duration = Duration::from_secs(15);
+    let mut lab = two_nodes("tcp");
+    let (a, b) = pair(&mut lab);
+    wait_ping(a, b, LINK_UP);
+
+    let server_addr = SocketAddr::new(IpAddr::V4(b.overlay_v4), 5001);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = b.ns().spawn_in(move || -> Result<Vec<u8>, String> {
+        let listener = TcpListener::bind(server_addr).map_err(|e| format!("bind: {e}"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("nonblocking: {e}"))?;
+        // The test waits for this before it connects; a closed channel fails it there.
+        let _ = ready_tx.send(());
+        let deadline = Instant::now() + IO_TIMEOUT;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err("no connection came".to_owned());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+        };
+        stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
+            .map_err(|e| format!("socket options: {e}"))?;
+        let mut received = Vec::with_capacity(LEN);
+        stream
+            .read_to_end(&mut received)
+            .map_err(|e| format!("read after {} bytes: {e}", received.len()))?;
+        Ok(received)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the server on b should listen on its overlay address");
+
+    let data = pseudo_random(LEN);
+    let start = Instant::now();
+    a.ns()
+        .run_in(|| -> std::io::Result<()> {
+            let mut stream = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
+            stream.set_write_timeout(Some(IO_TIMEOUT))?;
+            stream.write_all(&data)?;
+            stream.shutdown(Shutdown::Write)
+        })
+        .expect("a should send 20 MB to b over the overlay");
+    let received = server
+        .join()
+        .expect("the server thread should not panic")
+        .expect("b should receive the whole stream");
+    let elapsed = start.elapsed();
+    eprintln!(
+        "20 MiB over the overlay in {elapsed:?} ({:.0} Mbit/s, debug build)",
+        (LEN * 8) as f64 / elapsed.as_secs_f64() / 1e6
+    );
+    assert_eq!(received.len(), data.len(), "received length");
+    if let Some(offset) = received.iter().zip(&data).position(|(r, d)| r != d) {
+        panic!("the received stream differs from the sent one at byte {offset}");
+    }
+    lab.stop_all();
+}
+
+#[test]
+fn peer_restarted_on_a_new_port_is_reached_again_within_5_s() {
+    const NEW_PORT: u16 = 51999;
+    let mut lab = two_nodes("restart");
+    let mut b_config = lab.mesh_configs(PORT).swap_remove(1);
+    let (a, b) = pair(&mut lab);
+    wait_ping(a, b, LINK_UP);
+
+    let exit = b.stop();
+    assert!(
+        exit.success(),
+        "ipop b should exit cleanly on SIGTERM, got {exit}"
+    );
+    // a still names b's old endpoint; b names a's, and now listens elsewhere.
+    b_config.listen_port = NEW_PORT;
+    b.write_config(&b_config);
+    let restarted = Instant::now();
+    b.start();
+    wait_ping(a, b, Duration::from_secs(5));
+    let elapsed = restarted.elapsed();
+    eprintln!("a reached b again {elapsed:?} after b restarted on port {NEW_PORT}");
+    assert!(
+        elapsed <= Duration::from_secs(5),
+        "a reached b only {elapsed:?} after b restarted"
+    );
+    let new_endpoint = format!("{}:{NEW_PORT}", b.host.ipv4);
+    let b_key = b.public_key.clone();
+    a.wait_status(
+        Duration::from_secs(2),
+        &format!("b at its new endpoint {new_endpoint}"),
+        |s| peer_field(s, &b_key, "endpoint") == Some(new_endpoint.as_str()),
+    );
+    assert_ping(a, IpAddr::V6(b.overlay_v6));
+    lab.stop_all();
+}
+
+#[test]
+fn peer_with_the_wrong_key_gets_no_link_and_status_says_why() {
+    let mut lab = Lab::new(IPOP, "wrongkey", 2);
+    let wrong_key = lab.spare_key("wrong");
+    let mut configs = lab.mesh_configs(PORT);
+    // a is told a wrong key for b; b has a's right key.
+    configs[0].peers[0].public_key.clone_from(&wrong_key);
+    let (a, b) = pair(&mut lab);
+    a.write_config(&configs[0]);
+    b.write_config(&configs[1]);
+    a.start();
+    b.start();
+
+    // Traffic both ways makes both sides try handshakes.
+    for (from, to) in [(&*a, &*b), (&*b, &*a)] {
+        let out = from.ping(IpAddr::V4(to.overlay_v4), 3);
+        assert!(
+            !out.status.success(),
+            "ping from {} to {} must fail when a has the wrong key for b:\n{}",
+            from.name,
+            to.name,
+            output_text(&out)
+        );
+    }
+
+    let a_key = a.public_key.clone();
+    for (node, peer_id) in [(a, wrong_key.as_str()), (b, a_key.as_str())] {
+        let status = node.wait_status(
+            Duration::from_secs(10),
+            "a reason that mentions the key",
+            |s| {
+                peer_field(s, peer_id, "reason")
+                    .is_some_and(|reason| reason.to_lowercase().contains("key"))
+            },
+        );
+        let state = peer_field(&status, peer_id, "state");
+        assert!(
+            state.is_some() && state != Some("connected"),
+            "node {} should list the peer as not connected: {status}",
+            node.name
+        );
+    }
+    lab.stop_all();
+}
