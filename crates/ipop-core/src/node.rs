@@ -203,6 +203,8 @@ pub struct PeerStatus {
 
 struct Peer {
     config: PeerConfig,
+    /// Distinguishes this peer from earlier ones in the same slot, in session indices.
+    generation: u8,
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
     unanswered: u32,
@@ -301,11 +303,16 @@ pub enum NodeError {
     TooManyPeers,
 }
 
+/// Peers live in slots; a session index is the slot plus the slot's generation, so that messages
+/// for a removed peer never reach the peer that took its slot.
+const MAX_SLOTS: usize = 1 << 16;
+
 /// This device's side of every link.
 pub struct Node {
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
-    peers: Vec<Peer>,
+    peers: Vec<Option<Peer>>,
+    generations: Vec<u8>,
     by_key: HashMap<PublicKey, usize>,
     routes: RouteTable,
     transmits: VecDeque<Transmit>,
@@ -319,11 +326,11 @@ impl Node {
     /// [`Node::handle_timeout`].
     pub fn new(secret: x25519::StaticSecret, peers: Vec<PeerConfig>) -> Result<Self, NodeError> {
         let public = x25519::PublicKey::from(&secret);
-        let own = PublicKey(public.to_bytes());
         let mut node = Node {
             secret,
             public,
             peers: Vec::with_capacity(peers.len()),
+            generations: Vec::with_capacity(peers.len()),
             by_key: HashMap::new(),
             routes: RouteTable::default(),
             transmits: VecDeque::new(),
@@ -332,44 +339,95 @@ impl Node {
             scratch: vec![0; SCRATCH_LEN],
         };
         for config in peers {
-            if config.public_key == own {
-                return Err(NodeError::SelfAsPeer(own));
-            }
-            let index = node.peers.len();
-            if index >= 1 << 24 {
-                return Err(NodeError::TooManyPeers);
-            }
-            if node.by_key.insert(config.public_key, index).is_some() {
-                return Err(NodeError::DuplicatePeer(config.public_key));
-            }
-            for net in &config.addresses {
-                node.routes
-                    .insert(*net, index)
-                    .map_err(|owner| NodeError::OverlappingAddress {
-                        net: *net,
-                        first: node.peers[owner].config.public_key,
-                        second: config.public_key,
-                    })?;
-            }
-            let tunn = Tunn::new(
-                node.secret.clone(),
-                x25519::PublicKey::from(config.public_key.0),
-                None,
-                config.keepalive.filter(|&k| k > 0),
-                index as u32,
-                None,
-            );
-            node.peers.push(Peer {
-                endpoint: config.endpoint,
-                config,
-                tunn,
-                unanswered: 0,
-                problem: None,
-                connected: false,
-                started: false,
-            });
+            node.add_peer(config)?;
         }
         Ok(node)
+    }
+
+    /// Adds a peer and returns its index. Its session opens at the next timer tick if its
+    /// endpoint is known, or when the peer calls.
+    pub fn add_peer(&mut self, config: PeerConfig) -> Result<usize, NodeError> {
+        if config.public_key == self.public_key() {
+            return Err(NodeError::SelfAsPeer(config.public_key));
+        }
+        if self.by_key.contains_key(&config.public_key) {
+            return Err(NodeError::DuplicatePeer(config.public_key));
+        }
+        let index = match self.peers.iter().position(Option::is_none) {
+            Some(free) => free,
+            None if self.peers.len() < MAX_SLOTS => {
+                self.peers.push(None);
+                self.generations.push(0);
+                self.peers.len() - 1
+            }
+            None => return Err(NodeError::TooManyPeers),
+        };
+        for (i, net) in config.addresses.iter().enumerate() {
+            if let Err(owner) = self.routes.insert(*net, index) {
+                for added in &config.addresses[..i] {
+                    self.routes.remove(*added);
+                }
+                let first = self.peers[owner]
+                    .as_ref()
+                    .map_or(config.public_key, |p| p.config.public_key);
+                return Err(NodeError::OverlappingAddress {
+                    net: *net,
+                    first,
+                    second: config.public_key,
+                });
+            }
+        }
+        let generation = self.generations[index].wrapping_add(1);
+        self.generations[index] = generation;
+        let tunn = Tunn::new(
+            self.secret.clone(),
+            x25519::PublicKey::from(config.public_key.0),
+            None,
+            config.keepalive.filter(|&k| k > 0),
+            (u32::from(generation) << 16) | index as u32,
+            None,
+        );
+        self.by_key.insert(config.public_key, index);
+        self.peers[index] = Some(Peer {
+            endpoint: config.endpoint,
+            config,
+            generation,
+            tunn,
+            unanswered: 0,
+            problem: None,
+            connected: false,
+            started: false,
+        });
+        // Let the next tick open the session at once.
+        self.next_tick = None;
+        Ok(index)
+    }
+
+    /// Removes a peer: its routes, its session, its slot.
+    pub fn remove_peer(&mut self, index: usize) {
+        if let Some(peer) = self.peers.get_mut(index).and_then(Option::take) {
+            for net in &peer.config.addresses {
+                self.routes.remove(*net);
+            }
+            self.by_key.remove(&peer.config.public_key);
+            tracing::info!(peer = %peer.label(), "peer removed");
+        }
+    }
+
+    /// Points a peer at a new endpoint (chosen by ICE). A peer without a session starts its
+    /// handshake at the next tick.
+    pub fn set_endpoint(&mut self, index: usize, endpoint: SocketAddr) {
+        if let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut)
+            && peer.endpoint != Some(endpoint)
+        {
+            tracing::debug!(peer = %peer.label(), %endpoint, "endpoint set");
+            peer.endpoint = Some(endpoint);
+            self.next_tick = None;
+        }
+    }
+
+    fn peer_mut(&mut self, index: usize) -> Option<&mut Peer> {
+        self.peers.get_mut(index).and_then(Option::as_mut)
     }
 
     /// This device's public key.
@@ -387,11 +445,14 @@ impl Node {
             self.drops.count(DropReason::MalformedIp);
             return None;
         };
-        let Some(index) = self.routes.lookup(dst) else {
+        let Some(peer) = self
+            .routes
+            .lookup(dst)
+            .and_then(|i| self.peers.get_mut(i).and_then(Option::as_mut))
+        else {
             self.drops.count(DropReason::NoRoute);
             return None;
         };
-        let peer = &mut self.peers[index];
         let Some(endpoint) = peer.endpoint else {
             self.drops.count(DropReason::NoEndpoint);
             return None;
@@ -427,7 +488,7 @@ impl Node {
             return None;
         }
         let index = self.peer_for(from, datagram)?;
-        let peer = &mut self.peers[index];
+        let peer = self.peers[index].as_mut()?;
         let result = peer.tunn.decapsulate(Some(from.ip()), datagram, out);
         let delivered = match result {
             TunnResult::WriteToNetwork(reply) => {
@@ -464,7 +525,9 @@ impl Node {
                 None
             }
         };
-        self.peers[index].update_connected();
+        if let Some(peer) = self.peer_mut(index) {
+            peer.update_connected();
+        }
         delivered
     }
 
@@ -486,7 +549,9 @@ impl Node {
 
     /// Sends what the session queued while it waited for a handshake.
     fn flush_queued(&mut self, index: usize) {
-        let peer = &mut self.peers[index];
+        let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
         let Some(destination) = peer.endpoint else {
             return;
         };
@@ -540,27 +605,28 @@ impl Node {
             Packet::PacketCookieReply(p) => p.receiver_idx,
             Packet::PacketData(p) => p.receiver_idx,
         };
-        let index = (receiver >> 8) as usize;
-        if index >= self.peers.len() {
-            self.drops.count(DropReason::UnknownSession);
-            return None;
+        let index = ((receiver >> 8) & 0xFFFF) as usize;
+        let generation = (receiver >> 24) as u8;
+        match self.peers.get(index).and_then(Option::as_ref) {
+            Some(peer) if peer.generation == generation => Some(index),
+            _ => {
+                self.drops.count(DropReason::UnknownSession);
+                None
+            }
         }
-        Some(index)
     }
 
     /// Records a key problem on the peer whose endpoint sent a handshake we refused: the exact
     /// endpoint if one matches, else one at the same address.
     fn blame(&mut self, from: SocketAddr, problem: Problem) {
-        let exact = self.peers.iter().position(|p| p.endpoint == Some(from));
-        let same_host = || {
-            self.peers
-                .iter()
-                .position(|p| p.endpoint.map(|e| e.ip()) == Some(from.ip()))
-        };
-        if let Some(index) = exact.or_else(same_host)
-            && !self.peers[index].connected
+        let live = || self.peers.iter().flatten();
+        let exact = live().position(|p| p.endpoint == Some(from));
+        let same_host = || live().position(|p| p.endpoint.map(|e| e.ip()) == Some(from.ip()));
+        if let Some(n) = exact.or_else(same_host)
+            && let Some(peer) = self.peers.iter_mut().flatten().nth(n)
+            && !peer.connected
         {
-            self.peers[index].set_problem(Some(problem));
+            peer.set_problem(Some(problem));
         }
     }
 
@@ -570,7 +636,7 @@ impl Node {
             return;
         }
         self.next_tick = Some(now + TIMER_TICK);
-        for peer in &mut self.peers {
+        for peer in self.peers.iter_mut().flatten() {
             let result = if peer.started || peer.endpoint.is_none() {
                 peer.tunn.update_timers(&mut self.scratch)
             } else {
@@ -618,25 +684,37 @@ impl Node {
 
     /// The state of every peer.
     pub fn peers(&self) -> impl Iterator<Item = PeerStatus> + '_ {
-        self.peers.iter().map(|p| {
-            let (last_handshake, tx, rx, _, _) = p.tunn.stats();
-            let state = p.state();
-            PeerStatus {
-                name: p.config.name.clone(),
-                public_key: p.config.public_key,
-                addresses: p.config.addresses.clone(),
-                state,
-                endpoint: p.endpoint,
-                rx_bytes: rx as u64,
-                tx_bytes: tx as u64,
-                last_handshake,
-                problem: if state == LinkState::Connected {
-                    None
-                } else {
-                    p.problem.clone()
-                },
-            }
-        })
+        self.peers.iter().flatten().map(Peer::status)
+    }
+
+    /// The state of one peer.
+    pub fn peer(&self, index: usize) -> Option<PeerStatus> {
+        self.peers
+            .get(index)
+            .and_then(Option::as_ref)
+            .map(Peer::status)
+    }
+}
+
+impl Peer {
+    fn status(&self) -> PeerStatus {
+        let (last_handshake, tx, rx, _, _) = self.tunn.stats();
+        let state = self.state();
+        PeerStatus {
+            name: self.config.name.clone(),
+            public_key: self.config.public_key,
+            addresses: self.config.addresses.clone(),
+            state,
+            endpoint: self.endpoint,
+            rx_bytes: rx as u64,
+            tx_bytes: tx as u64,
+            last_handshake,
+            problem: if state == LinkState::Connected {
+                None
+            } else {
+                self.problem.clone()
+            },
+        }
     }
 }
 
@@ -787,6 +865,36 @@ mod tests {
             }
         }
         assert_eq!(delivered, vec![p]);
+    }
+
+    #[test]
+    fn a_removed_peer_is_gone_and_its_slot_never_takes_its_messages() {
+        let mut sim = pair(None);
+        sim.start();
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"late");
+        let (_, n) = sim.b.handle_tun(&p, &mut wire).expect("encrypted");
+        let b_key = sim.a.peers().next().unwrap().public_key;
+        sim.a.remove_peer(0);
+        assert_eq!(sim.a.peers().count(), 0);
+        assert_eq!(
+            sim.a
+                .handle_tun(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], b""), &mut wire),
+            None
+        );
+        assert_eq!(sim.a.drops().get(DropReason::NoRoute), 1);
+        // A new peer takes slot 0: B's message for the old session must not reach it.
+        let other = PublicKey::from_secret(&secret());
+        assert_eq!(sim.a.add_peer(peer(other, None, &["10.0.0.3/32"])), Ok(0));
+        assert_eq!(sim.a.handle_udp(sim.b_addr, &wire[..n], &mut inner), None);
+        assert_eq!(sim.a.drops().get(DropReason::UnknownSession), 1);
+        // And B can be added back.
+        assert_eq!(
+            sim.a
+                .add_peer(peer(b_key, Some(sim.b_addr), &["10.0.0.2/32"])),
+            Ok(1)
+        );
     }
 
     #[test]

@@ -33,6 +33,16 @@ impl RouteTable {
         Ok(())
     }
 
+    /// Removes the route for exactly `net`.
+    pub fn remove(&mut self, net: IpNet) {
+        let net = net.trunc();
+        if net.prefix_len() == net.max_prefix_len() {
+            self.hosts.remove(&net.addr());
+        } else {
+            self.prefixes.retain(|(n, _)| *n != net);
+        }
+    }
+
     /// The peer that owns `addr`, by longest prefix.
     pub fn lookup(&self, addr: IpAddr) -> Option<usize> {
         if let Some(&peer) = self.hosts.get(&addr) {
@@ -69,6 +79,9 @@ mod tests {
         assert_eq!(t.lookup(ip("fd00::7")), Some(4));
         assert_eq!(t.lookup(ip("192.168.0.1")), None);
         assert_eq!(t.lookup(ip("fd01::1")), None);
+        t.remove(net("10.1.0.0/16"));
+        t.remove(net("10.1.2.3/32"));
+        assert_eq!(t.lookup(ip("10.1.2.3")), Some(1));
     }
 
     #[test]
