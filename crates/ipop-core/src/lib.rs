@@ -6,11 +6,14 @@
 //! exception to time injection is boringtun's `Tunn`, which reads the monotonic clock itself.
 
 pub mod demux;
+pub mod engine;
+mod ice;
 pub mod key;
 pub mod node;
 pub mod osn;
 pub mod packet;
 pub mod route;
 
+pub use engine::{Engine, LinkPhase, LinkStatus};
 pub use key::{KeyError, PublicKey};
 pub use node::{DropReason, Drops, LinkState, Node, PeerConfig, PeerStatus, Problem, Transmit};

@@ -137,10 +137,20 @@ pub enum DropReason {
     Rejected,
     /// A decrypted packet whose inner source is not an address of the peer that sent it.
     SpoofedSource,
+    /// A STUN message that could not be parsed.
+    MalformedStun,
+    /// A STUN message that no ICE session accepts.
+    UnknownStun,
+    /// A link signal for a session we do not have.
+    UnknownSignal,
+    /// A link offer from a user that no overlay authorises.
+    SignalNotAuthorised,
+    /// A link offer whose key is not the key the device announced.
+    SignalWrongKey,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -151,6 +161,11 @@ impl DropReason {
         DropReason::UnknownSession,
         DropReason::Rejected,
         DropReason::SpoofedSource,
+        DropReason::MalformedStun,
+        DropReason::UnknownStun,
+        DropReason::UnknownSignal,
+        DropReason::SignalNotAuthorised,
+        DropReason::SignalWrongKey,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -165,6 +180,11 @@ impl DropReason {
             DropReason::UnknownSession => "unknown_session",
             DropReason::Rejected => "rejected",
             DropReason::SpoofedSource => "spoofed_source",
+            DropReason::MalformedStun => "malformed_stun",
+            DropReason::UnknownStun => "unknown_stun",
+            DropReason::UnknownSignal => "unknown_signal",
+            DropReason::SignalNotAuthorised => "signal_not_authorised",
+            DropReason::SignalWrongKey => "signal_wrong_key",
         }
     }
 }
@@ -174,8 +194,14 @@ impl DropReason {
 pub struct Drops([u64; DropReason::ALL.len()]);
 
 impl Drops {
-    fn count(&mut self, reason: DropReason) {
+    pub(crate) fn count(&mut self, reason: DropReason) {
         self.0[reason as usize] += 1;
+    }
+
+    pub(crate) fn add(&mut self, other: &Drops) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
     }
 
     pub fn get(&self, reason: DropReason) -> u64 {

@@ -1,0 +1,1014 @@
+//! The engine: the social network decides who may link, link sessions are negotiated over it,
+//! ICE finds a path, WireGuard carries the packets.
+//!
+//! For every device that an overlay authorises and that announced ipop with a key, the engine
+//! keeps one link. The device whose ID sorts first opens the session (a `Signal::Initiate` with
+//! its key, addresses, ICE credentials and candidates); the other accepts with its own. Both run
+//! an ICE agent over the shared UDP socket; the pair it nominates becomes the WireGuard
+//! endpoint. Everything is checked on both sides: the peer's user must be authorised by an
+//! overlay, and the key in its offer must be the key its device announced.
+
+use crate::demux::{DatagramKind, classify};
+use crate::ice;
+use crate::key::PublicKey;
+use crate::node::{DropReason, Drops, Node, NodeError, PeerConfig, PeerStatus, Transmit};
+use crate::osn::{DeviceId, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason};
+use ipnet::IpNet;
+use is::stun::{StunMessage, StunPacket};
+use is::{IceAgent, IceAgentEvent, IceCreds};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// How long the device that sorts second waits for the other's offer before making its own.
+const ANSWER_GRACE: Duration = Duration::from_secs(3);
+/// A session not accepted within this time is abandoned and retried.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
+/// A session whose ICE found no path within this time is abandoned and retried.
+const ICE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Retry back-off bounds.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An offer from a device whose presence has not arrived yet is kept this long.
+const PENDING_OFFER_TTL: Duration = Duration::from_secs(10);
+/// Most candidates taken from one offer.
+const MAX_CANDIDATES: usize = 32;
+/// WireGuard keepalive on social links: keeps NAT mappings open.
+const KEEPALIVE_S: u16 = 25;
+
+/// Where a link to a device stands, for status and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkPhase {
+    /// Waiting for the other device's offer, or for the next attempt.
+    Idle,
+    /// Our offer is out; waiting for the answer.
+    Offered,
+    /// Offers exchanged; ICE is looking for a path.
+    Checking,
+    /// ICE chose a path; WireGuard runs over it.
+    Connected,
+}
+
+/// One link as `ipop status` shows it.
+#[derive(Debug, Clone)]
+pub struct LinkStatus {
+    pub device: DeviceId,
+    pub key: PublicKey,
+    pub overlays: Vec<OverlayId>,
+    pub phase: LinkPhase,
+    pub peer: Option<PeerStatus>,
+    /// The path ICE chose: (local, remote).
+    pub path: Option<(SocketAddr, SocketAddr)>,
+    pub last_error: Option<String>,
+}
+
+struct Session {
+    id: String,
+    initiator: bool,
+    agent: IceAgent,
+    answered: bool,
+    started: Instant,
+    nominated: Option<(SocketAddr, SocketAddr)>,
+}
+
+struct Link {
+    key: PublicKey,
+    session: Option<Session>,
+    peer: Option<usize>,
+    next_attempt: Instant,
+    backoff: Duration,
+    last_error: Option<String>,
+}
+
+struct Announced {
+    key: PublicKey,
+    via: BTreeSet<OverlayId>,
+}
+
+/// The engine: OSN state, link sessions, ICE agents and the WireGuard node.
+pub struct Engine {
+    node: Node,
+    key: PublicKey,
+    addresses: Vec<IpNet>,
+    me: Option<DeviceId>,
+    hosts: Vec<SocketAddr>,
+    members: BTreeMap<OverlayId, BTreeSet<String>>,
+    devices: BTreeMap<DeviceId, Announced>,
+    links: BTreeMap<DeviceId, Link>,
+    pending: HashMap<DeviceId, (String, LinkOffer, Instant)>,
+    signals: VecDeque<(DeviceId, Signal)>,
+    transmits: VecDeque<Transmit>,
+    drops: Drops,
+    rng: u64,
+}
+
+impl Engine {
+    /// An engine around `node`, announcing `addresses` as this device's overlay addresses.
+    /// `seed` feeds session identifiers and retry jitter.
+    pub fn new(node: Node, addresses: Vec<IpNet>, seed: u64) -> Self {
+        Engine {
+            key: node.public_key(),
+            node,
+            addresses,
+            me: None,
+            hosts: Vec::new(),
+            members: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            links: BTreeMap::new(),
+            pending: HashMap::new(),
+            signals: VecDeque::new(),
+            transmits: VecDeque::new(),
+            drops: Drops::default(),
+            rng: seed | 1,
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The local addresses (with the UDP port) offered as host candidates.
+    pub fn set_host_candidates(&mut self, hosts: Vec<SocketAddr>) {
+        self.hosts = hosts;
+    }
+
+    /// Data path, TUN side: see [`Node::handle_tun`].
+    pub fn handle_tun(&mut self, packet: &[u8], out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        self.node.handle_tun(packet, out)
+    }
+
+    /// Data path, network side: STUN goes to the ICE agents, the rest to WireGuard (see
+    /// [`Node::handle_udp`]). `local` is the address the datagram arrived at.
+    pub fn handle_udp(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if classify(datagram) == DatagramKind::Stun {
+            self.handle_stun(now, local, from, datagram);
+            return None;
+        }
+        self.node.handle_udp(from, datagram, out)
+    }
+
+    fn handle_stun(&mut self, now: Instant, local: SocketAddr, from: SocketAddr, datagram: &[u8]) {
+        let Ok(message) = StunMessage::parse(datagram) else {
+            self.drops.count(DropReason::MalformedStun);
+            return;
+        };
+        let session = self
+            .links
+            .values_mut()
+            .filter_map(|l| l.session.as_mut())
+            .find(|s| s.agent.accepts_message(&message));
+        let Some(session) = session else {
+            self.drops.count(DropReason::UnknownStun);
+            return;
+        };
+        session.agent.handle_packet(
+            now,
+            StunPacket {
+                proto: is::Protocol::Udp,
+                source: from,
+                destination: local,
+                message,
+            },
+        );
+        session.agent.handle_timeout(now);
+        self.drive_agents(now);
+    }
+
+    /// What the social network reports.
+    pub fn handle_osn(&mut self, now: Instant, event: OsnEvent) {
+        match event {
+            OsnEvent::Online { me } => {
+                tracing::info!(device = %me, "social network session up");
+                self.me = Some(me);
+            }
+            OsnEvent::Offline => {
+                tracing::info!("social network session down; links stay up");
+            }
+            OsnEvent::Members { overlay, users } => {
+                self.members.insert(overlay, users.into_iter().collect());
+            }
+            OsnEvent::DeviceUp {
+                overlay,
+                device,
+                key,
+            } => {
+                let entry = self.devices.entry(device.clone()).or_insert(Announced {
+                    key,
+                    via: BTreeSet::new(),
+                });
+                if entry.key != key {
+                    tracing::warn!(%device, old = %entry.key.fingerprint(), new = %key.fingerprint(), "device announced a new key");
+                    entry.key = key;
+                    entry.via.clear();
+                    self.drop_link(now, &device, "the device announced a new key");
+                }
+                if let Some(entry) = self.devices.get_mut(&device) {
+                    entry.via.insert(overlay);
+                }
+            }
+            OsnEvent::DeviceDown { overlay, device } => {
+                if let Some(entry) = self.devices.get_mut(&device) {
+                    entry.via.remove(&overlay);
+                    if entry.via.is_empty() {
+                        self.devices.remove(&device);
+                    }
+                }
+            }
+            OsnEvent::Signal { from, signal } => self.handle_signal(now, from, signal),
+            OsnEvent::SignalFailed {
+                to,
+                session,
+                reason,
+            } => {
+                let ours = self
+                    .links
+                    .get(&to)
+                    .and_then(|l| l.session.as_ref())
+                    .is_some_and(|s| s.id == session);
+                if ours {
+                    self.fail(now, &to, &format!("signalling failed: {reason}"));
+                }
+            }
+        }
+        self.reconcile(now);
+    }
+
+    /// The overlays through which `device` is both announced and authorised.
+    fn authorising(&self, device: &DeviceId) -> Vec<OverlayId> {
+        let Some(announced) = self.devices.get(device) else {
+            return Vec::new();
+        };
+        announced
+            .via
+            .iter()
+            .filter(|o| {
+                self.members
+                    .get(*o)
+                    .is_some_and(|users| users.contains(&device.user))
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn is_authorised_user(&self, user: &str) -> bool {
+        self.members.values().any(|users| users.contains(user))
+    }
+
+    /// Brings the set of links in line with who is authorised and online.
+    fn reconcile(&mut self, now: Instant) {
+        let Some(me) = self.me.clone() else {
+            return;
+        };
+        let wanted: BTreeMap<DeviceId, PublicKey> = self
+            .devices
+            .iter()
+            .filter(|(d, _)| **d != me)
+            .filter(|(d, _)| !self.authorising(d).is_empty())
+            .map(|(d, a)| (d.clone(), a.key))
+            .collect();
+        let unwanted: Vec<DeviceId> = self
+            .links
+            .keys()
+            .filter(|d| !wanted.contains_key(*d))
+            .cloned()
+            .collect();
+        for device in unwanted {
+            let why = if self.is_authorised_user(&device.user) {
+                "the device went offline"
+            } else {
+                "the user is no longer authorised by any overlay"
+            };
+            tracing::info!(%device, "closing link: {why}");
+            self.drop_link(now, &device, why);
+        }
+        for (device, key) in wanted {
+            if self.links.contains_key(&device) {
+                continue;
+            }
+            let first = me < device;
+            tracing::info!(%device, key = %key.fingerprint(), "authorised device online");
+            self.links.insert(
+                device.clone(),
+                Link {
+                    key,
+                    session: None,
+                    peer: None,
+                    next_attempt: if first { now } else { now + ANSWER_GRACE },
+                    backoff: BACKOFF_MIN,
+                    last_error: None,
+                },
+            );
+            if let Some((id, offer, _)) = self.pending.remove(&device) {
+                self.accept(now, device, id, offer);
+            }
+        }
+        self.pending
+            .retain(|_, (_, _, at)| now.duration_since(*at) < PENDING_OFFER_TTL);
+    }
+
+    /// Tears a link down: its WireGuard peer, its session (telling the other side).
+    fn drop_link(&mut self, _now: Instant, device: &DeviceId, why: &str) {
+        if let Some(link) = self.links.remove(device) {
+            if let Some(index) = link.peer {
+                self.node.remove_peer(index);
+            }
+            if let Some(s) = link.session {
+                tracing::debug!(%device, session = %s.id, "ending session: {why}");
+                self.signals.push_back((
+                    device.clone(),
+                    Signal::Terminate {
+                        session: s.id,
+                        reason: TerminateReason::Done,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Abandons the current session of a link and schedules another attempt with back-off.
+    fn fail(&mut self, now: Instant, device: &DeviceId, why: &str) {
+        let jitter = self.jitter();
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        tracing::info!(%device, "link attempt failed: {why}; retrying in {:?}", link.backoff);
+        if let Some(index) = link.peer.take() {
+            self.node.remove_peer(index);
+        }
+        if let Some(s) = link.session.take() {
+            self.signals.push_back((
+                device.clone(),
+                Signal::Terminate {
+                    session: s.id,
+                    reason: TerminateReason::Failed,
+                },
+            ));
+        }
+        link.last_error = Some(why.to_owned());
+        link.next_attempt = now + link.backoff + link.backoff.mul_f64(jitter * 0.25);
+        link.backoff = (link.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// A number in [0, 1) from the engine's generator (xorshift64).
+    fn jitter(&mut self) -> f64 {
+        self.next_random() as f64 / u64::MAX as f64
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn new_agent(&self, controlling: bool) -> IceAgent {
+        let mut agent = IceAgent::new(IceCreds::new());
+        agent.set_controlling(controlling);
+        for &host in &self.hosts {
+            if let Ok(c) = is::Candidate::host(host, "udp") {
+                agent.add_local_candidate(c);
+            }
+        }
+        agent
+    }
+
+    fn offer(&self, agent: &IceAgent) -> LinkOffer {
+        let creds = agent.local_credentials();
+        LinkOffer {
+            key: self.key,
+            addresses: self.addresses.clone(),
+            ufrag: creds.ufrag.clone(),
+            pwd: creds.pass.clone(),
+            candidates: agent
+                .local_candidates()
+                .filter_map(|c| ice::from_agent(&c))
+                .collect(),
+        }
+    }
+
+    /// Opens a session to `device`.
+    fn initiate(&mut self, now: Instant, device: &DeviceId) {
+        let id = format!("{:016x}", self.next_random());
+        let agent = self.new_agent(true);
+        let offer = self.offer(&agent);
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        tracing::debug!(%device, session = %id, "offering a link");
+        link.session = Some(Session {
+            id: id.clone(),
+            initiator: true,
+            agent,
+            answered: false,
+            started: now,
+            nominated: None,
+        });
+        self.signals
+            .push_back((device.clone(), Signal::Initiate { session: id, offer }));
+    }
+
+    fn handle_signal(&mut self, now: Instant, from: DeviceId, signal: Signal) {
+        match signal {
+            Signal::Initiate { session, offer } => {
+                if !self.is_authorised_user(&from.user) {
+                    self.refuse(&from, session, TerminateReason::NotAuthorised);
+                    return;
+                }
+                if !self.links.contains_key(&from) {
+                    // Authorised user, but its presence has not arrived yet: keep the offer.
+                    self.pending.insert(from, (session, offer, now));
+                    return;
+                }
+                self.accept(now, from, session, offer);
+            }
+            Signal::Accept { session, offer } => {
+                let Some(link) = self.links.get_mut(&from) else {
+                    self.drops.count(DropReason::UnknownSignal);
+                    return;
+                };
+                let key = link.key;
+                let Some(s) = link
+                    .session
+                    .as_mut()
+                    .filter(|s| s.id == session && s.initiator)
+                else {
+                    self.drops.count(DropReason::UnknownSignal);
+                    return;
+                };
+                if offer.key != key {
+                    self.refuse(&from, session, TerminateReason::WrongKey);
+                    self.fail(
+                        now,
+                        &from,
+                        "its answer carried another key than the one it announced",
+                    );
+                    return;
+                }
+                s.answered = true;
+                apply_remote(&mut s.agent, &offer);
+                s.agent.handle_timeout(now);
+                self.attach_peer(now, &from, &offer);
+            }
+            Signal::Candidates {
+                session,
+                candidates,
+            } => {
+                let s = self
+                    .links
+                    .get_mut(&from)
+                    .and_then(|l| l.session.as_mut())
+                    .filter(|s| s.id == session);
+                match s {
+                    Some(s) => {
+                        for c in candidates.iter().take(MAX_CANDIDATES) {
+                            if let Some(c) = ice::to_agent(c) {
+                                s.agent.add_remote_candidate(c);
+                            }
+                        }
+                        s.agent.handle_timeout(now);
+                    }
+                    None => self.drops.count(DropReason::UnknownSignal),
+                }
+            }
+            Signal::Terminate { session, reason } => {
+                let ours = self
+                    .links
+                    .get(&from)
+                    .and_then(|l| l.session.as_ref())
+                    .is_some_and(|s| s.id == session);
+                if ours {
+                    let why = match reason {
+                        TerminateReason::NotAuthorised => "the other side does not authorise us",
+                        TerminateReason::WrongKey => "the other side refused our key",
+                        TerminateReason::Glare => "the other side keeps its own session",
+                        TerminateReason::Done => "the other side closed the link",
+                        TerminateReason::Failed => "the other side gave up",
+                    };
+                    if reason == TerminateReason::Glare {
+                        // Its offer is on its way or already here; just wait for it.
+                        if let Some(link) = self.links.get_mut(&from) {
+                            link.session = None;
+                            link.next_attempt = now + ANSWER_GRACE;
+                        }
+                    } else {
+                        self.fail(now, &from, why);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refuses a session, telling the other side why; the refusal is logged and counted.
+    fn refuse(&mut self, from: &DeviceId, session: String, reason: TerminateReason) {
+        let counter = match reason {
+            TerminateReason::WrongKey => DropReason::SignalWrongKey,
+            _ => DropReason::SignalNotAuthorised,
+        };
+        self.drops.count(counter);
+        tracing::warn!(device = %from, ?reason, "refused a link offer");
+        self.signals
+            .push_back((from.clone(), Signal::Terminate { session, reason }));
+    }
+
+    /// Answers an offer from an authorised, announced device.
+    fn accept(&mut self, now: Instant, from: DeviceId, session: String, offer: LinkOffer) {
+        let Some(link) = self.links.get(&from) else {
+            return;
+        };
+        if offer.key != link.key {
+            self.refuse(&from, session, TerminateReason::WrongKey);
+            return;
+        }
+        if let Some(ours) = &link.session {
+            let me_first = self.me.as_ref().is_some_and(|me| *me < from);
+            if ours.initiator && !ours.answered && me_first {
+                // Glare: both offered at once; the device that sorts first keeps its session.
+                self.signals.push_back((
+                    from,
+                    Signal::Terminate {
+                        session,
+                        reason: TerminateReason::Glare,
+                    },
+                ));
+                return;
+            }
+        }
+        if let Some(index) = self.links.get_mut(&from).and_then(|l| l.peer.take()) {
+            self.node.remove_peer(index);
+        }
+        let mut agent = self.new_agent(false);
+        apply_remote(&mut agent, &offer);
+        agent.handle_timeout(now);
+        let answer = self.offer(&agent);
+        if let Some(link) = self.links.get_mut(&from) {
+            link.session = Some(Session {
+                id: session.clone(),
+                initiator: false,
+                agent,
+                answered: true,
+                started: now,
+                nominated: None,
+            });
+        }
+        self.signals.push_back((
+            from.clone(),
+            Signal::Accept {
+                session,
+                offer: answer,
+            },
+        ));
+        self.attach_peer(now, &from, &offer);
+    }
+
+    /// Adds the WireGuard peer for an accepted offer.
+    fn attach_peer(&mut self, now: Instant, device: &DeviceId, offer: &LinkOffer) {
+        let addresses: Vec<IpNet> = offer
+            .addresses
+            .iter()
+            .map(|a| IpNet::from(a.addr()))
+            .collect();
+        let config = PeerConfig {
+            name: Some(device.to_string()),
+            public_key: offer.key,
+            endpoint: None,
+            addresses,
+            keepalive: Some(KEEPALIVE_S),
+        };
+        match self.node.add_peer(config) {
+            Ok(index) => {
+                if let Some(link) = self.links.get_mut(device) {
+                    link.peer = Some(index);
+                }
+            }
+            Err(e) => {
+                let why = match e {
+                    NodeError::OverlappingAddress { net, .. } => {
+                        format!("its address {net} is already another peer's")
+                    }
+                    other => other.to_string(),
+                };
+                self.fail(now, device, &why);
+            }
+        }
+    }
+
+    /// Runs timers: retries, session timeouts, ICE, WireGuard.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<DeviceId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.session.is_none() && l.next_attempt <= now)
+            .map(|(d, _)| d.clone())
+            .collect();
+        if self.me.is_some() {
+            for device in due {
+                self.initiate(now, &device);
+            }
+        }
+        let stale: Vec<(DeviceId, &'static str)> = self
+            .links
+            .iter()
+            .filter_map(|(d, l)| {
+                let s = l.session.as_ref()?;
+                let age = now.duration_since(s.started);
+                if !s.answered && age > SESSION_TIMEOUT {
+                    Some((d.clone(), "no answer to our offer"))
+                } else if s.answered && s.nominated.is_none() && age > ICE_TIMEOUT {
+                    Some((d.clone(), "ICE found no working path"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (device, why) in stale {
+            self.fail(now, &device, why);
+        }
+        for link in self.links.values_mut() {
+            if let Some(s) = link.session.as_mut() {
+                s.agent.handle_timeout(now);
+            }
+        }
+        self.drive_agents(now);
+        self.node.handle_timeout(now);
+    }
+
+    /// Collects what the ICE agents want sent and what they decided.
+    fn drive_agents(&mut self, _now: Instant) {
+        for link in self.links.values_mut() {
+            let Some(s) = link.session.as_mut() else {
+                continue;
+            };
+            while let Some(t) = s.agent.poll_transmit() {
+                self.transmits.push_back(Transmit {
+                    destination: t.destination,
+                    payload: t.contents.to_vec(),
+                });
+            }
+            while let Some(event) = s.agent.poll_event() {
+                if let IceAgentEvent::NominatedSend {
+                    source,
+                    destination,
+                    ..
+                } = event
+                {
+                    s.nominated = Some((source, destination));
+                    if let Some(index) = link.peer {
+                        self.node.set_endpoint(index, destination);
+                    }
+                    link.backoff = BACKOFF_MIN;
+                    link.last_error = None;
+                }
+            }
+        }
+    }
+
+    /// When [`Engine::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut next = self.node.poll_timeout();
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for link in self.links.values_mut() {
+            match link.session.as_mut() {
+                Some(s) => consider(s.agent.poll_timeout()),
+                None => consider(Some(link.next_attempt)),
+            }
+        }
+        next
+    }
+
+    /// The next datagram to send: STUN from the ICE agents, then WireGuard control messages.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits
+            .pop_front()
+            .or_else(|| self.node.poll_transmit())
+    }
+
+    /// The next signal to send over the social network.
+    pub fn poll_signal(&mut self) -> Option<(DeviceId, Signal)> {
+        self.signals.pop_front()
+    }
+
+    /// Drops counted by the engine and the node together.
+    pub fn drops(&self) -> Drops {
+        let mut all = self.node.drops().clone();
+        all.add(&self.drops);
+        all
+    }
+
+    /// The links to social network devices, by overlay.
+    pub fn links(&self) -> Vec<LinkStatus> {
+        self.links
+            .iter()
+            .map(|(device, link)| LinkStatus {
+                device: device.clone(),
+                key: link.key,
+                overlays: self.authorising(device),
+                phase: match &link.session {
+                    None => LinkPhase::Idle,
+                    Some(s) if !s.answered => LinkPhase::Offered,
+                    Some(s) if s.nominated.is_none() => LinkPhase::Checking,
+                    Some(_) => LinkPhase::Connected,
+                },
+                peer: link.peer.and_then(|i| self.node.peer(i)),
+                path: link.session.as_ref().and_then(|s| s.nominated),
+                last_error: link.last_error.clone(),
+            })
+            .collect()
+    }
+
+    /// The overlays the social network reported, with their members.
+    pub fn overlays(&self) -> impl Iterator<Item = (&OverlayId, &BTreeSet<String>)> {
+        self.members.iter()
+    }
+
+    /// This device, once the social network session is up.
+    pub fn me(&self) -> Option<&DeviceId> {
+        self.me.as_ref()
+    }
+}
+
+/// Gives the agent the remote credentials and candidates of an offer.
+fn apply_remote(agent: &mut IceAgent, offer: &LinkOffer) {
+    agent.set_remote_credentials(IceCreds {
+        ufrag: offer.ufrag.clone(),
+        pass: offer.pwd.clone(),
+    });
+    for c in offer.candidates.iter().take(MAX_CANDIDATES) {
+        if let Some(c) = ice::to_agent(c) {
+            agent.add_remote_candidate(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::LinkState;
+    use crate::packet::tests::ipv4;
+    use boringtun::x25519::StaticSecret;
+
+    struct Dev {
+        engine: Engine,
+        id: DeviceId,
+        addr: SocketAddr,
+    }
+
+    fn dev(user: &str, device: &str, addr: &str, overlay: &str) -> Dev {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let node = Node::new(secret, Vec::new()).unwrap();
+        let addr: SocketAddr = addr.parse().unwrap();
+        let seed = match addr.ip() {
+            std::net::IpAddr::V4(v4) => u64::from(v4.octets()[3]),
+            std::net::IpAddr::V6(v6) => u64::from(v6.octets()[15]),
+        };
+        let mut engine = Engine::new(node, vec![overlay.parse().unwrap()], seed);
+        engine.set_host_candidates(vec![addr]);
+        Dev {
+            engine,
+            id: DeviceId::new(user, device),
+            addr,
+        }
+    }
+
+    struct World {
+        devs: Vec<Dev>,
+        now: Instant,
+        signals_sent: usize,
+    }
+
+    impl World {
+        fn new(devs: Vec<Dev>) -> Self {
+            let now = Instant::now();
+            let mut w = World {
+                devs,
+                now,
+                signals_sent: 0,
+            };
+            for d in &mut w.devs {
+                let me = d.id.clone();
+                d.engine.handle_osn(now, OsnEvent::Online { me });
+            }
+            w
+        }
+
+        fn key(&self, i: usize) -> PublicKey {
+            self.devs[i].engine.node().public_key()
+        }
+
+        /// Device `i` sees `users` as the members of `overlay`.
+        fn members(&mut self, i: usize, overlay: &OverlayId, users: &[&str]) {
+            let users = users.iter().map(|u| u.to_string()).collect();
+            let ev = OsnEvent::Members {
+                overlay: overlay.clone(),
+                users,
+            };
+            self.devs[i].engine.handle_osn(self.now, ev);
+        }
+
+        /// Device `i` sees device `j` online through `overlay`, announcing `key`.
+        fn sees(&mut self, i: usize, j: usize, overlay: &OverlayId, key: PublicKey) {
+            let ev = OsnEvent::DeviceUp {
+                overlay: overlay.clone(),
+                device: self.devs[j].id.clone(),
+                key,
+            };
+            self.devs[i].engine.handle_osn(self.now, ev);
+        }
+
+        /// Runs the world for `steps` steps of 20 ms: signals and datagrams are delivered.
+        fn run(&mut self, steps: usize) {
+            let mut out = vec![0u8; 4096];
+            for _ in 0..steps {
+                self.now += Duration::from_millis(20);
+                for d in &mut self.devs {
+                    d.engine.handle_timeout(self.now);
+                }
+                for i in 0..self.devs.len() {
+                    while let Some((to, signal)) = self.devs[i].engine.poll_signal() {
+                        self.signals_sent += 1;
+                        let from = self.devs[i].id.clone();
+                        if let Some(j) = self.devs.iter().position(|d| d.id == to) {
+                            let ev = OsnEvent::Signal { from, signal };
+                            self.devs[j].engine.handle_osn(self.now, ev);
+                        }
+                    }
+                    while let Some(t) = self.devs[i].engine.poll_transmit() {
+                        let from = self.devs[i].addr;
+                        if let Some(j) = self.devs.iter().position(|d| d.addr == t.destination) {
+                            let now = self.now;
+                            let e = &mut self.devs[j].engine;
+                            e.handle_udp(now, t.destination, from, &t.payload, &mut out);
+                        }
+                    }
+                }
+            }
+        }
+
+        fn link(&self, i: usize) -> Option<LinkStatus> {
+            self.devs[i].engine.links().into_iter().next()
+        }
+
+        fn connected(&self, i: usize) -> bool {
+            self.link(i)
+                .and_then(|l| l.peer)
+                .is_some_and(|p| p.state == LinkState::Connected)
+        }
+    }
+
+    fn friends() -> World {
+        let mut w = World::new(vec![
+            dev(
+                "alice@example.org",
+                "laptop",
+                "192.0.2.1:51820",
+                "10.78.0.1/16",
+            ),
+            dev(
+                "bob@example.org",
+                "phone",
+                "192.0.2.2:51820",
+                "10.78.0.2/16",
+            ),
+        ]);
+        let social = OverlayId::Social;
+        let both = ["alice@example.org", "bob@example.org"];
+        w.members(0, &social, &both);
+        w.members(1, &social, &both);
+        let (ka, kb) = (w.key(0), w.key(1));
+        w.sees(0, 1, &social, kb);
+        w.sees(1, 0, &social, ka);
+        w
+    }
+
+    #[test]
+    fn friends_link_up_with_four_signals_and_carry_packets() {
+        let mut w = friends();
+        w.run(25);
+        assert!(
+            w.connected(0) && w.connected(1),
+            "{:?} / {:?}",
+            w.link(0),
+            w.link(1)
+        );
+        // Offer and answer (each an IQ with its result in XMPP): four stanzas in all.
+        assert_eq!(w.signals_sent, 2);
+        let link = w.link(0).unwrap();
+        assert_eq!(link.phase, LinkPhase::Connected);
+        assert_eq!(link.path.map(|p| p.1), Some(w.devs[1].addr));
+
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let p = ipv4([10, 78, 0, 1], [10, 78, 0, 2], b"hi bob");
+        let (dst, n) = w.devs[0].engine.handle_tun(&p, &mut wire).expect("routed");
+        assert_eq!(dst, w.devs[1].addr);
+        let (now, from, to) = (w.now, w.devs[0].addr, w.devs[1].addr);
+        let got = w.devs[1]
+            .engine
+            .handle_udp(now, to, from, &wire[..n], &mut inner);
+        assert_eq!(got.map(|n| inner[..n].to_vec()), Some(p));
+    }
+
+    #[test]
+    fn an_offer_from_a_stranger_is_refused_and_counted() {
+        let mut w = World::new(vec![
+            dev(
+                "alice@example.org",
+                "laptop",
+                "192.0.2.1:51820",
+                "10.78.0.1/16",
+            ),
+            dev("eve@example.org", "pc", "192.0.2.5:51820", "10.78.0.5/16"),
+        ]);
+        let social = OverlayId::Social;
+        w.members(0, &social, &["alice@example.org"]);
+        // Eve thinks Alice is her friend and offers a link.
+        w.members(1, &social, &["eve@example.org", "alice@example.org"]);
+        let ka = w.key(0);
+        w.sees(1, 0, &social, ka);
+        // Eve's ID sorts after Alice's: she offers once her grace period is over.
+        w.run(200);
+        assert!(!w.connected(0) && !w.connected(1));
+        assert!(
+            w.devs[0]
+                .engine
+                .drops()
+                .get(DropReason::SignalNotAuthorised)
+                >= 1
+        );
+        assert_eq!(w.devs[0].engine.node().peers().count(), 0);
+        let eve_link = w.link(1).expect("eve keeps trying");
+        assert!(
+            eve_link
+                .last_error
+                .unwrap_or_default()
+                .contains("does not authorise")
+        );
+    }
+
+    #[test]
+    fn an_offer_with_another_key_than_announced_is_refused() {
+        let mut w = friends();
+        // Alice saw Bob announce a different key than the one his engine uses.
+        let other = PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
+        w.devs[0] = {
+            let mut d = dev(
+                "alice@example.org",
+                "laptop",
+                "192.0.2.1:51820",
+                "10.78.0.1/16",
+            );
+            d.engine
+                .handle_osn(w.now, OsnEvent::Online { me: d.id.clone() });
+            d
+        };
+        let both = ["alice@example.org", "bob@example.org"];
+        w.members(0, &OverlayId::Social, &both);
+        w.sees(0, 1, &OverlayId::Social, other);
+        let ka = w.key(0);
+        w.sees(1, 0, &OverlayId::Social, ka);
+        w.run(50);
+        assert!(!w.connected(0) && !w.connected(1));
+        assert!(w.devs[0].engine.drops().get(DropReason::SignalWrongKey) >= 1);
+    }
+
+    #[test]
+    fn removing_a_friend_tears_the_link_down_on_both_sides() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0));
+        w.members(1, &OverlayId::Social, &["bob@example.org"]);
+        w.run(2);
+        assert!(w.link(1).is_none());
+        assert_eq!(w.devs[1].engine.node().peers().count(), 0);
+        // Bob's side told Alice's, which closed too, and does not retry.
+        assert!(w.link(0).is_none_or(|l| l.peer.is_none()));
+    }
+
+    #[test]
+    fn glare_ends_with_one_session() {
+        let mut w = friends();
+        // Make the second device offer at once as well.
+        for l in w.devs[1].engine.links.values_mut() {
+            l.next_attempt = w.now;
+        }
+        w.run(40);
+        assert!(
+            w.connected(0) && w.connected(1),
+            "{:?} / {:?}",
+            w.link(0),
+            w.link(1)
+        );
+        let a = w.link(0).unwrap();
+        assert_eq!(a.phase, LinkPhase::Connected);
+    }
+}
