@@ -726,6 +726,20 @@ impl Engine {
             .collect()
     }
 
+    /// The peers that did not come from the social network (the config's static peers).
+    pub fn static_peers(&self) -> Vec<PeerStatus> {
+        let linked: BTreeSet<PublicKey> = self
+            .links
+            .values()
+            .filter(|l| l.peer.is_some())
+            .map(|l| l.key)
+            .collect();
+        self.node
+            .peers()
+            .filter(|p| !linked.contains(&p.public_key))
+            .collect()
+    }
+
     /// The overlays the social network reported, with their members.
     pub fn overlays(&self) -> impl Iterator<Item = (&OverlayId, &BTreeSet<String>)> {
         self.members.iter()

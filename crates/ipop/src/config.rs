@@ -22,6 +22,11 @@ pub struct Config {
     #[serde(default)]
     pub device: Device,
     pub interface: Interface,
+    /// The XMPP account: without it, only static peers are linked.
+    pub xmpp: Option<Xmpp>,
+    pub social: Option<Social>,
+    #[serde(default)]
+    pub groups: Vec<Group>,
     #[serde(default)]
     pub peers: Vec<Peer>,
     /// The directory relative paths are resolved against: the config file's own.
@@ -57,12 +62,86 @@ fn default_key_file() -> PathBuf {
 pub struct Interface {
     #[serde(default = "default_interface", deserialize_with = "interface_name")]
     pub name: String,
-    #[serde(deserialize_with = "parsed_list")]
+    #[serde(default, deserialize_with = "parsed_list")]
     pub addresses: Vec<IpNet>,
     #[serde(default = "default_mtu", deserialize_with = "mtu")]
     pub mtu: u16,
     #[serde(default)]
     pub listen_port: u16,
+}
+
+/// How ipop logs in to XMPP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Xmpp {
+    /// The account, a bare JID like `alice@example.org`.
+    #[serde(deserialize_with = "bare_jid")]
+    pub jid: String,
+    /// The password inline, or read from a file, or printed by a command: exactly one.
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub password_command: Option<String>,
+    /// `host:port` of the server when DNS SRV records are absent.
+    pub server: Option<String>,
+    #[serde(default)]
+    pub tls: Tls,
+    /// An extra CA certificate (PEM) to trust for a private server, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// This device's name, the XMPP resource. Default: the host name.
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tls {
+    /// STARTTLS on the client port (5222).
+    #[default]
+    Starttls,
+    /// TLS from the first byte (XEP-0368, port 5223).
+    Direct,
+}
+
+/// The social overlay: this device, the user's other devices and the devices of friends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Social {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// This device's address in the social overlay, with the overlay's prefix.
+    #[serde(deserialize_with = "parsed")]
+    pub address: IpNet,
+}
+
+/// A group overlay: every member of one multi-user chat room.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// The room, e.g. `lab@conference.example.org`.
+    #[serde(deserialize_with = "bare_jid")]
+    pub room: String,
+    /// This device's address in the group, with the group's prefix.
+    #[serde(deserialize_with = "parsed")]
+    pub address: IpNet,
+    /// Create the room (members-only, real JIDs visible) if it does not exist.
+    #[serde(default)]
+    pub create: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn bare_jid<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    let ok = matches!(s.split_once('@'), Some((local, domain))
+        if !local.is_empty() && !domain.is_empty() && !domain.contains(['@', '/']) && !s.contains(char::is_whitespace));
+    if ok {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{s:?} is not a bare JID: expected user@domain, like \"alice@example.org\""
+        )))
+    }
 }
 
 fn default_interface() -> String {
@@ -161,8 +240,30 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.interface.addresses.is_empty() {
-            return Err("[interface] addresses: at least one overlay address is needed".into());
+        if self.addresses().is_empty() {
+            return Err("no overlay address: set [interface] addresses, [social] address or a [[groups]] address".into());
+        }
+        if let Some(x) = &self.xmpp {
+            let sources = [
+                x.password.is_some(),
+                x.password_file.is_some(),
+                x.password_command.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(
+                    "[xmpp]: set exactly one of password, password_file and password_command"
+                        .into(),
+                );
+            }
+            if let Some(server) = &x.server
+                && server
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(format!("[xmpp] server: {server:?} is not host:port"));
+            }
+        } else if self.social.as_ref().is_some_and(|s| s.enabled) || !self.groups.is_empty() {
+            return Err("[social] and [[groups]] need an [xmpp] account".into());
         }
         for (i, peer) in self.peers.iter().enumerate() {
             if peer.addresses.is_empty() {
@@ -174,6 +275,52 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Every address of this device: the interface's, the social overlay's, each group's.
+    pub fn addresses(&self) -> Vec<IpNet> {
+        let mut all = self.interface.addresses.clone();
+        all.extend(self.overlay_addresses());
+        all
+    }
+
+    /// The addresses announced to social network peers: the overlays'.
+    pub fn overlay_addresses(&self) -> Vec<IpNet> {
+        let mut all: Vec<IpNet> = self
+            .social
+            .iter()
+            .filter(|s| s.enabled)
+            .map(|s| s.address)
+            .collect();
+        all.extend(self.groups.iter().map(|g| g.address));
+        all
+    }
+
+    /// The XMPP password, from wherever the config says it is.
+    pub fn xmpp_password(&self, x: &Xmpp) -> anyhow::Result<String> {
+        if let Some(p) = &x.password {
+            return Ok(p.clone());
+        }
+        if let Some(f) = &x.password_file {
+            let path = self.resolve(f);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("[xmpp] password_file: cannot read {}", path.display()))?;
+            return Ok(text.trim_end_matches(['\n', '\r']).to_owned());
+        }
+        if let Some(cmd) = &x.password_command {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .output()
+                .with_context(|| format!("[xmpp] password_command: cannot run {cmd:?}"))?;
+            if !out.status.success() {
+                anyhow::bail!("[xmpp] password_command {cmd:?} failed ({})", out.status);
+            }
+            let text = String::from_utf8(out.stdout)
+                .map_err(|_| anyhow::anyhow!("[xmpp] password_command {cmd:?} printed no text"))?;
+            return Ok(text.trim_end_matches(['\n', '\r']).to_owned());
+        }
+        anyhow::bail!("[xmpp]: no password configured")
     }
 
     /// A path from the config, resolved against the config file's directory.
@@ -339,12 +486,42 @@ mod tests {
     }
 
     #[test]
+    fn xmpp_social_and_groups() {
+        let text = "[xmpp]\njid = \"alice@example.org\"\npassword = \"pw\"\nserver = \"10.0.0.254:5222\"\n\
+            [social]\naddress = \"10.78.0.1/16\"\n\
+            [[groups]]\nroom = \"lab@conference.example.org\"\naddress = \"10.79.0.1/24\"\ncreate = true\n";
+        let c = Config::parse(text).expect("valid");
+        assert_eq!(c.xmpp.as_ref().map(|x| x.tls), Some(Tls::Starttls));
+        assert_eq!(c.addresses().len(), 2);
+        assert!(c.groups[0].create);
+
+        let e = Config::parse(
+            "[xmpp]\njid = \"alice\"\npassword = \"x\"\n[social]\naddress = \"10.78.0.1/16\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("line 2") && e.contains("key `jid`") && e.contains("bare JID"),
+            "{e}"
+        );
+        let e = Config::parse("[xmpp]\njid = \"a@b\"\n[social]\naddress = \"10.78.0.1/16\"\n")
+            .unwrap_err();
+        assert!(e.contains("exactly one of password"), "{e}");
+        let e = Config::parse("[social]\naddress = \"10.78.0.1/16\"\n").unwrap_err();
+        assert!(e.contains("need an [xmpp] account"), "{e}");
+        let e = Config::parse("[xmpp]\njid = \"a@b\"\npassword = \"p\"\ntls = \"ssl\"\n[social]\naddress = \"10.78.0.1/16\"\n").unwrap_err();
+        assert!(
+            e.contains("line 4") && e.contains("tls") && e.contains("starttls"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn missing_sections_and_empty_addresses_are_errors() {
         assert!(Config::parse("").unwrap_err().contains("interface"));
         assert!(
             Config::parse("[interface]\naddresses = []\n")
                 .unwrap_err()
-                .contains("addresses")
+                .contains("no overlay address")
         );
     }
 }

@@ -7,10 +7,11 @@
 //! device. Buffers are allocated once at start.
 
 use crate::control::Request;
-use crate::status::{self, Status};
+use crate::status::{self, OverlayPlan, Status, XmppInfo};
 use anyhow::Context;
 use ipnet::IpNet;
-use ipop_core::Node;
+use ipop_core::Engine;
+use ipop_core::osn::{DeviceId, OsnEvent, Signal};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -67,14 +68,25 @@ impl Udp {
     }
 }
 
+/// The data plane's side of the social network binding: events in, signals out. The loop never
+/// waits on the binding: signals go into an unbounded queue.
+pub struct OsnChannel {
+    pub events: mpsc::Receiver<OsnEvent>,
+    pub signals: mpsc::UnboundedSender<(DeviceId, Signal)>,
+}
+
+/// Reads the XMPP session's state for `ipop status`.
+pub type XmppInfoFn = Box<dyn Fn() -> XmppInfo + Send>;
+
 /// Everything the data plane needs to run.
 pub struct Dataplane {
-    node: Node,
+    engine: Engine,
     tun: AsyncDevice,
     udp4: Udp,
     udp6: Option<Udp>,
     interface: String,
-    addresses: Vec<IpNet>,
+    plans: Vec<OverlayPlan>,
+    xmpp_info: Option<XmppInfoFn>,
     listen_port: u16,
     started: Instant,
     bufs: Buffers,
@@ -119,7 +131,8 @@ impl Buffers {
 impl Dataplane {
     /// Creates the TUN device and binds the UDP sockets.
     pub fn new(
-        node: Node,
+        engine: Engine,
+        plans: Vec<OverlayPlan>,
         interface: &str,
         addresses: &[IpNet],
         routes: &[IpNet],
@@ -140,39 +153,68 @@ impl Dataplane {
         };
         let tun = crate::device::create(interface, addresses, routes, mtu)?;
         Ok(Dataplane {
-            node,
+            engine,
             tun,
             udp4,
             udp6,
             interface: interface.to_owned(),
-            addresses: addresses.to_vec(),
+            plans,
+            xmpp_info: None,
             listen_port: port,
             started: Instant::now(),
             bufs: Buffers::new(mtu.into()),
         })
     }
 
+    /// Where `ipop status` reads the XMPP session's state.
+    pub fn set_xmpp_info(&mut self, f: XmppInfoFn) {
+        self.xmpp_info = Some(f);
+    }
+
     pub fn listen_port(&self) -> u16 {
         self.listen_port
+    }
+
+    /// Offers the host's addresses (but not the tunnel's own) as ICE host candidates.
+    pub fn discover_host_candidates(&mut self) {
+        let hosts = crate::device::host_addresses(&self.interface)
+            .into_iter()
+            .filter(|ip| ip.is_ipv4() || self.udp6.is_some())
+            .map(|ip| SocketAddr::new(ip, self.listen_port))
+            .collect::<Vec<_>>();
+        tracing::debug!(?hosts, "host candidates");
+        self.engine.set_host_candidates(hosts);
     }
 
     /// Runs until `shutdown` resolves.
     pub async fn run(
         mut self,
         mut requests: mpsc::Receiver<Request>,
+        mut osn: Option<OsnChannel>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
         loop {
-            self.node.handle_timeout(Instant::now());
+            self.engine.handle_timeout(Instant::now());
             self.flush_control().await;
+            while let Some(signal) = self.engine.poll_signal() {
+                if let Some(o) = &osn {
+                    let _ = o.signals.send(signal);
+                }
+            }
             let deadline = self
-                .node
+                .engine
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             let udp6_readable = async {
                 match &self.udp6 {
                     Some(u) => u.socket.readable().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let osn_event = async {
+                match osn.as_mut() {
+                    Some(o) => o.events.recv().await,
                     None => std::future::pending().await,
                 }
             };
@@ -195,6 +237,13 @@ impl Dataplane {
                         self.network_to_tun(true).await;
                     }
                 }
+                event = osn_event => match event {
+                    Some(event) => self.engine.handle_osn(Instant::now(), event),
+                    None => {
+                        tracing::warn!("the social network binding stopped; links stay up");
+                        osn = None;
+                    }
+                },
                 Some(req) = requests.recv() => {
                     let answer = self.answer(&req.command);
                     let _ = req.reply.send(answer);
@@ -206,7 +255,7 @@ impl Dataplane {
 
     /// Sends the control datagrams the core queued (handshakes, keepalives).
     async fn flush_control(&mut self) {
-        while let Some(t) = self.node.poll_transmit() {
+        while let Some(t) = self.engine.poll_transmit() {
             let transmit = Transmit {
                 destination: t.destination,
                 ecn: None,
@@ -258,7 +307,7 @@ impl Dataplane {
                 let Some(out) = b.wire.get_mut(end..end + room.max(148)) else {
                     break;
                 };
-                let Some((dst, len)) = self.node.handle_tun(packet, out) else {
+                let Some((dst, len)) = self.engine.handle_tun(packet, out) else {
                     continue;
                 };
                 match &mut run {
@@ -323,9 +372,18 @@ impl Dataplane {
                 }
             };
             let mut ready = 0;
+            let now = Instant::now();
             for slot in 0..count {
                 let meta = self.bufs.metas[slot];
                 let stride = meta.stride.max(1);
+                let local = SocketAddr::new(
+                    meta.dst_ip.unwrap_or(if v6 {
+                        Ipv6Addr::UNSPECIFIED.into()
+                    } else {
+                        Ipv4Addr::UNSPECIFIED.into()
+                    }),
+                    self.listen_port,
+                );
                 let base = slot * UDP_SLOT_SIZE;
                 for offset in (0..meta.len).step_by(stride) {
                     if ready == self.bufs.to_tun.len() {
@@ -336,10 +394,13 @@ impl Dataplane {
                     let datagram = &b.udp_read[base + offset..base + meta.len.min(offset + stride)];
                     let target = &mut b.to_tun[ready];
                     target.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
-                    if let Some(len) =
-                        self.node
-                            .handle_udp(meta.addr, datagram, &mut target[VIRTIO_NET_HDR_LEN..])
-                    {
+                    if let Some(len) = self.engine.handle_udp(
+                        now,
+                        local,
+                        meta.addr,
+                        datagram,
+                        &mut target[VIRTIO_NET_HDR_LEN..],
+                    ) {
                         target.truncate(VIRTIO_NET_HDR_LEN + len);
                         ready += 1;
                     }
@@ -368,14 +429,16 @@ impl Dataplane {
     fn answer(&self, command: &str) -> String {
         match command {
             "status" => {
+                let key = self.engine.node().public_key();
                 let s = Status {
                     interface: self.interface.clone(),
-                    public_key: self.node.public_key().to_string(),
-                    fingerprint: self.node.public_key().fingerprint(),
+                    public_key: key.to_string(),
+                    fingerprint: key.fingerprint(),
                     listen_port: self.listen_port,
                     uptime_s: self.started.elapsed().as_secs_f64().round(),
-                    overlays: vec![status::static_overlay(&self.node, &self.addresses)],
-                    drops: status::drops(&self.node),
+                    xmpp: self.xmpp_info.as_ref().map(|f| f()),
+                    overlays: status::overlays(&self.engine, &self.plans),
+                    drops: status::drops(&self.engine),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }

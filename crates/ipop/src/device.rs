@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use ipnet::IpNet;
+use std::net::IpAddr;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
 /// Creates the TUN device `name` with `addresses` (the kernel adds a route for each prefix), sets
@@ -54,6 +55,38 @@ pub fn create(
             .with_context(|| format!("cannot route {net} into {name}"))?;
     }
     Ok(device)
+}
+
+/// The host's addresses that peers might reach: every interface's but the tunnel's own, the
+/// loopback's and link-local ones.
+pub fn host_addresses(tunnel: &str) -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for a in addrs {
+        if a.interface_name == tunnel {
+            continue;
+        }
+        let Some(storage) = a.address else { continue };
+        let ip: IpAddr = if let Some(v4) = storage.as_sockaddr_in() {
+            v4.ip().into()
+        } else if let Some(v6) = storage.as_sockaddr_in6() {
+            v6.ip().into()
+        } else {
+            continue;
+        };
+        let useless = ip.is_loopback()
+            || ip.is_unspecified()
+            || match ip {
+                IpAddr::V4(v4) => v4.is_link_local(),
+                IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+        if !useless && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 /// The peer prefixes that the interface's own prefixes do not cover, each once.

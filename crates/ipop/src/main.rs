@@ -160,19 +160,21 @@ fn up(path: &Path) -> anyhow::Result<()> {
     let node = ipop_core::Node::new(secret, config.peer_configs())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let public = node.public_key();
-    let routes = device::extra_routes(
-        &config.interface.addresses,
-        config.peers.iter().flat_map(|p| &p.addresses),
-    );
+    let seed = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+    let engine = ipop_core::Engine::new(node, config.overlay_addresses(), seed);
+    let addresses = config.addresses();
+    let routes = device::extra_routes(&addresses, config.peers.iter().flat_map(|p| &p.addresses));
     runtime()?.block_on(async {
-        let plane = dataplane::Dataplane::new(
-            node,
+        let mut plane = dataplane::Dataplane::new(
+            engine,
+            overlay_plans(&config),
             &config.interface.name,
-            &config.interface.addresses,
+            &addresses,
             &routes,
             config.interface.mtu,
             config.interface.listen_port,
         )?;
+        plane.discover_host_candidates();
         let (requests_tx, requests) = tokio::sync::mpsc::channel(16);
         let _control = control::ControlSocket::bind(&config.control_socket(), requests_tx).await?;
         tracing::info!(
@@ -182,10 +184,36 @@ fn up(path: &Path) -> anyhow::Result<()> {
             peers = config.peers.len(),
             "ipop is up"
         );
-        plane.run(requests, shutdown_signal()?).await;
+        plane.run(requests, None, shutdown_signal()?).await;
         tracing::info!("shutting down");
         Ok(())
     })
+}
+
+/// The overlays of this device as status lists them: static peers first, then the social
+/// overlay, then each group.
+fn overlay_plans(config: &Config) -> Vec<status::OverlayPlan> {
+    use ipop_core::osn::OverlayId;
+    let mut plans = Vec::new();
+    if !config.peers.is_empty() || !config.interface.addresses.is_empty() {
+        plans.push(status::OverlayPlan {
+            id: None,
+            addresses: config.interface.addresses.clone(),
+        });
+    }
+    if let Some(social) = config.social.as_ref().filter(|s| s.enabled) {
+        plans.push(status::OverlayPlan {
+            id: Some(OverlayId::Social),
+            addresses: vec![social.address],
+        });
+    }
+    for g in &config.groups {
+        plans.push(status::OverlayPlan {
+            id: Some(OverlayId::Group(g.room.clone())),
+            addresses: vec![g.address],
+        });
+    }
+    plans
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -1,6 +1,7 @@
 //! What `ipop status` shows: the JSON contract that scripts rely on, and its rendering for people.
 
-use ipop_core::{Node, PeerStatus};
+use ipop_core::osn::OverlayId;
+use ipop_core::{Engine, LinkState, LinkStatus, PeerStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -13,8 +14,22 @@ pub struct Status {
     pub fingerprint: String,
     pub listen_port: u16,
     pub uptime_s: f64,
+    /// The XMPP session, when an account is configured.
+    pub xmpp: Option<XmppInfo>,
     pub overlays: Vec<Overlay>,
     /// Packets dropped since start, by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// The XMPP session as status shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct XmppInfo {
+    /// `connecting`, `online` or `reconnecting`.
+    pub state: String,
+    pub jid: Option<String>,
+    pub server: Option<String>,
+    pub reconnects: u64,
+    /// Stanzas dropped, by reason.
     pub drops: BTreeMap<String, u64>,
 }
 
@@ -46,8 +61,51 @@ pub struct Peer {
 }
 
 impl Peer {
+    fn from_link(l: &LinkStatus) -> Self {
+        let connected = l
+            .peer
+            .as_ref()
+            .is_some_and(|p| p.state == LinkState::Connected);
+        let reason = if connected {
+            None
+        } else {
+            l.last_error
+                .clone()
+                .or_else(|| {
+                    l.peer
+                        .as_ref()
+                        .and_then(|p| p.problem.as_ref())
+                        .map(ToString::to_string)
+                })
+                .or_else(|| Some(describe_phase(l.phase).to_owned()))
+        };
+        Peer {
+            id: l.key.to_string(),
+            fingerprint: l.key.fingerprint(),
+            name: None,
+            jid: Some(l.device.user.clone()),
+            device: Some(l.device.device.clone()),
+            addresses: l
+                .peer
+                .as_ref()
+                .map(|p| p.addresses.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+            state: if connected { "connected" } else { "connecting" }.to_owned(),
+            path: connected.then(|| "direct".to_owned()),
+            endpoint: l
+                .peer
+                .as_ref()
+                .and_then(|p| p.endpoint)
+                .map(|e| e.to_string()),
+            rx_bytes: l.peer.as_ref().map_or(0, |p| p.rx_bytes),
+            tx_bytes: l.peer.as_ref().map_or(0, |p| p.tx_bytes),
+            last_handshake_s: l.peer.as_ref().and_then(|p| p.last_handshake).map(seconds),
+            reason,
+        }
+    }
+
     fn from_core(p: PeerStatus) -> Self {
-        let connected = p.state == ipop_core::LinkState::Connected;
+        let connected = p.state == LinkState::Connected;
         Peer {
             id: p.public_key.to_string(),
             fingerprint: p.public_key.fingerprint(),
@@ -60,26 +118,74 @@ impl Peer {
             endpoint: p.endpoint.map(|e| e.to_string()),
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
-            last_handshake_s: p
-                .last_handshake
-                .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+            last_handshake_s: p.last_handshake.map(seconds),
             reason: p.problem.map(|r| r.to_string()),
         }
     }
 }
 
-/// The static overlay: the peers listed in the config file.
-pub fn static_overlay(node: &Node, addresses: &[ipnet::IpNet]) -> Overlay {
-    Overlay {
-        name: "static".to_owned(),
-        kind: "static".to_owned(),
-        addresses: addresses.iter().map(ToString::to_string).collect(),
-        peers: node.peers().map(Peer::from_core).collect(),
+fn seconds(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 10.0).round() / 10.0
+}
+
+fn describe_phase(phase: ipop_core::LinkPhase) -> &'static str {
+    match phase {
+        ipop_core::LinkPhase::Idle => "waiting for the device's link offer",
+        ipop_core::LinkPhase::Offered => "link offered, waiting for the answer",
+        ipop_core::LinkPhase::Checking => "looking for a network path (ICE)",
+        ipop_core::LinkPhase::Connected => "path found, WireGuard handshake under way",
     }
 }
 
-pub fn drops(node: &Node) -> BTreeMap<String, u64> {
-    node.drops()
+/// The overlays this device is in, with their addresses as configured.
+pub struct OverlayPlan {
+    pub id: Option<OverlayId>,
+    pub addresses: Vec<ipnet::IpNet>,
+}
+
+/// Every overlay with its peers: the static one (peers from the config file) and those of the
+/// social network.
+pub fn overlays(engine: &Engine, plans: &[OverlayPlan]) -> Vec<Overlay> {
+    let links = engine.links();
+    plans
+        .iter()
+        .map(|plan| {
+            let (name, kind, peers) = match &plan.id {
+                None => (
+                    "static".to_owned(),
+                    "static",
+                    engine
+                        .static_peers()
+                        .into_iter()
+                        .map(Peer::from_core)
+                        .collect(),
+                ),
+                Some(id) => (
+                    id.to_string(),
+                    match id {
+                        OverlayId::Social => "social",
+                        OverlayId::Group(_) => "group",
+                    },
+                    links
+                        .iter()
+                        .filter(|l| l.overlays.contains(id))
+                        .map(Peer::from_link)
+                        .collect(),
+                ),
+            };
+            Overlay {
+                name,
+                kind: kind.to_owned(),
+                addresses: plan.addresses.iter().map(ToString::to_string).collect(),
+                peers,
+            }
+        })
+        .collect()
+}
+
+pub fn drops(engine: &Engine) -> BTreeMap<String, u64> {
+    engine
+        .drops()
         .iter()
         .map(|(reason, n)| (reason.as_str().to_owned(), n))
         .collect()
@@ -108,6 +214,16 @@ pub fn render(s: &Status) -> String {
         "interface {}  port {}  key {}  up {:.0}s",
         s.interface, s.listen_port, s.fingerprint, s.uptime_s
     );
+    if let Some(x) = &s.xmpp {
+        let _ = writeln!(
+            out,
+            "xmpp {}  as {}  via {}  reconnects {}",
+            x.state,
+            x.jid.as_deref().unwrap_or("-"),
+            x.server.as_deref().unwrap_or("-"),
+            x.reconnects
+        );
+    }
     for o in &s.overlays {
         let _ = writeln!(
             out,
@@ -125,7 +241,11 @@ pub fn render(s: &Status) -> String {
             .iter()
             .map(|p| {
                 [
-                    p.name.clone().unwrap_or_else(|| p.fingerprint.clone()),
+                    match (&p.jid, &p.device, &p.name) {
+                        (Some(jid), Some(device), _) => format!("{jid}/{device}"),
+                        (_, _, Some(name)) => name.clone(),
+                        _ => p.fingerprint.clone(),
+                    },
                     p.addresses.first().cloned().unwrap_or_default(),
                     p.state.clone(),
                     match (&p.path, &p.endpoint) {
@@ -186,6 +306,7 @@ mod tests {
             fingerprint: "aaaa-bbbb-cccc-dddd-eeee".into(),
             listen_port: 51820,
             uptime_s: 12.0,
+            xmpp: None,
             overlays: vec![Overlay {
                 name: "static".into(),
                 kind: "static".into(),
