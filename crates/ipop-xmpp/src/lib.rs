@@ -1,0 +1,545 @@
+//! The XMPP binding of ipop: one XMPP session turned into [`OsnEvent`]s for the core, and the
+//! core's [`Signal`]s carried to other devices as Jingle.
+//!
+//! * [`connect`] logs in (SCRAM over verified TLS), announces the device (presence with entity
+//!   capabilities, the ipop key and priority -1), fetches the roster and joins the group rooms,
+//!   and returns once that is done, or with a [`LoginError`] that says what went wrong.
+//! * The [`Session`] then runs in its own task: it follows the roster, presences and rooms,
+//!   answers Jingle and service discovery, reconnects with backoff when the connection is lost
+//!   (reporting [`OsnEvent::Offline`], then [`OsnEvent::Online`] and the full picture again).
+//!
+//! Nothing here knows packets; the wire format is in `docs/protocol.md`.
+
+mod announce;
+mod jingle;
+mod login;
+mod muc;
+mod session;
+
+use ipop_core::PublicKey;
+use ipop_core::osn::{DeviceId, OsnEvent, Signal};
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_xmpp::jid::BareJid;
+
+pub use jingle::{MAX_ADDRESSES, MAX_CANDIDATES};
+
+/// The namespace of ipop's presence payload, `<ipop xmlns='urn:ipop:0' key='…'/>`, and the
+/// service discovery feature that says a device runs ipop.
+pub const NS_IPOP: &str = "urn:ipop:0";
+/// The namespace of ipop's Jingle application description (link offers).
+pub const NS_LINK: &str = "urn:ipop:link:0";
+
+/// How long an outgoing Jingle IQ may stay unanswered before it counts as failed.
+pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One XMPP account on one device.
+#[derive(Clone)]
+pub struct XmppConfig {
+    /// The bare JID of the account, `alice@example.org`.
+    pub jid: String,
+    pub password: String,
+    /// The device name, used as the XMPP resource.
+    pub device: String,
+    /// Host and port of the server when DNS SRV records are absent.
+    pub server: Option<(String, u16)>,
+    /// Direct TLS (XEP-0368, usually port 5223) instead of STARTTLS.
+    pub direct_tls: bool,
+    /// An extra CA certificate file (PEM) trusted in addition to the system's roots.
+    pub extra_ca: Option<PathBuf>,
+    /// Whether the social overlay (own devices and mutual roster contacts) is on.
+    pub social: bool,
+    pub groups: Vec<GroupConfig>,
+    /// The device's WireGuard public key, announced in presence.
+    pub key: PublicKey,
+    /// How long [`connect`] may take, login and initial synchronisation included.
+    pub login_timeout: Duration,
+}
+
+impl XmppConfig {
+    /// A configuration with the defaults: STARTTLS through DNS SRV, social overlay on, no
+    /// groups, 15 s to log in.
+    pub fn new(
+        jid: impl Into<String>,
+        password: impl Into<String>,
+        device: impl Into<String>,
+        key: PublicKey,
+    ) -> Self {
+        XmppConfig {
+            jid: jid.into(),
+            password: password.into(),
+            device: device.into(),
+            server: None,
+            direct_tls: false,
+            extra_ca: None,
+            social: true,
+            groups: Vec::new(),
+            key,
+            login_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl fmt::Debug for XmppConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XmppConfig")
+            .field("jid", &self.jid)
+            .field("password", &"<hidden>")
+            .field("device", &self.device)
+            .field("server", &self.server)
+            .field("direct_tls", &self.direct_tls)
+            .field("extra_ca", &self.extra_ca)
+            .field("social", &self.social)
+            .field("groups", &self.groups)
+            .field("key", &self.key)
+            .field("login_timeout", &self.login_timeout)
+            .finish()
+    }
+}
+
+/// A group overlay: the members of one multi-user chat room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// The bare JID of the room, `lab@conference.example.org`.
+    pub room: String,
+    /// Create the room (members-only, non-anonymous, persistent) if it does not exist.
+    pub create: bool,
+}
+
+/// Why [`connect`] failed. Every variant names the cause in words for the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    #[error("invalid {what}: {why}")]
+    Config { what: String, why: String },
+    #[error("cannot reach the XMPP server {server}: {reason}")]
+    Unreachable { server: String, reason: String },
+    #[error("the TLS certificate of {server} is refused: {reason}")]
+    Certificate { server: String, reason: String },
+    #[error("TLS with {server} failed: {reason}")]
+    Tls { server: String, reason: String },
+    #[error("{server} does not offer TLS, and ipop never logs in without it")]
+    NoTls { server: String },
+    #[error(
+        "{server} offers no SCRAM authentication (it offers {offered:?}); ipop only logs in with SCRAM"
+    )]
+    NoScram {
+        server: String,
+        offered: Vec<String>,
+    },
+    /// XMPP servers answer `not-authorized` for a wrong password and for an unknown account
+    /// alike, on purpose: the two cannot be told apart.
+    #[error("login as {jid} refused ({condition}): wrong password or no such account")]
+    AuthFailed { jid: String, condition: String },
+    #[error("the account {jid} is disabled on its server")]
+    AccountDisabled { jid: String },
+    #[error("the XMPP stream with {server} failed: {reason}")]
+    Stream { server: String, reason: String },
+    #[error("timed out{} waiting for {waiting_for}", after.map(|d| format!(" after {d:?}")).unwrap_or_default())]
+    Timeout {
+        waiting_for: String,
+        after: Option<Duration>,
+    },
+    #[error("cannot join the group room {room}: {why}")]
+    RoomRefused { room: String, why: String },
+}
+
+/// Why a request on a running [`Session`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("{0} is not one of the configured group rooms")]
+    NotAGroup(String),
+    #[error("invalid JID {jid:?}: {why}")]
+    InvalidJid { jid: String, why: String },
+    #[error("not connected to the XMPP server (reconnecting)")]
+    Offline,
+    #[error("{by} refused: {why}")]
+    Refused { by: String, why: String },
+    #[error("no answer from {0} in time")]
+    Timeout(String),
+    #[error("the XMPP session is closed")]
+    Closed,
+    #[error("too many requests are queued for the XMPP session")]
+    Busy,
+}
+
+/// Where the session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Logging in for the first time.
+    Connecting,
+    Online,
+    /// The connection was lost; reconnecting with backoff.
+    Reconnecting,
+    /// Shut down.
+    Closed,
+}
+
+/// Why an incoming stanza (or an outgoing signal part) was dropped. Each has a counter in
+/// [`XmppStatus::drops`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// A Jingle IQ that does not follow `docs/protocol.md` (answered `bad-request`).
+    MalformedJingle,
+    /// A Jingle IQ with more than [`MAX_CANDIDATES`] candidates (answered `bad-request`).
+    TooManyCandidates,
+    /// A Jingle action ipop does not use (answered `feature-not-implemented`).
+    UnsupportedJingleAction,
+    /// A Jingle IQ from a bare JID, not a device (answered `bad-request`).
+    JingleNotFromDevice,
+    /// Candidates beyond [`MAX_CANDIDATES`] that the core asked to send.
+    OutgoingCandidatesOverLimit,
+    /// A presence whose ipop payload has no valid key.
+    BadPresenceKey,
+    /// A room presence without a readable `muc#user` payload.
+    MalformedOccupant,
+    /// A room occupant whose real JID is hidden.
+    OccupantWithoutRealJid,
+    /// A roster push from someone other than our own account (answered `service-unavailable`).
+    SpoofedRosterPush,
+    /// A roster result or push that does not parse.
+    MalformedRoster,
+    /// An IQ response nobody waits for, or from the wrong sender.
+    UnexpectedIqResponse,
+    /// An IQ request ipop does not serve (answered `service-unavailable`).
+    UnsupportedIq,
+    /// More devices or occupants than ipop keeps track of.
+    TooManyDevices,
+    /// A message: ipop never reads or answers messages.
+    Message,
+    /// A signal the daemon sent while the session's queue was full.
+    QueueFull,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 15] = [
+        DropReason::MalformedJingle,
+        DropReason::TooManyCandidates,
+        DropReason::UnsupportedJingleAction,
+        DropReason::JingleNotFromDevice,
+        DropReason::OutgoingCandidatesOverLimit,
+        DropReason::BadPresenceKey,
+        DropReason::MalformedOccupant,
+        DropReason::OccupantWithoutRealJid,
+        DropReason::SpoofedRosterPush,
+        DropReason::MalformedRoster,
+        DropReason::UnexpectedIqResponse,
+        DropReason::UnsupportedIq,
+        DropReason::TooManyDevices,
+        DropReason::Message,
+        DropReason::QueueFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::MalformedJingle => "malformed-jingle",
+            DropReason::TooManyCandidates => "too-many-candidates",
+            DropReason::UnsupportedJingleAction => "unsupported-jingle-action",
+            DropReason::JingleNotFromDevice => "jingle-not-from-device",
+            DropReason::OutgoingCandidatesOverLimit => "outgoing-candidates-over-limit",
+            DropReason::BadPresenceKey => "bad-presence-key",
+            DropReason::MalformedOccupant => "malformed-occupant",
+            DropReason::OccupantWithoutRealJid => "occupant-without-real-jid",
+            DropReason::SpoofedRosterPush => "spoofed-roster-push",
+            DropReason::MalformedRoster => "malformed-roster",
+            DropReason::UnexpectedIqResponse => "unexpected-iq-response",
+            DropReason::UnsupportedIq => "unsupported-iq",
+            DropReason::TooManyDevices => "too-many-devices",
+            DropReason::Message => "message",
+            DropReason::QueueFull => "queue-full",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A group room as the session sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomStatus {
+    pub room: String,
+    pub joined: bool,
+    /// Occupants authorised in the overlay (member, admin or owner), ourselves included.
+    pub members_present: usize,
+    /// Why we are not in the room, if we are not.
+    pub problem: Option<String>,
+}
+
+/// A snapshot of the session for `ipop status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XmppStatus {
+    pub state: State,
+    /// The bound full JID, once online.
+    pub bound: Option<String>,
+    /// The server as configured or found: `host:port` or `domain (SRV)`.
+    pub server: String,
+    /// How often the session came back after a lost connection.
+    pub reconnects: u64,
+    /// The last login or connection error, while reconnecting.
+    pub last_error: Option<String>,
+    /// Roster contacts with mutual subscription (the social overlay's friends).
+    pub friends: usize,
+    /// ipop devices seen through the social overlay.
+    pub social_devices: usize,
+    pub rooms: Vec<RoomStatus>,
+    /// Dropped stanzas by reason; only reasons that happened.
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+/// State shared between the session task and the [`Session`] handle.
+#[derive(Debug)]
+struct Shared {
+    status: Mutex<XmppStatus>,
+    drops: Mutex<[u64; DropReason::ALL.len()]>,
+    /// What the session is waiting for, for a timeout message at login.
+    waiting_for: Mutex<String>,
+}
+
+impl Shared {
+    fn new(server: String) -> Self {
+        Shared {
+            status: Mutex::new(XmppStatus {
+                state: State::Connecting,
+                bound: None,
+                server,
+                reconnects: 0,
+                last_error: None,
+                friends: 0,
+                social_devices: 0,
+                rooms: Vec::new(),
+                drops: Vec::new(),
+            }),
+            drops: Mutex::new([0; DropReason::ALL.len()]),
+            waiting_for: Mutex::new("resource binding".to_owned()),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut XmppStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn count(&self, reason: DropReason) {
+        self.drops.lock().unwrap_or_else(PoisonError::into_inner)[reason.index()] += 1;
+    }
+
+    fn waiting_for(&self, what: impl Into<String>) {
+        *self
+            .waiting_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = what.into();
+    }
+
+    fn snapshot(&self) -> XmppStatus {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let drops = *self.drops.lock().unwrap_or_else(PoisonError::into_inner);
+        status.drops = DropReason::ALL
+            .iter()
+            .zip(drops)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (*r, n))
+            .collect();
+        status
+    }
+}
+
+/// Requests from the handle to the session task.
+enum Command {
+    Signal {
+        to: DeviceId,
+        signal: Signal,
+    },
+    Affiliation {
+        room: BareJid,
+        jid: BareJid,
+        affiliation: &'static str,
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Most requests queued for the session task.
+const COMMAND_QUEUE: usize = 1024;
+
+/// A running XMPP session. Dropping it ends the session like [`Session::shutdown`], without
+/// waiting.
+pub struct Session {
+    commands: mpsc::Sender<Command>,
+    events: mpsc::UnboundedSender<OsnEvent>,
+    shared: Arc<Shared>,
+    groups: Vec<BareJid>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Logs in, announces the device, fetches the roster and joins the rooms. Returns the session
+/// and the receiver of its events, which starts with [`OsnEvent::Online`] and the full
+/// picture. The receiver must be drained: it is unbounded.
+pub async fn connect(
+    cfg: XmppConfig,
+) -> Result<(Session, mpsc::UnboundedReceiver<OsnEvent>), LoginError> {
+    let deadline = tokio::time::Instant::now() + cfg.login_timeout;
+    let with_duration = |e: LoginError| match e {
+        LoginError::Timeout { waiting_for, .. } => LoginError::Timeout {
+            waiting_for,
+            after: Some(cfg.login_timeout),
+        },
+        other => other,
+    };
+    let mut groups = Vec::with_capacity(cfg.groups.len());
+    for group in &cfg.groups {
+        groups.push(BareJid::new(&group.room).map_err(|e| LoginError::Config {
+            what: format!("group room {:?}", group.room),
+            why: e.to_string(),
+        })?);
+    }
+    let login = Arc::new(login::Login::new(&cfg)?);
+    let first = login.open(deadline).await.map_err(with_duration)?;
+    let shared = Arc::new(Shared::new(login.server.clone()));
+    let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (events, event_rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let task = session::Task::new(
+        cfg.clone(),
+        groups.clone(),
+        login,
+        first,
+        shared.clone(),
+        events.clone(),
+        command_rx,
+        ready_tx,
+    );
+    let session = Session {
+        commands,
+        events,
+        shared: shared.clone(),
+        groups,
+        task: tokio::spawn(task.run()),
+    };
+    let outcome = match tokio::time::timeout_at(deadline, ready_rx).await {
+        Ok(Ok(Ok(()))) => return Ok((session, event_rx)),
+        Ok(Ok(Err(e))) => e,
+        Ok(Err(_)) => LoginError::Stream {
+            server: shared.snapshot().server,
+            reason: "the session ended during login".to_owned(),
+        },
+        Err(_) => LoginError::Timeout {
+            waiting_for: shared
+                .waiting_for
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            after: Some(cfg.login_timeout),
+        },
+    };
+    session.shutdown().await;
+    Err(outcome)
+}
+
+impl Session {
+    /// Sends a link signal to a device, without waiting. A refusal or a timeout comes back as
+    /// [`OsnEvent::SignalFailed`].
+    pub fn send(&self, to: DeviceId, signal: Signal) {
+        if let Err(e) = self.commands.try_send(Command::Signal { to, signal }) {
+            let (to, signal, why) = match e {
+                mpsc::error::TrySendError::Full(Command::Signal { to, signal }) => {
+                    self.shared.count(DropReason::QueueFull);
+                    (to, signal, "the XMPP session's queue is full")
+                }
+                mpsc::error::TrySendError::Closed(Command::Signal { to, signal }) => {
+                    (to, signal, "the XMPP session is closed")
+                }
+                _ => return,
+            };
+            tracing::warn!(%to, session = signal.session(), "signal not sent: {why}");
+            // Nobody listening is fine: the daemon is going away.
+            let _ = self.events.send(OsnEvent::SignalFailed {
+                to,
+                session: signal.session().to_owned(),
+                reason: why.to_owned(),
+            });
+        }
+    }
+
+    /// Makes `jid` a member of the group room `room` (muc#admin affiliation `member`). Needs
+    /// owner or admin rights in the room.
+    pub fn add_member(
+        &self,
+        room: &str,
+        jid: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        self.affiliation(room, jid, "member")
+    }
+
+    /// Takes membership of the group room `room` away from `jid` (affiliation `none`); the
+    /// server removes their devices from the room.
+    pub fn remove_member(
+        &self,
+        room: &str,
+        jid: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        self.affiliation(room, jid, "none")
+    }
+
+    fn affiliation(
+        &self,
+        room: &str,
+        jid: &str,
+        affiliation: &'static str,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let request = (|| {
+            let room = BareJid::new(room)
+                .ok()
+                .filter(|r| self.groups.contains(r))
+                .ok_or_else(|| Error::NotAGroup(room.to_owned()))?;
+            let jid = BareJid::new(jid).map_err(|e| Error::InvalidJid {
+                jid: jid.to_owned(),
+                why: e.to_string(),
+            })?;
+            let (done, answer) = oneshot::channel();
+            self.commands
+                .try_send(Command::Affiliation {
+                    room,
+                    jid,
+                    affiliation,
+                    done,
+                })
+                .map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => Error::Busy,
+                    mpsc::error::TrySendError::Closed(_) => Error::Closed,
+                })?;
+            Ok(answer)
+        })();
+        async move { request?.await.unwrap_or(Err(Error::Closed)) }
+    }
+
+    /// Where the session stands, for `ipop status`.
+    pub fn status(&self) -> XmppStatus {
+        self.shared.snapshot()
+    }
+
+    /// Ends the session: unavailable presence to the rooms and the account, then the stream is
+    /// closed.
+    pub async fn shutdown(self) {
+        let (done, finished) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(done)).await.is_ok() {
+            // The task answers once the stream is closed; an error means it ended already.
+            let _ = finished.await;
+        }
+        // The task has finished its work; a join error could only be a panic, already
+        // reported by the runtime.
+        let _ = self.task.await;
+    }
+}

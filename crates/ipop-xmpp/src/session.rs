@@ -1,0 +1,1392 @@
+//! The session task: owns the stanza stream and turns what arrives into [`OsnEvent`]s.
+//!
+//! State is rebuilt from the server after every fresh stream (roster, presences, rooms); what
+//! the core was told is kept per overlay in a [`View`], so that after a reconnect the full
+//! picture is announced again and devices that did not come back are reported down.
+
+use crate::announce::{self, Announce};
+use crate::jingle::{self, Malformed};
+use crate::login::Login;
+use crate::muc::{self, Affiliation, OccupantInfo};
+use crate::{
+    Command, DropReason, Error, LoginError, RoomStatus, SIGNAL_TIMEOUT, Shared, State, XmppConfig,
+};
+use futures::StreamExt;
+use ipop_core::PublicKey;
+use ipop_core::osn::{DeviceId, OsnEvent, OverlayId, Signal};
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep, timeout};
+use tokio_xmpp::Stanza;
+use tokio_xmpp::jid::{BareJid, FullJid, Jid};
+use tokio_xmpp::minidom::Element;
+use tokio_xmpp::parsers::iq::Iq;
+use tokio_xmpp::parsers::message::Message;
+use tokio_xmpp::parsers::ns;
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::roster::{Item as RosterItem, Roster, Subscription};
+use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use tokio_xmpp::stanzastream::{Connection, Event, StanzaStage, StanzaStream, StreamEvent};
+
+/// How long IQs to our server and rooms (roster, room configuration, affiliations) may take.
+const SERVER_IQ_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a fresh stream, devices seen before that have not announced themselves again within
+/// this time are reported down.
+const RESYNC_GRACE: Duration = Duration::from_secs(10);
+/// Wait before joining a room again after being removed from it for a passing reason.
+const REJOIN_DELAY: Duration = Duration::from_secs(60);
+/// Reconnect backoff: from one second, doubling, to half a minute, with jitter.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Most time one reconnection attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most devices the social overlay keeps track of, and most occupants per room.
+const MAX_DEVICES: usize = 4096;
+/// Depth of tokio-xmpp's stanza queues.
+const QUEUE_DEPTH: usize = 64;
+/// How often pending IQs and timers are checked.
+const TICK: Duration = Duration::from_millis(250);
+
+/// What the core was told about one overlay.
+#[derive(Default)]
+struct View {
+    members: Option<BTreeSet<String>>,
+    devices: BTreeMap<DeviceId, PublicKey>,
+    /// Devices announced before the last fresh stream and not yet seen again.
+    stale: BTreeMap<DeviceId, PublicKey>,
+}
+
+impl View {
+    /// Forget what was said, so that the next publication says everything again. With
+    /// `keep_stale`, what was up is remembered for [`View::sweep`].
+    fn restart(&mut self, keep_stale: bool) {
+        self.members = None;
+        let devices = std::mem::take(&mut self.devices);
+        if keep_stale {
+            self.stale.extend(devices);
+        }
+    }
+
+    /// Tell the core what changed: members first, then devices down, then devices up.
+    fn publish(
+        &mut self,
+        overlay: &OverlayId,
+        members: BTreeSet<String>,
+        devices: BTreeMap<DeviceId, PublicKey>,
+        out: &mut Vec<OsnEvent>,
+    ) {
+        if self.members.as_ref() != Some(&members) {
+            out.push(OsnEvent::Members {
+                overlay: overlay.clone(),
+                users: members.iter().cloned().collect(),
+            });
+            self.members = Some(members);
+        }
+        let gone: Vec<DeviceId> = self
+            .devices
+            .keys()
+            .filter(|d| !devices.contains_key(*d))
+            .cloned()
+            .collect();
+        for device in gone {
+            self.devices.remove(&device);
+            out.push(OsnEvent::DeviceDown {
+                overlay: overlay.clone(),
+                device,
+            });
+        }
+        for (device, key) in devices {
+            self.stale.remove(&device);
+            if self.devices.get(&device) != Some(&key) {
+                self.devices.insert(device.clone(), key);
+                out.push(OsnEvent::DeviceUp {
+                    overlay: overlay.clone(),
+                    device,
+                    key,
+                });
+            }
+        }
+    }
+
+    /// Report down the devices that did not come back after a fresh stream.
+    fn sweep(&mut self, overlay: &OverlayId, out: &mut Vec<OsnEvent>) {
+        for (device, _) in std::mem::take(&mut self.stale) {
+            if !self.devices.contains_key(&device) {
+                out.push(OsnEvent::DeviceDown {
+                    overlay: overlay.clone(),
+                    device,
+                });
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RoomState {
+    /// Not in the room; join again at the given time, if any.
+    Out {
+        rejoin_at: Option<Instant>,
+    },
+    /// Join presence sent.
+    Joining,
+    /// We created the room and are configuring it.
+    Configuring,
+    Joined,
+    /// We cannot be in this room; why.
+    Failed(String),
+}
+
+struct Occupant {
+    real: FullJid,
+    affiliation: Affiliation,
+    key: Option<PublicKey>,
+}
+
+struct Room {
+    jid: BareJid,
+    create: bool,
+    nick: String,
+    state: RoomState,
+    occupants: BTreeMap<String, Occupant>,
+    view: View,
+    overlay: OverlayId,
+}
+
+impl Room {
+    fn occupant_jid(&self) -> Option<FullJid> {
+        self.jid.with_resource_str(&self.nick).ok()
+    }
+}
+
+/// What an outgoing IQ was for.
+enum Purpose {
+    Signal {
+        to: DeviceId,
+        session: String,
+    },
+    Roster,
+    RoomConfig {
+        room: usize,
+    },
+    Affiliation {
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+}
+
+struct Pending {
+    /// Who must answer; `None` for our own account (the server answers for it).
+    to: Option<Jid>,
+    deadline: Instant,
+    purpose: Purpose,
+}
+
+pub(crate) struct Task {
+    cfg: XmppConfig,
+    own: BareJid,
+    me: FullJid,
+    shared: Arc<Shared>,
+    stream: StanzaStream,
+    events: mpsc::UnboundedSender<OsnEvent>,
+    commands: mpsc::Receiver<Command>,
+    /// Completed once the first login has fully synchronised (or failed).
+    ready: Option<oneshot::Sender<Result<(), LoginError>>>,
+    /// Tells reconnection attempts to stop.
+    closing: watch::Sender<bool>,
+    online: bool,
+    ever_online: bool,
+    pending: HashMap<String, Pending>,
+    next_id: u64,
+    id_prefix: String,
+    roster_loaded: bool,
+    contacts: BTreeMap<BareJid, Subscription>,
+    /// ipop devices seen outside rooms (own account and contacts), whatever their subscription.
+    presences: BTreeMap<FullJid, PublicKey>,
+    social: View,
+    social_sweep_at: Option<Instant>,
+    rooms: Vec<Room>,
+    /// Stanzas produced while handling one input, sent afterwards.
+    outbox: Vec<Stanza>,
+    /// Events produced while handling one input, sent afterwards.
+    out: Vec<OsnEvent>,
+}
+
+fn random_u64() -> u64 {
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+impl Task {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: XmppConfig,
+        groups: Vec<BareJid>,
+        login: Arc<Login>,
+        first: Connection,
+        shared: Arc<Shared>,
+        events: mpsc::UnboundedSender<OsnEvent>,
+        commands: mpsc::Receiver<Command>,
+        ready: oneshot::Sender<Result<(), LoginError>>,
+    ) -> Self {
+        let me = login.jid().clone();
+        let own = me.to_bare();
+        let (closing, closing_rx) = watch::channel(false);
+        let stream = StanzaStream::new(
+            reconnector(first, login, shared.clone(), closing_rx),
+            QUEUE_DEPTH,
+        );
+        let rooms = groups
+            .into_iter()
+            .zip(&cfg.groups)
+            .map(|(jid, group)| Room {
+                overlay: OverlayId::Group(jid.to_string()),
+                jid,
+                create: group.create,
+                nick: muc::nick(&own, me.resource().as_str()),
+                state: RoomState::Out { rejoin_at: None },
+                occupants: BTreeMap::new(),
+                view: View::default(),
+            })
+            .collect();
+        Task {
+            cfg,
+            own,
+            me,
+            shared,
+            stream,
+            events,
+            commands,
+            ready: Some(ready),
+            closing,
+            online: false,
+            ever_online: false,
+            pending: HashMap::new(),
+            next_id: 0,
+            id_prefix: format!("ipop-{:08x}", random_u64() as u32),
+            roster_loaded: false,
+            contacts: BTreeMap::new(),
+            presences: BTreeMap::new(),
+            social: View::default(),
+            social_sweep_at: None,
+            rooms,
+            outbox: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let finished = loop {
+            tokio::select! {
+                event = self.stream.next() => match event {
+                    Some(Event::Stream(e)) => self.on_stream_event(e),
+                    Some(Event::Stanza(s)) => self.on_stanza(s),
+                    None => {
+                        tracing::error!("the XMPP stream ended for good");
+                        break None;
+                    }
+                },
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown(done)) => break Some(done),
+                    Some(command) => self.on_command(command),
+                    None => break None,
+                },
+                _ = tick.tick() => self.on_tick(Instant::now()),
+            }
+            self.flush().await;
+        };
+        self.close().await;
+        if let Some(done) = finished {
+            // The handle may have stopped waiting; nothing to do then.
+            let _ = done.send(());
+        }
+    }
+
+    /// Sends what handling one input produced.
+    async fn flush(&mut self) {
+        for stanza in std::mem::take(&mut self.outbox) {
+            // The token tracks delivery to the socket; stanzas are fire-and-forget here and
+            // IQs are tracked by their id.
+            drop(self.stream.send(Box::new(stanza)).await);
+        }
+        for event in std::mem::take(&mut self.out) {
+            if self.events.send(event).is_err() {
+                tracing::debug!("nobody listens to XMPP events any more");
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        self.closing.send_replace(true);
+        for (_, pending) in self.pending.drain() {
+            if let Purpose::Affiliation { done } = pending.purpose {
+                // The caller may have given up waiting.
+                let _ = done.send(Err(Error::Closed));
+            }
+        }
+        if self.online {
+            for room in &self.rooms {
+                if matches!(room.state, RoomState::Joined | RoomState::Configuring)
+                    && let Some(to) = room.occupant_jid()
+                {
+                    self.outbox.push(Presence::unavailable().with_to(to).into());
+                }
+            }
+            let mut last = None;
+            for stanza in std::mem::take(&mut self.outbox)
+                .into_iter()
+                .chain([Presence::unavailable().into()])
+            {
+                last = Some(self.stream.send(Box::new(stanza)).await);
+            }
+            if let Some(mut token) = last
+                && timeout(Duration::from_secs(2), token.wait_for(StanzaStage::Sent))
+                    .await
+                    .is_err()
+            {
+                tracing::debug!("unavailable presence not sent within 2 s");
+            }
+            if timeout(Duration::from_secs(5), self.stream.close())
+                .await
+                .is_err()
+            {
+                tracing::debug!("the XMPP stream did not close within 5 s");
+            }
+        }
+        self.shared.update(|s| s.state = State::Closed);
+    }
+
+    fn next_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("{}-{}", self.id_prefix, self.next_id)
+    }
+
+    fn iq(&mut self, to: Option<Jid>, set: bool, payload: Element, purpose: Purpose) {
+        let id = self.next_id();
+        let timeout = match purpose {
+            Purpose::Signal { .. } => SIGNAL_TIMEOUT,
+            _ => SERVER_IQ_TIMEOUT,
+        };
+        let iq = if set {
+            Iq::Set {
+                from: None,
+                to: to.clone(),
+                id: id.clone(),
+                payload,
+            }
+        } else {
+            Iq::Get {
+                from: None,
+                to: to.clone(),
+                id: id.clone(),
+                payload,
+            }
+        };
+        self.outbox.push(iq.into());
+        self.pending.insert(
+            id,
+            Pending {
+                to,
+                deadline: Instant::now() + timeout,
+                purpose,
+            },
+        );
+    }
+
+    fn reply(&mut self, to: Option<Jid>, id: String, payload: Option<Element>) {
+        self.outbox.push(
+            Iq::Result {
+                from: None,
+                to,
+                id,
+                payload,
+            }
+            .into(),
+        );
+    }
+
+    fn reply_error(
+        &mut self,
+        to: Option<Jid>,
+        id: String,
+        type_: ErrorType,
+        condition: DefinedCondition,
+        text: &str,
+    ) {
+        self.outbox.push(
+            Iq::Error {
+                from: None,
+                to,
+                id,
+                error: StanzaError::new(type_, condition, "en", text),
+                payload: None,
+            }
+            .into(),
+        );
+    }
+
+    fn drop_stanza(&self, reason: DropReason, detail: impl std::fmt::Display) {
+        tracing::debug!(reason = reason.as_str(), "dropped: {detail}");
+        self.shared.count(reason);
+    }
+
+    // ---- the stream comes and goes ----
+
+    fn on_stream_event(&mut self, event: StreamEvent) {
+        match event {
+            StreamEvent::Reset { bound_jid, .. } => self.on_fresh_stream(bound_jid),
+            StreamEvent::Resumed => {
+                tracing::info!("XMPP stream resumed");
+                self.online = true;
+                self.shared.update(|s| {
+                    s.state = State::Online;
+                    s.reconnects += 1;
+                    s.last_error = None;
+                });
+                // Nothing was lost: say everything again from what we know.
+                self.out.push(OsnEvent::Online {
+                    me: self.device_id(),
+                });
+                self.social.restart(false);
+                self.publish_social();
+                for i in 0..self.rooms.len() {
+                    self.rooms[i].view.restart(false);
+                    self.publish_room(i);
+                }
+            }
+            StreamEvent::Suspended => {
+                if self.online {
+                    tracing::warn!("lost the connection to the XMPP server; reconnecting");
+                    self.online = false;
+                    self.shared.update(|s| s.state = State::Reconnecting);
+                    self.out.push(OsnEvent::Offline);
+                }
+            }
+        }
+    }
+
+    fn device_id(&self) -> DeviceId {
+        DeviceId::new(self.own.to_string(), self.me.resource().as_str())
+    }
+
+    fn on_fresh_stream(&mut self, bound: Jid) {
+        match bound.try_into_full() {
+            Ok(full) if full.to_bare() == self.own => self.me = full,
+            other => tracing::warn!(?other, "the server bound an unexpected JID; keeping ours"),
+        }
+        tracing::info!(jid = %self.me, "online");
+        let reconnect = self.ever_online;
+        self.online = true;
+        self.ever_online = true;
+        let bound = self.me.to_string();
+        self.shared.update(|s| {
+            s.state = State::Online;
+            s.bound = Some(bound);
+            s.last_error = None;
+            if reconnect {
+                s.reconnects += 1;
+            }
+        });
+        // Answers to the old stream's requests will never come.
+        for (_, pending) in std::mem::take(&mut self.pending) {
+            self.fail(
+                pending.purpose,
+                "the connection to the XMPP server was lost",
+            );
+        }
+        self.out.push(OsnEvent::Online {
+            me: self.device_id(),
+        });
+
+        self.roster_loaded = false;
+        self.contacts.clear();
+        self.presences.clear();
+        self.social.restart(true);
+        if self.cfg.social {
+            self.shared.waiting_for("the roster");
+            self.iq(
+                None,
+                false,
+                Roster {
+                    ver: None,
+                    items: vec![],
+                }
+                .into(),
+                Purpose::Roster,
+            );
+        }
+        self.outbox.push(announce::presence(&self.cfg.key).into());
+        for i in 0..self.rooms.len() {
+            let room = &mut self.rooms[i];
+            room.occupants.clear();
+            room.view.restart(true);
+            if !matches!(room.state, RoomState::Failed(_)) {
+                self.join(i);
+            }
+        }
+        self.check_ready();
+    }
+
+    /// Completes the first login once the roster is in and every room is joined.
+    fn check_ready(&mut self) {
+        if self.ready.is_none() {
+            return;
+        }
+        if let Some(failed) = self.rooms.iter().find_map(|r| match &r.state {
+            RoomState::Failed(why) => Some((r.jid.to_string(), why.clone())),
+            _ => None,
+        }) {
+            if let Some(ready) = self.ready.take() {
+                // connect() may have timed out already.
+                let _ = ready.send(Err(LoginError::RoomRefused {
+                    room: failed.0,
+                    why: failed.1,
+                }));
+            }
+            return;
+        }
+        if self.cfg.social && !self.roster_loaded {
+            return;
+        }
+        if let Some(room) = self.rooms.iter().find(|r| r.state != RoomState::Joined) {
+            self.shared
+                .waiting_for(format!("joining the room {}", room.jid));
+            return;
+        }
+        if let Some(ready) = self.ready.take() {
+            // connect() may have timed out already.
+            let _ = ready.send(Ok(()));
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(pending) = self.pending.remove(&id) {
+                let who = pending
+                    .to
+                    .as_ref()
+                    .map_or_else(|| "the XMPP server".to_owned(), Jid::to_string);
+                match pending.purpose {
+                    Purpose::Roster => {
+                        tracing::warn!("no roster from the server in time; asking again");
+                        self.iq(
+                            None,
+                            false,
+                            Roster {
+                                ver: None,
+                                items: vec![],
+                            }
+                            .into(),
+                            Purpose::Roster,
+                        );
+                    }
+                    purpose => self.fail(purpose, &format!("no answer from {who} in time")),
+                }
+            }
+        }
+        if self.social_sweep_at.is_some_and(|at| at <= now) {
+            self.social_sweep_at = None;
+            self.social.sweep(&OverlayId::Social, &mut self.out);
+        }
+        if self.online {
+            for i in 0..self.rooms.len() {
+                if let RoomState::Out {
+                    rejoin_at: Some(at),
+                } = self.rooms[i].state
+                    && at <= now
+                {
+                    self.join(i);
+                }
+            }
+        }
+    }
+
+    /// An outgoing request failed: tell whoever waits for it.
+    fn fail(&mut self, purpose: Purpose, why: &str) {
+        match purpose {
+            Purpose::Signal { to, session } => {
+                tracing::debug!(%to, session, "signal failed: {why}");
+                self.out.push(OsnEvent::SignalFailed {
+                    to,
+                    session,
+                    reason: why.to_owned(),
+                });
+            }
+            Purpose::Affiliation { done } => {
+                // The caller may have given up waiting.
+                let _ = done.send(Err(if why.starts_with("no answer") {
+                    Error::Timeout(why.to_owned())
+                } else {
+                    Error::Offline
+                }));
+            }
+            Purpose::RoomConfig { room } => {
+                self.room_failed(room, format!("could not configure the new room: {why}"));
+            }
+            Purpose::Roster => {}
+        }
+    }
+
+    // ---- commands from the daemon ----
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Signal { to, signal } => self.send_signal(to, signal),
+            Command::Affiliation {
+                room,
+                jid,
+                affiliation,
+                done,
+            } => {
+                if !self.online {
+                    // The caller may have given up waiting.
+                    let _ = done.send(Err(Error::Offline));
+                    return;
+                }
+                self.iq(
+                    Some(room.clone().into()),
+                    true,
+                    muc::set_affiliation(&jid, affiliation),
+                    Purpose::Affiliation { done },
+                );
+            }
+            Command::Shutdown(_) => {}
+        }
+    }
+
+    fn send_signal(&mut self, to: DeviceId, signal: Signal) {
+        let session = signal.session().to_owned();
+        if !self.online {
+            self.fail(
+                Purpose::Signal { to, session },
+                "not connected to the XMPP server",
+            );
+            return;
+        }
+        let Ok(jid) = FullJid::new(&to.to_string()) else {
+            self.fail(Purpose::Signal { to, session }, "not a valid XMPP address");
+            return;
+        };
+        let (payload, left_out) = jingle::to_element(&signal, &Jid::from(self.me.clone()));
+        if left_out > 0 {
+            tracing::warn!(%to, session, left_out, "too many candidates; sent the first {}", jingle::MAX_CANDIDATES);
+            for _ in 0..left_out {
+                self.shared.count(DropReason::OutgoingCandidatesOverLimit);
+            }
+        }
+        self.iq(
+            Some(jid.into()),
+            true,
+            payload,
+            Purpose::Signal { to, session },
+        );
+    }
+
+    // ---- stanzas ----
+
+    fn on_stanza(&mut self, stanza: Stanza) {
+        match stanza {
+            Stanza::Iq(iq) => self.on_iq(iq),
+            Stanza::Presence(p) => self.on_presence(p),
+            Stanza::Message(m) => self.on_message(m),
+        }
+    }
+
+    fn on_message(&mut self, message: Message) {
+        // ipop never reads or answers messages; chat to the bare JID goes to the user's chat
+        // client anyway, because of our negative priority.
+        let from = message
+            .from
+            .as_ref()
+            .map(Jid::to_string)
+            .unwrap_or_default();
+        self.drop_stanza(DropReason::Message, format_args!("message from {from}"));
+    }
+
+    fn on_iq(&mut self, iq: Iq) {
+        match iq {
+            Iq::Get {
+                from, id, payload, ..
+            } => {
+                if payload.is("query", ns::DISCO_INFO) {
+                    let node = payload.attr("node").map(str::to_owned);
+                    if node.is_none() || node.as_deref() == Some(&announce::caps_node_ver()) {
+                        self.reply(from, id, Some(announce::disco_info(node).into()));
+                    } else {
+                        self.reply_error(
+                            from,
+                            id,
+                            ErrorType::Cancel,
+                            DefinedCondition::ItemNotFound,
+                            "unknown node",
+                        );
+                    }
+                } else if payload.is("ping", ns::PING) {
+                    self.reply(from, id, None);
+                } else {
+                    self.unsupported_iq(from, id, &payload);
+                }
+            }
+            Iq::Set {
+                from, id, payload, ..
+            } => {
+                if payload.is("jingle", ns::JINGLE) {
+                    self.on_jingle(from, id, &payload);
+                } else if payload.is("query", ns::ROSTER) {
+                    self.on_roster_push(from, id, payload);
+                } else {
+                    self.unsupported_iq(from, id, &payload);
+                }
+            }
+            Iq::Result {
+                from, id, payload, ..
+            } => self.on_response(from, id, Ok(payload)),
+            Iq::Error {
+                from, id, error, ..
+            } => self.on_response(from, id, Err(error)),
+        }
+    }
+
+    fn unsupported_iq(&mut self, from: Option<Jid>, id: String, payload: &Element) {
+        self.drop_stanza(
+            DropReason::UnsupportedIq,
+            format_args!("IQ {{{}}}{}", payload.ns(), payload.name()),
+        );
+        self.reply_error(
+            from,
+            id,
+            ErrorType::Cancel,
+            DefinedCondition::ServiceUnavailable,
+            "not served by ipop",
+        );
+    }
+
+    fn on_jingle(&mut self, from: Option<Jid>, id: String, payload: &Element) {
+        let Some(sender) = from.as_ref().and_then(|f| f.try_as_full().ok()).cloned() else {
+            self.drop_stanza(DropReason::JingleNotFromDevice, "Jingle from a bare JID");
+            self.reply_error(
+                from,
+                id,
+                ErrorType::Modify,
+                DefinedCondition::BadRequest,
+                "Jingle comes from a device",
+            );
+            return;
+        };
+        match jingle::from_element(payload) {
+            Ok(signal) => {
+                self.reply(from, id, None);
+                self.out.push(OsnEvent::Signal {
+                    from: DeviceId::new(sender.to_bare().to_string(), sender.resource().as_str()),
+                    signal,
+                });
+            }
+            Err(malformed) => {
+                let (reason, condition) = match malformed {
+                    Malformed::UnsupportedAction(_) => (
+                        DropReason::UnsupportedJingleAction,
+                        DefinedCondition::FeatureNotImplemented,
+                    ),
+                    Malformed::TooManyCandidates => {
+                        (DropReason::TooManyCandidates, DefinedCondition::BadRequest)
+                    }
+                    _ => (DropReason::MalformedJingle, DefinedCondition::BadRequest),
+                };
+                self.drop_stanza(reason, format_args!("Jingle from {sender}: {malformed}"));
+                self.reply_error(
+                    from,
+                    id,
+                    ErrorType::Cancel,
+                    condition,
+                    &malformed.to_string(),
+                );
+            }
+        }
+    }
+
+    /// Whether a response to `pending` may come from `from`.
+    fn answers(&self, pending: &Pending, from: Option<&Jid>) -> bool {
+        match (&pending.to, from) {
+            (None, None) => true,
+            (None, Some(from)) => from.to_bare() == self.own,
+            (Some(to), Some(from)) => to == from,
+            (Some(_), None) => false,
+        }
+    }
+
+    fn on_response(
+        &mut self,
+        from: Option<Jid>,
+        id: String,
+        result: Result<Option<Element>, StanzaError>,
+    ) {
+        let known = self
+            .pending
+            .get(&id)
+            .map(|p| self.answers(p, from.as_ref()));
+        let Some(true) = known else {
+            self.drop_stanza(
+                DropReason::UnexpectedIqResponse,
+                format_args!(
+                    "IQ response {id} from {}",
+                    from.as_ref().map(Jid::to_string).unwrap_or_default()
+                ),
+            );
+            return;
+        };
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match (pending.purpose, result) {
+            (Purpose::Signal { .. }, Ok(_)) => {}
+            (Purpose::Roster, Ok(payload)) => self.on_roster(payload),
+            (Purpose::Roster, Err(error)) => {
+                tracing::warn!("the server refused the roster: {}", muc::describe(&error));
+                self.roster_loaded = true;
+                self.publish_social();
+                self.check_ready();
+            }
+            (Purpose::RoomConfig { room }, Ok(_)) => {
+                tracing::info!(room = %self.rooms[room].jid, "created and configured the room");
+                self.rooms[room].state = RoomState::Joined;
+                self.room_joined(room);
+            }
+            (Purpose::Affiliation { done }, Ok(_)) => {
+                // The caller may have given up waiting.
+                let _ = done.send(Ok(()));
+            }
+            (Purpose::Affiliation { done }, Err(error)) => {
+                let by = pending.to.map(|j| j.to_string()).unwrap_or_default();
+                // The caller may have given up waiting.
+                let _ = done.send(Err(Error::Refused {
+                    by,
+                    why: muc::describe(&error),
+                }));
+            }
+            (purpose, Err(error)) => self.fail(purpose, &muc::describe(&error)),
+        }
+    }
+
+    // ---- the social overlay ----
+
+    fn on_roster(&mut self, payload: Option<Element>) {
+        let roster = match payload.map(Roster::try_from) {
+            Some(Ok(roster)) => roster,
+            Some(Err(e)) => {
+                self.drop_stanza(DropReason::MalformedRoster, format_args!("roster: {e}"));
+                Roster {
+                    ver: None,
+                    items: vec![],
+                }
+            }
+            None => Roster {
+                ver: None,
+                items: vec![],
+            },
+        };
+        self.contacts = roster
+            .items
+            .into_iter()
+            .filter(|i| i.subscription != Subscription::Remove)
+            .take(MAX_DEVICES)
+            .map(|i| (i.jid, i.subscription))
+            .collect();
+        self.roster_loaded = true;
+        tracing::debug!(contacts = self.contacts.len(), "roster loaded");
+        self.publish_social();
+        if !self.social.stale.is_empty() {
+            self.social_sweep_at = Some(Instant::now() + RESYNC_GRACE);
+        }
+        self.check_ready();
+    }
+
+    fn on_roster_push(&mut self, from: Option<Jid>, id: String, payload: Element) {
+        // RFC 6121 §2.1.6: a push comes from our own account, or from nobody (the server).
+        if from.as_ref().is_some_and(|f| f.to_bare() != self.own) {
+            self.drop_stanza(
+                DropReason::SpoofedRosterPush,
+                format_args!(
+                    "roster push from {}",
+                    from.as_ref().map(Jid::to_string).unwrap_or_default()
+                ),
+            );
+            self.reply_error(
+                from,
+                id,
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "",
+            );
+            return;
+        }
+        let item: Option<RosterItem> = match Roster::try_from(payload) {
+            Ok(mut roster) if roster.items.len() == 1 => roster.items.pop(),
+            Ok(_) => None,
+            Err(_) => None,
+        };
+        let Some(item) = item else {
+            self.drop_stanza(
+                DropReason::MalformedRoster,
+                "roster push without exactly one item",
+            );
+            self.reply_error(
+                from,
+                id,
+                ErrorType::Modify,
+                DefinedCondition::BadRequest,
+                "",
+            );
+            return;
+        };
+        self.reply(from, id, None);
+        if !self.cfg.social {
+            return;
+        }
+        if item.subscription == Subscription::Remove {
+            self.contacts.remove(&item.jid);
+        } else if self.contacts.len() < MAX_DEVICES || self.contacts.contains_key(&item.jid) {
+            self.contacts.insert(item.jid, item.subscription);
+        } else {
+            self.drop_stanza(DropReason::TooManyDevices, "roster item over the limit");
+        }
+        self.publish_social();
+    }
+
+    fn authorised_socially(&self, user: &BareJid) -> bool {
+        *user == self.own || self.contacts.get(user) == Some(&Subscription::Both)
+    }
+
+    fn publish_social(&mut self) {
+        let friends = self
+            .contacts
+            .values()
+            .filter(|s| **s == Subscription::Both)
+            .count();
+        if !self.cfg.social || !self.roster_loaded {
+            return;
+        }
+        let mut members: BTreeSet<String> = self
+            .contacts
+            .iter()
+            .filter(|(_, s)| **s == Subscription::Both)
+            .map(|(j, _)| j.to_string())
+            .collect();
+        members.insert(self.own.to_string());
+        let devices: BTreeMap<DeviceId, PublicKey> = self
+            .presences
+            .iter()
+            .filter(|(jid, _)| self.authorised_socially(&jid.to_bare()))
+            .map(|(jid, key)| {
+                (
+                    DeviceId::new(jid.to_bare().to_string(), jid.resource().as_str()),
+                    *key,
+                )
+            })
+            .collect();
+        let count = devices.len();
+        self.social
+            .publish(&OverlayId::Social, members, devices, &mut self.out);
+        self.shared.update(|s| {
+            s.friends = friends;
+            s.social_devices = count;
+        });
+    }
+
+    fn on_presence(&mut self, presence: Presence) {
+        let Some(from) = presence.from.clone() else {
+            return;
+        };
+        if let Some(i) = self.rooms.iter().position(|r| r.jid == from.to_bare()) {
+            self.on_room_presence(i, from, presence);
+            return;
+        }
+        match presence.type_ {
+            PresenceType::Subscribe => {
+                tracing::info!(%from, "subscription request; ipop leaves it to your chat client");
+                return;
+            }
+            PresenceType::Subscribed
+            | PresenceType::Unsubscribe
+            | PresenceType::Unsubscribed
+            | PresenceType::Probe => return,
+            PresenceType::None | PresenceType::Unavailable | PresenceType::Error => {}
+        }
+        if !self.cfg.social {
+            return;
+        }
+        let full = match from.try_into_full() {
+            Ok(full) => full,
+            Err(bare) => {
+                // An unavailable or error presence from a bare JID: all its devices are gone.
+                if presence.type_ != PresenceType::None {
+                    self.presences.retain(|jid, _| jid.to_bare() != bare);
+                    self.publish_social();
+                }
+                return;
+            }
+        };
+        if full == self.me {
+            return;
+        }
+        let key = match (presence.type_, announce::read(&presence.payloads)) {
+            (PresenceType::None, Announce::Key(key)) => Some(key),
+            (PresenceType::None, Announce::BadKey) => {
+                self.drop_stanza(
+                    DropReason::BadPresenceKey,
+                    format_args!("presence of {full}"),
+                );
+                None
+            }
+            _ => None,
+        };
+        match key {
+            Some(key) => {
+                if self.presences.len() >= MAX_DEVICES && !self.presences.contains_key(&full) {
+                    self.drop_stanza(
+                        DropReason::TooManyDevices,
+                        format_args!("presence of {full}"),
+                    );
+                    return;
+                }
+                self.presences.insert(full, key);
+            }
+            None => {
+                if self.presences.remove(&full).is_none() {
+                    return;
+                }
+            }
+        }
+        self.publish_social();
+    }
+
+    // ---- group rooms ----
+
+    fn join(&mut self, i: usize) {
+        let room = &mut self.rooms[i];
+        let Some(to) = room.occupant_jid() else {
+            self.room_failed(
+                i,
+                "the room JID and our nickname do not form a valid JID".to_owned(),
+            );
+            return;
+        };
+        tracing::debug!(room = %room.jid, nick = room.nick, "joining");
+        room.state = RoomState::Joining;
+        room.occupants.clear();
+        let mut presence = Presence::available()
+            .with_to(to)
+            .with_payloads(muc::join_payloads(&self.cfg.key));
+        presence.priority = announce::presence(&self.cfg.key).priority;
+        self.outbox.push(presence.into());
+        self.update_room_status();
+    }
+
+    fn room_failed(&mut self, i: usize, why: String) {
+        let room = &mut self.rooms[i];
+        tracing::error!(room = %room.jid, "{why}");
+        if matches!(
+            room.state,
+            RoomState::Joined | RoomState::Joining | RoomState::Configuring
+        ) && let Some(to) = room.occupant_jid()
+        {
+            self.outbox.push(Presence::unavailable().with_to(to).into());
+        }
+        room.state = RoomState::Failed(why);
+        self.clear_room(i);
+        self.check_ready();
+    }
+
+    /// We are out of the room: nobody is authorised through it any more.
+    fn clear_room(&mut self, i: usize) {
+        let room = &mut self.rooms[i];
+        room.occupants.clear();
+        if room.view.members.is_some() || !room.view.devices.is_empty() {
+            room.view.publish(
+                &room.overlay,
+                BTreeSet::new(),
+                BTreeMap::new(),
+                &mut self.out,
+            );
+        }
+        room.view.stale.clear();
+        self.update_room_status();
+    }
+
+    fn room_joined(&mut self, i: usize) {
+        self.publish_room(i);
+        let room = &mut self.rooms[i];
+        room.view.sweep(&room.overlay, &mut self.out);
+        self.check_ready();
+    }
+
+    fn publish_room(&mut self, i: usize) {
+        let room = &mut self.rooms[i];
+        if room.state == RoomState::Joined {
+            let members: BTreeSet<String> = room
+                .occupants
+                .values()
+                .filter(|o| o.affiliation.authorised())
+                .map(|o| o.real.to_bare().to_string())
+                .collect();
+            let devices: BTreeMap<DeviceId, PublicKey> = room
+                .occupants
+                .values()
+                .filter(|o| o.affiliation.authorised() && o.real != self.me)
+                .filter_map(|o| {
+                    o.key.map(|key| {
+                        (
+                            DeviceId::new(o.real.to_bare().to_string(), o.real.resource().as_str()),
+                            key,
+                        )
+                    })
+                })
+                .collect();
+            room.view
+                .publish(&room.overlay, members, devices, &mut self.out);
+        }
+        self.update_room_status();
+    }
+
+    fn update_room_status(&self) {
+        let rooms = self
+            .rooms
+            .iter()
+            .map(|r| RoomStatus {
+                room: r.jid.to_string(),
+                joined: r.state == RoomState::Joined,
+                members_present: r
+                    .occupants
+                    .values()
+                    .filter(|o| o.affiliation.authorised())
+                    .count(),
+                problem: match &r.state {
+                    RoomState::Failed(why) => Some(why.clone()),
+                    RoomState::Out { .. } => {
+                        Some("not in the room; joining again later".to_owned())
+                    }
+                    _ => None,
+                },
+            })
+            .collect();
+        self.shared.update(|s| s.rooms = rooms);
+    }
+
+    fn on_room_presence(&mut self, i: usize, from: Jid, presence: Presence) {
+        let Ok(occupant) = from.try_into_full() else {
+            tracing::debug!(room = %self.rooms[i].jid, "presence from the room itself ignored");
+            return;
+        };
+        let nick = occupant.resource().as_str().to_owned();
+        let is_self = nick == self.rooms[i].nick;
+        if presence.type_ == PresenceType::Error {
+            if is_self && matches!(self.rooms[i].state, RoomState::Joining) {
+                let error = presence
+                    .payloads
+                    .iter()
+                    .find(|p| p.is("error", ns::DEFAULT_NS))
+                    .and_then(|p| StanzaError::try_from(p.clone()).ok());
+                let why = muc::join_refusal(error.as_ref(), &self.own);
+                self.room_failed(i, why);
+            } else {
+                tracing::debug!(%occupant, "error presence from a room ignored");
+            }
+            return;
+        }
+        if !matches!(
+            presence.type_,
+            PresenceType::None | PresenceType::Unavailable
+        ) {
+            return;
+        }
+        let info = match muc::read_occupant(&presence.payloads) {
+            Ok(info) => info,
+            Err(why) => {
+                self.drop_stanza(
+                    DropReason::MalformedOccupant,
+                    format_args!("{occupant}: {why}"),
+                );
+                return;
+            }
+        };
+        if is_self || info.has(muc::STATUS_SELF) {
+            self.on_own_room_presence(i, presence.type_, &info);
+            return;
+        }
+        let room = &mut self.rooms[i];
+        if presence.type_ == PresenceType::Unavailable {
+            if room.occupants.remove(&nick).is_some() {
+                self.publish_room(i);
+            }
+            return;
+        }
+        let Some(real) = info.jid else {
+            self.drop_stanza(
+                DropReason::OccupantWithoutRealJid,
+                format_args!("{occupant} hides its real JID"),
+            );
+            return;
+        };
+        let key = match announce::read(&presence.payloads) {
+            Announce::Key(key) => Some(key),
+            Announce::BadKey => {
+                self.drop_stanza(
+                    DropReason::BadPresenceKey,
+                    format_args!("presence of {occupant}"),
+                );
+                None
+            }
+            Announce::None => None,
+        };
+        let room = &mut self.rooms[i];
+        if room.occupants.len() >= MAX_DEVICES && !room.occupants.contains_key(&nick) {
+            self.drop_stanza(
+                DropReason::TooManyDevices,
+                format_args!("occupant {occupant}"),
+            );
+            return;
+        }
+        room.occupants.insert(
+            nick,
+            Occupant {
+                real,
+                affiliation: info.affiliation,
+                key,
+            },
+        );
+        self.publish_room(i);
+    }
+
+    fn on_own_room_presence(&mut self, i: usize, type_: PresenceType, info: &OccupantInfo) {
+        if type_ == PresenceType::Unavailable {
+            let (why, rejoin) = muc::exit_reason(info);
+            let room = &mut self.rooms[i];
+            tracing::warn!(room = %room.jid, "left the room: {why}");
+            if rejoin {
+                room.state = RoomState::Out {
+                    rejoin_at: Some(Instant::now() + REJOIN_DELAY),
+                };
+                self.clear_room(i);
+            } else {
+                self.room_failed(i, why.to_owned());
+            }
+            return;
+        }
+        let own = Occupant {
+            real: self.me.clone(),
+            affiliation: info.affiliation,
+            key: None,
+        };
+        let room = &mut self.rooms[i];
+        let nick = room.nick.clone();
+        room.occupants.insert(nick, own);
+        if room.state != RoomState::Joining {
+            // An update of our own presence (affiliation change, room configuration).
+            self.publish_room(i);
+            return;
+        }
+        if info.has(muc::STATUS_CREATED) {
+            if room.create {
+                tracing::info!(room = %room.jid, "the room did not exist; configuring it");
+                room.state = RoomState::Configuring;
+                let to = Jid::from(room.jid.clone());
+                self.iq(
+                    Some(to),
+                    true,
+                    muc::owner_config(),
+                    Purpose::RoomConfig { room: i },
+                );
+            } else {
+                self.room_failed(
+                    i,
+                    "it does not exist (set `create = true` to create it)".to_owned(),
+                );
+            }
+            return;
+        }
+        if !(info.has(muc::STATUS_NON_ANONYMOUS) || info.has(muc::STATUS_NOW_NON_ANONYMOUS)) {
+            self.room_failed(
+                i,
+                "it hides real JIDs, and ipop cannot authorise peers in a room that hides them \
+                 (an owner must let anyone see real JIDs: muc#roomconfig_whois = anyone)"
+                    .to_owned(),
+            );
+            return;
+        }
+        tracing::info!(room = %room.jid, occupants = room.occupants.len(), "joined the room");
+        room.state = RoomState::Joined;
+        self.room_joined(i);
+    }
+}
+
+/// The reconnect logic handed to tokio-xmpp's `StanzaStream`: the first call gets the stream
+/// [`crate::connect`] opened (so that its errors were reported); later calls open new streams
+/// with exponential backoff and jitter, logging why each attempt failed.
+fn reconnector(
+    first: Connection,
+    login: Arc<Login>,
+    shared: Arc<Shared>,
+    closing: watch::Receiver<bool>,
+) -> Box<dyn FnMut(Option<String>, oneshot::Sender<Connection>) + Send + 'static> {
+    let mut first = Some(first);
+    Box::new(move |_, slot| {
+        if let Some(connection) = first.take() {
+            if slot.send(connection).is_err() {
+                tracing::debug!("the stanza stream ended before its first connection");
+            }
+            return;
+        }
+        tokio::spawn(reconnect(
+            login.clone(),
+            shared.clone(),
+            closing.clone(),
+            slot,
+        ));
+    })
+}
+
+async fn reconnect(
+    login: Arc<Login>,
+    shared: Arc<Shared>,
+    mut closing: watch::Receiver<bool>,
+    slot: oneshot::Sender<Connection>,
+) {
+    let mut delay = BACKOFF_FIRST;
+    loop {
+        // Full jitter over the upper half: between delay/2 and delay.
+        let wait = delay / 2 + delay.mul_f64((random_u64() % 1000) as f64 / 2000.0);
+        tokio::select! {
+            _ = sleep(wait) => {}
+            _ = closing.wait_for(|c| *c) => break,
+        }
+        tracing::debug!("reconnecting to {}", login.server);
+        match login.open(Instant::now() + ATTEMPT_TIMEOUT).await {
+            Ok(connection) => {
+                if slot.send(connection).is_err() {
+                    tracing::debug!("the stanza stream ended while reconnecting");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "reconnecting to the XMPP server failed: {e}; retrying in about {:?}",
+                    (delay * 2).min(BACKOFF_MAX)
+                );
+                shared.update(|s| s.last_error = Some(e.to_string()));
+                delay = (delay * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+    // Shutting down. tokio-xmpp's worker treats a dropped slot as a bug and panics, so the slot
+    // (an argument, alive until this function returns) is kept until the runtime ends; the
+    // worker waits on it and holds nothing else.
+    std::future::pending::<()>().await;
+}
