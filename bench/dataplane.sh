@@ -63,6 +63,8 @@ IPERF_SRV_PID=""
 # Results, keyed by "config:metric".
 declare -A RES=()
 IPOP_RSS=""
+LOAD_START=""
+IPOP_DROPS=""
 
 log() { printf '[dataplane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -200,10 +202,18 @@ ensure_ipop() {
 	fi
 	if [[ -n "$stale" ]]; then
 		log "building ipop (release): $IPOP_BIN is ${stale/#$REPO\//older than }"
-		(cd "$REPO" && cargo build --release -p ipop >&2) || die "cargo build --release -p ipop failed"
+		(cd "$REPO" && cargo build --release -p ipop >&2) ||
+			die "cargo build --release -p ipop failed; to benchmark an existing binary anyway, set IPOP_BIN=path"
 		[[ -x "$IPOP_BIN" ]] || die "$IPOP_BIN not found after build"
 	fi
 	log "ipop: $IPOP_BIN"
+}
+
+# One line describing the ipop binary: path, build time, and the repo's commit now.
+ipop_bin_info() {
+	local rev
+	rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?')
+	printf '%s (built %s; repo at %s now)' "$IPOP_BIN" "$(date -r "$IPOP_BIN" '+%Y-%m-%d %H:%M:%S')" "$rev"
 }
 
 # ---------------------------------------------------------------- network
@@ -259,15 +269,37 @@ start_iperf_server() {
 
 # ---------------------------------------------------------------- measurements
 
+# udp_drops: UDP receive-buffer overflows summed over both namespaces (a hint
+# at why a tunnel loses packets; the counters are cumulative per namespace).
+udp_drops() {
+	local ns total=0 n
+	for ns in "$NS_A" "$NS_B"; do
+		n=$(ip netns exec "$ns" cat /proc/net/snmp | awk '/^Udp:/ && $2 ~ /^[0-9]+$/ { print $6 }')
+		total=$((total + ${n:-0}))
+	done
+	echo "$total"
+}
+
+# if_drops IF_A IF_B: "A rx/tx, B rx/tx" dropped-packet counters of the tunnel
+# interfaces (IF_A in NS_A, IF_B in NS_B).
+if_drops() {
+	local a b
+	a=$(ip netns exec "$NS_A" cat "/sys/class/net/$1/statistics/rx_dropped" "/sys/class/net/$1/statistics/tx_dropped" | paste -sd/ -)
+	b=$(ip netns exec "$NS_B" cat "/sys/class/net/$2/statistics/rx_dropped" "/sys/class/net/$2/statistics/tx_dropped" | paste -sd/ -)
+	echo "A $a, B $b"
+}
+
 median() {
 	printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
 		if (NR == 0) { print "nan"; exit }
 		if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-# iperf_once ADDR STREAMS -> sets IPERF_MBPS (Mbit/s received). Not meant for
+# iperf_once ADDR STREAMS -> sets IPERF_MBPS (Mbit/s received) and IPERF_RETR
+# (TCP retransmits at the sender). Not meant for
 # $(...): it must run in the main shell so that PIDs it records are seen by cleanup.
 IPERF_MBPS=""
+IPERF_RETR=""
 iperf_once() {
 	local addr=$1 streams=$2 out="$WORKDIR/iperf3-client.json"
 	IPERF_MBPS=""
@@ -280,11 +312,13 @@ iperf_once() {
 	fi
 	IPERF_MBPS=$(jq -e -r '.end.sum_received.bits_per_second / 1e6' "$out") ||
 		{ log "no throughput in iperf3 output"; return 1; }
+	IPERF_RETR=$(jq -r '.end.sum_sent.retransmits // "?"' "$out")
 }
 
 # measure CONFIG ADDR: fills RES[CONFIG:1], RES[CONFIG:4], RES[CONFIG:rtt]
 measure() {
-	local cfg=$1 addr=$2 streams run v
+	local cfg=$1 addr=$2 streams run v drops0
+	drops0=$(udp_drops)
 	for streams in 1 4; do
 		local -a samples=()
 		for ((run = 1; run <= RUNS; run++)); do
@@ -292,7 +326,7 @@ measure() {
 			iperf_once "$addr" "$streams" || die "$cfg: iperf3 -P $streams run $run failed"
 			v=$IPERF_MBPS
 			samples+=("$v")
-			log "$cfg: -P $streams run $run: $(printf '%.1f' "$v") Mbit/s"
+			log "$cfg: -P $streams run $run: $(printf '%.1f' "$v") Mbit/s, $IPERF_RETR retransmits"
 		done
 		RES[$cfg:$streams]=$(median "${samples[@]}")
 		log "$cfg: -P $streams median: $(printf '%.1f' "${RES[$cfg:$streams]}") Mbit/s (samples: ${samples[*]})"
@@ -307,6 +341,8 @@ measure() {
 	RES[$cfg:rtt]=$(awk -F'[/ =]+' '/^rtt|^round-trip/ { print $7 }' <<<"$out")
 	[[ -n "${RES[$cfg:rtt]}" ]] || die "$cfg: could not parse ping output: $out"
 	log "$cfg: RTT avg ${RES[$cfg:rtt]} ms"
+	RES[$cfg:udpdrops]=$(($(udp_drops) - drops0))
+	log "$cfg: UDP receive-buffer drops during the measurements: ${RES[$cfg:udpdrops]}"
 }
 
 # ---------------------------------------------------------------- configurations
@@ -357,6 +393,8 @@ run_boringtun() {
 	wait_ping "$WG_ADDR_B" "boringtun tunnel"
 
 	measure boringtun "$WG_ADDR_B"
+	RES[boringtun:ifdrops]=$(if_drops "$WG_A" "$WG_B" || echo '?')
+	log "boringtun: tunnel interface rx/tx dropped: ${RES[boringtun:ifdrops]}"
 
 	log "boringtun: stopping (pids $pid_a $pid_b)"
 	stop_pids "$pid_a" "$pid_b"
@@ -440,6 +478,14 @@ run_ipop() {
 	wait_ping "$IPOP_ADDR_B" "ipop tunnel"
 
 	measure ipop "$IPOP_ADDR_B"
+	RES[ipop:ifdrops]=$(if_drops "$IPOP_IF" "$IPOP_IF" || echo '?')
+	log "ipop: tunnel interface rx/tx dropped: ${RES[ipop:ifdrops]}"
+
+	# ipop's own per-reason drop counters (non-zero ones), as a hint where packets were lost.
+	local nonzero='.drops // {} | with_entries(select(.value != 0))'
+	IPOP_DROPS="A $(ipop_status "$NS_A" "$da/ipop.toml" 2>/dev/null | jq -c "$nonzero" || echo '?')"
+	IPOP_DROPS+=", B $(ipop_status "$NS_B" "$db/ipop.toml" 2>/dev/null | jq -c "$nonzero" || echo '?')"
+	log "ipop: drop counters from ipop status: $IPOP_DROPS"
 
 	local hwm_a hwm_b
 	[[ "$(readlink "/proc/$pid_a/exe")" == "$(readlink -f "$IPOP_BIN")" ]] ||
@@ -472,6 +518,8 @@ report() {
 	local cfg label
 	printf '\nipop data-plane benchmark  (%s; kernel %s; %s CPUs; iperf3 %ss x %s runs, median; ping -c %s -i 0.2; tunnel MTU %s, underlay MTU %s)\n\n' \
 		"$(date '+%Y-%m-%d %H:%M:%S')" "$(uname -r)" "$(nproc)" "$DURATION" "$RUNS" "$PING_COUNT" "$TUN_MTU" "$UNDERLAY_MTU"
+	printf 'load average (1/5/15 min) at start: %s; at end: %s  (other CPU load on this 2-core box skews results)\n\n' \
+		"$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 	printf '%-16s %16s %16s %10s\n' "configuration" "1-stream Mbit/s" "4-stream Mbit/s" "RTT ms"
 	printf '%-16s %16s %16s %10s\n' "----------------" "---------------" "---------------" "------"
 	for cfg in raw boringtun ipop; do
@@ -489,7 +537,13 @@ report() {
 			"$(ratio "${RES[ipop:4]:-}" "${RES[$cfg:4]:-}")" \
 			"$(ratio "${RES[ipop:rtt]:-}" "${RES[$cfg:rtt]:-}")"
 	done
+	[[ " $CONFIGS " == *" ipop "* ]] && printf '\nipop binary: %s\n' "$(ipop_bin_info)"
 	printf '\nipop peak RSS (VmHWM): %s\n' "${IPOP_RSS:-n/a}"
+	printf 'UDP receive-buffer drops in the namespaces during the runs: boringtun %s, ipop %s\n' \
+		"${RES[boringtun:udpdrops]:-n/a}" "${RES[ipop:udpdrops]:-n/a}"
+	printf 'tunnel interface rx/tx dropped: boringtun %s; ipop %s\n' \
+		"${RES[boringtun:ifdrops]:-n/a}" "${RES[ipop:ifdrops]:-n/a}"
+	printf 'ipop drop counters (ipop status, non-zero only): %s\n' "${IPOP_DROPS:-n/a}"
 }
 
 # ---------------------------------------------------------------- main
@@ -513,6 +567,8 @@ main() {
 	chmod 700 "$WORKDIR"
 	umask 077
 
+	LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+	log "load average before measuring: $LOAD_START"
 	setup_lan
 	start_iperf_server
 	for cfg in $CONFIGS; do
