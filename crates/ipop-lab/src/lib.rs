@@ -8,6 +8,9 @@
 //! - [`TestDir`]: a temporary directory, kept (and its path printed) when a test fails.
 //! - [`Lab`], [`Node`], [`Config`]: ipop nodes on a LAN, their configs, keys, daemons and
 //!   `ipop status --json`; [`wait_until`] polls for a condition.
+//! - [`Prosody`]: a private Prosody (own CA, certificate, config, data and port) on loopback or
+//!   inside a namespace, stopped on drop.
+//! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
 //!
 //! Names carry the PID of the creating process (`ipl-<pid>-<n>-<tag>`), so tests run in
 //! parallel, and namespaces left behind by a killed run are swept on the next run.
@@ -16,7 +19,11 @@ mod dir;
 mod ipop;
 mod net;
 mod netns;
+mod nsenter;
 mod process;
+mod prosody;
+mod xmpp_tls;
+mod xmpp_user;
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -30,6 +37,15 @@ pub use ipop::{
 pub use net::{Host, Lan, host_letter, ifname, veth};
 pub use netns::{Netns, exists as netns_exists, sweep_stale};
 pub use process::{Daemon, STOP_TIMEOUT, log_tail};
+pub use prosody::{
+    ExternalService, PROSODY_READY_TIMEOUT, Prosody, ProsodyBuilder, sweep_stale_prosody,
+};
+pub use tokio_xmpp::jid::{BareJid, FullJid, Jid};
+pub use tokio_xmpp::parsers::roster::Subscription;
+/// The XMPP library [`XmppUser`] is built on, for tests that look at raw stanzas.
+pub use tokio_xmpp::{self, Stanza};
+pub use xmpp_tls::TCP_CONNECT_TIMEOUT;
+pub use xmpp_user::{Occupant, XMPP_LOGIN_TIMEOUT, XMPP_STEP_TIMEOUT, XmppUser, XmppUserBuilder};
 
 /// Prefix of every namespace and directory this harness creates.
 pub const PREFIX: &str = "ipl-";

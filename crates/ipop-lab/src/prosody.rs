@@ -1,0 +1,608 @@
+//! A private Prosody for one test: its own directory, config, data, CA and server certificate,
+//! listening on loopback or inside a namespace on a port chosen per run.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::dir::TestDir;
+use crate::netns::Netns;
+use crate::nsenter::{NsHandle, run_in};
+use crate::process::{Daemon, STOP_TIMEOUT, log_tail};
+use crate::{PREFIX, next_id, run_checked, sanitize_tag};
+
+/// How long [`Prosody::start`] waits for the c2s port to accept connections.
+pub const PROSODY_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Lines of Prosody's own log printed when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+static SWEEP: Once = Once::new();
+
+/// A STUN or TURN server announced to clients through XEP-0215 (Prosody's
+/// `external_services`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalService {
+    /// `stun` or `turn`.
+    pub kind: String,
+    /// `udp` or `tcp`.
+    pub transport: String,
+    pub host: String,
+    pub port: u16,
+    /// Shared secret for time-limited TURN credentials (coturn's `static-auth-secret`).
+    pub secret: Option<String>,
+    /// Lifetime of those credentials, in seconds.
+    pub ttl: Option<u32>,
+}
+
+/// Options for a [`Prosody`]; [`ProsodyBuilder::start`] starts it.
+#[derive(Debug)]
+pub struct ProsodyBuilder {
+    domain: String,
+    netns: Option<NsHandle>,
+    ip: IpAddr,
+    room_locking: bool,
+    external_services: Option<Vec<ExternalService>>,
+    parent: Option<PathBuf>,
+}
+
+impl ProsodyBuilder {
+    /// Runs Prosody inside `ns`, listening on `ip`, which must already be an address of an
+    /// interface there.
+    #[must_use]
+    pub fn in_netns(mut self, ns: &Netns, ip: IpAddr) -> ProsodyBuilder {
+        self.netns = Some(NsHandle::of(ns));
+        self.ip = ip;
+        self
+    }
+
+    /// Whether new MUC rooms stay locked until their owner submits the configuration form
+    /// (XEP-0045 §10.1.2). On by default, as in Prosody: ipop must configure the rooms it
+    /// creates. Off makes every new room an instant room.
+    #[must_use]
+    pub fn room_locking(mut self, locked: bool) -> ProsodyBuilder {
+        self.room_locking = locked;
+        self
+    }
+
+    /// STUN/TURN servers that Prosody announces (XEP-0215). None by default.
+    #[must_use]
+    pub fn external_services(mut self, services: Vec<ExternalService>) -> ProsodyBuilder {
+        self.external_services = Some(services);
+        self
+    }
+
+    /// Puts the scratch directory under `parent` (a test's [`TestDir`], say) instead of a
+    /// temporary directory of its own.
+    #[must_use]
+    pub fn dir(mut self, parent: &Path) -> ProsodyBuilder {
+        self.parent = Some(parent.to_owned());
+        self
+    }
+
+    /// Writes the certificates and config, starts Prosody and waits until its c2s port accepts
+    /// connections.
+    ///
+    /// # Panics
+    /// When a file cannot be written, no port is free on the address, or Prosody does not come
+    /// up within [`PROSODY_READY_TIMEOUT`]; the message carries its log.
+    #[must_use]
+    pub fn start(self) -> Prosody {
+        SWEEP.call_once(sweep_stale_prosody);
+        let tag = format!("xmpp{}", sanitize_tag(&self.domain));
+        let (scratch, dir) = match &self.parent {
+            Some(parent) => {
+                let dir = parent.join(format!("prosody-{}-{}", self.domain, next_id()));
+                (None, dir)
+            }
+            None => {
+                let scratch = TestDir::new(&tag);
+                let dir = scratch.path().to_owned();
+                (Some(scratch), dir)
+            }
+        };
+        for sub in [dir.join("data"), dir.join("certs")] {
+            std::fs::create_dir_all(&sub)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", sub.display()));
+        }
+        let ca_der = write_certificates(&dir.join("certs"), &self.domain);
+        let port = free_port(self.netns.as_ref(), self.ip);
+        let mut prosody = Prosody {
+            daemon: None,
+            netns: self.netns,
+            addr: SocketAddr::new(self.ip, port),
+            config: dir.join("prosody.cfg.lua"),
+            log: dir.join("prosody.log"),
+            stdout: dir.join("prosody.out"),
+            ca_cert: dir.join("certs").join("ca.crt"),
+            ca_der,
+            domain: self.domain,
+            dir,
+            _scratch: scratch,
+        };
+        let config = prosody.config_lua(self.room_locking, self.external_services.as_deref());
+        write(&prosody.config, &config);
+        prosody.start();
+        prosody
+    }
+}
+
+/// A running (or stopped, see [`Prosody::stop`]) Prosody with a virtual host `DOMAIN` and a MUC
+/// component `conference.DOMAIN`.
+///
+/// Dropping it stops the process (SIGTERM, then SIGKILL, by PID) and removes its directory;
+/// when the thread is panicking, it prints the logs' paths and tails and keeps the directory.
+#[derive(Debug)]
+pub struct Prosody {
+    /// Declared first: stopped before the directory goes.
+    daemon: Option<Daemon>,
+    netns: Option<NsHandle>,
+    domain: String,
+    addr: SocketAddr,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    stdout: PathBuf,
+    ca_cert: PathBuf,
+    ca_der: Vec<u8>,
+    /// The temporary directory when the builder was given none; dropped last.
+    _scratch: Option<TestDir>,
+}
+
+impl Prosody {
+    /// Options for a Prosody serving `domain`, on loopback unless told otherwise.
+    #[must_use]
+    pub fn builder(domain: &str) -> ProsodyBuilder {
+        ProsodyBuilder {
+            domain: domain.to_owned(),
+            netns: None,
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            room_locking: true,
+            external_services: None,
+            parent: None,
+        }
+    }
+
+    /// A Prosody on 127.0.0.1 with default options.
+    ///
+    /// # Panics
+    /// See [`ProsodyBuilder::start`].
+    #[must_use]
+    pub fn start_local(domain: &str) -> Prosody {
+        Prosody::builder(domain).start()
+    }
+
+    /// A Prosody inside `ns`, listening on `ip` (an address already configured there), with
+    /// default options.
+    ///
+    /// # Panics
+    /// When `ip` is not an IP address; see also [`ProsodyBuilder::start`].
+    #[must_use]
+    pub fn start_in(ns: &Netns, ip: &str, domain: &str) -> Prosody {
+        let ip: IpAddr = ip
+            .parse()
+            .unwrap_or_else(|e| panic!("{ip:?} is not an IP address: {e}"));
+        Prosody::builder(domain).in_netns(ns, ip).start()
+    }
+
+    #[must_use]
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// `conference.DOMAIN`, the MUC component.
+    #[must_use]
+    pub fn conference_domain(&self) -> String {
+        format!("conference.{}", self.domain)
+    }
+
+    /// `user@DOMAIN`.
+    #[must_use]
+    pub fn jid(&self, user: &str) -> String {
+        format!("{user}@{}", self.domain)
+    }
+
+    /// Where clients connect (STARTTLS on this port); the same across [`Prosody::stop`] and
+    /// [`Prosody::start`].
+    #[must_use]
+    pub fn c2s_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The test CA (PEM) that signed the server certificate.
+    #[must_use]
+    pub fn ca_cert_path(&self) -> &Path {
+        &self.ca_cert
+    }
+
+    /// The test CA certificate, DER-encoded.
+    #[must_use]
+    pub fn ca_cert_der(&self) -> &[u8] {
+        &self.ca_der
+    }
+
+    /// Prosody's own log (debug level).
+    #[must_use]
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Prosody's standard output and error (start-up errors land here).
+    #[must_use]
+    pub fn stdout_path(&self) -> &Path {
+        &self.stdout
+    }
+
+    /// The directory holding the config, certificates, data and logs.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    #[must_use]
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The name of the namespace Prosody runs in, if not the caller's.
+    #[must_use]
+    pub fn netns_name(&self) -> Option<&str> {
+        self.netns.as_ref().map(NsHandle::name)
+    }
+
+    /// The PID of the running Prosody.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.daemon
+            .as_mut()
+            .is_some_and(|daemon| daemon.try_wait().is_none())
+    }
+
+    /// Creates the account `user@DOMAIN` with `prosodyctl register` (works whether Prosody runs
+    /// or not).
+    ///
+    /// # Panics
+    /// When `prosodyctl` fails; the message carries its output.
+    pub fn register(&self, user: &str, password: &str) {
+        let mut cmd = Command::new("prosodyctl");
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(["register", user, &self.domain, password]);
+        run_checked(&mut cmd, &format!("register {user}@{}", self.domain));
+    }
+
+    /// Starts Prosody again after [`Prosody::stop`], with the same config, data and port, and
+    /// waits until it accepts connections.
+    ///
+    /// # Panics
+    /// When it is already running, or does not come up within [`PROSODY_READY_TIMEOUT`].
+    pub fn start(&mut self) {
+        assert!(
+            !self.is_running(),
+            "Prosody for {} is already running",
+            self.domain
+        );
+        // Reap the stopped one first, so that its drop does not report twice.
+        self.daemon = None;
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns.name(), "prosody"]);
+                cmd
+            }
+            None => Command::new("prosody"),
+        };
+        cmd.arg("--config").arg(&self.config).arg("-F");
+        let label = format!("prosody for {}", self.domain);
+        self.daemon = Some(Daemon::spawn(&label, cmd, &self.stdout));
+        self.wait_ready();
+    }
+
+    /// Stops Prosody (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]); data and config stay for
+    /// [`Prosody::start`]. Does nothing when it is not running.
+    pub fn stop(&mut self) {
+        if let Some(daemon) = self.daemon.as_mut() {
+            let (status, killed) = daemon.stop_within(STOP_TIMEOUT);
+            if killed {
+                eprintln!(
+                    "ipop-lab: Prosody for {} ignored SIGTERM for {STOP_TIMEOUT:?} and was killed ({status})",
+                    self.domain
+                );
+            }
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + PROSODY_READY_TIMEOUT;
+        let addr = self.addr;
+        loop {
+            let probe = run_in(self.netns.as_ref(), move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            });
+            let last = match probe {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) | Err(e) => e,
+            };
+            if let Some(status) = self.daemon.as_mut().and_then(Daemon::try_wait) {
+                panic!(
+                    "Prosody for {} exited ({status}) before accepting connections on {addr}; {}",
+                    self.domain,
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {PROSODY_READY_TIMEOUT:?} waiting for Prosody for {} to accept \
+                 connections on {addr}{}; last error: {last}; {}",
+                self.domain,
+                self.netns_name()
+                    .map(|ns| format!(" in namespace {ns}"))
+                    .unwrap_or_default(),
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The paths and tails of both logs, for panic messages.
+    fn logs(&self) -> String {
+        format!(
+            "output {}:\n{}\nlog {}:\n{}",
+            self.stdout.display(),
+            log_tail(&self.stdout, 20),
+            self.log.display(),
+            log_tail(&self.log, LOG_TAIL_LINES)
+        )
+    }
+
+    fn config_lua(&self, room_locking: bool, services: Option<&[ExternalService]>) -> String {
+        let path = |p: &Path| lua_str(&p.to_string_lossy());
+        let dir = &self.dir;
+        let mut modules = vec![
+            "roster",
+            "saslauth",
+            "tls",
+            "disco",
+            "ping",
+            "presence",
+            "message",
+            "iq",
+            "admin_shell",
+            "limits",
+        ];
+        if services.is_some() {
+            modules.push("external_services");
+        }
+        let modules: Vec<String> = modules.iter().map(|m| lua_str(m)).collect();
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(s, "-- Written by ipop-lab for one test.");
+        let _ = writeln!(s, "run_as_root = true");
+        let _ = writeln!(s, "pidfile = {}", path(&dir.join("prosody.pid")));
+        let _ = writeln!(s, "data_path = {}", path(&dir.join("data")));
+        let _ = writeln!(s, "admin_socket = {}", path(&dir.join("prosody.sock")));
+        let _ = writeln!(s, "log = {{ debug = {} }}", path(&self.log));
+        let _ = writeln!(
+            s,
+            "interfaces = {{ {} }}",
+            lua_str(&self.addr.ip().to_string())
+        );
+        let _ = writeln!(s, "c2s_ports = {{ {} }}", self.addr.port());
+        let _ = writeln!(s, "c2s_direct_tls_ports = {{ }}");
+        let _ = writeln!(s, "s2s_ports = {{ }}");
+        let _ = writeln!(s, "http_ports = {{ }}");
+        let _ = writeln!(s, "https_ports = {{ }}");
+        let _ = writeln!(s, "modules_enabled = {{ {} }}", modules.join("; "));
+        let _ = writeln!(
+            s,
+            "modules_disabled = {{ \"s2s\"; \"http\"; \"posix\"; \"offline\" }}"
+        );
+        let _ = writeln!(s, "authentication = \"internal_hashed\"");
+        let _ = writeln!(s, "c2s_require_encryption = true");
+        let _ = writeln!(s, "allow_unencrypted_plain_auth = false");
+        let _ = writeln!(s, "limits = {{ c2s = {{ rate = \"10mb/s\" }} }}");
+        let _ = writeln!(
+            s,
+            "ssl = {{ key = {}; certificate = {} }}",
+            path(&dir.join("certs").join("server.key")),
+            path(&dir.join("certs").join("server.crt"))
+        );
+        if let Some(services) = services {
+            let _ = writeln!(s, "external_services = {{");
+            for service in services {
+                let _ = write!(
+                    s,
+                    "  {{ type = {}, transport = {}, host = {}, port = {}",
+                    lua_str(&service.kind),
+                    lua_str(&service.transport),
+                    lua_str(&service.host),
+                    service.port
+                );
+                if let Some(secret) = &service.secret {
+                    let _ = write!(s, ", secret = {}", lua_str(secret));
+                }
+                if let Some(ttl) = service.ttl {
+                    let _ = write!(s, ", ttl = {ttl}");
+                }
+                let _ = writeln!(s, " }};");
+            }
+            let _ = writeln!(s, "}}");
+        }
+        let _ = writeln!(s, "VirtualHost {}", lua_str(&self.domain));
+        let _ = writeln!(
+            s,
+            "Component {} \"muc\"",
+            lua_str(&self.conference_domain())
+        );
+        let _ = writeln!(s, "  muc_room_default_public_jids = true");
+        let _ = writeln!(s, "  restrict_room_creation = false");
+        let _ = writeln!(s, "  muc_room_locking = {room_locking}");
+        s
+    }
+}
+
+impl Drop for Prosody {
+    fn drop(&mut self) {
+        // Dropping the daemon stops it and, in a failing test, prints its output.
+        drop(self.daemon.take());
+        if thread::panicking() {
+            eprintln!(
+                "----- Prosody for {}: config {}, log {}, last {LOG_TAIL_LINES} lines:\n{}\n----- end of Prosody log",
+                self.domain,
+                self.config.display(),
+                self.log.display(),
+                log_tail(&self.log, LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+/// Writes a fresh CA and a server certificate for `domain` and `conference.DOMAIN` (a leaf:
+/// CA:FALSE, serverAuth) into `dir` as `ca.crt`, `server.crt` and `server.key`; returns the CA
+/// certificate in DER.
+fn write_certificates(dir: &Path, domain: &str) -> Vec<u8> {
+    let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("cannot generate a CA key: {e}"));
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("ipop-lab test CA for {domain}"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .unwrap_or_else(|e| panic!("cannot sign the test CA: {e}"));
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let names = vec![domain.to_owned(), format!("conference.{domain}")];
+    let mut params = CertificateParams::new(names)
+        .unwrap_or_else(|e| panic!("cannot make a certificate for {domain}: {e}"));
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, domain);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap_or_else(|e| panic!("cannot generate a server key: {e}"));
+    let cert = params
+        .signed_by(&key, &issuer)
+        .unwrap_or_else(|e| panic!("cannot sign the certificate for {domain}: {e}"));
+
+    write(&dir.join("ca.crt"), &ca_cert.pem());
+    write(&dir.join("server.crt"), &cert.pem());
+    write(&dir.join("server.key"), &key.serialize_pem());
+    ca_cert.der().to_vec()
+}
+
+/// Kills (SIGKILL, by PID) the Prosody processes that an earlier test process started and
+/// could not stop because it died without running destructors (an abort, SIGKILL): those whose
+/// config lies in `$TMPDIR/ipl-<pid>-...` for a PID that no longer runs. [`ProsodyBuilder::start`]
+/// calls it once per process. (Prosody inside a namespace also dies with the namespace sweep.)
+pub fn sweep_stale_prosody() {
+    let ours = std::env::temp_dir()
+        .join(PREFIX)
+        .to_string_lossy()
+        .into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        if !args.iter().any(|arg| arg.ends_with("/prosody")) {
+            continue;
+        }
+        let Some(config) = args.iter().skip_while(|arg| *arg != "--config").nth(1) else {
+            continue;
+        };
+        let Some(creator) = config
+            .strip_prefix(&ours)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|creator| creator.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if creator != std::process::id() && !Path::new(&format!("/proc/{creator}")).exists() {
+            eprintln!("ipop-lab: killing stale Prosody (pid {pid}) of dead test process {creator}");
+            // It may have exited meanwhile: ESRCH is fine.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A TCP port that is free on `ip` (inside `ns` when given) at the time of the call.
+fn free_port(ns: Option<&NsHandle>, ip: IpAddr) -> u16 {
+    let where_ = ns
+        .map(|ns| format!(" in namespace {}", ns.name()))
+        .unwrap_or_default();
+    let bound = run_in(ns, move || {
+        TcpListener::bind((ip, 0)).and_then(|listener| listener.local_addr())
+    });
+    match bound {
+        Ok(Ok(addr)) => addr.port(),
+        Ok(Err(e)) | Err(e) => {
+            panic!("cannot find a free TCP port on {ip}{where_} (is the address configured?): {e}")
+        }
+    }
+}
+
+fn write(path: &Path, contents: &str) {
+    std::fs::write(path, contents)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// A Lua string literal.
+fn lua_str(value: &str) -> String {
+    let mut s = String::with_capacity(value.len() + 2);
+    s.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            '\n' => s.push_str("\\n"),
+            c if c.is_control() => {
+                let _ = write!(s, "\\{:03}", u32::from(c));
+            }
+            c => s.push(c),
+        }
+    }
+    s.push('"');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lua_strings_are_escaped() {
+        assert_eq!(lua_str("a\"b\\c\nd"), "\"a\\\"b\\\\c\\nd\"");
+        assert_eq!(lua_str("x\u{1}2"), "\"x\\0012\"");
+    }
+}
