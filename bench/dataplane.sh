@@ -209,11 +209,11 @@ ensure_ipop() {
 	log "ipop: $IPOP_BIN"
 }
 
-# One line describing the ipop binary: path, build time, and the repo's commit now.
+# One line describing the ipop binary: path, file mtime, and the repo's commit now.
 ipop_bin_info() {
 	local rev
 	rev=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?')
-	printf '%s (built %s; repo at %s now)' "$IPOP_BIN" "$(date -r "$IPOP_BIN" '+%Y-%m-%d %H:%M:%S')" "$rev"
+	printf '%s (file mtime %s; repo at %s now)' "$IPOP_BIN" "$(date -r "$IPOP_BIN" '+%Y-%m-%d %H:%M:%S')" "$rev"
 }
 
 # ---------------------------------------------------------------- network
