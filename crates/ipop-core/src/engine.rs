@@ -209,6 +209,14 @@ impl Engine {
                     entry.via.clear();
                     self.drop_link(now, &device, "the device announced a new key");
                 }
+                let refused = self
+                    .members
+                    .get(&overlay)
+                    .is_some_and(|users| !users.contains(&device.user));
+                if refused {
+                    self.drops.count(DropReason::DeviceNotAuthorised);
+                    tracing::info!(%device, %overlay, "not linking: the device announced ipop, but its user is not authorised by this overlay");
+                }
                 if let Some(entry) = self.devices.get_mut(&device) {
                     entry.via.insert(overlay);
                 }

@@ -147,10 +147,12 @@ pub enum DropReason {
     SignalNotAuthorised,
     /// A link offer whose key is not the key the device announced.
     SignalWrongKey,
+    /// An ipop device whose user the overlay it was seen in does not authorise.
+    DeviceNotAuthorised,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -166,6 +168,7 @@ impl DropReason {
         DropReason::UnknownSignal,
         DropReason::SignalNotAuthorised,
         DropReason::SignalWrongKey,
+        DropReason::DeviceNotAuthorised,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -185,6 +188,7 @@ impl DropReason {
             DropReason::UnknownSignal => "unknown_signal",
             DropReason::SignalNotAuthorised => "signal_not_authorised",
             DropReason::SignalWrongKey => "signal_wrong_key",
+            DropReason::DeviceNotAuthorised => "device_not_authorised",
         }
     }
 }

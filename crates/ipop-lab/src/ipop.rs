@@ -113,6 +113,8 @@ pub struct Config {
     pub mtu: Option<u32>,
     pub listen_port: u16,
     pub peers: Vec<Peer>,
+    /// More TOML, appended as it is (the `[xmpp]`, `[social]` and `[[groups]]` sections).
+    pub extra: String,
 }
 
 impl Config {
@@ -152,6 +154,9 @@ impl Config {
             if let Some(keepalive) = peer.keepalive {
                 let _ = writeln!(s, "keepalive = {keepalive}");
             }
+        }
+        if !self.extra.is_empty() {
+            let _ = writeln!(s, "\n{}", self.extra);
         }
         s
     }
@@ -252,6 +257,7 @@ impl Node {
             mtu: Some(1420),
             listen_port,
             peers: Vec::new(),
+            extra: String::new(),
         }
     }
 
@@ -491,6 +497,7 @@ mod tests {
                 addresses: vec!["10.77.0.2/32".to_owned()],
                 keepalive: Some(25),
             }],
+            extra: String::new(),
         };
         let toml = config.to_toml();
         assert!(toml.starts_with("[device]\nprivate_key_file = \"ipop.key\"\n"));
