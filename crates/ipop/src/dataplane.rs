@@ -28,6 +28,8 @@ const WG_OVERHEAD: usize = 32;
 /// Datagrams per `recvmmsg`; each slot holds a GRO-coalesced train of up to 64 KiB.
 const UDP_SLOTS: usize = 8;
 const UDP_SLOT_SIZE: usize = 65535;
+/// The most bytes one UDP GSO send may carry: the largest UDP payload of an IPv4 datagram.
+const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
 /// Reads from one source per wake-up before the loop looks at the others.
 const MAX_READS_PER_WAKE: usize = 16;
 
@@ -54,24 +56,26 @@ impl Udp {
         Ok(Udp { socket, state })
     }
 
-    /// Sends, waiting for room in the socket buffer if it is full.
-    async fn send(&self, t: &Transmit<'_>) {
+    /// Sends, waiting for room in the socket buffer if it is full. Returns whether the kernel
+    /// took the datagrams.
+    async fn send(&self, t: &Transmit<'_>) -> bool {
         let r = self
             .socket
             .async_io(Interest::WRITABLE, || {
                 self.state.try_send(UdpSockRef::from(&self.socket), t)
             })
             .await;
-        if let Err(e) = r {
+        if let Err(e) = &r {
             tracing::debug!(destination = %t.destination, "send failed: {e}");
         }
+        r.is_ok()
     }
 }
 
 /// The data plane's side of the social network binding: events in, signals out. The loop never
 /// waits on the binding: signals go into an unbounded queue.
 pub struct OsnChannel {
-    pub events: mpsc::Receiver<OsnEvent>,
+    pub events: mpsc::UnboundedReceiver<OsnEvent>,
     pub signals: mpsc::UnboundedSender<(DeviceId, Signal)>,
 }
 
@@ -90,6 +94,16 @@ pub struct Dataplane {
     listen_port: u16,
     started: Instant,
     bufs: Buffers,
+    io_errors: IoErrors,
+}
+
+/// Packets lost to system call errors, counted beside the core's drops.
+#[derive(Default)]
+struct IoErrors {
+    tun_read: u64,
+    tun_write: u64,
+    udp_send: u64,
+    udp_receive: u64,
 }
 
 /// Every packet buffer, allocated once.
@@ -163,6 +177,7 @@ impl Dataplane {
             listen_port: port,
             started: Instant::now(),
             bufs: Buffers::new(mtu.into()),
+            io_errors: IoErrors::default(),
         })
     }
 
@@ -263,11 +278,12 @@ impl Dataplane {
                 segment_size: None,
                 src_ip: None,
             };
-            match self.socket_for(t.destination) {
+            let sent = match self.socket_for(t.destination) {
                 Some(udp) => udp.send(&transmit).await,
-                None => {
-                    tracing::debug!(destination = %t.destination, "no socket for this address family")
-                }
+                None => false,
+            };
+            if !sent {
+                self.io_errors.udp_send += 1;
             }
         }
     }
@@ -294,6 +310,7 @@ impl Dataplane {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(e) => {
                         tracing::debug!("TUN read: {e}");
+                        self.io_errors.tun_read += 1;
                         return;
                     }
                 };
@@ -327,8 +344,9 @@ impl Dataplane {
         }
     }
 
-    async fn send_run(&self, r: &Run) {
+    async fn send_run(&mut self, r: &Run) {
         let Some(udp) = self.socket_for(r.dst) else {
+            self.io_errors.udp_send += r.count as u64;
             return;
         };
         let transmit = Transmit {
@@ -338,7 +356,9 @@ impl Dataplane {
             segment_size: (r.count > 1).then_some(r.segment),
             src_ip: None,
         };
-        udp.send(&transmit).await;
+        if !udp.send(&transmit).await {
+            self.io_errors.udp_send += r.count as u64;
+        }
     }
 
     /// Network → TUN: receives a batch of datagrams, decrypts them, and writes the packets to
@@ -368,6 +388,7 @@ impl Dataplane {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     tracing::debug!("UDP receive: {e}");
+                    self.io_errors.udp_receive += 1;
                     return;
                 }
             };
@@ -423,7 +444,22 @@ impl Dataplane {
             .await
         {
             tracing::debug!("TUN write: {e}");
+            self.io_errors.tun_write += ready as u64;
         }
+    }
+
+    fn drops(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut drops = status::drops(&self.engine);
+        let e = &self.io_errors;
+        for (name, n) in [
+            ("tun_read_failed", e.tun_read),
+            ("tun_write_failed", e.tun_write),
+            ("udp_send_failed", e.udp_send),
+            ("udp_receive_failed", e.udp_receive),
+        ] {
+            drops.insert(name.to_owned(), n);
+        }
+        drops
     }
 
     fn answer(&self, command: &str) -> String {
@@ -438,11 +474,15 @@ impl Dataplane {
                     uptime_s: self.started.elapsed().as_secs_f64().round(),
                     xmpp: self.xmpp_info.as_ref().map(|f| f()),
                     overlays: status::overlays(&self.engine, &self.plans),
-                    drops: status::drops(&self.engine),
+                    drops: self.drops(),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }
-            other => format!("{{\"error\":\"unknown command {other:?}\"}}"),
+            other if other.starts_with("group ") => {
+                serde_json::json!({ "error": "group commands need an [xmpp] account in the config" })
+                    .to_string()
+            }
+            other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
         }
     }
 }
@@ -471,7 +511,11 @@ impl Run {
     }
 
     fn extends(&self, dst: SocketAddr, len: usize, max_segments: usize) -> bool {
-        dst == self.dst && !self.closed && len <= self.segment && self.count < max_segments
+        dst == self.dst
+            && !self.closed
+            && len <= self.segment
+            && self.count < max_segments
+            && self.end - self.start + len <= GSO_MAX_BYTES
     }
 
     fn push(&mut self, len: usize) {

@@ -6,6 +6,7 @@ mod dataplane;
 mod device;
 mod netlink;
 mod status;
+mod xmpp;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -55,6 +56,21 @@ enum Command {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Manage the members of a group room that you own.
+    Group {
+        #[command(subcommand)]
+        action: GroupAction,
+        #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH, global = true)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupAction {
+    /// Make JID a member of ROOM: their devices join the group's overlay.
+    Add { room: String, jid: String },
+    /// Take membership of ROOM away from JID: their links are torn down.
+    Remove { room: String, jid: String },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +80,7 @@ fn main() -> ExitCode {
         Command::Up { config } => up(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Key { config } => key(&config),
+        Command::Group { action, config } => group(&config, action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -142,6 +159,32 @@ fn status(config: &Path, json: bool) -> anyhow::Result<()> {
     }
 }
 
+fn group(config: &Path, action: GroupAction) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let (verb, room, jid) = match &action {
+        GroupAction::Add { room, jid } => ("add", room, jid),
+        GroupAction::Remove { room, jid } => ("remove", room, jid),
+    };
+    for word in [room, jid] {
+        if word.is_empty() || word.contains(char::is_whitespace) {
+            bail!("{word:?} is not a JID");
+        }
+    }
+    let command = format!("group {verb} {room} {jid}");
+    let answer = runtime()?.block_on(control::ask(&config.control_socket(), &command))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&answer).context("the daemon's answer is not JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("{e}");
+    }
+    let done = if verb == "add" {
+        "is now a member of"
+    } else {
+        "is no longer a member of"
+    };
+    print_out(&format!("{jid} {done} {room}\n"))
+}
+
 fn up(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let filter = std::env::var("RUST_LOG")
@@ -165,6 +208,9 @@ fn up(path: &Path) -> anyhow::Result<()> {
     let addresses = config.addresses();
     let routes = device::extra_routes(&addresses, config.peers.iter().flat_map(|p| &p.addresses));
     runtime()?.block_on(async {
+        // Log in first: a wrong password or an unreachable server ends here, with nothing to
+        // undo.
+        let binding = xmpp::start(&config, public).await?;
         let mut plane = dataplane::Dataplane::new(
             engine,
             overlay_plans(&config),
@@ -184,8 +230,20 @@ fn up(path: &Path) -> anyhow::Result<()> {
             peers = config.peers.len(),
             "ipop is up"
         );
-        plane.run(requests, None, shutdown_signal()?).await;
+        let (requests, osn, binding) = match binding {
+            Some((binding, osn)) => {
+                plane.set_xmpp_info(binding.info());
+                let (to_plane, plane_requests) = tokio::sync::mpsc::channel(16);
+                binding.route_commands(requests, to_plane);
+                (plane_requests, Some(osn), Some(binding))
+            }
+            None => (requests, None, None),
+        };
+        plane.run(requests, osn, shutdown_signal()?).await;
         tracing::info!("shutting down");
+        if let Some(binding) = binding {
+            binding.shutdown().await;
+        }
         Ok(())
     })
 }

@@ -1,0 +1,161 @@
+//! Wiring of the XMPP binding into the daemon: the session, its events into the data plane's
+//! engine, the engine's signals out to the session, and the group commands of `ipop group`.
+
+use crate::config::{Config, Tls};
+use crate::control::Request;
+use crate::dataplane::{OsnChannel, XmppInfoFn};
+use crate::status::XmppInfo;
+use anyhow::Context;
+use ipop_core::PublicKey;
+use ipop_xmpp::{GroupConfig, Session, XmppConfig};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long the first login may take before `ipop up` gives up with the reason.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// This machine's host name: the default device name.
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ipop".to_owned())
+}
+
+/// The binding's settings from the config file.
+fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option<XmppConfig>> {
+    let Some(x) = &config.xmpp else {
+        return Ok(None);
+    };
+    let password = config.xmpp_password(x)?;
+    let device = x.device.clone().unwrap_or_else(host_name);
+    let mut cfg = XmppConfig::new(x.jid.clone(), password, device, key);
+    cfg.server = x.server.as_ref().and_then(|s| {
+        let (host, port) = s.rsplit_once(':')?;
+        Some((host.trim_matches(['[', ']']).to_owned(), port.parse().ok()?))
+    });
+    cfg.direct_tls = x.tls == Tls::Direct;
+    cfg.extra_ca = x.ca_file.as_ref().map(|p| config.resolve(p));
+    cfg.social = config.social.as_ref().is_some_and(|s| s.enabled);
+    cfg.groups = config
+        .groups
+        .iter()
+        .map(|g| GroupConfig {
+            room: g.room.clone(),
+            create: g.create,
+        })
+        .collect();
+    cfg.login_timeout = LOGIN_TIMEOUT;
+    Ok(Some(cfg))
+}
+
+/// A running binding: the session, shared with the control commands.
+pub struct Binding {
+    session: Arc<Session>,
+}
+
+/// Logs in when the config names an account. Fails with the binding's reason (wrong password,
+/// unreachable server, refused certificate, …) within the login timeout.
+pub async fn start(
+    config: &Config,
+    key: PublicKey,
+) -> anyhow::Result<Option<(Binding, OsnChannel)>> {
+    let Some(cfg) = settings(config, key)? else {
+        return Ok(None);
+    };
+    let jid = cfg.jid.clone();
+    tracing::info!(%jid, device = %cfg.device, "logging in to XMPP");
+    let (session, events) = ipop_xmpp::connect(cfg)
+        .await
+        .with_context(|| format!("XMPP login as {jid} failed"))?;
+    let session = Arc::new(session);
+    let (signals, mut outgoing) = mpsc::unbounded_channel();
+    // The tasks hold the session weakly, so that shutdown can take it back.
+    let sender = Arc::downgrade(&session);
+    tokio::spawn(async move {
+        while let Some((to, signal)) = outgoing.recv().await {
+            match sender.upgrade() {
+                Some(session) => session.send(to, signal),
+                None => return,
+            }
+        }
+    });
+    Ok(Some((Binding { session }, OsnChannel { events, signals })))
+}
+
+impl Binding {
+    /// What `ipop status` shows of the session.
+    pub fn info(&self) -> XmppInfoFn {
+        let session = self.session.clone();
+        Box::new(move || {
+            let s = session.status();
+            XmppInfo {
+                state: match s.state {
+                    ipop_xmpp::State::Connecting => "connecting",
+                    ipop_xmpp::State::Online => "online",
+                    ipop_xmpp::State::Reconnecting => "reconnecting",
+                    ipop_xmpp::State::Closed => "closed",
+                }
+                .to_owned(),
+                jid: s.bound,
+                server: Some(s.server),
+                reconnects: s.reconnects,
+                drops: s
+                    .drops
+                    .iter()
+                    .map(|(reason, n)| (reason.as_str().to_owned(), *n))
+                    .collect(),
+            }
+        })
+    }
+
+    /// Serves `group add|remove ROOM JID` and hands every other request to `rest`.
+    pub fn route_commands(
+        &self,
+        mut requests: mpsc::Receiver<Request>,
+        rest: mpsc::Sender<Request>,
+    ) {
+        let session = Arc::downgrade(&self.session);
+        tokio::spawn(async move {
+            while let Some(req) = requests.recv().await {
+                let words: Vec<&str> = req.command.split_whitespace().collect();
+                match words.as_slice() {
+                    ["group", verb @ ("add" | "remove"), room, jid] => {
+                        let (verb, room, jid) =
+                            (verb.to_string(), room.to_string(), jid.to_string());
+                        let Some(session) = session.upgrade() else {
+                            return;
+                        };
+                        tokio::spawn(async move {
+                            let result = if verb == "add" {
+                                session.add_member(&room, &jid).await
+                            } else {
+                                session.remove_member(&room, &jid).await
+                            };
+                            let answer = match result {
+                                Ok(()) => serde_json::json!({ "ok": true }),
+                                Err(e) => serde_json::json!({ "error": e.to_string() }),
+                            };
+                            let _ = req.reply.send(answer.to_string());
+                        });
+                    }
+                    _ => {
+                        if rest.send(req).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Leaves the rooms and closes the session.
+    pub async fn shutdown(self) {
+        match Arc::try_unwrap(self.session) {
+            Ok(session) => session.shutdown().await,
+            Err(_) => tracing::debug!("a group command is still running; closing without waiting"),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! End-to-end tests of ipop with a real XMPP server: Prosody runs on a host of the LAN, users
+//! are registered and make friends (or groups) the way people do, over XMPP, and ipop daemons
+//! in other namespaces find each other and link with no static peers configured.
+//!
+//! Run as root: they create network namespaces and TUN devices.
+
+use ipop_lab::tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use ipop_lab::{Lab, Node, Prosody, Subscription, XmppUser, wait_until};
+use serde_json::Value;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ipop");
+const DOMAIN: &str = "example.org";
+
+/// A LAN of `devices` ipop nodes plus one host that runs Prosody.
+struct World {
+    lab: Lab,
+    prosody: Prosody,
+}
+
+impl World {
+    fn new(tag: &str, devices: u8) -> World {
+        let lab = Lab::new(BIN, tag, devices + 1);
+        let server = &lab.nodes[usize::from(devices)].host;
+        let prosody = Prosody::start_in(&server.ns, &server.ipv4.to_string(), DOMAIN);
+        World { lab, prosody }
+    }
+
+    fn user(&self, name: &str) -> XmppUser {
+        self.prosody.register(name, &password(name));
+        let server = self.server_ns();
+        XmppUser::builder(&self.prosody, name, &password(name))
+            .resource("chat")
+            .netns(server)
+            .connect()
+    }
+
+    fn server_ns(&self) -> &ipop_lab::Netns {
+        let last = self.lab.nodes.len() - 1;
+        self.lab.nodes[last].ns()
+    }
+
+    /// Writes node `i`'s config: the XMPP account `user` as device `device`, and `overlays`
+    /// (the `[social]` and `[[groups]]` sections).
+    fn configure(&self, i: usize, user: &str, device: &str, overlays: &str) {
+        let node = &self.lab.nodes[i];
+        let mut config = node.config(51820);
+        config.addresses.clear();
+        config.extra = format!(
+            "[xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{addr}\"\nca_file = {ca:?}\ndevice = \"{device}\"\n\n{overlays}",
+            pw = password(user),
+            addr = self.prosody.c2s_addr(),
+            ca = self.prosody.ca_cert_path(),
+        );
+        node.write_config(&config);
+    }
+
+    fn node(&mut self, i: usize) -> &mut Node {
+        &mut self.lab.nodes[i]
+    }
+}
+
+fn password(user: &str) -> String {
+    format!("pw-{user}-secret")
+}
+
+fn social(address: &str) -> String {
+    format!("[social]\naddress = \"{address}\"\n")
+}
+
+/// The peer with this JID in any overlay of a status, if listed.
+fn peer_by_jid<'a>(status: &'a Value, jid: &str) -> Option<&'a Value> {
+    status["overlays"]
+        .as_array()?
+        .iter()
+        .flat_map(|o| o["peers"].as_array().into_iter().flatten())
+        .find(|p| p["jid"].as_str() == Some(jid))
+}
+
+fn ping_ok(node: &Node, addr: &str) -> bool {
+    let addr: IpAddr = addr.parse().expect("test address");
+    node.ping(addr, 1).status.success()
+}
+
+/// Waits until the daemon answers `ipop status` with its XMPP session online.
+fn xmpp_online(node: &mut Node) {
+    node.wait_status(Duration::from_secs(15), "the XMPP session online", |s| {
+        s["xmpp"]["state"] == "online"
+    });
+}
+
+#[test]
+fn friends_devices_link_and_ping_within_3_s() {
+    let mut w = World::new("xfriend", 2);
+    let mut alice = w.user("alice");
+    let mut bob = w.user("bob");
+    alice.befriend(&mut bob);
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
+
+    w.node(0).start();
+    w.node(1).start();
+    xmpp_online(w.node(0));
+    xmpp_online(w.node(1));
+    let both_up = Instant::now();
+    wait_until(
+        Duration::from_secs(3),
+        "alice's device to ping bob's",
+        || {
+            if ping_ok(&w.lab.nodes[0], "10.78.0.2") {
+                Ok(())
+            } else {
+                Err("no reply".to_owned())
+            }
+        },
+    );
+    let took = both_up.elapsed();
+    assert!(
+        ping_ok(&w.lab.nodes[1], "10.78.0.1"),
+        "bob's device cannot ping alice's"
+    );
+    eprintln!("first ping reply {took:?} after both devices were online");
+
+    let status = w.node(0).status().expect("status");
+    let bob_peer = peer_by_jid(&status, "bob@example.org").expect("bob listed");
+    assert_eq!(bob_peer["device"], "phone");
+    assert_eq!(bob_peer["state"], "connected");
+    assert_eq!(bob_peer["path"], "direct");
+    assert_eq!(status["xmpp"]["jid"], "alice@example.org/laptop");
+    w.lab.stop_all();
+}
+
+#[test]
+fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
+    let mut w = World::new("xeve", 2);
+    let mut alice = w.user("alice");
+    let mut eve = w.user("eve");
+    // Eve asks to see Alice's presence and Alice's chat client agrees, one way only: Eve sees
+    // Alice's devices, but the subscription is not mutual, so they are not friends.
+    let alice_jid = alice.jid().clone();
+    let eve_jid = eve.jid().clone();
+    eve.send(
+        Presence::new(PresenceType::Subscribe)
+            .with_to(alice_jid.clone())
+            .into(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    alice.send(
+        Presence::new(PresenceType::Subscribed)
+            .with_to(eve_jid.clone())
+            .into(),
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "eve to see alice one way",
+        || match eve.subscription(&alice_jid) {
+            Some(Subscription::To) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.configure(1, "eve", "pc", &social("10.78.0.5/16"));
+    w.node(0).start();
+    w.node(1).start();
+    xmpp_online(w.node(0));
+    xmpp_online(w.node(1));
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !ping_ok(&w.lab.nodes[1], "10.78.0.1"),
+        "eve reached alice's device"
+    );
+    let a = w.node(0).status().expect("alice status");
+    assert!(
+        peer_by_jid(&a, "eve@example.org").is_none(),
+        "alice lists eve: {a}"
+    );
+    let e = w.node(1).status().expect("eve status");
+    assert!(
+        peer_by_jid(&e, "alice@example.org").is_none(),
+        "eve lists alice: {e}"
+    );
+    assert!(
+        e["drops"]["device_not_authorised"].as_u64() >= Some(1),
+        "eve's device does not count alice's as refused: {e}"
+    );
+    let log = std::fs::read_to_string(w.lab.nodes[1].log_path()).expect("log");
+    assert!(log.contains("not authorised"), "eve's log does not say why");
+    w.lab.stop_all();
+}
+
+#[test]
+fn a_wrong_password_fails_clearly_within_15_s() {
+    let mut w = World::new("xbadpw", 1);
+    w.prosody.register("alice", "the-real-one");
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    let started = Instant::now();
+    w.node(0).start();
+    let status = wait_until(Duration::from_secs(15), "ipop up to give up", || {
+        w.lab.nodes[0]
+            .exited()
+            .ok_or_else(|| "still running".to_owned())
+    });
+    assert!(
+        !status.success(),
+        "ipop up exited with success on a wrong password"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let log = std::fs::read_to_string(w.lab.nodes[0].log_path()).expect("log");
+    assert!(
+        log.contains("wrong password"),
+        "the log does not say why: {log}"
+    );
+}
+
+#[test]
+fn the_chat_client_still_gets_messages_sent_to_the_bare_jid() {
+    let mut w = World::new("xchat", 1);
+    let mut alice_chat = w.user("alice");
+    alice_chat.set_presence(5);
+    let mut bob = w.user("bob");
+    alice_chat.befriend(&mut bob);
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.node(0).start();
+    xmpp_online(w.node(0));
+    let to = alice_chat.jid().clone();
+    bob.send_chat(&to, "lunch?");
+    let got = alice_chat.recv_chat(Duration::from_secs(5));
+    assert_eq!(got.map(|(_, text)| text), Some("lunch?".to_owned()));
+    w.lab.stop_all();
+}
