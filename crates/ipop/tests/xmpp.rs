@@ -229,3 +229,118 @@ fn the_chat_client_still_gets_messages_sent_to_the_bare_jid() {
     assert_eq!(got.map(|(_, text)| text), Some("lunch?".to_owned()));
     w.lab.stop_all();
 }
+
+fn group(room: &str, address: &str, create: bool) -> String {
+    format!("[[groups]]\nroom = \"{room}\"\naddress = \"{address}\"\ncreate = {create}\n")
+}
+
+fn wait_ping(node: &Node, addr: &str, timeout: Duration, what: &str) {
+    wait_until(timeout, what, || {
+        if ping_ok(node, addr) {
+            Ok(())
+        } else {
+            Err("no reply".to_owned())
+        }
+    });
+}
+
+#[test]
+fn carol_creates_a_group_david_is_added_and_their_devices_ping() {
+    let mut w = World::new("xgroup", 2);
+    w.prosody.register("carol", &password("carol"));
+    w.prosody.register("david", &password("david"));
+    let room = format!("lab@conference.{DOMAIN}");
+    w.configure(0, "carol", "desk", &group(&room, "10.79.0.1/24", true));
+    w.configure(1, "david", "laptop", &group(&room, "10.79.0.2/24", false));
+    w.node(0).start();
+    xmpp_online(w.node(0));
+
+    let carol = &w.lab.nodes[0];
+    let added = carol
+        .ns()
+        .command(BIN)
+        .args(["group", "add", &room, "david@example.org", "-c"])
+        .arg(carol.config_path())
+        .output()
+        .expect("ipop group add runs");
+    assert!(
+        added.status.success(),
+        "ipop group add failed: {}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+
+    w.node(1).start();
+    xmpp_online(w.node(1));
+    wait_ping(
+        &w.lab.nodes[1],
+        "10.79.0.1",
+        Duration::from_secs(10),
+        "david's device to ping carol's",
+    );
+    assert!(
+        ping_ok(&w.lab.nodes[0], "10.79.0.2"),
+        "carol's device cannot ping david's"
+    );
+    let status = w.node(0).status().expect("status");
+    let overlay = &status["overlays"][0];
+    assert_eq!(overlay["kind"], "group");
+    assert_eq!(overlay["name"], room.as_str());
+    assert_eq!(overlay["peers"][0]["jid"], "david@example.org");
+    w.lab.stop_all();
+}
+
+#[test]
+fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
+    let mut w = World::new("xoutage", 3);
+    let mut alice = w.user("alice");
+    let mut bob = w.user("bob");
+    let mut carol = w.user("carol");
+    alice.befriend(&mut bob);
+    alice.befriend(&mut carol);
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
+    w.configure(2, "carol", "tablet", &social("10.78.0.3/16"));
+    w.node(0).start();
+    w.node(1).start();
+    wait_ping(
+        &w.lab.nodes[0],
+        "10.78.0.2",
+        Duration::from_secs(10),
+        "alice's device to ping bob's",
+    );
+
+    // 2500 pings at 100 per second, with the XMPP server down for 20 s in the middle.
+    let mut pinger = w.lab.nodes[0].ns().command("ping");
+    pinger.args(["-q", "-i", "0.01", "-c", "2500", "-W", "1", "10.78.0.2"]);
+    let stop_server = std::thread::scope(|scope| {
+        let flood = scope.spawn(move || pinger.output());
+        std::thread::sleep(Duration::from_secs(2));
+        w.prosody.stop();
+        std::thread::sleep(Duration::from_secs(20));
+        w.prosody.start();
+        flood.join().expect("ping thread")
+    });
+    let out = stop_server.expect("ping runs");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let loss: f64 = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix("% packet loss"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no loss figure in ping's output: {summary}"));
+    eprintln!("ping flood across the outage: {loss}% loss");
+    assert!(
+        loss < 1.0,
+        "lost {loss}% of pings during the XMPP outage: {summary}"
+    );
+
+    // After the server is back, a new device comes up and links with alice's.
+    w.node(2).start();
+    xmpp_online(w.node(2));
+    wait_ping(
+        &w.lab.nodes[2],
+        "10.78.0.1",
+        Duration::from_secs(45),
+        "carol's new device to ping alice's",
+    );
+    w.lab.stop_all();
+}
