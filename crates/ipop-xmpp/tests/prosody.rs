@@ -1,0 +1,577 @@
+//! The binding against a real Prosody: login and its failures, the social overlay with
+//! friends and own devices, signals, group rooms, a chat client next to ipop, reconnection.
+
+mod common;
+
+use common::{ChatClient, config_for, expect, free_port, group, members, prosody};
+use ipop_core::PublicKey;
+use ipop_core::osn::{
+    Candidate, CandidateKind, DeviceId, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason,
+};
+use ipop_xmpp::{DropReason, Error, LoginError, State, connect};
+use std::time::{Duration, Instant};
+use tokio_xmpp::Stanza;
+use tokio_xmpp::jid::Jid;
+use tokio_xmpp::minidom::Element;
+use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
+use tokio_xmpp::parsers::iq::Iq;
+use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::muc::Muc;
+use tokio_xmpp::parsers::ns;
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::stanza_error::DefinedCondition;
+
+fn device(user: &str, device: &str) -> DeviceId {
+    DeviceId::new(format!("{user}@localhost"), device)
+}
+
+fn users(names: &[&str]) -> Vec<String> {
+    let mut users: Vec<String> = names.iter().map(|n| format!("{n}@localhost")).collect();
+    users.sort();
+    users
+}
+
+fn offer(key: u8) -> LinkOffer {
+    LinkOffer {
+        key: PublicKey([key; 32]),
+        addresses: vec!["10.77.0.1/24".parse().expect("net")],
+        ufrag: "ufrag".to_owned(),
+        pwd: "a-password-of-22-chars".to_owned(),
+        candidates: vec![Candidate {
+            foundation: "1".to_owned(),
+            component: 1,
+            priority: 2_130_706_431,
+            address: "127.0.0.1:40000".parse().expect("addr"),
+            kind: CandidateKind::Host,
+            related: None,
+        }],
+    }
+}
+
+fn is_device_up(event: &OsnEvent, overlay: &OverlayId, who: &DeviceId) -> Option<PublicKey> {
+    match event {
+        OsnEvent::DeviceUp {
+            overlay: o,
+            device,
+            key,
+        } if o == overlay && device == who => Some(*key),
+        _ => None,
+    }
+}
+
+/// Mutual presence subscription, as two people do it in their chat clients.
+async fn befriend(a: &mut ChatClient, b: &mut ChatClient) {
+    let subscribe_from = |who: &ChatClient| {
+        let jid = who.jid.clone();
+        move |s: &Stanza| match s {
+            Stanza::Presence(p)
+                if p.type_ == PresenceType::Subscribe
+                    && p.from.as_ref().map(Jid::to_bare) == Some(jid.clone()) =>
+            {
+                Some(())
+            }
+            _ => None,
+        }
+    };
+    a.send(Presence::subscribe().with_to(b.jid.clone()).into())
+        .await;
+    b.expect("subscription request", subscribe_from(a)).await;
+    b.send(Presence::subscribed().with_to(a.jid.clone()).into())
+        .await;
+    b.send(Presence::subscribe().with_to(a.jid.clone()).into())
+        .await;
+    a.expect("subscription request", subscribe_from(b)).await;
+    a.send(Presence::subscribed().with_to(b.jid.clone()).into())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_succeeds_and_every_failure_names_its_cause_in_time() {
+    let server = prosody();
+    server.register("alice", "pw-alice");
+
+    let (session, mut events) = connect(config_for(&server, "alice", "pw-alice", "laptop", 1))
+        .await
+        .expect("login");
+    let me = expect(&mut events, "Online", |e| match e {
+        OsnEvent::Online { me } => Some(me.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(me, device("alice", "laptop"));
+    let social = expect(&mut events, "social members", |e| {
+        members(e, &OverlayId::Social)
+    })
+    .await;
+    assert_eq!(social, users(&["alice"]));
+    let status = session.status();
+    assert_eq!(status.state, State::Online);
+    assert_eq!(status.bound.as_deref(), Some("alice@localhost/laptop"));
+    assert_eq!(status.reconnects, 0);
+
+    let short = Duration::from_secs(5);
+    let fails = |user: &str, password: &str, edit: &dyn Fn(&mut ipop_xmpp::XmppConfig)| {
+        let mut cfg = config_for(&server, user, password, "laptop", 1);
+        cfg.login_timeout = short;
+        edit(&mut cfg);
+        async move {
+            let started = Instant::now();
+            let error = connect(cfg).await.err().expect("login must fail");
+            assert!(
+                started.elapsed() <= short + Duration::from_millis(500),
+                "{error}"
+            );
+            error
+        }
+    };
+
+    let wrong_password = fails("alice", "nope", &|_| {}).await;
+    assert!(
+        matches!(&wrong_password, LoginError::AuthFailed { condition, .. } if condition == "not-authorized"),
+        "{wrong_password}"
+    );
+    assert!(wrong_password.to_string().contains("wrong password"));
+
+    let no_account = fails("mallory", "pw", &|_| {}).await;
+    assert!(
+        matches!(no_account, LoginError::AuthFailed { .. }),
+        "{no_account}"
+    );
+
+    let closed_port = free_port();
+    let unreachable = fails("alice", "pw-alice", &|cfg| {
+        cfg.server = Some(("127.0.0.1".to_owned(), closed_port));
+    })
+    .await;
+    assert!(
+        matches!(&unreachable, LoginError::Unreachable { server, .. } if server.ends_with(&closed_port.to_string())),
+        "{unreachable}"
+    );
+
+    let untrusted = fails("alice", "pw-alice", &|cfg| cfg.extra_ca = None).await;
+    assert!(
+        matches!(&untrusted, LoginError::Certificate { reason, .. } if reason.contains("unknown authority")),
+        "{untrusted}"
+    );
+
+    // A server that accepts the connection and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let silent_port = silent.local_addr().expect("addr").port();
+    let timed_out = fails("alice", "pw-alice", &|cfg| {
+        cfg.server = Some(("127.0.0.1".to_owned(), silent_port));
+        cfg.login_timeout = Duration::from_secs(1);
+    })
+    .await;
+    assert!(
+        matches!(timed_out, LoginError::Timeout { after: Some(d), .. } if d == Duration::from_secs(1)),
+        "{timed_out}"
+    );
+    drop(silent);
+
+    session.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn friends_and_own_devices_meet_and_signal_while_chat_goes_to_the_chat_client() {
+    let server = prosody();
+    server.register("alice", "pw-alice");
+    server.register("bob", "pw-bob");
+    let social = OverlayId::Social;
+
+    // Alice's ipop is up before she and Bob become friends: the roster push must update it.
+    let (alice, mut alice_events) = connect(config_for(&server, "alice", "pw-alice", "laptop", 1))
+        .await
+        .expect("alice logs in");
+    assert_eq!(
+        expect(&mut alice_events, "social members", |e| members(e, &social)).await,
+        users(&["alice"])
+    );
+
+    let mut alice_chat = ChatClient::connect(&server, "alice", "pw-alice", "chat", Some(5)).await;
+    let mut bob_chat = ChatClient::connect(&server, "bob", "pw-bob", "chat", Some(0)).await;
+    befriend(&mut alice_chat, &mut bob_chat).await;
+    assert_eq!(
+        expect(&mut alice_events, "social members with bob", |e| {
+            members(e, &social).filter(|m| m.len() == 2)
+        })
+        .await,
+        users(&["alice", "bob"])
+    );
+
+    let (bob, mut bob_events) = connect(config_for(&server, "bob", "pw-bob", "desktop", 2))
+        .await
+        .expect("bob logs in");
+    assert_eq!(
+        expect(&mut bob_events, "bob's social members", |e| members(
+            e, &social
+        ))
+        .await,
+        users(&["alice", "bob"])
+    );
+    let key = expect(&mut bob_events, "alice's device", |e| {
+        is_device_up(e, &social, &device("alice", "laptop"))
+    })
+    .await;
+    assert_eq!(key, PublicKey([1; 32]));
+    let key = expect(&mut alice_events, "bob's device", |e| {
+        is_device_up(e, &social, &device("bob", "desktop"))
+    })
+    .await;
+    assert_eq!(key, PublicKey([2; 32]));
+
+    // A link negotiation, both ways.
+    let initiate = Signal::Initiate {
+        session: "s1".to_owned(),
+        offer: offer(1),
+    };
+    alice.send(device("bob", "desktop"), initiate.clone());
+    let (from, signal) = expect(&mut bob_events, "alice's initiate", |e| match e {
+        OsnEvent::Signal { from, signal } => Some((from.clone(), signal.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(from, device("alice", "laptop"));
+    assert_eq!(signal, initiate);
+    let accept = Signal::Accept {
+        session: "s1".to_owned(),
+        offer: offer(2),
+    };
+    bob.send(device("alice", "laptop"), accept.clone());
+    let signal = expect(&mut alice_events, "bob's accept", |e| match e {
+        OsnEvent::Signal { signal, .. } => Some(signal.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(signal, accept);
+
+    // A signal to a device that is not there fails, and says so.
+    alice.send(
+        device("bob", "phone"),
+        Signal::Terminate {
+            session: "s2".to_owned(),
+            reason: TerminateReason::Done,
+        },
+    );
+    let (to, session, reason) = expect(&mut alice_events, "a failed signal", |e| match e {
+        OsnEvent::SignalFailed {
+            to,
+            session,
+            reason,
+        } => Some((to.clone(), session.clone(), reason.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!((to, session.as_str()), (device("bob", "phone"), "s2"));
+    assert!(reason.contains("unavailable"), "{reason}");
+
+    // Hostile or foreign input: a malformed Jingle IQ is refused and counted; service
+    // discovery shows the ipop feature.
+    let alice_laptop = Jid::new("alice@localhost/laptop").expect("jid");
+    let bad = bob_chat
+        .iq(Iq::Set {
+            from: None,
+            to: Some(alice_laptop.clone()),
+            id: "bad-1".to_owned(),
+            payload: "<jingle xmlns='urn:xmpp:jingle:1' action='session-initiate' sid='x'/>"
+                .parse::<Element>()
+                .expect("xml"),
+        })
+        .await;
+    assert_eq!(bad, Err(DefinedCondition::BadRequest));
+    let info = bob_chat
+        .iq(Iq::Get {
+            from: None,
+            to: Some(alice_laptop.clone()),
+            id: "disco-1".to_owned(),
+            payload: Element::bare("query", ns::DISCO_INFO),
+        })
+        .await
+        .expect("disco answered")
+        .expect("disco payload");
+    assert!(String::from(&info).contains("urn:ipop:0"));
+
+    // Chat to Alice's bare JID reaches her chat client, never ipop (priority -1).
+    let mut hello = Message::new(Some(Jid::from(alice_chat.jid.clone())));
+    hello.type_ = MessageType::Chat;
+    hello.bodies.insert(Lang(String::new()), "hello".to_owned());
+    bob_chat.send(hello.into()).await;
+    alice_chat
+        .expect("bob's message", |s| match s {
+            Stanza::Message(m) if m.bodies.values().any(|b| b == "hello") => Some(()),
+            _ => None,
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let drops = alice.status().drops;
+    assert!(
+        !drops.iter().any(|(r, _)| *r == DropReason::Message),
+        "ipop got a chat message: {drops:?}"
+    );
+    assert!(
+        drops.contains(&(DropReason::MalformedJingle, 1)),
+        "{drops:?}"
+    );
+
+    // Alice's other device is a peer too.
+    let (phone, _phone_events) = connect(config_for(&server, "alice", "pw-alice", "phone", 3))
+        .await
+        .expect("alice's phone logs in");
+    let key = expect(&mut alice_events, "alice's phone", |e| {
+        is_device_up(e, &social, &device("alice", "phone"))
+    })
+    .await;
+    assert_eq!(key, PublicKey([3; 32]));
+
+    // Leaving is seen.
+    bob.shutdown().await;
+    expect(&mut alice_events, "bob's device down", |e| match e {
+        OsnEvent::DeviceDown { overlay, device: d }
+            if *overlay == social && *d == device("bob", "desktop") =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+
+    phone.shutdown().await;
+    alice.shutdown().await;
+    alice_chat.end().await;
+    bob_chat.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_room_is_created_members_are_added_join_and_are_removed() {
+    let server = prosody();
+    server.register("alice", "pw-alice");
+    server.register("bob", "pw-bob");
+    let room = "lab@conference.localhost";
+    let lab = OverlayId::Group(room.to_owned());
+
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.social = false;
+    cfg.groups = vec![group("lab", true)];
+    let (alice, mut alice_events) = connect(cfg).await.expect("alice creates the room");
+    assert_eq!(
+        expect(&mut alice_events, "lab members", |e| members(e, &lab)).await,
+        users(&["alice"])
+    );
+    assert!(alice.status().rooms[0].joined);
+
+    let bob_cfg = || {
+        let mut cfg = config_for(&server, "bob", "pw-bob", "desktop", 2);
+        cfg.social = false;
+        cfg.groups = vec![group("lab", false)];
+        cfg
+    };
+    let refused = connect(bob_cfg())
+        .await
+        .err()
+        .expect("bob is no member yet");
+    assert!(
+        matches!(&refused, LoginError::RoomRefused { room: r, why } if r == room && why.contains("not a member")),
+        "{refused}"
+    );
+
+    assert_eq!(
+        alice
+            .add_member("elsewhere@conference.localhost", "bob@localhost")
+            .await,
+        Err(Error::NotAGroup(
+            "elsewhere@conference.localhost".to_owned()
+        ))
+    );
+    alice
+        .add_member(room, "bob@localhost")
+        .await
+        .expect("alice adds bob");
+    let (bob, mut bob_events) = connect(bob_cfg()).await.expect("bob joins");
+    assert_eq!(
+        expect(&mut bob_events, "lab members", |e| members(e, &lab)).await,
+        users(&["alice", "bob"])
+    );
+    assert_eq!(
+        expect(&mut bob_events, "alice's device", |e| {
+            is_device_up(e, &lab, &device("alice", "laptop"))
+        })
+        .await,
+        PublicKey([1; 32])
+    );
+    assert_eq!(
+        expect(&mut alice_events, "lab members with bob", |e| {
+            members(e, &lab).filter(|m| m.len() == 2)
+        })
+        .await,
+        users(&["alice", "bob"])
+    );
+    assert_eq!(
+        expect(&mut alice_events, "bob's device", |e| {
+            is_device_up(e, &lab, &device("bob", "desktop"))
+        })
+        .await,
+        PublicKey([2; 32])
+    );
+
+    // A signal through the group works like one between friends.
+    alice.send(
+        device("bob", "desktop"),
+        Signal::Candidates {
+            session: "g1".to_owned(),
+            candidates: offer(1).candidates,
+        },
+    );
+    expect(&mut bob_events, "candidates", |e| match e {
+        OsnEvent::Signal { from, .. } if *from == device("alice", "laptop") => Some(()),
+        _ => None,
+    })
+    .await;
+
+    // Revocation: Bob is removed from the room and from the overlay, on both sides.
+    alice
+        .remove_member(room, "bob@localhost")
+        .await
+        .expect("alice removes bob");
+    assert_eq!(
+        expect(&mut alice_events, "lab members without bob", |e| {
+            members(e, &lab).filter(|m| m.len() == 1)
+        })
+        .await,
+        users(&["alice"])
+    );
+    expect(&mut alice_events, "bob's device down", |e| match e {
+        OsnEvent::DeviceDown { overlay, device: d }
+            if *overlay == lab && *d == device("bob", "desktop") =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        expect(&mut bob_events, "bob out of the overlay", |e| {
+            members(e, &lab).filter(Vec::is_empty)
+        })
+        .await,
+        Vec::<String>::new()
+    );
+    let problem = bob.status().rooms[0].problem.clone().unwrap_or_default();
+    assert!(problem.contains("revoked"), "{problem}");
+
+    // A room that does not exist is not created without `create`.
+    let mut cfg = config_for(&server, "bob", "pw-bob", "desktop", 2);
+    cfg.groups = vec![group("nowhere", false)];
+    let missing = connect(cfg).await.err().expect("no such room");
+    assert!(missing.to_string().contains("does not exist"), "{missing}");
+
+    bob.shutdown().await;
+    alice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_that_hides_real_jids_is_refused() {
+    let server = prosody();
+    server.register("dave", "pw-dave");
+    server.register("alice", "pw-alice");
+
+    // Dave creates an open room that shows real JIDs to moderators only.
+    let mut dave = ChatClient::connect(&server, "dave", "pw-dave", "chat", None).await;
+    let occupant = Jid::new("anon@conference.localhost/dave").expect("jid");
+    dave.send(
+        Presence::available()
+            .with_to(occupant.clone())
+            .with_payloads(vec![Muc::new().into()])
+            .into(),
+    )
+    .await;
+    dave.expect("room created", |s| match s {
+        Stanza::Presence(p) if p.from.as_ref() == Some(&occupant) => Some(()),
+        _ => None,
+    })
+    .await;
+    let form = DataForm::new(
+        DataFormType::Submit,
+        "http://jabber.org/protocol/muc#roomconfig",
+        vec![Field::new("muc#roomconfig_whois", FieldType::TextSingle).with_value("moderators")],
+    );
+    dave.iq(Iq::Set {
+        from: None,
+        to: Some(Jid::new("anon@conference.localhost").expect("jid")),
+        id: "config-1".to_owned(),
+        payload: Element::builder("query", "http://jabber.org/protocol/muc#owner")
+            .append(Element::from(form))
+            .build(),
+    })
+    .await
+    .expect("room configured");
+
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.groups = vec![group("anon", false)];
+    let refused = connect(cfg).await.err().expect("refused");
+    assert!(
+        matches!(&refused, LoginError::RoomRefused { why, .. } if why.contains("hides real JIDs")),
+        "{refused}"
+    );
+    dave.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_server_restart_the_session_comes_back_with_the_full_picture() {
+    let mut server = prosody();
+    server.register("alice", "pw-alice");
+    server.register("bob", "pw-bob");
+    {
+        let mut alice_chat =
+            ChatClient::connect(&server, "alice", "pw-alice", "chat", Some(0)).await;
+        let mut bob_chat = ChatClient::connect(&server, "bob", "pw-bob", "chat", Some(0)).await;
+        befriend(&mut alice_chat, &mut bob_chat).await;
+        alice_chat.end().await;
+        bob_chat.end().await;
+    }
+    let social = OverlayId::Social;
+    let lab = OverlayId::Group("lab@conference.localhost".to_owned());
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.groups = vec![group("lab", true)];
+    let (alice, mut events) = connect(cfg).await.expect("alice logs in");
+    let (bob, _bob_events) = connect(config_for(&server, "bob", "pw-bob", "desktop", 2))
+        .await
+        .expect("bob logs in");
+    expect(&mut events, "bob's device", |e| {
+        is_device_up(e, &social, &device("bob", "desktop"))
+    })
+    .await;
+
+    server.stop();
+    expect(&mut events, "Offline", |e| {
+        (*e == OsnEvent::Offline).then_some(())
+    })
+    .await;
+    assert_eq!(alice.status().state, State::Reconnecting);
+    server.start();
+
+    expect(&mut events, "Online again", |e| match e {
+        OsnEvent::Online { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    let mut social_members = None;
+    let mut lab_members = None;
+    let mut bob_up = false;
+    expect(&mut events, "the full picture", |e| {
+        if let Some(m) = members(e, &social) {
+            social_members = Some(m);
+        }
+        if let Some(m) = members(e, &lab) {
+            lab_members = Some(m);
+        }
+        bob_up |= is_device_up(e, &social, &device("bob", "desktop")).is_some();
+        (bob_up && social_members.is_some() && lab_members.is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(social_members, Some(users(&["alice", "bob"])));
+    assert_eq!(lab_members, Some(users(&["alice"])));
+    let status = alice.status();
+    assert_eq!((status.state, status.reconnects), (State::Online, 1));
+
+    bob.shutdown().await;
+    alice.shutdown().await;
+}
