@@ -719,3 +719,29 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod documented {
+    use super::*;
+
+    /// The Jingle examples in `docs/protocol.md` are what this module reads.
+    #[test]
+    fn the_examples_in_the_protocol_document_parse() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let mut seen = 0;
+        for block in doc.split("```xml").skip(1) {
+            let block = block.split("```").next().unwrap_or_default();
+            let (Some(start), Some(end)) = (block.find("<jingle"), block.find("</jingle>")) else {
+                continue;
+            };
+            let xml = &block[start..end + "</jingle>".len()];
+            let element: Element = xml.parse().expect("example is well-formed");
+            assert!(from_element(&element).is_ok(), "{xml}");
+            seen += 1;
+        }
+        assert!(
+            seen >= 3,
+            "the document shows initiate, candidates and terminate"
+        );
+    }
+}
