@@ -492,10 +492,7 @@ impl Task {
         });
         // Answers to the old stream's requests will never come.
         for (_, pending) in std::mem::take(&mut self.pending) {
-            self.fail(
-                pending.purpose,
-                "the connection to the XMPP server was lost",
-            );
+            self.fail(pending.purpose, Error::Offline);
         }
         self.out.push(OsnEvent::Online {
             me: self.device_id(),
@@ -576,6 +573,8 @@ impl Task {
                     .as_ref()
                     .map_or_else(|| "the XMPP server".to_owned(), Jid::to_string);
                 match pending.purpose {
+                    // Offline, the next fresh stream asks again anyway.
+                    Purpose::Roster if !self.online => {}
                     Purpose::Roster => {
                         tracing::warn!("no roster from the server in time; asking again");
                         self.iq(
@@ -589,7 +588,7 @@ impl Task {
                             Purpose::Roster,
                         );
                     }
-                    purpose => self.fail(purpose, &format!("no answer from {who} in time")),
+                    purpose => self.fail(purpose, Error::Timeout(who)),
                 }
             }
         }
@@ -611,26 +610,22 @@ impl Task {
     }
 
     /// An outgoing request failed: tell whoever waits for it.
-    fn fail(&mut self, purpose: Purpose, why: &str) {
+    fn fail(&mut self, purpose: Purpose, error: Error) {
         match purpose {
             Purpose::Signal { to, session } => {
-                tracing::debug!(%to, session, "signal failed: {why}");
+                tracing::debug!(%to, session, "signal failed: {error}");
                 self.out.push(OsnEvent::SignalFailed {
                     to,
                     session,
-                    reason: why.to_owned(),
+                    reason: error.to_string(),
                 });
             }
             Purpose::Affiliation { done } => {
                 // The caller may have given up waiting.
-                let _ = done.send(Err(if why.starts_with("no answer") {
-                    Error::Timeout(why.to_owned())
-                } else {
-                    Error::Offline
-                }));
+                let _ = done.send(Err(error));
             }
             Purpose::RoomConfig { room } => {
-                self.room_failed(room, format!("could not configure the new room: {why}"));
+                self.room_failed(room, format!("could not configure the new room: {error}"));
             }
             Purpose::Roster => {}
         }
@@ -666,14 +661,15 @@ impl Task {
     fn send_signal(&mut self, to: DeviceId, signal: Signal) {
         let session = signal.session().to_owned();
         if !self.online {
-            self.fail(
-                Purpose::Signal { to, session },
-                "not connected to the XMPP server",
-            );
+            self.fail(Purpose::Signal { to, session }, Error::Offline);
             return;
         }
         let Ok(jid) = FullJid::new(&to.to_string()) else {
-            self.fail(Purpose::Signal { to, session }, "not a valid XMPP address");
+            let error = Error::InvalidJid {
+                jid: to.to_string(),
+                why: "not a full JID".to_owned(),
+            };
+            self.fail(Purpose::Signal { to, session }, error);
             return;
         };
         let (payload, left_out) = jingle::to_element(&signal, &Jid::from(self.me.clone()));
@@ -817,7 +813,9 @@ impl Task {
     fn answers(&self, pending: &Pending, from: Option<&Jid>) -> bool {
         match (&pending.to, from) {
             (None, None) => true,
-            (None, Some(from)) => from.to_bare() == self.own,
+            (None, Some(from)) => {
+                from.as_str() == self.own.as_str() || from.as_str() == self.me.as_str()
+            }
             (Some(to), Some(from)) => to == from,
             (Some(_), None) => false,
         }
@@ -864,15 +862,16 @@ impl Task {
                 // The caller may have given up waiting.
                 let _ = done.send(Ok(()));
             }
-            (Purpose::Affiliation { done }, Err(error)) => {
-                let by = pending.to.map(|j| j.to_string()).unwrap_or_default();
-                // The caller may have given up waiting.
-                let _ = done.send(Err(Error::Refused {
+            (purpose, Err(error)) => {
+                let by = pending
+                    .to
+                    .map_or_else(|| "the XMPP server".to_owned(), |j| j.to_string());
+                let error = Error::Refused {
                     by,
                     why: muc::describe(&error),
-                }));
+                };
+                self.fail(purpose, error);
             }
-            (purpose, Err(error)) => self.fail(purpose, &muc::describe(&error)),
         }
     }
 
@@ -1389,4 +1388,93 @@ async fn reconnect(
     // (an argument, alive until this function returns) is kept until the runtime ends; the
     // worker waits on it and holds nothing else.
     std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str) -> DeviceId {
+        DeviceId::new("bob@example.org", name)
+    }
+
+    fn publish(view: &mut View, members: &[&str], devices: &[(&str, u8)]) -> Vec<OsnEvent> {
+        let mut out = Vec::new();
+        view.publish(
+            &OverlayId::Social,
+            members.iter().map(|m| (*m).to_owned()).collect(),
+            devices
+                .iter()
+                .map(|(d, k)| (device(d), PublicKey([*k; 32])))
+                .collect(),
+            &mut out,
+        );
+        out
+    }
+
+    fn up(name: &str, key: u8) -> OsnEvent {
+        OsnEvent::DeviceUp {
+            overlay: OverlayId::Social,
+            device: device(name),
+            key: PublicKey([key; 32]),
+        }
+    }
+
+    fn down(name: &str) -> OsnEvent {
+        OsnEvent::DeviceDown {
+            overlay: OverlayId::Social,
+            device: device(name),
+        }
+    }
+
+    fn members(users: &[&str]) -> OsnEvent {
+        OsnEvent::Members {
+            overlay: OverlayId::Social,
+            users: users.iter().map(|u| (*u).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_view_reports_changes_only_members_first() {
+        let mut view = View::default();
+        assert_eq!(
+            publish(&mut view, &["a", "b"], &[("laptop", 1)]),
+            vec![members(&["a", "b"]), up("laptop", 1)]
+        );
+        assert_eq!(publish(&mut view, &["a", "b"], &[("laptop", 1)]), vec![]);
+        assert_eq!(
+            publish(&mut view, &["a"], &[("phone", 2), ("laptop", 3)]),
+            vec![members(&["a"]), up("laptop", 3), up("phone", 2)]
+        );
+        assert_eq!(
+            publish(&mut view, &["a"], &[("laptop", 3)]),
+            vec![down("phone")]
+        );
+    }
+
+    #[test]
+    fn after_a_fresh_stream_everything_is_said_again_and_the_missing_go_down() {
+        let mut view = View::default();
+        publish(&mut view, &["a", "b"], &[("laptop", 1), ("phone", 2)]);
+        view.restart(true);
+        assert_eq!(
+            publish(&mut view, &["a", "b"], &[("laptop", 1)]),
+            vec![members(&["a", "b"]), up("laptop", 1)]
+        );
+        let mut out = Vec::new();
+        view.sweep(&OverlayId::Social, &mut out);
+        assert_eq!(out, vec![down("phone")]);
+        out.clear();
+        view.sweep(&OverlayId::Social, &mut out);
+        assert_eq!(out, vec![]);
+
+        // After a resumed stream nothing was lost: no sweep is needed.
+        view.restart(false);
+        assert_eq!(
+            publish(&mut view, &["a", "b"], &[("laptop", 1)]),
+            vec![members(&["a", "b"]), up("laptop", 1)]
+        );
+        view.sweep(&OverlayId::Social, &mut out);
+        assert_eq!(out, vec![]);
+    }
 }

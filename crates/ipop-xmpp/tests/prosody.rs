@@ -546,6 +546,19 @@ async fn after_a_server_restart_the_session_comes_back_with_the_full_picture() {
     })
     .await;
     assert_eq!(alice.status().state, State::Reconnecting);
+    alice.send(
+        device("bob", "desktop"),
+        Signal::Terminate {
+            session: "s9".to_owned(),
+            reason: TerminateReason::Done,
+        },
+    );
+    let reason = expect(&mut events, "a signal failed while offline", |e| match e {
+        OsnEvent::SignalFailed { reason, .. } => Some(reason.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("not connected"), "{reason}");
     server.start();
 
     expect(&mut events, "Online again", |e| match e {
