@@ -172,6 +172,38 @@ async fn login_succeeds_and_every_failure_names_its_cause_in_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_login_works() {
+    let mut server = prosody();
+    server.register("alice", "pw-alice");
+    // ipop-lab's Prosody has no direct TLS port: give it one.
+    let port = free_port();
+    let config = std::fs::read_to_string(server.config_path()).expect("read config");
+    let edited = config.replace(
+        "c2s_direct_tls_ports = { }",
+        &format!("c2s_direct_tls_ports = {{ {port} }}"),
+    );
+    assert_ne!(
+        config, edited,
+        "the Prosody config has no empty c2s_direct_tls_ports"
+    );
+    std::fs::write(server.config_path(), edited).expect("write config");
+    server.stop();
+    server.start();
+
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.direct_tls = true;
+    cfg.server = Some(("127.0.0.1".to_owned(), port));
+    let (session, mut events) = connect(cfg).await.expect("login with direct TLS");
+    expect(&mut events, "Online", |e| match e {
+        OsnEvent::Online { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(session.status().server, format!("127.0.0.1:{port}"));
+    session.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn friends_and_own_devices_meet_and_signal_while_chat_goes_to_the_chat_client() {
     let server = prosody();
     server.register("alice", "pw-alice");
