@@ -417,9 +417,11 @@ pub async fn connect(
         login,
         first,
         shared.clone(),
-        events.clone(),
-        command_rx,
-        ready_tx,
+        session::Channels {
+            events: events.clone(),
+            commands: command_rx,
+            ready: ready_tx,
+        },
     );
     let session = Session {
         commands,

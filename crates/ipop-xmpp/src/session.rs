@@ -218,17 +218,26 @@ fn random_u64() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
+/// The task's ends of the channels to the [`crate::Session`] handle and to [`crate::connect`].
+pub(crate) struct Channels {
+    pub events: mpsc::UnboundedSender<OsnEvent>,
+    pub commands: mpsc::Receiver<Command>,
+    /// Answered once the first login has synchronised, or failed.
+    pub ready: oneshot::Sender<Result<(), LoginError>>,
+}
+
 impl Task {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         cfg: XmppConfig,
         groups: Vec<BareJid>,
         login: Arc<Login>,
         first: Connection,
         shared: Arc<Shared>,
-        events: mpsc::UnboundedSender<OsnEvent>,
-        commands: mpsc::Receiver<Command>,
-        ready: oneshot::Sender<Result<(), LoginError>>,
+        Channels {
+            events,
+            commands,
+            ready,
+        }: Channels,
     ) -> Self {
         let me = login.jid().clone();
         let own = me.to_bare();
