@@ -525,13 +525,12 @@ impl Task {
             );
         }
         self.outbox.push(announce::presence(&self.cfg.key).into());
+        // Every room, failed ones too: a revoked membership may have been granted again.
         for i in 0..self.rooms.len() {
             let room = &mut self.rooms[i];
             room.occupants.clear();
             room.view.restart(true);
-            if !matches!(room.state, RoomState::Failed(_)) {
-                self.join(i);
-            }
+            self.join(i);
         }
         self.check_ready();
     }
