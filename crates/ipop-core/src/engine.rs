@@ -204,10 +204,11 @@ impl Engine {
                     via: BTreeSet::new(),
                 });
                 if entry.key != key {
-                    tracing::warn!(%device, old = %entry.key.fingerprint(), new = %key.fingerprint(), "device announced a new key");
-                    entry.key = key;
-                    entry.via.clear();
-                    self.drop_link(now, &device, "the device announced a new key");
+                    // While a device is known, its key cannot change: a new key is either an
+                    // impostor or a reinstall, and neither may take over the existing link.
+                    tracing::warn!(%device, known = %entry.key.fingerprint(), announced = %key.fingerprint(), "refusing a changed key for a known device");
+                    self.drops.count(DropReason::KeyChanged);
+                    return;
                 }
                 let refused = self
                     .members
@@ -979,28 +980,44 @@ mod tests {
 
     #[test]
     fn an_offer_with_another_key_than_announced_is_refused() {
-        let mut w = friends();
-        // Alice saw Bob announce a different key than the one his engine uses.
-        let other = PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
-        w.devs[0] = {
-            let mut d = dev(
+        let mut w = World::new(vec![
+            dev(
                 "alice@example.org",
                 "laptop",
                 "192.0.2.1:51820",
                 "10.78.0.1/16",
-            );
-            d.engine
-                .handle_osn(w.now, OsnEvent::Online { me: d.id.clone() });
-            d
-        };
+            ),
+            dev(
+                "bob@example.org",
+                "phone",
+                "192.0.2.2:51820",
+                "10.78.0.2/16",
+            ),
+        ]);
         let both = ["alice@example.org", "bob@example.org"];
         w.members(0, &OverlayId::Social, &both);
+        w.members(1, &OverlayId::Social, &both);
+        // Alice saw Bob announce a different key than the one his engine uses.
+        let other = PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
         w.sees(0, 1, &OverlayId::Social, other);
         let ka = w.key(0);
         w.sees(1, 0, &OverlayId::Social, ka);
         w.run(50);
         assert!(!w.connected(0) && !w.connected(1));
         assert!(w.devs[0].engine.drops().get(DropReason::SignalWrongKey) >= 1);
+    }
+
+    #[test]
+    fn a_changed_key_for_a_known_device_is_refused_and_the_link_stays() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0));
+        let impostor = PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
+        w.sees(0, 1, &OverlayId::Social, impostor);
+        w.run(5);
+        assert!(w.connected(0));
+        assert_eq!(w.link(0).unwrap().key, w.key(1));
+        assert_eq!(w.devs[0].engine.drops().get(DropReason::KeyChanged), 1);
     }
 
     #[test]

@@ -149,10 +149,12 @@ pub enum DropReason {
     SignalWrongKey,
     /// An ipop device whose user the overlay it was seen in does not authorise.
     DeviceNotAuthorised,
+    /// A known device that announced another key.
+    KeyChanged,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -169,6 +171,7 @@ impl DropReason {
         DropReason::SignalNotAuthorised,
         DropReason::SignalWrongKey,
         DropReason::DeviceNotAuthorised,
+        DropReason::KeyChanged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -189,6 +192,7 @@ impl DropReason {
             DropReason::SignalNotAuthorised => "signal_not_authorised",
             DropReason::SignalWrongKey => "signal_wrong_key",
             DropReason::DeviceNotAuthorised => "device_not_authorised",
+            DropReason::KeyChanged => "key_changed",
         }
     }
 }
