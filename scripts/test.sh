@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every ipop test: formatting and lints, unit tests, simulation tests of the core, and the
-# end-to-end tests that start real daemons in network namespaces with real TUN devices.
+# end-to-end tests that start real daemons in network namespaces with real TUN devices and a
+# real XMPP server (Prosody, started by the tests themselves).
 # Run as root on Debian; missing Debian packages are installed first.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ step "checking Debian packages"
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v prosodyctl >/dev/null || need+=(prosody)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
