@@ -11,7 +11,7 @@
 //! Nothing here knows packets; the wire format is in `docs/protocol.md`.
 
 mod announce;
-mod jingle;
+pub mod jingle;
 mod login;
 mod muc;
 mod session;

@@ -968,10 +968,6 @@ impl Task {
         self.publish_social();
     }
 
-    fn authorised_socially(&self, user: &BareJid) -> bool {
-        *user == self.own || self.contacts.get(user) == Some(&Subscription::Both)
-    }
-
     fn publish_social(&mut self) {
         let friends = self
             .contacts
@@ -988,10 +984,11 @@ impl Task {
             .map(|(j, _)| j.to_string())
             .collect();
         members.insert(self.own.to_string());
+        // Every ipop device seen is reported, authorised or not: the core decides, and counts
+        // and logs the devices it refuses.
         let devices: BTreeMap<DeviceId, PublicKey> = self
             .presences
             .iter()
-            .filter(|(jid, _)| self.authorised_socially(&jid.to_bare()))
             .map(|(jid, key)| {
                 (
                     DeviceId::new(jid.to_bare().to_string(), jid.resource().as_str()),
@@ -1147,7 +1144,7 @@ impl Task {
             let devices: BTreeMap<DeviceId, PublicKey> = room
                 .occupants
                 .values()
-                .filter(|o| o.affiliation.authorised() && o.real != self.me)
+                .filter(|o| o.real != self.me)
                 .filter_map(|o| {
                     o.key.map(|key| {
                         (

@@ -4,6 +4,9 @@
 //!
 //! Run as root: they create network namespaces and TUN devices.
 
+use ipop_core::osn::{LinkOffer, Signal};
+use ipop_lab::Jid;
+use ipop_lab::tokio_xmpp::IqRequest;
 use ipop_lab::tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use ipop_lab::{Lab, Node, Prosody, Subscription, XmppUser, wait_until};
 use serde_json::Value;
@@ -165,7 +168,23 @@ fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
     w.node(1).start();
     xmpp_online(w.node(0));
     xmpp_online(w.node(1));
-    std::thread::sleep(Duration::from_secs(5));
+    // Eve's device sees Alice's but must refuse it. Eve then offers a link from her chat
+    // client, as a tampered ipop would: Alice's device must refuse it.
+    let eve_key: ipop_core::PublicKey = w.lab.nodes[1].public_key.parse().expect("eve's key");
+    let offer = Signal::Initiate {
+        session: "eve-was-here".to_owned(),
+        offer: LinkOffer {
+            key: eve_key,
+            addresses: vec!["10.78.0.5/32".parse().expect("address")],
+            ufrag: "evee".to_owned(),
+            pwd: "eve-password-long-enough".to_owned(),
+            candidates: Vec::new(),
+        },
+    };
+    let (jingle, _) = ipop_xmpp::jingle::to_element(&offer, &Jid::from(eve.full_jid()));
+    let alice_device: Jid = format!("alice@{DOMAIN}/laptop").parse().expect("jid");
+    eve.iq(Some(alice_device), IqRequest::Set(jingle));
+    std::thread::sleep(Duration::from_secs(4));
     assert!(
         !ping_ok(&w.lab.nodes[1], "10.78.0.1"),
         "eve reached alice's device"
@@ -174,6 +193,15 @@ fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
     assert!(
         peer_by_jid(&a, "eve@example.org").is_none(),
         "alice lists eve: {a}"
+    );
+    assert!(
+        a["drops"]["signal_not_authorised"].as_u64() >= Some(1),
+        "alice's device does not count eve's offer as refused: {a}"
+    );
+    let log = std::fs::read_to_string(w.lab.nodes[0].log_path()).expect("log");
+    assert!(
+        log.contains("refused a link offer"),
+        "alice's log does not say why"
     );
     let e = w.node(1).status().expect("eve status");
     assert!(
