@@ -12,7 +12,7 @@ use crate::demux::{DatagramKind, classify};
 use crate::ice;
 use crate::key::PublicKey;
 use crate::node::{DropReason, Drops, Node, NodeError, PeerConfig, PeerStatus, Transmit};
-use crate::osn::{DeviceId, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason};
+use crate::osn::{DeviceId, IceServer, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason};
 use ipnet::IpNet;
 use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent, IceCreds};
@@ -100,6 +100,7 @@ pub struct Engine {
     transmits: VecDeque<Transmit>,
     drops: Drops,
     rng: u64,
+    offered_servers: Vec<IceServer>,
 }
 
 impl Engine {
@@ -120,6 +121,7 @@ impl Engine {
             transmits: VecDeque::new(),
             drops: Drops::default(),
             rng: seed | 1,
+            offered_servers: Vec::new(),
         }
     }
 
@@ -231,6 +233,13 @@ impl Engine {
                 }
             }
             OsnEvent::Signal { from, signal } => self.handle_signal(now, from, signal),
+            OsnEvent::IceServers(servers) => {
+                tracing::info!(
+                    count = servers.len(),
+                    "STUN/TURN servers from the social network"
+                );
+                self.offered_servers = servers;
+            }
             OsnEvent::SignalFailed {
                 to,
                 session,
@@ -752,6 +761,11 @@ impl Engine {
     /// The overlays the social network reported, with their members.
     pub fn overlays(&self) -> impl Iterator<Item = (&OverlayId, &BTreeSet<String>)> {
         self.members.iter()
+    }
+
+    /// The STUN and TURN servers the social network offers.
+    pub fn offered_servers(&self) -> &[IceServer] {
+        &self.offered_servers
     }
 
     /// This device, once the social network session is up.

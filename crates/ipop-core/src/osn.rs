@@ -86,6 +86,37 @@ pub enum OsnEvent {
         session: String,
         reason: String,
     },
+    /// The STUN and TURN servers the social network offers (XEP-0215), with current
+    /// credentials. Replaces what the network offered before; servers from the config file are
+    /// kept. Sent again when credentials are renewed.
+    IceServers(Vec<IceServer>),
+}
+
+/// A STUN or TURN server, resolved to an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceServer {
+    pub kind: IceServerKind,
+    /// The host name, for TLS certificate checks and for status.
+    pub host: String,
+    pub address: SocketAddr,
+    pub transport: IceTransport,
+    /// TURN long-term credentials (for `use-auth-secret` servers, time-limited ones).
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IceServerKind {
+    Stun,
+    Turn,
+}
+
+/// How to reach a STUN or TURN server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IceTransport {
+    Udp,
+    Tcp,
+    Tls,
 }
 
 /// A link signal, sent to one device. In XMPP this is a Jingle session (XEP-0166) with the

@@ -474,6 +474,7 @@ impl Dataplane {
                     uptime_s: self.started.elapsed().as_secs_f64().round(),
                     xmpp: self.xmpp_info.as_ref().map(|f| f()),
                     overlays: status::overlays(&self.engine, &self.plans),
+                    ice_servers: status::ice_servers(&self.engine),
                     drops: self.drops(),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))

@@ -17,6 +17,9 @@ pub struct Status {
     /// The XMPP session, when an account is configured.
     pub xmpp: Option<XmppInfo>,
     pub overlays: Vec<Overlay>,
+    /// STUN and TURN servers offered by the XMPP server (`kind transport host address`).
+    #[serde(default)]
+    pub ice_servers: Vec<String>,
     /// Packets dropped since start, by reason.
     pub drops: BTreeMap<String, u64>,
 }
@@ -183,6 +186,26 @@ pub fn overlays(engine: &Engine, plans: &[OverlayPlan]) -> Vec<Overlay> {
         .collect()
 }
 
+/// The STUN and TURN servers the social network offers, one line each.
+pub fn ice_servers(engine: &Engine) -> Vec<String> {
+    engine
+        .offered_servers()
+        .iter()
+        .map(|s| {
+            let kind = match s.kind {
+                ipop_core::osn::IceServerKind::Stun => "stun",
+                ipop_core::osn::IceServerKind::Turn => "turn",
+            };
+            let transport = match s.transport {
+                ipop_core::osn::IceTransport::Udp => "udp",
+                ipop_core::osn::IceTransport::Tcp => "tcp",
+                ipop_core::osn::IceTransport::Tls => "tls",
+            };
+            format!("{kind} {transport} {} {}", s.host, s.address)
+        })
+        .collect()
+}
+
 pub fn drops(engine: &Engine) -> BTreeMap<String, u64> {
     engine
         .drops()
@@ -307,6 +330,7 @@ mod tests {
             listen_port: 51820,
             uptime_s: 12.0,
             xmpp: None,
+            ice_servers: Vec::new(),
             overlays: vec![Overlay {
                 name: "static".into(),
                 kind: "static".into(),
