@@ -21,6 +21,7 @@ pub const DEFAULT_MTU: u16 = 1420;
 pub struct Config {
     #[serde(default)]
     pub device: Device,
+    #[serde(default)]
     pub interface: Interface,
     /// The XMPP account: without it, only static peers are linked.
     pub xmpp: Option<Xmpp>,
@@ -141,6 +142,17 @@ fn bare_jid<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Err(serde::de::Error::custom(format!(
             "{s:?} is not a bare JID: expected user@domain, like \"alice@example.org\""
         )))
+    }
+}
+
+impl Default for Interface {
+    fn default() -> Self {
+        Interface {
+            name: default_interface(),
+            addresses: Vec::new(),
+            mtu: DEFAULT_MTU,
+            listen_port: 0,
+        }
     }
 }
 
@@ -517,7 +529,11 @@ mod tests {
 
     #[test]
     fn missing_sections_and_empty_addresses_are_errors() {
-        assert!(Config::parse("").unwrap_err().contains("interface"));
+        assert!(
+            Config::parse("")
+                .unwrap_err()
+                .contains("no overlay address")
+        );
         assert!(
             Config::parse("[interface]\naddresses = []\n")
                 .unwrap_err()
