@@ -12,7 +12,9 @@ use crate::demux::{DatagramKind, classify};
 use crate::ice;
 use crate::key::PublicKey;
 use crate::node::{DropReason, Drops, Node, NodeError, PeerConfig, PeerStatus, Transmit};
-use crate::osn::{DeviceId, IceServer, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason};
+use crate::osn::{
+    Candidate, DeviceId, IceServer, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason,
+};
 use ipnet::IpNet;
 use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent, IceCreds};
@@ -57,8 +59,12 @@ pub struct LinkStatus {
     pub overlays: Vec<OverlayId>,
     pub phase: LinkPhase,
     pub peer: Option<PeerStatus>,
-    /// The path ICE chose: (local, remote).
-    pub path: Option<(SocketAddr, SocketAddr)>,
+    /// The candidate pair ICE chose: local, then remote.
+    pub pair: Option<(Candidate, Candidate)>,
+    /// Round-trip time of the chosen pair's connectivity checks.
+    pub rtt: Option<Duration>,
+    /// The candidates of the current (or last failed) attempt, local then remote.
+    pub tried: (Vec<Candidate>, Vec<Candidate>),
     pub last_error: Option<String>,
 }
 
@@ -78,6 +84,8 @@ struct Link {
     next_attempt: Instant,
     backoff: Duration,
     last_error: Option<String>,
+    /// The candidates of the last failed attempt.
+    tried: (Vec<Candidate>, Vec<Candidate>),
 }
 
 struct Announced {
@@ -321,6 +329,7 @@ impl Engine {
                     next_attempt: if first { now } else { now + ANSWER_GRACE },
                     backoff: BACKOFF_MIN,
                     last_error: None,
+                    tried: (Vec::new(), Vec::new()),
                 },
             );
             if let Some((id, offer, _)) = self.pending.remove(&device) {
@@ -361,6 +370,15 @@ impl Engine {
             self.node.remove_peer(index);
         }
         if let Some(s) = link.session.take() {
+            let local = s
+                .agent
+                .local_candidates()
+                .filter_map(|c| ice::from_agent(&c));
+            let remote = s
+                .agent
+                .remote_candidates()
+                .filter_map(|c| ice::from_agent(&c));
+            link.tried = (local.collect(), remote.collect());
             self.signals.push_back((
                 device.clone(),
                 Signal::Terminate {
@@ -738,7 +756,26 @@ impl Engine {
                     Some(_) => LinkPhase::Connected,
                 },
                 peer: link.peer.and_then(|i| self.node.peer(i)),
-                path: link.session.as_ref().and_then(|s| s.nominated),
+                pair: link.session.as_ref().and_then(chosen_pair),
+                rtt: link
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.agent.nominated_pair_rtt()),
+                tried: link
+                    .session
+                    .as_ref()
+                    .map(|s| {
+                        let local = s
+                            .agent
+                            .local_candidates()
+                            .filter_map(|c| ice::from_agent(&c));
+                        let remote = s
+                            .agent
+                            .remote_candidates()
+                            .filter_map(|c| ice::from_agent(&c));
+                        (local.collect(), remote.collect())
+                    })
+                    .unwrap_or_else(|| link.tried.clone()),
                 last_error: link.last_error.clone(),
             })
             .collect()
@@ -774,6 +811,22 @@ impl Engine {
     }
 }
 
+/// The nominated pair of a session as candidates (with their types).
+fn chosen_pair(s: &Session) -> Option<(Candidate, Candidate)> {
+    let (source, destination) = s.nominated?;
+    let local = s
+        .agent
+        .local_candidates()
+        .find(|c| c.addr() == source || c.local() == source)
+        .and_then(|c| ice::from_agent(&c))?;
+    let remote = s
+        .agent
+        .remote_candidates()
+        .find(|c| c.addr() == destination)
+        .and_then(|c| ice::from_agent(&c))?;
+    Some((local, remote))
+}
+
 /// Gives the agent the remote credentials and candidates of an offer.
 fn apply_remote(agent: &mut IceAgent, offer: &LinkOffer) {
     agent.set_remote_credentials(IceCreds {
@@ -791,6 +844,7 @@ fn apply_remote(agent: &mut IceAgent, offer: &LinkOffer) {
 mod tests {
     use super::*;
     use crate::node::LinkState;
+    use crate::osn::CandidateKind;
     use crate::packet::tests::ipv4;
     use boringtun::x25519::StaticSecret;
 
@@ -941,7 +995,12 @@ mod tests {
         assert_eq!(w.signals_sent, 2);
         let link = w.link(0).unwrap();
         assert_eq!(link.phase, LinkPhase::Connected);
-        assert_eq!(link.path.map(|p| p.1), Some(w.devs[1].addr));
+        let (local, remote) = link.pair.expect("a chosen pair");
+        assert_eq!(remote.address, w.devs[1].addr);
+        assert_eq!(
+            (local.kind, remote.kind),
+            (CandidateKind::Host, CandidateKind::Host)
+        );
 
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];

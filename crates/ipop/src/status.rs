@@ -1,6 +1,6 @@
 //! What `ipop status` shows: the JSON contract that scripts rely on, and its rendering for people.
 
-use ipop_core::osn::OverlayId;
+use ipop_core::osn::{Candidate, CandidateKind, OverlayId};
 use ipop_core::{Engine, LinkState, LinkStatus, PeerStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -61,6 +61,15 @@ pub struct Peer {
     pub last_handshake_s: Option<f64>,
     /// Why the link is not up, when this side knows.
     pub reason: Option<String>,
+    /// The candidate pair ICE chose, `local -> remote`, each as `type address`.
+    #[serde(default)]
+    pub pair: Option<String>,
+    /// Round-trip time of the chosen pair, in milliseconds.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    /// While the link is not up: the candidates of the attempt, `local|remote type address`.
+    #[serde(default)]
+    pub candidates_tried: Vec<String>,
 }
 
 impl Peer {
@@ -82,6 +91,20 @@ impl Peer {
                 })
                 .or_else(|| Some(describe_phase(l.phase).to_owned()))
         };
+        let relayed = l.pair.as_ref().is_some_and(|(a, b)| {
+            a.kind == CandidateKind::Relayed || b.kind == CandidateKind::Relayed
+        });
+        let candidate = |c: &Candidate| format!("{} {}", c.kind.as_str(), c.address);
+        let candidates_tried = if connected {
+            Vec::new()
+        } else {
+            let (local, remote) = &l.tried;
+            local
+                .iter()
+                .map(|c| format!("local {}", candidate(c)))
+                .chain(remote.iter().map(|c| format!("remote {}", candidate(c))))
+                .collect()
+        };
         Peer {
             id: l.key.to_string(),
             fingerprint: l.key.fingerprint(),
@@ -94,7 +117,7 @@ impl Peer {
                 .map(|p| p.addresses.iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
             state: if connected { "connected" } else { "connecting" }.to_owned(),
-            path: connected.then(|| "direct".to_owned()),
+            path: connected.then(|| if relayed { "relay" } else { "direct" }.to_owned()),
             endpoint: l
                 .peer
                 .as_ref()
@@ -104,6 +127,12 @@ impl Peer {
             tx_bytes: l.peer.as_ref().map_or(0, |p| p.tx_bytes),
             last_handshake_s: l.peer.as_ref().and_then(|p| p.last_handshake).map(seconds),
             reason,
+            pair: l
+                .pair
+                .as_ref()
+                .map(|(a, b)| format!("{} -> {}", candidate(a), candidate(b))),
+            rtt_ms: l.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+            candidates_tried,
         }
     }
 
@@ -123,6 +152,9 @@ impl Peer {
             tx_bytes: p.tx_bytes,
             last_handshake_s: p.last_handshake.map(seconds),
             reason: p.problem.map(|r| r.to_string()),
+            pair: None,
+            rtt_ms: None,
+            candidates_tried: Vec::new(),
         }
     }
 }
@@ -304,6 +336,9 @@ pub fn render(s: &Status) -> String {
             if let Some(reason) = &p.reason {
                 let _ = writeln!(out, "    why not connected: {reason}");
             }
+            if !p.candidates_tried.is_empty() {
+                let _ = writeln!(out, "    candidates: {}", p.candidates_tried.join(", "));
+            }
         }
     }
     let dropped: Vec<String> = s
@@ -349,6 +384,9 @@ mod tests {
                     tx_bytes: 3 * 1024 * 1024,
                     last_handshake_s: None,
                     reason: Some("no handshake response".into()),
+                    pair: None,
+                    rtt_ms: None,
+                    candidates_tried: vec!["local host 10.0.0.1:51820".into()],
                 }],
             }],
             drops: BTreeMap::from([("no_route".into(), 3), ("spoofed_source".into(), 0)]),
@@ -383,6 +421,7 @@ mod tests {
             t.contains("bob") && t.contains("connecting") && t.contains("3.0 MiB"),
             "{t}"
         );
+        assert!(t.contains("candidates: local host 10.0.0.1:51820"), "{t}");
         assert!(
             t.contains("why not connected: no handshake response"),
             "{t}"
