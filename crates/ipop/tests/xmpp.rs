@@ -132,7 +132,7 @@ fn friends_devices_link_and_ping_within_3_s() {
     assert_eq!(bob_peer["path"], "direct");
     let pair = bob_peer["pair"].as_str().unwrap_or_default();
     assert!(
-        pair.starts_with("host ") && pair.contains("-> host 10.0.0.2:51820"),
+        pair.starts_with("host ") && pair.contains(" -> host "),
         "pair {pair}"
     );
     assert_eq!(status["xmpp"]["jid"], "alice@example.org/laptop");
