@@ -109,6 +109,8 @@ pub struct Engine {
     drops: Drops,
     rng: u64,
     offered_servers: Vec<IceServer>,
+    /// Local candidates found after start (server-reflexive, relayed).
+    gathered: Vec<is::Candidate>,
 }
 
 impl Engine {
@@ -130,6 +132,7 @@ impl Engine {
             drops: Drops::default(),
             rng: seed | 1,
             offered_servers: Vec::new(),
+            gathered: Vec::new(),
         }
     }
 
@@ -412,7 +415,35 @@ impl Engine {
                 agent.add_local_candidate(c);
             }
         }
+        for c in &self.gathered {
+            agent.add_local_candidate(c.clone());
+        }
         agent
+    }
+
+    /// Adds a candidate found after start (server-reflexive, relayed): every session gets it,
+    /// and the other devices learn it with a `transport-info`.
+    pub fn add_local_candidate(&mut self, candidate: is::Candidate) {
+        if self.gathered.iter().any(|c| c.addr() == candidate.addr()) {
+            return;
+        }
+        for (device, link) in &mut self.links {
+            let Some(s) = link.session.as_mut() else {
+                continue;
+            };
+            if let Some(added) = s.agent.add_local_candidate(candidate.clone())
+                && let Some(c) = ice::from_agent(added)
+            {
+                self.signals.push_back((
+                    device.clone(),
+                    Signal::Candidates {
+                        session: s.id.clone(),
+                        candidates: vec![c],
+                    },
+                ));
+            }
+        }
+        self.gathered.push(candidate);
     }
 
     fn offer(&self, agent: &IceAgent) -> LinkOffer {
@@ -1012,6 +1043,28 @@ mod tests {
             .engine
             .handle_udp(now, to, from, &wire[..n], &mut inner);
         assert_eq!(got.map(|n| inner[..n].to_vec()), Some(p));
+    }
+
+    #[test]
+    fn a_candidate_found_later_is_trickled_to_the_other_device() {
+        let mut w = friends();
+        w.run(2);
+        let srflx = is::Candidate::server_reflexive(
+            "203.0.113.1:40000".parse().unwrap(),
+            w.devs[0].addr,
+            "udp",
+        )
+        .unwrap();
+        w.devs[0].engine.add_local_candidate(srflx);
+        w.run(5);
+        let (_, remote) = w.link(1).expect("bob's link").tried;
+        assert!(
+            remote
+                .iter()
+                .any(|c| c.kind == CandidateKind::ServerReflexive
+                    && c.address == "203.0.113.1:40000".parse().unwrap()),
+            "{remote:?}"
+        );
     }
 
     #[test]
