@@ -11,12 +11,15 @@
 //! - [`Prosody`]: a private Prosody (own CA, certificate, config, data and port) on loopback or
 //!   inside a namespace, stopped on drop.
 //! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
+//! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
+//!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
 //!
 //! Names carry the PID of the creating process (`ipl-<pid>-<n>-<tag>`), so tests run in
 //! parallel, and namespaces left behind by a killed run are swept on the next run.
 
 mod dir;
 mod ipop;
+mod nat;
 mod net;
 mod netns;
 mod nsenter;
@@ -33,6 +36,10 @@ use std::time::{Duration, Instant};
 pub use dir::TestDir;
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
+};
+pub use nat::{
+    Device, INTERNET_PREFIX_LEN, Nat, NatLab, NatLabBuilder, Router, SERVER_ALT_IP, SERVER_IP,
+    Server, Site,
 };
 pub use net::{Host, Lan, host_letter, ifname, veth};
 pub use netns::{Netns, exists as netns_exists, sweep_stale};
