@@ -109,6 +109,7 @@ pub struct Engine {
     drops: Drops,
     rng: u64,
     offered_servers: Vec<IceServer>,
+    config_servers: Vec<IceServer>,
     /// Local candidates found after start (server-reflexive, relayed).
     gathered: Vec<is::Candidate>,
 }
@@ -132,6 +133,7 @@ impl Engine {
             drops: Drops::default(),
             rng: seed | 1,
             offered_servers: Vec::new(),
+            config_servers: Vec::new(),
             gathered: Vec::new(),
         }
     }
@@ -831,9 +833,15 @@ impl Engine {
         self.members.iter()
     }
 
-    /// The STUN and TURN servers the social network offers.
-    pub fn offered_servers(&self) -> &[IceServer] {
-        &self.offered_servers
+    /// The STUN and TURN servers from the config file, kept whatever the network offers.
+    pub fn set_config_servers(&mut self, servers: Vec<IceServer>) {
+        self.config_servers = servers;
+    }
+
+    /// Every STUN and TURN server in use: the config file's, then those the social network
+    /// offers.
+    pub fn servers(&self) -> impl Iterator<Item = &IceServer> {
+        self.config_servers.iter().chain(&self.offered_servers)
     }
 
     /// This device, once the social network session is up.

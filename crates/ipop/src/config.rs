@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 use ipnet::IpNet;
+use ipop_core::osn::{IceServer, IceServerKind, IceTransport};
 use ipop_core::{PeerConfig, PublicKey};
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
@@ -30,6 +31,9 @@ pub struct Config {
     pub groups: Vec<Group>,
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// STUN and TURN servers of the user's own, besides those the XMPP server offers.
+    #[serde(default)]
+    pub nat: Nat,
     /// The directory relative paths are resolved against: the config file's own.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -113,6 +117,38 @@ pub struct Social {
     pub address: IpNet,
 }
 
+/// NAT traversal servers from the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nat {
+    /// STUN servers, `host:port`.
+    #[serde(default)]
+    pub stun: Vec<String>,
+    #[serde(default)]
+    pub turn: Vec<Turn>,
+}
+
+/// A TURN server with long-term credentials.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Turn {
+    /// `host:port`.
+    pub server: String,
+    #[serde(default)]
+    pub transport: TurnTransport,
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnTransport {
+    #[default]
+    Udp,
+    Tcp,
+    Tls,
+}
+
 /// A group overlay: every member of one multi-user chat room.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +162,12 @@ pub struct Group {
     /// Create the room (members-only, real JIDs visible) if it does not exist.
     #[serde(default)]
     pub create: bool,
+}
+
+/// Whether `s` looks like `host:port` (a bracketed IPv6 address is a host too).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }
 
 fn yes() -> bool {
@@ -268,14 +310,25 @@ impl Config {
                 );
             }
             if let Some(server) = &x.server
-                && server
-                    .rsplit_once(':')
-                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                && !is_host_port(server)
             {
                 return Err(format!("[xmpp] server: {server:?} is not host:port"));
             }
         } else if self.social.as_ref().is_some_and(|s| s.enabled) || !self.groups.is_empty() {
             return Err("[social] and [[groups]] need an [xmpp] account".into());
+        }
+        for server in &self.nat.stun {
+            if !is_host_port(server) {
+                return Err(format!("[nat] stun: {server:?} is not host:port"));
+            }
+        }
+        for turn in &self.nat.turn {
+            if !is_host_port(&turn.server) {
+                return Err(format!(
+                    "[[nat.turn]] server: {:?} is not host:port",
+                    turn.server
+                ));
+            }
         }
         for (i, peer) in self.peers.iter().enumerate() {
             if peer.addresses.is_empty() {
@@ -306,6 +359,49 @@ impl Config {
             .collect();
         all.extend(self.groups.iter().map(|g| g.address));
         all
+    }
+
+    /// The STUN and TURN servers of the `[nat]` section, resolved. A name that does not resolve
+    /// is an error that names it.
+    pub fn ice_servers(&self) -> anyhow::Result<Vec<IceServer>> {
+        use std::net::ToSocketAddrs;
+        let resolve = |server: &str| -> anyhow::Result<(String, SocketAddr)> {
+            let address = server
+                .to_socket_addrs()
+                .with_context(|| format!("[nat]: cannot resolve {server}"))?
+                .next()
+                .with_context(|| format!("[nat]: {server} has no address"))?;
+            let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+            Ok((host.trim_matches(['[', ']']).to_owned(), address))
+        };
+        let mut out = Vec::new();
+        for server in &self.nat.stun {
+            let (host, address) = resolve(server)?;
+            out.push(IceServer {
+                kind: IceServerKind::Stun,
+                host,
+                address,
+                transport: IceTransport::Udp,
+                username: None,
+                password: None,
+            });
+        }
+        for t in &self.nat.turn {
+            let (host, address) = resolve(&t.server)?;
+            out.push(IceServer {
+                kind: IceServerKind::Turn,
+                host,
+                address,
+                transport: match t.transport {
+                    TurnTransport::Udp => IceTransport::Udp,
+                    TurnTransport::Tcp => IceTransport::Tcp,
+                    TurnTransport::Tls => IceTransport::Tls,
+                },
+                username: Some(t.username.clone()),
+                password: Some(t.password.clone()),
+            });
+        }
+        Ok(out)
     }
 
     /// The XMPP password, from wherever the config says it is.
@@ -525,6 +621,18 @@ mod tests {
             e.contains("line 4") && e.contains("tls") && e.contains("starttls"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn nat_servers() {
+        let text = format!(
+            "{MINIMAL}[nat]\nstun = [\"stun.example.org:3478\"]\n[[nat.turn]]\nserver = \"turn.example.org:3478\"\ntransport = \"tcp\"\nusername = \"u\"\npassword = \"p\"\n"
+        );
+        let c = Config::parse(&text).expect("valid");
+        assert_eq!(c.nat.stun, vec!["stun.example.org:3478"]);
+        assert_eq!(c.nat.turn[0].transport, TurnTransport::Tcp);
+        let e = Config::parse(&format!("{MINIMAL}[nat]\nstun = [\"nohost\"]\n")).unwrap_err();
+        assert!(e.contains("[nat] stun") && e.contains("host:port"), "{e}");
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub struct Status {
     /// The XMPP session, when an account is configured.
     pub xmpp: Option<XmppInfo>,
     pub overlays: Vec<Overlay>,
-    /// STUN and TURN servers offered by the XMPP server (`kind transport host address`).
+    /// STUN and TURN servers in use, from the config and from the XMPP server
+    /// (`kind transport host address`).
     #[serde(default)]
     pub ice_servers: Vec<String>,
     /// Packets dropped since start, by reason.
@@ -218,11 +219,10 @@ pub fn overlays(engine: &Engine, plans: &[OverlayPlan]) -> Vec<Overlay> {
         .collect()
 }
 
-/// The STUN and TURN servers the social network offers, one line each.
+/// The STUN and TURN servers in use, one line each.
 pub fn ice_servers(engine: &Engine) -> Vec<String> {
     engine
-        .offered_servers()
-        .iter()
+        .servers()
         .map(|s| {
             let kind = match s.kind {
                 ipop_core::osn::IceServerKind::Stun => "stun",
