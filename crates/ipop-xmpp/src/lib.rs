@@ -7,25 +7,30 @@
 //! * The [`Session`] then runs in its own task: it follows the roster, presences and rooms,
 //!   answers Jingle and service discovery, reconnects with backoff when the connection is lost
 //!   (reporting [`OsnEvent::Offline`], then [`OsnEvent::Online`] and the full picture again).
+//! * After every login it asks the server for STUN and TURN servers (XEP-0215), reports them as
+//!   [`OsnEvent::IceServers`] and asks again before their TURN credentials expire.
 //!
 //! Nothing here knows packets; the wire format is in `docs/protocol.md`.
 
 mod announce;
+mod extdisco;
 pub mod jingle;
 mod login;
 mod muc;
 mod session;
 
 use ipop_core::PublicKey;
-use ipop_core::osn::{DeviceId, OsnEvent, Signal};
+use ipop_core::osn::{DeviceId, IceServerKind, IceTransport, OsnEvent, Signal};
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_xmpp::jid::BareJid;
 
+pub use extdisco::MAX_SERVICES as MAX_EXTERNAL_SERVICES;
 pub use jingle::{MAX_ADDRESSES, MAX_CANDIDATES};
 
 /// The namespace of ipop's presence payload, `<ipop xmlns='urn:ipop:0' key='…'/>`, and the
@@ -212,10 +217,15 @@ pub enum DropReason {
     Message,
     /// A signal the daemon sent while the session's queue was full.
     QueueFull,
+    /// An XEP-0215 `<service/>` entry (STUN/TURN server) that breaks the rules: no type, a bad
+    /// host, port, credentials or expiry date.
+    MalformedExternalService,
+    /// Usable XEP-0215 entries beyond [`MAX_EXTERNAL_SERVICES`] in one answer.
+    ExternalServicesOverLimit,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::MalformedJingle,
         DropReason::TooManyCandidates,
         DropReason::UnsupportedJingleAction,
@@ -231,6 +241,8 @@ impl DropReason {
         DropReason::TooManyDevices,
         DropReason::Message,
         DropReason::QueueFull,
+        DropReason::MalformedExternalService,
+        DropReason::ExternalServicesOverLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -250,6 +262,8 @@ impl DropReason {
             DropReason::TooManyDevices => "too-many-devices",
             DropReason::Message => "message",
             DropReason::QueueFull => "queue-full",
+            DropReason::MalformedExternalService => "malformed-external-service",
+            DropReason::ExternalServicesOverLimit => "external-services-over-limit",
         }
     }
 
@@ -275,6 +289,20 @@ pub struct RoomStatus {
     pub problem: Option<String>,
 }
 
+/// A STUN or TURN server that the XMPP server offers (XEP-0215), as the core was last told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalServiceStatus {
+    pub kind: IceServerKind,
+    pub transport: IceTransport,
+    /// The host as the XMPP server named it.
+    pub host: String,
+    pub address: SocketAddr,
+    /// Whether it came with (TURN) credentials; they are not shown.
+    pub credentials: bool,
+    /// When the credentials expire; new ones are asked for before.
+    pub expires: Option<SystemTime>,
+}
+
 /// A snapshot of the session for `ipop status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XmppStatus {
@@ -292,6 +320,12 @@ pub struct XmppStatus {
     /// ipop devices seen through the social overlay.
     pub social_devices: usize,
     pub rooms: Vec<RoomStatus>,
+    /// STUN and TURN servers offered by the XMPP server (XEP-0215); servers from the config file
+    /// are not here.
+    pub external_services: Vec<ExternalServiceStatus>,
+    /// Why the last query for them gave nothing or less than offered (the server does not offer
+    /// the feature, a refusal, a timeout, names that do not resolve), if it did.
+    pub external_services_problem: Option<String>,
     /// Dropped stanzas by reason; only reasons that happened.
     pub drops: Vec<(DropReason, u64)>,
 }
@@ -317,6 +351,8 @@ impl Shared {
                 friends: 0,
                 social_devices: 0,
                 rooms: Vec::new(),
+                external_services: Vec::new(),
+                external_services_problem: None,
                 drops: Vec::new(),
             }),
             drops: Mutex::new([0; DropReason::ALL.len()]),

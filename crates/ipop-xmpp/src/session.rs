@@ -5,11 +5,13 @@
 //! picture is announced again and devices that did not come back are reported down.
 
 use crate::announce::{self, Announce};
+use crate::extdisco::{self, Offered, Resolution, Resolved};
 use crate::jingle::{self, Malformed};
 use crate::login::Login;
 use crate::muc::{self, Affiliation, OccupantInfo};
 use crate::{
-    Command, DropReason, Error, LoginError, RoomStatus, SIGNAL_TIMEOUT, Shared, State, XmppConfig,
+    Command, DropReason, Error, ExternalServiceStatus, LoginError, RoomStatus, SIGNAL_TIMEOUT,
+    Shared, State, XmppConfig,
 };
 use futures::StreamExt;
 use ipop_core::PublicKey;
@@ -18,8 +20,9 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_xmpp::Stanza;
 use tokio_xmpp::jid::{BareJid, FullJid, Jid};
@@ -50,6 +53,9 @@ const MAX_DEVICES: usize = 4096;
 const QUEUE_DEPTH: usize = 64;
 /// How often pending IQs and timers are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// After a failed query for STUN/TURN servers, ask again this soon while credentials that were
+/// reported before are still valid.
+const EXTERNAL_RETRY: Duration = Duration::from_secs(30);
 
 /// What the core was told about one overlay.
 #[derive(Default)]
@@ -175,6 +181,33 @@ enum Purpose {
     Affiliation {
         done: oneshot::Sender<Result<(), Error>>,
     },
+    /// XEP-0215 `<services/>`.
+    ExternalServices,
+    /// XEP-0215 `<credentials/>` for some of these services.
+    ExternalCredentials {
+        services: Vec<Offered>,
+    },
+}
+
+/// The STUN and TURN servers from the XMPP server (XEP-0215).
+#[derive(Default)]
+struct External {
+    /// What the core was told last.
+    announced: Vec<Resolved>,
+    /// When to ask again, for fresh credentials or after a failure.
+    renew_at: Option<Instant>,
+    /// The host name lookup for the last answer.
+    resolving: Option<JoinHandle<Resolution>>,
+}
+
+/// Waits for the lookup in `slot`, if any, and empties the slot; `None` if it panicked.
+async fn resolved(slot: &mut Option<JoinHandle<Resolution>>) -> Option<Resolution> {
+    let Some(handle) = slot else {
+        return std::future::pending().await;
+    };
+    let result = handle.await;
+    *slot = None;
+    result.ok()
 }
 
 struct Pending {
@@ -208,6 +241,7 @@ pub(crate) struct Task {
     social: View,
     social_sweep_at: Option<Instant>,
     rooms: Vec<Room>,
+    external: External,
     /// Stanzas produced while handling one input, sent afterwards.
     outbox: Vec<Stanza>,
     /// Events produced while handling one input, sent afterwards.
@@ -280,6 +314,7 @@ impl Task {
             social: View::default(),
             social_sweep_at: None,
             rooms,
+            external: External::default(),
             outbox: Vec::new(),
             out: Vec::new(),
         }
@@ -303,6 +338,9 @@ impl Task {
                     Some(command) => self.on_command(command),
                     None => break None,
                 },
+                resolution = resolved(&mut self.external.resolving) => {
+                    self.on_resolved(resolution);
+                }
                 _ = tick.tick() => self.on_tick(Instant::now()),
             }
             self.flush().await;
@@ -330,6 +368,9 @@ impl Task {
 
     async fn close(mut self) {
         self.closing.send_replace(true);
+        if let Some(lookup) = self.external.resolving.take() {
+            lookup.abort();
+        }
         for (_, pending) in self.pending.drain() {
             if let Purpose::Affiliation { done } = pending.purpose {
                 // The caller may have given up waiting.
@@ -465,6 +506,9 @@ impl Task {
                     self.rooms[i].view.restart(false);
                     self.publish_room(i);
                 }
+                if !self.external_busy() {
+                    self.query_external_services();
+                }
             }
             StreamEvent::Suspended => {
                 if self.online {
@@ -532,6 +576,7 @@ impl Task {
             room.view.restart(true);
             self.join(i);
         }
+        self.query_external_services();
         self.check_ready();
     }
 
@@ -614,6 +659,9 @@ impl Task {
                     self.join(i);
                 }
             }
+            if self.external.renew_at.is_some_and(|at| at <= now) && !self.external_busy() {
+                self.query_external_services();
+            }
         }
     }
 
@@ -636,6 +684,11 @@ impl Task {
                 self.room_failed(room, format!("could not configure the new room: {error}"));
             }
             Purpose::Roster => {}
+            Purpose::ExternalServices => self.external_services_failed(error.to_string()),
+            Purpose::ExternalCredentials { services } => {
+                tracing::debug!("no TURN credentials from the XMPP server: {error}");
+                self.resolve_external_services(extdisco::usable(services));
+            }
         }
     }
 
@@ -870,6 +923,10 @@ impl Task {
                 // The caller may have given up waiting.
                 let _ = done.send(Ok(()));
             }
+            (Purpose::ExternalServices, Ok(payload)) => self.on_external_services(payload),
+            (Purpose::ExternalCredentials { services }, Ok(payload)) => {
+                self.on_external_credentials(services, payload);
+            }
             (purpose, Err(error)) => {
                 let by = pending
                     .to
@@ -881,6 +938,190 @@ impl Task {
                 self.fail(purpose, error);
             }
         }
+    }
+
+    // ---- STUN and TURN servers from the XMPP server (XEP-0215) ----
+
+    /// Whether a query, a credentials request or a lookup is under way.
+    fn external_busy(&self) -> bool {
+        self.external.resolving.is_some()
+            || self.pending.values().any(|p| {
+                matches!(
+                    p.purpose,
+                    Purpose::ExternalServices | Purpose::ExternalCredentials { .. }
+                )
+            })
+    }
+
+    fn server_jid(&self) -> Jid {
+        BareJid::from_parts(None, self.own.domain()).into()
+    }
+
+    fn query_external_services(&mut self) {
+        if let Some(lookup) = self.external.resolving.take() {
+            lookup.abort();
+        }
+        self.external.renew_at = None;
+        let server = self.server_jid();
+        tracing::debug!(%server, "asking for STUN/TURN servers (XEP-0215)");
+        self.iq(
+            Some(server),
+            false,
+            extdisco::query(),
+            Purpose::ExternalServices,
+        );
+    }
+
+    /// Reads an offer and counts what was wrong with it.
+    fn read_offer(&self, payload: Option<Element>) -> Result<Vec<Offered>, String> {
+        // An empty result says "no services".
+        let Some(payload) = payload else {
+            return Ok(Vec::new());
+        };
+        let offer = extdisco::parse(&payload).inspect_err(|why| {
+            self.drop_stanza(DropReason::MalformedExternalService, why);
+        })?;
+        for _ in 0..offer.malformed {
+            self.shared.count(DropReason::MalformedExternalService);
+        }
+        if offer.over_limit > 0 {
+            tracing::debug!(
+                dropped = offer.over_limit,
+                "more than {} STUN/TURN servers offered",
+                extdisco::MAX_SERVICES
+            );
+            for _ in 0..offer.over_limit {
+                self.shared.count(DropReason::ExternalServicesOverLimit);
+            }
+        }
+        Ok(offer.services)
+    }
+
+    fn on_external_services(&mut self, payload: Option<Element>) {
+        let mut services = match self.read_offer(payload) {
+            Ok(services) => services,
+            Err(why) => {
+                self.external_services_failed(format!("unreadable answer: {why}"));
+                return;
+            }
+        };
+        extdisco::share_credentials(&mut services);
+        if let Some(request) = extdisco::credentials_request(&services) {
+            let server = self.server_jid();
+            self.iq(
+                Some(server),
+                false,
+                request,
+                Purpose::ExternalCredentials { services },
+            );
+            return;
+        }
+        self.resolve_external_services(services);
+    }
+
+    fn on_external_credentials(&mut self, mut services: Vec<Offered>, payload: Option<Element>) {
+        match self.read_offer(payload) {
+            Ok(answer) => extdisco::apply_credentials(&mut services, &answer),
+            Err(why) => tracing::debug!("unreadable TURN credentials: {why}"),
+        }
+        self.resolve_external_services(extdisco::usable(services));
+    }
+
+    fn resolve_external_services(&mut self, services: Vec<Offered>) {
+        if services.is_empty() {
+            self.on_resolved(Some(Resolution::default()));
+        } else {
+            self.external.resolving = Some(tokio::spawn(extdisco::resolve(services)));
+        }
+    }
+
+    /// Reports the servers to the core: whenever there are some (new credentials, or a fresh
+    /// stream), and once more when there are none left.
+    fn on_resolved(&mut self, resolution: Option<Resolution>) {
+        let Some(Resolution {
+            servers,
+            unresolved,
+        }) = resolution
+        else {
+            self.external_services_failed("the host name lookup failed".to_owned());
+            return;
+        };
+        if servers.is_empty() && !unresolved.is_empty() {
+            let names: Vec<String> = unresolved.into_iter().collect();
+            self.external_services_failed(format!("no address for {}", names.join(", ")));
+            return;
+        }
+        self.external.renew_at = extdisco::renew_delay(&servers, SystemTime::now()).map(|d| {
+            tracing::debug!("asking for fresh TURN credentials in {d:?}");
+            Instant::now() + d
+        });
+        let report = !servers.is_empty() || !self.external.announced.is_empty();
+        self.external.announced = servers;
+        let problem = if !unresolved.is_empty() {
+            let names: Vec<String> = unresolved.into_iter().collect();
+            Some(format!("no address for {}", names.join(", ")))
+        } else if self.external.announced.is_empty() {
+            Some("the XMPP server offers no STUN or TURN server that ipop uses".to_owned())
+        } else {
+            None
+        };
+        self.update_external_status(problem);
+        if report {
+            tracing::info!(
+                count = self.external.announced.len(),
+                "STUN/TURN servers from the XMPP server"
+            );
+            self.announce_external();
+        } else {
+            tracing::debug!("the XMPP server offers no STUN/TURN servers");
+        }
+    }
+
+    /// The query gave nothing: what was reported stays until its credentials expire, and while
+    /// some may, ask again soon.
+    fn external_services_failed(&mut self, why: String) {
+        tracing::debug!("no STUN/TURN servers from the XMPP server (XEP-0215): {why}");
+        if extdisco::prune_expired(&mut self.external.announced, SystemTime::now()) {
+            tracing::info!("TURN credentials from the XMPP server expired");
+            self.announce_external();
+        }
+        self.external.renew_at = self
+            .external
+            .announced
+            .iter()
+            .any(|s| s.expires.is_some())
+            .then(|| Instant::now() + EXTERNAL_RETRY);
+        self.update_external_status(Some(why));
+    }
+
+    fn announce_external(&mut self) {
+        self.out.push(OsnEvent::IceServers(
+            self.external
+                .announced
+                .iter()
+                .map(|s| s.server.clone())
+                .collect(),
+        ));
+    }
+
+    fn update_external_status(&self, problem: Option<String>) {
+        let services = self
+            .external
+            .announced
+            .iter()
+            .map(|s| ExternalServiceStatus {
+                kind: s.server.kind,
+                transport: s.server.transport,
+                host: s.server.host.clone(),
+                address: s.server.address,
+                credentials: s.server.username.is_some(),
+                expires: s.expires,
+            })
+            .collect();
+        self.shared.update(|s| {
+            s.external_services = services;
+            s.external_services_problem = problem;
+        });
     }
 
     // ---- the social overlay ----

@@ -3,13 +3,20 @@
 
 mod common;
 
-use common::{ChatClient, config_for, expect, free_port, group, members, prosody};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{
+    ChatClient, DOMAIN, config_for, expect, expect_within, free_port, group, members, prosody,
+};
+use hmac::{Hmac, Mac};
 use ipop_core::PublicKey;
 use ipop_core::osn::{
-    Candidate, CandidateKind, DeviceId, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason,
+    Candidate, CandidateKind, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer,
+    OsnEvent, OverlayId, Signal, TerminateReason,
 };
+use ipop_lab::{ExternalService, Prosody};
 use ipop_xmpp::{DropReason, Error, LoginError, State, connect};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio_xmpp::Stanza;
 use tokio_xmpp::jid::Jid;
 use tokio_xmpp::minidom::Element;
@@ -167,6 +174,19 @@ async fn login_succeeds_and_every_failure_names_its_cause_in_time() {
         "{timed_out}"
     );
     drop(silent);
+
+    // This server offers no STUN/TURN (no XEP-0215): the status says so, the core hears nothing.
+    let deadline = Instant::now() + common::WAIT;
+    while session.status().external_services_problem.is_none() {
+        assert!(Instant::now() < deadline, "{:?}", session.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = session.status();
+    assert!(status.external_services.is_empty(), "{status:?}");
+    assert!(status.drops.is_empty(), "{status:?}");
+    while let Ok(event) = events.try_recv() {
+        assert!(!matches!(event, OsnEvent::IceServers(_)), "{event:?}");
+    }
 
     session.shutdown().await;
 }
@@ -618,5 +638,178 @@ async fn after_a_server_restart_the_session_comes_back_with_the_full_picture() {
     assert_eq!((status.state, status.reconnects), (State::Online, 1));
 
     bob.shutdown().await;
+    alice.shutdown().await;
+}
+
+/// The TURN REST credentials Prosody derives from a shared secret (coturn's `use-auth-secret`):
+/// the username starts with the expiry in Unix seconds, the password is
+/// base64(HMAC-SHA1(secret, username)). Returns the expiry.
+fn check_turn_credentials(server: &IceServer, secret: &str) -> u64 {
+    let username = server
+        .username
+        .as_deref()
+        .unwrap_or_else(|| panic!("TURN credentials: {server:?}"));
+    let expiry: u64 = username
+        .split(':')
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("username <expiry>[:…]: {username:?}"));
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(username.as_bytes());
+    let expected = BASE64.encode(mac.finalize().into_bytes());
+    assert_eq!(
+        server.password.as_deref(),
+        Some(expected.as_str()),
+        "{username}"
+    );
+    expiry
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+fn ice_servers(event: &OsnEvent) -> Option<Vec<IceServer>> {
+    match event {
+        OsnEvent::IceServers(servers) => Some(servers.clone()),
+        _ => None,
+    }
+}
+
+/// The one IPv4 server of a kind and transport.
+fn ipv4_server(servers: &[IceServer], kind: IceServerKind, transport: IceTransport) -> &IceServer {
+    let found: Vec<&IceServer> = servers
+        .iter()
+        .filter(|s| s.kind == kind && s.transport == transport && s.address.is_ipv4())
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {kind:?} over {transport:?} in {servers:#?}"
+    );
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_and_turn_come_from_the_xmpp_server_with_credentials_renewed_before_expiry() {
+    const SECRET: &str = "turn-shared-secret";
+    // Renewed 30 s before expiry: 10 s after each answer.
+    const TTL: u32 = 40;
+    let service =
+        |kind: &str, transport: &str, host: &str, port: u16, secret: bool| ExternalService {
+            kind: kind.to_owned(),
+            transport: transport.to_owned(),
+            host: host.to_owned(),
+            port,
+            secret: secret.then(|| SECRET.to_owned()),
+            ttl: secret.then_some(TTL),
+        };
+    let mut server = Prosody::builder(DOMAIN)
+        .external_services(vec![
+            service("stun", "udp", "127.0.0.1", 3478, false),
+            service("turn", "udp", "127.0.0.1", 3478, true),
+            // A name that ipop looks up.
+            service("turn", "tcp", "localhost", 3478, true),
+            // Prosody gives no credentials to `turns`: those of `turn` on the same host apply.
+            service("turns", "tcp", "127.0.0.1", 5349, true),
+            // A type ipop does not use: skipped, not counted.
+            service("ftp", "tcp", "127.0.0.1", 21, false),
+        ])
+        .start();
+    server.register("alice", "pw-alice");
+    let (alice, mut events) = connect(config_for(&server, "alice", "pw-alice", "laptop", 1))
+        .await
+        .expect("alice logs in");
+
+    let check = |servers: &[IceServer]| -> u64 {
+        let stun = ipv4_server(servers, IceServerKind::Stun, IceTransport::Udp);
+        assert_eq!(stun.address.to_string(), "127.0.0.1:3478");
+        assert_eq!((&stun.username, &stun.password), (&None, &None));
+        let udp = ipv4_server(servers, IceServerKind::Turn, IceTransport::Udp);
+        assert_eq!(udp.address.to_string(), "127.0.0.1:3478");
+        let tcp = ipv4_server(servers, IceServerKind::Turn, IceTransport::Tcp);
+        assert_eq!(
+            (tcp.host.as_str(), tcp.address.to_string()),
+            ("localhost", "127.0.0.1:3478".to_owned())
+        );
+        let tls = ipv4_server(servers, IceServerKind::Turn, IceTransport::Tls);
+        assert_eq!(tls.address.to_string(), "127.0.0.1:5349");
+        assert_eq!(
+            (&tls.username, &tls.password),
+            (&udp.username, &udp.password)
+        );
+        let expiry = check_turn_credentials(udp, SECRET);
+        check_turn_credentials(tcp, SECRET);
+        let now = unix_now();
+        assert!(
+            now < expiry && expiry <= now + u64::from(TTL) + 2,
+            "expiry {expiry}, now {now}"
+        );
+        assert!(
+            servers.len() <= 5 && !servers.iter().any(|s| s.address.port() == 21),
+            "{servers:#?}"
+        );
+        expiry
+    };
+
+    let first = expect(&mut events, "STUN/TURN servers", ice_servers).await;
+    let received = Instant::now();
+    let first_expiry = check(&first);
+    let status = alice.status();
+    assert_eq!(status.external_services.len(), first.len(), "{status:?}");
+    assert_eq!(status.external_services_problem, None);
+    assert!(
+        status
+            .external_services
+            .iter()
+            .filter(|s| s.kind == IceServerKind::Turn)
+            .all(|s| s.credentials && s.expires.is_some()),
+        "{status:?}"
+    );
+    assert!(status.drops.is_empty(), "{status:?}");
+
+    // Fresh credentials before the old ones expire.
+    let renewed = expect_within(
+        &mut events,
+        Duration::from_secs(TTL.into()) - Duration::from_secs(10),
+        "renewed STUN/TURN servers",
+        ice_servers,
+    )
+    .await;
+    let renewed_expiry = check(&renewed);
+    assert!(
+        renewed_expiry > first_expiry,
+        "{renewed_expiry} > {first_expiry}"
+    );
+    assert!(
+        received.elapsed() >= Duration::from_secs(8),
+        "renewed after {:?}, not at once",
+        received.elapsed()
+    );
+
+    // And again after a reconnect.
+    server.stop();
+    expect(&mut events, "Offline", |e| {
+        (*e == OsnEvent::Offline).then_some(())
+    })
+    .await;
+    server.start();
+    expect(&mut events, "Online again", |e| match e {
+        OsnEvent::Online { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    let again = expect(
+        &mut events,
+        "STUN/TURN servers after reconnecting",
+        ice_servers,
+    )
+    .await;
+    check(&again);
+    assert!(alice.status().drops.is_empty(), "{:?}", alice.status());
+
     alice.shutdown().await;
 }

@@ -80,9 +80,19 @@ pub fn group(room: &str, create: bool) -> GroupConfig {
 pub async fn expect<T>(
     events: &mut UnboundedReceiver<OsnEvent>,
     what: &str,
+    matches: impl FnMut(&OsnEvent) -> Option<T>,
+) -> T {
+    expect_within(events, WAIT, what, matches).await
+}
+
+/// [`expect`], with another time limit than [`WAIT`].
+pub async fn expect_within<T>(
+    events: &mut UnboundedReceiver<OsnEvent>,
+    wait: Duration,
+    what: &str,
     mut matches: impl FnMut(&OsnEvent) -> Option<T>,
 ) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + wait;
     let mut seen = Vec::new();
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {
@@ -93,7 +103,7 @@ pub async fn expect<T>(
                 seen.push(event);
             }
             Ok(None) => panic!("events ended while waiting for {what}; seen: {seen:#?}"),
-            Err(_) => panic!("no {what} within {WAIT:?}; seen: {seen:#?}"),
+            Err(_) => panic!("no {what} within {wait:?}; seen: {seen:#?}"),
         }
     }
 }
