@@ -13,6 +13,8 @@ pub mod node;
 pub mod osn;
 pub mod packet;
 pub mod route;
+pub mod stun;
+pub mod turn;
 
 pub use engine::{Engine, LinkPhase, LinkStatus};
 pub use key::{KeyError, PublicKey};

@@ -10,6 +10,8 @@
 //!   `ipop status --json`; [`wait_until`] polls for a condition.
 //! - [`Prosody`]: a private Prosody (own CA, certificate, config, data and port) on loopback or
 //!   inside a namespace, stopped on drop.
+//! - [`Coturn`]: a private coturn (STUN/TURN, time-limited credentials) on loopback or inside a
+//!   namespace, stopped on drop.
 //! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
 //! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
 //!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
@@ -17,6 +19,7 @@
 //! Names carry the PID of the creating process (`ipl-<pid>-<n>-<tag>`), so tests run in
 //! parallel, and namespaces left behind by a killed run are swept on the next run.
 
+mod coturn;
 mod dir;
 mod ipop;
 mod nat;
@@ -33,6 +36,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use coturn::{
+    COTURN_READY_TIMEOUT, COTURN_REALM, Coturn, CoturnBuilder, rest_credentials, sweep_stale_coturn,
+};
 pub use dir::TestDir;
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,

@@ -1,0 +1,517 @@
+//! A private coturn (STUN and TURN server) for one test: its own directory, config, log, user
+//! database and ports, on loopback or inside a namespace, with time-limited credentials (the TURN
+//! REST API: `use-auth-secret`).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sha1::Sha1;
+
+use crate::dir::TestDir;
+use crate::netns::Netns;
+use crate::nsenter::{NsHandle, run_in};
+use crate::process::{Daemon, log_tail};
+use crate::{PREFIX, next_id};
+
+/// How long [`CoturnBuilder::start`] waits for coturn to answer a STUN Binding request.
+pub const COTURN_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The realm every test coturn uses unless told otherwise.
+pub const COTURN_REALM: &str = "ipop.test";
+
+/// Relay ports per coturn.
+const RELAY_PORTS: u16 = 64;
+
+/// Lines of coturn's log printed when a test fails.
+const LOG_TAIL_LINES: usize = 60;
+
+static SWEEP: Once = Once::new();
+
+/// Options for a [`Coturn`]; [`CoturnBuilder::start`] starts it.
+#[derive(Debug)]
+pub struct CoturnBuilder {
+    netns: Option<NsHandle>,
+    ip: IpAddr,
+    relay_ip: Option<IpAddr>,
+    secret: String,
+    realm: String,
+    stale_nonce: Option<Duration>,
+    extra: Vec<String>,
+    parent: Option<PathBuf>,
+}
+
+impl CoturnBuilder {
+    /// Runs coturn inside `ns`, listening on `ip`, which must already be an address of an
+    /// interface there.
+    #[must_use]
+    pub fn in_netns(mut self, ns: &Netns, ip: IpAddr) -> CoturnBuilder {
+        self.netns = Some(NsHandle::of(ns));
+        self.ip = ip;
+        self
+    }
+
+    /// The address relayed traffic leaves from (coturn's `relay-ip`); the listening address by
+    /// default.
+    #[must_use]
+    pub fn relay_ip(mut self, ip: IpAddr) -> CoturnBuilder {
+        self.relay_ip = Some(ip);
+        self
+    }
+
+    /// The shared secret of the TURN REST API (`static-auth-secret`).
+    #[must_use]
+    pub fn secret(mut self, secret: &str) -> CoturnBuilder {
+        self.secret = secret.to_owned();
+        self
+    }
+
+    #[must_use]
+    pub fn realm(mut self, realm: &str) -> CoturnBuilder {
+        self.realm = realm.to_owned();
+        self
+    }
+
+    /// Nonces expire after this long (coturn's `stale-nonce`), so that clients see 438 Stale
+    /// Nonce answers. Whole seconds, at least one.
+    #[must_use]
+    pub fn stale_nonce(mut self, lifetime: Duration) -> CoturnBuilder {
+        self.stale_nonce = Some(lifetime.max(Duration::from_secs(1)));
+        self
+    }
+
+    /// A line of coturn configuration (`option` or `option=value`) added to the file.
+    #[must_use]
+    pub fn config_line(mut self, line: &str) -> CoturnBuilder {
+        self.extra.push(line.to_owned());
+        self
+    }
+
+    /// Puts the scratch directory under `parent` (a test's [`TestDir`], say) instead of a
+    /// temporary directory of its own.
+    #[must_use]
+    pub fn dir(mut self, parent: &Path) -> CoturnBuilder {
+        self.parent = Some(parent.to_owned());
+        self
+    }
+
+    /// Writes the config, starts coturn and waits until it answers STUN over UDP and accepts TCP
+    /// connections.
+    ///
+    /// # Panics
+    /// When a file cannot be written, no port is free on the address, or coturn does not come
+    /// up within [`COTURN_READY_TIMEOUT`]; the message carries its log.
+    #[must_use]
+    pub fn start(self) -> Coturn {
+        SWEEP.call_once(sweep_stale_coturn);
+        let (scratch, dir) = match &self.parent {
+            Some(parent) => (None, parent.join(format!("coturn-{}", next_id()))),
+            None => {
+                let scratch = TestDir::new("coturn");
+                let dir = scratch.path().to_owned();
+                (Some(scratch), dir)
+            }
+        };
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let port = free_port(self.netns.as_ref(), self.ip);
+        let relay_ip = self.relay_ip.unwrap_or(self.ip);
+        let relay_ports = relay_ports(self.netns.as_ref(), relay_ip);
+        let coturn = Coturn {
+            daemon: None,
+            addr: SocketAddr::new(self.ip, port),
+            relay_ip,
+            relay_ports,
+            config: dir.join("turnserver.conf"),
+            log: dir.join("turnserver.log"),
+            stdout: dir.join("turnserver.out"),
+            secret: self.secret,
+            realm: self.realm,
+            netns: self.netns,
+            dir,
+            _scratch: scratch,
+        };
+        let config = coturn.config_text(self.stale_nonce, &self.extra);
+        std::fs::write(&coturn.config, config)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", coturn.config.display()));
+        coturn.launch()
+    }
+}
+
+/// A running coturn: STUN and TURN over UDP and TCP on one port, relaying over UDP.
+///
+/// Dropping it stops the process (SIGTERM, then SIGKILL, by PID) and removes its directory;
+/// when the thread is panicking, it prints the log's path and tail and keeps the directory.
+#[derive(Debug)]
+pub struct Coturn {
+    /// Declared first: stopped before the directory goes.
+    daemon: Option<Daemon>,
+    netns: Option<NsHandle>,
+    addr: SocketAddr,
+    relay_ip: IpAddr,
+    relay_ports: RangeInclusive<u16>,
+    secret: String,
+    realm: String,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    stdout: PathBuf,
+    /// The temporary directory when the builder was given none; dropped last.
+    _scratch: Option<TestDir>,
+}
+
+impl Coturn {
+    /// Options for a coturn on 127.0.0.1 with secret `ipop-lab-secret` and realm
+    /// [`COTURN_REALM`], unless told otherwise.
+    #[must_use]
+    pub fn builder() -> CoturnBuilder {
+        CoturnBuilder {
+            netns: None,
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            relay_ip: None,
+            secret: "ipop-lab-secret".to_owned(),
+            realm: COTURN_REALM.to_owned(),
+            stale_nonce: None,
+            extra: Vec::new(),
+            parent: None,
+        }
+    }
+
+    /// A coturn on 127.0.0.1 with default options.
+    ///
+    /// # Panics
+    /// See [`CoturnBuilder::start`].
+    #[must_use]
+    pub fn start_local() -> Coturn {
+        Coturn::builder().start()
+    }
+
+    /// Where clients reach it, over UDP and TCP.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address relayed transport addresses are on.
+    #[must_use]
+    pub fn relay_ip(&self) -> IpAddr {
+        self.relay_ip
+    }
+
+    /// The UDP ports relayed transport addresses are taken from.
+    #[must_use]
+    pub fn relay_ports(&self) -> RangeInclusive<u16> {
+        self.relay_ports.clone()
+    }
+
+    #[must_use]
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    #[must_use]
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// Time-limited credentials for `name`, valid for `valid_for` from now: `(username,
+    /// password)`.
+    #[must_use]
+    pub fn credentials(&self, name: &str, valid_for: Duration) -> (String, String) {
+        let expiry = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |now| now.as_secs())
+            + valid_for.as_secs();
+        rest_credentials(&self.secret, name, expiry)
+    }
+
+    /// The PID of the running coturn.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
+    }
+
+    #[must_use]
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    #[must_use]
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The directory holding the config, database and logs.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The last `n` lines of coturn's log.
+    #[must_use]
+    pub fn log_tail(&self, n: usize) -> String {
+        log_tail(&self.log, n)
+    }
+
+    fn launch(mut self) -> Coturn {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns.name(), "turnserver"]);
+                cmd
+            }
+            None => Command::new("turnserver"),
+        };
+        cmd.arg("-c").arg(&self.config);
+        self.daemon = Some(Daemon::spawn("coturn", cmd, &self.stdout));
+        self.wait_ready();
+        self
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + COTURN_READY_TIMEOUT;
+        let addr = self.addr;
+        loop {
+            let probe = run_in(self.netns.as_ref(), move || probe(addr));
+            let last = match probe {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) | Err(e) => e,
+            };
+            if let Some(status) = self.daemon.as_mut().and_then(Daemon::try_wait) {
+                panic!(
+                    "coturn exited ({status}) before answering on {addr}; {}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {COTURN_READY_TIMEOUT:?} waiting for coturn to answer on \
+                 {addr}; last error: {last}; {}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "output {}:\n{}\nlog {}:\n{}",
+            self.stdout.display(),
+            log_tail(&self.stdout, 20),
+            self.log.display(),
+            log_tail(&self.log, LOG_TAIL_LINES)
+        )
+    }
+
+    fn config_text(&self, stale_nonce: Option<Duration>, extra: &[String]) -> String {
+        let dir = &self.dir;
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(s, "# Written by ipop-lab for one test.");
+        let _ = writeln!(s, "listening-ip={}", self.addr.ip());
+        let _ = writeln!(s, "listening-port={}", self.addr.port());
+        let _ = writeln!(s, "relay-ip={}", self.relay_ip);
+        let _ = writeln!(s, "min-port={}", self.relay_ports.start());
+        let _ = writeln!(s, "max-port={}", self.relay_ports.end());
+        let _ = writeln!(s, "realm={}", self.realm);
+        let _ = writeln!(s, "use-auth-secret");
+        let _ = writeln!(s, "static-auth-secret={}", self.secret);
+        let _ = writeln!(s, "allow-loopback-peers");
+        let _ = writeln!(s, "no-multicast-peers");
+        let _ = writeln!(s, "no-tls");
+        let _ = writeln!(s, "no-dtls");
+        let _ = writeln!(s, "no-cli");
+        let _ = writeln!(s, "no-rfc5780");
+        let _ = writeln!(s, "userdb={}", dir.join("turndb").display());
+        let _ = writeln!(s, "pidfile={}", dir.join("turnserver.pid").display());
+        let _ = writeln!(s, "log-file={}", self.log.display());
+        let _ = writeln!(s, "simple-log");
+        let _ = writeln!(s, "no-stdout-log");
+        let _ = writeln!(s, "verbose");
+        if let Some(lifetime) = stale_nonce {
+            let _ = writeln!(s, "stale-nonce={}", lifetime.as_secs());
+        }
+        for line in extra {
+            let _ = writeln!(s, "{line}");
+        }
+        s
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        // Dropping the daemon stops it and, in a failing test, prints its output.
+        drop(self.daemon.take());
+        if thread::panicking() {
+            eprintln!(
+                "----- coturn on {}: config {}, log {}, last {LOG_TAIL_LINES} lines:\n{}\n----- end of coturn log",
+                self.addr,
+                self.config.display(),
+                self.log.display(),
+                log_tail(&self.log, LOG_TAIL_LINES)
+            );
+        }
+    }
+}
+
+/// TURN REST API credentials (as coturn's `use-auth-secret` checks them): username
+/// `<expiry>:<name>`, password base64(HMAC-SHA1(secret, username)). `expiry` is in Unix seconds;
+/// a past one gives expired credentials.
+#[must_use]
+pub fn rest_credentials(secret: &str, name: &str, expiry: u64) -> (String, String) {
+    let username = format!("{expiry}:{name}");
+    let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(secret.as_bytes())
+        .unwrap_or_else(|e| panic!("HMAC takes keys of any length: {e}"));
+    mac.update(username.as_bytes());
+    let password = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    (username, password)
+}
+
+/// Kills (SIGKILL, by PID) the coturn processes that an earlier test process started and could
+/// not stop because it died without running destructors: those whose config lies in
+/// `$TMPDIR/ipl-<pid>-...` for a PID that no longer runs. [`CoturnBuilder::start`] calls it once
+/// per process.
+pub fn sweep_stale_coturn() {
+    let ours = std::env::temp_dir()
+        .join(PREFIX)
+        .to_string_lossy()
+        .into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        if !args
+            .first()
+            .is_some_and(|program| program.ends_with("turnserver"))
+        {
+            continue;
+        }
+        let Some(creator) = args
+            .iter()
+            .skip_while(|arg| *arg != "-c")
+            .nth(1)
+            .and_then(|config| config.strip_prefix(&ours))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|creator| creator.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if creator != std::process::id() && !Path::new(&format!("/proc/{creator}")).exists() {
+            eprintln!("ipop-lab: killing stale coturn (pid {pid}) of dead test process {creator}");
+            // It may have exited meanwhile: ESRCH is fine.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Sends a STUN Binding request to `addr` and waits briefly for the answer, then connects over
+/// TCP.
+fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    let unspecified: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((unspecified, 0))?;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut request = [0u8; 20];
+    request[1] = 0x01;
+    request[4..8].copy_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    request[8..20].copy_from_slice(&std::process::id().to_be_bytes().repeat(3));
+    socket.send_to(&request, addr)?;
+    let mut answer = [0u8; 512];
+    loop {
+        let (n, from) = socket.recv_from(&mut answer)?;
+        if from == addr && n >= 20 && answer[..2] == [0x01, 0x01] && answer[8..20] == request[8..20]
+        {
+            break;
+        }
+    }
+    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map(drop)
+}
+
+/// A port free for both UDP and TCP on `ip` (inside `ns` when given) at the time of the call.
+fn free_port(ns: Option<&NsHandle>, ip: IpAddr) -> u16 {
+    let found = run_in(ns, move || {
+        for _ in 0..50 {
+            let udp = UdpSocket::bind((ip, 0))?;
+            let port = udp.local_addr()?.port();
+            if TcpListener::bind((ip, port)).is_ok() {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no port free for both UDP and TCP"))
+    });
+    match found {
+        Ok(Ok(port)) => port,
+        Ok(Err(e)) | Err(e) => panic!("cannot find a free port on {ip} for coturn: {e}"),
+    }
+}
+
+/// [`RELAY_PORTS`] consecutive UDP ports on `ip` of which the first is free now (coturn skips
+/// the ones taken later).
+fn relay_ports(ns: Option<&NsHandle>, ip: IpAddr) -> RangeInclusive<u16> {
+    let found = run_in(ns, move || {
+        for _ in 0..50 {
+            let port = UdpSocket::bind((ip, 0))?.local_addr()?.port();
+            if let Some(end) = port.checked_add(RELAY_PORTS - 1) {
+                return Ok(port..=end);
+            }
+        }
+        Err(std::io::Error::other("no free UDP port range"))
+    });
+    match found {
+        Ok(Ok(range)) => range,
+        Ok(Err(e)) | Err(e) => panic!("cannot find relay ports on {ip} for coturn: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_credentials_are_base64_hmac_sha1_of_the_username() {
+        // Expected value from `printf %s 1433895918:ninefingers | openssl dgst -binary -sha1
+        // -hmac logen | base64`.
+        let (username, password) = rest_credentials("logen", "ninefingers", 1_433_895_918);
+        assert_eq!(username, "1433895918:ninefingers");
+        assert_eq!(password, "HY+Vd729N0UZ/xCzjg1F0GsoMK8=");
+    }
+
+    #[test]
+    fn starts_answers_and_stops_by_pid() {
+        let coturn = Coturn::start_local();
+        let pid = coturn.pid().expect("running");
+        probe(coturn.addr()).expect("answers STUN and TCP");
+        let dir = coturn.dir().to_owned();
+        let config = std::fs::read_to_string(coturn.config_path()).expect("config");
+        assert!(config.contains("use-auth-secret") && config.contains("allow-loopback-peers"));
+        drop(coturn);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "stopped");
+        assert!(!dir.exists(), "directory removed");
+    }
+}
