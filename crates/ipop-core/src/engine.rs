@@ -13,8 +13,11 @@ use crate::ice;
 use crate::key::PublicKey;
 use crate::node::{DropReason, Drops, Node, NodeError, PeerConfig, PeerStatus, Transmit};
 use crate::osn::{
-    Candidate, DeviceId, IceServer, LinkOffer, OsnEvent, OverlayId, Signal, TerminateReason,
+    Candidate, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent, OverlayId,
+    Signal, TerminateReason,
 };
+use crate::stun::{BindingEvent, StunBinding};
+use crate::turn::{TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
 use ipnet::IpNet;
 use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent, IceCreds};
@@ -108,16 +111,27 @@ pub struct Engine {
     transmits: VecDeque<Transmit>,
     drops: Drops,
     rng: u64,
+    /// Seeds the STUN and TURN clients' transaction IDs (which hash it with a counter).
+    secret: u64,
+    clients: u64,
     offered_servers: Vec<IceServer>,
     config_servers: Vec<IceServer>,
     /// Local candidates found after start (server-reflexive, relayed).
     gathered: Vec<is::Candidate>,
+    bindings: Vec<StunBinding>,
+    relays: Vec<TurnAllocation>,
+    gathering_due: bool,
+    /// The time of the last [`Engine::handle_timeout`].
+    clock: Option<Instant>,
+    /// Room to copy a datagram before it is wrapped for a relay.
+    relay_scratch: Vec<u8>,
 }
 
 impl Engine {
     /// An engine around `node`, announcing `addresses` as this device's overlay addresses.
-    /// `seed` feeds session identifiers and retry jitter.
-    pub fn new(node: Node, addresses: Vec<IpNet>, seed: u64) -> Self {
+    /// `seed` feeds session identifiers and retry jitter, which others see; `secret` feeds the
+    /// STUN transaction IDs, which must stay unpredictable. Both must be random.
+    pub fn new(node: Node, addresses: Vec<IpNet>, seed: u64, secret: u64) -> Self {
         Engine {
             key: node.public_key(),
             node,
@@ -132,9 +146,16 @@ impl Engine {
             transmits: VecDeque::new(),
             drops: Drops::default(),
             rng: seed | 1,
+            secret,
+            clients: 0,
             offered_servers: Vec::new(),
             config_servers: Vec::new(),
             gathered: Vec::new(),
+            bindings: Vec::new(),
+            relays: Vec::new(),
+            gathering_due: false,
+            clock: None,
+            relay_scratch: vec![0; 65535 + 32],
         }
     }
 
@@ -147,9 +168,41 @@ impl Engine {
         self.hosts = hosts;
     }
 
-    /// Data path, TUN side: see [`Node::handle_tun`].
+    /// Data path, TUN side: see [`Node::handle_tun`]. A datagram for a peer reached through a
+    /// TURN relay is wrapped for the relay (ChannelData) and goes to the TURN server.
+    ///
+    /// `out` must hold at least `packet.len() + 32 + turn::MAX_OVERHEAD` and 148 bytes.
     pub fn handle_tun(&mut self, packet: &[u8], out: &mut [u8]) -> Option<(SocketAddr, usize)> {
-        self.node.handle_tun(packet, out)
+        let o = self.node.handle_tun(packet, out)?;
+        match o.via {
+            None => Some((o.destination, o.len)),
+            Some(r) => {
+                self.relay_scratch[..o.len].copy_from_slice(&out[..o.len]);
+                self.wrap_for_relay(r, o.destination, o.len, out)
+            }
+        }
+    }
+
+    /// Wraps the datagram at the front of `relay_scratch` for relay `r`, into `out`.
+    fn wrap_for_relay(
+        &mut self,
+        r: usize,
+        peer: SocketAddr,
+        len: usize,
+        out: &mut [u8],
+    ) -> Option<(SocketAddr, usize)> {
+        let Some(relay) = self.relays.get_mut(r) else {
+            self.drops.count(DropReason::NoEndpoint);
+            return None;
+        };
+        match relay.encapsulate(peer, &self.relay_scratch[..len], out) {
+            Ok(n) => Some((relay.server(), n)),
+            Err(e) => {
+                tracing::debug!(%peer, "cannot relay: {e}");
+                self.drops.count(DropReason::NoEndpoint);
+                None
+            }
+        }
     }
 
     /// Data path, network side: STUN goes to the ICE agents, the rest to WireGuard (see
@@ -162,11 +215,62 @@ impl Engine {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Option<usize> {
+        if let Some(r) = self.relays.iter().position(|a| a.server() == from) {
+            return self.handle_from_relay(now, r, from, datagram, out);
+        }
         if classify(datagram) == DatagramKind::Stun {
+            if let Some(id) = crate::stun::transaction_id(datagram)
+                && let Some(b) = self.bindings.iter_mut().find(|b| b.owns_transaction(&id))
+            {
+                b.handle_response(now, from, datagram);
+                self.drive_gathering(now);
+                return None;
+            }
             self.handle_stun(now, local, from, datagram);
             return None;
         }
-        self.node.handle_udp(from, datagram, out)
+        self.node.handle_udp(from, None, datagram, out)
+    }
+
+    /// A datagram from a TURN server: an answer for the allocation, or data from a peer.
+    fn handle_from_relay(
+        &mut self,
+        now: Instant,
+        r: usize,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let input = self.relays[r].handle_input(now, from, datagram);
+        match input {
+            TurnInput::NotOurs => {
+                // A TURN server answers STUN Binding requests too.
+                if let Some(id) = crate::stun::transaction_id(datagram)
+                    && let Some(b) = self.bindings.iter_mut().find(|b| b.owns_transaction(&id))
+                {
+                    b.handle_response(now, from, datagram);
+                } else {
+                    self.drops.count(DropReason::UnknownStun);
+                }
+                self.drive_gathering(now);
+                None
+            }
+            TurnInput::Handled => {
+                self.drive_gathering(now);
+                None
+            }
+            TurnInput::Data { peer, payload } => {
+                let inner = datagram.get(payload)?;
+                match classify(inner) {
+                    DatagramKind::Stun => {
+                        let relayed = self.relays[r].relayed_address()?;
+                        self.handle_stun(now, relayed, peer, inner);
+                        None
+                    }
+                    _ => self.node.handle_udp(peer, Some(r), inner, out),
+                }
+            }
+        }
     }
 
     fn handle_stun(&mut self, now: Instant, local: SocketAddr, from: SocketAddr, datagram: &[u8]) {
@@ -252,6 +356,7 @@ impl Engine {
                     "STUN/TURN servers from the social network"
                 );
                 self.offered_servers = servers;
+                self.gathering_due = true;
             }
             OsnEvent::SignalFailed {
                 to,
@@ -395,6 +500,12 @@ impl Engine {
         link.last_error = Some(why.to_owned());
         link.next_attempt = now + link.backoff + link.backoff.mul_f64(jitter * 0.25);
         link.backoff = (link.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// A distinct seed for each STUN or TURN client, from the secret.
+    fn client_seed(&mut self) -> u64 {
+        self.clients += 1;
+        self.secret ^ self.clients.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 
     /// A number in [0, 1) from the engine's generator (xorshift64).
@@ -670,6 +781,18 @@ impl Engine {
 
     /// Runs timers: retries, session timeouts, ICE, WireGuard.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = Some(now);
+        if self.gathering_due {
+            self.gathering_due = false;
+            self.start_gathering(now);
+        }
+        for b in &mut self.bindings {
+            b.handle_timeout(now);
+        }
+        for a in &mut self.relays {
+            a.handle_timeout(now);
+        }
+        self.drive_gathering(now);
         let due: Vec<DeviceId> = self
             .links
             .iter()
@@ -709,14 +832,19 @@ impl Engine {
     }
 
     /// Collects what the ICE agents want sent and what they decided.
-    fn drive_agents(&mut self, _now: Instant) {
+    fn drive_agents(&mut self, now: Instant) {
         for link in self.links.values_mut() {
             let Some(s) = link.session.as_mut() else {
                 continue;
             };
             while let Some(t) = s.agent.poll_transmit() {
+                let via = self
+                    .relays
+                    .iter()
+                    .position(|a| a.relayed_address() == Some(t.source));
                 self.transmits.push_back(Transmit {
                     destination: t.destination,
+                    via,
                     payload: t.contents.to_vec(),
                 });
             }
@@ -728,8 +856,17 @@ impl Engine {
                 } = event
                 {
                     s.nominated = Some((source, destination));
+                    let via = self
+                        .relays
+                        .iter()
+                        .position(|a| a.relayed_address() == Some(source));
+                    if let Some(r) = via
+                        && let Err(e) = self.relays[r].bind_channel(now, destination)
+                    {
+                        tracing::debug!(%destination, "no TURN channel: {e}");
+                    }
                     if let Some(index) = link.peer {
-                        self.node.set_endpoint(index, destination);
+                        self.node.set_endpoint(index, destination, via);
                     }
                     link.backoff = BACKOFF_MIN;
                     link.last_error = None;
@@ -752,14 +889,159 @@ impl Engine {
                 None => consider(Some(link.next_attempt)),
             }
         }
+        for b in &self.bindings {
+            consider(b.poll_timeout());
+        }
+        for a in &self.relays {
+            consider(a.poll_timeout());
+        }
         next
     }
 
-    /// The next datagram to send: STUN from the ICE agents, then WireGuard control messages.
+    /// The next datagram to send: STUN from the ICE agents and the NAT traversal clients,
+    /// then WireGuard control messages. What goes through a relay comes out wrapped for it.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits
-            .pop_front()
-            .or_else(|| self.node.poll_transmit())
+        loop {
+            let t = self
+                .transmits
+                .pop_front()
+                .or_else(|| self.node.poll_transmit())?;
+            let Some(r) = t.via else {
+                return Some(t);
+            };
+            let Some(relay) = self.relays.get_mut(r) else {
+                continue;
+            };
+            if !relay.has_permission(t.destination.ip()) {
+                // The first data may arrive before the permission and be dropped by the
+                // server: ICE and WireGuard send again.
+                let Some(now) = self.clock else {
+                    continue;
+                };
+                if relay.create_permission(now, t.destination.ip()).is_err() {
+                    continue;
+                }
+                while let Some((server, payload)) = relay.poll_transmit() {
+                    self.transmits.push_back(Transmit {
+                        destination: server,
+                        via: None,
+                        payload,
+                    });
+                }
+            }
+            let mut out = vec![0u8; t.payload.len() + crate::turn::MAX_OVERHEAD];
+            match relay.encapsulate(t.destination, &t.payload, &mut out) {
+                Ok(n) => {
+                    out.truncate(n);
+                    return Some(Transmit {
+                        destination: relay.server(),
+                        via: None,
+                        payload: out,
+                    });
+                }
+                Err(e) => tracing::debug!(peer = %t.destination, "cannot relay: {e}"),
+            }
+        }
+    }
+
+    /// Starts the STUN bindings and TURN allocations for the servers in use, once each.
+    fn start_gathering(&mut self, now: Instant) {
+        let servers: Vec<IceServer> = self.servers().cloned().collect();
+        for server in servers {
+            if server.transport != IceTransport::Udp {
+                continue;
+            }
+            if !self.bindings.iter().any(|b| b.server() == server.address) {
+                let seed = self.client_seed();
+                self.bindings
+                    .push(StunBinding::new(server.address, now, seed));
+            }
+            if server.kind != IceServerKind::Turn {
+                continue;
+            }
+            let credentials = TurnCredentials {
+                username: server.username.clone().unwrap_or_default(),
+                password: server.password.clone().unwrap_or_default(),
+            };
+            match self
+                .relays
+                .iter_mut()
+                .find(|a| a.server() == server.address)
+            {
+                Some(existing) => existing.set_credentials(credentials),
+                None => {
+                    let seed = self.client_seed();
+                    self.relays.push(TurnAllocation::new(
+                        server.address,
+                        IceTransport::Udp,
+                        credentials,
+                        now,
+                        seed,
+                    ));
+                }
+            }
+        }
+        self.drive_gathering(now);
+    }
+
+    /// Collects what the STUN and TURN clients want sent and what they found.
+    fn drive_gathering(&mut self, _now: Instant) {
+        let mut found = Vec::new();
+        for b in &mut self.bindings {
+            while let Some((server, payload)) = b.poll_transmit() {
+                self.transmits.push_back(Transmit {
+                    destination: server,
+                    via: None,
+                    payload,
+                });
+            }
+            while let Some(event) = b.poll_event() {
+                match event {
+                    BindingEvent::Mapped(mapped)
+                    | BindingEvent::MappingChanged { to: mapped, .. } => {
+                        tracing::info!(server = %b.server(), %mapped, "server-reflexive address");
+                        found.push((mapped, false));
+                    }
+                    BindingEvent::Failed { reason } => {
+                        tracing::info!(server = %b.server(), "STUN failed: {reason}");
+                    }
+                }
+            }
+        }
+        for a in &mut self.relays {
+            while let Some((server, payload)) = a.poll_transmit() {
+                self.transmits.push_back(Transmit {
+                    destination: server,
+                    via: None,
+                    payload,
+                });
+            }
+            while let Some(event) = a.poll_event() {
+                match event {
+                    TurnEvent::Allocated { relayed, .. } => {
+                        tracing::info!(server = %a.server(), %relayed, "TURN relay allocated");
+                        found.push((relayed, true));
+                    }
+                    TurnEvent::Failed { reason } => {
+                        tracing::warn!(server = %a.server(), "TURN allocation failed: {reason}");
+                    }
+                    other => tracing::debug!(server = %a.server(), "TURN: {other:?}"),
+                }
+            }
+        }
+        for (address, relayed) in found {
+            let Some(&base) = self.hosts.iter().find(|h| h.is_ipv4() == address.is_ipv4()) else {
+                continue;
+            };
+            let candidate = if relayed {
+                is::Candidate::relayed(address, base, "udp")
+            } else {
+                is::Candidate::server_reflexive(address, base, "udp")
+            };
+            if let Ok(c) = candidate {
+                self.add_local_candidate(c);
+            }
+        }
     }
 
     /// The next signal to send over the social network.
@@ -836,6 +1118,16 @@ impl Engine {
     /// The STUN and TURN servers from the config file, kept whatever the network offers.
     pub fn set_config_servers(&mut self, servers: Vec<IceServer>) {
         self.config_servers = servers;
+        self.gathering_due = true;
+    }
+
+    /// Releases the TURN allocations (at shutdown); the datagrams to send follow from
+    /// [`Engine::poll_transmit`].
+    pub fn release(&mut self, now: Instant) {
+        for a in &mut self.relays {
+            a.release(now);
+        }
+        self.drive_gathering(now);
     }
 
     /// Every STUN and TURN server in use: the config file's, then those the social network
@@ -901,7 +1193,7 @@ mod tests {
             std::net::IpAddr::V4(v4) => u64::from(v4.octets()[3]),
             std::net::IpAddr::V6(v6) => u64::from(v6.octets()[15]),
         };
-        let mut engine = Engine::new(node, vec![overlay.parse().unwrap()], seed);
+        let mut engine = Engine::new(node, vec![overlay.parse().unwrap()], seed, !seed);
         engine.set_host_candidates(vec![addr]);
         Dev {
             engine,

@@ -50,7 +50,18 @@ pub struct PeerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     pub destination: SocketAddr,
+    /// The TURN relay that carries it, when the peer is reached through one.
+    pub via: Option<usize>,
     pub payload: Vec<u8>,
+}
+
+/// An encrypted datagram written by [`Node::handle_tun`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing {
+    pub destination: SocketAddr,
+    /// The TURN relay that carries it, when the peer is reached through one.
+    pub via: Option<usize>,
+    pub len: usize,
 }
 
 /// Where a link stands.
@@ -241,6 +252,8 @@ struct Peer {
     generation: u8,
     tunn: Tunn,
     endpoint: Option<SocketAddr>,
+    /// The relay through which `endpoint` is reached, if any.
+    via: Option<usize>,
     unanswered: u32,
     problem: Option<Problem>,
     connected: bool,
@@ -299,11 +312,13 @@ impl Peer {
         }
     }
 
-    /// Notes an authenticated message from `from`: the peer may have roamed.
-    fn authenticated(&mut self, from: SocketAddr) {
-        if self.endpoint != Some(from) {
-            tracing::info!(peer = %self.label(), endpoint = %from, "peer endpoint set");
+    /// Notes an authenticated message from `from` (through relay `via`): the peer may have
+    /// roamed, or its path moved between relayed and direct.
+    fn authenticated(&mut self, from: SocketAddr, via: Option<usize>) {
+        if self.endpoint != Some(from) || self.via != via {
+            tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), "peer endpoint set");
             self.endpoint = Some(from);
+            self.via = via;
         }
     }
 
@@ -424,6 +439,7 @@ impl Node {
         self.by_key.insert(config.public_key, index);
         self.peers[index] = Some(Peer {
             endpoint: config.endpoint,
+            via: None,
             config,
             generation,
             tunn,
@@ -448,14 +464,15 @@ impl Node {
         }
     }
 
-    /// Points a peer at a new endpoint (chosen by ICE). A peer without a session starts its
-    /// handshake at the next tick.
-    pub fn set_endpoint(&mut self, index: usize, endpoint: SocketAddr) {
+    /// Points a peer at a new endpoint (chosen by ICE), reached through relay `via` or
+    /// directly. A peer without a session starts its handshake at the next tick.
+    pub fn set_endpoint(&mut self, index: usize, endpoint: SocketAddr, via: Option<usize>) {
         if let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut)
-            && peer.endpoint != Some(endpoint)
+            && (peer.endpoint != Some(endpoint) || peer.via != via)
         {
-            tracing::debug!(peer = %peer.label(), %endpoint, "endpoint set");
+            tracing::debug!(peer = %peer.label(), %endpoint, relayed = via.is_some(), "endpoint set");
             peer.endpoint = Some(endpoint);
+            peer.via = via;
             self.next_tick = None;
         }
     }
@@ -474,7 +491,7 @@ impl Node {
     /// packet was dropped (and counted) or queued behind a handshake.
     ///
     /// `out` must hold at least `packet.len() + 32` and 148 bytes.
-    pub fn handle_tun(&mut self, packet: &[u8], out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+    pub fn handle_tun(&mut self, packet: &[u8], out: &mut [u8]) -> Option<Outgoing> {
         let Some(dst) = packet::destination(packet) else {
             self.drops.count(DropReason::MalformedIp);
             return None;
@@ -496,7 +513,11 @@ impl Node {
                 if datagram.first() == Some(&HANDSHAKE_INIT) {
                     peer.initiation_sent();
                 }
-                Some((endpoint, datagram.len()))
+                Some(Outgoing {
+                    destination: endpoint,
+                    via: peer.via,
+                    len: datagram.len(),
+                })
             }
             TunnResult::Err(e) => {
                 tracing::debug!(peer = %peer.label(), "encapsulation failed: {e:?}");
@@ -511,9 +532,11 @@ impl Node {
     /// responses, queued packets) are queued for [`Node::poll_transmit`].
     ///
     /// `out` must be at least as long as `datagram`.
+    /// `via` is the relay the datagram came through, if it was relayed.
     pub fn handle_udp(
         &mut self,
         from: SocketAddr,
+        via: Option<usize>,
         datagram: &[u8],
         out: &mut [u8],
     ) -> Option<usize> {
@@ -532,24 +555,25 @@ impl Node {
                     reply.first() == Some(&HANDSHAKE_RESPONSE) || datagram[0] == HANDSHAKE_RESPONSE;
                 let reply = reply.to_vec();
                 if authentic {
-                    peer.authenticated(from);
+                    peer.authenticated(from, via);
                 }
                 self.transmits.push_back(Transmit {
                     destination: from,
+                    via,
                     payload: reply,
                 });
                 self.flush_queued(index);
                 None
             }
             TunnResult::WriteToTunnelV4(p, src) => {
-                Self::accept(peer, &mut self.drops, from, p.len(), src.into())
+                Self::accept(peer, &mut self.drops, (from, via), p.len(), src.into())
             }
             TunnResult::WriteToTunnelV6(p, src) => {
-                Self::accept(peer, &mut self.drops, from, p.len(), src.into())
+                Self::accept(peer, &mut self.drops, (from, via), p.len(), src.into())
             }
             TunnResult::Done => {
                 // A keepalive, or a handshake response that completed a session.
-                peer.authenticated(from);
+                peer.authenticated(from, via);
                 self.flush_queued(index);
                 None
             }
@@ -568,7 +592,7 @@ impl Node {
     fn accept(
         peer: &mut Peer,
         drops: &mut Drops,
-        from: SocketAddr,
+        (from, via): (SocketAddr, Option<usize>),
         len: usize,
         src: IpAddr,
     ) -> Option<usize> {
@@ -577,7 +601,7 @@ impl Node {
             drops.count(DropReason::SpoofedSource);
             return None;
         }
-        peer.authenticated(from);
+        peer.authenticated(from, via);
         Some(len)
     }
 
@@ -594,6 +618,7 @@ impl Node {
         {
             self.transmits.push_back(Transmit {
                 destination,
+                via: peer.via,
                 payload: datagram.to_vec(),
             });
         }
@@ -689,6 +714,7 @@ impl Node {
                         }
                         self.transmits.push_back(Transmit {
                             destination,
+                            via: peer.via,
                             payload,
                         });
                     }
@@ -818,12 +844,18 @@ mod tests {
                 while let Some(t) = self.a.poll_transmit() {
                     assert_eq!(t.destination, self.b_addr);
                     moved = true;
-                    assert_eq!(self.b.handle_udp(self.a_addr, &t.payload, &mut out), None);
+                    assert_eq!(
+                        self.b.handle_udp(self.a_addr, None, &t.payload, &mut out),
+                        None
+                    );
                 }
                 while let Some(t) = self.b.poll_transmit() {
                     assert_eq!(t.destination, self.a_addr);
                     moved = true;
-                    assert_eq!(self.a.handle_udp(self.b_addr, &t.payload, &mut out), None);
+                    assert_eq!(
+                        self.a.handle_udp(self.b_addr, None, &t.payload, &mut out),
+                        None
+                    );
                 }
                 if !moved {
                     return;
@@ -853,22 +885,24 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];
         let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"hello");
-        let (dst, n) = sim.a.handle_tun(&p, &mut wire).expect("encrypted");
+        let out = sim.a.handle_tun(&p, &mut wire).expect("encrypted");
+        let (dst, n) = (out.destination, out.len);
         assert_eq!(dst, sim.b_addr);
         let got = sim
             .b
-            .handle_udp(sim.a_addr, &wire[..n], &mut inner)
+            .handle_udp(sim.a_addr, None, &wire[..n], &mut inner)
             .expect("delivered");
         assert_eq!(&inner[..got], &p[..]);
 
         let a6: Ipv6Addr = "fd00::1".parse().unwrap();
         let b6: Ipv6Addr = "fd00::2".parse().unwrap();
         let p6 = ipv6(b6, a6, b"back");
-        let (dst, n) = sim.b.handle_tun(&p6, &mut wire).expect("encrypted");
+        let out = sim.b.handle_tun(&p6, &mut wire).expect("encrypted");
+        let (dst, n) = (out.destination, out.len);
         assert_eq!(dst, sim.a_addr);
         let got = sim
             .a
-            .handle_udp(sim.b_addr, &wire[..n], &mut inner)
+            .handle_udp(sim.b_addr, None, &wire[..n], &mut inner)
             .expect("delivered");
         assert_eq!(&inner[..got], &p6[..]);
         assert!(sim.a.peers().next().unwrap().rx_bytes > 0);
@@ -880,21 +914,26 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], &[7; 1200]);
         // No session yet: the packet waits and a handshake initiation goes out instead.
-        let (dst, n) = sim.a.handle_tun(&p, &mut wire).expect("initiation");
+        let out = sim.a.handle_tun(&p, &mut wire).expect("initiation");
+        let (dst, n) = (out.destination, out.len);
         assert_eq!((dst, wire[0]), (sim.b_addr, HANDSHAKE_INIT));
         let mut reply = vec![0u8; 2048];
-        assert_eq!(sim.b.handle_udp(sim.a_addr, &wire[..n], &mut reply), None);
+        assert_eq!(
+            sim.b.handle_udp(sim.a_addr, None, &wire[..n], &mut reply),
+            None
+        );
         let response = sim.b.poll_transmit().expect("handshake response");
         // The caller's buffer is only as long as the response; the queued packet is bigger.
         let mut small = vec![0u8; response.payload.len()];
         assert_eq!(
-            sim.a.handle_udp(sim.b_addr, &response.payload, &mut small),
+            sim.a
+                .handle_udp(sim.b_addr, None, &response.payload, &mut small),
             None
         );
         // A keepalive confirms the session, then the waiting packet follows.
         let mut delivered = Vec::new();
         while let Some(t) = sim.a.poll_transmit() {
-            if let Some(got) = sim.b.handle_udp(sim.a_addr, &t.payload, &mut reply) {
+            if let Some(got) = sim.b.handle_udp(sim.a_addr, None, &t.payload, &mut reply) {
                 delivered.push(reply[..got].to_vec());
             }
         }
@@ -908,7 +947,7 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];
         let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"late");
-        let (_, n) = sim.b.handle_tun(&p, &mut wire).expect("encrypted");
+        let n = sim.b.handle_tun(&p, &mut wire).expect("encrypted").len;
         let b_key = sim.a.peers().next().unwrap().public_key;
         sim.a.remove_peer(0);
         assert_eq!(sim.a.peers().count(), 0);
@@ -921,7 +960,10 @@ mod tests {
         // A new peer takes slot 0: B's message for the old session must not reach it.
         let other = PublicKey::from_secret(&secret());
         assert_eq!(sim.a.add_peer(peer(other, None, &["10.0.0.3/32"])), Ok(0));
-        assert_eq!(sim.a.handle_udp(sim.b_addr, &wire[..n], &mut inner), None);
+        assert_eq!(
+            sim.a.handle_udp(sim.b_addr, None, &wire[..n], &mut inner),
+            None
+        );
         assert_eq!(sim.a.drops().get(DropReason::UnknownSession), 1);
         // And B can be added back.
         assert_eq!(
@@ -939,8 +981,15 @@ mod tests {
         let mut inner = vec![0u8; 2048];
         // B claims a source address that A routes to nobody (and B does not own).
         let spoofed = ipv4([10, 0, 0, 9], [10, 0, 0, 1], b"spoof");
-        let (_, n) = sim.b.handle_tun(&spoofed, &mut wire).expect("encrypted");
-        assert_eq!(sim.a.handle_udp(sim.b_addr, &wire[..n], &mut inner), None);
+        let n = sim
+            .b
+            .handle_tun(&spoofed, &mut wire)
+            .expect("encrypted")
+            .len;
+        assert_eq!(
+            sim.a.handle_udp(sim.b_addr, None, &wire[..n], &mut inner),
+            None
+        );
         assert_eq!(sim.a.drops().get(DropReason::SpoofedSource), 1);
     }
 
@@ -952,10 +1001,18 @@ mod tests {
         let mut inner = vec![0u8; 2048];
         let moved: SocketAddr = "192.0.2.2:3000".parse().unwrap();
         let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from elsewhere");
-        let (_, n) = sim.b.handle_tun(&p, &mut wire).expect("encrypted");
-        assert!(sim.a.handle_udp(moved, &wire[..n], &mut inner).is_some());
+        let n = sim.b.handle_tun(&p, &mut wire).expect("encrypted").len;
+        assert!(
+            sim.a
+                .handle_udp(moved, None, &wire[..n], &mut inner)
+                .is_some()
+        );
         let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
-        let (dst, _) = sim.a.handle_tun(&back, &mut wire).expect("encrypted");
+        let dst = sim
+            .a
+            .handle_tun(&back, &mut wire)
+            .expect("encrypted")
+            .destination;
         assert_eq!(dst, moved);
     }
 
@@ -1014,7 +1071,7 @@ mod tests {
                 d[0] = (len % 5) as u8;
                 d[1..4].fill(0);
             }
-            assert_eq!(sim.a.handle_udp(sim.b_addr, &d, &mut out), None);
+            assert_eq!(sim.a.handle_udp(sim.b_addr, None, &d, &mut out), None);
         }
         let total: u64 = sim.a.drops().iter().map(|(_, n)| n).sum();
         assert_eq!(total, 600);

@@ -23,8 +23,9 @@ use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// The largest IP packet a TUN read can return with offload (a 64 KiB GSO packet).
 const TUN_READ_MAX: usize = VIRTIO_NET_HDR_LEN + 65535;
-/// Room around each encrypted datagram: WireGuard's 32-byte overhead.
-const WG_OVERHEAD: usize = 32;
+/// Room around each encrypted datagram: WireGuard's 32-byte overhead, and the TURN framing of a
+/// relayed path.
+const WG_OVERHEAD: usize = 32 + ipop_core::turn::MAX_OVERHEAD;
 /// Datagrams per `recvmmsg`; each slot holds a GRO-coalesced train of up to 64 KiB.
 const UDP_SLOTS: usize = 8;
 const UDP_SLOT_SIZE: usize = 65535;
@@ -234,7 +235,12 @@ impl Dataplane {
                 }
             };
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    // Give TURN allocations back; their answers are not awaited.
+                    self.engine.release(Instant::now());
+                    self.flush_control().await;
+                    return;
+                }
                 r = self.tun.readable() => {
                     if let Err(e) = r {
                         tracing::error!("TUN device failed: {e}");

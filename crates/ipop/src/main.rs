@@ -204,7 +204,8 @@ fn up(path: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let public = node.public_key();
     let seed = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
-    let mut engine = ipop_core::Engine::new(node, config.overlay_addresses(), seed);
+    let secret = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+    let mut engine = ipop_core::Engine::new(node, config.overlay_addresses(), seed, secret);
     engine.set_config_servers(config.ice_servers()?);
     let addresses = config.addresses();
     let routes = device::extra_routes(&addresses, config.peers.iter().flat_map(|p| &p.addresses));

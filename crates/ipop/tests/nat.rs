@@ -1,0 +1,240 @@
+//! End-to-end NAT traversal: devices behind nftables NAT routers on a fake internet, with
+//! Prosody and coturn on a server there. Each test checks reachability (ping and TCP both ways)
+//! and the path `ipop status --json` reports.
+//!
+//! Run as root: they create network namespaces, NAT rules and TUN devices.
+
+use ipop_lab::{
+    Coturn, Daemon, Nat, NatLab, Netns, Prosody, Site, TestDir, XmppUser, generate_key,
+    status_json, wait_until,
+};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ipop");
+const DOMAIN: &str = "example.org";
+
+/// One ipop device of the lab: its namespace (borrowed from the lab), files and daemon.
+struct Device {
+    user: String,
+    dir: PathBuf,
+    daemon: Option<Daemon>,
+    address: String,
+}
+
+/// Fields drop in order: daemons first, then the servers, the lab, the directory.
+struct World {
+    devices: Vec<Device>,
+    coturn: Coturn,
+    prosody: Prosody,
+    lab: NatLab,
+    /// Kept (and named) when a test fails.
+    _dir: TestDir,
+}
+
+fn password(user: &str) -> String {
+    format!("pw-{user}-secret")
+}
+
+impl World {
+    /// A lab with `sites`, Prosody and coturn on its server, and one user per device, all
+    /// friends of the first.
+    fn new(tag: &str, sites: Vec<Site>) -> World {
+        let mut builder = NatLab::builder(tag);
+        for site in sites {
+            builder = builder.site(site);
+        }
+        let lab = builder.build();
+        let dir = TestDir::new(tag);
+        let server_ip = IpAddr::V4(lab.server.ip);
+        let prosody = Prosody::start_in(&lab.server.ns, &server_ip.to_string(), DOMAIN);
+        let coturn = Coturn::builder()
+            .in_netns(&lab.server.ns, server_ip)
+            .dir(dir.path())
+            .start();
+        let users: Vec<String> = (0..lab.devices.len()).map(|i| format!("user{i}")).collect();
+        for u in &users {
+            prosody.register(u, &password(u));
+        }
+        let connect = |u: &str| {
+            XmppUser::builder(&prosody, u, &password(u))
+                .resource("chat")
+                .netns(&lab.server.ns)
+                .connect()
+        };
+        let mut first = connect(&users[0]);
+        for u in &users[1..] {
+            first.befriend(&mut connect(u));
+        }
+        let mut devices = Vec::new();
+        for (i, user) in users.into_iter().enumerate() {
+            let dir = dir.path().join(&user);
+            let _public_key = generate_key(Path::new(BIN), &dir);
+            devices.push(Device {
+                user,
+                dir,
+                daemon: None,
+                address: format!("10.78.0.{}", i + 1),
+            });
+        }
+        let world = World {
+            devices,
+            coturn,
+            prosody,
+            lab,
+            _dir: dir,
+        };
+        for i in 0..world.devices.len() {
+            world.write_config(i);
+        }
+        world
+    }
+
+    fn ns(&self, i: usize) -> &Netns {
+        &self.lab.devices[i].host.ns
+    }
+
+    fn config(&self, i: usize) -> PathBuf {
+        self.devices[i].dir.join("ipop.toml")
+    }
+
+    fn write_config(&self, i: usize) {
+        let d = &self.devices[i];
+        let (username, password_turn) = self.coturn.credentials(&d.user, Duration::from_secs(3600));
+        let text = format!(
+            "[device]\nlog_level = \"debug\"\ncontrol_socket = {sock:?}\n\n\
+             [interface]\nlisten_port = 51820\n\n\
+             [xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{xmpp}\"\nca_file = {ca:?}\ndevice = \"dev\"\n\n\
+             [social]\naddress = \"{addr}/16\"\n\n\
+             [nat]\nstun = [\"{turn}\"]\n\n\
+             [[nat.turn]]\nserver = \"{turn}\"\nusername = \"{username}\"\npassword = \"{password_turn}\"\n",
+            sock = d.dir.join("ctl.sock"),
+            user = d.user,
+            pw = password(&d.user),
+            xmpp = self.prosody.c2s_addr(),
+            ca = self.prosody.ca_cert_path(),
+            addr = d.address,
+            turn = self.coturn.addr(),
+        );
+        std::fs::write(self.config(i), text).expect("config written");
+    }
+
+    fn start(&mut self, i: usize) {
+        let mut cmd = self.ns(i).command(BIN);
+        cmd.arg("up").arg("-c").arg(self.config(i));
+        let log = self.devices[i].dir.join("ipop.log");
+        self.devices[i].daemon = Some(Daemon::spawn(&format!("ipop {i}"), cmd, &log));
+    }
+
+    fn status(&self, i: usize) -> Result<Value, String> {
+        status_json(self.ns(i), Path::new(BIN), &self.config(i))
+    }
+
+    fn peer<'a>(status: &'a Value, user: &str) -> Option<&'a Value> {
+        let jid = format!("{user}@{DOMAIN}");
+        status["overlays"]
+            .as_array()?
+            .iter()
+            .flat_map(|o| o["peers"].as_array().into_iter().flatten())
+            .find(|p| p["jid"].as_str() == Some(jid.as_str()))
+    }
+
+    /// Waits until device `i` pings device `j` over the overlay, then checks TCP both ways
+    /// and returns the path `i` reports for `j`.
+    fn link(&self, i: usize, j: usize, timeout: Duration) -> (String, Value) {
+        let target: IpAddr = self.devices[j].address.parse().expect("address");
+        wait_until(timeout, &format!("device {i} to ping device {j}"), || {
+            let out = self.ns(i).ping(target, 1);
+            if out.status.success() {
+                Ok(())
+            } else {
+                let show = |k: usize| self.status(k).map(|s| s.to_string()).unwrap_or_else(|e| e);
+                Err(format!("device {i}: {}\ndevice {j}: {}", show(i), show(j)))
+            }
+        });
+        self.tcp(i, j);
+        self.tcp(j, i);
+        let status = self.status(i).expect("status");
+        let peer = World::peer(&status, &self.devices[j].user)
+            .cloned()
+            .unwrap_or(Value::Null);
+        (peer["path"].as_str().unwrap_or("none").to_owned(), peer)
+    }
+
+    /// 1 MB over TCP from device `i` to device `j`, compared byte for byte.
+    fn tcp(&self, i: usize, j: usize) {
+        let addr: IpAddr = self.devices[j].address.parse().expect("address");
+        let data: Vec<u8> = (0..1_000_000u32).map(|n| (n * 7 + n / 251) as u8).collect();
+        let listener = self
+            .ns(j)
+            .run_in(move || TcpListener::bind((addr, 0)).expect("listen"));
+        let port = listener.local_addr().expect("port").port();
+        let expected = data.clone();
+        let receiver = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).expect("read");
+            got
+        });
+        self.ns(i).run_in(move || {
+            let mut conn = TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(5))
+                .expect("connect through the tunnel");
+            conn.write_all(&data).expect("send");
+        });
+        let got = receiver.join().expect("receiver");
+        assert!(
+            got == expected,
+            "TCP data from device {i} to {j} arrived changed"
+        );
+    }
+}
+
+#[test]
+fn cone_to_cone_is_direct() {
+    let mut w = World::new(
+        "ncone",
+        vec![
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::PortRestrictedCone),
+        ],
+    );
+    w.start(0);
+    w.start(1);
+    let (path, peer) = w.link(0, 1, Duration::from_secs(20));
+    assert_eq!(path, "direct", "{peer}");
+    assert!(
+        peer["pair"].as_str().unwrap_or_default().contains("srflx"),
+        "{peer}"
+    );
+}
+
+#[test]
+fn full_cone_to_symmetric_is_direct() {
+    let mut w = World::new(
+        "nmix",
+        vec![Site::new(Nat::FullCone), Site::new(Nat::Symmetric)],
+    );
+    w.start(0);
+    w.start(1);
+    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    assert_eq!(path, "direct", "{peer}");
+}
+
+#[test]
+fn two_devices_behind_one_nat_link_directly() {
+    let mut w = World::new("nsame", vec![Site::new(Nat::PortRestrictedCone).devices(2)]);
+    w.start(0);
+    w.start(1);
+    let (path, peer) = w.link(0, 1, Duration::from_secs(20));
+    assert_eq!(path, "direct", "{peer}");
+    assert!(
+        peer["pair"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("host "),
+        "{peer}"
+    );
+}
