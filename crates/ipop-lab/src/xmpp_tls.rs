@@ -1,10 +1,14 @@
-//! A tokio-xmpp [`ServerConnector`] for tests: TCP to a fixed address (opened inside a network
-//! namespace when asked), STARTTLS with a rustls config that trusts only the test CA.
+//! Opening authenticated XMPP streams for tests: TCP to a fixed address (opened inside a network
+//! namespace when asked), STARTTLS with a rustls config that trusts only the test CA, then SASL
+//! SCRAM. The streams are handed to tokio-xmpp's `StanzaStream`, which binds the resource.
 //!
 //! tokio-xmpp's own STARTTLS connector builds its root store from the process environment
-//! (`SSL_CERT_FILE`), which cannot differ between tests running in parallel in one process.
+//! (`SSL_CERT_FILE`), which cannot differ between tests running in parallel in one process; its
+//! login also picks PLAIN over SCRAM when TLS 1.3 makes it ask for channel binding that the
+//! server does not offer.
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -12,36 +16,54 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use sasl::common::ChannelBinding;
+use sasl::common::Credentials;
 use tokio::io::BufStream;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-use tokio_rustls::rustls::{self, ClientConfig, ProtocolVersion, RootCertStore};
-use tokio_xmpp::Error;
-use tokio_xmpp::connect::{ServerConnector, ServerConnectorError};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use tokio_xmpp::error::ProtocolError;
 use tokio_xmpp::jid::Jid;
+use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::starttls;
+use tokio_xmpp::parsers::stream_features::StreamFeatures;
+use tokio_xmpp::stanzastream::Connection;
 use tokio_xmpp::xmlstream::{
-    FallibleStreamElement, PendingFeaturesRecv, ReadError, StreamHeader, Timeouts,
-    XmppStreamElement, initiate_stream,
+    FallibleStreamElement, ReadError, StreamHeader, Timeouts, XmppStream, XmppStreamElement,
+    initiate_stream,
 };
+use tokio_xmpp::{Error, client_login};
 
 use crate::nsenter::{NsHandle, run_in};
 
 /// How long one TCP connection attempt may take.
 pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects to `addr` whatever the JID's domain (which still names the TLS server).
+/// How long one whole attempt (TCP, TLS, authentication) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Waits between failed attempts, as tokio-xmpp's own reconnection does: from 1 s, doubling up
+/// to 30 s.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The SASL mechanisms used, best first, without channel binding (Prosody 0.12 offers no
+/// `-PLUS` mechanism).
+const SCRAM: [&str; 2] = ["SCRAM-SHA-256", "SCRAM-SHA-1"];
+
+/// The reconnection callback of a `StanzaStream`: called for the first stream and after each
+/// disconnection, with the slot to put the next stream in.
+pub(crate) type Reconnector = Box<dyn FnMut(Option<String>, oneshot::Sender<Connection>) + Send>;
+
+/// Opens streams to `addr` whatever the JID's domain (which still names the TLS server).
 #[derive(Clone)]
 pub(crate) struct LabConnector {
     addr: SocketAddr,
     netns: Option<NsHandle>,
     tls: Arc<ClientConfig>,
-    /// The last connection or TLS error, for the message when a login times out: tokio-xmpp
-    /// only logs them and retries.
+    /// The last error of an attempt, for the message when a login times out: attempts are
+    /// retried, so nobody else sees them.
     last_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -52,22 +74,6 @@ impl fmt::Debug for LabConnector {
             .field("netns", &self.netns.as_ref().map(NsHandle::name))
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug)]
-struct TlsSetupError(String);
-
-impl fmt::Display for TlsSetupError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for TlsSetupError {}
-impl ServerConnectorError for TlsSetupError {}
-
-fn setup_error(message: String) -> Error {
-    Error::Connection(Box::new(TlsSetupError(message)))
 }
 
 impl LabConnector {
@@ -104,6 +110,46 @@ impl LabConnector {
             .clone()
     }
 
+    /// The reconnection callback for a `StanzaStream` of `jid` (bare, or full to ask for that
+    /// resource). It must be called inside a tokio runtime: each call spawns a task that tries
+    /// until a stream is open, backing off between attempts. That task keeps the slot until it
+    /// fills it or the runtime ends (the stream's worker panics on a dropped slot).
+    pub(crate) fn reconnector(self, jid: Jid, password: String) -> Reconnector {
+        Box::new(move |_, slot| {
+            let (connector, jid, password) = (self.clone(), jid.clone(), password.clone());
+            tokio::spawn(async move {
+                let mut delay = BACKOFF_FIRST;
+                loop {
+                    if let Some(connection) = connector.connect(&jid, &password).await {
+                        // Refused only when the stanza stream has closed: the connection then
+                        // goes with it.
+                        let _ = slot.send(connection);
+                        return;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+            });
+        })
+    }
+
+    /// One attempt; a failure is kept for [`LabConnector::last_error`].
+    async fn connect(&self, jid: &Jid, password: &str) -> Option<Connection> {
+        let error = match tokio::time::timeout(ATTEMPT_TIMEOUT, self.open(jid, password)).await {
+            Ok(Ok(connection)) => return Some(connection),
+            Ok(Err(e)) => format!("connecting to {}: {e}", self.addr),
+            Err(_) => format!(
+                "connecting to {}: no authenticated stream within {ATTEMPT_TIMEOUT:?}",
+                self.addr
+            ),
+        };
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error);
+        None
+    }
+
     async fn tcp(&self) -> io::Result<TcpStream> {
         let addr = self.addr;
         // The socket belongs to the namespace it is created in, wherever it is used later.
@@ -124,27 +170,19 @@ impl LabConnector {
             })?
     }
 
-    async fn connect_starttls(
-        &self,
-        jid: &Jid,
-        ns: &'static str,
-        timeouts: Timeouts,
-    ) -> Result<
-        (
-            PendingFeaturesRecv<BufStream<TlsStream<TcpStream>>>,
-            ChannelBinding,
-        ),
-        Error,
-    > {
+    /// TCP, STARTTLS, TLS, SCRAM and the stream restart: a stream ready for resource binding.
+    async fn open(&self, jid: &Jid, password: &str) -> Result<Connection, Error> {
         let domain = jid.domain().as_str();
         let header = || StreamHeader {
             to: Some(Cow::Borrowed(domain)),
             from: None,
             id: None,
         };
+        let timeouts = Timeouts::tight();
         let tcp = self.tcp().await?;
-        let plain = initiate_stream(BufStream::new(tcp), ns, header(), timeouts).await?;
-        let (features, mut plain) = plain.recv_features().await?;
+        let plain =
+            initiate_stream(BufStream::new(tcp), ns::JABBER_CLIENT, header(), timeouts).await?;
+        let (features, mut plain) = plain.recv_features::<FallibleStreamElement>().await?;
         if !features.can_starttls() {
             return Err(Error::Protocol(ProtocolError::NoTls));
         }
@@ -171,44 +209,62 @@ impl LabConnector {
             }
         }
         let tcp = plain.into_inner().into_inner();
-        let server_name = ServerName::try_from(domain.to_owned())
-            .map_err(|e| setup_error(format!("{domain} is not a TLS server name: {e}")))?;
+        let server_name = ServerName::try_from(domain.to_owned()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{domain} is not a TLS server name: {e}"),
+            )
+        })?;
         let tls = TlsConnector::from(Arc::clone(&self.tls))
             .connect(server_name, tcp)
             .await?;
-        let binding = match tls.get_ref().1.protocol_version() {
-            Some(ProtocolVersion::TLSv1_3) => {
-                let exported = tls
-                    .get_ref()
-                    .1
-                    .export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None)
-                    .map_err(|e| setup_error(format!("cannot export channel binding: {e}")))?;
-                ChannelBinding::TlsExporter(exported)
-            }
-            _ => ChannelBinding::None,
-        };
-        let stream = initiate_stream(BufStream::new(tls), ns, header(), timeouts).await?;
-        Ok((stream, binding))
+        let pending =
+            initiate_stream(BufStream::new(tls), ns::JABBER_CLIENT, header(), timeouts).await?;
+        let (features, stream): (StreamFeatures, XmppStream<_>) = pending.recv_features().await?;
+        let credentials = Credentials::default()
+            .with_username(jid.node().map_or("", |node| node.as_str()))
+            .with_password(password);
+        let stream = client_login(stream, scram(&features), credentials).await?;
+        let (features, stream) = stream
+            .send_header(header())
+            .await?
+            .recv_features::<FallibleStreamElement>()
+            .await?;
+        Ok(Connection {
+            stream: stream.box_stream(),
+            features,
+            identity: jid.clone(),
+        })
     }
 }
 
-impl ServerConnector for LabConnector {
-    type Stream = BufStream<TlsStream<TcpStream>>;
+/// The SCRAM mechanisms the server offers, for tokio-xmpp's SASL loop (which otherwise also
+/// takes PLAIN). Empty when there is none: the login then fails saying so.
+fn scram(features: &StreamFeatures) -> BTreeSet<String> {
+    SCRAM
+        .iter()
+        .filter(|mechanism| features.sasl_mechanisms.contains(**mechanism))
+        .map(|mechanism| (*mechanism).to_owned())
+        .collect()
+}
 
-    async fn connect(
-        &self,
-        jid: &Jid,
-        ns: &'static str,
-        timeouts: Timeouts,
-    ) -> Result<(PendingFeaturesRecv<Self::Stream>, ChannelBinding), Error> {
-        let result = self.connect_starttls(jid, ns, timeouts).await;
-        if let Err(e) = &result {
-            let message = format!("connecting to {}: {e}", self.addr);
-            *self
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(message);
-        }
-        result
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_scram_is_offered_to_the_login() {
+        let features = StreamFeatures {
+            sasl_mechanisms: ["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-1-PLUS"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            ..StreamFeatures::default()
+        };
+        assert_eq!(
+            scram(&features).into_iter().collect::<Vec<_>>(),
+            vec!["SCRAM-SHA-1".to_owned()]
+        );
+        assert!(scram(&StreamFeatures::default()).is_empty());
     }
 }

@@ -1,15 +1,21 @@
 //! A scripted XMPP user for end-to-end tests: what a person does in a chat client (log in,
 //! befriend, chat, manage a group room), with a blocking API.
 //!
-//! Each user owns a small tokio runtime. A driver task owns the tokio-xmpp [`Client`]: it always
-//! drains the event stream (so IQ replies keep flowing, see tokio-xmpp's bounded queues),
-//! answers roster pushes and pings like a client, re-sends presence after a reconnection, and
-//! queues every stanza for the test, which takes the ones it waits for.
+//! Each user owns a small tokio runtime. A driver task owns a tokio-xmpp [`StanzaStream`]: it
+//! always drains the stream's events (so IQ replies keep flowing, see tokio-xmpp's bounded
+//! queues), matches IQ responses to their requests, answers roster pushes and pings like a
+//! client, re-sends presence after a reconnection, and queues every other stanza for the test,
+//! which takes the ones it waits for.
+//!
+//! tokio-xmpp's `Client` is not used: its worker reads the stanza stream through a
+//! `StanzaReceiver`, whose `poll_next` returns `Pending` without registering a waker when the
+//! mutex it shares with the sending half is held, and sending holds that mutex across an
+//! `.await`. A stanza arriving while one is being sent can then leave the worker asleep for good.
+//! Here one task owns the whole stream, sending and receiving, with no lock in between.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,14 +28,17 @@ use tokio_xmpp::jid::{BareJid, FullJid, Jid};
 use tokio_xmpp::minidom::Element;
 use tokio_xmpp::minidom::rxml::NcName;
 use tokio_xmpp::parsers::iq::Iq;
-use tokio_xmpp::parsers::message::{Lang, Message, MessageType};
+use tokio_xmpp::parsers::message::{Id, Lang, Message, MessageType};
 use tokio_xmpp::parsers::muc::{Muc, MucUser, user::Status};
 use tokio_xmpp::parsers::ns;
+use tokio_xmpp::parsers::ping::Ping;
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::parsers::roster::{Ask, Item as RosterItem, Roster, Subscription};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
-use tokio_xmpp::xmlstream::Timeouts;
-use tokio_xmpp::{Client, Event, IqRequest, IqResponse, IqResponseToken, Stanza};
+use tokio_xmpp::stanzastream::{
+    Event, StanzaStage, StanzaState, StanzaStream, StanzaToken, StreamEvent,
+};
+use tokio_xmpp::{IqRequest, IqResponse, Stanza};
 
 use crate::netns::Netns;
 use crate::nsenter::NsHandle;
@@ -48,6 +57,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How often roster states are polled.
 const ROSTER_POLL: Duration = Duration::from_millis(100);
+
+/// Stanzas the stanza stream queues each way (as tokio-xmpp's `Client` does).
+const QUEUE_DEPTH: usize = 16;
 
 const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 const MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
@@ -125,7 +137,8 @@ impl XmppUserBuilder {
     }
 
     /// Like [`XmppUserBuilder::connect`], but returns why the login did not happen (a wrong
-    /// password, say, shows as no login within the timeout: tokio-xmpp retries silently).
+    /// password, say, shows as no login within the timeout, as failed attempts are retried;
+    /// the message gives the last attempt's error).
     ///
     /// # Errors
     /// When there is no login within the login timeout, or the roster or presence cannot be
@@ -151,19 +164,22 @@ impl XmppUserBuilder {
         let (session_tx, session_rx) = watch::channel(Session::default());
         {
             let _guard = rt.enter();
-            let client = Client::new_with_connector(
-                login_jid,
-                self.password.clone(),
-                connector.clone(),
-                Timeouts::tight(),
+            let stream = StanzaStream::new(
+                connector
+                    .clone()
+                    .reconnector(login_jid, self.password.clone()),
+                QUEUE_DEPTH,
             );
-            rt.spawn(drive(
-                client,
-                self.jid.clone(),
-                cmd_rx,
-                stanza_tx,
-                session_tx,
-            ));
+            let driver = Driver {
+                stream,
+                account: self.jid.clone(),
+                stanzas: stanza_tx,
+                session: session_tx,
+                presence: None,
+                iqs: HashMap::new(),
+                ids: 0,
+            };
+            rt.spawn(driver.run(cmd_rx));
         }
         let mut user = XmppUser {
             jid: self.jid,
@@ -210,9 +226,18 @@ struct Session {
     bound: Option<FullJid>,
 }
 
+/// Where the response to an IQ request goes.
+type IqReply = oneshot::Receiver<IqResponse>;
+
 enum Command {
-    Send(Box<Stanza>, oneshot::Sender<io::Result<()>>),
-    Iq(Option<Jid>, IqRequest, oneshot::Sender<IqResponseToken>),
+    /// Queues a stanza; answers with its token.
+    Send(Box<Stanza>, oneshot::Sender<StanzaToken>),
+    /// Queues an IQ request; answers with its token and where its response will arrive.
+    Iq(
+        Option<Jid>,
+        IqRequest,
+        oneshot::Sender<(StanzaToken, IqReply)>,
+    ),
     Close(oneshot::Sender<()>),
 }
 
@@ -303,7 +328,7 @@ impl XmppUser {
         self.session.borrow().logins
     }
 
-    /// Waits until [`XmppUser::logins`] reaches `n` (tokio-xmpp reconnects by itself, backing
+    /// Waits until [`XmppUser::logins`] reaches `n` (the session reconnects by itself, backing
     /// off from 1 s up to 30 s).
     ///
     /// # Panics
@@ -567,10 +592,12 @@ impl XmppUser {
             .collect()
     }
 
-    /// Sends a stanza.
+    /// Sends a stanza and returns once the server has handled it (a presence is in effect, for
+    /// example, before another user's stanza can meet it): the server handles a session's
+    /// stanzas in order, so its answer to a ping sent next means it got that far.
     ///
     /// # Panics
-    /// When it cannot be sent within the step timeout.
+    /// When it cannot be sent, or the ping is not answered, within the step timeout.
     pub fn send(&mut self, stanza: Stanza) {
         if let Err(e) = self.try_send(stanza) {
             panic!("{e}");
@@ -593,15 +620,23 @@ impl XmppUser {
     fn try_send(&mut self, stanza: Stanza) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.command(Command::Send(Box::new(stanza), tx))?;
-        match self.block_on_timeout(self.step_timeout, rx) {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(format!("{}: cannot send a stanza: {e}", self.jid)),
-            Ok(Err(_)) => Err(format!("{}: the XMPP session has ended", self.jid)),
-            Err(_) => Err(format!(
-                "{}: a stanza was not sent within {:?} (disconnected?)",
-                self.jid, self.step_timeout
-            )),
+        let sent = self.block_on_timeout(self.step_timeout, async {
+            written(rx.await.map_err(|_| SESSION_ENDED.to_owned())?).await
+        });
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("{}: {e}", self.jid)),
+            Err(_) => {
+                return Err(format!(
+                    "{}: a stanza was not sent within {:?} (disconnected?)",
+                    self.jid, self.step_timeout
+                ));
+            }
         }
+        let server = Jid::from(self.jid.domain().to_owned());
+        self.try_iq(Some(server), IqRequest::Get(Ping.into()))?
+            .map(drop)
+            .map_err(|e| format!("{}: the server refused a ping: {e}", self.jid))
     }
 
     /// `Err` when the request could not be made or answered in time; `Ok(Err)` for an error
@@ -615,10 +650,9 @@ impl XmppUser {
         self.command(Command::Iq(to, request, tx))?;
         let timeout = self.step_timeout;
         let reply = self.block_on_timeout(timeout, async {
-            let token = rx
-                .await
-                .map_err(|_| "the XMPP session has ended".to_owned())?;
-            token.await.map_err(|e| e.to_string())
+            let (token, response) = rx.await.map_err(|_| SESSION_ENDED.to_owned())?;
+            written(token).await?;
+            response.await.map_err(|_| SESSION_ENDED.to_owned())
         });
         match reply {
             Ok(Ok(IqResponse::Result(payload))) => Ok(Ok(payload)),
@@ -635,7 +669,7 @@ impl XmppUser {
     fn command(&self, command: Command) -> Result<(), String> {
         self.cmds
             .send(command)
-            .map_err(|_| format!("{}: the XMPP session has ended", self.jid))
+            .map_err(|_| format!("{}: {SESSION_ENDED}", self.jid))
     }
 
     /// Runs `future` on the user's runtime for at most `timeout`.
@@ -784,69 +818,203 @@ impl Drop for XmppUser {
     }
 }
 
-/// Owns the client: drains its events, answers what a client must, runs commands.
-async fn drive(
-    mut client: Client,
-    account: BareJid,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    stanzas: mpsc::UnboundedSender<Stanza>,
-    session: watch::Sender<Session>,
-) {
-    // The last broadcast presence, re-sent after a reconnection.
-    let mut presence: Option<Presence> = None;
-    loop {
-        tokio::select! {
-            event = client.next() => match event {
-                None => return,
-                Some(Event::Online { bound_jid, resumed, .. }) => {
-                    let relogin = session.borrow().logins > 0 && !resumed;
-                    session.send_modify(|s| {
-                        s.logins += 1;
-                        s.bound = bound_jid.try_into_full().ok();
-                    });
-                    if relogin {
-                        // What a chat client does on a new session: fetch the roster (which
-                        // makes it an interested resource), then send its presence. Replies
-                        // are not needed; dropping the token is fine.
-                        drop(client.send_iq(None, IqRequest::Get(roster_query())).await);
-                        if let Some(p) = &presence {
-                            // A failure shows up in the test's next step.
-                            let _ = client.send_stanza(p.clone().into()).await;
-                        }
-                    }
-                }
-                Some(Event::Disconnected(_)) => {}
-                Some(Event::Stanza(stanza)) => {
-                    if let Some(reply) = auto_reply(&stanza, &account) {
-                        // As above: a failed send surfaces in the test's next step.
-                        let _ = client.send_stanza(reply.into()).await;
-                    }
-                    // The receiver is gone only while the user is being dropped.
-                    let _ = stanzas.send(stanza);
-                }
-            },
-            command = commands.recv() => match command {
-                Some(Command::Send(stanza, reply)) => {
-                    if let Stanza::Presence(p) = &*stanza
-                        && p.to.is_none()
-                    {
-                        presence = Some(p.clone());
-                    }
-                    let _ = reply.send(client.send_stanza(*stanza).await.map(drop));
-                }
-                Some(Command::Iq(to, request, reply)) => {
-                    let _ = reply.send(client.send_iq(to, request).await);
-                }
-                Some(Command::Close(done)) => {
-                    // The stream may already be gone; closing is best effort.
-                    let _ = client.send_end().await;
-                    let _ = done.send(());
-                    return;
-                }
-                None => return,
-            },
+const SESSION_ENDED: &str = "the XMPP session has ended";
+
+/// Waits until the stanza behind `token` is written to the stream.
+async fn written(mut token: StanzaToken) -> Result<(), String> {
+    match token.wait_for(StanzaStage::Sent).await {
+        Some(StanzaState::Sent { .. } | StanzaState::Acked { .. }) => Ok(()),
+        Some(StanzaState::Failed { error }) => Err(format!("cannot send a stanza: {error}")),
+        Some(StanzaState::Queued | StanzaState::Dropped) | None => {
+            Err("the stanza was dropped before it was sent".to_owned())
         }
     }
+}
+
+/// An IQ request waiting for its response.
+struct PendingIq {
+    /// Whom it was sent to; `None` for the account (the server answers).
+    to: Option<Jid>,
+    reply: oneshot::Sender<IqResponse>,
+}
+
+/// The driver task: the only owner of the stanza stream, so that sending and receiving never
+/// wait for each other.
+struct Driver {
+    stream: StanzaStream,
+    account: BareJid,
+    stanzas: mpsc::UnboundedSender<Stanza>,
+    session: watch::Sender<Session>,
+    /// The last broadcast presence, re-sent after a reconnection.
+    presence: Option<Presence>,
+    /// IQ requests waiting for their response, by id.
+    iqs: HashMap<String, PendingIq>,
+    /// Stanza ids given so far.
+    ids: u64,
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let closed = loop {
+            tokio::select! {
+                event = self.stream.next() => match event {
+                    Some(event) => self.on_event(event).await,
+                    None => return,
+                },
+                command = commands.recv() => match command {
+                    Some(Command::Send(stanza, reply)) => self.on_send(*stanza, reply).await,
+                    Some(Command::Iq(to, request, reply)) => {
+                        self.on_iq(to, request, reply).await;
+                    }
+                    Some(Command::Close(done)) => break Some(done),
+                    None => break None,
+                },
+            }
+        };
+        // Sends what is queued, then the stream footer.
+        self.stream.close().await;
+        if let Some(done) = closed {
+            // The user may have stopped waiting.
+            let _ = done.send(());
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Stream(StreamEvent::Reset { bound_jid, .. }) => {
+                let relogin = self.session.borrow().logins > 0;
+                self.session.send_modify(|s| {
+                    s.logins += 1;
+                    s.bound = bound_jid.try_into_full().ok();
+                });
+                if relogin {
+                    // What a chat client does on a new session: fetch the roster (which makes
+                    // it an interested resource), then send its presence. The roster reply is
+                    // not needed: it is queued like any unexpected stanza.
+                    self.send(Stanza::Iq(Iq::Get {
+                        from: None,
+                        to: None,
+                        id: String::new(),
+                        payload: roster_query(),
+                    }))
+                    .await;
+                    if let Some(presence) = self.presence.clone() {
+                        self.send(presence.into()).await;
+                    }
+                }
+            }
+            // The stream goes on where it was: nothing to do.
+            Event::Stream(StreamEvent::Suspended | StreamEvent::Resumed) => {}
+            Event::Stanza(stanza) => {
+                if let Some(reply) = auto_reply(&stanza, &self.account) {
+                    self.send(reply.into()).await;
+                }
+                if let Some(stanza) = self.take_response(stanza) {
+                    // The receiver is gone only while the user is being dropped.
+                    let _ = self.stanzas.send(stanza);
+                }
+            }
+        }
+    }
+
+    async fn on_send(&mut self, stanza: Stanza, reply: oneshot::Sender<StanzaToken>) {
+        if let Stanza::Presence(p) = &stanza
+            && p.to.is_none()
+        {
+            self.presence = Some(p.clone());
+        }
+        let token = self.send(stanza).await;
+        // The user may have stopped waiting.
+        let _ = reply.send(token);
+    }
+
+    async fn on_iq(
+        &mut self,
+        to: Option<Jid>,
+        request: IqRequest,
+        reply: oneshot::Sender<(StanzaToken, IqReply)>,
+    ) {
+        // Forget requests whose user stopped waiting.
+        self.iqs.retain(|_, iq| !iq.reply.is_closed());
+        let id = self.next_id();
+        let (response_tx, response_rx) = oneshot::channel();
+        self.iqs.insert(
+            id.clone(),
+            PendingIq {
+                to: to.clone(),
+                reply: response_tx,
+            },
+        );
+        let iq = match request {
+            IqRequest::Get(payload) => Iq::Get {
+                from: None,
+                to,
+                id,
+                payload,
+            },
+            IqRequest::Set(payload) => Iq::Set {
+                from: None,
+                to,
+                id,
+                payload,
+            },
+        };
+        let token = self.send(iq.into()).await;
+        // The user may have stopped waiting.
+        let _ = reply.send((token, response_rx));
+    }
+
+    fn next_id(&mut self) -> String {
+        self.ids += 1;
+        format!("ipop-lab-{}", self.ids)
+    }
+
+    /// Queues a stanza, giving it an id if it has none, as chat clients do.
+    async fn send(&mut self, mut stanza: Stanza) -> StanzaToken {
+        match &mut stanza {
+            Stanza::Iq(iq) if iq.id().is_empty() => *iq.id_mut() = self.next_id(),
+            Stanza::Message(message) if message.id.is_none() => {
+                message.id = Some(Id(self.next_id()));
+            }
+            Stanza::Presence(presence) if presence.id.is_none() => {
+                presence.id = Some(self.next_id());
+            }
+            _ => {}
+        }
+        self.stream.send(Box::new(stanza)).await
+    }
+
+    /// Hands the response to a pending IQ request to whoever waits for it; gives back any other
+    /// stanza.
+    fn take_response(&mut self, stanza: Stanza) -> Option<Stanza> {
+        let (id, response) = match stanza {
+            Stanza::Iq(Iq::Result {
+                from, id, payload, ..
+            }) if self.awaits(from.as_ref(), &id) => (id, IqResponse::Result(payload)),
+            Stanza::Iq(Iq::Error {
+                from, id, error, ..
+            }) if self.awaits(from.as_ref(), &id) => (id, IqResponse::Error(error)),
+            other => return Some(other),
+        };
+        if let Some(pending) = self.iqs.remove(&id) {
+            // The user may have stopped waiting.
+            let _ = pending.reply.send(response);
+        }
+        None
+    }
+
+    fn awaits(&self, from: Option<&Jid>, id: &str) -> bool {
+        self.iqs
+            .get(id)
+            .is_some_and(|iq| answers(&self.account, iq.to.as_ref(), from))
+    }
+}
+
+/// Whether a response `from` someone answers a request sent `to` someone: only the addressee
+/// may answer, the account's bare JID standing for no address (as in tokio-xmpp).
+fn answers(account: &BareJid, to: Option<&Jid>, from: Option<&Jid>) -> bool {
+    let account = Jid::from(account.clone());
+    to.unwrap_or(&account) == from.unwrap_or(&account)
 }
 
 /// The reply a client owes to an IQ request: an empty result to roster pushes from its own
@@ -961,6 +1129,20 @@ mod tests {
         assert!(matches!(reply, Some(Iq::Error { .. })), "{reply:?}");
         let message = Stanza::Message(Message::chat(None));
         assert!(auto_reply(&message, &jid("a@example.org")).is_none());
+    }
+
+    #[test]
+    fn only_the_addressee_answers_an_iq() {
+        let account = jid("a@example.org");
+        let bare = Jid::from(account.clone());
+        let room = Jid::from(jid("room@conference.example.org"));
+        let other = Jid::from(jid("mallory@example.org"));
+        assert!(answers(&account, None, None));
+        assert!(answers(&account, None, Some(&bare)));
+        assert!(!answers(&account, None, Some(&other)));
+        assert!(answers(&account, Some(&room), Some(&room)));
+        assert!(!answers(&account, Some(&room), None));
+        assert!(!answers(&account, Some(&room), Some(&other)));
     }
 
     #[test]
