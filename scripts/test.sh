@@ -16,6 +16,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v prosodyctl >/dev/null || need+=(prosody)
 command -v nft >/dev/null || need+=(nftables)
+command -v turnserver >/dev/null || need+=(coturn)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
