@@ -13,15 +13,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use sha1::Sha1;
 
 use crate::dir::TestDir;
 use crate::netns::Netns;
+use crate::next_id;
 use crate::nsenter::{NsHandle, run_in};
 use crate::process::{Daemon, log_tail};
-use crate::{PREFIX, next_id};
 
 /// How long [`CoturnBuilder::start`] waits for coturn to answer a STUN Binding request.
 pub const COTURN_READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -381,50 +379,14 @@ pub fn rest_credentials(secret: &str, name: &str, expiry: u64) -> (String, Strin
 /// `$TMPDIR/ipl-<pid>-...` for a PID that no longer runs. [`CoturnBuilder::start`] calls it once
 /// per process.
 pub fn sweep_stale_coturn() {
-    let ours = std::env::temp_dir()
-        .join(PREFIX)
-        .to_string_lossy()
-        .into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect();
-        if !args
-            .first()
-            .is_some_and(|program| program.ends_with("turnserver"))
-        {
-            continue;
-        }
-        let Some(creator) = args
-            .iter()
-            .skip_while(|arg| *arg != "-c")
-            .nth(1)
-            .and_then(|config| config.strip_prefix(&ours))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|creator| creator.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if creator != std::process::id() && !Path::new(&format!("/proc/{creator}")).exists() {
-            eprintln!("ipop-lab: killing stale coturn (pid {pid}) of dead test process {creator}");
-            // It may have exited meanwhile: ESRCH is fine.
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
+    crate::process::sweep_stale_servers(
+        "coturn",
+        |args| {
+            args.first()
+                .is_some_and(|program| program.ends_with("turnserver"))
+        },
+        "-c",
+    );
 }
 
 /// Sends a STUN Binding request to `addr` and waits briefly for the answer, then connects over

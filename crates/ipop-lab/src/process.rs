@@ -167,6 +167,58 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// Kills (SIGKILL, by PID) the server processes (`label`: Prosody, coturn) that an earlier test
+/// process started and could not stop because it died without running destructors: those that
+/// `is_server` recognises by their arguments and whose `config_flag` argument lies in
+/// `$TMPDIR/ipl-<pid>-...` for a PID that no longer runs.
+pub(crate) fn sweep_stale_servers(
+    label: &str,
+    is_server: impl Fn(&[String]) -> bool,
+    config_flag: &str,
+) {
+    let ours = std::env::temp_dir()
+        .join(crate::PREFIX)
+        .to_string_lossy()
+        .into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        if !is_server(&args) {
+            continue;
+        }
+        let Some(creator) = args
+            .iter()
+            .skip_while(|arg| *arg != config_flag)
+            .nth(1)
+            .and_then(|config| config.strip_prefix(&ours))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|creator| creator.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if creator != std::process::id() && !Path::new(&format!("/proc/{creator}")).exists() {
+            eprintln!("ipop-lab: killing stale {label} (pid {pid}) of dead test process {creator}");
+            // It may have exited meanwhile: ESRCH is fine.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

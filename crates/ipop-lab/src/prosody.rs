@@ -9,8 +9,6 @@ use std::sync::Once;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -20,7 +18,7 @@ use crate::dir::TestDir;
 use crate::netns::Netns;
 use crate::nsenter::{NsHandle, run_in};
 use crate::process::{Daemon, STOP_TIMEOUT, log_tail};
-use crate::{PREFIX, next_id, run_checked, sanitize_tag};
+use crate::{next_id, run_checked, sanitize_tag};
 
 /// How long [`Prosody::start`] waits for the c2s port to accept connections.
 pub const PROSODY_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -513,47 +511,11 @@ fn write_certificates(dir: &Path, domain: &str) -> Vec<u8> {
 /// config lies in `$TMPDIR/ipl-<pid>-...` for a PID that no longer runs. [`ProsodyBuilder::start`]
 /// calls it once per process. (Prosody inside a namespace also dies with the namespace sweep.)
 pub fn sweep_stale_prosody() {
-    let ours = std::env::temp_dir()
-        .join(PREFIX)
-        .to_string_lossy()
-        .into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect();
-        if !args.iter().any(|arg| arg.ends_with("/prosody")) {
-            continue;
-        }
-        let Some(config) = args.iter().skip_while(|arg| *arg != "--config").nth(1) else {
-            continue;
-        };
-        let Some(creator) = config
-            .strip_prefix(&ours)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|creator| creator.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if creator != std::process::id() && !Path::new(&format!("/proc/{creator}")).exists() {
-            eprintln!("ipop-lab: killing stale Prosody (pid {pid}) of dead test process {creator}");
-            // It may have exited meanwhile: ESRCH is fine.
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
+    crate::process::sweep_stale_servers(
+        "Prosody",
+        |args| args.iter().any(|arg| arg.ends_with("/prosody")),
+        "--config",
+    );
 }
 
 /// A TCP port that is free on `ip` (inside `ns` when given) at the time of the call.
