@@ -1287,8 +1287,8 @@ mod tests {
         }
     }
 
-    fn friends() -> World {
-        let mut w = World::new(vec![
+    fn alice_and_bob() -> World {
+        World::new(vec![
             dev(
                 "alice@example.org",
                 "laptop",
@@ -1301,7 +1301,11 @@ mod tests {
                 "192.0.2.2:51820",
                 "10.78.0.2/16",
             ),
-        ]);
+        ])
+    }
+
+    fn friends() -> World {
+        let mut w = alice_and_bob();
         let social = OverlayId::Social;
         let both = ["alice@example.org", "bob@example.org"];
         w.members(0, &social, &both);
@@ -1406,20 +1410,7 @@ mod tests {
 
     #[test]
     fn an_offer_with_another_key_than_announced_is_refused() {
-        let mut w = World::new(vec![
-            dev(
-                "alice@example.org",
-                "laptop",
-                "192.0.2.1:51820",
-                "10.78.0.1/16",
-            ),
-            dev(
-                "bob@example.org",
-                "phone",
-                "192.0.2.2:51820",
-                "10.78.0.2/16",
-            ),
-        ]);
+        let mut w = alice_and_bob();
         let both = ["alice@example.org", "bob@example.org"];
         w.members(0, &OverlayId::Social, &both);
         w.members(1, &OverlayId::Social, &both);
