@@ -377,3 +377,42 @@ fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
     );
     w.lab.stop_all();
 }
+
+#[test]
+fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
+    let mut w = World::new("xunfr", 2);
+    let mut alice = w.user("alice");
+    let mut bob = w.user("bob");
+    alice.befriend(&mut bob);
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
+    w.node(0).start();
+    w.node(1).start();
+    wait_ping(
+        &w.lab.nodes[0],
+        "10.78.0.2",
+        Duration::from_secs(10),
+        "alice's device to ping bob's",
+    );
+
+    bob.unfriend(&mut alice);
+    let linked = |status: &Value, jid: &str| {
+        peer_by_jid(status, jid).is_some_and(|p| p["state"] == "connected")
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "both devices to drop the link",
+        || {
+            let a = w.lab.nodes[0].status()?;
+            let b = w.lab.nodes[1].status()?;
+            if linked(&a, "bob@example.org") || linked(&b, "alice@example.org") {
+                Err(format!("alice: {a}\nbob: {b}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!ping_ok(&w.lab.nodes[0], "10.78.0.2"), "the link came back");
+    w.lab.stop_all();
+}
