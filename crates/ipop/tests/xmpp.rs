@@ -416,3 +416,23 @@ fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
     assert!(!ping_ok(&w.lab.nodes[0], "10.78.0.2"), "the link came back");
     w.lab.stop_all();
 }
+
+#[test]
+fn a_users_own_devices_link_with_each_other() {
+    let mut w = World::new("xown", 2);
+    w.prosody.register("alice", &password("alice"));
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.configure(1, "alice", "phone", &social("10.78.0.2/16"));
+    w.node(0).start();
+    w.node(1).start();
+    wait_ping(
+        &w.lab.nodes[0],
+        "10.78.0.2",
+        Duration::from_secs(10),
+        "the laptop to ping the phone",
+    );
+    let status = w.node(1).status().expect("status");
+    let peer = peer_by_jid(&status, "alice@example.org").expect("the laptop is listed");
+    assert_eq!(peer["device"], "laptop");
+    w.lab.stop_all();
+}
