@@ -172,10 +172,16 @@ impl Engine {
     /// TURN relay is wrapped for the relay (ChannelData) and goes to the TURN server.
     ///
     /// `out` must hold at least `packet.len() + 32 + turn::MAX_OVERHEAD` and 148 bytes.
-    pub fn handle_tun(&mut self, packet: &[u8], out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+    /// The third value says whether the datagram goes over the TCP connection to a TURN
+    /// server rather than over UDP.
+    pub fn handle_tun(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Option<(SocketAddr, usize, bool)> {
         let o = self.node.handle_tun(packet, out)?;
         match o.via {
-            None => Some((o.destination, o.len)),
+            None => Some((o.destination, o.len, false)),
             Some(r) => {
                 self.relay_scratch[..o.len].copy_from_slice(&out[..o.len]);
                 self.wrap_for_relay(r, o.destination, o.len, out)
@@ -190,13 +196,13 @@ impl Engine {
         peer: SocketAddr,
         len: usize,
         out: &mut [u8],
-    ) -> Option<(SocketAddr, usize)> {
+    ) -> Option<(SocketAddr, usize, bool)> {
         let Some(relay) = self.relays.get_mut(r) else {
             self.drops.count(DropReason::NoEndpoint);
             return None;
         };
         match relay.encapsulate(peer, &self.relay_scratch[..len], out) {
-            Ok(n) => Some((relay.server(), n)),
+            Ok(n) => Some((relay.server(), n, relay.transport() != IceTransport::Udp)),
             Err(e) => {
                 tracing::debug!(%peer, "cannot relay: {e}");
                 self.drops.count(DropReason::NoEndpoint);
@@ -215,7 +221,11 @@ impl Engine {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Option<usize> {
-        if let Some(r) = self.relays.iter().position(|a| a.server() == from) {
+        if let Some(r) = self
+            .relays
+            .iter()
+            .position(|a| a.server() == from && a.transport() == IceTransport::Udp)
+        {
             return self.handle_from_relay(now, r, from, datagram, out);
         }
         if classify(datagram) == DatagramKind::Stun {
@@ -230,6 +240,31 @@ impl Engine {
             return None;
         }
         self.node.handle_udp(from, None, datagram, out)
+    }
+
+    /// A frame from the TCP connection to the TURN server `server`; as
+    /// [`Engine::handle_udp`].
+    pub fn handle_stream(
+        &mut self,
+        now: Instant,
+        server: SocketAddr,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let r = self
+            .relays
+            .iter()
+            .position(|a| a.server() == server && a.transport() != IceTransport::Udp)?;
+        self.handle_from_relay(now, r, server, frame, out)
+    }
+
+    /// The TURN servers this engine reaches over TCP: the daemon keeps a connection to each.
+    pub fn stream_servers(&self) -> Vec<SocketAddr> {
+        self.relays
+            .iter()
+            .filter(|a| a.transport() != IceTransport::Udp)
+            .map(TurnAllocation::server)
+            .collect()
     }
 
     /// A datagram from a TURN server: an answer for the allocation, or data from a peer.
@@ -845,6 +880,7 @@ impl Engine {
                 self.transmits.push_back(Transmit {
                     destination: t.destination,
                     via,
+                    stream: false,
                     payload: t.contents.to_vec(),
                 });
             }
@@ -921,10 +957,12 @@ impl Engine {
                 if relay.create_permission(now, t.destination.ip()).is_err() {
                     continue;
                 }
+                let stream = relay.transport() != IceTransport::Udp;
                 while let Some((server, payload)) = relay.poll_transmit() {
                     self.transmits.push_back(Transmit {
                         destination: server,
                         via: None,
+                        stream,
                         payload,
                     });
                 }
@@ -936,6 +974,7 @@ impl Engine {
                     return Some(Transmit {
                         destination: relay.server(),
                         via: None,
+                        stream: relay.transport() != IceTransport::Udp,
                         payload: out,
                     });
                 }
@@ -948,10 +987,12 @@ impl Engine {
     fn start_gathering(&mut self, now: Instant) {
         let servers: Vec<IceServer> = self.servers().cloned().collect();
         for server in servers {
-            if server.transport != IceTransport::Udp {
+            if server.transport == IceTransport::Tls {
+                tracing::warn!(host = %server.host, "TURN over TLS is not supported yet; skipped");
                 continue;
             }
-            if !self.bindings.iter().any(|b| b.server() == server.address) {
+            let udp = server.transport == IceTransport::Udp;
+            if udp && !self.bindings.iter().any(|b| b.server() == server.address) {
                 let seed = self.client_seed();
                 self.bindings
                     .push(StunBinding::new(server.address, now, seed));
@@ -966,14 +1007,14 @@ impl Engine {
             match self
                 .relays
                 .iter_mut()
-                .find(|a| a.server() == server.address)
+                .find(|a| a.server() == server.address && a.transport() == server.transport)
             {
                 Some(existing) => existing.set_credentials(credentials),
                 None => {
                     let seed = self.client_seed();
                     self.relays.push(TurnAllocation::new(
                         server.address,
-                        IceTransport::Udp,
+                        server.transport,
                         credentials,
                         now,
                         seed,
@@ -992,6 +1033,7 @@ impl Engine {
                 self.transmits.push_back(Transmit {
                     destination: server,
                     via: None,
+                    stream: false,
                     payload,
                 });
             }
@@ -1009,10 +1051,12 @@ impl Engine {
             }
         }
         for a in &mut self.relays {
+            let stream = a.transport() != IceTransport::Udp;
             while let Some((server, payload)) = a.poll_transmit() {
                 self.transmits.push_back(Transmit {
                     destination: server,
                     via: None,
+                    stream,
                     payload,
                 });
             }
@@ -1340,7 +1384,7 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];
         let p = ipv4([10, 78, 0, 1], [10, 78, 0, 2], b"hi bob");
-        let (dst, n) = w.devs[0].engine.handle_tun(&p, &mut wire).expect("routed");
+        let (dst, n, _) = w.devs[0].engine.handle_tun(&p, &mut wire).expect("routed");
         assert_eq!(dst, w.devs[1].addr);
         let (now, from, to) = (w.now, w.devs[0].addr, w.devs[1].addr);
         let got = w.devs[1]

@@ -52,6 +52,9 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// The TURN relay that carries it, when the peer is reached through one.
     pub via: Option<usize>,
+    /// Whether it goes over the TCP connection to `destination` (a TURN server reached over
+    /// TCP) rather than over UDP.
+    pub stream: bool,
     pub payload: Vec<u8>,
 }
 
@@ -560,6 +563,7 @@ impl Node {
                 self.transmits.push_back(Transmit {
                     destination: from,
                     via,
+                    stream: false,
                     payload: reply,
                 });
                 self.flush_queued(index);
@@ -619,6 +623,7 @@ impl Node {
             self.transmits.push_back(Transmit {
                 destination,
                 via: peer.via,
+                stream: false,
                 payload: datagram.to_vec(),
             });
         }
@@ -715,6 +720,7 @@ impl Node {
                         self.transmits.push_back(Transmit {
                             destination,
                             via: peer.via,
+                            stream: false,
                             payload,
                         });
                     }

@@ -12,12 +12,14 @@ use anyhow::Context;
 use ipnet::IpNet;
 use ipop_core::Engine;
 use ipop_core::osn::{DeviceId, OsnEvent, Signal};
+use ipop_core::turn::StreamFramer;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -96,6 +98,7 @@ pub struct Dataplane {
     started: Instant,
     bufs: Buffers,
     io_errors: IoErrors,
+    streams: Streams,
 }
 
 /// Packets lost to system call errors, counted beside the core's drops.
@@ -179,6 +182,7 @@ impl Dataplane {
             started: Instant::now(),
             bufs: Buffers::new(mtu.into()),
             io_errors: IoErrors::default(),
+            streams: Streams::new(),
         })
     }
 
@@ -212,6 +216,9 @@ impl Dataplane {
         tokio::pin!(shutdown);
         loop {
             self.engine.handle_timeout(Instant::now());
+            for server in self.engine.stream_servers() {
+                self.streams.connect(server);
+            }
             self.flush_control().await;
             while let Some(signal) = self.engine.poll_signal() {
                 if let Some(o) = &osn {
@@ -265,6 +272,9 @@ impl Dataplane {
                         osn = None;
                     }
                 },
+                Some((server, frame)) = self.streams.incoming.recv() => {
+                    self.handle_stream_frame(server, &frame).await;
+                }
                 Some(req) = requests.recv() => {
                     let answer = self.answer(&req.command);
                     let _ = req.reply.send(answer);
@@ -274,9 +284,30 @@ impl Dataplane {
         }
     }
 
+    /// A frame from the TCP connection to a TURN server: relayed traffic or an answer.
+    async fn handle_stream_frame(&mut self, server: SocketAddr, frame: &[u8]) {
+        let target = &mut self.bufs.to_tun[0];
+        target.resize(VIRTIO_NET_HDR_LEN + frame.len(), 0);
+        let got = self.engine.handle_stream(
+            Instant::now(),
+            server,
+            frame,
+            &mut target[VIRTIO_NET_HDR_LEN..],
+        );
+        if let Some(len) = got {
+            self.bufs.to_tun[0].truncate(VIRTIO_NET_HDR_LEN + len);
+            self.write_tun(1).await;
+        }
+        self.flush_control().await;
+    }
+
     /// Sends the control datagrams the core queued (handshakes, keepalives).
     async fn flush_control(&mut self) {
         while let Some(t) = self.engine.poll_transmit() {
+            if t.stream {
+                self.streams.send(t.destination, t.payload);
+                continue;
+            }
             let transmit = Transmit {
                 destination: t.destination,
                 ecn: None,
@@ -330,9 +361,14 @@ impl Dataplane {
                 let Some(out) = b.wire.get_mut(end..end + room.max(148)) else {
                     break;
                 };
-                let Some((dst, len)) = self.engine.handle_tun(packet, out) else {
+                let Some((dst, len, stream)) = self.engine.handle_tun(packet, out) else {
                     continue;
                 };
+                if stream {
+                    let frame = out[..len].to_vec();
+                    self.streams.send(dst, frame);
+                    continue;
+                }
                 match &mut run {
                     Some(r) if r.extends(dst, len, max_segments) => r.push(len),
                     _ => {
@@ -529,5 +565,114 @@ impl Run {
         self.end += len;
         self.count += 1;
         self.closed = len < self.segment;
+    }
+}
+
+/// TCP connections to TURN servers reached over TCP (where UDP is blocked): one task each,
+/// framed with the core's [`StreamFramer`].
+struct Streams {
+    outgoing: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
+    incoming: mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+    to_plane: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+}
+
+/// How long connecting to a TURN server over TCP may take.
+const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Streams {
+    fn new() -> Self {
+        let (to_plane, incoming) = mpsc::unbounded_channel();
+        Streams {
+            outgoing: HashMap::new(),
+            incoming,
+            to_plane,
+        }
+    }
+
+    /// Opens the connection to `server` unless it is open.
+    fn connect(&mut self, server: SocketAddr) {
+        if self.outgoing.get(&server).is_some_and(|tx| !tx.is_closed()) {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.outgoing.insert(server, tx);
+        tokio::spawn(stream_task(server, rx, self.to_plane.clone()));
+    }
+
+    fn send(&mut self, server: SocketAddr, frame: Vec<u8>) {
+        match self.outgoing.get(&server) {
+            Some(tx) => {
+                let _ = tx.send(frame);
+            }
+            None => tracing::debug!(%server, "no TCP connection to this TURN server"),
+        }
+    }
+}
+
+async fn stream_task(
+    server: SocketAddr,
+    mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    to_plane: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+) {
+    let connected = tokio::time::timeout(STREAM_CONNECT_TIMEOUT, TcpStream::connect(server)).await;
+    let stream = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(%server, "cannot connect to the TURN server over TCP: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%server, "no TCP connection to the TURN server within 10 s");
+            return;
+        }
+    };
+    tracing::info!(%server, "connected to the TURN server over TCP");
+    let _ = stream.set_nodelay(true);
+    let (mut read, mut write) = stream.into_split();
+    let mut framer = StreamFramer::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            frame = outgoing.recv() => match frame {
+                Some(frame) => {
+                    if let Err(e) = write.write_all(&frame).await {
+                        tracing::warn!(%server, "TURN connection lost: {e}");
+                        return;
+                    }
+                }
+                None => return,
+            },
+            n = read.read(&mut buf) => {
+                let n = match n {
+                    Ok(0) => {
+                        tracing::warn!(%server, "the TURN server closed the TCP connection");
+                        return;
+                    }
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(%server, "TURN connection lost: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = framer.push(&buf[..n]) {
+                    tracing::warn!(%server, "TURN stream out of step: {e}");
+                    return;
+                }
+                loop {
+                    match framer.next_frame() {
+                        Ok(Some(frame)) => {
+                            if to_plane.send((server, frame.to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(%server, "TURN stream out of step: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -115,7 +115,8 @@ impl World {
              [xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{xmpp}\"\nca_file = {ca:?}\ndevice = \"dev\"\n\n\
              [social]\naddress = \"{addr}/16\"\n\n\
              [nat]\nstun = [\"{turn}\"]\n\n\
-             [[nat.turn]]\nserver = \"{turn}\"\nusername = \"{username}\"\npassword = \"{password_turn}\"\n",
+             [[nat.turn]]\nserver = \"{turn}\"\nusername = \"{username}\"\npassword = \"{password_turn}\"\n\n\
+             [[nat.turn]]\nserver = \"{turn}\"\ntransport = \"tcp\"\nusername = \"{username}\"\npassword = \"{password_turn}\"\n",
             sock = d.dir.join("ctl.sock"),
             user = d.user,
             pw = password(&d.user),
@@ -235,6 +236,21 @@ fn port_restricted_cone_to_symmetric_goes_through_the_relay() {
         vec![
             Site::new(Nat::PortRestrictedCone),
             Site::new(Nat::Symmetric),
+        ],
+    );
+    w.start(0);
+    w.start(1);
+    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    assert_eq!(path, "relay", "{peer}");
+}
+
+#[test]
+fn udp_blocked_to_cone_goes_through_the_relay_over_tcp() {
+    let mut w = World::new(
+        "nblk",
+        vec![
+            Site::new(Nat::UdpBlocked),
+            Site::new(Nat::PortRestrictedCone),
         ],
     );
     w.start(0);
