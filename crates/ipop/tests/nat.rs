@@ -259,6 +259,40 @@ fn udp_blocked_to_cone_goes_through_the_relay_over_tcp() {
     assert_eq!(path, "relay", "{peer}");
 }
 
+#[test]
+fn a_relayed_link_moves_to_a_direct_path_once_udp_is_let_through() {
+    let mut w = World::new(
+        "nupg",
+        vec![
+            Site::new(Nat::UdpBlocked),
+            Site::new(Nat::PortRestrictedCone),
+        ],
+    );
+    w.start(0);
+    w.start(1);
+    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    assert_eq!(path, "relay", "{peer}");
+
+    let name = w.lab.devices[0].name.clone();
+    w.lab.router_of_mut(&name).set_udp_blocked(false);
+    let user = w.devices[1].user.clone();
+    wait_until(
+        Duration::from_secs(60),
+        "the link to move to a direct path",
+        || {
+            let status = w.status(0)?;
+            let peer = World::peer(&status, &user).cloned().unwrap_or(Value::Null);
+            if peer["path"] == "direct" {
+                Ok(())
+            } else {
+                Err(peer.to_string())
+            }
+        },
+    );
+    let (path, peer) = w.link(0, 1, Duration::from_secs(5));
+    assert_eq!(path, "direct", "{peer}");
+}
+
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
 /// the other side lets that first packet in (a port-restricted one needs the relay).
 #[test]
