@@ -5,8 +5,8 @@
 //! Run as root: they create network namespaces, NAT rules and TUN devices.
 
 use ipop_lab::{
-    Coturn, Daemon, Nat, NatLab, Netns, Prosody, Site, TestDir, XmppUser, generate_key,
-    status_json, wait_until,
+    Coturn, Daemon, ExternalService, Nat, NatLab, Netns, Prosody, Site, TestDir, XmppUser,
+    generate_key, status_json, wait_until,
 };
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -25,12 +25,22 @@ struct Device {
     address: String,
 }
 
+/// Where devices learn their STUN and TURN servers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Servers {
+    /// The `[nat]` section of their config.
+    Config,
+    /// Only the XMPP server (XEP-0215, with time-limited TURN credentials).
+    Xmpp,
+}
+
 /// Fields drop in order: daemons first, then the servers, the lab, the directory.
 struct World {
     devices: Vec<Device>,
     coturn: Coturn,
     prosody: Prosody,
     lab: NatLab,
+    servers: Servers,
     /// Kept (and named) when a test fails.
     _dir: TestDir,
 }
@@ -43,6 +53,11 @@ impl World {
     /// A lab with `sites`, Prosody and coturn on its server, and one user per device, all
     /// friends of the first.
     fn new(tag: &str, sites: Vec<Site>) -> World {
+        World::with_servers(tag, sites, Servers::Config)
+    }
+
+    /// As [`World::new`], with the STUN/TURN servers given as `servers` says.
+    fn with_servers(tag: &str, sites: Vec<Site>, servers: Servers) -> World {
         let mut builder = NatLab::builder(tag);
         for site in sites {
             builder = builder.site(site);
@@ -55,11 +70,27 @@ impl World {
             .ip(&["route", "add", "default", "via", "198.18.0.1"]);
         let dir = TestDir::new(tag);
         let server_ip = IpAddr::V4(lab.server.ip);
-        let prosody = Prosody::start_in(&lab.server.ns, &server_ip.to_string(), DOMAIN);
         let coturn = Coturn::builder()
             .in_netns(&lab.server.ns, server_ip)
             .dir(dir.path())
             .start();
+        let mut prosody = Prosody::builder(DOMAIN).in_netns(&lab.server.ns, server_ip);
+        if servers == Servers::Xmpp {
+            let service = |kind: &str, transport: &str| ExternalService {
+                kind: kind.to_owned(),
+                transport: transport.to_owned(),
+                host: server_ip.to_string(),
+                port: coturn.addr().port(),
+                secret: (kind == "turn").then(|| coturn.secret().to_owned()),
+                ttl: Some(3600),
+            };
+            prosody = prosody.external_services(vec![
+                service("stun", "udp"),
+                service("turn", "udp"),
+                service("turn", "tcp"),
+            ]);
+        }
+        let prosody = prosody.start();
         let users: Vec<String> = (0..lab.devices.len()).map(|i| format!("user{i}")).collect();
         for u in &users {
             prosody.register(u, &password(u));
@@ -90,6 +121,7 @@ impl World {
             coturn,
             prosody,
             lab,
+            servers,
             _dir: dir,
         };
         for i in 0..world.devices.len() {
@@ -108,22 +140,30 @@ impl World {
 
     fn write_config(&self, i: usize) {
         let d = &self.devices[i];
-        let (username, password_turn) = self.coturn.credentials(&d.user, Duration::from_secs(3600));
+        let nat = match self.servers {
+            Servers::Xmpp => String::new(),
+            Servers::Config => {
+                let (username, password) =
+                    self.coturn.credentials(&d.user, Duration::from_secs(3600));
+                let turn = self.coturn.addr();
+                format!(
+                    "[nat]\nstun = [\"{turn}\"]\n\n\
+                     [[nat.turn]]\nserver = \"{turn}\"\nusername = \"{username}\"\npassword = \"{password}\"\n\n\
+                     [[nat.turn]]\nserver = \"{turn}\"\ntransport = \"tcp\"\nusername = \"{username}\"\npassword = \"{password}\"\n"
+                )
+            }
+        };
         let text = format!(
             "[device]\nlog_level = \"debug\"\ncontrol_socket = {sock:?}\n\n\
              [interface]\nlisten_port = 51820\n\n\
              [xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{xmpp}\"\nca_file = {ca:?}\ndevice = \"dev\"\n\n\
-             [social]\naddress = \"{addr}/16\"\n\n\
-             [nat]\nstun = [\"{turn}\"]\n\n\
-             [[nat.turn]]\nserver = \"{turn}\"\nusername = \"{username}\"\npassword = \"{password_turn}\"\n\n\
-             [[nat.turn]]\nserver = \"{turn}\"\ntransport = \"tcp\"\nusername = \"{username}\"\npassword = \"{password_turn}\"\n",
+             [social]\naddress = \"{addr}/16\"\n\n{nat}",
             sock = d.dir.join("ctl.sock"),
             user = d.user,
             pw = password(&d.user),
             xmpp = self.prosody.c2s_addr(),
             ca = self.prosody.ca_cert_path(),
             addr = d.address,
-            turn = self.coturn.addr(),
         );
         std::fs::write(self.config(i), text).expect("config written");
     }
@@ -291,6 +331,25 @@ fn a_relayed_link_moves_to_a_direct_path_once_udp_is_let_through() {
     );
     let (path, peer) = w.link(0, 1, Duration::from_secs(5));
     assert_eq!(path, "direct", "{peer}");
+}
+
+#[test]
+fn stun_and_turn_servers_can_come_from_the_xmpp_server_alone() {
+    let mut w = World::with_servers(
+        "nx215",
+        vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
+        Servers::Xmpp,
+    );
+    w.start(0);
+    w.start(1);
+    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    assert_eq!(path, "relay", "{peer}");
+    let status = w.status(0).expect("status");
+    let servers = status["ice_servers"].to_string();
+    assert!(
+        servers.contains("turn udp") && servers.contains("turn tcp"),
+        "{servers}"
+    );
 }
 
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
