@@ -398,17 +398,20 @@ impl Engine {
                 session,
                 reason,
             } => {
-                let ours = self
-                    .links
-                    .get(&to)
-                    .and_then(|l| l.session.as_ref())
-                    .is_some_and(|s| s.id == session);
-                if ours {
+                if self.is_current_session(&to, &session) {
                     self.fail(now, &to, &format!("signalling failed: {reason}"));
                 }
             }
         }
         self.reconcile(now);
+    }
+
+    /// Whether `session` is the session of the link to `device` now.
+    fn is_current_session(&self, device: &DeviceId, session: &str) -> bool {
+        self.links
+            .get(device)
+            .and_then(|l| l.session.as_ref())
+            .is_some_and(|s| s.id == session)
     }
 
     /// The overlays through which `device` is both announced and authorised.
@@ -693,12 +696,7 @@ impl Engine {
                 }
             }
             Signal::Terminate { session, reason } => {
-                let ours = self
-                    .links
-                    .get(&from)
-                    .and_then(|l| l.session.as_ref())
-                    .is_some_and(|s| s.id == session);
-                if ours {
+                if self.is_current_session(&from, &session) {
                     let why = match reason {
                         TerminateReason::NotAuthorised => "the other side does not authorise us",
                         TerminateReason::WrongKey => "the other side refused our key",

@@ -238,6 +238,14 @@ impl World {
     }
 }
 
+/// Starts both devices of a two-device world and returns the path (and the peer entry) device 0
+/// reports for device 1 once they ping each other and TCP works both ways.
+fn linked(w: &mut World, timeout: Duration) -> (String, Value) {
+    w.start(0);
+    w.start(1);
+    w.link(0, 1, timeout)
+}
+
 #[test]
 fn cone_to_cone_is_direct() {
     let mut w = World::new(
@@ -247,9 +255,7 @@ fn cone_to_cone_is_direct() {
             Site::new(Nat::PortRestrictedCone),
         ],
     );
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(20));
+    let (path, peer) = linked(&mut w, Duration::from_secs(20));
     assert_eq!(path, "direct", "{peer}");
     assert!(
         peer["pair"].as_str().unwrap_or_default().contains("srflx"),
@@ -263,9 +269,7 @@ fn symmetric_to_symmetric_goes_through_the_relay() {
         "nsym",
         vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
     );
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
     assert_eq!(path, "relay", "{peer}");
 }
 
@@ -278,9 +282,7 @@ fn port_restricted_cone_to_symmetric_goes_through_the_relay() {
             Site::new(Nat::Symmetric),
         ],
     );
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
     assert_eq!(path, "relay", "{peer}");
 }
 
@@ -293,9 +295,7 @@ fn udp_blocked_to_cone_goes_through_the_relay_over_tcp() {
             Site::new(Nat::PortRestrictedCone),
         ],
     );
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
     assert_eq!(path, "relay", "{peer}");
 }
 
@@ -308,9 +308,7 @@ fn a_relayed_link_moves_to_a_direct_path_once_udp_is_let_through() {
             Site::new(Nat::PortRestrictedCone),
         ],
     );
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
     assert_eq!(path, "relay", "{peer}");
 
     let name = w.lab.devices[0].name.clone();
@@ -340,9 +338,7 @@ fn stun_and_turn_servers_can_come_from_the_xmpp_server_alone() {
         vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
         Servers::Xmpp,
     );
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
     assert_eq!(path, "relay", "{peer}");
     let status = w.status(0).expect("status");
     let servers = status["ice_servers"].to_string();
@@ -360,18 +356,14 @@ fn full_cone_to_symmetric_is_direct() {
         "nmix",
         vec![Site::new(Nat::FullCone), Site::new(Nat::Symmetric)],
     );
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(30));
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
     assert_eq!(path, "direct", "{peer}");
 }
 
 #[test]
 fn two_devices_behind_one_nat_link_directly() {
     let mut w = World::new("nsame", vec![Site::new(Nat::PortRestrictedCone).devices(2)]);
-    w.start(0);
-    w.start(1);
-    let (path, peer) = w.link(0, 1, Duration::from_secs(20));
+    let (path, peer) = linked(&mut w, Duration::from_secs(20));
     assert_eq!(path, "direct", "{peer}");
     assert!(
         peer["pair"]
