@@ -14,6 +14,8 @@ pub mod osn;
 pub mod packet;
 pub mod route;
 pub mod stun;
+#[cfg(test)]
+mod testing;
 pub mod turn;
 
 pub use engine::{Engine, LinkPhase, LinkStatus};

@@ -1063,15 +1063,9 @@ mod tests {
         let mut sim = pair(None);
         sim.start();
         let mut out = vec![0u8; 4096];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::testing::Rng(0x2545_f491_4f6c_dd1d);
         for len in 0..600usize {
-            let mut d = vec![0u8; len];
-            for byte in d.iter_mut() {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                *byte = seed as u8;
-            }
+            let mut d = rng.bytes(len);
             if len >= 4 {
                 // Make some of them look like WireGuard so they reach the parser.
                 d[0] = (len % 5) as u8;
