@@ -793,6 +793,7 @@ impl Engine {
             endpoint: None,
             addresses,
             keepalive: Some(KEEPALIVE_S),
+            roaming: false,
         };
         match self.node.add_peer(config) {
             Ok(index) => {

@@ -44,6 +44,10 @@ pub struct PeerConfig {
     pub addresses: Vec<IpNet>,
     /// Persistent keepalive interval in seconds.
     pub keepalive: Option<u16>,
+    /// Whether an authenticated datagram from another address moves the endpoint there
+    /// (WireGuard's roaming). Off for peers whose path ICE chooses: with several paths (direct,
+    /// relays) a datagram on one of them must not pull the link off the nominated pair.
+    pub roaming: bool,
 }
 
 /// A datagram to send.
@@ -318,6 +322,9 @@ impl Peer {
     /// Notes an authenticated message from `from` (through relay `via`): the peer may have
     /// roamed, or its path moved between relayed and direct.
     fn authenticated(&mut self, from: SocketAddr, via: Option<usize>) {
+        if !self.config.roaming && self.endpoint.is_some() {
+            return;
+        }
         if self.endpoint != Some(from) || self.via != via {
             tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), "peer endpoint set");
             self.endpoint = Some(from);
@@ -811,6 +818,7 @@ mod tests {
                 .map(|a| a.parse().expect("test prefix"))
                 .collect(),
             keepalive: None,
+            roaming: true,
         }
     }
 
@@ -1020,6 +1028,39 @@ mod tests {
             .expect("encrypted")
             .destination;
         assert_eq!(dst, moved);
+    }
+
+    #[test]
+    fn a_peer_whose_path_ice_chooses_does_not_roam() {
+        let mut sim = pair(None);
+        sim.start();
+        let mut b_config = peer(PublicKey::from_secret(&secret()), None, &[]);
+        b_config.roaming = false;
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        // Make A's peer B ICE-managed: same key and addresses, roaming off.
+        let b_key = sim.a.peers().next().unwrap().public_key;
+        sim.a.remove_peer(0);
+        b_config.public_key = b_key;
+        b_config.addresses = vec!["10.0.0.2/32".parse().unwrap()];
+        let index = sim.a.add_peer(b_config).unwrap();
+        sim.a.set_endpoint(index, sim.b_addr, None);
+        sim.start();
+        let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
+        let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from another path");
+        let n = sim.b.handle_tun(&p, &mut wire).expect("encrypted").len;
+        assert!(
+            sim.a
+                .handle_udp(elsewhere, None, &wire[..n], &mut inner)
+                .is_some()
+        );
+        let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
+        let dst = sim
+            .a
+            .handle_tun(&back, &mut wire)
+            .expect("encrypted")
+            .destination;
+        assert_eq!(dst, sim.b_addr);
     }
 
     #[test]

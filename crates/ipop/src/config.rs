@@ -460,6 +460,7 @@ impl Config {
                 endpoint: p.endpoint,
                 addresses: p.addresses.clone(),
                 keepalive: Some(p.keepalive.unwrap_or(25)),
+                roaming: true,
             })
             .collect()
     }

@@ -221,14 +221,18 @@ impl World {
         let expected = data.clone();
         let receiver = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().expect("accept");
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("read timeout");
             let mut got = Vec::new();
-            conn.read_to_end(&mut got).expect("read");
+            conn.read_to_end(&mut got).expect("read through the tunnel");
             got
         });
         self.ns(i).run_in(move || {
             let mut conn = TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(5))
                 .expect("connect through the tunnel");
-            conn.write_all(&data).expect("send");
+            conn.set_write_timeout(Some(Duration::from_secs(10)))
+                .expect("write timeout");
+            conn.write_all(&data).expect("send through the tunnel");
         });
         let got = receiver.join().expect("receiver");
         assert!(
