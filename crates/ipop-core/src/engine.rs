@@ -80,6 +80,17 @@ struct Session {
     nominated: Option<(SocketAddr, SocketAddr)>,
 }
 
+impl Session {
+    /// The session's candidates, local then remote.
+    fn candidates(&self) -> (Vec<Candidate>, Vec<Candidate>) {
+        let read = |c: is::Candidate| ice::from_agent(&c);
+        (
+            self.agent.local_candidates().filter_map(read).collect(),
+            self.agent.remote_candidates().filter_map(read).collect(),
+        )
+    }
+}
+
 struct Link {
     key: PublicKey,
     session: Option<Session>,
@@ -518,15 +529,7 @@ impl Engine {
             self.node.remove_peer(index);
         }
         if let Some(s) = link.session.take() {
-            let local = s
-                .agent
-                .local_candidates()
-                .filter_map(|c| ice::from_agent(&c));
-            let remote = s
-                .agent
-                .remote_candidates()
-                .filter_map(|c| ice::from_agent(&c));
-            link.tried = (local.collect(), remote.collect());
+            link.tried = s.candidates();
             self.signals.push_back((
                 device.clone(),
                 Signal::Terminate {
@@ -1122,17 +1125,7 @@ impl Engine {
                 tried: link
                     .session
                     .as_ref()
-                    .map(|s| {
-                        let local = s
-                            .agent
-                            .local_candidates()
-                            .filter_map(|c| ice::from_agent(&c));
-                        let remote = s
-                            .agent
-                            .remote_candidates()
-                            .filter_map(|c| ice::from_agent(&c));
-                        (local.collect(), remote.collect())
-                    })
+                    .map(Session::candidates)
                     .unwrap_or_else(|| link.tried.clone()),
                 last_error: link.last_error.clone(),
             })
