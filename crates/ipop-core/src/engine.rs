@@ -363,6 +363,7 @@ impl Engine {
                 overlay,
                 device,
                 key,
+                claim: _,
             } => {
                 let entry = self.devices.entry(device.clone()).or_insert(Announced {
                     key,
@@ -1279,6 +1280,7 @@ mod tests {
                 overlay: overlay.clone(),
                 device: self.devs[j].id.clone(),
                 key,
+                claim: None,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
         }

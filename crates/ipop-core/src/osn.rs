@@ -8,7 +8,7 @@
 use crate::key::PublicKey;
 use ipnet::IpNet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 /// One device of one user: for XMPP, a full JID `user/device`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,11 +67,12 @@ pub enum OsnEvent {
         users: Vec<String>,
     },
     /// A device announced ipop with `key`, seen through `overlay` (the roster for the social
-    /// overlay, the room for a group).
+    /// overlay, the room for a group), claiming `claim` as its IPv4 address there.
     DeviceUp {
         overlay: OverlayId,
         device: DeviceId,
         key: PublicKey,
+        claim: Option<Claim>,
     },
     /// A device went offline (or left the room) as seen through `overlay`.
     DeviceDown {
@@ -90,6 +91,16 @@ pub enum OsnEvent {
     /// credentials. Replaces what the network offered before; servers from the config file are
     /// kept. Sent again when credentials are renewed.
     IceServers(Vec<IceServer>),
+}
+
+/// The IPv4 address a device says it has in an overlay (in its presence there): its own
+/// address in the social overlay, its address in a group's subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Claim {
+    pub address: Ipv4Addr,
+    /// Set in the device's config rather than chosen automatically: it never moves when two
+    /// devices claim the same address.
+    pub fixed: bool,
 }
 
 /// A STUN or TURN server, resolved to an address.

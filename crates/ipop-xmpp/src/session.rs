@@ -113,6 +113,7 @@ impl View {
                     overlay: overlay.clone(),
                     device,
                     key,
+                    claim: None,
                 });
             }
         }
@@ -1663,6 +1664,7 @@ mod tests {
             overlay: OverlayId::Social,
             device: device(name),
             key: PublicKey([key; 32]),
+            claim: None,
         }
     }
 
