@@ -16,6 +16,7 @@ pub mod route;
 pub mod stun;
 #[cfg(test)]
 mod testing;
+pub mod translate;
 pub mod turn;
 
 pub use engine::{Engine, LinkPhase, LinkStatus};
