@@ -4,6 +4,7 @@ mod config;
 mod control;
 mod dataplane;
 mod device;
+mod dns;
 mod netlink;
 mod status;
 mod xmpp;
