@@ -1,9 +1,12 @@
 //! What a device says about itself: the presence that announces ipop (entity capabilities,
-//! XEP-0115, with the ipop feature, and the device's public key) and the service discovery
-//! answer behind those capabilities.
+//! XEP-0115, with the ipop feature, the device's public key and its address claim in the
+//! overlay) and the service discovery answer behind those capabilities.
 
 use crate::{NS_IPOP, NS_LINK};
 use ipop_core::PublicKey;
+use ipop_core::osn::Claim;
+use std::fmt;
+use std::net::Ipv4Addr;
 use tokio_xmpp::minidom::{Element, rxml::xml_ncname};
 use tokio_xmpp::parsers::caps::{self, Caps};
 use tokio_xmpp::parsers::disco::{DiscoInfoResult, Identity};
@@ -54,19 +57,23 @@ pub fn caps_node_ver() -> String {
     format!("{CAPS_NODE}#{}", caps_ver())
 }
 
-/// The presence payloads of an ipop device: entity capabilities and the key.
-pub fn payloads(key: &PublicKey) -> Vec<Element> {
-    vec![
-        Caps::new(CAPS_NODE, caps_hash()).into(),
-        Element::builder("ipop", NS_IPOP)
-            .attr(xml_ncname!("key").into(), key.to_string())
-            .build(),
-    ]
+/// The presence payloads of an ipop device: entity capabilities, the key and, if any, the
+/// device's claim in the overlay the presence goes to.
+pub fn payloads(key: &PublicKey, claim: Option<Claim>) -> Vec<Element> {
+    let mut ipop =
+        Element::builder("ipop", NS_IPOP).attr(xml_ncname!("key").into(), key.to_string());
+    if let Some(claim) = claim {
+        ipop = ipop.attr(xml_ncname!("address").into(), claim.address.to_string());
+        if claim.fixed {
+            ipop = ipop.attr(xml_ncname!("fixed").into(), "true");
+        }
+    }
+    vec![Caps::new(CAPS_NODE, caps_hash()).into(), ipop.build()]
 }
 
-/// The available presence of an ipop device.
-pub fn presence(key: &PublicKey) -> Presence {
-    let mut presence = Presence::available().with_payloads(payloads(key));
+/// The available presence of an ipop device, claiming `claim` where it goes.
+pub fn presence(key: &PublicKey, claim: Option<Claim>) -> Presence {
+    let mut presence = Presence::available().with_payloads(payloads(key, claim));
     presence.priority = Priority(PRIORITY);
     presence
 }
@@ -76,10 +83,52 @@ pub fn presence(key: &PublicKey) -> Presence {
 pub enum Announce {
     /// No ipop payload: a chat client or another program; not a peer.
     None,
-    /// An ipop device with this key.
-    Key(PublicKey),
+    /// An ipop device with this key, claiming an address or not. A claim that does not parse
+    /// leaves the device a peer without a claim.
+    Key {
+        key: PublicKey,
+        claim: Result<Option<Claim>, BadClaim>,
+    },
     /// An ipop payload whose key does not parse.
     BadKey,
+}
+
+/// An address claim that does not follow `docs/protocol.md`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadClaim {
+    /// `address` is not a dotted IPv4 address.
+    Address(String),
+    /// `fixed` is not an XML boolean.
+    Fixed(String),
+    /// `fixed` without `address`.
+    FixedWithoutAddress,
+}
+
+impl fmt::Display for BadClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadClaim::Address(a) => write!(f, "address {a:?} is not an IPv4 address"),
+            BadClaim::Fixed(v) => write!(f, "fixed {v:?} is not a boolean"),
+            BadClaim::FixedWithoutAddress => f.write_str("fixed without an address"),
+        }
+    }
+}
+
+/// Reads the claim of an ipop payload.
+fn read_claim(ipop: &Element) -> Result<Option<Claim>, BadClaim> {
+    let fixed = match ipop.attr("fixed") {
+        None | Some("false" | "0") => false,
+        Some("true" | "1") => true,
+        Some(other) => return Err(BadClaim::Fixed(other.to_owned())),
+    };
+    match ipop.attr("address") {
+        None if fixed => Err(BadClaim::FixedWithoutAddress),
+        None => Ok(None),
+        Some(a) => a
+            .parse::<Ipv4Addr>()
+            .map(|address| Some(Claim { address, fixed }))
+            .map_err(|_| BadClaim::Address(a.to_owned())),
+    }
 }
 
 /// Reads the ipop payload of a presence.
@@ -87,7 +136,10 @@ pub fn read(payloads: &[Element]) -> Announce {
     match payloads.iter().find(|p| p.is("ipop", NS_IPOP)) {
         None => Announce::None,
         Some(p) => match p.attr("key").map(str::parse::<PublicKey>) {
-            Some(Ok(key)) => Announce::Key(key),
+            Some(Ok(key)) => Announce::Key {
+                key,
+                claim: read_claim(p),
+            },
             _ => Announce::BadKey,
         },
     }
@@ -100,9 +152,21 @@ mod tests {
     #[test]
     fn presence_carries_caps_key_and_negative_priority() {
         let key = PublicKey([3; 32]);
-        let presence = presence(&key);
+        let presence = presence(&key, None);
         assert_eq!(presence.priority, Priority(-1));
-        assert_eq!(read(&presence.payloads), Announce::Key(key));
+        assert_eq!(
+            read(&presence.payloads),
+            Announce::Key {
+                key,
+                claim: Ok(None)
+            }
+        );
+        let ipop = presence
+            .payloads
+            .iter()
+            .find(|p| p.is("ipop", NS_IPOP))
+            .expect("ipop payload");
+        assert_eq!((ipop.attr("address"), ipop.attr("fixed")), (None, None));
         let caps = presence
             .payloads
             .iter()
@@ -123,6 +187,145 @@ mod tests {
         assert_eq!(info.identities.len(), 1);
     }
 
+    fn ipop(attrs: &str) -> Element {
+        format!(
+            "<ipop xmlns='urn:ipop:0' key='{}' {attrs}/>",
+            PublicKey([7; 32])
+        )
+        .parse()
+        .expect("test XML is well-formed")
+    }
+
+    #[test]
+    fn a_claim_goes_out_and_comes_back() {
+        let key = PublicKey([5; 32]);
+        for fixed in [false, true] {
+            let claim = Claim {
+                address: Ipv4Addr::new(10, 20, 0, 5),
+                fixed,
+            };
+            let presence = presence(&key, Some(claim));
+            let ipop = presence
+                .payloads
+                .iter()
+                .find(|p| p.is("ipop", NS_IPOP))
+                .expect("ipop payload");
+            assert_eq!(ipop.attr("address"), Some("10.20.0.5"));
+            assert_eq!(ipop.attr("fixed"), fixed.then_some("true"));
+            let xml = String::from(ipop);
+            let parsed: Element = xml.parse().expect("our XML parses");
+            assert_eq!(
+                read(&[parsed]),
+                Announce::Key {
+                    key,
+                    claim: Ok(Some(claim))
+                },
+                "{xml}"
+            );
+        }
+    }
+
+    #[test]
+    fn fixed_is_an_xml_boolean() {
+        let claim = |fixed| Claim {
+            address: Ipv4Addr::new(10, 1, 2, 3),
+            fixed,
+        };
+        for (attr, fixed) in [("true", true), ("1", true), ("false", false), ("0", false)] {
+            assert_eq!(
+                read(&[ipop(&format!("address='10.1.2.3' fixed='{attr}'"))]),
+                Announce::Key {
+                    key: PublicKey([7; 32]),
+                    claim: Ok(Some(claim(fixed)))
+                },
+                "{attr}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_claim_leaves_the_key_and_says_what_is_wrong() {
+        for (attrs, bad) in [
+            ("address='10.20.0'", BadClaim::Address("10.20.0".to_owned())),
+            (
+                "address='10.20.0.256'",
+                BadClaim::Address("10.20.0.256".to_owned()),
+            ),
+            (
+                "address='010.20.0.1'",
+                BadClaim::Address("010.20.0.1".to_owned()),
+            ),
+            ("address='fd00::5'", BadClaim::Address("fd00::5".to_owned())),
+            (
+                "address='10.20.0.5/24'",
+                BadClaim::Address("10.20.0.5/24".to_owned()),
+            ),
+            ("address=''", BadClaim::Address(String::new())),
+            (
+                "address='10.20.0.5' fixed='yes'",
+                BadClaim::Fixed("yes".to_owned()),
+            ),
+            ("fixed='true'", BadClaim::FixedWithoutAddress),
+        ] {
+            assert_eq!(
+                read(&[ipop(attrs)]),
+                Announce::Key {
+                    key: PublicKey([7; 32]),
+                    claim: Err(bad)
+                },
+                "{attrs}"
+            );
+        }
+        assert_eq!(
+            read(&[ipop("")]),
+            Announce::Key {
+                key: PublicKey([7; 32]),
+                claim: Ok(None)
+            }
+        );
+    }
+
+    /// The `<ipop/>` payloads of the presence examples in `docs/protocol.md` read as the
+    /// document says: the social one claims the device's own address, the group one a fixed
+    /// address in the group's subnet.
+    #[test]
+    fn the_examples_in_the_protocol_document_read_as_documented() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let claims: Vec<Option<Claim>> = doc
+            .split("```xml")
+            .skip(1)
+            .filter_map(|block| block.split("```").next())
+            .filter_map(|block| {
+                let start = block.find("<ipop ")?;
+                let end = start + block[start..].find("/>")? + 2;
+                let xml = block[start..end]
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                match read(&[xml.parse().expect("example is well-formed")]) {
+                    Announce::Key {
+                        claim: Ok(claim), ..
+                    } => Some(claim),
+                    other => panic!("{xml}: {other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(
+            claims,
+            vec![
+                Some(Claim {
+                    address: Ipv4Addr::new(10, 78, 0, 1),
+                    fixed: false
+                }),
+                Some(Claim {
+                    address: Ipv4Addr::new(10, 20, 0, 5),
+                    fixed: true
+                }),
+            ]
+        );
+    }
+
     #[test]
     fn payloads_without_or_with_bad_keys_are_told_apart() {
         assert_eq!(read(&[]), Announce::None);
@@ -131,6 +334,11 @@ mod tests {
             .build();
         assert_eq!(read(&[bad]), Announce::BadKey);
         assert_eq!(read(&[Element::bare("ipop", NS_IPOP)]), Announce::BadKey);
+        let bad_key_and_claim = Element::builder("ipop", NS_IPOP)
+            .attr(xml_ncname!("key").into(), "AAAA")
+            .attr(xml_ncname!("address").into(), "10.0.0.1")
+            .build();
+        assert_eq!(read(&[bad_key_and_claim]), Announce::BadKey);
         assert_eq!(read(&[Element::bare("ipop", "urn:other")]), Announce::None);
     }
 }

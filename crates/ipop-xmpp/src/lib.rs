@@ -2,8 +2,9 @@
 //! core's [`Signal`]s carried to other devices as Jingle.
 //!
 //! * [`connect`] logs in (SCRAM over verified TLS), announces the device (presence with entity
-//!   capabilities, the ipop key and priority -1), fetches the roster and joins the group rooms,
-//!   and returns once that is done, or with a [`LoginError`] that says what went wrong.
+//!   capabilities, the ipop key, its address claim in the overlay and priority -1), fetches the
+//!   roster and joins the group rooms, and returns once that is done, or with a [`LoginError`]
+//!   that says what went wrong.
 //! * The [`Session`] then runs in its own task: it follows the roster, presences and rooms,
 //!   answers Jingle and service discovery, reconnects with backoff when the connection is lost
 //!   (reporting [`OsnEvent::Offline`], then [`OsnEvent::Online`] and the full picture again).
@@ -20,20 +21,22 @@ mod muc;
 mod session;
 
 use ipop_core::PublicKey;
-use ipop_core::osn::{DeviceId, IceServerKind, IceTransport, OsnEvent, Signal};
+use ipop_core::osn::{Claim, DeviceId, IceServerKind, IceTransport, OsnEvent, OverlayId, Signal};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_xmpp::jid::BareJid;
 
 pub use extdisco::MAX_SERVICES as MAX_EXTERNAL_SERVICES;
 pub use jingle::{MAX_ADDRESSES, MAX_CANDIDATES};
 
-/// The namespace of ipop's presence payload, `<ipop xmlns='urn:ipop:0' key='…'/>`, and the
+/// The namespace of ipop's presence payload, `<ipop xmlns='urn:ipop:0' key='…'/>` (with the
+/// optional `address` and `fixed` of the device's claim), and the
 /// service discovery feature that says a device runs ipop.
 pub const NS_IPOP: &str = "urn:ipop:0";
 /// The namespace of ipop's Jingle application description (link offers).
@@ -61,6 +64,9 @@ pub struct XmppConfig {
     pub groups: Vec<GroupConfig>,
     /// The device's WireGuard public key, announced in presence.
     pub key: PublicKey,
+    /// The device's own IPv4 address, claimed in the presence to the roster (the social
+    /// overlay). [`Session::announce`] changes it.
+    pub social_claim: Option<Claim>,
     /// How long [`connect`] may take, login and initial synchronisation included.
     pub login_timeout: Duration,
 }
@@ -84,6 +90,7 @@ impl XmppConfig {
             social: true,
             groups: Vec::new(),
             key,
+            social_claim: None,
             login_timeout: Duration::from_secs(15),
         }
     }
@@ -101,6 +108,7 @@ impl fmt::Debug for XmppConfig {
             .field("social", &self.social)
             .field("groups", &self.groups)
             .field("key", &self.key)
+            .field("social_claim", &self.social_claim)
             .field("login_timeout", &self.login_timeout)
             .finish()
     }
@@ -113,6 +121,9 @@ pub struct GroupConfig {
     pub room: String,
     /// Create the room (members-only, non-anonymous, persistent) if it does not exist.
     pub create: bool,
+    /// The device's address in the group's subnet, claimed in the presence to the room.
+    /// [`Session::announce`] changes it.
+    pub claim: Option<Claim>,
 }
 
 /// Why [`connect`] failed. Every variant names the cause in words for the user.
@@ -199,6 +210,9 @@ pub enum DropReason {
     OutgoingCandidatesOverLimit,
     /// A presence whose ipop payload has no valid key.
     BadPresenceKey,
+    /// A presence whose ipop payload has a valid key but a malformed address claim (the device
+    /// counts as a peer without a claim).
+    BadPresenceClaim,
     /// A room presence without a readable `muc#user` payload.
     MalformedOccupant,
     /// A room occupant whose real JID is hidden.
@@ -225,13 +239,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::MalformedJingle,
         DropReason::TooManyCandidates,
         DropReason::UnsupportedJingleAction,
         DropReason::JingleNotFromDevice,
         DropReason::OutgoingCandidatesOverLimit,
         DropReason::BadPresenceKey,
+        DropReason::BadPresenceClaim,
         DropReason::MalformedOccupant,
         DropReason::OccupantWithoutRealJid,
         DropReason::SpoofedRosterPush,
@@ -253,6 +268,7 @@ impl DropReason {
             DropReason::JingleNotFromDevice => "jingle-not-from-device",
             DropReason::OutgoingCandidatesOverLimit => "outgoing-candidates-over-limit",
             DropReason::BadPresenceKey => "bad-presence-key",
+            DropReason::BadPresenceClaim => "bad-presence-claim",
             DropReason::MalformedOccupant => "malformed-occupant",
             DropReason::OccupantWithoutRealJid => "occupant-without-real-jid",
             DropReason::SpoofedRosterPush => "spoofed-roster-push",
@@ -410,6 +426,9 @@ enum Command {
 /// Most requests queued for the session task.
 const COMMAND_QUEUE: usize = 1024;
 
+/// Claims changed through [`Session::announce`], by overlay: the latest one wins.
+type Claims = BTreeMap<OverlayId, Option<Claim>>;
+
 /// A running XMPP session. Dropping it ends the session like [`Session::shutdown`], without
 /// waiting.
 pub struct Session {
@@ -417,6 +436,7 @@ pub struct Session {
     events: mpsc::UnboundedSender<OsnEvent>,
     shared: Arc<Shared>,
     groups: Vec<BareJid>,
+    claims: watch::Sender<Claims>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -447,6 +467,7 @@ pub async fn connect(
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, event_rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
+    let (claims, claims_rx) = watch::channel(Claims::new());
     let task = session::Task::new(
         cfg.clone(),
         groups.clone(),
@@ -456,6 +477,7 @@ pub async fn connect(
         session::Channels {
             events: events.clone(),
             commands: command_rx,
+            claims: claims_rx,
             ready: ready_tx,
         },
     );
@@ -464,6 +486,7 @@ pub async fn connect(
         events,
         shared: shared.clone(),
         groups,
+        claims,
         task: tokio::spawn(task.run()),
     };
     let outcome = match tokio::time::timeout_at(deadline, ready_rx).await {
@@ -509,6 +532,33 @@ impl Session {
                 reason: why.to_owned(),
             });
         }
+    }
+
+    /// Claims `claim` as the device's IPv4 address in `overlay` from now on (none with `None`):
+    /// its own address for the social overlay, its address in the group's subnet for a group.
+    /// When online, the presence with the new claim goes out at once (to the roster, or to the
+    /// room); after a reconnect or a rejoin the latest claim is sent. A group that is not
+    /// configured is logged and ignored.
+    pub fn announce(&self, overlay: OverlayId, claim: Option<Claim>) {
+        let overlay = match overlay {
+            OverlayId::Social => OverlayId::Social,
+            OverlayId::Group(room) => {
+                match BareJid::new(&room).ok().filter(|r| self.groups.contains(r)) {
+                    Some(jid) => OverlayId::Group(jid.to_string()),
+                    None => {
+                        tracing::warn!(
+                            room,
+                            "claim not announced: {}",
+                            Error::NotAGroup(room.clone())
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        self.claims.send_modify(|claims| {
+            claims.insert(overlay, claim);
+        });
     }
 
     /// Makes `jid` a member of the group room `room` (muc#admin affiliation `member`). Needs

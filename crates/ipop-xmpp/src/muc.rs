@@ -3,6 +3,7 @@
 
 use crate::announce;
 use ipop_core::PublicKey;
+use ipop_core::osn::Claim;
 use tokio_xmpp::jid::{BareJid, FullJid};
 use tokio_xmpp::minidom::{Element, rxml::xml_ncname};
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
@@ -113,14 +114,15 @@ pub fn nick(user: &BareJid, device: &str) -> String {
     format!("{user}/{device}")
 }
 
-/// The payloads of a join presence: the MUC element (no history) and the ipop announcement.
-pub fn join_payloads(key: &PublicKey) -> Vec<Element> {
+/// The payloads of a join presence: the MUC element (no history) and the ipop announcement
+/// with the device's claim in the group.
+pub fn join_payloads(key: &PublicKey, claim: Option<Claim>) -> Vec<Element> {
     let mut payloads = vec![
         Muc::new()
             .with_history(History::new().with_maxstanzas(0))
             .into(),
     ];
-    payloads.extend(announce::payloads(key));
+    payloads.extend(announce::payloads(key, claim));
     payloads
 }
 

@@ -3,6 +3,10 @@
 //! State is rebuilt from the server after every fresh stream (roster, presences, rooms); what
 //! the core was told is kept per overlay in a [`View`], so that after a reconnect the full
 //! picture is announced again and devices that did not come back are reported down.
+//!
+//! The device's own claims (its address in each overlay) are kept here too: every presence
+//! sent carries the latest one, and a change from [`crate::Session::announce`] goes out at once
+//! when online, or with the next presence otherwise.
 
 use crate::announce::{self, Announce};
 use crate::extdisco::{self, Offered, Resolution, Resolved};
@@ -10,12 +14,12 @@ use crate::jingle::{self, Malformed};
 use crate::login::Login;
 use crate::muc::{self, Affiliation, OccupantInfo};
 use crate::{
-    Command, DropReason, Error, ExternalServiceStatus, LoginError, RoomStatus, SIGNAL_TIMEOUT,
-    Shared, State, XmppConfig,
+    Claims, Command, DropReason, Error, ExternalServiceStatus, LoginError, RoomStatus,
+    SIGNAL_TIMEOUT, Shared, State, XmppConfig,
 };
 use futures::StreamExt;
 use ipop_core::PublicKey;
-use ipop_core::osn::{DeviceId, OsnEvent, OverlayId, Signal};
+use ipop_core::osn::{Claim, DeviceId, OsnEvent, OverlayId, Signal};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -30,7 +34,7 @@ use tokio_xmpp::minidom::Element;
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::message::Message;
 use tokio_xmpp::parsers::ns;
-use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
+use tokio_xmpp::parsers::presence::{Presence, Priority, Type as PresenceType};
 use tokio_xmpp::parsers::roster::{Item as RosterItem, Roster, Subscription};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tokio_xmpp::stanzastream::{Connection, Event, StanzaStage, StanzaStream, StreamEvent};
@@ -57,13 +61,20 @@ const TICK: Duration = Duration::from_millis(250);
 /// reported before are still valid.
 const EXTERNAL_RETRY: Duration = Duration::from_secs(30);
 
+/// What a device announces in one overlay: its key and its address claim there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Announced {
+    key: PublicKey,
+    claim: Option<Claim>,
+}
+
 /// What the core was told about one overlay.
 #[derive(Default)]
 struct View {
     members: Option<BTreeSet<String>>,
-    devices: BTreeMap<DeviceId, PublicKey>,
+    devices: BTreeMap<DeviceId, Announced>,
     /// Devices announced before the last fresh stream and not yet seen again.
-    stale: BTreeMap<DeviceId, PublicKey>,
+    stale: BTreeMap<DeviceId, Announced>,
 }
 
 impl View {
@@ -77,12 +88,13 @@ impl View {
         }
     }
 
-    /// Tell the core what changed: members first, then devices down, then devices up.
+    /// Tell the core what changed: members first, then devices down, then devices up (again
+    /// when their key or claim changed).
     fn publish(
         &mut self,
         overlay: &OverlayId,
         members: BTreeSet<String>,
-        devices: BTreeMap<DeviceId, PublicKey>,
+        devices: BTreeMap<DeviceId, Announced>,
         out: &mut Vec<OsnEvent>,
     ) {
         if self.members.as_ref() != Some(&members) {
@@ -105,15 +117,15 @@ impl View {
                 device,
             });
         }
-        for (device, key) in devices {
+        for (device, announced) in devices {
             self.stale.remove(&device);
-            if self.devices.get(&device) != Some(&key) {
-                self.devices.insert(device.clone(), key);
+            if self.devices.get(&device) != Some(&announced) {
+                self.devices.insert(device.clone(), announced);
                 out.push(OsnEvent::DeviceUp {
                     overlay: overlay.clone(),
                     device,
-                    key,
-                    claim: None,
+                    key: announced.key,
+                    claim: announced.claim,
                 });
             }
         }
@@ -150,12 +162,17 @@ enum RoomState {
 struct Occupant {
     real: FullJid,
     affiliation: Affiliation,
-    key: Option<PublicKey>,
+    /// What it announces, if it runs ipop.
+    announced: Option<Announced>,
 }
 
 struct Room {
     jid: BareJid,
     create: bool,
+    /// Our claim in the group, sent with every presence to the room.
+    claim: Option<Claim>,
+    /// The claim changed while we could not tell the room: tell it once joined.
+    claim_unsent: bool,
     nick: String,
     state: RoomState,
     occupants: BTreeMap<String, Occupant>,
@@ -238,7 +255,11 @@ pub(crate) struct Task {
     roster_loaded: bool,
     contacts: BTreeMap<BareJid, Subscription>,
     /// ipop devices seen outside rooms (own account and contacts), whatever their subscription.
-    presences: BTreeMap<FullJid, PublicKey>,
+    presences: BTreeMap<FullJid, Announced>,
+    /// Claims changed by the [`crate::Session`] handle.
+    claims: watch::Receiver<Claims>,
+    /// Our social claim changed while offline: send it when the stream is resumed.
+    social_claim_unsent: bool,
     social: View,
     social_sweep_at: Option<Instant>,
     rooms: Vec<Room>,
@@ -249,6 +270,45 @@ pub(crate) struct Task {
     out: Vec<OsnEvent>,
 }
 
+/// Waits for a change of the claims; forever once the handle is gone.
+async fn claims_changed(claims: &mut watch::Receiver<Claims>) {
+    if claims.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads the ipop announcement of a presence from `from`, counting what is wrong with it: a
+/// device with a bad claim is still a peer, without a claim.
+fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Option<Announced> {
+    match announce::read(payloads) {
+        Announce::None => None,
+        Announce::BadKey => {
+            count_drop(
+                shared,
+                DropReason::BadPresenceKey,
+                format_args!("presence of {from}"),
+            );
+            None
+        }
+        Announce::Key { key, claim } => {
+            let claim = claim.unwrap_or_else(|bad| {
+                count_drop(
+                    shared,
+                    DropReason::BadPresenceClaim,
+                    format_args!("claim in the presence of {from}: {bad}"),
+                );
+                None
+            });
+            Some(Announced { key, claim })
+        }
+    }
+}
+
+fn count_drop(shared: &Shared, reason: DropReason, detail: impl std::fmt::Display) {
+    tracing::debug!(reason = reason.as_str(), "dropped: {detail}");
+    shared.count(reason);
+}
+
 fn random_u64() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
@@ -257,6 +317,7 @@ fn random_u64() -> u64 {
 pub(crate) struct Channels {
     pub events: mpsc::UnboundedSender<OsnEvent>,
     pub commands: mpsc::Receiver<Command>,
+    pub claims: watch::Receiver<Claims>,
     /// Answered once the first login has synchronised, or failed.
     pub ready: oneshot::Sender<Result<(), LoginError>>,
 }
@@ -271,6 +332,7 @@ impl Task {
         Channels {
             events,
             commands,
+            claims,
             ready,
         }: Channels,
     ) -> Self {
@@ -288,6 +350,8 @@ impl Task {
                 overlay: OverlayId::Group(jid.to_string()),
                 jid,
                 create: group.create,
+                claim: group.claim,
+                claim_unsent: false,
                 nick: muc::nick(&own, me.resource().as_str()),
                 state: RoomState::Out { rejoin_at: None },
                 occupants: BTreeMap::new(),
@@ -312,6 +376,8 @@ impl Task {
             roster_loaded: false,
             contacts: BTreeMap::new(),
             presences: BTreeMap::new(),
+            claims,
+            social_claim_unsent: false,
             social: View::default(),
             social_sweep_at: None,
             rooms,
@@ -342,6 +408,7 @@ impl Task {
                 resolution = resolved(&mut self.external.resolving) => {
                     self.on_resolved(resolution);
                 }
+                () = claims_changed(&mut self.claims) => self.on_claims(),
                 _ = tick.tick() => self.on_tick(Instant::now()),
             }
             self.flush().await;
@@ -480,8 +547,7 @@ impl Task {
     }
 
     fn drop_stanza(&self, reason: DropReason, detail: impl std::fmt::Display) {
-        tracing::debug!(reason = reason.as_str(), "dropped: {detail}");
-        self.shared.count(reason);
+        count_drop(&self.shared, reason, detail);
     }
 
     // ---- the stream comes and goes ----
@@ -506,6 +572,15 @@ impl Task {
                 for i in 0..self.rooms.len() {
                     self.rooms[i].view.restart(false);
                     self.publish_room(i);
+                }
+                // The server kept our presences; claims changed meanwhile go out now.
+                if std::mem::take(&mut self.social_claim_unsent) {
+                    self.send_social_presence();
+                }
+                for i in 0..self.rooms.len() {
+                    if self.rooms[i].state == RoomState::Joined && self.rooms[i].claim_unsent {
+                        self.send_room_presence(i);
+                    }
                 }
                 if !self.external_busy() {
                     self.query_external_services();
@@ -569,7 +644,8 @@ impl Task {
                 Purpose::Roster,
             );
         }
-        self.outbox.push(announce::presence(&self.cfg.key).into());
+        self.social_claim_unsent = false;
+        self.send_social_presence();
         // Every room, failed ones too: a revoked membership may have been granted again.
         for i in 0..self.rooms.len() {
             let room = &mut self.rooms[i];
@@ -689,6 +765,68 @@ impl Task {
             Purpose::ExternalCredentials { services } => {
                 tracing::debug!("no TURN credentials from the XMPP server: {error}");
                 self.resolve_external_services(extdisco::usable(services));
+            }
+        }
+    }
+
+    // ---- our own claims ----
+
+    /// Our available presence to the roster, with our social claim.
+    fn send_social_presence(&mut self) {
+        self.outbox
+            .push(announce::presence(&self.cfg.key, self.cfg.social_claim).into());
+    }
+
+    /// Our available presence to a room we are in, with our claim there.
+    fn send_room_presence(&mut self, i: usize) {
+        let room = &mut self.rooms[i];
+        room.claim_unsent = false;
+        let Some(to) = room.occupant_jid() else {
+            return;
+        };
+        let mut presence = announce::presence(&self.cfg.key, room.claim);
+        presence.to = Some(to.into());
+        self.outbox.push(presence.into());
+    }
+
+    fn on_claims(&mut self) {
+        let claims = self.claims.borrow_and_update().clone();
+        for (overlay, claim) in claims {
+            self.set_claim(&overlay, claim);
+        }
+    }
+
+    /// Keeps `claim` as ours in `overlay` and tells the overlay now if we can, at the next
+    /// chance otherwise.
+    fn set_claim(&mut self, overlay: &OverlayId, claim: Option<Claim>) {
+        match overlay {
+            OverlayId::Social => {
+                if self.cfg.social_claim == claim {
+                    return;
+                }
+                tracing::debug!(?claim, "new claim in the social overlay");
+                self.cfg.social_claim = claim;
+                if self.online {
+                    self.send_social_presence();
+                } else {
+                    self.social_claim_unsent = true;
+                }
+            }
+            OverlayId::Group(_) => {
+                let Some(i) = self.rooms.iter().position(|r| r.overlay == *overlay) else {
+                    return;
+                };
+                let room = &mut self.rooms[i];
+                if room.claim == claim {
+                    return;
+                }
+                tracing::debug!(room = %room.jid, ?claim, "new claim in the group");
+                room.claim = claim;
+                if self.online && room.state == RoomState::Joined {
+                    self.send_room_presence(i);
+                } else {
+                    room.claim_unsent = true;
+                }
             }
         }
     }
@@ -1228,13 +1366,13 @@ impl Task {
         members.insert(self.own.to_string());
         // Every ipop device seen is reported, authorised or not: the core decides, and counts
         // and logs the devices it refuses.
-        let devices: BTreeMap<DeviceId, PublicKey> = self
+        let devices: BTreeMap<DeviceId, Announced> = self
             .presences
             .iter()
-            .map(|(jid, key)| {
+            .map(|(jid, announced)| {
                 (
                     DeviceId::new(jid.to_bare().to_string(), jid.resource().as_str()),
-                    *key,
+                    *announced,
                 )
             })
             .collect();
@@ -1283,19 +1421,12 @@ impl Task {
         if full == self.me {
             return;
         }
-        let key = match (presence.type_, announce::read(&presence.payloads)) {
-            (PresenceType::None, Announce::Key(key)) => Some(key),
-            (PresenceType::None, Announce::BadKey) => {
-                self.drop_stanza(
-                    DropReason::BadPresenceKey,
-                    format_args!("presence of {full}"),
-                );
-                None
-            }
+        let announced = match presence.type_ {
+            PresenceType::None => read_announced(&self.shared, &presence.payloads, &full),
             _ => None,
         };
-        match key {
-            Some(key) => {
+        match announced {
+            Some(announced) => {
                 if self.presences.len() >= MAX_DEVICES && !self.presences.contains_key(&full) {
                     self.drop_stanza(
                         DropReason::TooManyDevices,
@@ -1303,7 +1434,7 @@ impl Task {
                     );
                     return;
                 }
-                self.presences.insert(full, key);
+                self.presences.insert(full, announced);
             }
             None => {
                 if self.presences.remove(&full).is_none() {
@@ -1328,10 +1459,11 @@ impl Task {
         tracing::debug!(room = %room.jid, nick = room.nick, "joining");
         room.state = RoomState::Joining;
         room.occupants.clear();
+        room.claim_unsent = false;
         let mut presence = Presence::available()
             .with_to(to)
-            .with_payloads(muc::join_payloads(&self.cfg.key));
-        presence.priority = announce::presence(&self.cfg.key).priority;
+            .with_payloads(muc::join_payloads(&self.cfg.key, room.claim));
+        presence.priority = Priority(announce::PRIORITY);
         self.outbox.push(presence.into());
         self.update_room_status();
     }
@@ -1371,6 +1503,9 @@ impl Task {
         self.publish_room(i);
         let room = &mut self.rooms[i];
         room.view.sweep(&room.overlay, &mut self.out);
+        if room.claim_unsent {
+            self.send_room_presence(i);
+        }
         self.check_ready();
     }
 
@@ -1383,15 +1518,15 @@ impl Task {
                 .filter(|o| o.affiliation.authorised())
                 .map(|o| o.real.to_bare().to_string())
                 .collect();
-            let devices: BTreeMap<DeviceId, PublicKey> = room
+            let devices: BTreeMap<DeviceId, Announced> = room
                 .occupants
                 .values()
                 .filter(|o| o.real != self.me)
                 .filter_map(|o| {
-                    o.key.map(|key| {
+                    o.announced.map(|announced| {
                         (
                             DeviceId::new(o.real.to_bare().to_string(), o.real.resource().as_str()),
-                            key,
+                            announced,
                         )
                     })
                 })
@@ -1481,17 +1616,7 @@ impl Task {
             );
             return;
         };
-        let key = match announce::read(&presence.payloads) {
-            Announce::Key(key) => Some(key),
-            Announce::BadKey => {
-                self.drop_stanza(
-                    DropReason::BadPresenceKey,
-                    format_args!("presence of {occupant}"),
-                );
-                None
-            }
-            Announce::None => None,
-        };
+        let announced = read_announced(&self.shared, &presence.payloads, &occupant);
         let room = &mut self.rooms[i];
         if room.occupants.len() >= MAX_DEVICES && !room.occupants.contains_key(&nick) {
             self.drop_stanza(
@@ -1505,7 +1630,7 @@ impl Task {
             Occupant {
                 real,
                 affiliation: info.affiliation,
-                key,
+                announced,
             },
         );
         self.publish_room(i);
@@ -1529,7 +1654,7 @@ impl Task {
         let own = Occupant {
             real: self.me.clone(),
             affiliation: info.affiliation,
-            key: None,
+            announced: None,
         };
         let room = &mut self.rooms[i];
         let nick = room.nick.clone();
@@ -1652,7 +1777,15 @@ mod tests {
             members.iter().map(|m| (*m).to_owned()).collect(),
             devices
                 .iter()
-                .map(|(d, k)| (device(d), PublicKey([*k; 32])))
+                .map(|(d, k)| {
+                    (
+                        device(d),
+                        Announced {
+                            key: PublicKey([*k; 32]),
+                            claim: None,
+                        },
+                    )
+                })
                 .collect(),
             &mut out,
         );
@@ -1697,6 +1830,95 @@ mod tests {
         assert_eq!(
             publish(&mut view, &["a"], &[("laptop", 3)]),
             vec![down("phone")]
+        );
+    }
+
+    #[test]
+    fn a_changed_claim_with_the_same_key_is_said_again() {
+        let claim = |last: u8, fixed: bool| {
+            Some(Claim {
+                address: std::net::Ipv4Addr::new(10, 20, 0, last),
+                fixed,
+            })
+        };
+        let mut view = View::default();
+        let mut say = |claim: Option<Claim>| {
+            let mut out = Vec::new();
+            let announced = Announced {
+                key: PublicKey([1; 32]),
+                claim,
+            };
+            view.publish(
+                &OverlayId::Social,
+                BTreeSet::from(["a".to_owned()]),
+                BTreeMap::from([(device("laptop"), announced)]),
+                &mut out,
+            );
+            out.retain(|e| matches!(e, OsnEvent::DeviceUp { .. }));
+            out
+        };
+        let up_with = |claim: Option<Claim>| OsnEvent::DeviceUp {
+            overlay: OverlayId::Social,
+            device: device("laptop"),
+            key: PublicKey([1; 32]),
+            claim,
+        };
+        assert_eq!(say(claim(5, false)), vec![up_with(claim(5, false))]);
+        assert_eq!(say(claim(5, false)), vec![]);
+        assert_eq!(say(claim(6, false)), vec![up_with(claim(6, false))]);
+        assert_eq!(say(claim(6, true)), vec![up_with(claim(6, true))]);
+        assert_eq!(say(None), vec![up_with(None)]);
+        assert_eq!(say(None), vec![]);
+    }
+
+    #[test]
+    fn a_bad_claim_is_counted_and_the_device_stays_a_peer_without_one() {
+        let shared = Shared::new("test".to_owned());
+        let from = FullJid::new("bob@example.org/desktop").expect("jid");
+        let ipop = |attrs: &str| -> Vec<Element> {
+            vec![
+                format!("<ipop xmlns='urn:ipop:0' {attrs}/>")
+                    .parse()
+                    .expect("test XML is well-formed"),
+            ]
+        };
+        let key = PublicKey([2; 32]);
+        assert_eq!(
+            read_announced(
+                &shared,
+                &ipop(&format!("key='{key}' address='10.20.0.300'")),
+                &from
+            ),
+            Some(Announced { key, claim: None })
+        );
+        assert_eq!(
+            shared.snapshot().drops,
+            vec![(DropReason::BadPresenceClaim, 1)]
+        );
+        assert_eq!(
+            read_announced(
+                &shared,
+                &ipop(&format!("key='{key}' address='10.20.0.30'")),
+                &from
+            ),
+            Some(Announced {
+                key,
+                claim: Some(Claim {
+                    address: std::net::Ipv4Addr::new(10, 20, 0, 30),
+                    fixed: false
+                })
+            })
+        );
+        assert_eq!(
+            read_announced(&shared, &ipop("key='AAAA' address='10.20.0.30'"), &from),
+            None
+        );
+        assert_eq!(
+            shared.snapshot().drops,
+            vec![
+                (DropReason::BadPresenceKey, 1),
+                (DropReason::BadPresenceClaim, 1)
+            ]
         );
     }
 

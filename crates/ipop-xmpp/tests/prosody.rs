@@ -11,12 +11,14 @@ use common::{
 use hmac::{Hmac, Mac};
 use ipop_core::PublicKey;
 use ipop_core::osn::{
-    Candidate, CandidateKind, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer,
+    Candidate, CandidateKind, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer,
     OsnEvent, OverlayId, Signal, TerminateReason,
 };
 use ipop_lab::{ExternalService, Prosody};
-use ipop_xmpp::{DropReason, Error, LoginError, State, connect};
+use ipop_xmpp::{DropReason, Error, GroupConfig, LoginError, State, connect};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_xmpp::Stanza;
 use tokio_xmpp::jid::Jid;
 use tokio_xmpp::minidom::Element;
@@ -65,6 +67,55 @@ fn is_device_up(event: &OsnEvent, overlay: &OverlayId, who: &DeviceId) -> Option
         } if o == overlay && device == who => Some(*key),
         _ => None,
     }
+}
+
+fn claim(address: [u8; 4], fixed: bool) -> Option<Claim> {
+    Some(Claim {
+        address: Ipv4Addr::from(address),
+        fixed,
+    })
+}
+
+/// The claim of a device that comes up in an overlay.
+fn claim_of(event: &OsnEvent, overlay: &OverlayId, who: &DeviceId) -> Option<Option<Claim>> {
+    match event {
+        OsnEvent::DeviceUp {
+            overlay: o,
+            device,
+            claim,
+            ..
+        } if o == overlay && device == who => Some(*claim),
+        _ => None,
+    }
+}
+
+/// The overlay and claim of a device that comes up in any overlay.
+fn claim_anywhere(event: &OsnEvent, who: &DeviceId) -> Option<(OverlayId, Option<Claim>)> {
+    match event {
+        OsnEvent::DeviceUp {
+            overlay,
+            device,
+            claim,
+            ..
+        } if device == who => Some((overlay.clone(), *claim)),
+        _ => None,
+    }
+}
+
+/// The next two times a device comes up, in any overlay: overlays and claims, sorted by
+/// overlay.
+async fn two_claims(
+    events: &mut UnboundedReceiver<OsnEvent>,
+    who: &DeviceId,
+) -> Vec<(OverlayId, Option<Claim>)> {
+    let mut ups = Vec::new();
+    expect(events, "two claims", |e| {
+        ups.push(claim_anywhere(e, who)?);
+        (ups.len() == 2).then_some(())
+    })
+    .await;
+    ups.sort_by(|a, b| a.0.cmp(&b.0));
+    ups
 }
 
 /// Mutual presence subscription, as two people do it in their chat clients.
@@ -640,6 +691,227 @@ async fn after_a_server_restart_the_session_comes_back_with_the_full_picture() {
 
     bob.shutdown().await;
     alice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_see_each_others_claims_and_their_changes_also_over_a_restart() {
+    let mut server = prosody();
+    server.register("alice", "pw-alice");
+    server.register("bob", "pw-bob");
+    let room = "claims@conference.localhost";
+    let lab = OverlayId::Group(room.to_owned());
+    let alice_laptop = device("alice", "laptop");
+    let bob_desktop = device("bob", "desktop");
+
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.social = false;
+    cfg.groups = vec![GroupConfig {
+        claim: claim([10, 20, 0, 1], true),
+        ..group("claims", true)
+    }];
+    let (alice, mut alice_events) = connect(cfg).await.expect("alice creates the room");
+    alice
+        .add_member(room, "bob@localhost")
+        .await
+        .expect("alice adds bob");
+    let mut cfg = config_for(&server, "bob", "pw-bob", "desktop", 2);
+    cfg.social = false;
+    cfg.groups = vec![GroupConfig {
+        claim: claim([10, 20, 0, 2], false),
+        ..group("claims", false)
+    }];
+    let (bob, mut bob_events) = connect(cfg).await.expect("bob joins");
+
+    assert_eq!(
+        expect(&mut bob_events, "alice's claim", |e| claim_of(
+            e,
+            &lab,
+            &alice_laptop
+        ))
+        .await,
+        claim([10, 20, 0, 1], true)
+    );
+    assert_eq!(
+        expect(&mut alice_events, "bob's claim", |e| claim_of(
+            e,
+            &lab,
+            &bob_desktop
+        ))
+        .await,
+        claim([10, 20, 0, 2], false)
+    );
+
+    // Bob moves: Alice hears of it at once, and of a withdrawn claim too.
+    bob.announce(lab.clone(), claim([10, 20, 0, 3], false));
+    assert_eq!(
+        expect(&mut alice_events, "bob's new claim", |e| claim_of(
+            e,
+            &lab,
+            &bob_desktop
+        ))
+        .await,
+        claim([10, 20, 0, 3], false)
+    );
+    bob.announce(lab.clone(), None);
+    assert_eq!(
+        expect(&mut alice_events, "bob without a claim", |e| claim_of(
+            e,
+            &lab,
+            &bob_desktop
+        ))
+        .await,
+        None
+    );
+    bob.announce(lab.clone(), claim([10, 20, 0, 4], false));
+    assert_eq!(
+        expect(&mut alice_events, "bob's claim again", |e| claim_of(
+            e,
+            &lab,
+            &bob_desktop
+        ))
+        .await,
+        claim([10, 20, 0, 4], false)
+    );
+
+    // A claim changed while offline is the one the room sees after the reconnect, and the
+    // claims from the configuration do not come back.
+    server.stop();
+    for events in [&mut alice_events, &mut bob_events] {
+        expect(events, "Offline", |e| {
+            (*e == OsnEvent::Offline).then_some(())
+        })
+        .await;
+    }
+    bob.announce(lab.clone(), claim([10, 20, 0, 5], false));
+    server.start();
+    assert_eq!(
+        expect(&mut alice_events, "bob's claim after the restart", |e| {
+            claim_of(e, &lab, &bob_desktop)
+        })
+        .await,
+        claim([10, 20, 0, 5], false)
+    );
+    assert_eq!(
+        expect(&mut bob_events, "alice's claim after the restart", |e| {
+            claim_of(e, &lab, &alice_laptop)
+        })
+        .await,
+        claim([10, 20, 0, 1], true)
+    );
+    let drops = alice.status().drops;
+    assert!(
+        !drops
+            .iter()
+            .any(|(r, _)| matches!(r, DropReason::BadPresenceClaim | DropReason::BadPresenceKey)),
+        "{drops:?}"
+    );
+
+    bob.shutdown().await;
+    alice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn friends_see_each_others_social_claims_apart_from_their_group_claims() {
+    let server = prosody();
+    server.register("alice", "pw-alice");
+    server.register("bob", "pw-bob");
+    let mut bob_chat = {
+        let mut alice_chat =
+            ChatClient::connect(&server, "alice", "pw-alice", "chat", Some(0)).await;
+        let mut bob_chat = ChatClient::connect(&server, "bob", "pw-bob", "chat", Some(0)).await;
+        befriend(&mut alice_chat, &mut bob_chat).await;
+        alice_chat.end().await;
+        bob_chat
+    };
+    let social = OverlayId::Social;
+    let room = "lab@conference.localhost";
+    let lab = OverlayId::Group(room.to_owned());
+    let alice_laptop = device("alice", "laptop");
+    let bob_desktop = device("bob", "desktop");
+
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.social_claim = claim([10, 78, 0, 1], false);
+    cfg.groups = vec![GroupConfig {
+        claim: claim([10, 20, 0, 1], false),
+        ..group("lab", true)
+    }];
+    let (alice, mut alice_events) = connect(cfg).await.expect("alice logs in");
+    alice
+        .add_member(room, "bob@localhost")
+        .await
+        .expect("alice adds bob");
+    let mut cfg = config_for(&server, "bob", "pw-bob", "desktop", 2);
+    cfg.social_claim = claim([10, 78, 0, 2], true);
+    cfg.groups = vec![GroupConfig {
+        claim: claim([10, 20, 0, 2], false),
+        ..group("lab", false)
+    }];
+    let (bob, mut bob_events) = connect(cfg).await.expect("bob logs in");
+
+    // Each overlay carries its own claim.
+    assert_eq!(
+        two_claims(&mut alice_events, &bob_desktop).await,
+        vec![
+            (social.clone(), claim([10, 78, 0, 2], true)),
+            (lab.clone(), claim([10, 20, 0, 2], false)),
+        ]
+    );
+    assert_eq!(
+        two_claims(&mut bob_events, &alice_laptop).await,
+        vec![
+            (social.clone(), claim([10, 78, 0, 1], false)),
+            (lab.clone(), claim([10, 20, 0, 1], false)),
+        ]
+    );
+
+    // A new social claim reaches friends and stays out of the room; a new group claim reaches
+    // the room and stays out of the roster. Bob sees exactly these two changes.
+    alice.announce(social.clone(), claim([10, 78, 0, 9], true));
+    alice.announce(lab.clone(), claim([10, 20, 0, 7], false));
+    assert_eq!(
+        two_claims(&mut bob_events, &alice_laptop).await,
+        vec![
+            (social.clone(), claim([10, 78, 0, 9], true)),
+            (lab.clone(), claim([10, 20, 0, 7], false)),
+        ]
+    );
+
+    // A friend's device whose claim does not parse is a peer without a claim, and counted.
+    bob_chat
+        .send(
+            Presence::available()
+                .with_payloads(vec![
+                    format!(
+                        "<ipop xmlns='urn:ipop:0' key='{}' address='10.78.0.300'/>",
+                        PublicKey([4; 32])
+                    )
+                    .parse::<Element>()
+                    .expect("xml"),
+                ])
+                .into(),
+        )
+        .await;
+    assert_eq!(
+        expect(
+            &mut alice_events,
+            "bob's chat device without a claim",
+            |e| { claim_of(e, &social, &device("bob", "chat")) }
+        )
+        .await,
+        None
+    );
+    assert!(
+        alice
+            .status()
+            .drops
+            .contains(&(DropReason::BadPresenceClaim, 1)),
+        "{:?}",
+        alice.status()
+    );
+
+    bob.shutdown().await;
+    alice.shutdown().await;
+    bob_chat.end().await;
 }
 
 /// The TURN REST credentials Prosody derives from a shared secret (coturn's `use-auth-secret`):

@@ -45,6 +45,7 @@ fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option<XmppConfig
         .map(|g| GroupConfig {
             room: g.room.clone(),
             create: g.create,
+            claim: None,
         })
         .collect();
     cfg.login_timeout = LOGIN_TIMEOUT;

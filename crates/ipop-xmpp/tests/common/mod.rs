@@ -73,6 +73,7 @@ pub fn group(room: &str, create: bool) -> GroupConfig {
     GroupConfig {
         room: format!("{room}@{ROOMS}"),
         create,
+        claim: None,
     }
 }
 
