@@ -13,12 +13,12 @@ use crate::ice;
 use crate::key::PublicKey;
 use crate::node::{DropReason, Drops, Node, NodeError, PeerConfig, PeerStatus, Transmit};
 use crate::osn::{
-    Candidate, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent, OverlayId,
-    Signal, TerminateReason,
+    Candidate, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent,
+    OverlayId, Signal, TerminateReason,
 };
+use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
 use crate::turn::{TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
-use ipnet::IpNet;
 use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent, IceCreds};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -102,20 +102,43 @@ struct Link {
     tried: (Vec<Candidate>, Vec<Candidate>),
 }
 
+/// A device as its presence describes it: its key, and the overlays it was seen through with
+/// the address it claims in each.
+#[derive(Clone)]
 struct Announced {
     key: PublicKey,
-    via: BTreeSet<OverlayId>,
+    via: BTreeMap<OverlayId, Option<Claim>>,
+}
+
+/// A device that is online but not linked, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unlinked {
+    pub device: DeviceId,
+    /// The key it announces.
+    pub key: PublicKey,
+    pub overlays: Vec<OverlayId>,
+    pub reason: UnlinkedReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnlinkedReason {
+    /// It announces another key than the one pinned for it; `ipop trust` accepts the new one.
+    KeyNotTrusted { pinned: PublicKey },
+    /// Its user is not authorised by the overlays it was seen in.
+    NotAuthorised,
 }
 
 /// The engine: OSN state, link sessions, ICE agents and the WireGuard node.
 pub struct Engine {
     node: Node,
     key: PublicKey,
-    addresses: Vec<IpNet>,
+    plans: Plans,
     me: Option<DeviceId>,
     hosts: Vec<SocketAddr>,
     members: BTreeMap<OverlayId, BTreeSet<String>>,
     devices: BTreeMap<DeviceId, Announced>,
+    /// Devices that announced another key than the pinned one.
+    untrusted: BTreeMap<DeviceId, Announced>,
     links: BTreeMap<DeviceId, Link>,
     pending: HashMap<DeviceId, (String, LinkOffer, Instant)>,
     signals: VecDeque<(DeviceId, Signal)>,
@@ -139,18 +162,26 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine around `node`, announcing `addresses` as this device's overlay addresses.
+    /// An engine around `node`, in `overlays`, starting from what it remembered last time.
     /// `seed` feeds session identifiers and retry jitter, which others see; `secret` feeds the
     /// STUN transaction IDs, which must stay unpredictable. Both must be random.
-    pub fn new(node: Node, addresses: Vec<IpNet>, seed: u64, secret: u64) -> Self {
+    pub fn new(
+        node: Node,
+        overlays: Vec<OverlayConfig>,
+        memory: Memory,
+        seed: u64,
+        secret: u64,
+    ) -> Self {
+        let key = node.public_key();
         Engine {
-            key: node.public_key(),
+            key,
             node,
-            addresses,
+            plans: Plans::new(&key, overlays, memory),
             me: None,
             hosts: Vec::new(),
             members: BTreeMap::new(),
             devices: BTreeMap::new(),
+            untrusted: BTreeMap::new(),
             links: BTreeMap::new(),
             pending: HashMap::new(),
             signals: VecDeque::new(),
@@ -187,7 +218,7 @@ impl Engine {
     /// server rather than over UDP.
     pub fn handle_tun(
         &mut self,
-        packet: &[u8],
+        packet: &mut [u8],
         out: &mut [u8],
     ) -> Option<(SocketAddr, usize, bool)> {
         let o = self.node.handle_tun(packet, out)?;
@@ -269,12 +300,18 @@ impl Engine {
         self.handle_from_relay(now, r, server, frame, out)
     }
 
-    /// The TURN servers this engine reaches over TCP: the daemon keeps a connection to each.
-    pub fn stream_servers(&self) -> Vec<SocketAddr> {
-        self.relays
-            .iter()
-            .filter(|a| a.transport() != IceTransport::Udp)
-            .map(TurnAllocation::server)
+    /// The TURN servers this engine reaches over a stream, TCP or TLS: the daemon keeps a
+    /// connection to each (TLS checks the certificate against the server's `host`).
+    pub fn stream_servers(&self) -> Vec<IceServer> {
+        self.servers()
+            .filter(|s| {
+                s.transport != IceTransport::Udp
+                    && self
+                        .relays
+                        .iter()
+                        .any(|a| a.server() == s.address && a.transport() == s.transport)
+            })
+            .cloned()
             .collect()
     }
 
@@ -363,18 +400,34 @@ impl Engine {
                 overlay,
                 device,
                 key,
-                claim: _,
+                claim,
             } => {
+                if !self.pinned(&device, key) {
+                    let entry = self.untrusted.entry(device.clone()).or_insert(Announced {
+                        key,
+                        via: BTreeMap::new(),
+                    });
+                    if entry.key != key || entry.via.is_empty() {
+                        tracing::warn!(%device, announced = %key.fingerprint(), "refusing a key other than the one pinned for this device; `ipop trust {device}` accepts it");
+                        self.drops.count(DropReason::KeyNotTrusted);
+                    }
+                    entry.key = key;
+                    entry.via.insert(overlay, claim);
+                    self.reconcile(now);
+                    return;
+                }
                 let entry = self.devices.entry(device.clone()).or_insert(Announced {
                     key,
-                    via: BTreeSet::new(),
+                    via: BTreeMap::new(),
                 });
                 if entry.key != key {
-                    // While a device is known, its key cannot change: a new key is either an
-                    // impostor or a reinstall, and neither may take over the existing link.
-                    tracing::warn!(%device, known = %entry.key.fingerprint(), announced = %key.fingerprint(), "refusing a changed key for a known device");
-                    self.drops.count(DropReason::KeyChanged);
-                    return;
+                    // Pinned, yet another key than the one in use: the pin was just changed
+                    // by `ipop trust`. The old link goes.
+                    *entry = Announced {
+                        key,
+                        via: BTreeMap::new(),
+                    };
+                    self.drop_link(now, &device, "its key changed");
                 }
                 let refused = self
                     .members
@@ -385,14 +438,16 @@ impl Engine {
                     tracing::info!(%device, %overlay, "not linking: the device announced ipop, but its user is not authorised by this overlay");
                 }
                 if let Some(entry) = self.devices.get_mut(&device) {
-                    entry.via.insert(overlay);
+                    entry.via.insert(overlay, claim);
                 }
             }
             OsnEvent::DeviceDown { overlay, device } => {
-                if let Some(entry) = self.devices.get_mut(&device) {
-                    entry.via.remove(&overlay);
-                    if entry.via.is_empty() {
-                        self.devices.remove(&device);
+                for known in [&mut self.devices, &mut self.untrusted] {
+                    if let Some(entry) = known.get_mut(&device) {
+                        entry.via.remove(&overlay);
+                        if entry.via.is_empty() {
+                            known.remove(&device);
+                        }
                     }
                 }
             }
@@ -426,21 +481,73 @@ impl Engine {
             .is_some_and(|s| s.id == session)
     }
 
+    /// Whether `key` is the key pinned for `device`; the first key seen is pinned.
+    fn pinned(&mut self, device: &DeviceId, key: PublicKey) -> bool {
+        match self.plans.memory.pins.get(device) {
+            Some(pinned) => *pinned == key,
+            None => {
+                tracing::info!(%device, key = %key.fingerprint(), "pinned the key of a new device");
+                self.plans.memory.pins.insert(device.clone(), key);
+                self.plans.remembered();
+                true
+            }
+        }
+    }
+
     /// The overlays through which `device` is both announced and authorised.
     fn authorising(&self, device: &DeviceId) -> Vec<OverlayId> {
+        self.authorising_claims(device)
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect()
+    }
+
+    /// The overlays through which `device` is both announced and authorised, with the address
+    /// it claims in each.
+    fn authorising_claims(&self, device: &DeviceId) -> Vec<(OverlayId, Option<Claim>)> {
         let Some(announced) = self.devices.get(device) else {
             return Vec::new();
         };
         announced
             .via
             .iter()
-            .filter(|o| {
+            .filter(|(o, _)| {
                 self.members
                     .get(*o)
                     .is_some_and(|users| users.contains(&device.user))
             })
-            .cloned()
+            .map(|(o, c)| (o.clone(), *c))
             .collect()
+    }
+
+    /// Settles address collisions, then gives every linked peer its current addresses.
+    fn update_addresses(&mut self, me: &DeviceId) {
+        let claims: Vec<(DeviceId, OverlayId, Claim)> = self
+            .devices
+            .iter()
+            .filter(|(d, _)| *d != me)
+            .flat_map(|(d, a)| {
+                a.via
+                    .iter()
+                    .filter_map(move |(o, c)| Some((d.clone(), o.clone(), (*c)?)))
+            })
+            .collect();
+        self.plans.resolve(me, &claims);
+        let linked: Vec<(DeviceId, usize, PublicKey)> = self
+            .links
+            .iter()
+            .filter_map(|(d, l)| Some((d.clone(), l.peer?, l.key)))
+            .collect();
+        for (device, index, key) in linked {
+            let overlays = self.authorising_claims(&device);
+            let p = self.plans.peer(&device, &key, &overlays);
+            let refused =
+                self.node
+                    .set_addresses(index, p.addresses, p.mapped, Some(p.destinations));
+            if !refused.is_empty() {
+                tracing::info!(%device, ?refused, "addresses already another peer's; left out");
+            }
+        }
     }
 
     fn is_authorised_user(&self, user: &str) -> bool {
@@ -452,6 +559,7 @@ impl Engine {
         let Some(me) = self.me.clone() else {
             return;
         };
+        self.update_addresses(&me);
         let wanted: BTreeMap<DeviceId, PublicKey> = self
             .devices
             .iter()
@@ -605,7 +713,6 @@ impl Engine {
         let creds = agent.local_credentials();
         LinkOffer {
             key: self.key,
-            addresses: self.addresses.clone(),
             ufrag: creds.ufrag.clone(),
             pwd: creds.pass.clone(),
             candidates: agent
@@ -786,16 +893,15 @@ impl Engine {
 
     /// Adds the WireGuard peer for an accepted offer.
     fn attach_peer(&mut self, now: Instant, device: &DeviceId, offer: &LinkOffer) {
-        let addresses: Vec<IpNet> = offer
-            .addresses
-            .iter()
-            .map(|a| IpNet::from(a.addr()))
-            .collect();
+        let overlays = self.authorising_claims(device);
+        let p = self.plans.peer(device, &offer.key, &overlays);
         let config = PeerConfig {
             name: Some(device.to_string()),
             public_key: offer.key,
             endpoint: None,
-            addresses,
+            addresses: p.addresses,
+            mapped: p.mapped,
+            destinations: Some(p.destinations),
             keepalive: Some(KEEPALIVE_S),
             roaming: false,
         };
@@ -990,10 +1096,6 @@ impl Engine {
     fn start_gathering(&mut self, now: Instant) {
         let servers: Vec<IceServer> = self.servers().cloned().collect();
         for server in servers {
-            if server.transport == IceTransport::Tls {
-                tracing::warn!(host = %server.host, "TURN over TLS is not supported yet; skipped");
-                continue;
-            }
             let udp = server.transport == IceTransport::Udp;
             if udp && !self.bindings.iter().any(|b| b.server() == server.address) {
                 let seed = self.client_seed();
@@ -1133,6 +1235,80 @@ impl Engine {
             .collect()
     }
 
+    /// Devices that are online but not linked: their key is not trusted, or their user is not
+    /// authorised.
+    pub fn unlinked(&self) -> Vec<Unlinked> {
+        let untrusted = self.untrusted.iter().filter_map(|(d, a)| {
+            Some(Unlinked {
+                device: d.clone(),
+                key: a.key,
+                overlays: a.via.keys().cloned().collect(),
+                reason: UnlinkedReason::KeyNotTrusted {
+                    pinned: *self.plans.memory.pins.get(d)?,
+                },
+            })
+        });
+        let refused = self
+            .devices
+            .iter()
+            .filter(|(d, _)| Some(*d) != self.me.as_ref() && !self.links.contains_key(*d))
+            .filter(|(d, _)| self.authorising(d).is_empty())
+            .map(|(d, a)| Unlinked {
+                device: d.clone(),
+                key: a.key,
+                overlays: a.via.keys().cloned().collect(),
+                reason: UnlinkedReason::NotAuthorised,
+            });
+        untrusted.chain(refused).collect()
+    }
+
+    /// Accepts the key `device` announces now in place of the pinned one. Returns the new
+    /// key, or why there is nothing to accept.
+    pub fn trust(&mut self, now: Instant, device: &DeviceId) -> Result<PublicKey, String> {
+        let Some(announced) = self.untrusted.remove(device) else {
+            return Err(match self.plans.memory.pins.get(device) {
+                Some(k) => format!(
+                    "{device} announces no other key; its pinned key {} is trusted",
+                    k.fingerprint()
+                ),
+                None => format!("no device {device} is known"),
+            });
+        };
+        let key = announced.key;
+        tracing::warn!(%device, key = %key.fingerprint(), "trusting a new key");
+        self.plans.memory.pins.insert(device.clone(), key);
+        self.plans.remembered();
+        self.drop_link(now, device, "its key changed");
+        self.devices.insert(device.clone(), announced);
+        self.reconcile(now);
+        Ok(key)
+    }
+
+    /// This device's addresses in each overlay.
+    pub fn own_addresses(&self) -> Vec<OwnAddresses> {
+        self.plans.own_addresses()
+    }
+
+    /// The address this device claims in each overlay (for its presence there).
+    pub fn claims(&self) -> Vec<(OverlayId, Claim)> {
+        self.plans.claims()
+    }
+
+    /// What the daemon must act on: address changes.
+    pub fn poll_event(&mut self) -> Option<EngineEvent> {
+        self.plans.poll_event()
+    }
+
+    /// What the engine wants kept across restarts.
+    pub fn memory(&self) -> &Memory {
+        &self.plans.memory
+    }
+
+    /// Counts up whenever [`Engine::memory`] changes.
+    pub fn memory_version(&self) -> u64 {
+        self.plans.version()
+    }
+
     /// The peers that did not come from the social network (the config's static peers).
     pub fn static_peers(&self) -> Vec<PeerStatus> {
         let linked: BTreeSet<PublicKey> = self
@@ -1222,7 +1398,32 @@ mod tests {
         addr: SocketAddr,
     }
 
-    fn dev(user: &str, device: &str, addr: &str, overlay: &str) -> Dev {
+    /// A device in the social overlay, at `social` (address and prefix).
+    fn dev(user: &str, device: &str, addr: &str, social: &str) -> Dev {
+        let net: ipnet::Ipv4Net = social.parse().unwrap();
+        let social = OverlayConfig {
+            id: OverlayId::Social,
+            subnet: net.trunc(),
+            address: Some(net.addr()),
+        };
+        dev_in(user, device, addr, vec![social], Memory::default())
+    }
+
+    fn group(room: &str, subnet: &str, address: Option<&str>) -> OverlayConfig {
+        OverlayConfig {
+            id: OverlayId::Group(room.to_owned()),
+            subnet: subnet.parse().unwrap(),
+            address: address.map(|a| a.parse().unwrap()),
+        }
+    }
+
+    fn dev_in(
+        user: &str,
+        device: &str,
+        addr: &str,
+        overlays: Vec<OverlayConfig>,
+        memory: Memory,
+    ) -> Dev {
         let secret = StaticSecret::random_from_rng(rand_core::OsRng);
         let node = Node::new(secret, Vec::new()).unwrap();
         let addr: SocketAddr = addr.parse().unwrap();
@@ -1230,7 +1431,7 @@ mod tests {
             std::net::IpAddr::V4(v4) => u64::from(v4.octets()[3]),
             std::net::IpAddr::V6(v6) => u64::from(v6.octets()[15]),
         };
-        let mut engine = Engine::new(node, vec![overlay.parse().unwrap()], seed, !seed);
+        let mut engine = Engine::new(node, overlays, memory, seed, !seed);
         engine.set_host_candidates(vec![addr]);
         Dev {
             engine,
@@ -1274,13 +1475,20 @@ mod tests {
             self.devs[i].engine.handle_osn(self.now, ev);
         }
 
-        /// Device `i` sees device `j` online through `overlay`, announcing `key`.
+        /// Device `i` sees device `j` online through `overlay`, announcing `key` and its
+        /// address there.
         fn sees(&mut self, i: usize, j: usize, overlay: &OverlayId, key: PublicKey) {
+            let claim = self.devs[j]
+                .engine
+                .claims()
+                .into_iter()
+                .find(|(o, _)| o == overlay)
+                .map(|(_, c)| c);
             let ev = OsnEvent::DeviceUp {
                 overlay: overlay.clone(),
                 device: self.devs[j].id.clone(),
                 key,
-                claim: None,
+                claim,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
         }
@@ -1377,14 +1585,25 @@ mod tests {
 
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];
-        let p = ipv4([10, 78, 0, 1], [10, 78, 0, 2], b"hi bob");
-        let (dst, n, _) = w.devs[0].engine.handle_tun(&p, &mut wire).expect("routed");
+        // Each side numbers the other in its own subnet; addresses are translated on the way.
+        let numbers = |i: usize| w.devs[i].engine.memory().social_numbers.clone();
+        let bob_for_alice = numbers(0)[&w.devs[1].id];
+        let alice_for_bob = numbers(1)[&w.devs[0].id];
+        let mut p = ipv4([10, 78, 0, 1], bob_for_alice.octets(), b"hi bob");
+        let (dst, n, _) = w.devs[0]
+            .engine
+            .handle_tun(&mut p, &mut wire)
+            .expect("routed");
         assert_eq!(dst, w.devs[1].addr);
         let (now, from, to) = (w.now, w.devs[0].addr, w.devs[1].addr);
         let got = w.devs[1]
             .engine
-            .handle_udp(now, to, from, &wire[..n], &mut inner);
-        assert_eq!(got.map(|n| inner[..n].to_vec()), Some(p));
+            .handle_udp(now, to, from, &wire[..n], &mut inner)
+            .expect("delivered");
+        let seen = crate::packet::addresses(&inner[..got]);
+        let expect = (alice_for_bob.into(), "10.78.0.2".parse().unwrap());
+        assert_eq!(seen, Some(expect));
+        assert_eq!(&inner[20..got], b"hi bob");
     }
 
     #[test]
@@ -1463,16 +1682,102 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_key_for_a_known_device_is_refused_and_the_link_stays() {
+    fn a_changed_key_is_refused_until_trusted() {
         let mut w = friends();
         w.run(25);
         assert!(w.connected(0));
-        let impostor = PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
-        w.sees(0, 1, &OverlayId::Social, impostor);
+        let pinned = w.key(1);
+        assert_eq!(w.devs[0].engine.memory().pins[&w.devs[1].id], pinned);
+        // Bob's device comes back with a new key: Alice's side refuses it, the link stays.
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let fresh = PublicKey::from_secret(&secret);
+        w.sees(0, 1, &OverlayId::Social, fresh);
         w.run(5);
         assert!(w.connected(0));
-        assert_eq!(w.link(0).unwrap().key, w.key(1));
-        assert_eq!(w.devs[0].engine.drops().get(DropReason::KeyChanged), 1);
+        assert_eq!(w.link(0).unwrap().key, pinned);
+        assert_eq!(w.devs[0].engine.drops().get(DropReason::KeyNotTrusted), 1);
+        let unlinked = w.devs[0].engine.unlinked();
+        assert_eq!(unlinked.len(), 1);
+        assert_eq!(unlinked[0].key, fresh);
+        assert_eq!(unlinked[0].reason, UnlinkedReason::KeyNotTrusted { pinned });
+        // Trusting it replaces the pin and the link.
+        let bob = w.devs[1].id.clone();
+        let now = w.now;
+        assert_eq!(w.devs[0].engine.trust(now, &bob), Ok(fresh));
+        assert_eq!(w.devs[0].engine.memory().pins[&bob], fresh);
+        assert!(w.devs[0].engine.unlinked().is_empty());
+        assert_eq!(w.link(0).unwrap().key, fresh);
+        assert!(
+            w.devs[0].engine.trust(now, &bob).is_err(),
+            "nothing left to trust"
+        );
+    }
+
+    #[test]
+    fn overlays_do_not_cross_and_group_collisions_settle() {
+        // Alice is in two groups; Bob only in the first. Both remember 10.20.0.7 in it.
+        let (g1, g2) = ("one@rooms.example.org", "two@rooms.example.org");
+        let contested: std::net::Ipv4Addr = "10.20.0.7".parse().unwrap();
+        let mut memory = Memory::default();
+        memory.group_addresses.insert(g1.to_owned(), contested);
+        let mut w = World::new(vec![
+            dev_in(
+                "alice@example.org",
+                "laptop",
+                "192.0.2.1:51820",
+                vec![
+                    group(g1, "10.20.0.0/24", None),
+                    group(g2, "10.30.0.0/24", Some("10.30.0.1")),
+                ],
+                memory.clone(),
+            ),
+            dev_in(
+                "bob@example.org",
+                "phone",
+                "192.0.2.2:51820",
+                vec![group(g1, "10.20.0.0/24", None)],
+                memory,
+            ),
+        ]);
+        let (o1, o2) = (OverlayId::Group(g1.into()), OverlayId::Group(g2.into()));
+        let both = ["alice@example.org", "bob@example.org"];
+        w.members(0, &o1, &both);
+        w.members(1, &o1, &both);
+        w.members(0, &o2, &["alice@example.org", "carol@example.org"]);
+        let (ka, kb) = (w.key(0), w.key(1));
+        w.sees(0, 1, &o1, kb);
+        w.sees(1, 0, &o1, ka);
+        // Alice sorts first and keeps the address; Bob moves and says so.
+        assert_eq!(w.devs[0].engine.claims()[0].1.address, contested);
+        let moved = w.devs[1].engine.claims()[0].1.address;
+        assert_ne!(moved, contested);
+        assert!(matches!(
+            w.devs[1].engine.poll_event(),
+            Some(EngineEvent::AddressChanged { old, new, .. }) if old == contested && new == moved
+        ));
+        assert_eq!(w.devs[0].engine.poll_event(), None);
+        w.sees(0, 1, &o1, kb);
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        // Bob to Alice in the group they share: delivered.
+        let mut p = ipv4(moved.octets(), contested.octets(), b"hi");
+        let (_, n, _) = w.devs[1]
+            .engine
+            .handle_tun(&mut p, &mut wire)
+            .expect("routed");
+        let (now, from, to) = (w.now, w.devs[1].addr, w.devs[0].addr);
+        let e = &mut w.devs[0].engine;
+        assert!(
+            e.handle_udp(now, to, from, &wire[..n], &mut inner)
+                .is_some()
+        );
+        // Bob has no route to Alice's address in the group he is not in (and her side
+        // would drop it: see the node's tests).
+        let mut p = ipv4(moved.octets(), [10, 30, 0, 1], b"sneak");
+        assert!(w.devs[1].engine.handle_tun(&mut p, &mut wire).is_none());
+        assert_eq!(w.devs[1].engine.drops().get(DropReason::NoRoute), 1);
     }
 
     #[test]

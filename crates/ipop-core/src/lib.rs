@@ -5,6 +5,7 @@
 //! time) and carries out what it asks for (datagrams to send, packets to deliver). The one
 //! exception to time injection is boringtun's `Tunn`, which reads the monotonic clock itself.
 
+pub mod address;
 pub mod demux;
 pub mod engine;
 mod ice;
@@ -12,6 +13,7 @@ pub mod key;
 pub mod node;
 pub mod osn;
 pub mod packet;
+pub mod plan;
 pub mod route;
 pub mod stun;
 #[cfg(test)]
@@ -19,6 +21,9 @@ mod testing;
 pub mod translate;
 pub mod turn;
 
-pub use engine::{Engine, LinkPhase, LinkStatus};
+pub use engine::{Engine, LinkPhase, LinkStatus, Unlinked, UnlinkedReason};
 pub use key::{KeyError, PublicKey};
-pub use node::{DropReason, Drops, LinkState, Node, PeerConfig, PeerStatus, Problem, Transmit};
+pub use node::{
+    DropReason, Drops, LinkState, Mapping, Node, PeerConfig, PeerStatus, Problem, Transmit,
+};
+pub use plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses};

@@ -10,6 +10,7 @@ use crate::demux::{DatagramKind, classify};
 use crate::key::PublicKey;
 use crate::packet;
 use crate::route::RouteTable;
+use crate::translate;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -17,7 +18,7 @@ use boringtun::x25519;
 use ipnet::IpNet;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// How often the WireGuard timers of every session are driven.
@@ -42,12 +43,27 @@ pub struct PeerConfig {
     pub endpoint: Option<SocketAddr>,
     /// Overlay addresses routed to this peer and accepted as inner sources from it.
     pub addresses: Vec<IpNet>,
+    /// IPv4 addresses translated at the tunnel boundary (the social overlay).
+    pub mapped: Vec<Mapping>,
+    /// Our own addresses this peer may send to, so that nothing crosses from one overlay into
+    /// another; `None` for any (a static peer may route whole networks, as in WireGuard).
+    pub destinations: Option<Vec<IpAddr>>,
     /// Persistent keepalive interval in seconds.
     pub keepalive: Option<u16>,
     /// Whether an authenticated datagram from another address moves the endpoint there
     /// (WireGuard's roaming). Off for peers whose path ICE chooses: with several paths (direct,
     /// relays) a datagram on one of them must not pull the link off the nominated pair.
     pub roaming: bool,
+}
+
+/// An IPv4 address translated at the tunnel boundary: this device calls the peer `local`; in
+/// the tunnel the peer is `remote` and this device is `own`. Packets to `local` leave with
+/// `remote` as their destination; packets from `remote` arrive with `local` as their source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub local: Ipv4Addr,
+    pub remote: Ipv4Addr,
+    pub own: Ipv4Addr,
 }
 
 /// A datagram to send.
@@ -167,12 +183,16 @@ pub enum DropReason {
     SignalWrongKey,
     /// An ipop device whose user the overlay it was seen in does not authorise.
     DeviceNotAuthorised,
-    /// A known device that announced another key.
-    KeyChanged,
+    /// A decrypted packet for an address of ours in an overlay the sender is not part of.
+    WrongOverlay,
+    /// A packet whose addresses could not be translated.
+    Untranslatable,
+    /// A device that announced another key than the one pinned for it.
+    KeyNotTrusted,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -189,7 +209,9 @@ impl DropReason {
         DropReason::SignalNotAuthorised,
         DropReason::SignalWrongKey,
         DropReason::DeviceNotAuthorised,
-        DropReason::KeyChanged,
+        DropReason::WrongOverlay,
+        DropReason::Untranslatable,
+        DropReason::KeyNotTrusted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -210,7 +232,9 @@ impl DropReason {
             DropReason::SignalNotAuthorised => "signal_not_authorised",
             DropReason::SignalWrongKey => "signal_wrong_key",
             DropReason::DeviceNotAuthorised => "device_not_authorised",
-            DropReason::KeyChanged => "key_changed",
+            DropReason::WrongOverlay => "wrong_overlay",
+            DropReason::Untranslatable => "untranslatable",
+            DropReason::KeyNotTrusted => "key_not_trusted",
         }
     }
 }
@@ -284,6 +308,23 @@ impl Peer {
 
     fn owns(&self, addr: IpAddr) -> bool {
         self.config.addresses.iter().any(|n| n.contains(&addr))
+    }
+
+    fn may_send_to(&self, addr: IpAddr) -> bool {
+        self.config
+            .destinations
+            .as_ref()
+            .is_none_or(|d| d.contains(&addr))
+    }
+
+    /// The routes of this peer: its addresses and the local side of its mappings.
+    fn routes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let mapped = self
+            .config
+            .mapped
+            .iter()
+            .map(|m| IpNet::from(IpAddr::V4(m.local)));
+        self.config.addresses.iter().copied().chain(mapped)
     }
 
     fn label(&self) -> String {
@@ -421,9 +462,15 @@ impl Node {
             }
             None => return Err(NodeError::TooManyPeers),
         };
-        for (i, net) in config.addresses.iter().enumerate() {
+        let nets: Vec<IpNet> = config
+            .addresses
+            .iter()
+            .copied()
+            .chain(config.mapped.iter().map(|m| IpAddr::V4(m.local).into()))
+            .collect();
+        for (i, net) in nets.iter().enumerate() {
             if let Err(owner) = self.routes.insert(*net, index) {
-                for added in &config.addresses[..i] {
+                for added in &nets[..i] {
                     self.routes.remove(*added);
                 }
                 let first = self.peers[owner]
@@ -466,8 +513,8 @@ impl Node {
     /// Removes a peer: its routes, its session, its slot.
     pub fn remove_peer(&mut self, index: usize) {
         if let Some(peer) = self.peers.get_mut(index).and_then(Option::take) {
-            for net in &peer.config.addresses {
-                self.routes.remove(*net);
+            for net in peer.routes() {
+                self.routes.remove(net);
             }
             self.by_key.remove(&peer.config.public_key);
             tracing::info!(peer = %peer.label(), "peer removed");
@@ -487,6 +534,49 @@ impl Node {
         }
     }
 
+    /// Replaces a peer's addresses, mappings and permitted destinations. An address that
+    /// another peer owns is left out (and returned): the owner keeps it.
+    pub fn set_addresses(
+        &mut self,
+        index: usize,
+        addresses: Vec<IpNet>,
+        mapped: Vec<Mapping>,
+        destinations: Option<Vec<IpAddr>>,
+    ) -> Vec<IpNet> {
+        let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else {
+            return Vec::new();
+        };
+        if peer.config.addresses == addresses
+            && peer.config.mapped == mapped
+            && peer.config.destinations == destinations
+        {
+            return Vec::new();
+        }
+        for net in peer.routes() {
+            self.routes.remove(net);
+        }
+        let mut refused = Vec::new();
+        let mut kept_addresses = Vec::new();
+        for net in addresses {
+            match self.routes.insert(net, index) {
+                Ok(()) => kept_addresses.push(net),
+                Err(_) => refused.push(net),
+            }
+        }
+        let mut kept_mapped = Vec::new();
+        for m in mapped {
+            match self.routes.insert(IpAddr::V4(m.local).into(), index) {
+                Ok(()) => kept_mapped.push(m),
+                Err(_) => refused.push(IpAddr::V4(m.local).into()),
+            }
+        }
+        peer.config.addresses = kept_addresses;
+        peer.config.mapped = kept_mapped;
+        peer.config.destinations = destinations;
+        tracing::debug!(peer = %peer.label(), addresses = ?peer.routes().collect::<Vec<_>>(), "addresses set");
+        refused
+    }
+
     fn peer_mut(&mut self, index: usize) -> Option<&mut Peer> {
         self.peers.get_mut(index).and_then(Option::as_mut)
     }
@@ -500,8 +590,11 @@ impl Node {
     /// front of `out`. Returns the destination and the datagram's length, or `None` when the
     /// packet was dropped (and counted) or queued behind a handshake.
     ///
+    /// A packet for a peer's translated address gets the peer's own address as its
+    /// destination, in place, before it is encrypted.
+    ///
     /// `out` must hold at least `packet.len() + 32` and 148 bytes.
-    pub fn handle_tun(&mut self, packet: &[u8], out: &mut [u8]) -> Option<Outgoing> {
+    pub fn handle_tun(&mut self, packet: &mut [u8], out: &mut [u8]) -> Option<Outgoing> {
         let Some(dst) = packet::destination(packet) else {
             self.drops.count(DropReason::MalformedIp);
             return None;
@@ -518,6 +611,16 @@ impl Node {
             self.drops.count(DropReason::NoEndpoint);
             return None;
         };
+        if let Some(m) = peer
+            .config
+            .mapped
+            .iter()
+            .find(|m| IpAddr::V4(m.local) == dst)
+            && translate::rewrite_v4(packet, None, Some(m.remote)).is_err()
+        {
+            self.drops.count(DropReason::Untranslatable);
+            return None;
+        }
         match peer.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
                 if datagram.first() == Some(&HANDSHAKE_INIT) {
@@ -576,11 +679,9 @@ impl Node {
                 self.flush_queued(index);
                 None
             }
-            TunnResult::WriteToTunnelV4(p, src) => {
-                Self::accept(peer, &mut self.drops, (from, via), p.len(), src.into())
-            }
-            TunnResult::WriteToTunnelV6(p, src) => {
-                Self::accept(peer, &mut self.drops, (from, via), p.len(), src.into())
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                let len = p.len();
+                Self::accept(peer, &mut self.drops, (from, via), &mut out[..len])
             }
             TunnResult::Done => {
                 // A keepalive, or a handshake response that completed a session.
@@ -600,20 +701,44 @@ impl Node {
         delivered
     }
 
+    /// Checks a decrypted packet's addresses: the source must be the peer's, the destination
+    /// ours in an overlay the peer shares. A packet from the peer's translated address gets
+    /// our numbering of the peer as its source, in place.
     fn accept(
         peer: &mut Peer,
         drops: &mut Drops,
         (from, via): (SocketAddr, Option<usize>),
-        len: usize,
-        src: IpAddr,
+        packet: &mut [u8],
     ) -> Option<usize> {
-        if !peer.owns(src) {
-            tracing::debug!(peer = %peer.label(), %src, "inner source is not the peer's");
-            drops.count(DropReason::SpoofedSource);
-            return None;
+        let (src, dst) = packet::addresses(packet)?;
+        if peer.owns(src) {
+            if !peer.may_send_to(dst) {
+                tracing::debug!(peer = %peer.label(), %dst, "destination outside the peer's overlays");
+                drops.count(DropReason::WrongOverlay);
+                return None;
+            }
+        } else {
+            let Some(m) = peer
+                .config
+                .mapped
+                .iter()
+                .find(|m| IpAddr::V4(m.remote) == src)
+            else {
+                tracing::debug!(peer = %peer.label(), %src, "inner source is not the peer's");
+                drops.count(DropReason::SpoofedSource);
+                return None;
+            };
+            if dst != IpAddr::V4(m.own) {
+                drops.count(DropReason::WrongOverlay);
+                return None;
+            }
+            if translate::rewrite_v4(packet, Some(m.local), None).is_err() {
+                drops.count(DropReason::Untranslatable);
+                return None;
+            }
         }
         peer.authenticated(from, via);
-        Some(len)
+        Some(packet.len())
     }
 
     /// Sends what the session queued while it waited for a handshake.
@@ -776,7 +901,7 @@ impl Peer {
         PeerStatus {
             name: self.config.name.clone(),
             public_key: self.config.public_key,
-            addresses: self.config.addresses.clone(),
+            addresses: self.routes().collect(),
             state,
             endpoint: self.endpoint,
             rx_bytes: rx as u64,
@@ -817,6 +942,8 @@ mod tests {
                 .iter()
                 .map(|a| a.parse().expect("test prefix"))
                 .collect(),
+            mapped: Vec::new(),
+            destinations: None,
             keepalive: None,
             roaming: true,
         }
@@ -899,7 +1026,10 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];
         let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"hello");
-        let out = sim.a.handle_tun(&p, &mut wire).expect("encrypted");
+        let out = sim
+            .a
+            .handle_tun(&mut p.clone(), &mut wire)
+            .expect("encrypted");
         let (dst, n) = (out.destination, out.len);
         assert_eq!(dst, sim.b_addr);
         let got = sim
@@ -911,7 +1041,10 @@ mod tests {
         let a6: Ipv6Addr = "fd00::1".parse().unwrap();
         let b6: Ipv6Addr = "fd00::2".parse().unwrap();
         let p6 = ipv6(b6, a6, b"back");
-        let out = sim.b.handle_tun(&p6, &mut wire).expect("encrypted");
+        let out = sim
+            .b
+            .handle_tun(&mut p6.clone(), &mut wire)
+            .expect("encrypted");
         let (dst, n) = (out.destination, out.len);
         assert_eq!(dst, sim.a_addr);
         let got = sim
@@ -928,7 +1061,10 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], &[7; 1200]);
         // No session yet: the packet waits and a handshake initiation goes out instead.
-        let out = sim.a.handle_tun(&p, &mut wire).expect("initiation");
+        let out = sim
+            .a
+            .handle_tun(&mut p.clone(), &mut wire)
+            .expect("initiation");
         let (dst, n) = (out.destination, out.len);
         assert_eq!((dst, wire[0]), (sim.b_addr, HANDSHAKE_INIT));
         let mut reply = vec![0u8; 2048];
@@ -961,13 +1097,17 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];
         let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"late");
-        let n = sim.b.handle_tun(&p, &mut wire).expect("encrypted").len;
+        let n = sim
+            .b
+            .handle_tun(&mut p.clone(), &mut wire)
+            .expect("encrypted")
+            .len;
         let b_key = sim.a.peers().next().unwrap().public_key;
         sim.a.remove_peer(0);
         assert_eq!(sim.a.peers().count(), 0);
         assert_eq!(
             sim.a
-                .handle_tun(&ipv4([10, 0, 0, 1], [10, 0, 0, 2], b""), &mut wire),
+                .handle_tun(&mut ipv4([10, 0, 0, 1], [10, 0, 0, 2], b""), &mut wire),
             None
         );
         assert_eq!(sim.a.drops().get(DropReason::NoRoute), 1);
@@ -997,7 +1137,90 @@ mod tests {
         let spoofed = ipv4([10, 0, 0, 9], [10, 0, 0, 1], b"spoof");
         let n = sim
             .b
-            .handle_tun(&spoofed, &mut wire)
+            .handle_tun(&mut spoofed.clone(), &mut wire)
+            .expect("encrypted")
+            .len;
+        assert_eq!(
+            sim.a.handle_udp(sim.b_addr, None, &wire[..n], &mut inner),
+            None
+        );
+        assert_eq!(sim.a.drops().get(DropReason::SpoofedSource), 1);
+    }
+
+    #[test]
+    fn a_packet_for_an_address_outside_the_shared_overlays_is_dropped() {
+        let mut sim = pair(None);
+        sim.start();
+        // A accepts from B only what is for 10.0.0.1; B routes all of 10.0.0.0/24 to A.
+        let refused = sim.a.set_addresses(
+            0,
+            vec!["10.0.0.2/32".parse().unwrap()],
+            Vec::new(),
+            Some(vec!["10.0.0.1".parse().unwrap()]),
+        );
+        assert!(refused.is_empty());
+        sim.b
+            .set_addresses(0, vec!["10.0.0.0/24".parse().unwrap()], Vec::new(), None);
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        for (dst, delivered) in [([10, 0, 0, 1], true), ([10, 0, 0, 7], false)] {
+            let mut p = ipv4([10, 0, 0, 2], dst, b"x");
+            let n = sim.b.handle_tun(&mut p, &mut wire).expect("encrypted").len;
+            let got = sim.a.handle_udp(sim.b_addr, None, &wire[..n], &mut inner);
+            assert_eq!(got.is_some(), delivered, "to {dst:?}");
+        }
+        assert_eq!(sim.a.drops().get(DropReason::WrongOverlay), 1);
+    }
+
+    #[test]
+    fn mapped_addresses_are_translated_both_ways() {
+        let mut sim = pair(None);
+        sim.start();
+        // A calls B 172.31.5.5; in the tunnel B is 10.0.0.2 and A is 10.0.0.1.
+        let m = Mapping {
+            local: "172.31.5.5".parse().unwrap(),
+            remote: "10.0.0.2".parse().unwrap(),
+            own: "10.0.0.1".parse().unwrap(),
+        };
+        sim.a.set_addresses(
+            0,
+            Vec::new(),
+            vec![m],
+            Some(vec!["10.0.0.1".parse().unwrap()]),
+        );
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let mut p = ipv4([10, 0, 0, 1], [172, 31, 5, 5], b"ping");
+        let n = sim.a.handle_tun(&mut p, &mut wire).expect("encrypted").len;
+        let got = sim.b.handle_udp(sim.a_addr, None, &wire[..n], &mut inner);
+        let got = got.expect("delivered");
+        assert_eq!(
+            packet::addresses(&inner[..got]),
+            Some(("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()))
+        );
+        let mut reply = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"pong");
+        let n = sim
+            .b
+            .handle_tun(&mut reply, &mut wire)
+            .expect("encrypted")
+            .len;
+        let got = sim.a.handle_udp(sim.b_addr, None, &wire[..n], &mut inner);
+        let got = got.expect("delivered");
+        assert_eq!(
+            packet::addresses(&inner[..got]),
+            Some(("172.31.5.5".parse().unwrap(), "10.0.0.1".parse().unwrap()))
+        );
+        assert_eq!(
+            sim.a.peer(0).unwrap().addresses,
+            vec!["172.31.5.5/32".parse().unwrap()]
+        );
+        // Another address of the peer's is a spoof, even in its subnet.
+        let mut spoof = ipv4([10, 0, 0, 3], [10, 0, 0, 1], b"x");
+        sim.b
+            .set_addresses(0, vec!["10.0.0.1/32".parse().unwrap()], Vec::new(), None);
+        let n = sim
+            .b
+            .handle_tun(&mut spoof, &mut wire)
             .expect("encrypted")
             .len;
         assert_eq!(
@@ -1015,7 +1238,11 @@ mod tests {
         let mut inner = vec![0u8; 2048];
         let moved: SocketAddr = "192.0.2.2:3000".parse().unwrap();
         let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from elsewhere");
-        let n = sim.b.handle_tun(&p, &mut wire).expect("encrypted").len;
+        let n = sim
+            .b
+            .handle_tun(&mut p.clone(), &mut wire)
+            .expect("encrypted")
+            .len;
         assert!(
             sim.a
                 .handle_udp(moved, None, &wire[..n], &mut inner)
@@ -1024,7 +1251,7 @@ mod tests {
         let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
         let dst = sim
             .a
-            .handle_tun(&back, &mut wire)
+            .handle_tun(&mut back.clone(), &mut wire)
             .expect("encrypted")
             .destination;
         assert_eq!(dst, moved);
@@ -1048,7 +1275,11 @@ mod tests {
         sim.start();
         let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
         let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from another path");
-        let n = sim.b.handle_tun(&p, &mut wire).expect("encrypted").len;
+        let n = sim
+            .b
+            .handle_tun(&mut p.clone(), &mut wire)
+            .expect("encrypted")
+            .len;
         assert!(
             sim.a
                 .handle_udp(elsewhere, None, &wire[..n], &mut inner)
@@ -1057,7 +1288,7 @@ mod tests {
         let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
         let dst = sim
             .a
-            .handle_tun(&back, &mut wire)
+            .handle_tun(&mut back.clone(), &mut wire)
             .expect("encrypted")
             .destination;
         assert_eq!(dst, sim.b_addr);
@@ -1091,10 +1322,10 @@ mod tests {
         let mut wire = vec![0u8; 2048];
         assert_eq!(
             sim.a
-                .handle_tun(&ipv4([10, 0, 0, 1], [10, 9, 9, 9], b""), &mut wire),
+                .handle_tun(&mut ipv4([10, 0, 0, 1], [10, 9, 9, 9], b""), &mut wire),
             None
         );
-        assert_eq!(sim.a.handle_tun(&[0x45, 0, 1], &mut wire), None);
+        assert_eq!(sim.a.handle_tun(&mut [0x45, 0, 1], &mut wire), None);
         assert_eq!(sim.a.drops().get(DropReason::NoRoute), 1);
         assert_eq!(sim.a.drops().get(DropReason::MalformedIp), 1);
     }

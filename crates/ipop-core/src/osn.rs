@@ -6,7 +6,6 @@
 //! (a bare JID for XMPP) and a device is a user plus a device name (the XMPP resource).
 
 use crate::key::PublicKey;
-use ipnet::IpNet;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -176,13 +175,12 @@ pub enum TerminateReason {
     Failed,
 }
 
-/// What a device offers for a link: its identity, its addresses and how to reach it.
+/// What a device offers for a link: its identity and how to reach it. Its addresses are in
+/// its presence in each overlay ([`Claim`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkOffer {
     /// The WireGuard public key the link will use; must equal the announced key.
     pub key: PublicKey,
-    /// The device's overlay addresses.
-    pub addresses: Vec<IpNet>,
     /// ICE credentials.
     pub ufrag: String,
     pub pwd: String,

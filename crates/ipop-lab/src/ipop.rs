@@ -108,6 +108,8 @@ pub struct Config {
     pub private_key_file: PathBuf,
     pub log_level: String,
     pub control_socket: PathBuf,
+    /// Pinned keys and chosen addresses (relative to the config file).
+    pub state_dir: PathBuf,
     pub interface: String,
     pub addresses: Vec<String>,
     pub mtu: Option<u32>,
@@ -133,6 +135,11 @@ impl Config {
             s,
             "control_socket = {}",
             quote(&self.control_socket.to_string_lossy())
+        );
+        let _ = writeln!(
+            s,
+            "state_dir = {}",
+            quote(&self.state_dir.to_string_lossy())
         );
         let _ = writeln!(s, "\n[interface]");
         let _ = writeln!(s, "name = {}", quote(&self.interface));
@@ -249,6 +256,7 @@ impl Node {
             private_key_file: PathBuf::from("ipop.key"),
             log_level: "debug".to_owned(),
             control_socket: self.socket_path(),
+            state_dir: PathBuf::from("state"),
             interface: "ipop0".to_owned(),
             addresses: vec![
                 format!("{}/24", self.overlay_v4),
@@ -486,6 +494,7 @@ mod tests {
             private_key_file: PathBuf::from("ipop.key"),
             log_level: "debug".to_owned(),
             control_socket: PathBuf::from("/tmp/x \"y\"/ctl.sock"),
+            state_dir: PathBuf::from("state"),
             interface: "ipop0".to_owned(),
             addresses: vec!["10.77.0.1/24".to_owned(), "fd77::1/64".to_owned()],
             mtu: None,

@@ -6,7 +6,6 @@
 //! reverse. Every input is bounded; nothing panics on hostile input.
 
 use crate::NS_LINK;
-use ipnet::IpNet;
 use ipop_core::PublicKey;
 use ipop_core::osn::{Candidate, CandidateKind, LinkOffer, Signal, TerminateReason};
 use std::collections::hash_map::DefaultHasher;
@@ -23,8 +22,6 @@ use tokio_xmpp::parsers::ns;
 
 /// At most this many candidates in one signal; a signal with more is refused.
 pub const MAX_CANDIDATES: usize = 32;
-/// At most this many overlay addresses in one offer.
-pub const MAX_ADDRESSES: usize = 16;
 /// Longest accepted session id, ICE username fragment or password.
 const MAX_TOKEN: usize = 256;
 /// Longest accepted candidate foundation (RFC 8445 allows 32 characters).
@@ -50,10 +47,6 @@ pub enum Malformed {
     Transport,
     #[error("bad key: {0}")]
     Key(String),
-    #[error("bad overlay address {0:?}")]
-    Address(String),
-    #[error("more than {MAX_ADDRESSES} addresses")]
-    TooManyAddresses,
     #[error("more than {MAX_CANDIDATES} candidates")]
     TooManyCandidates,
     #[error("bad candidate: {0}")]
@@ -132,11 +125,6 @@ fn content() -> Content {
 fn description(offer: &LinkOffer) -> Element {
     Element::builder("description", NS_LINK)
         .attr(xml_ncname!("key").into(), offer.key.to_string())
-        .append_all(offer.addresses.iter().take(MAX_ADDRESSES).map(|net| {
-            Element::builder("address", NS_LINK)
-                .append(net.to_string())
-                .build()
-        }))
         .build()
 }
 
@@ -214,10 +202,9 @@ pub fn from_element(element: &Element) -> Result<Signal, Malformed> {
             };
             let (credentials, candidates) = read_transport(content.transport)?;
             let (ufrag, pwd) = credentials.ok_or(Malformed::Credentials)?;
-            let (key, addresses) = read_description(&description)?;
+            let key = read_description(&description)?;
             let offer = LinkOffer {
                 key,
-                addresses,
                 ufrag,
                 pwd,
                 candidates,
@@ -261,28 +248,15 @@ fn only_content(mut contents: Vec<Content>) -> Result<Content, Malformed> {
     }
 }
 
-fn read_description(element: &Element) -> Result<(PublicKey, Vec<IpNet>), Malformed> {
+fn read_description(element: &Element) -> Result<PublicKey, Malformed> {
     if !element.is("description", NS_LINK) {
         return Err(Malformed::Description);
     }
-    let key = element
+    element
         .attr("key")
         .ok_or_else(|| Malformed::Key("missing".to_owned()))?
         .parse::<PublicKey>()
-        .map_err(|e| Malformed::Key(e.to_string()))?;
-    let mut addresses = Vec::new();
-    for child in element.children().filter(|c| c.is("address", NS_LINK)) {
-        if addresses.len() == MAX_ADDRESSES {
-            return Err(Malformed::TooManyAddresses);
-        }
-        let text = child.text();
-        let net = text
-            .trim()
-            .parse::<IpNet>()
-            .map_err(|_| Malformed::Address(text.chars().take(64).collect()))?;
-        addresses.push(net);
-    }
-    Ok((key, addresses))
+        .map_err(|e| Malformed::Key(e.to_string()))
 }
 
 type Credentials = Option<(String, String)>;
@@ -376,10 +350,6 @@ mod tests {
     fn offer() -> LinkOffer {
         LinkOffer {
             key: PublicKey([7; 32]),
-            addresses: vec![
-                "10.99.0.1/24".parse().expect("net"),
-                "fd00:99::1/64".parse().expect("net"),
-            ],
             ufrag: "abcd".to_owned(),
             pwd: "0123456789abcdefghijkl".to_owned(),
             candidates: vec![
@@ -432,7 +402,6 @@ mod tests {
             session: "s1".to_owned(),
             offer: LinkOffer {
                 candidates: vec![],
-                addresses: vec![],
                 ..offer()
             },
         });
@@ -599,26 +568,6 @@ mod tests {
             ),
             (
                 initiate_with(
-                    &format!(
-                        "<description xmlns='urn:ipop:link:0' key='{KEY}'>\
-                         <address>10.0.0.300/24</address></description>"
-                    ),
-                    &good_transport,
-                ),
-                Malformed::Address(String::new()),
-            ),
-            (
-                initiate_with(
-                    &format!(
-                        "<description xmlns='urn:ipop:link:0' key='{KEY}'>{}</description>",
-                        "<address>10.0.0.1/24</address>".repeat(MAX_ADDRESSES + 1)
-                    ),
-                    &good_transport,
-                ),
-                Malformed::TooManyAddresses,
-            ),
-            (
-                initiate_with(
                     &good_description,
                     &format!(
                         "<transport {ICE} ufrag='u' pwd='p'><candidate component='1' \
@@ -684,7 +633,6 @@ mod tests {
                 (&got, &expected),
                 (Err(Malformed::Parse(_)), Malformed::Parse(_))
                     | (Err(Malformed::Key(_)), Malformed::Key(_))
-                    | (Err(Malformed::Address(_)), Malformed::Address(_))
                     | (Err(Malformed::Candidate(_)), Malformed::Candidate(_))
             ) || got.as_ref().err() == Some(&expected);
             assert!(same_kind, "{xml}\n  expected {expected:?}, got {got:?}");

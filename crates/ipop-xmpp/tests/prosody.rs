@@ -43,7 +43,6 @@ fn users(names: &[&str]) -> Vec<String> {
 fn offer(key: u8) -> LinkOffer {
     LinkOffer {
         key: PublicKey([key; 32]),
-        addresses: vec!["10.77.0.1/24".parse().expect("net")],
         ufrag: "ufrag".to_owned(),
         pwd: "a-password-of-22-chars".to_owned(),
         candidates: vec![Candidate {

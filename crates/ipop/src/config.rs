@@ -4,11 +4,11 @@
 //! are errors, so that a typo never silently falls back to a default.
 
 use anyhow::Context;
-use ipnet::IpNet;
-use ipop_core::osn::{IceServer, IceServerKind, IceTransport};
-use ipop_core::{PeerConfig, PublicKey};
+use ipnet::{IpNet, Ipv4Net};
+use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OverlayId};
+use ipop_core::{OverlayConfig, PeerConfig, PublicKey};
 use serde::{Deserialize, Deserializer};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -31,9 +31,13 @@ pub struct Config {
     pub groups: Vec<Group>,
     #[serde(default)]
     pub peers: Vec<Peer>,
+    #[serde(default)]
+    pub dns: Dns,
     /// STUN and TURN servers of the user's own, besides those the XMPP server offers.
     #[serde(default)]
     pub nat: Nat,
+    /// Prometheus metrics over HTTP: without this section, none are served.
+    pub metrics: Option<Metrics>,
     /// The directory relative paths are resolved against: the config file's own.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -44,6 +48,9 @@ pub struct Config {
 pub struct Device {
     #[serde(default = "default_key_file")]
     pub private_key_file: PathBuf,
+    /// Pinned keys and chosen addresses, kept across restarts (relative to the config file).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     pub log_level: Option<String>,
     pub control_socket: Option<PathBuf>,
 }
@@ -52,6 +59,7 @@ impl Default for Device {
     fn default() -> Self {
         Device {
             private_key_file: default_key_file(),
+            state_dir: default_state_dir(),
             log_level: None,
             control_socket: None,
         }
@@ -60,6 +68,10 @@ impl Default for Device {
 
 fn default_key_file() -> PathBuf {
     PathBuf::from("ipop.key")
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ipop")
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,9 +124,70 @@ pub enum Tls {
 pub struct Social {
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// This device's address in the social overlay, with the overlay's prefix.
-    #[serde(deserialize_with = "parsed")]
-    pub address: IpNet,
+    /// This device's own numbering space: it gives each friend's device an address in it.
+    #[serde(default = "default_social_subnet", deserialize_with = "parsed")]
+    pub subnet: Ipv4Net,
+    /// This device's own address in the subnet. Default: the subnet's first address.
+    #[serde(default, deserialize_with = "parsed_some")]
+    pub address: Option<Ipv4Addr>,
+}
+
+/// The social subnet unless configured: the one IPOP's SocialVPN used.
+pub const DEFAULT_SOCIAL_SUBNET: &str = "172.31.0.0/16";
+
+fn default_social_subnet() -> Ipv4Net {
+    DEFAULT_SOCIAL_SUBNET.parse().unwrap_or_default()
+}
+
+/// The names of peers in DNS, answered on this device's overlay addresses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The top-level name under which peers are named: `laptop.bob.example.org.ipop`.
+    #[serde(default = "default_dns_suffix", deserialize_with = "dns_suffix")]
+    pub suffix: String,
+    /// The UDP port the responder listens on.
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            enabled: true,
+            suffix: default_dns_suffix(),
+            port: default_dns_port(),
+        }
+    }
+}
+
+fn default_dns_suffix() -> String {
+    "ipop".to_owned()
+}
+
+fn default_dns_port() -> u16 {
+    53
+}
+
+fn dns_suffix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?
+        .trim_matches('.')
+        .to_ascii_lowercase();
+    let ok = !s.is_empty()
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{s:?} is not a DNS suffix: expected labels of letters, digits and '-', like \"ipop\" or \"vpn.example\""
+        )))
+    }
 }
 
 /// NAT traversal servers from the config file.
@@ -149,6 +222,15 @@ pub enum TurnTransport {
     Tls,
 }
 
+/// Where the daemon serves Prometheus metrics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// The HTTP listener's IP address and port; the metrics are at `/metrics`.
+    #[serde(deserialize_with = "socket_address")]
+    pub listen: SocketAddr,
+}
+
 /// A group overlay: every member of one multi-user chat room.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,9 +238,12 @@ pub struct Group {
     /// The room, e.g. `lab@conference.example.org`.
     #[serde(deserialize_with = "bare_jid")]
     pub room: String,
-    /// This device's address in the group, with the group's prefix.
+    /// The group's IPv4 subnet, the same on every member's device.
     #[serde(deserialize_with = "parsed")]
-    pub address: IpNet,
+    pub subnet: Ipv4Net,
+    /// This device's address in the subnet. Default: chosen automatically and kept.
+    #[serde(default, deserialize_with = "parsed_some")]
+    pub address: Option<Ipv4Addr>,
     /// Create the room (members-only, real JIDs visible) if it does not exist.
     #[serde(default)]
     pub create: bool,
@@ -229,6 +314,14 @@ where
         .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
 }
 
+fn parsed_some<'de, D: Deserializer<'de>, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    parsed(d).map(Some)
+}
+
 fn parsed_list<'de, D: Deserializer<'de>, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     T: FromStr,
@@ -244,6 +337,15 @@ where
             })
         })
         .collect()
+}
+
+fn socket_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an IP address and port: expected one like \"127.0.0.1:9469\" or \"[::1]:9469\""
+        ))
+    })
 }
 
 fn interface_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -294,9 +396,10 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.addresses().is_empty() {
-            return Err("no overlay address: set [interface] addresses, [social] address or a [[groups]] address".into());
+        if self.interface.addresses.is_empty() && self.overlays().is_empty() {
+            return Err("no overlay: set [social], a [[groups]] entry, or [interface] addresses with [[peers]]".into());
         }
+        self.check_subnets()?;
         if let Some(x) = &self.xmpp {
             let sources = [
                 x.password.is_some(),
@@ -342,23 +445,67 @@ impl Config {
         Ok(())
     }
 
-    /// Every address of this device: the interface's, the social overlay's, each group's.
-    pub fn addresses(&self) -> Vec<IpNet> {
-        let mut all = self.interface.addresses.clone();
-        all.extend(self.overlay_addresses());
-        all
-    }
-
-    /// The addresses announced to social network peers: the overlays'.
-    pub fn overlay_addresses(&self) -> Vec<IpNet> {
-        let mut all: Vec<IpNet> = self
+    /// The overlays of this device with their subnets, social first, as the engine takes them.
+    pub fn overlays(&self) -> Vec<OverlayConfig> {
+        let social = self
             .social
             .iter()
             .filter(|s| s.enabled)
-            .map(|s| s.address)
+            .map(|s| OverlayConfig {
+                id: OverlayId::Social,
+                subnet: s.subnet,
+                address: s.address,
+            });
+        let groups = self.groups.iter().map(|g| OverlayConfig {
+            id: OverlayId::Group(g.room.clone()),
+            subnet: g.subnet,
+            address: g.address,
+        });
+        social.chain(groups).collect()
+    }
+
+    /// Each overlay's subnet must hold its address and overlap no other subnet, and a room is
+    /// named once.
+    fn check_subnets(&self) -> Result<(), String> {
+        let mut seen: Vec<(String, IpNet)> = self
+            .interface
+            .addresses
+            .iter()
+            .map(|a| ("[interface] addresses".to_owned(), a.trunc()))
             .collect();
-        all.extend(self.groups.iter().map(|g| g.address));
-        all
+        for (i, o) in self.overlays().into_iter().enumerate() {
+            let name = match &o.id {
+                OverlayId::Social => "[social]".to_owned(),
+                OverlayId::Group(room) => format!("[[groups]] {room}"),
+            };
+            if let Some(a) = o.address
+                && !ipop_core::address::is_host(o.subnet, a)
+            {
+                return Err(format!(
+                    "{name}: address {a} is not a host address of subnet {}",
+                    o.subnet
+                ));
+            }
+            if self.overlays()[..i].iter().any(|p| p.id == o.id) {
+                return Err(format!("{name} is configured twice"));
+            }
+            let net = IpNet::V4(o.subnet.trunc());
+            if let Some((other, _)) = seen
+                .iter()
+                .find(|(_, n)| n.contains(&net.network()) || net.contains(&n.network()))
+            {
+                return Err(format!(
+                    "{name}: subnet {net} overlaps {other}; every overlay needs its own subnet"
+                ));
+            }
+            seen.push((name, net));
+        }
+        Ok(())
+    }
+
+    /// Where the daemon keeps what must survive a restart: pinned keys, chosen addresses.
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(&self.device.state_dir)
     }
 
     /// The STUN and TURN servers of the `[nat]` section, resolved. A name that does not resolve
@@ -459,6 +606,8 @@ impl Config {
                 public_key: p.public_key,
                 endpoint: p.endpoint,
                 addresses: p.addresses.clone(),
+                mapped: Vec::new(),
+                destinations: None,
                 keepalive: Some(p.keepalive.unwrap_or(25)),
                 roaming: true,
             })
@@ -531,6 +680,10 @@ listen_port = 51820
 # endpoint = "192.0.2.10:51820"
 # addresses = ["10.77.0.2/32", "fd77::2/128"]
 # keepalive = 25
+
+# Prometheus metrics at http://ADDRESS:PORT/metrics (peers, links, traffic, drops). Off unless set.
+# [metrics]
+# listen = "127.0.0.1:9469"
 "#
     )
 }
@@ -597,31 +750,69 @@ mod tests {
     #[test]
     fn xmpp_social_and_groups() {
         let text = "[xmpp]\njid = \"alice@example.org\"\npassword = \"pw\"\nserver = \"10.0.0.254:5222\"\n\
-            [social]\naddress = \"10.78.0.1/16\"\n\
-            [[groups]]\nroom = \"lab@conference.example.org\"\naddress = \"10.79.0.1/24\"\ncreate = true\n";
+            [social]\n\
+            [[groups]]\nroom = \"lab@conference.example.org\"\nsubnet = \"10.79.0.0/24\"\naddress = \"10.79.0.1\"\ncreate = true\n";
         let c = Config::parse(text).expect("valid");
         assert_eq!(c.xmpp.as_ref().map(|x| x.tls), Some(Tls::Starttls));
-        assert_eq!(c.addresses().len(), 2);
+        let overlays = c.overlays();
+        assert_eq!(overlays.len(), 2);
+        assert_eq!(overlays[0].subnet.to_string(), DEFAULT_SOCIAL_SUBNET);
+        assert_eq!(overlays[0].address, None);
+        assert_eq!(overlays[1].address, Some("10.79.0.1".parse().unwrap()));
         assert!(c.groups[0].create);
+        assert_eq!(c.dns.suffix, "ipop");
 
-        let e = Config::parse(
-            "[xmpp]\njid = \"alice\"\npassword = \"x\"\n[social]\naddress = \"10.78.0.1/16\"\n",
-        )
-        .unwrap_err();
+        let e = Config::parse("[xmpp]\njid = \"alice\"\npassword = \"x\"\n[social]\n").unwrap_err();
         assert!(
             e.contains("line 2") && e.contains("key `jid`") && e.contains("bare JID"),
             "{e}"
         );
-        let e = Config::parse("[xmpp]\njid = \"a@b\"\n[social]\naddress = \"10.78.0.1/16\"\n")
-            .unwrap_err();
+        let e = Config::parse("[xmpp]\njid = \"a@b\"\n[social]\n").unwrap_err();
         assert!(e.contains("exactly one of password"), "{e}");
-        let e = Config::parse("[social]\naddress = \"10.78.0.1/16\"\n").unwrap_err();
+        let e = Config::parse("[social]\n").unwrap_err();
         assert!(e.contains("need an [xmpp] account"), "{e}");
-        let e = Config::parse("[xmpp]\njid = \"a@b\"\npassword = \"p\"\ntls = \"ssl\"\n[social]\naddress = \"10.78.0.1/16\"\n").unwrap_err();
+        let e = Config::parse("[xmpp]\njid = \"a@b\"\npassword = \"p\"\ntls = \"ssl\"\n[social]\n")
+            .unwrap_err();
         assert!(
             e.contains("line 4") && e.contains("tls") && e.contains("starttls"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn overlay_subnets_are_checked() {
+        let xmpp = "[xmpp]\njid = \"a@b\"\npassword = \"p\"\n";
+        let group = |subnet: &str, address: &str| {
+            format!("[[groups]]\nroom = \"g@c.b\"\nsubnet = \"{subnet}\"\n{address}")
+        };
+        let e =
+            Config::parse(&format!("{xmpp}[social]\n{}", group("172.31.8.0/24", ""))).unwrap_err();
+        assert!(e.contains("overlaps [social]"), "{e}");
+        let e = Config::parse(&format!(
+            "{xmpp}{}",
+            group("10.9.0.0/24", "address = \"10.8.0.1\"\n")
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("10.8.0.1 is not a host address of subnet 10.9.0.0/24"),
+            "{e}"
+        );
+        let e = Config::parse(&format!(
+            "{xmpp}{}",
+            group("10.9.0.0/24", "address = \"10.9.0.1/24\"\n")
+        ))
+        .unwrap_err();
+        assert!(e.contains("line 7") && e.contains("key `address`"), "{e}");
+        let e = Config::parse(&format!("{xmpp}[dns]\nsuffix = \"bad suffix\"\n[social]\n"))
+            .unwrap_err();
+        assert!(e.contains("key `suffix`"), "{e}");
+        let twice = format!(
+            "{xmpp}{}{}",
+            group("10.9.0.0/24", ""),
+            group("10.10.0.0/24", "")
+        );
+        let e = Config::parse(&twice).unwrap_err();
+        assert!(e.contains("configured twice"), "{e}");
     }
 
     #[test]
@@ -637,16 +828,43 @@ mod tests {
     }
 
     #[test]
-    fn missing_sections_and_empty_addresses_are_errors() {
-        assert!(
-            Config::parse("")
-                .unwrap_err()
-                .contains("no overlay address")
+    fn metrics_listen_address() {
+        assert!(Config::parse(MINIMAL).expect("valid").metrics.is_none());
+        let c = Config::parse(&format!("{MINIMAL}[metrics]\nlisten = \"[::1]:9469\"\n"))
+            .expect("valid");
+        assert_eq!(
+            c.metrics.map(|m| m.listen),
+            Some("[::1]:9469".parse().expect("address"))
         );
+
+        let uncommented =
+            template(&PublicKey([7; 32])).replace("# [metrics]\n# listen", "[metrics]\nlisten");
+        let c = Config::parse(&uncommented).expect("the template's metrics lines parse");
+        assert_eq!(
+            c.metrics.map(|m| m.listen),
+            Some("127.0.0.1:9469".parse().expect("address"))
+        );
+
+        let e =
+            Config::parse(&format!("{MINIMAL}[metrics]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert!(
+            e.contains("line 4") && e.contains("key `listen`") && e.contains("127.0.0.1:9469"),
+            "{e}"
+        );
+        let e = Config::parse(&format!(
+            "{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9469\"\npath = \"/m\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("line 5") && e.contains("path"), "{e}");
+    }
+
+    #[test]
+    fn missing_sections_and_empty_addresses_are_errors() {
+        assert!(Config::parse("").unwrap_err().contains("no overlay"));
         assert!(
             Config::parse("[interface]\naddresses = []\n")
                 .unwrap_err()
-                .contains("no overlay address")
+                .contains("no overlay")
         );
     }
 }

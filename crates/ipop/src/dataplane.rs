@@ -7,20 +7,25 @@
 //! device. Buffers are allocated once at start.
 
 use crate::control::Request;
-use crate::status::{self, OverlayPlan, Status, XmppInfo};
+use crate::overlays::Keeper;
+use crate::status::{self, Status, XmppInfo};
 use anyhow::Context;
 use ipnet::IpNet;
 use ipop_core::Engine;
-use ipop_core::osn::{DeviceId, OsnEvent, Signal};
+use ipop_core::osn::{DeviceId, IceServer, IceTransport, OsnEvent, Signal};
 use ipop_core::turn::StreamFramer;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::{self, pki_types::ServerName};
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// The largest IP packet a TUN read can return with offload (a 64 KiB GSO packet).
@@ -92,7 +97,9 @@ pub struct Dataplane {
     udp4: Udp,
     udp6: Option<Udp>,
     interface: String,
-    plans: Vec<OverlayPlan>,
+    /// The addresses of the static overlay (the config's `[interface] addresses`).
+    static_addresses: Vec<IpNet>,
+    keeper: Keeper,
     xmpp_info: Option<XmppInfoFn>,
     listen_port: u16,
     started: Instant,
@@ -147,16 +154,16 @@ impl Buffers {
 }
 
 impl Dataplane {
-    /// Creates the TUN device and binds the UDP sockets.
+    /// Creates the TUN device as `interface` says, with `addresses` (the static ones and the
+    /// overlays') and `routes`, and binds the UDP sockets.
     pub fn new(
         engine: Engine,
-        plans: Vec<OverlayPlan>,
-        interface: &str,
+        keeper: Keeper,
+        interface: &crate::config::Interface,
         addresses: &[IpNet],
         routes: &[IpNet],
-        mtu: u16,
-        listen_port: u16,
     ) -> anyhow::Result<Self> {
+        let (mtu, listen_port) = (interface.mtu, interface.listen_port);
         let udp4 = Udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, listen_port)))
             .with_context(|| format!("cannot bind UDP port {listen_port} on IPv4"))?;
         let port = udp4.socket.local_addr()?.port();
@@ -169,14 +176,15 @@ impl Dataplane {
                 None
             }
         };
-        let tun = crate::device::create(interface, addresses, routes, mtu)?;
+        let tun = crate::device::create(&interface.name, addresses, routes, mtu)?;
         Ok(Dataplane {
             engine,
             tun,
             udp4,
             udp6,
-            interface: interface.to_owned(),
-            plans,
+            interface: interface.name.clone(),
+            static_addresses: interface.addresses.clone(),
+            keeper,
             xmpp_info: None,
             listen_port: port,
             started: Instant::now(),
@@ -186,9 +194,20 @@ impl Dataplane {
         })
     }
 
+    /// Where address changes are announced: the XMPP binding.
+    pub fn set_announcer(&mut self, announce: crate::overlays::Announcer) {
+        self.keeper.set_announcer(announce);
+    }
+
     /// Where `ipop status` reads the XMPP session's state.
     pub fn set_xmpp_info(&mut self, f: XmppInfoFn) {
         self.xmpp_info = Some(f);
+    }
+
+    /// A CA certificate file that TURN servers over TLS may be signed by, besides the system's
+    /// roots: the one trusted for the XMPP server.
+    pub fn trust_ca_file(&mut self, ca_file: Option<PathBuf>) {
+        self.streams.extra_ca = ca_file;
     }
 
     pub fn listen_port(&self) -> u16 {
@@ -216,6 +235,7 @@ impl Dataplane {
         tokio::pin!(shutdown);
         loop {
             self.engine.handle_timeout(Instant::now());
+            self.keeper.after(&mut self.engine, &self.tun);
             for server in self.engine.stream_servers() {
                 self.streams.connect(server);
             }
@@ -246,6 +266,7 @@ impl Dataplane {
                     // Give TURN allocations back; their answers are not awaited.
                     self.engine.release(Instant::now());
                     self.flush_control().await;
+                    self.keeper.shutdown();
                     return;
                 }
                 r = self.tun.readable() => {
@@ -277,6 +298,7 @@ impl Dataplane {
                 }
                 Some(req) = requests.recv() => {
                     let answer = self.answer(&req.command);
+                    self.keeper.after(&mut self.engine, &self.tun);
                     let _ = req.reply.send(answer);
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -356,7 +378,7 @@ impl Dataplane {
             let mut end = 0;
             for i in 0..n {
                 let b = &mut self.bufs;
-                let packet = &b.segments[i][..b.sizes[i]];
+                let packet = &mut b.segments[i][..b.sizes[i]];
                 let room = packet.len() + WG_OVERHEAD;
                 let Some(out) = b.wire.get_mut(end..end + room.max(148)) else {
                     break;
@@ -498,13 +520,14 @@ impl Dataplane {
             ("tun_write_failed", e.tun_write),
             ("udp_send_failed", e.udp_send),
             ("udp_receive_failed", e.udp_receive),
+            ("dns_malformed", crate::dns::malformed()),
         ] {
             drops.insert(name.to_owned(), n);
         }
         drops
     }
 
-    fn answer(&self, command: &str) -> String {
+    fn answer(&mut self, command: &str) -> String {
         match command {
             "status" => {
                 let key = self.engine.node().public_key();
@@ -515,11 +538,26 @@ impl Dataplane {
                     listen_port: self.listen_port,
                     uptime_s: self.started.elapsed().as_secs_f64().round(),
                     xmpp: self.xmpp_info.as_ref().map(|f| f()),
-                    overlays: status::overlays(&self.engine, &self.plans),
+                    overlays: status::overlays(&self.engine, &self.static_addresses),
                     ice_servers: status::ice_servers(&self.engine),
                     drops: self.drops(),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            }
+            other if other.starts_with("trust ") => {
+                let name = other["trust ".len()..].trim();
+                let device = name
+                    .split_once('/')
+                    .map(|(user, device)| DeviceId::new(user, device));
+                let answer = match device {
+                    None => Err(format!("{name:?} is not JID/DEVICE")),
+                    Some(d) => self.engine.trust(Instant::now(), &d),
+                };
+                match answer {
+                    Ok(key) => serde_json::json!({ "trusted": key.to_string(), "fingerprint": key.fingerprint() }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                }
+                .to_string()
             }
             other if other.starts_with("group ") => {
                 serde_json::json!({ "error": "group commands need an [xmpp] account in the config" })
@@ -568,16 +606,29 @@ impl Run {
     }
 }
 
-/// TCP connections to TURN servers reached over TCP (where UDP is blocked): one task each,
-/// framed with the core's [`StreamFramer`].
+/// Connections to TURN servers reached over a stream (where UDP is blocked), plain TCP or TLS
+/// over TCP: one task each, framed with the core's [`StreamFramer`].
 struct Streams {
-    outgoing: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
+    outgoing: HashMap<SocketAddr, Outgoing>,
     incoming: mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
     to_plane: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+    /// A CA certificate file trusted besides the system's roots (`[xmpp] ca_file`).
+    extra_ca: Option<PathBuf>,
+    /// Made for the first server reached over TLS.
+    tls: Option<TlsConnector>,
 }
 
-/// How long connecting to a TURN server over TCP may take.
+/// The way to one connection's task, and when it was opened.
+struct Outgoing {
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    opened: Instant,
+}
+
+/// How long connecting to a TURN server over TCP, and the TLS handshake, may take.
 const STREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long after an attempt a lost or refused connection is tried again.
+const STREAM_RETRY: Duration = Duration::from_secs(5);
 
 impl Streams {
     fn new() -> Self {
@@ -586,56 +637,157 @@ impl Streams {
             outgoing: HashMap::new(),
             incoming,
             to_plane,
+            extra_ca: None,
+            tls: None,
         }
     }
 
-    /// Opens the connection to `server` unless it is open.
-    fn connect(&mut self, server: SocketAddr) {
-        if self.outgoing.get(&server).is_some_and(|tx| !tx.is_closed()) {
+    /// Opens the connection to `server` unless it is open or was tried moments ago.
+    fn connect(&mut self, server: IceServer) {
+        let now = Instant::now();
+        if self
+            .outgoing
+            .get(&server.address)
+            .is_some_and(|o| !o.frames.is_closed() || now.duration_since(o.opened) < STREAM_RETRY)
+        {
             return;
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.outgoing.insert(server, tx);
-        tokio::spawn(stream_task(server, rx, self.to_plane.clone()));
+        let tls = match server.transport {
+            IceTransport::Tls => match self.tls_connector() {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    tracing::warn!(server = %server.address, host = %server.host, "no TLS with the TURN server: {e}");
+                    return;
+                }
+            },
+            IceTransport::Tcp | IceTransport::Udp => None,
+        };
+        let (frames, rx) = mpsc::unbounded_channel();
+        self.outgoing.insert(
+            server.address,
+            Outgoing {
+                frames,
+                opened: now,
+            },
+        );
+        tokio::spawn(stream_task(server, tls, rx, self.to_plane.clone()));
+    }
+
+    /// The TLS client: the system's roots and the extra CA, as the XMPP login trusts them.
+    fn tls_connector(&mut self) -> Result<TlsConnector, ipop_xmpp::LoginError> {
+        if let Some(tls) = &self.tls {
+            return Ok(tls.clone());
+        }
+        let config = ipop_xmpp::tls_config(self.extra_ca.as_deref())?;
+        let tls = TlsConnector::from(Arc::new(config));
+        self.tls = Some(tls.clone());
+        Ok(tls)
     }
 
     fn send(&mut self, server: SocketAddr, frame: Vec<u8>) {
         match self.outgoing.get(&server) {
-            Some(tx) => {
-                let _ = tx.send(frame);
+            Some(o) => {
+                let _ = o.frames.send(frame);
             }
-            None => tracing::debug!(%server, "no TCP connection to this TURN server"),
+            None => tracing::debug!(%server, "no connection to this TURN server"),
         }
     }
 }
 
+/// A connection to a TURN server: TCP, or TLS over TCP.
+trait TurnStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> TurnStream for S {}
+
+/// Connects to `server` (with TLS when `tls` is given) and carries frames both ways until the
+/// connection ends.
 async fn stream_task(
+    server: IceServer,
+    tls: Option<TlsConnector>,
+    outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
+    to_plane: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+) {
+    let over = if tls.is_some() { "TLS" } else { "TCP" };
+    let (address, host) = (server.address, &server.host);
+    match tokio::time::timeout(STREAM_CONNECT_TIMEOUT, open_stream(&server, tls)).await {
+        Ok(Ok(stream)) => {
+            tracing::info!(server = %address, %host, "connected to the TURN server over {over}");
+            relay_frames(address, stream, outgoing, to_plane).await;
+        }
+        Ok(Err(reason)) => {
+            tracing::warn!(server = %address, %host, "cannot use the TURN server over {over}: {reason}");
+        }
+        Err(_) => {
+            tracing::warn!(
+                server = %address,
+                %host,
+                "no {over} connection to the TURN server within {}s",
+                STREAM_CONNECT_TIMEOUT.as_secs()
+            );
+        }
+    }
+}
+
+/// The TCP connection to `server`, wrapped in TLS when `tls` is given; the certificate must be
+/// valid for the server's host name.
+async fn open_stream(
+    server: &IceServer,
+    tls: Option<TlsConnector>,
+) -> Result<Box<dyn TurnStream>, String> {
+    let tcp = TcpStream::connect(server.address)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let name = ServerName::try_from(server.host.clone()).map_err(|e| {
+        format!(
+            "{:?} is not a name its certificate can be checked against: {e}",
+            server.host
+        )
+    })?;
+    match tls.connect(name, tcp).await {
+        Ok(stream) => Ok(Box::new(stream)),
+        Err(e) => Err(tls_failure(&e, &server.host)),
+    }
+}
+
+/// Why a TLS handshake with a TURN server failed, in words.
+fn tls_failure(e: &io::Error, host: &str) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(cert)) => format!(
+            "its certificate is refused: {}",
+            ipop_xmpp::describe_certificate_error(cert, host)
+        ),
+        Some(other) => format!("the TLS handshake failed: {other}"),
+        None => format!("the TLS handshake failed: {e}"),
+    }
+}
+
+/// Carries frames between the data plane and one TURN server's connection.
+async fn relay_frames(
     server: SocketAddr,
+    stream: Box<dyn TurnStream>,
     mut outgoing: mpsc::UnboundedReceiver<Vec<u8>>,
     to_plane: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
 ) {
-    let connected = tokio::time::timeout(STREAM_CONNECT_TIMEOUT, TcpStream::connect(server)).await;
-    let stream = match connected {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(%server, "cannot connect to the TURN server over TCP: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(%server, "no TCP connection to the TURN server within 10 s");
-            return;
-        }
-    };
-    tracing::info!(%server, "connected to the TURN server over TCP");
-    let _ = stream.set_nodelay(true);
-    let (mut read, mut write) = stream.into_split();
+    let (mut read, mut write) = tokio::io::split(stream);
     let mut framer = StreamFramer::new();
     let mut buf = vec![0u8; 65536];
     loop {
         tokio::select! {
             frame = outgoing.recv() => match frame {
                 Some(frame) => {
-                    if let Err(e) = write.write_all(&frame).await {
+                    // TLS holds written data back until it is flushed.
+                    let sent = async {
+                        write.write_all(&frame).await?;
+                        write.flush().await
+                    };
+                    if let Err(e) = sent.await {
                         tracing::warn!(%server, "TURN connection lost: {e}");
                         return;
                     }
@@ -645,7 +797,7 @@ async fn stream_task(
             n = read.read(&mut buf) => {
                 let n = match n {
                     Ok(0) => {
-                        tracing::warn!(%server, "the TURN server closed the TCP connection");
+                        tracing::warn!(%server, "the TURN server closed the connection");
                         return;
                     }
                     Ok(n) => n,
@@ -674,5 +826,107 @@ async fn stream_task(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipop_core::osn::IceServerKind;
+    use ipop_lab::{TestCa, TestDir};
+    use tokio_rustls::TlsAcceptor;
+    use tokio_rustls::rustls::ServerConfig;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// A TLS server on loopback with a certificate for `host` signed by `ca`; it sends back
+    /// the first bytes of each connection.
+    async fn echo_server(ca: &TestCa, host: &str) -> SocketAddr {
+        let issued = ca.issue(&[host]);
+        let chain =
+            vec![CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).expect("certificate")];
+        let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server configuration");
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = tls.read(&mut buf).await {
+                        let _ = tls.write_all(&buf[..n]).await;
+                        let _ = tls.flush().await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn turn_over_tls(host: &str, address: SocketAddr) -> IceServer {
+        IceServer {
+            kind: IceServerKind::Turn,
+            host: host.to_owned(),
+            address,
+            transport: IceTransport::Tls,
+            username: None,
+            password: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_to_a_turn_server_checks_its_certificate_against_its_host_name() {
+        let ca = TestCa::new("ipop test CA");
+        let dir = TestDir::new("turn-tls");
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, ca.pem()).expect("CA file written");
+        let mut streams = Streams::new();
+        streams.extra_ca = Some(ca_file);
+        let tls = streams.tls_connector().expect("TLS client");
+        let addr = echo_server(&ca, "turn.example.org").await;
+
+        let opened = open_stream(&turn_over_tls("turn.example.org", addr), Some(tls.clone())).await;
+        let Ok(mut stream) = opened else {
+            panic!("a certificate for the host name is accepted");
+        };
+        stream.write_all(b"ping").await.expect("write");
+        stream.flush().await.expect("flush");
+        let mut answer = [0u8; 4];
+        stream.read_exact(&mut answer).await.expect("read");
+        assert_eq!(&answer, b"ping");
+
+        let other = open_stream(&turn_over_tls("relay.example.org", addr), Some(tls)).await;
+        let reason = other
+            .err()
+            .expect("a certificate for another name is refused");
+        assert!(
+            reason.contains("certificate is refused")
+                && reason.contains("not valid for relay.example.org"),
+            "{reason}"
+        );
+
+        let system_roots_only = Streams::new().tls_connector().expect("TLS client");
+        let unknown = open_stream(
+            &turn_over_tls("turn.example.org", addr),
+            Some(system_roots_only),
+        )
+        .await;
+        let reason = unknown
+            .err()
+            .expect("a private CA is not trusted unless given");
+        assert!(reason.contains("unknown authority"), "{reason}");
     }
 }

@@ -8,7 +8,6 @@
 //!
 //! It serves UDP only. Datagrams that are not DNS queries are dropped and counted
 //! ([`malformed`]).
-#![cfg_attr(not(test), allow(dead_code))] // Wired into the daemon by the overlay work.
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
@@ -79,6 +78,7 @@ impl NameTable {
 
     /// The addresses of `name`, in the order they were inserted; matching ignores case and a
     /// final dot.
+    #[cfg(test)]
     pub fn lookup(&self, name: &str) -> Option<&[IpAddr]> {
         self.names.get(&normalise(name)).map(Vec::as_slice)
     }

@@ -5,13 +5,18 @@ mod control;
 mod dataplane;
 mod device;
 mod dns;
+mod doctor;
+mod metrics;
 mod netlink;
+mod overlays;
+mod state;
 mod status;
 mod xmpp;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use config::Config;
+use ipnet::IpNet;
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -52,6 +57,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check, step by step, what links need: config, XMPP login, STUN, NAT type, TURN, TUN.
+    Doctor {
+        #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the checks as a JSON array of {check, verdict, detail, advice}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print this device's public key and its fingerprint.
     Key {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
@@ -80,6 +93,7 @@ fn main() -> ExitCode {
         Command::Init { path, force } => init(&path, force),
         Command::Up { config } => up(&config),
         Command::Status { config, json } => status(&config, json),
+        Command::Doctor { config, json } => doctor::run(&config, json),
         Command::Key { config } => key(&config),
         Command::Group { action, config } => group(&config, action),
     };
@@ -206,26 +220,45 @@ fn up(path: &Path) -> anyhow::Result<()> {
     let public = node.public_key();
     let seed = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
     let secret = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
-    let mut engine = ipop_core::Engine::new(node, config.overlay_addresses(), seed, secret);
+    let state = state::State::new(&config.state_dir());
+    let memory = state.load()?;
+    let mut engine = ipop_core::Engine::new(node, config.overlays(), memory, seed, secret);
     engine.set_config_servers(config.ice_servers()?);
-    let addresses = config.addresses();
+    // Addresses chosen now must be the same after a restart.
+    state.save(engine.memory())?;
+    let mut addresses = config.interface.addresses.clone();
+    for own in engine.own_addresses() {
+        tracing::info!(overlay = %own.overlay, v4 = %own.v4, v6 = %own.v6, "overlay addresses");
+        addresses.extend([IpNet::V4(own.v4), IpNet::V6(own.v6)]);
+    }
     let routes = device::extra_routes(&addresses, config.peers.iter().flat_map(|p| &p.addresses));
+    let dns = config.dns.enabled.then(|| overlays::DnsSettings {
+        suffix: config.dns.suffix.clone(),
+        port: config.dns.port,
+    });
+    let keeper = overlays::Keeper::new(state, &engine, &config.interface.name, dns);
+    let claims = engine.claims();
     runtime()?.block_on(async {
         // Log in first: a wrong password or an unreachable server ends here, with nothing to
         // undo.
-        let binding = xmpp::start(&config, public).await?;
-        let mut plane = dataplane::Dataplane::new(
-            engine,
-            overlay_plans(&config),
-            &config.interface.name,
-            &addresses,
-            &routes,
-            config.interface.mtu,
-            config.interface.listen_port,
-        )?;
+        let binding = xmpp::start(&config, public, &claims).await?;
+        let mut plane =
+            dataplane::Dataplane::new(engine, keeper, &config.interface, &addresses, &routes)?;
         plane.discover_host_candidates();
+        plane.trust_ca_file(
+            config
+                .xmpp
+                .as_ref()
+                .and_then(|x| x.ca_file.as_ref())
+                .map(|p| config.resolve(p)),
+        );
         let (requests_tx, requests) = tokio::sync::mpsc::channel(16);
-        let _control = control::ControlSocket::bind(&config.control_socket(), requests_tx).await?;
+        let _control =
+            control::ControlSocket::bind(&config.control_socket(), requests_tx.clone()).await?;
+        if let Some(m) = &config.metrics {
+            let bound = metrics::serve(m.listen, requests_tx).await?;
+            tracing::info!("metrics on http://{bound}/metrics");
+        }
         tracing::info!(
             interface = %config.interface.name,
             port = plane.listen_port(),
@@ -236,6 +269,7 @@ fn up(path: &Path) -> anyhow::Result<()> {
         let (requests, osn, binding) = match binding {
             Some((binding, osn)) => {
                 plane.set_xmpp_info(binding.info());
+                plane.set_announcer(binding.announcer());
                 let (to_plane, plane_requests) = tokio::sync::mpsc::channel(16);
                 binding.route_commands(requests, to_plane);
                 (plane_requests, Some(osn), Some(binding))
@@ -249,32 +283,6 @@ fn up(path: &Path) -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-/// The overlays of this device as status lists them: static peers first, then the social
-/// overlay, then each group.
-fn overlay_plans(config: &Config) -> Vec<status::OverlayPlan> {
-    use ipop_core::osn::OverlayId;
-    let mut plans = Vec::new();
-    if !config.peers.is_empty() || !config.interface.addresses.is_empty() {
-        plans.push(status::OverlayPlan {
-            id: None,
-            addresses: config.interface.addresses.clone(),
-        });
-    }
-    if let Some(social) = config.social.as_ref().filter(|s| s.enabled) {
-        plans.push(status::OverlayPlan {
-            id: Some(OverlayId::Social),
-            addresses: vec![social.address],
-        });
-    }
-    for g in &config.groups {
-        plans.push(status::OverlayPlan {
-            id: Some(OverlayId::Group(g.room.clone())),
-            addresses: vec![g.address],
-        });
-    }
-    plans
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

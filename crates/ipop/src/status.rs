@@ -1,7 +1,8 @@
 //! What `ipop status` shows: the JSON contract that scripts rely on, and its rendering for people.
 
+use ipnet::IpNet;
 use ipop_core::osn::{Candidate, CandidateKind, OverlayId};
-use ipop_core::{Engine, LinkState, LinkStatus, PeerStatus};
+use ipop_core::{Engine, LinkState, LinkStatus, PeerStatus, Unlinked, UnlinkedReason};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -74,6 +75,16 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// How people know the peer: `jid/device` for a device of the social network, else the
+    /// name from the config, else the key's fingerprint.
+    pub fn label(&self) -> String {
+        match (&self.jid, &self.device, &self.name) {
+            (Some(jid), Some(device), _) => format!("{jid}/{device}"),
+            (_, _, Some(name)) => name.clone(),
+            _ => self.fingerprint.clone(),
+        }
+    }
+
     fn from_link(l: &LinkStatus) -> Self {
         let connected = l
             .peer
@@ -137,6 +148,44 @@ impl Peer {
         }
     }
 
+    fn from_unlinked(u: &Unlinked) -> Self {
+        let (state, reason) = match u.reason {
+            UnlinkedReason::KeyNotTrusted { pinned } => (
+                "untrusted",
+                format!(
+                    "it announces key {}, not the key {} pinned for it; compare fingerprints \
+                     with its owner, then run `ipop trust {}`",
+                    u.key.fingerprint(),
+                    pinned.fingerprint(),
+                    u.device
+                ),
+            ),
+            UnlinkedReason::NotAuthorised => (
+                "refused",
+                "its user is not authorised: not a mutual roster friend, not a member of the group"
+                    .to_owned(),
+            ),
+        };
+        Peer {
+            id: u.key.to_string(),
+            fingerprint: u.key.fingerprint(),
+            name: None,
+            jid: Some(u.device.user.clone()),
+            device: Some(u.device.device.clone()),
+            addresses: Vec::new(),
+            state: state.to_owned(),
+            path: None,
+            endpoint: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            last_handshake_s: None,
+            reason: Some(reason),
+            pair: None,
+            rtt_ms: None,
+            candidates_tried: Vec::new(),
+        }
+    }
+
     fn from_core(p: PeerStatus) -> Self {
         let connected = p.state == LinkState::Connected;
         Peer {
@@ -173,50 +222,56 @@ fn describe_phase(phase: ipop_core::LinkPhase) -> &'static str {
     }
 }
 
-/// The overlays this device is in, with their addresses as configured.
-pub struct OverlayPlan {
-    pub id: Option<OverlayId>,
-    pub addresses: Vec<ipnet::IpNet>,
-}
-
-/// Every overlay with its peers: the static one (peers from the config file) and those of the
-/// social network.
-pub fn overlays(engine: &Engine, plans: &[OverlayPlan]) -> Vec<Overlay> {
+/// Every overlay with its peers: the static one (the config's peers, when there are any),
+/// then the social overlay and the groups with this device's addresses in each. A device that
+/// is online but not linked (its key is not trusted, its user not authorised) is listed with
+/// the reason.
+pub fn overlays(engine: &Engine, static_addresses: &[IpNet]) -> Vec<Overlay> {
+    let mut all = Vec::new();
+    let statics = engine.static_peers();
+    if !statics.is_empty() || !static_addresses.is_empty() {
+        all.push(Overlay {
+            name: "static".to_owned(),
+            kind: "static".to_owned(),
+            addresses: static_addresses.iter().map(ToString::to_string).collect(),
+            peers: statics.into_iter().map(Peer::from_core).collect(),
+        });
+    }
     let links = engine.links();
-    plans
-        .iter()
-        .map(|plan| {
-            let (name, kind, peers) = match &plan.id {
-                None => (
-                    "static".to_owned(),
-                    "static",
-                    engine
-                        .static_peers()
-                        .into_iter()
-                        .map(Peer::from_core)
-                        .collect(),
-                ),
-                Some(id) => (
-                    id.to_string(),
-                    match id {
-                        OverlayId::Social => "social",
-                        OverlayId::Group(_) => "group",
-                    },
-                    links
-                        .iter()
-                        .filter(|l| l.overlays.contains(id))
-                        .map(Peer::from_link)
-                        .collect(),
-                ),
-            };
-            Overlay {
-                name,
-                kind: kind.to_owned(),
-                addresses: plan.addresses.iter().map(ToString::to_string).collect(),
-                peers,
+    let unlinked = engine.unlinked();
+    for own in engine.own_addresses() {
+        let id = &own.overlay;
+        let nets = [IpNet::V4(own.v4.trunc()), IpNet::V6(own.v6.trunc())];
+        let here = |a: &String| {
+            a.parse::<IpNet>()
+                .is_ok_and(|n| nets.iter().any(|o| o.contains(&n.addr())))
+        };
+        let mut peers: Vec<Peer> = links
+            .iter()
+            .filter(|l| l.overlays.contains(id))
+            .map(Peer::from_link)
+            .collect();
+        peers.extend(
+            unlinked
+                .iter()
+                .filter(|u| u.overlays.contains(id))
+                .map(Peer::from_unlinked),
+        );
+        for p in &mut peers {
+            p.addresses.retain(here);
+        }
+        all.push(Overlay {
+            name: id.to_string(),
+            kind: match id {
+                OverlayId::Social => "social",
+                OverlayId::Group(_) => "group",
             }
-        })
-        .collect()
+            .to_owned(),
+            addresses: vec![own.v4.to_string(), own.v6.to_string()],
+            peers,
+        });
+    }
+    all
 }
 
 /// The STUN and TURN servers in use, one line each.
@@ -296,11 +351,7 @@ pub fn render(s: &Status) -> String {
             .iter()
             .map(|p| {
                 [
-                    match (&p.jid, &p.device, &p.name) {
-                        (Some(jid), Some(device), _) => format!("{jid}/{device}"),
-                        (_, _, Some(name)) => name.clone(),
-                        _ => p.fingerprint.clone(),
-                    },
+                    p.label(),
                     p.addresses.first().cloned().unwrap_or_default(),
                     p.state.clone(),
                     match (&p.path, &p.endpoint) {

@@ -4,9 +4,11 @@
 use crate::config::{Config, Tls};
 use crate::control::Request;
 use crate::dataplane::{OsnChannel, XmppInfoFn};
+use crate::overlays::Announcer;
 use crate::status::XmppInfo;
 use anyhow::Context;
 use ipop_core::PublicKey;
+use ipop_core::osn::{Claim, OverlayId};
 use ipop_xmpp::{GroupConfig, Session, XmppConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +27,7 @@ fn host_name() -> String {
 }
 
 /// The binding's settings from the config file.
-fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option<XmppConfig>> {
+pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option<XmppConfig>> {
     let Some(x) = &config.xmpp else {
         return Ok(None);
     };
@@ -62,10 +64,16 @@ pub struct Binding {
 pub async fn start(
     config: &Config,
     key: PublicKey,
+    claims: &[(OverlayId, Claim)],
 ) -> anyhow::Result<Option<(Binding, OsnChannel)>> {
-    let Some(cfg) = settings(config, key)? else {
+    let Some(mut cfg) = settings(config, key)? else {
         return Ok(None);
     };
+    let claim = |overlay: &OverlayId| claims.iter().find(|(o, _)| o == overlay).map(|(_, c)| *c);
+    cfg.social_claim = claim(&OverlayId::Social);
+    for g in &mut cfg.groups {
+        g.claim = claim(&OverlayId::Group(g.room.clone()));
+    }
     let jid = cfg.jid.clone();
     tracing::info!(%jid, device = %cfg.device, "logging in to XMPP");
     let (session, events) = ipop_xmpp::connect(cfg)
@@ -110,6 +118,21 @@ impl Binding {
                     .collect(),
             }
         })
+    }
+
+    /// Where the data plane announces this device's address when it moves.
+    pub fn announcer(&self) -> Announcer {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(OverlayId, Option<Claim>)>();
+        let session = Arc::downgrade(&self.session);
+        tokio::spawn(async move {
+            while let Some((overlay, claim)) = rx.recv().await {
+                match session.upgrade() {
+                    Some(session) => session.announce(overlay, claim),
+                    None => return,
+                }
+            }
+        });
+        tx
     }
 
     /// Serves `group add|remove ROOM JID` and hands every other request to `rest`.

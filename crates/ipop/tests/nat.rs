@@ -5,8 +5,8 @@
 //! Run as root: they create network namespaces, NAT rules and TUN devices.
 
 use ipop_lab::{
-    Coturn, Daemon, ExternalService, Nat, NatLab, Netns, Prosody, Site, TestDir, XmppUser,
-    generate_key, status_json, wait_until,
+    Coturn, Daemon, ExternalService, Nat, NatLab, Netns, NetnsHosts, Prosody, Site, TestCa,
+    TestDir, XmppUser, generate_key, status_json, wait_until,
 };
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -16,6 +16,8 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ipop");
 const DOMAIN: &str = "example.org";
+/// The TURN server's host name: its certificate for TLS is for this name.
+const TURN_HOST: &str = "turn.example.org";
 
 /// One ipop device of the lab: its namespace (borrowed from the lab), files and daemon.
 struct Device {
@@ -70,11 +72,16 @@ impl World {
             .ip(&["route", "add", "default", "via", "198.18.0.1"]);
         let dir = TestDir::new(tag);
         let server_ip = IpAddr::V4(lab.server.ip);
+        // One CA for both servers: a device's `ca_file` covers the XMPP and the TURN server.
+        let ca = TestCa::new("ipop-lab test CA");
         let coturn = Coturn::builder()
             .in_netns(&lab.server.ns, server_ip)
+            .tls(&ca, TURN_HOST)
             .dir(dir.path())
             .start();
-        let mut prosody = Prosody::builder(DOMAIN).in_netns(&lab.server.ns, server_ip);
+        let mut prosody = Prosody::builder(DOMAIN)
+            .in_netns(&lab.server.ns, server_ip)
+            .ca(&ca);
         if servers == Servers::Xmpp {
             let service = |kind: &str, transport: &str| ExternalService {
                 kind: kind.to_owned(),
@@ -153,11 +160,17 @@ impl World {
                 )
             }
         };
+        self.write_config_with(i, &nat);
+    }
+
+    /// Device `i`'s config, with `nat` (its STUN and TURN servers) at the end.
+    fn write_config_with(&self, i: usize, nat: &str) {
+        let d = &self.devices[i];
         let text = format!(
-            "[device]\nlog_level = \"debug\"\ncontrol_socket = {sock:?}\n\n\
+            "[device]\nlog_level = \"debug\"\ncontrol_socket = {sock:?}\nstate_dir = \"state\"\n\n\
              [interface]\nlisten_port = 51820\n\n\
              [xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{xmpp}\"\nca_file = {ca:?}\ndevice = \"dev\"\n\n\
-             [social]\naddress = \"{addr}/16\"\n\n{nat}",
+             [social]\nsubnet = \"10.78.0.0/16\"\naddress = \"{addr}\"\n\n{nat}",
             sock = d.dir.join("ctl.sock"),
             user = d.user,
             pw = password(&d.user),
@@ -166,6 +179,17 @@ impl World {
             addr = d.address,
         );
         std::fs::write(self.config(i), text).expect("config written");
+    }
+
+    /// Config lines that give device `i` one TURN server, reached over TLS by its host name.
+    fn turn_over_tls_only(&self, i: usize) -> String {
+        let (username, password) = self
+            .coturn
+            .credentials(&self.devices[i].user, Duration::from_secs(3600));
+        let port = self.coturn.tls_addr().expect("coturn serves TLS").port();
+        format!(
+            "[[nat.turn]]\nserver = \"{TURN_HOST}:{port}\"\ntransport = \"tls\"\nusername = \"{username}\"\npassword = \"{password}\"\n"
+        )
     }
 
     fn start(&mut self, i: usize) {
@@ -188,13 +212,25 @@ impl World {
             .find(|p| p["jid"].as_str() == Some(jid.as_str()))
     }
 
+    /// The address device `i` gives device `j` in the social overlay, once linked.
+    fn addr_of(&self, i: usize, j: usize) -> Option<IpAddr> {
+        let status = self.status(i).ok()?;
+        World::peer(&status, &self.devices[j].user)?["addresses"]
+            .as_array()?
+            .iter()
+            .filter_map(|a| a.as_str()?.parse::<ipnet::IpNet>().ok())
+            .map(|n| n.addr())
+            .find(IpAddr::is_ipv4)
+    }
+
     /// Waits until device `i` pings device `j` over the overlay, then checks TCP both ways
     /// and returns the path `i` reports for `j`.
     fn link(&self, i: usize, j: usize, timeout: Duration) -> (String, Value) {
-        let target: IpAddr = self.devices[j].address.parse().expect("address");
         wait_until(timeout, &format!("device {i} to ping device {j}"), || {
-            let out = self.ns(i).ping(target, 1);
-            if out.status.success() {
+            let ok = self
+                .addr_of(i, j)
+                .is_some_and(|target| self.ns(i).ping(target, 1).status.success());
+            if ok {
                 Ok(())
             } else {
                 let show = |k: usize| self.status(k).map(|s| s.to_string()).unwrap_or_else(|e| e);
@@ -213,6 +249,7 @@ impl World {
     /// 1 MB over TCP from device `i` to device `j`, compared byte for byte.
     fn tcp(&self, i: usize, j: usize) {
         let addr: IpAddr = self.devices[j].address.parse().expect("address");
+        let seen_as = self.addr_of(i, j).expect("device j has an address");
         let data: Vec<u8> = (0..1_000_000u32).map(|n| (n * 7 + n / 251) as u8).collect();
         let listener = self
             .ns(j)
@@ -228,8 +265,9 @@ impl World {
             got
         });
         self.ns(i).run_in(move || {
-            let mut conn = TcpStream::connect_timeout(&(addr, port).into(), Duration::from_secs(5))
-                .expect("connect through the tunnel");
+            let mut conn =
+                TcpStream::connect_timeout(&(seen_as, port).into(), Duration::from_secs(5))
+                    .expect("connect through the tunnel");
             conn.set_write_timeout(Some(Duration::from_secs(10)))
                 .expect("write timeout");
             conn.write_all(&data).expect("send through the tunnel");
@@ -301,6 +339,45 @@ fn udp_blocked_to_cone_goes_through_the_relay_over_tcp() {
     );
     let (path, peer) = linked(&mut w, Duration::from_secs(30));
     assert_eq!(path, "relay", "{peer}");
+}
+
+/// With nothing but a TURN server over TLS, named by its host name and checked against the CA
+/// the device trusts for its XMPP server.
+#[test]
+fn udp_blocked_to_cone_goes_through_the_relay_over_tls() {
+    let mut w = World::new(
+        "ntls",
+        vec![
+            Site::new(Nat::UdpBlocked),
+            Site::new(Nat::PortRestrictedCone),
+        ],
+    );
+    let _hosts = NetnsHosts::new(w.ns(0), &[(TURN_HOST, IpAddr::V4(w.lab.server.ip))]);
+    w.write_config_with(0, &w.turn_over_tls_only(0));
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
+    assert_eq!(path, "relay", "{peer}");
+    let relay = format!("relay {}:", w.coturn.relay_ip());
+    assert!(
+        peer["pair"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&relay),
+        "{peer}"
+    );
+    let status = w.status(0).expect("status");
+    let tls = w.coturn.tls_addr().expect("coturn serves TLS");
+    assert_eq!(
+        status["ice_servers"],
+        serde_json::json!([format!("turn tls {TURN_HOST} {tls}")]),
+        "{status}"
+    );
+    let log_path = w.devices[0].dir.join("ipop.log");
+    let log = std::fs::read_to_string(&log_path).expect("log");
+    assert!(
+        log.contains("connected to the TURN server over TLS"),
+        "{} does not say the TLS connection is up",
+        log_path.display()
+    );
 }
 
 #[test]

@@ -68,8 +68,45 @@ fn password(user: &str) -> String {
     format!("pw-{user}-secret")
 }
 
-fn social(address: &str) -> String {
-    format!("[social]\naddress = \"{address}\"\n")
+/// A `[social]` section: this device is `cidr`'s address, and numbers its friends' devices
+/// in `cidr`'s subnet.
+fn social(cidr: &str) -> String {
+    let net: ipnet::Ipv4Net = cidr.parse().expect("test prefix");
+    format!(
+        "[social]\nsubnet = \"{}\"\naddress = \"{}\"\n",
+        net.trunc(),
+        net.addr()
+    )
+}
+
+/// The IPv4 address that `node` gives the device of `jid` in the social overlay, if linked.
+fn social_addr(node: &Node, jid: &str) -> Option<IpAddr> {
+    let status = node.status().ok()?;
+    status["overlays"]
+        .as_array()?
+        .iter()
+        .filter(|o| o["kind"] == "social")
+        .flat_map(|o| o["peers"].as_array().into_iter().flatten())
+        .filter(|p| p["jid"].as_str() == Some(jid))
+        .flat_map(|p| p["addresses"].as_array().into_iter().flatten())
+        .filter_map(|a| a.as_str()?.parse::<ipnet::IpNet>().ok())
+        .map(|n| n.addr())
+        .find(IpAddr::is_ipv4)
+}
+
+/// Whether `node` reaches the device of `jid` in the social overlay.
+fn social_ping(node: &Node, jid: &str) -> bool {
+    social_addr(node, jid).is_some_and(|a| node.ping(a, 1).status.success())
+}
+
+fn wait_social_ping(node: &Node, jid: &str, timeout: Duration, what: &str) {
+    wait_until(timeout, what, || {
+        if social_ping(node, jid) {
+            Ok(())
+        } else {
+            Err("no reply".to_owned())
+        }
+    });
 }
 
 /// The peer with this JID in any overlay of a status, if listed.
@@ -111,7 +148,7 @@ fn friends_devices_link_and_ping_within_3_s() {
         Duration::from_secs(3),
         "alice's device to ping bob's",
         || {
-            if ping_ok(&w.lab.nodes[0], "10.78.0.2") {
+            if social_ping(&w.lab.nodes[0], "bob@example.org") {
                 Ok(())
             } else {
                 Err("no reply".to_owned())
@@ -120,7 +157,7 @@ fn friends_devices_link_and_ping_within_3_s() {
     );
     let took = both_up.elapsed();
     assert!(
-        ping_ok(&w.lab.nodes[1], "10.78.0.1"),
+        social_ping(&w.lab.nodes[1], "alice@example.org"),
         "bob's device cannot ping alice's"
     );
     eprintln!("first ping reply {took:?} after both devices were online");
@@ -180,7 +217,6 @@ fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
         session: "eve-was-here".to_owned(),
         offer: LinkOffer {
             key: eve_key,
-            addresses: vec!["10.78.0.5/32".parse().expect("address")],
             ufrag: "evee".to_owned(),
             pwd: "eve-password-long-enough".to_owned(),
             candidates: Vec::new(),
@@ -191,7 +227,7 @@ fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
     eve.iq(Some(alice_device), IqRequest::Set(jingle));
     std::thread::sleep(Duration::from_secs(4));
     assert!(
-        !ping_ok(&w.lab.nodes[1], "10.78.0.1"),
+        !social_ping(&w.lab.nodes[1], "alice@example.org"),
         "eve reached alice's device"
     );
     let a = w.node(0).status().expect("alice status");
@@ -209,9 +245,13 @@ fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
         "alice's log does not say why"
     );
     let e = w.node(1).status().expect("eve status");
+    let alice = peer_by_jid(&e, "alice@example.org").expect("eve lists alice, not linked");
+    assert_eq!(alice["state"], "refused", "{e}");
     assert!(
-        peer_by_jid(&e, "alice@example.org").is_none(),
-        "eve lists alice: {e}"
+        alice["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not authorised")),
+        "{e}"
     );
     assert!(
         e["drops"]["device_not_authorised"].as_u64() >= Some(1),
@@ -263,8 +303,14 @@ fn the_chat_client_still_gets_messages_sent_to_the_bare_jid() {
     w.lab.stop_all();
 }
 
-fn group(room: &str, address: &str, create: bool) -> String {
-    format!("[[groups]]\nroom = \"{room}\"\naddress = \"{address}\"\ncreate = {create}\n")
+/// A `[[groups]]` section with this device at `cidr`'s address in `cidr`'s subnet.
+fn group(room: &str, cidr: &str, create: bool) -> String {
+    let net: ipnet::Ipv4Net = cidr.parse().expect("test prefix");
+    format!(
+        "[[groups]]\nroom = \"{room}\"\nsubnet = \"{}\"\naddress = \"{}\"\ncreate = {create}\n",
+        net.trunc(),
+        net.addr()
+    )
 }
 
 fn wait_ping(node: &Node, addr: &str, timeout: Duration, what: &str) {
@@ -335,16 +381,18 @@ fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
     w.configure(2, "carol", "tablet", &social("10.78.0.3/16"));
     w.node(0).start();
     w.node(1).start();
-    wait_ping(
+    wait_social_ping(
         &w.lab.nodes[0],
-        "10.78.0.2",
+        "bob@example.org",
         Duration::from_secs(10),
         "alice's device to ping bob's",
     );
 
     // 2500 pings at 100 per second, with the XMPP server down for 20 s in the middle.
+    let bob_addr = social_addr(&w.lab.nodes[0], "bob@example.org").expect("bob's address");
     let mut pinger = w.lab.nodes[0].ns().command("ping");
-    pinger.args(["-q", "-i", "0.01", "-c", "2500", "-W", "1", "10.78.0.2"]);
+    pinger.args(["-q", "-i", "0.01", "-c", "2500", "-W", "1"]);
+    pinger.arg(bob_addr.to_string());
     let stop_server = std::thread::scope(|scope| {
         let flood = scope.spawn(move || pinger.output());
         std::thread::sleep(Duration::from_secs(2));
@@ -369,9 +417,9 @@ fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
     // After the server is back, a new device comes up and links with alice's.
     w.node(2).start();
     xmpp_online(w.node(2));
-    wait_ping(
+    wait_social_ping(
         &w.lab.nodes[2],
-        "10.78.0.1",
+        "alice@example.org",
         Duration::from_secs(45),
         "carol's new device to ping alice's",
     );
@@ -388,9 +436,9 @@ fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
     w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
     w.node(0).start();
     w.node(1).start();
-    wait_ping(
+    wait_social_ping(
         &w.lab.nodes[0],
-        "10.78.0.2",
+        "bob@example.org",
         Duration::from_secs(10),
         "alice's device to ping bob's",
     );
@@ -413,7 +461,10 @@ fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
         },
     );
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!ping_ok(&w.lab.nodes[0], "10.78.0.2"), "the link came back");
+    assert!(
+        !social_ping(&w.lab.nodes[0], "bob@example.org"),
+        "the link came back"
+    );
     w.lab.stop_all();
 }
 
@@ -425,9 +476,9 @@ fn a_users_own_devices_link_with_each_other() {
     w.configure(1, "alice", "phone", &social("10.78.0.2/16"));
     w.node(0).start();
     w.node(1).start();
-    wait_ping(
+    wait_social_ping(
         &w.lab.nodes[0],
-        "10.78.0.2",
+        "alice@example.org",
         Duration::from_secs(10),
         "the laptop to ping the phone",
     );

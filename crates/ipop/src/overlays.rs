@@ -1,0 +1,212 @@
+//! The daemon's side of the overlays, outside the packet path: it keeps what the engine
+//! remembers on disk, moves this device's address when a group collision makes the engine move
+//! it (on the interface and in the device's presence), and answers DNS for peers' names.
+
+use crate::dns::{self, NameTable};
+use crate::state::State;
+use ipnet::IpNet;
+use ipop_core::osn::{Claim, OverlayId};
+use ipop_core::{Engine, EngineEvent};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tun_rs::AsyncDevice;
+
+/// How often the DNS names are brought up to date with the links.
+const NAMES_EVERY: Duration = Duration::from_millis(500);
+
+/// Tells the social network binding which address this device claims in an overlay.
+pub type Announcer = mpsc::UnboundedSender<(OverlayId, Option<Claim>)>;
+
+/// DNS settings the keeper serves with.
+pub struct DnsSettings {
+    pub suffix: String,
+    pub port: u16,
+}
+
+pub struct Keeper {
+    state: State,
+    saved: u64,
+    interface: String,
+    announce: Option<Announcer>,
+    dns: Option<Dns>,
+}
+
+struct Dns {
+    settings: DnsSettings,
+    names: watch::Sender<NameTable>,
+    server: Option<JoinHandle<()>>,
+    bound: Vec<IpAddr>,
+    registered: bool,
+    next: Instant,
+}
+
+impl Keeper {
+    /// A keeper that saves to `state` (already up to date with `engine`) and serves DNS when
+    /// `dns` is set.
+    pub fn new(state: State, engine: &Engine, interface: &str, dns: Option<DnsSettings>) -> Self {
+        Keeper {
+            state,
+            saved: engine.memory_version(),
+            interface: interface.to_owned(),
+            announce: None,
+            dns: dns.map(|settings| Dns {
+                names: watch::Sender::new(NameTable::new(&settings.suffix)),
+                settings,
+                server: None,
+                bound: Vec::new(),
+                registered: false,
+                next: Instant::now(),
+            }),
+        }
+    }
+
+    /// Where address changes are announced (the XMPP binding).
+    pub fn set_announcer(&mut self, announce: Announcer) {
+        self.announce = Some(announce);
+    }
+
+    /// Runs after the engine handled something: applies address changes, saves what changed,
+    /// and refreshes DNS now and then.
+    pub fn after(&mut self, engine: &mut Engine, tun: &AsyncDevice) {
+        while let Some(event) = engine.poll_event() {
+            match event {
+                EngineEvent::AddressChanged { overlay, old, new } => {
+                    self.move_address(engine, tun, &overlay, old.into(), new.into());
+                }
+            }
+        }
+        if engine.memory_version() != self.saved {
+            match self.state.save(engine.memory()) {
+                Ok(()) => self.saved = engine.memory_version(),
+                Err(e) => tracing::error!(
+                    "cannot save the state to {}: {e:#}",
+                    self.state.path().display()
+                ),
+            }
+        }
+        self.refresh_dns(engine, false);
+    }
+
+    fn move_address(
+        &mut self,
+        engine: &Engine,
+        tun: &AsyncDevice,
+        overlay: &OverlayId,
+        old: IpAddr,
+        new: IpAddr,
+    ) {
+        let Some(own) = engine
+            .own_addresses()
+            .into_iter()
+            .find(|o| &o.overlay == overlay)
+        else {
+            return;
+        };
+        if let Err(e) = tun.remove_address(old) {
+            tracing::warn!(%old, "cannot remove the old address from {}: {e}", self.interface);
+        }
+        if let Err(e) = tun.add_address_v4(own.v4.addr(), own.v4.prefix_len()) {
+            tracing::error!(%new, "cannot add the new address to {}: {e}", self.interface);
+        }
+        tracing::warn!(%overlay, %old, %new, "this device's address moved");
+        if let Some(a) = &self.announce {
+            let claim = engine
+                .claims()
+                .into_iter()
+                .find(|(o, _)| o == overlay)
+                .map(|(_, c)| c);
+            let _ = a.send((overlay.clone(), claim));
+        }
+        self.refresh_dns(engine, true);
+    }
+
+    /// Rebuilds the name table from the links (every [`NAMES_EVERY`], or now when `force`),
+    /// and rebinds the responder when this device's addresses changed.
+    fn refresh_dns(&mut self, engine: &Engine, force: bool) {
+        let Some(dns) = self.dns.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if !force && now < dns.next {
+            return;
+        }
+        dns.next = now + NAMES_EVERY;
+        let own: Vec<IpAddr> = engine
+            .own_addresses()
+            .iter()
+            .flat_map(|o| [IpAddr::V4(o.v4.addr()), IpAddr::V6(o.v6.addr())])
+            .collect();
+        let table = names(engine, &dns.settings.suffix);
+        dns.names.send_if_modified(|t| {
+            let changed = *t != table;
+            *t = table;
+            changed
+        });
+        if own != dns.bound {
+            if let Some(server) = dns.server.take() {
+                server.abort();
+            }
+            let (addrs, port, names) = (own.clone(), dns.settings.port, dns.names.subscribe());
+            dns.server = Some(tokio::spawn(async move {
+                let sockets = dns::bind(&addrs, port).await;
+                dns::serve(sockets, names).await;
+            }));
+            if !own.is_empty() {
+                dns.registered =
+                    dns::register_with_resolved(&self.interface, &own, &dns.settings.suffix);
+            }
+            dns.bound = own;
+        }
+    }
+
+    /// Stops the responder and takes the routing domain back from systemd-resolved.
+    pub fn shutdown(&mut self) {
+        if let Some(dns) = self.dns.as_mut() {
+            if let Some(server) = dns.server.take() {
+                server.abort();
+            }
+            if dns.registered {
+                dns::unregister_from_resolved(&self.interface);
+            }
+        }
+    }
+}
+
+/// The names of this device and of every linked device: `device.user.domain.SUFFIX` with the
+/// addresses this device reaches it at, and `user.domain.SUFFIX` for the user's first device.
+fn names(engine: &Engine, suffix: &str) -> NameTable {
+    let mut table = NameTable::new(suffix);
+    let mut users = BTreeSet::new();
+    let mut add = |user: &str, device: &str, addrs: &[IpAddr]| {
+        for &a in addrs {
+            table.insert(&dns::device_name(user, device, suffix), a);
+        }
+        if users.insert(user.to_owned()) {
+            for &a in addrs {
+                table.insert(&dns::user_name(user, suffix), a);
+            }
+        }
+    };
+    if let Some(me) = engine.me() {
+        let own: Vec<IpAddr> = engine
+            .own_addresses()
+            .iter()
+            .flat_map(|o| [IpAddr::V4(o.v4.addr()), IpAddr::V6(o.v6.addr())])
+            .collect();
+        add(&me.user, &me.device, &own);
+    }
+    for link in engine.links() {
+        let Some(peer) = &link.peer else { continue };
+        let hosts: Vec<IpAddr> = peer
+            .addresses
+            .iter()
+            .filter(|n| n.prefix_len() == n.max_prefix_len())
+            .map(IpNet::addr)
+            .collect();
+        add(&link.device.user, &link.device.device, &hosts);
+    }
+    table
+}
