@@ -71,6 +71,13 @@ enum Command {
         config: PathBuf,
     },
     /// Manage the members of a group room that you own.
+    /// Accept the new key that DEVICE (JID/DEVICE) announces in place of the one pinned for it.
+    /// Compare its fingerprint (in `ipop status`) with the one its owner sees in `ipop key`.
+    Trust {
+        device: String,
+        #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     Group {
         #[command(subcommand)]
         action: GroupAction,
@@ -96,6 +103,7 @@ fn main() -> ExitCode {
         Command::Doctor { config, json } => doctor::run(&config, json),
         Command::Key { config } => key(&config),
         Command::Group { action, config } => group(&config, action),
+        Command::Trust { device, config } => trust(&config, &device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,6 +180,26 @@ fn status(config: &Path, json: bool) -> anyhow::Result<()> {
             serde_json::from_str(&answer).context("the daemon's answer is not a status")?;
         print_out(&status::render(&s))
     }
+}
+
+fn trust(config: &Path, device: &str) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let valid = matches!(device.split_once('/'), Some((jid, dev))
+        if jid.contains('@') && !dev.is_empty() && !device.contains(char::is_whitespace));
+    if !valid {
+        bail!("{device:?} is not JID/DEVICE, like alice@example.org/laptop");
+    }
+    let answer = runtime()?.block_on(control::ask(
+        &config.control_socket(),
+        &format!("trust {device}"),
+    ))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&answer).context("the daemon's answer is not JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("{e}");
+    }
+    let fingerprint = v["fingerprint"].as_str().unwrap_or("?");
+    print_out(&format!("{device} is now trusted with key {fingerprint}\n"))
 }
 
 fn group(config: &Path, action: GroupAction) -> anyhow::Result<()> {
