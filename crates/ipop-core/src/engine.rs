@@ -66,6 +66,9 @@ pub struct LinkStatus {
     pub pair: Option<(Candidate, Candidate)>,
     /// Round-trip time of the chosen pair's connectivity checks.
     pub rtt: Option<Duration>,
+    /// The TURN relay the chosen pair goes through, for people: our relay's server and
+    /// transport, or the peer's relayed address.
+    pub relay: Option<String>,
     /// The candidates of the current (or last failed) attempt, local then remote.
     pub tried: (Vec<Candidate>, Vec<Candidate>),
     pub last_error: Option<String>,
@@ -1221,6 +1224,11 @@ impl Engine {
                 },
                 peer: link.peer.and_then(|i| self.node.peer(i)),
                 pair: link.session.as_ref().and_then(chosen_pair),
+                relay: link
+                    .session
+                    .as_ref()
+                    .and_then(chosen_pair)
+                    .and_then(|pair| self.describe_relay(&pair)),
                 rtt: link
                     .session
                     .as_ref()
@@ -1307,6 +1315,30 @@ impl Engine {
     /// Counts up whenever [`Engine::memory`] changes.
     pub fn memory_version(&self) -> u64 {
         self.plans.version()
+    }
+
+    /// Which relay a candidate pair goes through: ours (by its server), else the peer's.
+    fn describe_relay(&self, (local, remote): &(Candidate, Candidate)) -> Option<String> {
+        if local.kind == crate::osn::CandidateKind::Relayed {
+            let a = self
+                .relays
+                .iter()
+                .find(|a| a.relayed_address() == Some(local.address))?;
+            let host = self
+                .servers()
+                .find(|s| s.address == a.server() && s.transport == a.transport())
+                .map_or_else(|| a.server().to_string(), |s| s.host.clone());
+            let transport = match a.transport() {
+                IceTransport::Udp => "udp",
+                IceTransport::Tcp => "tcp",
+                IceTransport::Tls => "tls",
+            };
+            Some(format!("{host} over {transport}"))
+        } else if remote.kind == crate::osn::CandidateKind::Relayed {
+            Some(format!("the peer's relay {}", remote.address))
+        } else {
+            None
+        }
     }
 
     /// The peers that did not come from the social network (the config's static peers).

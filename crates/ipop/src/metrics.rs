@@ -346,6 +346,7 @@ mod tests {
             reason: None,
             pair: None,
             rtt_ms: None,
+            via: None,
             candidates_tried: Vec::new(),
         }
     }

@@ -69,6 +69,9 @@ pub struct Peer {
     /// Round-trip time of the chosen pair, in milliseconds.
     #[serde(default)]
     pub rtt_ms: Option<f64>,
+    /// For a relayed path: the relay, `HOST over TRANSPORT` (ours) or the peer's.
+    #[serde(default)]
+    pub via: Option<String>,
     /// While the link is not up: the candidates of the attempt, `local|remote type address`.
     #[serde(default)]
     pub candidates_tried: Vec<String>,
@@ -81,6 +84,7 @@ impl Peer {
         match (&self.jid, &self.device, &self.name) {
             (Some(jid), Some(device), _) => format!("{jid}/{device}"),
             (_, _, Some(name)) => name.clone(),
+            (Some(jid), None, None) => jid.clone(),
             _ => self.fingerprint.clone(),
         }
     }
@@ -144,7 +148,31 @@ impl Peer {
                 .as_ref()
                 .map(|(a, b)| format!("{} -> {}", candidate(a), candidate(b))),
             rtt_ms: l.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+            via: l.relay.clone(),
             candidates_tried,
+        }
+    }
+
+    /// A member of an overlay with no ipop device online.
+    fn offline(user: &str) -> Self {
+        Peer {
+            id: String::new(),
+            fingerprint: String::new(),
+            name: None,
+            jid: Some(user.to_owned()),
+            device: None,
+            addresses: Vec::new(),
+            state: "offline".to_owned(),
+            path: None,
+            endpoint: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            last_handshake_s: None,
+            reason: Some("no ipop device of this user is online".to_owned()),
+            pair: None,
+            rtt_ms: None,
+            via: None,
+            candidates_tried: Vec::new(),
         }
     }
 
@@ -182,6 +210,7 @@ impl Peer {
             reason: Some(reason),
             pair: None,
             rtt_ms: None,
+            via: None,
             candidates_tried: Vec::new(),
         }
     }
@@ -204,6 +233,7 @@ impl Peer {
             reason: p.problem.map(|r| r.to_string()),
             pair: None,
             rtt_ms: None,
+            via: None,
             candidates_tried: Vec::new(),
         }
     }
@@ -259,6 +289,14 @@ pub fn overlays(engine: &Engine, static_addresses: &[IpNet]) -> Vec<Overlay> {
         );
         for p in &mut peers {
             p.addresses.retain(here);
+        }
+        let me = engine.me().map(|d| d.user.as_str());
+        let members = engine.overlays().find(|(o, _)| *o == id).map(|(_, m)| m);
+        for user in members.into_iter().flatten() {
+            let listed = peers.iter().any(|p| p.jid.as_deref() == Some(user));
+            if !listed && Some(user.as_str()) != me {
+                peers.push(Peer::offline(user));
+            }
         }
         all.push(Overlay {
             name: id.to_string(),
@@ -346,19 +384,26 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(out, "  no peers");
             continue;
         }
-        let rows: Vec<[String; 7]> = o
+        let rows: Vec<[String; 8]> = o
             .peers
             .iter()
             .map(|p| {
                 [
                     p.label(),
-                    p.addresses.first().cloned().unwrap_or_default(),
+                    p.addresses
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "-".to_owned()),
                     p.state.clone(),
-                    match (&p.path, &p.endpoint) {
-                        (Some(path), Some(e)) => format!("{path} {e}"),
-                        (None, Some(e)) => format!("- {e}"),
+                    match (&p.path, &p.via, &p.endpoint) {
+                        (Some(path), Some(via), _) => format!("{path} via {via}"),
+                        (Some(path), None, Some(e)) => format!("{path} {e}"),
+                        (None, _, Some(e)) => format!("- {e}"),
                         _ => "-".to_owned(),
                     },
+                    p.rtt_ms
+                        .map(|r| format!("{r:.1} ms"))
+                        .unwrap_or_else(|| "-".to_owned()),
                     bytes(p.rx_bytes),
                     bytes(p.tx_bytes),
                     p.last_handshake_s
@@ -367,7 +412,16 @@ pub fn render(s: &Status) -> String {
                 ]
             })
             .collect();
-        let header = ["PEER", "ADDRESS", "STATE", "PATH", "RX", "TX", "HANDSHAKE"];
+        let header = [
+            "PEER",
+            "ADDRESS",
+            "STATE",
+            "PATH",
+            "RTT",
+            "RX",
+            "TX",
+            "HANDSHAKE",
+        ];
         let mut widths = header.map(str::len);
         for r in &rows {
             for (w, c) in widths.iter_mut().zip(r) {
@@ -437,6 +491,7 @@ mod tests {
                     reason: Some("no handshake response".into()),
                     pair: None,
                     rtt_ms: None,
+                    via: None,
                     candidates_tried: vec!["local host 10.0.0.1:51820".into()],
                 }],
             }],
@@ -481,5 +536,27 @@ mod tests {
             t.contains("no_route=3") && !t.contains("spoofed_source"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn table_shows_the_relay_rtt_and_offline_members() {
+        let mut s = sample();
+        let bob = &mut s.overlays[0].peers[0];
+        bob.state = "connected".into();
+        bob.path = Some("relay".into());
+        bob.via = Some("turn.example.org over tcp".into());
+        bob.rtt_ms = Some(12.3);
+        bob.reason = None;
+        bob.candidates_tried.clear();
+        s.overlays[0].peers.push(Peer::offline("carol@example.org"));
+        let t = render(&s);
+        assert!(t.contains("relay via turn.example.org over tcp"), "{t}");
+        assert!(t.contains("12.3 ms"), "{t}");
+        let carol = t
+            .lines()
+            .find(|l| l.contains("carol@example.org"))
+            .expect("carol listed");
+        assert!(carol.contains("offline"), "{t}");
+        assert!(t.contains("no ipop device of this user is online"), "{t}");
     }
 }
