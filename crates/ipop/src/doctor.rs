@@ -1,0 +1,850 @@
+//! `ipop doctor`: checks, one after the other, what a device needs for its links to come up,
+//! and says for each check whether it is fine (ok), worth a look (warn) or broken (fail), with
+//! advice. The config file; the XMPP login (as `ipop up` does it) and the STUN/TURN servers the
+//! XMPP server offers (XEP-0215); a STUN Binding with every STUN server from one UDP socket; the
+//! NAT's mapping behaviour from the addresses two servers saw; a TURN allocation on every TURN
+//! server; the permission to create a TUN device.
+//!
+//! STUN and TURN go through the core's sans-IO clients ([`StunBinding`], [`TurnAllocation`],
+//! [`StreamFramer`] over TCP), driven here by a small loop on tokio sockets.
+
+use crate::config::Config;
+use anyhow::bail;
+use ipop_core::PublicKey;
+use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OsnEvent};
+use ipop_core::stun::{BindingEvent, StunBinding};
+use ipop_core::turn::{StreamFramer, TurnAllocation, TurnCredentials, TurnEvent};
+use ipop_xmpp::LoginError;
+use serde::Serialize;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::sleep_until;
+
+/// How long the XMPP server may take to say which STUN/TURN servers it offers.
+const SERVICES_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long logging out may take.
+const LOGOUT_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a STUN server may take to answer (three transmissions).
+const STUN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a TURN allocation may take, the TCP connection and the 401 exchange included.
+const TURN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the TURN server may take to confirm the release.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Where the kernel's TUN driver is reached.
+const TUN_DEVICE: &str = "/dev/net/tun";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Verdict::Ok => "ok",
+            Verdict::Warn => "warn",
+            Verdict::Fail => "fail",
+        })
+    }
+}
+
+/// The outcome of one check, as `--json` prints it.
+#[derive(Debug, Serialize)]
+struct Check {
+    check: String,
+    verdict: Verdict,
+    detail: String,
+    advice: Option<String>,
+}
+
+impl Check {
+    fn ok(check: impl Into<String>, detail: impl Into<String>) -> Check {
+        Check {
+            check: check.into(),
+            verdict: Verdict::Ok,
+            detail: detail.into(),
+            advice: None,
+        }
+    }
+
+    fn warn(
+        check: impl Into<String>,
+        detail: impl Into<String>,
+        advice: impl Into<String>,
+    ) -> Check {
+        Check {
+            check: check.into(),
+            verdict: Verdict::Warn,
+            detail: detail.into(),
+            advice: Some(advice.into()),
+        }
+    }
+
+    fn fail(
+        check: impl Into<String>,
+        detail: impl Into<String>,
+        advice: impl Into<String>,
+    ) -> Check {
+        Check {
+            check: check.into(),
+            verdict: Verdict::Fail,
+            detail: detail.into(),
+            advice: Some(advice.into()),
+        }
+    }
+}
+
+/// The checks so far. Progress and verdicts are printed as they come; with `--json` the
+/// progress goes to stderr and the verdicts to stdout at the end, as one JSON array.
+struct Report {
+    json: bool,
+    checks: Vec<Check>,
+}
+
+impl Report {
+    fn say(&self, line: &str) {
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            // Nothing sensible can be done when stdout fails; the exit status still tells.
+            let _ = crate::print_out(&format!("{line}\n"));
+        }
+    }
+
+    fn start(&self, what: impl fmt::Display) {
+        self.say(&format!("checking {what} …"));
+    }
+
+    fn add(&mut self, check: Check) {
+        if !self.json {
+            let mut text = format!("{:<5} {}: {}", check.verdict, check.check, check.detail);
+            if let Some(advice) = &check.advice {
+                text.push_str(&format!("\n      advice: {advice}"));
+            }
+            self.say(&text);
+        }
+        self.checks.push(check);
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        let count = |v: Verdict| self.checks.iter().filter(|c| c.verdict == v).count();
+        let (failed, warned) = (count(Verdict::Fail), count(Verdict::Warn));
+        if self.json {
+            crate::print_out(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(&self.checks)?
+            ))?;
+        } else {
+            self.say(&format!(
+                "{} checks: {} ok, {warned} warn, {failed} fail",
+                self.checks.len(),
+                self.checks.len() - warned - failed
+            ));
+        }
+        if failed > 0 {
+            bail!("{failed} of {} checks failed", self.checks.len());
+        }
+        Ok(())
+    }
+}
+
+/// Runs every check against the config at `path`; fails when a check fails.
+pub fn run(path: &Path, json: bool) -> anyhow::Result<()> {
+    let mut report = Report {
+        json,
+        checks: Vec::new(),
+    };
+    report.start(format_args!("the config file {}", path.display()));
+    let config = match Config::load(path) {
+        Ok(config) => {
+            report.add(Check::ok("config", format!("{} loads", path.display())));
+            config
+        }
+        Err(e) => {
+            let advice = if path.exists() {
+                "fix the file (the message names the line and the key); the other checks need it"
+            } else {
+                "write one with `ipop init`, or point -c (or IPOP_CONFIG) at yours"
+            };
+            report.add(Check::fail("config", format!("{e:#}"), advice));
+            return report.finish();
+        }
+    };
+    crate::runtime()?.block_on(checks(&config, &mut report));
+    report.finish()
+}
+
+async fn checks(config: &Config, report: &mut Report) {
+    let offered = xmpp(config, report).await;
+    let mut servers: Vec<(IceServer, &'static str)> = match config.ice_servers() {
+        Ok(list) => list.into_iter().map(|s| (s, "[nat]")).collect(),
+        Err(e) => {
+            report.start("the STUN/TURN servers of [nat]");
+            report.add(Check::fail(
+                "nat servers",
+                format!("{e:#}"),
+                "check the host names in [nat]; the servers of [nat] are not checked further",
+            ));
+            Vec::new()
+        }
+    };
+    servers.extend(offered.into_iter().map(|s| (s, "XMPP server")));
+    let answers = stun(config, &servers, report).await;
+    mapping(&answers, report);
+    for (server, source) in servers
+        .iter()
+        .filter(|(s, _)| s.kind == IceServerKind::Turn)
+    {
+        turn(server, source, report).await;
+    }
+    tun(report);
+}
+
+// ---- XMPP ----
+
+/// Logs in as the daemon does, reports the STUN/TURN servers the XMPP server offers and
+/// returns them.
+///
+/// The session uses the device name with `-doctor` appended, so that a daemon running on this
+/// device keeps its own session, and a throwaway key, so that nobody links with the doctor;
+/// it joins no room and asks for no roster.
+async fn xmpp(config: &Config, report: &mut Report) -> Vec<IceServer> {
+    let Some(x) = &config.xmpp else {
+        report.start("XMPP login");
+        report.add(Check::ok(
+            "xmpp login",
+            "no [xmpp] account in the config: only static peers link (skipped)",
+        ));
+        return Vec::new();
+    };
+    report.start(format_args!("XMPP login as {}", x.jid));
+    let throwaway = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut cfg = match crate::xmpp::settings(config, PublicKey::from_secret(&throwaway)) {
+        Ok(Some(cfg)) => cfg,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            report.add(Check::fail(
+                "xmpp login",
+                format!("{e:#}"),
+                "set exactly one of password, password_file and password_command in [xmpp]",
+            ));
+            return Vec::new();
+        }
+    };
+    cfg.device = format!("{}-doctor", cfg.device);
+    cfg.social = false;
+    cfg.groups.clear();
+    let (session, mut events) = match ipop_xmpp::connect(cfg).await {
+        Ok(connected) => connected,
+        Err(e) => {
+            report.add(Check::fail("xmpp login", e.to_string(), login_advice(&e)));
+            return Vec::new();
+        }
+    };
+    let status = session.status();
+    report.add(Check::ok(
+        "xmpp login",
+        format!(
+            "logged in as {} through {}",
+            status.bound.as_deref().unwrap_or(&x.jid),
+            status.server
+        ),
+    ));
+
+    report.start("the STUN/TURN servers the XMPP server offers (XEP-0215)");
+    let deadline = tokio::time::Instant::now() + SERVICES_TIMEOUT;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let offered: Result<Vec<IceServer>, String> = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(OsnEvent::IceServers(list)) => break Ok(list),
+                Some(_) => {}
+                None => break Err("the XMPP session ended".to_owned()),
+            },
+            _ = tick.tick() => {
+                if let Some(problem) = session.status().external_services_problem {
+                    break Err(problem);
+                }
+            }
+            () = sleep_until(deadline) => {
+                break Err(format!("no answer within {} s", SERVICES_TIMEOUT.as_secs()));
+            }
+        }
+    };
+    let own = !config.nat.stun.is_empty() || !config.nat.turn.is_empty();
+    let offered = match offered {
+        Ok(list) if !list.is_empty() => {
+            let names: Vec<String> = list.iter().map(describe_server).collect();
+            report.add(Check::ok("xmpp servers", names.join(", ")));
+            list
+        }
+        Ok(_) => {
+            report.add(services_missing(
+                own,
+                "the XMPP server offers none".to_owned(),
+            ));
+            Vec::new()
+        }
+        Err(why) => {
+            report.add(services_missing(own, why));
+            Vec::new()
+        }
+    };
+    if tokio::time::timeout(LOGOUT_TIMEOUT, session.shutdown())
+        .await
+        .is_err()
+    {
+        report.say("(logging out of XMPP took too long; the server ends the session itself)");
+    }
+    offered
+}
+
+fn services_missing(own: bool, why: String) -> Check {
+    if own {
+        Check::ok(
+            "xmpp servers",
+            format!("none offered ({why}); the servers of [nat] are used"),
+        )
+    } else {
+        Check::warn(
+            "xmpp servers",
+            format!("none offered ({why}), and [nat] names none"),
+            "without STUN and TURN, only devices that reach each other directly link: add \
+             servers to [nat], or ask the XMPP server's admin to offer them (Prosody: \
+             mod_turn_external; ejabberd: mod_stun_disco)",
+        )
+    }
+}
+
+fn login_advice(e: &LoginError) -> String {
+    match e {
+        LoginError::AuthFailed { .. } => {
+            "check [xmpp] jid and the password (password, password_file or password_command)"
+        }
+        LoginError::AccountDisabled { .. } => "ask the XMPP server's admin to enable the account",
+        LoginError::Unreachable { .. } => {
+            "check [xmpp] server (host:port) or the domain's DNS SRV records, and that no \
+             firewall blocks TCP to the server"
+        }
+        LoginError::Certificate { .. } => {
+            "for a private server, give its CA certificate with [xmpp] ca_file; check that \
+             the server's name matches its certificate and that the clock is right"
+        }
+        LoginError::Tls { .. } | LoginError::NoTls { .. } => {
+            "check [xmpp] tls: \"starttls\" on the client port (5222), \"direct\" on the \
+             direct TLS port (5223)"
+        }
+        LoginError::NoScram { .. } => {
+            "ask the XMPP server's admin to enable SCRAM authentication (hashed passwords)"
+        }
+        LoginError::Timeout { .. } | LoginError::Stream { .. } => {
+            "check that [xmpp] server names an XMPP server and that the network lets the \
+             connection through; try again"
+        }
+        LoginError::Config { .. } | LoginError::RoomRefused { .. } => "fix the [xmpp] section",
+    }
+    .to_owned()
+}
+
+fn transport_name(t: IceTransport) -> &'static str {
+    match t {
+        IceTransport::Udp => "udp",
+        IceTransport::Tcp => "tcp",
+        IceTransport::Tls => "tls",
+    }
+}
+
+fn describe_server(s: &IceServer) -> String {
+    let kind = match s.kind {
+        IceServerKind::Stun => "stun",
+        IceServerKind::Turn => "turn",
+    };
+    let name = if s.host == s.address.ip().to_string() {
+        s.address.to_string()
+    } else {
+        format!("{} ({})", s.host, s.address)
+    };
+    format!("{kind} {} {name}", transport_name(s.transport))
+}
+
+// ---- STUN and the NAT's mapping ----
+
+/// A STUN server that answered, and what it saw.
+struct Answer {
+    server: SocketAddr,
+    mapped: SocketAddr,
+    /// The mapped address is one of this device's own: no NAT on the way.
+    local: bool,
+}
+
+/// A Binding with every STUN server (and every TURN server over UDP) from one UDP socket per
+/// address family.
+async fn stun(
+    config: &Config,
+    servers: &[(IceServer, &'static str)],
+    report: &mut Report,
+) -> Vec<Answer> {
+    let mut targets: Vec<(SocketAddr, Vec<&str>)> = Vec::new();
+    for (s, source) in servers {
+        if s.transport != IceTransport::Udp {
+            continue;
+        }
+        match targets.iter_mut().find(|(a, _)| *a == s.address) {
+            Some((_, sources)) if !sources.contains(source) => sources.push(*source),
+            Some(_) => {}
+            None => targets.push((s.address, vec![*source])),
+        }
+    }
+    if targets.is_empty() {
+        report.start("STUN");
+        report.add(Check::warn(
+            "stun",
+            "no STUN or TURN server over UDP to ask",
+            "add a STUN server to [nat] stun: without one, devices behind NAT do not learn \
+             their public address and link only through a relay",
+        ));
+        return Vec::new();
+    }
+    let own = crate::device::host_addresses(&config.interface.name);
+    let mut sockets: [Option<UdpSocket>; 2] = [None, None];
+    let mut answers = Vec::new();
+    for (server, sources) in targets {
+        report.start(format_args!(
+            "STUN Binding with {server} (from {})",
+            sources.join(" and ")
+        ));
+        let name = format!("stun {server}");
+        let slot = &mut sockets[usize::from(server.is_ipv6())];
+        if slot.is_none() {
+            let any: IpAddr = if server.is_ipv6() {
+                Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                Ipv4Addr::UNSPECIFIED.into()
+            };
+            match UdpSocket::bind((any, 0)).await {
+                Ok(s) => *slot = Some(s),
+                Err(e) => {
+                    report.add(Check::fail(
+                        name,
+                        format!("cannot open a UDP socket: {e}"),
+                        "check that this machine has an address of that family",
+                    ));
+                    continue;
+                }
+            }
+        }
+        let Some(socket) = slot.as_ref() else {
+            continue;
+        };
+        match stun_binding(socket, server).await {
+            Ok(mapped) => {
+                let local = own.contains(&mapped.ip().to_canonical());
+                let port = socket.local_addr().map(|a| a.port()).unwrap_or_default();
+                let how = if local {
+                    "a local address: no NAT".to_owned()
+                } else {
+                    format!("behind NAT; local port {port}")
+                };
+                report.add(Check::ok(name, format!("mapped address {mapped} ({how})")));
+                answers.push(Answer {
+                    server,
+                    mapped,
+                    local,
+                });
+            }
+            Err(reason) => report.add(Check::fail(
+                name,
+                reason,
+                "the server is down or a firewall drops UDP to it: check its address and \
+                 port; where UDP is blocked, links need a TURN server over TCP",
+            )),
+        }
+    }
+    answers
+}
+
+/// One Binding request (with retransmissions) to `server` from `socket`: the mapped address.
+async fn stun_binding(socket: &UdpSocket, server: SocketAddr) -> Result<SocketAddr, String> {
+    let start = Instant::now();
+    let deadline = start + STUN_TIMEOUT;
+    let mut binding = StunBinding::new(server, start, seed());
+    let mut buf = vec![0u8; 2048];
+    loop {
+        while let Some((to, bytes)) = binding.poll_transmit() {
+            socket
+                .send_to(&bytes, to)
+                .await
+                .map_err(|e| format!("cannot send to {to}: {e}"))?;
+        }
+        if let Some(event) = binding.poll_event() {
+            return match event {
+                BindingEvent::Mapped(mapped) | BindingEvent::MappingChanged { to: mapped, .. } => {
+                    Ok(mapped)
+                }
+                BindingEvent::Failed { reason } => Err(reason),
+            };
+        }
+        let wake = binding.poll_timeout().map_or(deadline, |t| t.min(deadline));
+        tokio::select! {
+            got = socket.recv_from(&mut buf) => {
+                let (n, from) = got.map_err(|e| format!("cannot receive: {e}"))?;
+                binding.handle_response(Instant::now(), from, &buf[..n]);
+            }
+            () = sleep_until(wake.into()) => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "no answer within {} s ({} requests sent)",
+                STUN_TIMEOUT.as_secs(),
+                binding.stats().transmits
+            ));
+        }
+        binding.handle_timeout(now);
+    }
+}
+
+/// Whether the NAT keeps one public address for a socket whatever the destination: the
+/// addresses two servers saw from the same socket.
+fn mapping(answers: &[Answer], report: &mut Report) {
+    report.start("the NAT's mapping behaviour");
+    const CHECK: &str = "nat mapping";
+    // One family decides: IPv4 when it has answers (NATs are an IPv4 matter).
+    let v4 = answers.iter().any(|a| a.server.is_ipv4());
+    let family: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.server.is_ipv4() == v4)
+        .collect();
+    let seen = family
+        .iter()
+        .map(|a| format!("{} seen by {}", a.mapped, a.server))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let check = match family.as_slice() {
+        [] => Check::warn(
+            CHECK,
+            "cannot tell: no STUN server answered",
+            "make a STUN server reachable over UDP (see above)",
+        ),
+        list if list.iter().any(|a| a.local) => Check::ok(
+            CHECK,
+            format!("no NAT: this device has a public address ({seen}); direct links likely"),
+        ),
+        [_] => Check::warn(
+            CHECK,
+            format!("cannot tell with one server ({seen})"),
+            "add a second STUN server on another address to [nat] stun",
+        ),
+        [first, rest @ ..] if rest.iter().all(|a| a.mapped == first.mapped) => Check::ok(
+            CHECK,
+            format!("endpoint-independent mapping (cone NAT): direct links likely ({seen})"),
+        ),
+        _ => Check::warn(
+            CHECK,
+            format!(
+                "address-dependent mapping (symmetric NAT): links to other symmetric NATs \
+                 need a TURN relay ({seen})"
+            ),
+            "make sure a TURN server works (see the TURN checks); a router setting \
+             (\"full cone\", \"endpoint-independent\") or UPnP/NAT-PMP may make the NAT a cone",
+        ),
+    };
+    report.add(check);
+}
+
+// ---- TURN ----
+
+/// How a TURN server is reached.
+enum Link {
+    Udp(UdpSocket),
+    Tcp {
+        stream: TcpStream,
+        framer: StreamFramer,
+    },
+}
+
+/// Why an allocation did not work.
+enum TurnProblem {
+    /// 401 to an authenticated Allocate.
+    Credentials,
+    /// No answer in time.
+    Silent,
+    /// Connection or socket trouble.
+    Transport(String),
+    /// Another refusal, in the core's words.
+    Refused(String),
+}
+
+impl Link {
+    async fn open(server: &IceServer) -> Result<Link, TurnProblem> {
+        match server.transport {
+            IceTransport::Udp => {
+                let any: IpAddr = if server.address.is_ipv6() {
+                    Ipv6Addr::UNSPECIFIED.into()
+                } else {
+                    Ipv4Addr::UNSPECIFIED.into()
+                };
+                UdpSocket::bind((any, 0))
+                    .await
+                    .map(Link::Udp)
+                    .map_err(|e| TurnProblem::Transport(format!("cannot open a UDP socket: {e}")))
+            }
+            IceTransport::Tls => Err(TurnProblem::Transport(
+                "TURN over TLS cannot be checked".to_owned(),
+            )),
+            IceTransport::Tcp => {
+                match tokio::time::timeout(TURN_TIMEOUT, TcpStream::connect(server.address)).await {
+                    Ok(Ok(stream)) => {
+                        // Small requests: send them at once.
+                        let _ = stream.set_nodelay(true);
+                        Ok(Link::Tcp {
+                            stream,
+                            framer: StreamFramer::new(),
+                        })
+                    }
+                    Ok(Err(e)) => Err(TurnProblem::Transport(format!(
+                        "cannot connect over TCP: {e}"
+                    ))),
+                    Err(_) => Err(TurnProblem::Transport(format!(
+                        "no TCP connection within {} s",
+                        TURN_TIMEOUT.as_secs()
+                    ))),
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> Result<(), TurnProblem> {
+        let sent = match self {
+            Link::Udp(socket) => socket.send_to(bytes, to).await.map(drop),
+            Link::Tcp { stream, .. } => stream.write_all(bytes).await,
+        };
+        sent.map_err(|e| TurnProblem::Transport(format!("cannot send: {e}")))
+    }
+
+    /// What arrived next: datagrams or whole frames, with their sender.
+    async fn recv(
+        &mut self,
+        server: SocketAddr,
+        buf: &mut [u8],
+    ) -> Result<Vec<(SocketAddr, Vec<u8>)>, TurnProblem> {
+        let lost = |e: String| TurnProblem::Transport(format!("connection lost: {e}"));
+        match self {
+            Link::Udp(socket) => {
+                let (n, from) = socket
+                    .recv_from(buf)
+                    .await
+                    .map_err(|e| TurnProblem::Transport(format!("cannot receive: {e}")))?;
+                Ok(vec![(from, buf[..n].to_vec())])
+            }
+            Link::Tcp { stream, framer } => {
+                let n = stream.read(buf).await.map_err(|e| lost(e.to_string()))?;
+                if n == 0 {
+                    return Err(lost("the server closed the connection".to_owned()));
+                }
+                framer.push(&buf[..n]).map_err(|e| lost(e.to_string()))?;
+                let mut frames = Vec::new();
+                while let Some(frame) = framer.next_frame().map_err(|e| lost(e.to_string()))? {
+                    frames.push((server, frame.to_vec()));
+                }
+                Ok(frames)
+            }
+        }
+    }
+}
+
+/// Drives `turn` over `link` until it reports something, or `deadline` passes.
+async fn next_event(
+    link: &mut Link,
+    turn: &mut TurnAllocation,
+    deadline: Instant,
+) -> Result<TurnEvent, TurnProblem> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        while let Some((to, bytes)) = turn.poll_transmit() {
+            link.send(to, &bytes).await?;
+        }
+        if let Some(event) = turn.poll_event() {
+            return Ok(event);
+        }
+        let wake = turn.poll_timeout().map_or(deadline, |t| t.min(deadline));
+        tokio::select! {
+            got = link.recv(turn.server(), &mut buf) => {
+                for (from, message) in got? {
+                    turn.handle_input(Instant::now(), from, &message);
+                }
+            }
+            () = sleep_until(wake.into()) => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(TurnProblem::Silent);
+        }
+        turn.handle_timeout(now);
+    }
+}
+
+/// Allocates on `server` and releases at once: the relayed address, the mapped address, and
+/// whether the server confirmed the release.
+async fn allocate(
+    server: &IceServer,
+) -> Result<(SocketAddr, Option<SocketAddr>, bool), TurnProblem> {
+    let deadline = Instant::now() + TURN_TIMEOUT;
+    let mut link = Link::open(server).await?;
+    let credentials = TurnCredentials {
+        username: server.username.clone().unwrap_or_default(),
+        password: server.password.clone().unwrap_or_default(),
+    };
+    let mut turn = TurnAllocation::new(
+        server.address,
+        server.transport,
+        credentials,
+        Instant::now(),
+        seed(),
+    );
+    let (relayed, mapped) = loop {
+        match next_event(&mut link, &mut turn, deadline).await? {
+            TurnEvent::Allocated { relayed, mapped } => break (relayed, mapped),
+            TurnEvent::Failed { reason } if reason.contains("refused the credentials") => {
+                return Err(TurnProblem::Credentials);
+            }
+            TurnEvent::Failed { reason } => return Err(TurnProblem::Refused(reason)),
+            _ => {}
+        }
+    };
+    turn.release(Instant::now());
+    let deadline = Instant::now() + RELEASE_TIMEOUT;
+    let released = loop {
+        match next_event(&mut link, &mut turn, deadline).await {
+            Ok(TurnEvent::Released) => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    Ok((relayed, mapped, released))
+}
+
+async fn turn(server: &IceServer, source: &str, report: &mut Report) {
+    let transport = transport_name(server.transport);
+    report.start(format_args!(
+        "TURN allocation on {} over {transport} (from {source})",
+        server.address
+    ));
+    let name = format!("turn {transport} {}", server.address);
+    if server.transport == IceTransport::Tls {
+        report.add(Check::warn(
+            name,
+            "TLS check not supported",
+            "ipop doctor cannot check TURN over TLS yet; if the server also listens over TCP, \
+             add it with transport = \"tcp\" to check it",
+        ));
+        return;
+    }
+    let check = match allocate(server).await {
+        Ok((relayed, mapped, released)) => {
+            let seen = mapped
+                .map(|m| format!(", this device seen as {m}"))
+                .unwrap_or_default();
+            let release = if released {
+                "released"
+            } else {
+                "release unconfirmed (the server frees it when it expires)"
+            };
+            Check::ok(name, format!("relayed address {relayed}{seen}; {release}"))
+        }
+        Err(TurnProblem::Credentials) => {
+            let username = server.username.as_deref().unwrap_or_default();
+            Check::fail(
+                name,
+                format!("the TURN server refused the credentials (401) of user {username:?}"),
+                credentials_advice(username, source),
+            )
+        }
+        Err(TurnProblem::Silent) => Check::fail(
+            name,
+            format!("no answer within {} s", TURN_TIMEOUT.as_secs()),
+            if server.transport == IceTransport::Udp {
+                "check the server's address and port; where a firewall blocks UDP, use a TURN \
+                 server over TCP (transport = \"tcp\")"
+            } else {
+                "check the server's address and port: something accepted the connection but \
+                 does not speak TURN"
+            },
+        ),
+        Err(TurnProblem::Transport(why)) => Check::fail(
+            name,
+            why,
+            "check the server's address and port, and that no firewall blocks the connection",
+        ),
+        Err(TurnProblem::Refused(why)) => {
+            Check::fail(name, why, "the server's log says more; ask its admin")
+        }
+    };
+    report.add(check);
+}
+
+fn credentials_advice(username: &str, source: &str) -> String {
+    if source != "[nat]" {
+        return "the XMPP server hands out credentials the TURN server does not accept: their \
+                shared secrets differ (Prosody's turn_external_secret, coturn's \
+                static-auth-secret), or their clocks do"
+            .to_owned();
+    }
+    // Time-limited credentials (TURN REST API) start with their expiry time.
+    let expiry = username
+        .split_once(':')
+        .and_then(|(t, _)| t.parse::<u64>().ok());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match expiry {
+        Some(t) if t < now => format!(
+            "these time-limited credentials expired {} s ago: get new ones",
+            now - t
+        ),
+        _ => "check username and password of this [[nat.turn]]".to_owned(),
+    }
+}
+
+// ---- TUN ----
+
+/// Creates a TUN device as the daemon does, with a temporary name, and removes it.
+fn tun(report: &mut Report) {
+    let name = format!("ipopdr{}", std::process::id());
+    report.start(format_args!(
+        "the permission to create a TUN device ({name})"
+    ));
+    let check = match crate::device::create(&name, &[], &[], crate::config::DEFAULT_MTU) {
+        Ok(device) => {
+            // Closing the only descriptor removes the device.
+            drop(device);
+            Check::ok("tun", format!("created and removed {name}"))
+        }
+        Err(e) => {
+            let advice = if Path::new(TUN_DEVICE).exists() {
+                "run ipop as root or with the CAP_NET_ADMIN capability \
+                 (setcap cap_net_admin=ep on the binary)"
+                    .to_owned()
+            } else {
+                format!(
+                    "{TUN_DEVICE} is missing: load the tun module (modprobe tun); in a \
+                     container, pass {TUN_DEVICE} through"
+                )
+            };
+            Check::fail("tun", format!("{e:#}"), advice)
+        }
+    };
+    report.add(check);
+}
+
+/// A secret, random seed for a STUN or TURN client's transaction IDs.
+fn seed() -> u64 {
+    rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+}
