@@ -109,7 +109,7 @@ impl World {
         let text = format!(
             "[xmpp]\njid = \"{USER}@{DOMAIN}\"\npassword = \"{xmpp_password}\"\nserver = \"{xmpp}\"\n\
              ca_file = {ca:?}\ndevice = \"laptop\"\n\n\
-             [social]\naddress = \"10.78.0.1/16\"\n\n{nat}",
+             [social]\n\n{nat}",
             xmpp = self.prosody.c2s_addr(),
             ca = self.prosody.ca_cert_path(),
         );
