@@ -349,14 +349,19 @@ turn_password() {
 
 # ---------------------------------------------------------------- devices
 
-# write_config DIR USER OVERLAY_IP PORT
+# write_config DIR USER OVERLAY_IP PORT PEER_USER PEER_IP: the device numbers its peer
+# PEER_IP in the social overlay (its state says so), so that the ping can start before the link
+# is up.
 write_config() {
-	local dir=$1 user=$2 addr=$3 port=$4 turn_user
+	local dir=$1 user=$2 addr=$3 port=$4 peer=$5 peer_ip=$6 turn_user
 	turn_user="$(($(date +%s) + 3600)):$user"
+	mkdir -p "$dir/state"
+	printf '{"social": {"%s@%s/dev": "%s"}}\n' "$peer" "$DOMAIN" "$peer_ip" >"$dir/state/state.json"
 	cat >"$dir/ipop.toml" <<EOF
 [device]
 log_level = "info"
 control_socket = "$dir/ctl.sock"
+state_dir = "$dir/state"
 
 [interface]
 listen_port = $port
@@ -369,7 +374,8 @@ ca_file = "$CA_FILE"
 device = "dev"
 
 [social]
-address = "$addr/16"
+subnet = "10.78.0.0/16"
+address = "$addr"
 
 [nat]
 stun = ["$SERVER_IP:$TURN_PORT"]
@@ -415,8 +421,8 @@ RUN_DT=""
 RUN_TOTAL=""
 one_run() {
 	local topo=$1 run=$2 dir_a=$WORKDIR/${1}a dir_b=$WORKDIR/${1}b i sa sb ts t0 out t1
-	write_config "$dir_a" "${topo}0" "$OVERLAY_A" $((BASE_PORT + 2 * run))
-	write_config "$dir_b" "${topo}1" "$OVERLAY_B" $((BASE_PORT + 2 * run + 1))
+	write_config "$dir_a" "${topo}0" "$OVERLAY_A" $((BASE_PORT + 2 * run)) "${topo}1" "$OVERLAY_B"
+	write_config "$dir_b" "${topo}1" "$OVERLAY_B" $((BASE_PORT + 2 * run + 1)) "${topo}0" "$OVERLAY_A"
 	ts=$EPOCHREALTIME
 	start_daemon "${topo}a" "$dir_a"
 	start_daemon "${topo}b" "$dir_b"

@@ -155,12 +155,14 @@ impl Buffers {
 
 impl Dataplane {
     /// Creates the TUN device as `interface` says, with `addresses` (the static ones and the
-    /// overlays') and `routes`, and binds the UDP sockets.
+    /// overlays' IPv4), the overlays' IPv6 `ula` where the host has IPv6, and `routes`, and
+    /// binds the UDP sockets.
     pub fn new(
         engine: Engine,
         keeper: Keeper,
         interface: &crate::config::Interface,
         addresses: &[IpNet],
+        ula: &[ipnet::Ipv6Net],
         routes: &[IpNet],
     ) -> anyhow::Result<Self> {
         let (mtu, listen_port) = (interface.mtu, interface.listen_port);
@@ -176,7 +178,7 @@ impl Dataplane {
                 None
             }
         };
-        let tun = crate::device::create(&interface.name, addresses, routes, mtu)?;
+        let tun = crate::device::create(&interface.name, addresses, ula, routes, mtu)?;
         Ok(Dataplane {
             engine,
             tun,

@@ -2,16 +2,18 @@
 //! (ioctl and netlink, via tun-rs), never by running `ip`. It disappears with the process.
 
 use anyhow::Context;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use std::net::IpAddr;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
 /// Creates the TUN device `name` with `addresses` (the kernel adds a route for each prefix), sets
 /// its MTU, brings it up with segmentation offload when the kernel offers it, and routes `routes`
-/// (peer prefixes outside the interface's own) into it.
+/// (peer prefixes outside the interface's own) into it. The overlays' IPv6 addresses in
+/// `ula` are added when the host has IPv6: where it is disabled, the overlays run on IPv4 alone.
 pub fn create(
     name: &str,
     addresses: &[IpNet],
+    ula: &[Ipv6Net],
     routes: &[IpNet],
     mtu: u16,
 ) -> anyhow::Result<AsyncDevice> {
@@ -46,6 +48,15 @@ pub fn create(
         device
             .add_address_v4(n.addr(), n.prefix_len())
             .with_context(|| format!("cannot add address {n} to {name}"))?;
+    }
+    for n in ula {
+        if let Err(e) = device.add_address_v6(n.addr(), n.prefix_len()) {
+            tracing::warn!(
+                address = %n,
+                "no IPv6 overlay address on {name}: {e} (is IPv6 disabled on this host? \
+                 net.ipv6.conf.default.disable_ipv6); the overlays run on IPv4"
+            );
+        }
     }
     let index = device
         .if_index()

@@ -6,9 +6,11 @@
 //! server; the permission to create a TUN device.
 //!
 //! STUN and TURN go through the core's sans-IO clients ([`StunBinding`], [`TurnAllocation`],
-//! [`StreamFramer`] over TCP), driven here by a small loop on tokio sockets.
+//! [`StreamFramer`] over TCP and TLS), driven here by a small loop on tokio sockets; TCP and TLS
+//! connections are opened as the daemon opens them, trusting what it trusts.
 
 use crate::config::Config;
+use crate::dataplane::{TurnStream, open_stream};
 use anyhow::bail;
 use ipop_core::PublicKey;
 use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OsnEvent};
@@ -19,10 +21,12 @@ use serde::Serialize;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::time::sleep_until;
+use tokio_rustls::TlsConnector;
 
 /// How long the XMPP server may take to say which STUN/TURN servers it offers.
 const SERVICES_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,7 +34,8 @@ const SERVICES_TIMEOUT: Duration = Duration::from_secs(5);
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long a STUN server may take to answer (three transmissions).
 const STUN_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a TURN allocation may take, the TCP connection and the 401 exchange included.
+/// How long a TURN allocation may take, the connection (TCP, TLS) and the 401 exchange
+/// included.
 const TURN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the TURN server may take to confirm the release.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -198,11 +203,18 @@ async fn checks(config: &Config, report: &mut Report) {
     servers.extend(offered.into_iter().map(|s| (s, "XMPP server")));
     let answers = stun(config, &servers, report).await;
     mapping(&answers, report);
+    // TURN servers over TLS are trusted as the daemon trusts them: the system's authorities
+    // and the XMPP server's CA file.
+    let ca_file = config
+        .xmpp
+        .as_ref()
+        .and_then(|x| x.ca_file.as_ref())
+        .map(|p| config.resolve(p));
     for (server, source) in servers
         .iter()
         .filter(|(s, _)| s.kind == IceServerKind::Turn)
     {
-        turn(server, source, report).await;
+        turn(server, source, ca_file.as_deref(), report).await;
     }
     tun(report);
 }
@@ -564,8 +576,9 @@ fn mapping(answers: &[Answer], report: &mut Report) {
 /// How a TURN server is reached.
 enum Link {
     Udp(UdpSocket),
-    Tcp {
-        stream: TcpStream,
+    /// TCP or TLS.
+    Stream {
+        stream: Box<dyn TurnStream>,
         framer: StreamFramer,
     },
 }
@@ -578,53 +591,60 @@ enum TurnProblem {
     Silent,
     /// Connection or socket trouble.
     Transport(String),
+    /// The TLS handshake failed or the certificate was refused.
+    Tls(String),
     /// Another refusal, in the core's words.
     Refused(String),
 }
 
 impl Link {
-    async fn open(server: &IceServer) -> Result<Link, TurnProblem> {
-        match server.transport {
+    async fn open(server: &IceServer, ca_file: Option<&Path>) -> Result<Link, TurnProblem> {
+        let tls = match server.transport {
             IceTransport::Udp => {
                 let any: IpAddr = if server.address.is_ipv6() {
                     Ipv6Addr::UNSPECIFIED.into()
                 } else {
                     Ipv4Addr::UNSPECIFIED.into()
                 };
-                UdpSocket::bind((any, 0))
-                    .await
-                    .map(Link::Udp)
-                    .map_err(|e| TurnProblem::Transport(format!("cannot open a UDP socket: {e}")))
+                return UdpSocket::bind((any, 0)).await.map(Link::Udp).map_err(|e| {
+                    TurnProblem::Transport(format!("cannot open a UDP socket: {e}"))
+                });
             }
-            IceTransport::Tls => Err(TurnProblem::Transport(
-                "TURN over TLS cannot be checked".to_owned(),
-            )),
-            IceTransport::Tcp => {
-                match tokio::time::timeout(TURN_TIMEOUT, TcpStream::connect(server.address)).await {
-                    Ok(Ok(stream)) => {
-                        // Small requests: send them at once.
-                        let _ = stream.set_nodelay(true);
-                        Ok(Link::Tcp {
-                            stream,
-                            framer: StreamFramer::new(),
-                        })
-                    }
-                    Ok(Err(e)) => Err(TurnProblem::Transport(format!(
-                        "cannot connect over TCP: {e}"
-                    ))),
-                    Err(_) => Err(TurnProblem::Transport(format!(
-                        "no TCP connection within {} s",
-                        TURN_TIMEOUT.as_secs()
-                    ))),
-                }
+            IceTransport::Tcp => None,
+            IceTransport::Tls => {
+                let config = ipop_xmpp::tls_config(ca_file)
+                    .map_err(|e| TurnProblem::Tls(format!("no TLS client: {e}")))?;
+                Some(TlsConnector::from(Arc::new(config)))
             }
+        };
+        let over = if tls.is_some() { "TLS" } else { "TCP" };
+        match tokio::time::timeout(TURN_TIMEOUT, open_stream(server, tls)).await {
+            Ok(Ok(stream)) => Ok(Link::Stream {
+                stream,
+                framer: StreamFramer::new(),
+            }),
+            // Connecting failed before TLS began.
+            Ok(Err(why)) if over == "TCP" || why.starts_with("cannot connect") => {
+                Err(TurnProblem::Transport(why))
+            }
+            Ok(Err(why)) => Err(TurnProblem::Tls(why)),
+            Err(_) => Err(TurnProblem::Transport(format!(
+                "no {over} connection within {} s",
+                TURN_TIMEOUT.as_secs()
+            ))),
         }
     }
 
     async fn send(&mut self, to: SocketAddr, bytes: &[u8]) -> Result<(), TurnProblem> {
         let sent = match self {
             Link::Udp(socket) => socket.send_to(bytes, to).await.map(drop),
-            Link::Tcp { stream, .. } => stream.write_all(bytes).await,
+            Link::Stream { stream, .. } => {
+                // TLS holds written data back until it is flushed.
+                match stream.write_all(bytes).await {
+                    Ok(()) => stream.flush().await,
+                    Err(e) => Err(e),
+                }
+            }
         };
         sent.map_err(|e| TurnProblem::Transport(format!("cannot send: {e}")))
     }
@@ -644,7 +664,7 @@ impl Link {
                     .map_err(|e| TurnProblem::Transport(format!("cannot receive: {e}")))?;
                 Ok(vec![(from, buf[..n].to_vec())])
             }
-            Link::Tcp { stream, framer } => {
+            Link::Stream { stream, framer } => {
                 let n = stream.read(buf).await.map_err(|e| lost(e.to_string()))?;
                 if n == 0 {
                     return Err(lost("the server closed the connection".to_owned()));
@@ -695,9 +715,10 @@ async fn next_event(
 /// whether the server confirmed the release.
 async fn allocate(
     server: &IceServer,
+    ca_file: Option<&Path>,
 ) -> Result<(SocketAddr, Option<SocketAddr>, bool), TurnProblem> {
     let deadline = Instant::now() + TURN_TIMEOUT;
-    let mut link = Link::open(server).await?;
+    let mut link = Link::open(server, ca_file).await?;
     let credentials = TurnCredentials {
         username: server.username.clone().unwrap_or_default(),
         password: server.password.clone().unwrap_or_default(),
@@ -731,23 +752,18 @@ async fn allocate(
     Ok((relayed, mapped, released))
 }
 
-async fn turn(server: &IceServer, source: &str, report: &mut Report) {
+async fn turn(server: &IceServer, source: &str, ca_file: Option<&Path>, report: &mut Report) {
     let transport = transport_name(server.transport);
+    let on = if server.host == server.address.ip().to_string() {
+        server.address.to_string()
+    } else {
+        format!("{} ({})", server.host, server.address)
+    };
     report.start(format_args!(
-        "TURN allocation on {} over {transport} (from {source})",
-        server.address
+        "TURN allocation on {on} over {transport} (from {source})"
     ));
     let name = format!("turn {transport} {}", server.address);
-    if server.transport == IceTransport::Tls {
-        report.add(Check::warn(
-            name,
-            "TLS check not supported",
-            "ipop doctor cannot check TURN over TLS yet; if the server also listens over TCP, \
-             add it with transport = \"tcp\" to check it",
-        ));
-        return;
-    }
-    let check = match allocate(server).await {
+    let check = match allocate(server, ca_file).await {
         Ok((relayed, mapped, released)) => {
             let seen = mapped
                 .map(|m| format!(", this device seen as {m}"))
@@ -782,6 +798,16 @@ async fn turn(server: &IceServer, source: &str, report: &mut Report) {
             name,
             why,
             "check the server's address and port, and that no firewall blocks the connection",
+        ),
+        Err(TurnProblem::Tls(why)) => Check::fail(
+            name,
+            why,
+            format!(
+                "the certificate must be valid for {:?} (the name in the server's entry, not its \
+                 address) and signed by an authority this device trusts: the system's, or \
+                 the CA in [xmpp] ca_file",
+                server.host
+            ),
         ),
         Err(TurnProblem::Refused(why)) => {
             Check::fail(name, why, "the server's log says more; ask its admin")
@@ -821,7 +847,7 @@ fn tun(report: &mut Report) {
     report.start(format_args!(
         "the permission to create a TUN device ({name})"
     ));
-    let check = match crate::device::create(&name, &[], &[], crate::config::DEFAULT_MTU) {
+    let check = match crate::device::create(&name, &[], &[], &[], crate::config::DEFAULT_MTU) {
         Ok(device) => {
             // Closing the only descriptor removes the device.
             drop(device);

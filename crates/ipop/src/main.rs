@@ -255,9 +255,11 @@ fn up(path: &Path) -> anyhow::Result<()> {
     // Addresses chosen now must be the same after a restart.
     state.save(engine.memory())?;
     let mut addresses = config.interface.addresses.clone();
+    let mut ula = Vec::new();
     for own in engine.own_addresses() {
         tracing::info!(overlay = %own.overlay, v4 = %own.v4, v6 = %own.v6, "overlay addresses");
-        addresses.extend([IpNet::V4(own.v4), IpNet::V6(own.v6)]);
+        addresses.push(IpNet::V4(own.v4));
+        ula.push(own.v6);
     }
     let routes = device::extra_routes(&addresses, config.peers.iter().flat_map(|p| &p.addresses));
     let dns = config.dns.enabled.then(|| overlays::DnsSettings {
@@ -270,8 +272,14 @@ fn up(path: &Path) -> anyhow::Result<()> {
         // Log in first: a wrong password or an unreachable server ends here, with nothing to
         // undo.
         let binding = xmpp::start(&config, public, &claims).await?;
-        let mut plane =
-            dataplane::Dataplane::new(engine, keeper, &config.interface, &addresses, &routes)?;
+        let mut plane = dataplane::Dataplane::new(
+            engine,
+            keeper,
+            &config.interface,
+            &addresses,
+            &ula,
+            &routes,
+        )?;
         plane.discover_host_candidates();
         plane.trust_ca_file(
             config
