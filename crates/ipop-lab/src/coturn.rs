@@ -15,6 +15,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
+use crate::ca::TestCa;
 use crate::dir::TestDir;
 use crate::netns::Netns;
 use crate::next_id;
@@ -46,6 +47,7 @@ pub struct CoturnBuilder {
     stale_nonce: Option<Duration>,
     extra: Vec<String>,
     parent: Option<PathBuf>,
+    tls: Option<(TestCa, String)>,
 }
 
 impl CoturnBuilder {
@@ -102,8 +104,18 @@ impl CoturnBuilder {
         self
     }
 
+    /// Also serves STUN and TURN over TLS, on a port of its own ([`Coturn::tls_addr`]), with a
+    /// certificate for the host name `host` signed by `ca` (coturn's `tls-listening-port`,
+    /// `cert` and `pkey`).
+    #[must_use]
+    pub fn tls(mut self, ca: &TestCa, host: &str) -> CoturnBuilder {
+        self.tls = Some((ca.clone(), host.to_owned()));
+        self
+    }
+
     /// Writes the config, starts coturn and waits until it answers STUN over UDP and accepts TCP
-    /// connections.
+    /// connections, and with [`CoturnBuilder::tls`] until its log says the TLS listener is up
+    /// and that accepts TCP connections too.
     ///
     /// # Panics
     /// When a file cannot be written, no port is free on the address, or coturn does not come
@@ -124,9 +136,21 @@ impl CoturnBuilder {
         let port = free_port(self.netns.as_ref(), self.ip);
         let relay_ip = self.relay_ip.unwrap_or(self.ip);
         let relay_ports = relay_ports(self.netns.as_ref(), relay_ip);
+        let tls_addr = self.tls.as_ref().map(|(ca, host)| {
+            let tls_dir = dir.join("tls");
+            std::fs::create_dir_all(&tls_dir)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", tls_dir.display()));
+            ca.write_server_files(&tls_dir, &[host]);
+            let tls_port = (0..50)
+                .map(|_| free_port(self.netns.as_ref(), self.ip))
+                .find(|p| *p != port)
+                .unwrap_or_else(|| panic!("no second free port on {} for TLS", self.ip));
+            SocketAddr::new(self.ip, tls_port)
+        });
         let coturn = Coturn {
             daemon: None,
             addr: SocketAddr::new(self.ip, port),
+            tls_addr,
             relay_ip,
             relay_ports,
             config: dir.join("turnserver.conf"),
@@ -145,7 +169,8 @@ impl CoturnBuilder {
     }
 }
 
-/// A running coturn: STUN and TURN over UDP and TCP on one port, relaying over UDP.
+/// A running coturn: STUN and TURN over UDP and TCP on one port, and over TLS on another when
+/// asked, relaying over UDP.
 ///
 /// Dropping it stops the process (SIGTERM, then SIGKILL, by PID) and removes its directory;
 /// when the thread is panicking, it prints the log's path and tail and keeps the directory.
@@ -155,6 +180,7 @@ pub struct Coturn {
     daemon: Option<Daemon>,
     netns: Option<NsHandle>,
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     relay_ip: IpAddr,
     relay_ports: RangeInclusive<u16>,
     secret: String,
@@ -181,6 +207,7 @@ impl Coturn {
             stale_nonce: None,
             extra: Vec::new(),
             parent: None,
+            tls: None,
         }
     }
 
@@ -197,6 +224,12 @@ impl Coturn {
     #[must_use]
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where clients reach it over TLS, when started with [`CoturnBuilder::tls`].
+    #[must_use]
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The address relayed transport addresses are on.
@@ -277,11 +310,12 @@ impl Coturn {
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + COTURN_READY_TIMEOUT;
-        let addr = self.addr;
+        let (addr, tls_addr) = (self.addr, self.tls_addr);
         loop {
-            let probe = run_in(self.netns.as_ref(), move || probe(addr));
+            let probe = run_in(self.netns.as_ref(), move || probe(addr, tls_addr));
             let last = match probe {
-                Ok(Ok(())) => return,
+                Ok(Ok(())) if self.tls_listening() => return,
+                Ok(Ok(())) => std::io::Error::other("no TLS listener in the log yet"),
                 Ok(Err(e)) | Err(e) => e,
             };
             if let Some(status) = self.daemon.as_mut().and_then(Daemon::try_wait) {
@@ -298,6 +332,19 @@ impl Coturn {
             );
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether the log says the TLS listener is up, when there is one.
+    fn tls_listening(&self) -> bool {
+        let Some(tls_addr) = self.tls_addr else {
+            return true;
+        };
+        let port = format!(":{}", tls_addr.port());
+        std::fs::read_to_string(&self.log).is_ok_and(|log| {
+            log.lines().any(|line| {
+                line.contains("TLS/TCP listener opened on") && line.trim_end().ends_with(&port)
+            })
+        })
     }
 
     fn logs(&self) -> String {
@@ -325,7 +372,17 @@ impl Coturn {
         let _ = writeln!(s, "static-auth-secret={}", self.secret);
         let _ = writeln!(s, "allow-loopback-peers");
         let _ = writeln!(s, "no-multicast-peers");
-        let _ = writeln!(s, "no-tls");
+        match self.tls_addr {
+            Some(tls_addr) => {
+                let tls_dir = dir.join("tls");
+                let _ = writeln!(s, "tls-listening-port={}", tls_addr.port());
+                let _ = writeln!(s, "cert={}", tls_dir.join("server.crt").display());
+                let _ = writeln!(s, "pkey={}", tls_dir.join("server.key").display());
+            }
+            None => {
+                let _ = writeln!(s, "no-tls");
+            }
+        }
         let _ = writeln!(s, "no-dtls");
         let _ = writeln!(s, "no-cli");
         let _ = writeln!(s, "no-rfc5780");
@@ -390,8 +447,8 @@ pub fn sweep_stale_coturn() {
 }
 
 /// Sends a STUN Binding request to `addr` and waits briefly for the answer, then connects over
-/// TCP.
-fn probe(addr: SocketAddr) -> std::io::Result<()> {
+/// TCP, to `tls_addr` as well when given.
+fn probe(addr: SocketAddr, tls_addr: Option<SocketAddr>) -> std::io::Result<()> {
     let unspecified: IpAddr = if addr.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -399,10 +456,7 @@ fn probe(addr: SocketAddr) -> std::io::Result<()> {
     };
     let socket = UdpSocket::bind((unspecified, 0))?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut request = [0u8; 20];
-    request[1] = 0x01;
-    request[4..8].copy_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
-    request[8..20].copy_from_slice(&std::process::id().to_be_bytes().repeat(3));
+    let request = binding_request();
     socket.send_to(&request, addr)?;
     let mut answer = [0u8; 512];
     loop {
@@ -412,7 +466,19 @@ fn probe(addr: SocketAddr) -> std::io::Result<()> {
             break;
         }
     }
-    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map(drop)
+    for addr in std::iter::once(addr).chain(tls_addr) {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    }
+    Ok(())
+}
+
+/// A STUN Binding request (no attributes) whose transaction ID is made of this process's ID.
+fn binding_request() -> [u8; 20] {
+    let mut request = [0u8; 20];
+    request[1] = 0x01;
+    request[4..8].copy_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    request[8..20].copy_from_slice(&std::process::id().to_be_bytes().repeat(3));
+    request
 }
 
 /// A port free for both UDP and TCP on `ip` (inside `ns` when given) at the time of the call.
@@ -454,6 +520,35 @@ fn relay_ports(ns: Option<&NsHandle>, ip: IpAddr) -> RangeInclusive<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+    /// A TLS connection to `addr` that trusts only `ca` and checks the certificate against
+    /// `host`; the handshake happens on first use.
+    fn tls_client(
+        ca: &TestCa,
+        addr: SocketAddr,
+        host: &'static str,
+    ) -> StreamOwned<ClientConnection, TcpStream> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.der().to_vec()))
+            .expect("the test CA is a trust anchor");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from(host).expect("a host name");
+        let connection = ClientConnection::new(Arc::new(config), name).expect("TLS client");
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        StreamOwned::new(connection, tcp)
+    }
 
     #[test]
     fn rest_credentials_are_base64_hmac_sha1_of_the_username() {
@@ -468,12 +563,37 @@ mod tests {
     fn starts_answers_and_stops_by_pid() {
         let coturn = Coturn::start_local();
         let pid = coturn.pid().expect("running");
-        probe(coturn.addr()).expect("answers STUN and TCP");
+        probe(coturn.addr(), None).expect("answers STUN and TCP");
         let dir = coturn.dir().to_owned();
         let config = std::fs::read_to_string(coturn.config_path()).expect("config");
         assert!(config.contains("use-auth-secret") && config.contains("allow-loopback-peers"));
         drop(coturn);
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "stopped");
         assert!(!dir.exists(), "directory removed");
+    }
+
+    #[test]
+    fn answers_stun_over_tls_with_a_certificate_for_its_host_name() {
+        let ca = TestCa::new("ipop-lab coturn test CA");
+        let coturn = Coturn::builder().tls(&ca, "turn.example.org").start();
+        let tls_addr = coturn.tls_addr().expect("a TLS address");
+        assert_ne!(tls_addr.port(), coturn.addr().port());
+        assert!(
+            Coturn::start_local().tls_addr().is_none(),
+            "no TLS unless asked"
+        );
+
+        let mut tls = tls_client(&ca, tls_addr, "turn.example.org");
+        let request = binding_request();
+        tls.write_all(&request).expect("a Binding request over TLS");
+        let mut answer = [0u8; 20];
+        tls.read_exact(&mut answer).expect("an answer over TLS");
+        assert_eq!(answer[..2], [0x01, 0x01], "a Binding success: {answer:?}");
+        assert_eq!(answer[8..20], request[8..20], "for our transaction");
+
+        let mut wrong = tls_client(&ca, tls_addr, "other.example.org");
+        let refused = wrong.write_all(&request).and_then(|()| wrong.flush());
+        let e = refused.expect_err("the certificate is for turn.example.org only");
+        assert!(e.to_string().contains("not valid for name"), "{e}");
     }
 }

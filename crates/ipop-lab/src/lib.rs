@@ -10,8 +10,10 @@
 //!   `ipop status --json`; [`wait_until`] polls for a condition.
 //! - [`Prosody`]: a private Prosody (own CA, certificate, config, data and port) on loopback or
 //!   inside a namespace, stopped on drop.
-//! - [`Coturn`]: a private coturn (STUN/TURN, time-limited credentials) on loopback or inside a
-//!   namespace, stopped on drop.
+//! - [`Coturn`]: a private coturn (STUN/TURN, time-limited credentials, TLS when asked) on
+//!   loopback or inside a namespace, stopped on drop.
+//! - [`TestCa`]: a CA for the servers of a test; Prosody and coturn can share one.
+//! - [`NetnsHosts`]: host names that resolve inside one namespace (`/etc/netns/NAME/hosts`).
 //! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
 //! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
 //!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
@@ -19,8 +21,10 @@
 //! Names carry the PID of the creating process (`ipl-<pid>-<n>-<tag>`), so tests run in
 //! parallel, and namespaces left behind by a killed run are swept on the next run.
 
+mod ca;
 mod coturn;
 mod dir;
+mod hosts;
 mod ipop;
 mod nat;
 mod net;
@@ -36,10 +40,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use ca::{ServerCertificate, TestCa};
 pub use coturn::{
     COTURN_READY_TIMEOUT, COTURN_REALM, Coturn, CoturnBuilder, rest_credentials, sweep_stale_coturn,
 };
 pub use dir::TestDir;
+pub use hosts::{NetnsHosts, sweep_stale_hosts};
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
 };

@@ -9,11 +9,7 @@ use std::sync::Once;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-
+use crate::ca::TestCa;
 use crate::dir::TestDir;
 use crate::netns::Netns;
 use crate::nsenter::{NsHandle, run_in};
@@ -53,6 +49,7 @@ pub struct ProsodyBuilder {
     room_locking: bool,
     external_services: Option<Vec<ExternalService>>,
     parent: Option<PathBuf>,
+    ca: Option<TestCa>,
 }
 
 impl ProsodyBuilder {
@@ -89,6 +86,14 @@ impl ProsodyBuilder {
         self
     }
 
+    /// Has `ca` sign the server certificate, so that other servers of the test can share it; a
+    /// CA of its own by default.
+    #[must_use]
+    pub fn ca(mut self, ca: &TestCa) -> ProsodyBuilder {
+        self.ca = Some(ca.clone());
+        self
+    }
+
     /// Writes the certificates and config, starts Prosody and waits until its c2s port accepts
     /// connections.
     ///
@@ -114,7 +119,12 @@ impl ProsodyBuilder {
             std::fs::create_dir_all(&sub)
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", sub.display()));
         }
-        let ca_der = write_certificates(&dir.join("certs"), &self.domain);
+        let ca = self
+            .ca
+            .unwrap_or_else(|| TestCa::new(&format!("ipop-lab test CA for {}", self.domain)));
+        let conference = format!("conference.{}", self.domain);
+        ca.write_server_files(&dir.join("certs"), &[&self.domain, &conference]);
+        let ca_der = ca.der().to_vec();
         let port = free_port(self.netns.as_ref(), self.ip);
         let mut prosody = Prosody {
             daemon: None,
@@ -169,6 +179,7 @@ impl Prosody {
             room_locking: true,
             external_services: None,
             parent: None,
+            ca: None,
         }
     }
 
@@ -469,41 +480,6 @@ impl Drop for Prosody {
             );
         }
     }
-}
-
-/// Writes a fresh CA and a server certificate for `domain` and `conference.DOMAIN` (a leaf:
-/// CA:FALSE, serverAuth) into `dir` as `ca.crt`, `server.crt` and `server.key`; returns the CA
-/// certificate in DER.
-fn write_certificates(dir: &Path, domain: &str) -> Vec<u8> {
-    let ca_key = KeyPair::generate().unwrap_or_else(|e| panic!("cannot generate a CA key: {e}"));
-    let mut ca_params = CertificateParams::default();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("ipop-lab test CA for {domain}"));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params
-        .self_signed(&ca_key)
-        .unwrap_or_else(|e| panic!("cannot sign the test CA: {e}"));
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let names = vec![domain.to_owned(), format!("conference.{domain}")];
-    let mut params = CertificateParams::new(names)
-        .unwrap_or_else(|e| panic!("cannot make a certificate for {domain}: {e}"));
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, domain);
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let key = KeyPair::generate().unwrap_or_else(|e| panic!("cannot generate a server key: {e}"));
-    let cert = params
-        .signed_by(&key, &issuer)
-        .unwrap_or_else(|e| panic!("cannot sign the certificate for {domain}: {e}"));
-
-    write(&dir.join("ca.crt"), &ca_cert.pem());
-    write(&dir.join("server.crt"), &cert.pem());
-    write(&dir.join("server.key"), &key.serialize_pem());
-    ca_cert.der().to_vec()
 }
 
 /// Kills (SIGKILL, by PID) the Prosody processes that an earlier test process started and

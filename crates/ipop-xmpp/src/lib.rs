@@ -33,8 +33,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_xmpp::jid::BareJid;
 
 pub use extdisco::MAX_SERVICES as MAX_EXTERNAL_SERVICES;
-pub use login::{describe_certificate_error, tls_config};
 pub use jingle::MAX_CANDIDATES;
+pub use login::{describe_certificate_error, tls_config};
 
 /// The namespace of ipop's presence payload, `<ipop xmlns='urn:ipop:0' key='…'/>` (with the
 /// optional `address` and `fixed` of the device's claim), and the

@@ -336,7 +336,9 @@ fn choose_scram(
     (!plain.is_empty()).then_some((plain, ChannelBinding::None))
 }
 
-fn describe_certificate_error(e: &CertificateError, domain: &str) -> String {
+/// Why a certificate was refused, in words for the user; `domain` is the name it was checked
+/// against.
+pub fn describe_certificate_error(e: &CertificateError, domain: &str) -> String {
     match e {
         CertificateError::UnknownIssuer => "it is signed by an unknown authority (for a private \
              server, give its CA certificate with `extra_ca`)"
@@ -354,8 +356,9 @@ fn describe_certificate_error(e: &CertificateError, domain: &str) -> String {
     }
 }
 
-/// The trust anchors: the system's roots and, for a private server, an extra CA file.
-fn tls_config(extra_ca: Option<&std::path::Path>) -> Result<ClientConfig, LoginError> {
+/// The trust anchors: the system's roots and, for a private server, an extra CA file. The
+/// daemon checks its TURN servers over TLS with the same configuration.
+pub fn tls_config(extra_ca: Option<&std::path::Path>) -> Result<ClientConfig, LoginError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for error in &native.errors {

@@ -46,7 +46,7 @@ pub struct Overlay {
     pub peers: Vec<Peer>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Peer {
     /// The peer's public key.
     pub id: String,
@@ -156,23 +156,10 @@ impl Peer {
     /// A member of an overlay with no ipop device online.
     fn offline(user: &str) -> Self {
         Peer {
-            id: String::new(),
-            fingerprint: String::new(),
-            name: None,
             jid: Some(user.to_owned()),
-            device: None,
-            addresses: Vec::new(),
             state: "offline".to_owned(),
-            path: None,
-            endpoint: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
-            last_handshake_s: None,
             reason: Some("no ipop device of this user is online".to_owned()),
-            pair: None,
-            rtt_ms: None,
-            via: None,
-            candidates_tried: Vec::new(),
+            ..Peer::default()
         }
     }
 
@@ -197,21 +184,11 @@ impl Peer {
         Peer {
             id: u.key.to_string(),
             fingerprint: u.key.fingerprint(),
-            name: None,
             jid: Some(u.device.user.clone()),
             device: Some(u.device.device.clone()),
-            addresses: Vec::new(),
             state: state.to_owned(),
-            path: None,
-            endpoint: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
-            last_handshake_s: None,
             reason: Some(reason),
-            pair: None,
-            rtt_ms: None,
-            via: None,
-            candidates_tried: Vec::new(),
+            ..Peer::default()
         }
     }
 

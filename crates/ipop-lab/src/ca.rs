@@ -1,0 +1,130 @@
+//! A certificate authority for the servers of a test. Prosody and coturn can share one, so that
+//! one CA file (ipop's `[xmpp] ca_file`) makes a device trust both.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+/// A fresh CA; clones share it.
+#[derive(Clone)]
+pub struct TestCa {
+    issuer: Arc<CertifiedIssuer<'static, KeyPair>>,
+    name: Arc<str>,
+}
+
+impl fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestCa")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A server certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct ServerCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    /// A CA whose certificate has the common name `name`.
+    ///
+    /// # Panics
+    /// When a key cannot be generated or the certificate cannot be signed.
+    #[must_use]
+    pub fn new(name: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("cannot generate a CA key: {e}"));
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, key)
+            .unwrap_or_else(|e| panic!("cannot sign the test CA: {e}"));
+        TestCa {
+            issuer: Arc::new(issuer),
+            name: name.into(),
+        }
+    }
+
+    /// The CA certificate, PEM-encoded.
+    #[must_use]
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// The CA certificate, DER-encoded.
+    #[must_use]
+    pub fn der(&self) -> &[u8] {
+        self.issuer.der()
+    }
+
+    /// A server certificate for the host names `names` (a leaf: CA:FALSE, serverAuth), the
+    /// first of them also its common name, signed by this CA.
+    ///
+    /// # Panics
+    /// When `names` is empty or holds a name that cannot be in a certificate.
+    #[must_use]
+    pub fn issue(&self, names: &[&str]) -> ServerCertificate {
+        let first = names
+            .first()
+            .expect("a certificate names at least one host");
+        let owned: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(owned)
+            .unwrap_or_else(|e| panic!("cannot make a certificate for {names:?}: {e}"));
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, *first);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key =
+            KeyPair::generate().unwrap_or_else(|e| panic!("cannot generate a server key: {e}"));
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .unwrap_or_else(|e| panic!("cannot sign the certificate for {names:?}: {e}"));
+        ServerCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// Writes into `dir` this CA as `ca.crt`, and a server certificate for `names` (see
+    /// [`TestCa::issue`]) as `server.crt` and `server.key`.
+    ///
+    /// # Panics
+    /// When a file cannot be written.
+    pub fn write_server_files(&self, dir: &Path, names: &[&str]) {
+        let server = self.issue(names);
+        for (file, contents) in [
+            ("ca.crt", self.pem()),
+            ("server.crt", server.cert_pem),
+            ("server.key", server.key_pem),
+        ] {
+            let path = dir.join(file);
+            std::fs::write(&path, contents)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_leaf_certificates_for_the_names_given() {
+        let ca = TestCa::new("ipop-lab test CA");
+        assert!(ca.pem().starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(!ca.der().is_empty());
+        let server = ca.issue(&["turn.example.org", "relay.example.org"]);
+        assert!(server.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(server.key_pem.contains("PRIVATE KEY"));
+        let shared = ca.clone();
+        assert_eq!(shared.der(), ca.der(), "clones are the same CA");
+    }
+}
