@@ -697,7 +697,7 @@ impl Streams {
 }
 
 /// A connection to a TURN server: TCP, or TLS over TCP.
-trait TurnStream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait TurnStream: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> TurnStream for S {}
 
@@ -732,7 +732,7 @@ async fn stream_task(
 
 /// The TCP connection to `server`, wrapped in TLS when `tls` is given; the certificate must be
 /// valid for the server's host name.
-async fn open_stream(
+pub(crate) async fn open_stream(
     server: &IceServer,
     tls: Option<TlsConnector>,
 ) -> Result<Box<dyn TurnStream>, String> {

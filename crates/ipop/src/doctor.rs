@@ -378,12 +378,16 @@ fn describe_server(s: &IceServer) -> String {
         IceServerKind::Stun => "stun",
         IceServerKind::Turn => "turn",
     };
-    let name = if s.host == s.address.ip().to_string() {
+    format!("{kind} {} {}", transport_name(s.transport), server_name(s))
+}
+
+/// `host (address)`, or the address alone when the host is one.
+fn server_name(s: &IceServer) -> String {
+    if s.host == s.address.ip().to_string() {
         s.address.to_string()
     } else {
         format!("{} ({})", s.host, s.address)
-    };
-    format!("{kind} {} {name}", transport_name(s.transport))
+    }
 }
 
 // ---- STUN and the NAT's mapping ----
@@ -606,9 +610,10 @@ impl Link {
                 } else {
                     Ipv4Addr::UNSPECIFIED.into()
                 };
-                return UdpSocket::bind((any, 0)).await.map(Link::Udp).map_err(|e| {
-                    TurnProblem::Transport(format!("cannot open a UDP socket: {e}"))
-                });
+                return UdpSocket::bind((any, 0))
+                    .await
+                    .map(Link::Udp)
+                    .map_err(|e| TurnProblem::Transport(format!("cannot open a UDP socket: {e}")));
             }
             IceTransport::Tcp => None,
             IceTransport::Tls => {
@@ -754,13 +759,9 @@ async fn allocate(
 
 async fn turn(server: &IceServer, source: &str, ca_file: Option<&Path>, report: &mut Report) {
     let transport = transport_name(server.transport);
-    let on = if server.host == server.address.ip().to_string() {
-        server.address.to_string()
-    } else {
-        format!("{} ({})", server.host, server.address)
-    };
     report.start(format_args!(
-        "TURN allocation on {on} over {transport} (from {source})"
+        "TURN allocation on {} over {transport} (from {source})",
+        server_name(server)
     ));
     let name = format!("turn {transport} {}", server.address);
     let check = match allocate(server, ca_file).await {

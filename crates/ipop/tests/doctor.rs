@@ -1,11 +1,13 @@
 //! End-to-end `ipop doctor`: a device behind a NAT router of the lab, Prosody and coturn on the
-//! lab's server (coturn on both server addresses, so that the NAT's mapping can be told), and
-//! the verdicts `ipop doctor --json` gives.
+//! lab's server (coturn on both server addresses, so that the NAT's mapping can be told, and over
+//! TLS with a certificate from the CA that signs Prosody's), and the verdicts
+//! `ipop doctor --json` gives.
 //!
 //! Run as root: they create network namespaces, NAT rules and a TUN device.
 
 use ipop_lab::{
-    Coturn, ExternalService, Nat, NatLab, Netns, Prosody, SERVER_ALT_IP, SERVER_IP, Site, TestDir,
+    Coturn, ExternalService, Nat, NatLab, Netns, NetnsHosts, Prosody, SERVER_ALT_IP, SERVER_IP,
+    Site, TestCa, TestDir,
 };
 use serde_json::Value;
 use std::io::Read;
@@ -19,11 +21,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_ipop");
 const DOMAIN: &str = "example.org";
 const USER: &str = "alice";
 const PASSWORD: &str = "pw-alice-secret";
+/// The TURN server's name over TLS (its certificate's), known to the device's namespace.
+const TURN_HOST: &str = "turn.example.org";
 /// Longer than the doctor's own timeouts add up to in these tests.
 const DOCTOR_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Fields drop in order: the servers, then the lab, then the directory.
 struct World {
+    _hosts: NetnsHosts,
     coturn: Coturn,
     prosody: Prosody,
     lab: NatLab,
@@ -33,7 +38,7 @@ struct World {
 /// Where the device's STUN and TURN servers come from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Servers {
-    /// `[nat]` in the config, with these TURN credentials (good or not).
+    /// `[nat]` in the config, TURN over UDP, TCP and TLS with these credentials (good or not).
     Config { good_turn_password: bool },
     /// The XMPP server alone (XEP-0215): STUN on both server addresses, TURN over UDP and TCP.
     Xmpp,
@@ -41,16 +46,25 @@ enum Servers {
 
 impl World {
     /// One device behind `nat`, Prosody with one account, coturn listening on both of the
-    /// server's addresses (relaying from the first).
+    /// server's addresses (relaying from the first) and over TLS as [`TURN_HOST`].
     fn new(tag: &str, nat: Nat, servers: Servers) -> World {
         let lab = NatLab::builder(tag).site(Site::new(nat)).build();
         let dir = TestDir::new(tag);
+        // One CA for both servers: the config's `ca_file` covers XMPP and TURN over TLS.
+        let ca = TestCa::new("ipop-lab test CA");
         let coturn = Coturn::builder()
             .in_netns(&lab.server.ns, IpAddr::V4(SERVER_IP))
             .config_line(&format!("listening-ip={SERVER_ALT_IP}"))
+            .tls(&ca, TURN_HOST)
             .dir(dir.path())
             .start();
-        let mut prosody = Prosody::builder(DOMAIN).in_netns(&lab.server.ns, IpAddr::V4(SERVER_IP));
+        let hosts = NetnsHosts::new(
+            &lab.devices[0].host.ns,
+            &[(TURN_HOST, IpAddr::V4(SERVER_IP))],
+        );
+        let mut prosody = Prosody::builder(DOMAIN)
+            .in_netns(&lab.server.ns, IpAddr::V4(SERVER_IP))
+            .ca(&ca);
         if servers == Servers::Xmpp {
             let port = coturn.addr().port();
             let service = |kind: &str, transport: &str, host: IpAddr| ExternalService {
@@ -71,6 +85,7 @@ impl World {
         let prosody = prosody.start();
         prosody.register(USER, PASSWORD);
         World {
+            _hosts: hosts,
             coturn,
             prosody,
             lab,
@@ -80,6 +95,10 @@ impl World {
 
     fn ns(&self) -> &Netns {
         &self.lab.devices[0].host.ns
+    }
+
+    fn tls_addr(&self) -> SocketAddr {
+        self.coturn.tls_addr().expect("coturn serves TLS")
     }
 
     /// Writes the device's config and returns its path.
@@ -93,16 +112,19 @@ impl World {
                     password = "not-the-password".to_owned();
                 }
                 let port = self.coturn.addr().port();
-                let turn = |transport: &str| {
+                let tls_port = self.tls_addr().port();
+                let turn = |server: &str, transport: &str| {
                     format!(
-                        "[[nat.turn]]\nserver = \"{SERVER_IP}:{port}\"\ntransport = \"{transport}\"\n\
+                        "[[nat.turn]]\nserver = \"{server}\"\ntransport = \"{transport}\"\n\
                          username = \"{username}\"\npassword = \"{password}\"\n\n"
                     )
                 };
+                let plain = format!("{SERVER_IP}:{port}");
                 format!(
-                    "[nat]\nstun = [\"{SERVER_IP}:{port}\", \"{SERVER_ALT_IP}:{port}\"]\n\n{}{}",
-                    turn("udp"),
-                    turn("tcp")
+                    "[nat]\nstun = [\"{SERVER_IP}:{port}\", \"{SERVER_ALT_IP}:{port}\"]\n\n{}{}{}",
+                    turn(&plain, "udp"),
+                    turn(&plain, "tcp"),
+                    turn(&format!("{TURN_HOST}:{tls_port}"), "tls")
                 )
             }
         };
@@ -256,6 +278,7 @@ fn behind_a_cone_nat_every_check_passes() {
         "nat mapping".to_owned(),
         format!("turn udp {SERVER_IP}:{port}"),
         format!("turn tcp {SERVER_IP}:{port}"),
+        format!("turn tls {}", w.tls_addr()),
         "tun".to_owned(),
     ];
     assert_eq!(names, expected, "{run}");
@@ -269,13 +292,13 @@ fn behind_a_cone_nat_every_check_passes() {
     );
     assert!(mapped.contains(&format!("{router}:")), "{mapped}\n{run}");
     assert_verdict(&run, "nat mapping", "ok", "endpoint-independent mapping");
-    for transport in ["udp", "tcp"] {
-        let detail = assert_verdict(
-            &run,
-            &format!("turn {transport} {SERVER_IP}:{port}"),
-            "ok",
-            "released",
-        );
+    let tls = w.tls_addr();
+    for name in [
+        format!("turn udp {SERVER_IP}:{port}"),
+        format!("turn tcp {SERVER_IP}:{port}"),
+        format!("turn tls {tls}"),
+    ] {
+        let detail = assert_verdict(&run, &name, "ok", "released");
         assert_relayed_on_server(&detail, &run);
     }
     assert_verdict(&run, "tun", "ok", "created and removed");
@@ -322,10 +345,15 @@ fn wrong_xmpp_password_and_wrong_turn_credentials_fail() {
     assert!(!run.status.success(), "{run}");
     assert_verdict(&run, "xmpp login", "fail", "wrong password");
     let port = w.coturn.addr().port();
-    for transport in ["udp", "tcp"] {
+    let tls = w.tls_addr();
+    for name in [
+        format!("turn udp {SERVER_IP}:{port}"),
+        format!("turn tcp {SERVER_IP}:{port}"),
+        format!("turn tls {tls}"),
+    ] {
         assert_verdict(
             &run,
-            &format!("turn {transport} {SERVER_IP}:{port}"),
+            &name,
             "fail",
             "the TURN server refused the credentials (401)",
         );
@@ -345,7 +373,7 @@ fn wrong_xmpp_password_and_wrong_turn_credentials_fail() {
             && human
                 .stdout
                 .contains("advice: check [xmpp] jid and the password")
-            && human.stderr.contains("3 of 8 checks failed"),
+            && human.stderr.contains("4 of 9 checks failed"),
         "{human}"
     );
 }
