@@ -7,6 +7,12 @@
 //! an ICE agent over the shared UDP socket; the pair it nominates becomes the WireGuard
 //! endpoint. Everything is checked on both sides: the peer's user must be authorised by an
 //! overlay, and the key in its offer must be the key its device announced.
+//!
+//! When the chosen path stops working and ICE has no other (the agent reports
+//! `Disconnected`: every pair went unanswered for its ICE timeout, about 20 s), the link
+//! restarts ICE: a new session with new credentials and the current candidates, offered in a
+//! new `Signal::Initiate` that the other side accepts in place of the old session. The
+//! WireGuard peer stays through it, so its session keys carry on over the new path.
 
 use crate::demux::{DatagramKind, classify};
 use crate::ice;
@@ -40,6 +46,9 @@ const PENDING_OFFER_TTL: Duration = Duration::from_secs(10);
 const MAX_CANDIDATES: usize = 32;
 /// WireGuard keepalive on social links: keeps NAT mappings open.
 const KEEPALIVE_S: u16 = 25;
+/// How long the side that did not open a session waits, once its path is lost, for the other
+/// side to restart ICE before it restarts on its own.
+const RESTART_GRACE: Duration = Duration::from_secs(3);
 
 /// Where a link to a device stands, for status and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +90,11 @@ struct Session {
     answered: bool,
     started: Instant,
     nominated: Option<(SocketAddr, SocketAddr)>,
+    /// When the agent reported that no path works any more, after it had chosen one (or when
+    /// the social network came back since, to restart through it).
+    lost: Option<Instant>,
+    /// Whether this session restarts ICE for a link whose path was lost.
+    restart: bool,
 }
 
 impl Session {
@@ -137,6 +151,8 @@ pub struct Engine {
     key: PublicKey,
     plans: Plans,
     me: Option<DeviceId>,
+    /// Whether the social network session is up: ICE restarts wait for it.
+    online: bool,
     hosts: Vec<SocketAddr>,
     members: BTreeMap<OverlayId, BTreeSet<String>>,
     devices: BTreeMap<DeviceId, Announced>,
@@ -181,6 +197,7 @@ impl Engine {
             node,
             plans: Plans::new(&key, overlays, memory),
             me: None,
+            online: false,
             hosts: Vec::new(),
             members: BTreeMap::new(),
             devices: BTreeMap::new(),
@@ -392,9 +409,18 @@ impl Engine {
             OsnEvent::Online { me } => {
                 tracing::info!(device = %me, "social network session up");
                 self.me = Some(me);
+                self.online = true;
+                // Links that lost their path meanwhile restart now, the side that opened each
+                // session first (see `restart_due`).
+                for s in self.links.values_mut().filter_map(|l| l.session.as_mut()) {
+                    if s.lost.is_some() {
+                        s.lost = Some(now);
+                    }
+                }
             }
             OsnEvent::Offline => {
                 tracing::info!("social network session down; links stay up");
+                self.online = false;
             }
             OsnEvent::Members { overlay, users } => {
                 self.members.insert(overlay, users.into_iter().collect());
@@ -655,6 +681,21 @@ impl Engine {
         link.backoff = (link.backoff * 2).min(BACKOFF_MAX);
     }
 
+    /// Restarts ICE on a link whose path was lost: a new session with new credentials and the
+    /// current candidates, which the other side accepts in place of the old one. The WireGuard
+    /// peer stays; it moves to the new path once ICE chooses one. A restart that finds no path
+    /// fails like any attempt, and the link is retried with back-off.
+    fn restart(&mut self, now: Instant, device: &DeviceId) {
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        if let Some(s) = &link.session {
+            tracing::info!(%device, session = %s.id, "the path stopped working; restarting ICE");
+        }
+        link.last_error = Some("the path stopped working; looking for another".to_owned());
+        self.initiate(now, device);
+    }
+
     /// A distinct seed for each STUN or TURN client, from the secret.
     fn client_seed(&mut self) -> u64 {
         self.clients += 1;
@@ -681,7 +722,16 @@ impl Engine {
                 agent.add_local_candidate(c);
             }
         }
-        for c in &self.gathered {
+        // A relayed candidate is offered while its allocation holds it: after a lost
+        // allocation, a new session (an ICE restart) offers only the relay that replaced it.
+        let current = |c: &&is::Candidate| {
+            c.kind() != is::CandidateKind::Relayed
+                || self
+                    .relays
+                    .iter()
+                    .any(|a| a.relayed_address() == Some(c.addr()))
+        };
+        for c in self.gathered.iter().filter(current) {
             agent.add_local_candidate(c.clone());
         }
         agent
@@ -725,7 +775,7 @@ impl Engine {
         }
     }
 
-    /// Opens a session to `device`.
+    /// Opens a session to `device` (an ICE restart when the link keeps its WireGuard peer).
     fn initiate(&mut self, now: Instant, device: &DeviceId) {
         let id = format!("{:016x}", self.next_random());
         let agent = self.new_agent(true);
@@ -733,7 +783,8 @@ impl Engine {
         let Some(link) = self.links.get_mut(device) else {
             return;
         };
-        tracing::debug!(%device, session = %id, "offering a link");
+        let restart = link.peer.is_some();
+        tracing::debug!(%device, session = %id, restart, "offering a link");
         link.session = Some(Session {
             id: id.clone(),
             initiator: true,
@@ -741,6 +792,8 @@ impl Engine {
             answered: false,
             started: now,
             nominated: None,
+            lost: None,
+            restart,
         });
         self.signals
             .push_back((device.clone(), Signal::Initiate { session: id, offer }));
@@ -867,14 +920,14 @@ impl Engine {
                 return;
             }
         }
-        if let Some(index) = self.links.get_mut(&from).and_then(|l| l.peer.take()) {
-            self.node.remove_peer(index);
-        }
+        // A new offer replaces the session we had, if any (an ICE restart when its path was
+        // lost); the WireGuard peer, whose key the check above confirmed, stays.
         let mut agent = self.new_agent(false);
         apply_remote(&mut agent, &offer);
         agent.handle_timeout(now);
         let answer = self.offer(&agent);
         if let Some(link) = self.links.get_mut(&from) {
+            let restart = link.peer.is_some();
             link.session = Some(Session {
                 id: session.clone(),
                 initiator: false,
@@ -882,6 +935,8 @@ impl Engine {
                 answered: true,
                 started: now,
                 nominated: None,
+                lost: None,
+                restart,
             });
         }
         self.signals.push_back((
@@ -894,8 +949,12 @@ impl Engine {
         self.attach_peer(now, &from, &offer);
     }
 
-    /// Adds the WireGuard peer for an accepted offer.
+    /// Adds the WireGuard peer for an accepted offer, unless the link has it already (an ICE
+    /// restart: the peer keeps its session, and moves when the new path is chosen).
     fn attach_peer(&mut self, now: Instant, device: &DeviceId, offer: &LinkOffer) {
+        if self.links.get(device).is_none_or(|l| l.peer.is_some()) {
+            return;
+        }
         let overlays = self.authorising_claims(device);
         let p = self.plans.peer(device, &offer.key, &overlays);
         let config = PeerConfig {
@@ -960,7 +1019,14 @@ impl Engine {
                 if !s.answered && age > SESSION_TIMEOUT {
                     Some((d.clone(), "no answer to our offer"))
                 } else if s.answered && s.nominated.is_none() && age > ICE_TIMEOUT {
-                    Some((d.clone(), "ICE found no working path"))
+                    Some((
+                        d.clone(),
+                        if s.restart {
+                            "the path stopped working and an ICE restart found no other"
+                        } else {
+                            "ICE found no working path"
+                        },
+                    ))
                 } else {
                     None
                 }
@@ -968,6 +1034,25 @@ impl Engine {
             .collect();
         for (device, why) in stale {
             self.fail(now, &device, why);
+        }
+        let lost: Vec<DeviceId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.session
+                    .as_ref()
+                    .and_then(restart_due)
+                    .is_some_and(|t| t <= now)
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        // Without the social network a restart could not be signalled, and would only tear
+        // the link down: the WireGuard peer keeps its endpoint meanwhile, and carries on if
+        // the path comes back.
+        if self.online {
+            for device in lost {
+                self.restart(now, &device);
+            }
         }
         for link in self.links.values_mut() {
             if let Some(s) = link.session.as_mut() {
@@ -980,7 +1065,7 @@ impl Engine {
 
     /// Collects what the ICE agents want sent and what they decided.
     fn drive_agents(&mut self, now: Instant) {
-        for link in self.links.values_mut() {
+        for (device, link) in &mut self.links {
             let Some(s) = link.session.as_mut() else {
                 continue;
             };
@@ -997,13 +1082,21 @@ impl Engine {
                 });
             }
             while let Some(event) = s.agent.poll_event() {
-                if let IceAgentEvent::NominatedSend {
+                if let IceAgentEvent::IceConnectionStateChange(state) = event {
+                    if state.is_disconnected() && s.nominated.is_some() && s.lost.is_none() {
+                        tracing::info!(%device, session = %s.id, "no path works any more");
+                        s.lost = Some(now);
+                    } else if state.is_connected() {
+                        s.lost = None;
+                    }
+                } else if let IceAgentEvent::NominatedSend {
                     source,
                     destination,
                     ..
                 } = event
                 {
                     s.nominated = Some((source, destination));
+                    s.lost = None;
                     let via = self
                         .relays
                         .iter()
@@ -1031,9 +1124,15 @@ impl Engine {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
+        let online = self.online;
         for link in self.links.values_mut() {
             match link.session.as_mut() {
-                Some(s) => consider(s.agent.poll_timeout()),
+                Some(s) => {
+                    if online {
+                        consider(restart_due(s));
+                    }
+                    consider(s.agent.poll_timeout());
+                }
                 None => consider(Some(link.next_attempt)),
             }
         }
@@ -1387,6 +1486,18 @@ impl Engine {
     }
 }
 
+/// When a session whose path was lost restarts ICE: at once on the side that opened it (the
+/// controlling agent), after a grace on the other, which the first side's restart usually
+/// makes moot.
+fn restart_due(s: &Session) -> Option<Instant> {
+    let lost = s.lost?;
+    Some(if s.initiator {
+        lost
+    } else {
+        lost + RESTART_GRACE
+    })
+}
+
 /// The nominated pair of a session as candidates (with their types).
 fn chosen_pair(s: &Session) -> Option<(Candidate, Candidate)> {
     let (source, destination) = s.nominated?;
@@ -1427,7 +1538,41 @@ mod tests {
     struct Dev {
         engine: Engine,
         id: DeviceId,
+        /// The address of its first interface.
         addr: SocketAddr,
+        /// The addresses of its other interfaces.
+        more: Vec<SocketAddr>,
+    }
+
+    impl Dev {
+        fn owns(&self, addr: SocketAddr) -> bool {
+            self.addr == addr || self.more.contains(&addr)
+        }
+
+        /// The address it sends from to `to`, as routing picks it: its address in the same
+        /// /24, else its first.
+        fn source_for(&self, to: SocketAddr) -> SocketAddr {
+            let net = |a: SocketAddr| match a.ip() {
+                std::net::IpAddr::V4(v4) => Some([v4.octets()[0], v4.octets()[1], v4.octets()[2]]),
+                std::net::IpAddr::V6(_) => None,
+            };
+            self.more
+                .iter()
+                .copied()
+                .find(|a| net(*a).is_some() && net(*a) == net(to))
+                .unwrap_or(self.addr)
+        }
+
+        /// Gives it another interface, at `addr`, offered as a host candidate.
+        fn add_interface(&mut self, addr: &str) -> SocketAddr {
+            let addr: SocketAddr = addr.parse().unwrap();
+            self.more.push(addr);
+            let hosts = std::iter::once(self.addr)
+                .chain(self.more.clone())
+                .collect();
+            self.engine.set_host_candidates(hosts);
+            addr
+        }
     }
 
     /// A device in the social overlay, at `social` (address and prefix).
@@ -1469,6 +1614,7 @@ mod tests {
             engine,
             id: DeviceId::new(user, device),
             addr,
+            more: Vec::new(),
         }
     }
 
@@ -1476,6 +1622,8 @@ mod tests {
         devs: Vec<Dev>,
         now: Instant,
         signals_sent: usize,
+        /// Every datagram from the first address to the second is lost.
+        cut: Vec<(SocketAddr, SocketAddr)>,
     }
 
     impl World {
@@ -1485,6 +1633,7 @@ mod tests {
                 devs,
                 now,
                 signals_sent: 0,
+                cut: Vec::new(),
             };
             for d in &mut w.devs {
                 let me = d.id.clone();
@@ -1543,8 +1692,11 @@ mod tests {
                         }
                     }
                     while let Some(t) = self.devs[i].engine.poll_transmit() {
-                        let from = self.devs[i].addr;
-                        if let Some(j) = self.devs.iter().position(|d| d.addr == t.destination) {
+                        let from = self.devs[i].source_for(t.destination);
+                        if !self.passes(from, t.destination) {
+                            continue;
+                        }
+                        if let Some(j) = self.devs.iter().position(|d| d.owns(t.destination)) {
                             let now = self.now;
                             let e = &mut self.devs[j].engine;
                             e.handle_udp(now, t.destination, from, &t.payload, &mut out);
@@ -1552,6 +1704,31 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// From now on, every datagram between `a` and `b` is lost, both ways.
+        fn cut(&mut self, a: SocketAddr, b: SocketAddr) {
+            self.cut.extend([(a, b), (b, a)]);
+        }
+
+        fn passes(&self, from: SocketAddr, to: SocketAddr) -> bool {
+            !self.cut.contains(&(from, to))
+        }
+
+        /// Runs until `done` holds, for at most `limit` of simulated time; returns how long it
+        /// took.
+        fn run_until(&mut self, limit: Duration, done: impl Fn(&World) -> bool) -> Duration {
+            let start = self.now;
+            while !done(self) {
+                assert!(
+                    self.now - start < limit,
+                    "not done within {limit:?}: {:?} / {:?}",
+                    self.link(0),
+                    self.link(1)
+                );
+                self.run(1);
+            }
+            self.now - start
         }
 
         fn link(&self, i: usize) -> Option<LinkStatus> {
@@ -1841,5 +2018,227 @@ mod tests {
         );
         let a = w.link(0).unwrap();
         assert_eq!(a.phase, LinkPhase::Connected);
+    }
+
+    /// What one packet through the tunnel showed.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Sent {
+        /// Where it went.
+        to: SocketAddr,
+        /// The WireGuard session it was sealed in (the receiver's index) and its counter.
+        session: u32,
+        counter: u64,
+        /// What came out at the other end.
+        arrived: Option<Vec<u8>>,
+    }
+
+    /// Sends `payload` (under 8 bytes: it is not read as a UDP header) through the tunnel from
+    /// device `i` to device `j`, as an IP packet from `i`'s own social address to the one `i`
+    /// gives `j`.
+    fn tunnel(w: &mut World, i: usize, j: usize, payload: &[u8]) -> Sent {
+        let own = w.devs[i].engine.own_addresses()[0].v4.addr();
+        let target = w.devs[i].engine.memory().social_numbers[&w.devs[j].id];
+        let mut p = ipv4(own.octets(), target.octets(), payload);
+        let mut wire = vec![0u8; 2048];
+        let (to, n, _) = w.devs[i]
+            .engine
+            .handle_tun(&mut p, &mut wire)
+            .expect("routed");
+        assert_eq!(wire[0], 4, "a WireGuard data message");
+        let session = u32::from_le_bytes(wire[4..8].try_into().unwrap());
+        let counter = u64::from_le_bytes(wire[8..16].try_into().unwrap());
+        let from = w.devs[i].source_for(to);
+        let now = w.now;
+        let mut inner = vec![0u8; 2048];
+        let arrived = w.passes(from, to).then_some(()).and_then(|()| {
+            w.devs[j]
+                .engine
+                .handle_udp(now, to, from, &wire[..n], &mut inner)
+                .map(|len| inner[20..len].to_vec())
+        });
+        Sent {
+            to,
+            session,
+            counter,
+            arrived,
+        }
+    }
+
+    /// The WireGuard peer slot of device `i`'s link.
+    fn slot(w: &World, i: usize) -> Option<usize> {
+        w.devs[i].engine.links.values().next().and_then(|l| l.peer)
+    }
+
+    #[test]
+    fn a_lost_path_is_replaced_by_an_ice_restart_and_the_wireguard_session_carries_on() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let (a1, b1) = (w.devs[0].addr, w.devs[1].addr);
+        assert_eq!(
+            w.link(0).and_then(|l| l.pair).map(|p| p.1.address),
+            Some(b1)
+        );
+        let slots = (slot(&w, 0), slot(&w, 1));
+        let before = [tunnel(&mut w, 0, 1, b"one"), tunnel(&mut w, 1, 0, b"two")];
+        assert_eq!(before[0].arrived.as_deref(), Some(&b"one"[..]));
+        assert_eq!(before[1].arrived.as_deref(), Some(&b"two"[..]));
+
+        // The network between them fails, and both join another one.
+        w.cut(a1, b1);
+        let a2 = w.devs[0].add_interface("198.51.100.1:51820");
+        let b2 = w.devs[1].add_interface("198.51.100.2:51820");
+        assert_eq!(tunnel(&mut w, 0, 1, b"lost").arrived, None);
+        let signals = w.signals_sent;
+        let on_b2 = |w: &World| {
+            let pair = |i: usize| w.link(i).and_then(|l| l.pair).map(|p| p.1.address);
+            pair(0) == Some(b2) && pair(1) == Some(a2)
+        };
+        let took = w.run_until(Duration::from_secs(45), on_b2);
+        assert!(took < Duration::from_secs(35), "recovered in {took:?}");
+        // One offer and its answer; the WireGuard peers were kept.
+        assert_eq!(w.signals_sent - signals, 2);
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        for i in 0..2 {
+            let link = w.link(i).unwrap();
+            assert_eq!(link.phase, LinkPhase::Connected);
+            assert_eq!(link.last_error, None);
+        }
+        // Packets go over the new path at once, both ways, in the same WireGuard sessions:
+        // no new handshake was needed.
+        let after = [
+            tunnel(&mut w, 0, 1, b"three"),
+            tunnel(&mut w, 1, 0, b"four"),
+        ];
+        assert_eq!((after[0].to, after[1].to), (b2, a2));
+        assert_eq!(after[0].arrived.as_deref(), Some(&b"three"[..]));
+        assert_eq!(after[1].arrived.as_deref(), Some(&b"four"[..]));
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(a.session, b.session);
+            assert!(a.counter > b.counter);
+        }
+    }
+
+    #[test]
+    fn the_answering_side_restarts_ice_when_only_it_sees_the_path_fail() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let initiator = |w: &World, i: usize| {
+            let link = w.devs[i].engine.links.values().next();
+            link.and_then(|l| l.session.as_ref()).map(|s| s.initiator)
+        };
+        assert_eq!(
+            (initiator(&w, 0), initiator(&w, 1)),
+            (Some(true), Some(false))
+        );
+        let slots = (slot(&w, 0), slot(&w, 1));
+        // Alice's datagrams no longer reach Bob; Bob's still reach Alice. Her ICE agent, still
+        // checked by Bob, keeps its path; his sees it fail.
+        let (a1, b1) = (w.devs[0].addr, w.devs[1].addr);
+        w.cut.push((a1, b1));
+        let a2 = w.devs[0].add_interface("198.51.100.1:51820");
+        let b2 = w.devs[1].add_interface("198.51.100.2:51820");
+        let signals = w.signals_sent;
+        let on_b2 = |w: &World| {
+            let pair = |i: usize| w.link(i).and_then(|l| l.pair).map(|p| p.1.address);
+            pair(0) == Some(b2) && pair(1) == Some(a2)
+        };
+        w.run_until(Duration::from_secs(45), on_b2);
+        // Bob opened the new session, after waiting for Alice to; the peers stayed.
+        assert_eq!(
+            (initiator(&w, 0), initiator(&w, 1)),
+            (Some(false), Some(true))
+        );
+        assert_eq!(w.signals_sent - signals, 2);
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        let sent = tunnel(&mut w, 0, 1, b"hi");
+        assert_eq!(sent.arrived.as_deref(), Some(&b"hi"[..]));
+    }
+
+    #[test]
+    fn a_lost_path_waits_for_the_social_network_to_restart() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let slots = (slot(&w, 0), slot(&w, 1));
+        for d in &mut w.devs {
+            d.engine.handle_osn(w.now, OsnEvent::Offline);
+        }
+        let (a1, b1) = (w.devs[0].addr, w.devs[1].addr);
+        w.cut(a1, b1);
+        let lost = |w: &World, i: usize| {
+            let link = w.devs[i].engine.links.values().next();
+            link.and_then(|l| l.session.as_ref()).and_then(|s| s.lost)
+        };
+        w.run_until(Duration::from_secs(40), |w| {
+            lost(w, 0).is_some() && lost(w, 1).is_some()
+        });
+        // No signal can go out: nothing is tried, the peers stay, and the engine does not
+        // ask to be woken for it.
+        let signals = w.signals_sent;
+        w.run(500);
+        assert_eq!(w.signals_sent, signals);
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        let due = w.devs[0].engine.poll_timeout().expect("timers");
+        assert!(due > w.now, "{due:?} is not after {:?}", w.now);
+        // The path comes back before the social network does: WireGuard carries on over it.
+        w.cut.clear();
+        let sent = tunnel(&mut w, 0, 1, b"back");
+        assert_eq!(sent.arrived.as_deref(), Some(&b"back"[..]));
+        // Once it is back, ICE restarts.
+        for i in 0..2 {
+            let me = w.devs[i].id.clone();
+            w.devs[i].engine.handle_osn(w.now, OsnEvent::Online { me });
+        }
+        let fresh = |w: &World| {
+            (0..2).all(|i| {
+                lost(w, i).is_none() && w.link(i).is_some_and(|l| l.phase == LinkPhase::Connected)
+            })
+        };
+        w.run_until(Duration::from_secs(5), fresh);
+        assert_eq!(w.signals_sent - signals, 2);
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+    }
+
+    #[test]
+    fn a_restart_that_finds_no_path_fails_and_the_link_is_retried_with_back_off() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let (a1, b1) = (w.devs[0].addr, w.devs[1].addr);
+        w.cut(a1, b1);
+        let restarted = |w: &World| {
+            w.link(0)
+                .and_then(|l| l.last_error)
+                .is_some_and(|e| e.contains("looking for another"))
+        };
+        w.run_until(Duration::from_secs(40), restarted);
+        // The WireGuard peer stays while ICE looks for a path.
+        assert!(slot(&w, 0).is_some());
+        let failed = |w: &World| w.link(0).is_some_and(|l| l.phase == LinkPhase::Idle);
+        let took = w.run_until(Duration::from_secs(25), failed);
+        assert!(took > ICE_TIMEOUT, "{took:?}");
+        let link = w.link(0).unwrap();
+        assert_eq!(
+            link.last_error.as_deref(),
+            Some("the path stopped working and an ICE restart found no other")
+        );
+        assert!(link.peer.is_none());
+        assert_eq!(link.tried.0.len(), 1, "{:?}", link.tried);
+        assert_eq!(link.tried.1.first().map(|c| c.address), Some(b1));
+        // Retried after a back-off that grows.
+        let trying = |w: &World| w.link(0).is_some_and(|l| l.phase != LinkPhase::Idle);
+        let first = w.run_until(Duration::from_secs(5), trying);
+        w.run_until(Duration::from_secs(25), failed);
+        assert_eq!(
+            w.link(0).unwrap().last_error.as_deref(),
+            Some("ICE found no working path")
+        );
+        let second = w.run_until(Duration::from_secs(5), trying);
+        assert!(
+            first >= BACKOFF_MIN && second >= 2 * BACKOFF_MIN,
+            "{first:?}, {second:?}"
+        );
     }
 }
