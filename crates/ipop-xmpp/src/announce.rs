@@ -78,6 +78,14 @@ pub fn presence(key: &PublicKey, claim: Option<Claim>) -> Presence {
     presence
 }
 
+/// The available presence of a device outside the social overlay: no ipop payload, and the
+/// same negative priority.
+pub fn unannounced_presence() -> Presence {
+    let mut presence = Presence::available();
+    presence.priority = Priority(PRIORITY);
+    presence
+}
+
 /// What a presence says about ipop.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Announce {
@@ -148,6 +156,13 @@ pub fn read(payloads: &[Element]) -> Announce {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_outside_the_social_overlay_announces_nothing() {
+        let presence = unannounced_presence();
+        assert_eq!(presence.priority, Priority(-1));
+        assert!(matches!(read(&presence.payloads), Announce::None));
+    }
 
     #[test]
     fn presence_carries_caps_key_and_negative_priority() {

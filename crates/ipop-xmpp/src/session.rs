@@ -771,10 +771,16 @@ impl Task {
 
     // ---- our own claims ----
 
-    /// Our available presence to the roster, with our social claim.
+    /// Our available presence to the roster, with our social claim. Without the social
+    /// overlay it says nothing about ipop, so that roster contacts do not take the device
+    /// for a peer.
     fn send_social_presence(&mut self) {
-        self.outbox
-            .push(announce::presence(&self.cfg.key, self.cfg.social_claim).into());
+        let presence = if self.cfg.social {
+            announce::presence(&self.cfg.key, self.cfg.social_claim)
+        } else {
+            announce::unannounced_presence()
+        };
+        self.outbox.push(presence.into());
     }
 
     /// Our available presence to a room we are in, with our claim there.

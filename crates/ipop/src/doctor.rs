@@ -225,8 +225,8 @@ async fn checks(config: &Config, report: &mut Report) {
 /// returns them.
 ///
 /// The session uses the device name with `-doctor` appended, so that a daemon running on this
-/// device keeps its own session, and a throwaway key, so that nobody links with the doctor;
-/// it joins no room and asks for no roster.
+/// device keeps its own session. With the social overlay off and no room, its presence says
+/// nothing about ipop, so nobody takes it for a peer (its key is a throwaway one all the same).
 async fn xmpp(config: &Config, report: &mut Report) -> Vec<IceServer> {
     let Some(x) = &config.xmpp else {
         report.start("XMPP login");
