@@ -8,127 +8,12 @@ use ipop_core::osn::{LinkOffer, Signal};
 use ipop_lab::Jid;
 use ipop_lab::tokio_xmpp::IqRequest;
 use ipop_lab::tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
-use ipop_lab::{Lab, Node, Prosody, Subscription, XmppUser, wait_until};
+use ipop_lab::{Subscription, wait_until};
 use serde_json::Value;
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ipop");
-const DOMAIN: &str = "example.org";
-
-/// A LAN of `devices` ipop nodes plus one host that runs Prosody.
-struct World {
-    lab: Lab,
-    prosody: Prosody,
-}
-
-impl World {
-    fn new(tag: &str, devices: u8) -> World {
-        let lab = Lab::new(BIN, tag, devices + 1);
-        let server = &lab.nodes[usize::from(devices)].host;
-        let prosody = Prosody::start_in(&server.ns, &server.ipv4.to_string(), DOMAIN);
-        World { lab, prosody }
-    }
-
-    fn user(&self, name: &str) -> XmppUser {
-        self.prosody.register(name, &password(name));
-        let server = self.server_ns();
-        XmppUser::builder(&self.prosody, name, &password(name))
-            .resource("chat")
-            .netns(server)
-            .connect()
-    }
-
-    fn server_ns(&self) -> &ipop_lab::Netns {
-        let last = self.lab.nodes.len() - 1;
-        self.lab.nodes[last].ns()
-    }
-
-    /// Writes node `i`'s config: the XMPP account `user` as device `device`, and `overlays`
-    /// (the `[social]` and `[[groups]]` sections).
-    fn configure(&self, i: usize, user: &str, device: &str, overlays: &str) {
-        let node = &self.lab.nodes[i];
-        let mut config = node.config(51820);
-        config.addresses.clear();
-        config.extra = format!(
-            "[xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{addr}\"\nca_file = {ca:?}\ndevice = \"{device}\"\n\n{overlays}",
-            pw = password(user),
-            addr = self.prosody.c2s_addr(),
-            ca = self.prosody.ca_cert_path(),
-        );
-        node.write_config(&config);
-    }
-
-    fn node(&mut self, i: usize) -> &mut Node {
-        &mut self.lab.nodes[i]
-    }
-}
-
-fn password(user: &str) -> String {
-    format!("pw-{user}-secret")
-}
-
-/// A `[social]` section: this device is `cidr`'s address, and numbers its friends' devices
-/// in `cidr`'s subnet.
-fn social(cidr: &str) -> String {
-    let net: ipnet::Ipv4Net = cidr.parse().expect("test prefix");
-    format!(
-        "[social]\nsubnet = \"{}\"\naddress = \"{}\"\n",
-        net.trunc(),
-        net.addr()
-    )
-}
-
-/// The IPv4 address that `node` gives the device of `jid` in the social overlay, if linked.
-fn social_addr(node: &Node, jid: &str) -> Option<IpAddr> {
-    let status = node.status().ok()?;
-    status["overlays"]
-        .as_array()?
-        .iter()
-        .filter(|o| o["kind"] == "social")
-        .flat_map(|o| o["peers"].as_array().into_iter().flatten())
-        .filter(|p| p["jid"].as_str() == Some(jid))
-        .flat_map(|p| p["addresses"].as_array().into_iter().flatten())
-        .filter_map(|a| a.as_str()?.parse::<ipnet::IpNet>().ok())
-        .map(|n| n.addr())
-        .find(IpAddr::is_ipv4)
-}
-
-/// Whether `node` reaches the device of `jid` in the social overlay.
-fn social_ping(node: &Node, jid: &str) -> bool {
-    social_addr(node, jid).is_some_and(|a| node.ping(a, 1).status.success())
-}
-
-fn wait_social_ping(node: &Node, jid: &str, timeout: Duration, what: &str) {
-    wait_until(timeout, what, || {
-        if social_ping(node, jid) {
-            Ok(())
-        } else {
-            Err("no reply".to_owned())
-        }
-    });
-}
-
-/// The peer with this JID in any overlay of a status, if listed.
-fn peer_by_jid<'a>(status: &'a Value, jid: &str) -> Option<&'a Value> {
-    status["overlays"]
-        .as_array()?
-        .iter()
-        .flat_map(|o| o["peers"].as_array().into_iter().flatten())
-        .find(|p| p["jid"].as_str() == Some(jid))
-}
-
-fn ping_ok(node: &Node, addr: &str) -> bool {
-    let addr: IpAddr = addr.parse().expect("test address");
-    node.ping(addr, 1).status.success()
-}
-
-/// Waits until the daemon answers `ipop status` with its XMPP session online.
-fn xmpp_online(node: &mut Node) {
-    node.wait_status(Duration::from_secs(15), "the XMPP session online", |s| {
-        s["xmpp"]["state"] == "online"
-    });
-}
+mod common;
+use common::*;
 
 #[test]
 fn friends_devices_link_and_ping_within_3_s() {
@@ -303,26 +188,6 @@ fn the_chat_client_still_gets_messages_sent_to_the_bare_jid() {
     w.lab.stop_all();
 }
 
-/// A `[[groups]]` section with this device at `cidr`'s address in `cidr`'s subnet.
-fn group(room: &str, cidr: &str, create: bool) -> String {
-    let net: ipnet::Ipv4Net = cidr.parse().expect("test prefix");
-    format!(
-        "[[groups]]\nroom = \"{room}\"\nsubnet = \"{}\"\naddress = \"{}\"\ncreate = {create}\n",
-        net.trunc(),
-        net.addr()
-    )
-}
-
-fn wait_ping(node: &Node, addr: &str, timeout: Duration, what: &str) {
-    wait_until(timeout, what, || {
-        if ping_ok(node, addr) {
-            Ok(())
-        } else {
-            Err("no reply".to_owned())
-        }
-    });
-}
-
 #[test]
 fn carol_creates_a_group_david_is_added_and_their_devices_ping() {
     let mut w = World::new("xgroup", 2);
@@ -334,19 +199,7 @@ fn carol_creates_a_group_david_is_added_and_their_devices_ping() {
     w.node(0).start();
     xmpp_online(w.node(0));
 
-    let carol = &w.lab.nodes[0];
-    let added = carol
-        .ns()
-        .command(BIN)
-        .args(["group", "add", &room, "david@example.org", "-c"])
-        .arg(carol.config_path())
-        .output()
-        .expect("ipop group add runs");
-    assert!(
-        added.status.success(),
-        "ipop group add failed: {}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    group_member(&w.lab.nodes[0], "add", &room, "david@example.org");
 
     w.node(1).start();
     xmpp_online(w.node(1));
