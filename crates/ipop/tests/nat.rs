@@ -412,6 +412,51 @@ fn a_relayed_link_moves_to_a_direct_path_once_udp_is_let_through() {
     assert_eq!(path, "direct", "{peer}");
 }
 
+/// The other way round: when one NAT router starts dropping UDP, the direct path dies and,
+/// once ICE gives up on it (about 20 s), the link carries on through the TURN relay over TCP,
+/// without being torn down.
+#[test]
+fn a_direct_link_moves_to_the_relay_over_tcp_once_udp_is_blocked() {
+    let mut w = World::new(
+        "ndown",
+        vec![
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::PortRestrictedCone),
+        ],
+    );
+    let (path, peer) = linked(&mut w, Duration::from_secs(20));
+    assert_eq!(path, "direct", "{peer}");
+    let target = w.addr_of(0, 1).expect("device 1's address");
+    let sent_before = peer["tx_bytes"].as_u64().unwrap_or_default();
+    assert!(sent_before > 1_000_000, "{peer}");
+
+    let name = w.lab.devices[0].name.clone();
+    w.lab.router_of_mut(&name).set_udp_blocked(true);
+    let blocked = std::time::Instant::now();
+    assert!(
+        !w.ns(0).ping(target, 1).status.success(),
+        "pings still get through with UDP blocked"
+    );
+    wait_until(
+        Duration::from_secs(45),
+        "pings to get through again",
+        || {
+            if w.ns(0).ping(target, 1).status.success() {
+                Ok(())
+            } else {
+                Err(w.status(0).map(|s| s.to_string()).unwrap_or_else(|e| e))
+            }
+        },
+    );
+    let gap = blocked.elapsed();
+    assert!(gap < Duration::from_secs(40), "pings stopped for {gap:?}");
+    let (path, peer) = w.link(0, 1, Duration::from_secs(5));
+    assert_eq!(path, "relay", "{peer}");
+    // The same WireGuard peer: its counters went on.
+    let sent_after = peer["tx_bytes"].as_u64().unwrap_or_default();
+    assert!(sent_after > sent_before + 1_000_000, "{peer}");
+}
+
 #[test]
 fn stun_and_turn_servers_can_come_from_the_xmpp_server_alone() {
     let mut w = World::with_servers(
