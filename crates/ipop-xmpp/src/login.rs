@@ -341,7 +341,7 @@ fn choose_scram(
 pub fn describe_certificate_error(e: &CertificateError, domain: &str) -> String {
     match e {
         CertificateError::UnknownIssuer => "it is signed by an unknown authority (for a private \
-             server, give its CA certificate with `extra_ca`)"
+             server, give its CA certificate with [xmpp] ca_file)"
             .to_owned(),
         CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
             format!("it is not valid for {domain}: {e}")
