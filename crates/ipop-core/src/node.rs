@@ -418,6 +418,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     drops: Drops,
     next_tick: Option<Instant>,
+    /// Counts up whenever a peer or its addresses change.
+    version: u64,
     scratch: Vec<u8>,
 }
 
@@ -436,6 +438,7 @@ impl Node {
             transmits: VecDeque::new(),
             drops: Drops::default(),
             next_tick: None,
+            version: 0,
             scratch: vec![0; SCRATCH_LEN],
         };
         for config in peers {
@@ -507,6 +510,7 @@ impl Node {
         });
         // Let the next tick open the session at once.
         self.next_tick = None;
+        self.version += 1;
         Ok(index)
     }
 
@@ -517,6 +521,7 @@ impl Node {
                 self.routes.remove(net);
             }
             self.by_key.remove(&peer.config.public_key);
+            self.version += 1;
             tracing::info!(peer = %peer.label(), "peer removed");
         }
     }
@@ -573,12 +578,19 @@ impl Node {
         peer.config.addresses = kept_addresses;
         peer.config.mapped = kept_mapped;
         peer.config.destinations = destinations;
+        self.version += 1;
         tracing::debug!(peer = %peer.label(), addresses = ?peer.routes().collect::<Vec<_>>(), "addresses set");
         refused
     }
 
     fn peer_mut(&mut self, index: usize) -> Option<&mut Peer> {
         self.peers.get_mut(index).and_then(Option::as_mut)
+    }
+
+    /// Counts up whenever a peer is added or removed or its addresses change: what the
+    /// daemon's DNS names follow.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// This device's public key.

@@ -28,6 +28,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::{self, pki_types::ServerName};
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
+/// How often the host's addresses are read again for ICE host candidates.
+const HOST_SCAN_EVERY: Duration = Duration::from_secs(10);
 /// The largest IP packet a TUN read can return with offload (a 64 KiB GSO packet).
 const TUN_READ_MAX: usize = VIRTIO_NET_HDR_LEN + 65535;
 /// Room around each encrypted datagram: WireGuard's 32-byte overhead, and the TURN framing of a
@@ -103,6 +105,9 @@ pub struct Dataplane {
     xmpp_info: Option<XmppInfoFn>,
     listen_port: u16,
     started: Instant,
+    /// When the host's addresses are read again for ICE host candidates (a network change
+    /// shows in the next ICE restart).
+    next_host_scan: Instant,
     bufs: Buffers,
     io_errors: IoErrors,
     streams: Streams,
@@ -190,6 +195,7 @@ impl Dataplane {
             xmpp_info: None,
             listen_port: port,
             started: Instant::now(),
+            next_host_scan: Instant::now() + HOST_SCAN_EVERY,
             bufs: Buffers::new(mtu.into()),
             io_errors: IoErrors::default(),
             streams: Streams::new(),
@@ -236,8 +242,13 @@ impl Dataplane {
     ) {
         tokio::pin!(shutdown);
         loop {
-            self.engine.handle_timeout(Instant::now());
+            let now = Instant::now();
+            self.engine.handle_timeout(now);
             self.keeper.after(&mut self.engine, &self.tun);
+            if now >= self.next_host_scan {
+                self.next_host_scan = now + HOST_SCAN_EVERY;
+                self.discover_host_candidates();
+            }
             for server in self.engine.stream_servers() {
                 self.streams.connect(server);
             }

@@ -70,7 +70,6 @@ enum Command {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
-    /// Manage the members of a group room that you own.
     /// Accept the new key that DEVICE (JID/DEVICE) announces in place of the one pinned for it.
     /// Compare its fingerprint (in `ipop status`) with the one its owner sees in `ipop key`.
     Trust {
@@ -78,6 +77,7 @@ enum Command {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Manage the members of a group room that you own.
     Group {
         #[command(subcommand)]
         action: GroupAction,

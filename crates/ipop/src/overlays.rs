@@ -41,6 +41,8 @@ struct Dns {
     bound: Vec<IpAddr>,
     registered: bool,
     next: Instant,
+    /// The node's version the names were last built from.
+    seen: Option<u64>,
 }
 
 impl Keeper {
@@ -59,6 +61,7 @@ impl Keeper {
                 bound: Vec::new(),
                 registered: false,
                 next: Instant::now(),
+                seen: None,
             }),
         }
     }
@@ -123,17 +126,20 @@ impl Keeper {
         self.refresh_dns(engine, true);
     }
 
-    /// Rebuilds the name table from the links (every [`NAMES_EVERY`], or now when `force`),
-    /// and rebinds the responder when this device's addresses changed.
+    /// Rebuilds the name table from the links (at once when a peer came, went or changed its
+    /// addresses, every [`NAMES_EVERY`] otherwise, or now when `force`), and rebinds the
+    /// responder when this device's addresses changed.
     fn refresh_dns(&mut self, engine: &Engine, force: bool) {
         let Some(dns) = self.dns.as_mut() else {
             return;
         };
         let now = Instant::now();
-        if !force && now < dns.next {
+        let version = engine.node().version();
+        if !force && now < dns.next && dns.seen == Some(version) {
             return;
         }
         dns.next = now + NAMES_EVERY;
+        dns.seen = Some(version);
         let own: Vec<IpAddr> = engine
             .own_addresses()
             .iter()

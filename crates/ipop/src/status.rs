@@ -90,10 +90,12 @@ impl Peer {
     }
 
     fn from_link(l: &LinkStatus) -> Self {
-        let connected = l
-            .peer
-            .as_ref()
-            .is_some_and(|p| p.state == LinkState::Connected);
+        // A WireGuard session alone is not enough: while ICE looks for a new path (a restart),
+        // the link is not up even though the session has not expired.
+        let connected = l.phase == ipop_core::LinkPhase::Connected
+            && l.peer
+                .as_ref()
+                .is_some_and(|p| p.state == LinkState::Connected);
         let reason = if connected {
             None
         } else {
