@@ -867,4 +867,140 @@ mod tests {
                 .contains("no overlay")
         );
     }
+
+    /// `docs/config.md` is the reference of this file: every ```toml block in it is a config
+    /// that parses, every key is described under the heading of its section and set in some
+    /// block, and the block under "## A full example" sets them all (but the other two
+    /// password sources).
+    ///
+    /// The key list is made from the config structs by patterns that name every field. A new
+    /// field therefore stops this test from compiling until its struct's `keys!` line names it;
+    /// then the test fails until docs/config.md describes the key and its examples set it. A key
+    /// the code no longer reads fails the examples that set it (unknown keys are errors).
+    #[test]
+    fn the_reference_documents_every_key() {
+        /// `(heading, key)` for every field of `$ty`, whose section heading is `$heading`. It
+        /// does not compile unless every field is named: an error here ("pattern requires `..`")
+        /// means a struct has a field that its line does not name yet.
+        macro_rules! keys {
+            ($heading:literal, $ty:ident, [$($field:ident),* $(,)?]) => {{
+                let _names_every_field = |v: &$ty| {
+                    let $ty { $($field: _),* } = v;
+                };
+                vec![$(($heading, stringify!($field))),*]
+            }};
+        }
+        let _names_every_section = |c: &Config| {
+            // A new section needs a `keys!` line below (`dir` is not read from the file).
+            let Config {
+                device: _,
+                interface: _,
+                xmpp: _,
+                social: _,
+                groups: _,
+                peers: _,
+                dns: _,
+                nat: _,
+                metrics: _,
+                dir: _,
+            } = c;
+        };
+        let keys = [
+            keys!(
+                "[device]",
+                Device,
+                [private_key_file, state_dir, log_level, control_socket]
+            ),
+            keys!(
+                "[interface]",
+                Interface,
+                [name, addresses, mtu, listen_port]
+            ),
+            keys!(
+                "[xmpp]",
+                Xmpp,
+                [
+                    jid,
+                    password,
+                    password_file,
+                    password_command,
+                    server,
+                    tls,
+                    ca_file,
+                    device
+                ]
+            ),
+            keys!("[social]", Social, [enabled, subnet, address]),
+            keys!("[[groups]]", Group, [room, subnet, address, create]),
+            keys!("[dns]", Dns, [enabled, suffix, port]),
+            keys!("[nat]", Nat, [stun, turn]),
+            keys!(
+                "[[nat.turn]]",
+                Turn,
+                [server, transport, username, password]
+            ),
+            keys!("[metrics]", Metrics, [listen]),
+            keys!(
+                "[[peers]]",
+                Peer,
+                [name, public_key, endpoint, addresses, keepalive]
+            ),
+        ]
+        .concat();
+        // Exactly one password source can be set: the full example sets `password`.
+        let alternatives = [("[xmpp]", "password_file"), ("[xmpp]", "password_command")];
+
+        let doc = include_str!("../../../docs/config.md");
+        let blocks: Vec<toml::Value> = doc
+            .split("```toml\n")
+            .skip(1)
+            .map(|block| {
+                let block = block.split("```").next().unwrap_or_default();
+                if let Err(e) = Config::parse(block) {
+                    panic!("docs/config.md: a block does not parse: {e}\n{block}");
+                }
+                toml::Value::Table(block.parse().expect("TOML"))
+            })
+            .collect();
+        let full = doc
+            .split_once("## A full example")
+            .and_then(|(_, rest)| rest.split("```toml\n").nth(1))
+            .and_then(|block| block.split("```").next())
+            .expect("docs/config.md has a full example");
+        let full = toml::Value::Table(full.parse().expect("TOML"));
+
+        /// Whether `value` sets the key at `path`, in any table of an array of tables.
+        fn sets(value: &toml::Value, path: &[&str]) -> bool {
+            match (value, path) {
+                (_, []) => true,
+                (toml::Value::Array(items), _) => items.iter().any(|v| sets(v, path)),
+                (toml::Value::Table(t), [first, rest @ ..]) => {
+                    t.get(*first).is_some_and(|v| sets(v, rest))
+                }
+                _ => false,
+            }
+        }
+        for (heading, key) in keys {
+            let marker = format!("### `{heading}`\n");
+            let start = doc
+                .find(&marker)
+                .unwrap_or_else(|| panic!("docs/config.md has no heading {marker:?}"));
+            let section = &doc[start + marker.len()..];
+            let section = &section[..section.find("\n#").unwrap_or(section.len())];
+            assert!(
+                section.contains(&format!("\n| `{key}` |")),
+                "docs/config.md does not describe `{key}` under {heading}"
+            );
+            let mut path: Vec<&str> = heading.trim_matches(['[', ']']).split('.').collect();
+            path.push(key);
+            assert!(
+                blocks.iter().any(|b| sets(b, &path)),
+                "no example in docs/config.md sets {heading} {key}"
+            );
+            assert!(
+                alternatives.contains(&(heading, key)) || sets(&full, &path),
+                "the full example in docs/config.md does not set {heading} {key}"
+            );
+        }
+    }
 }
