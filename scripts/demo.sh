@@ -1,116 +1,101 @@
 #!/usr/bin/env bash
-# ipop demo: two devices in their own network namespaces, joined by a virtual Ethernet link,
-# run `ipop up` with each other as static peers and ping each other over the encrypted overlay.
+# ipop demo: the scenario of IPOP's XMPP/OSN bindings on one machine. Alice and Bob are friends
+# on an XMPP server; Carol creates a group and adds David. Each user's device sits behind its own
+# NAT router on a fake internet (network namespaces), where a server runs Prosody and coturn.
+# Every device runs `ipop up` with only its XMPP account and overlay configured; the demo shows
+# `ipop status` on each, and pings by DNS name across a direct and a relayed link.
 #
-# Usage (as root): scripts/demo.sh [--keep]
-#   --keep   leave the devices running and print how to explore and how to stop them
+# Usage: sudo scripts/demo.sh [--stay]    (or as root: scripts/demo.sh)
+#   --stay   stay up afterwards, print how to explore; Ctrl-C removes everything
+#
+# It installs the Debian packages it needs when they are missing, builds ipop (release) and the
+# demo driver (crates/ipop-lab/examples/seed_demo.rs), and removes everything it created when it
+# ends, also on failure or Ctrl-C. Nothing leaves the machine.
 set -euo pipefail
 
-keep=0
-[[ "${1:-}" == "--keep" ]] && keep=1
-[[ $EUID -eq 0 ]] || { echo "demo: run as root (it creates network namespaces and TUN devices)" >&2; exit 1; }
+usage() { sed -n '8,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+stay=()
+case "${1:-}" in
+  "") ;;
+  --stay) stay=(--stay) ;;
+  -h | --help) usage; exit 0 ;;
+  *) usage >&2; exit 2 ;;
+esac
+[[ $EUID -eq 0 ]] || { echo "demo: run as root: sudo $0 $*" >&2; exit 1; }
 
-step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-tag="ipopdemo$$"
-ns_a="${tag}-alice"
-ns_b="${tag}-bob"
-work=$(mktemp -d /tmp/ipop-demo.XXXXXX)
-pids=()
+# Steps in all: 2 here, the rest in the driver (it checks the number).
+total=13
+started=$(date +%s.%N)
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  ip netns del "$ns_a" 2>/dev/null || true
-  ip netns del "$ns_b" 2>/dev/null || true
-  rm -rf "$work"
+begin() { printf '[%d/%d] %s … ' "$1" "$total" "$2"; step_start=$(date +%s.%N); }
+took() {
+  awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { s = b - a;
+    if (s < 60) printf "%.1f s", s; else printf "%d min %d s", s / 60, s % 60 }'
 }
+ok() { printf 'ok (%s)\n' "$(took "$step_start")"; }
+failed() { printf 'FAILED (%s)\n' "$(took "$step_start")"; printf '%s\n' "$1" | sed 's/^/    /'; exit 1; }
 
-step "installing missing Debian packages"
-need=()
-command -v ip >/dev/null || need+=(iproute2)
-command -v ping >/dev/null || need+=(iputils-ping)
-if ((${#need[@]})); then
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+# Under sudo, build as the user who ran it, with their Rust toolchain: target/ stays theirs.
+as_user=()
+if [[ -n "${SUDO_USER:-}" && "$SUDO_USER" != root ]]; then
+  home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+  as_user=(runuser -u "$SUDO_USER" -- env HOME="$home" PATH="$home/.cargo/bin:$PATH")
 fi
-
-step "building ipop (release)"
-cargo build --release --quiet -p ipop --manifest-path "$root/Cargo.toml"
-ipop="$root/target/release/ipop"
-
-trap cleanup EXIT
-step "creating two devices, alice and bob, on a virtual LAN (10.0.0.0/24)"
-ip netns add "$ns_a"
-ip netns add "$ns_b"
-ip link add "v${$}a" netns "$ns_a" type veth peer name "v${$}b" netns "$ns_b"
-ip -n "$ns_a" addr add 10.0.0.1/24 dev "v${$}a"
-ip -n "$ns_b" addr add 10.0.0.2/24 dev "v${$}b"
-ip -n "$ns_a" link set lo up
-ip -n "$ns_b" link set lo up
-ip -n "$ns_a" link set "v${$}a" up
-ip -n "$ns_b" link set "v${$}b" up
-
-step "ipop init on each device (config + private key)"
-for who in alice bob; do
-  "$ipop" init "$work/$who/ipop.toml" >/dev/null
-done
-key_a=$("$ipop" key -c "$work/alice/ipop.toml" | head -n1)
-key_b=$("$ipop" key -c "$work/bob/ipop.toml" | head -n1)
-
-write_config() { # who overlay-address peer-name peer-key peer-endpoint peer-address
-  cat >"$work/$1/ipop.toml" <<CONF
-[device]
-log_level = "info"
-control_socket = "$work/$1/ipop.sock"
-
-[interface]
-name = "ipop0"
-addresses = ["$2/24", "fd77::${2##*.}/64"]
-listen_port = 51820
-
-[[peers]]
-name = "$3"
-public_key = "$4"
-endpoint = "$5:51820"
-addresses = ["$6/32", "fd77::${6##*.}/128"]
-CONF
-}
-write_config alice 10.77.0.1 bob "$key_b" 10.0.0.2 10.77.0.2
-write_config bob 10.77.0.2 alice "$key_a" 10.0.0.1 10.77.0.1
-
-step "ipop up on alice and bob"
-ip netns exec "$ns_a" "$ipop" up -c "$work/alice/ipop.toml" 2>"$work/alice/log" &
-pids+=($!)
-ip netns exec "$ns_b" "$ipop" up -c "$work/bob/ipop.toml" 2>"$work/bob/log" &
-pids+=($!)
-
-step "waiting for the tunnel"
-for _ in $(seq 50); do
-  if ip netns exec "$ns_a" "$ipop" status --json -c "$work/alice/ipop.toml" 2>/dev/null | grep -q '"state":"connected"'; then
-    break
-  fi
-  sleep 0.1
-done
-
-step "alice pings bob over the overlay (IPv4 and IPv6)"
-ip netns exec "$ns_a" ping -c 3 -i 0.2 -W 2 10.77.0.2
-ip netns exec "$ns_a" ping -6 -c 3 -i 0.2 -W 2 fd77::2
-
-step "ipop status on alice"
-ip netns exec "$ns_a" "$ipop" status -c "$work/alice/ipop.toml"
-
-if ((keep)); then
-  trap - EXIT
-  cat <<MSG
-
-The devices keep running. Explore:
-  ip netns exec $ns_a ping 10.77.0.2
-  ip netns exec $ns_b $ipop status -c $work/bob/ipop.toml
-  less $work/alice/log
-Stop everything:
-  kill ${pids[*]}; ip netns del $ns_a; ip netns del $ns_b; rm -rf $work
+need_rust=$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' "$root/Cargo.toml")
+have_rust=$("${as_user[@]}" cargo --version 2>/dev/null | awk '{ print $2 }') || have_rust=
+if [[ -z "$have_rust" || $(printf '%s\n%s\n' "$need_rust" "$have_rust" | sort -V | head -n1) != "$need_rust" ]]; then
+  cat >&2 <<MSG
+demo: ipop needs Rust $need_rust or newer (cargo), found: ${have_rust:-none}.
+Install it with rustup, as the user who runs the demo (see https://rustup.rs):
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh
+or update an existing one: rustup update stable
+Then run sudo $0 again.
 MSG
-else
-  step "stopping and cleaning up"
+  exit 1
 fi
+
+begin 1 "installing the missing Debian packages (prosody coturn nftables iproute2 iputils-ping)"
+need=()
+for pkg in prosody coturn nftables iproute2 iputils-ping; do
+  dpkg-query -W -f '${Status}' "$pkg" 2>/dev/null | grep -q ' installed$' || need+=("$pkg")
+done
+if ((${#need[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${need[@]}"; } >"$log" 2>&1; then
+    failed "$(tail -n 20 "$log")"
+  fi
+  printf '(installed %s) ' "${need[*]}"
+fi
+[[ -c /dev/net/tun ]] || failed "/dev/net/tun is missing: the kernel has no TUN support here"
+ok
+
+target=${CARGO_TARGET_DIR:-$root/target}
+begin 2 "building ipop and the demo driver (release; the first build takes minutes)"
+if ! { "${as_user[@]}" cargo build --release --manifest-path "$root/Cargo.toml" -p ipop &&
+  "${as_user[@]}" cargo build --release --manifest-path "$root/Cargo.toml" -p ipop-lab --example seed_demo; } >"$log" 2>&1; then
+  errors=$(grep -E -A8 '^error' "$log" | head -n 40)
+  failed "${errors:-$(tail -n 20 "$log")}"
+fi
+ok
+
+# The driver runs in a session of its own, so that Ctrl-C reaches it alone (forwarded below),
+# not the servers and daemons it started: they keep running until it stops them in order.
+setsid "$target/release/examples/seed_demo" --ipop "$target/release/ipop" \
+  --first-step 3 --total "$total" "${stay[@]}" &
+driver=$!
+trap 'kill -INT "$driver" 2>/dev/null' INT TERM HUP
+status=
+while [[ -z "$status" ]]; do
+  if wait "$driver"; then
+    status=0
+  else
+    code=$?
+    # A trapped signal ends `wait` early; the driver's own status comes once it has exited.
+    kill -0 "$driver" 2>/dev/null || status=$code
+  fi
+done
+printf 'The demo took %s in all.\n' "$(took "$started")"
+exit "$status"
