@@ -189,10 +189,13 @@ pub enum DropReason {
     Untranslatable,
     /// A device that announced another key than the one pinned for it.
     KeyNotTrusted,
+    /// A TUN packet for a multicast address (the kernel's own IPv6 neighbour and router
+    /// chatter on the interface): overlays carry unicast only.
+    Multicast,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -212,6 +215,7 @@ impl DropReason {
         DropReason::WrongOverlay,
         DropReason::Untranslatable,
         DropReason::KeyNotTrusted,
+        DropReason::Multicast,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -235,6 +239,7 @@ impl DropReason {
             DropReason::WrongOverlay => "wrong_overlay",
             DropReason::Untranslatable => "untranslatable",
             DropReason::KeyNotTrusted => "key_not_trusted",
+            DropReason::Multicast => "multicast",
         }
     }
 }
@@ -616,7 +621,12 @@ impl Node {
             .lookup(dst)
             .and_then(|i| self.peers.get_mut(i).and_then(Option::as_mut))
         else {
-            self.drops.count(DropReason::NoRoute);
+            let reason = if dst.is_multicast() {
+                DropReason::Multicast
+            } else {
+                DropReason::NoRoute
+            };
+            self.drops.count(reason);
             return None;
         };
         let Some(endpoint) = peer.endpoint else {
@@ -1338,8 +1348,15 @@ mod tests {
             None
         );
         assert_eq!(sim.a.handle_tun(&mut [0x45, 0, 1], &mut wire), None);
+        let solicitation = ipv6(
+            "fe80::1".parse().unwrap(),
+            "ff02::2".parse().unwrap(),
+            b"router solicitation",
+        );
+        assert_eq!(sim.a.handle_tun(&mut solicitation.clone(), &mut wire), None);
         assert_eq!(sim.a.drops().get(DropReason::NoRoute), 1);
         assert_eq!(sim.a.drops().get(DropReason::MalformedIp), 1);
+        assert_eq!(sim.a.drops().get(DropReason::Multicast), 1);
     }
 
     #[test]

@@ -268,6 +268,8 @@ pub fn overlays(engine: &Engine, static_addresses: &[IpNet]) -> Vec<Overlay> {
         );
         for p in &mut peers {
             p.addresses.retain(here);
+            // IPv4 first: the table shows the first address, and IPv6 may be off.
+            p.addresses.sort_by_key(|a| a.contains(':'));
         }
         let me = engine.me().map(|d| d.user.as_str());
         let members = engine.overlays().find(|(o, _)| *o == id).map(|(_, m)| m);
