@@ -250,10 +250,12 @@ fn up(path: &Path) -> anyhow::Result<()> {
     let secret = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
     let state = state::State::new(&config.state_dir());
     let memory = state.load()?;
-    let mut engine = ipop_core::Engine::new(node, config.overlays(), memory, seed, secret);
+    let mut engine = ipop_core::Engine::new(node, config.overlays(), memory.clone(), seed, secret);
     engine.set_config_servers(config.ice_servers()?);
     // Addresses chosen now must be the same after a restart.
-    state.save(engine.memory())?;
+    if *engine.memory() != memory {
+        state.save(engine.memory())?;
+    }
     let mut addresses = config.interface.addresses.clone();
     let mut ula = Vec::new();
     for own in engine.own_addresses() {

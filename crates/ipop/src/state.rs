@@ -108,7 +108,11 @@ impl State {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let text = serde_json::to_string_pretty(&file)?;
-        let tmp = self.path.with_extension("json.new");
+        // A name of this process's own: two daemons given one state directory by mistake must
+        // not rename each other's half-written file.
+        let tmp = self
+            .path
+            .with_extension(format!("json.{}.new", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
