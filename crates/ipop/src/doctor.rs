@@ -84,12 +84,7 @@ impl Check {
         detail: impl Into<String>,
         advice: impl Into<String>,
     ) -> Check {
-        Check {
-            check: check.into(),
-            verdict: Verdict::Warn,
-            detail: detail.into(),
-            advice: Some(advice.into()),
-        }
+        Check::advised(Verdict::Warn, check.into(), detail.into(), advice.into())
     }
 
     fn fail(
@@ -97,11 +92,15 @@ impl Check {
         detail: impl Into<String>,
         advice: impl Into<String>,
     ) -> Check {
+        Check::advised(Verdict::Fail, check.into(), detail.into(), advice.into())
+    }
+
+    fn advised(verdict: Verdict, check: String, detail: String, advice: String) -> Check {
         Check {
-            check: check.into(),
-            verdict: Verdict::Fail,
-            detail: detail.into(),
-            advice: Some(advice.into()),
+            check,
+            verdict,
+            detail,
+            advice: Some(advice),
         }
     }
 }

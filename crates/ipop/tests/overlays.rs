@@ -438,13 +438,12 @@ fn a_forced_collision_is_resolved() {
     w.lab.stop_all();
 }
 
-#[test]
-fn friends_reach_each_other_by_dns_name_and_tcp_is_translated() {
-    let mut w = World::new("xdns", 2);
+/// Alice's laptop and Bob's phone, friends with the default `[social]` section, linked.
+fn linked_friends(tag: &str) -> World {
+    let mut w = World::new(tag, 2);
     let mut alice = w.user("alice");
     let mut bob = w.user("bob");
     alice.befriend(&mut bob);
-    // Both number their friends in the default 172.31.0.0/16 and are 172.31.0.1 in it.
     w.configure(0, "alice", "laptop", "[social]\n");
     w.configure(1, "bob", "phone", "[social]\n");
     w.node(0).start();
@@ -455,6 +454,13 @@ fn friends_reach_each_other_by_dns_name_and_tcp_is_translated() {
         LINK_TIMEOUT,
         "alice's device to ping bob's",
     );
+    w
+}
+
+#[test]
+fn friends_reach_each_other_by_dns_name_and_tcp_is_translated() {
+    // Both number their friends in the default 172.31.0.0/16 and are 172.31.0.1 in it.
+    let mut w = linked_friends("xdns");
     let (a, b) = (&w.lab.nodes[0], &w.lab.nodes[1]);
     let alice_own = own_address(a, "social", true);
     let bob_own = own_address(b, "social", true);
@@ -597,20 +603,7 @@ fn a_member_removed_from_the_group_loses_its_links_within_5_s() {
 
 #[test]
 fn a_device_with_a_new_key_is_refused_until_trusted() {
-    let mut w = World::new("xpin", 2);
-    let mut alice = w.user("alice");
-    let mut bob = w.user("bob");
-    alice.befriend(&mut bob);
-    w.configure(0, "alice", "laptop", "[social]\n");
-    w.configure(1, "bob", "phone", "[social]\n");
-    w.node(0).start();
-    w.node(1).start();
-    wait_social_ping(
-        &w.lab.nodes[0],
-        &jid("bob"),
-        LINK_TIMEOUT,
-        "alice's device to ping bob's",
-    );
+    let mut w = linked_friends("xpin");
     let bob_addr = social_addr(&w.lab.nodes[0], &jid("bob")).expect("bob's address");
 
     // Bob's device comes back with a new key and the same config.
