@@ -17,7 +17,9 @@
 use crate::demux::{DatagramKind, classify};
 use crate::ice;
 use crate::key::PublicKey;
-use crate::node::{DropReason, Drops, Node, NodeError, PeerConfig, PeerStatus, Transmit};
+use crate::node::{
+    DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit,
+};
 use crate::osn::{
     Candidate, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent,
     OverlayId, Signal, TerminateReason,
@@ -81,6 +83,9 @@ pub struct LinkStatus {
     /// The candidates of the current (or last failed) attempt, local then remote.
     pub tried: (Vec<Candidate>, Vec<Candidate>),
     pub last_error: Option<String>,
+    /// The path was lost and an ICE restart looks for another: the WireGuard session may still
+    /// look fresh, but nothing gets through until the restart finds a path.
+    pub restarting: bool,
 }
 
 struct Session {
@@ -1016,9 +1021,19 @@ impl Engine {
             .filter_map(|(d, l)| {
                 let s = l.session.as_ref()?;
                 let age = now.duration_since(s.started);
+                // The answering side's agent may never see one of its own checks answered (a
+                // NAT can pass the other side's checks and WireGuard yet drop ours), while the
+                // other side nominated a pair and WireGuard runs over it: that link is up. (Not
+                // during a restart, where the session outlives the path it was made on.)
+                let carried = || {
+                    !s.restart
+                        && l.peer
+                            .and_then(|i| self.node.peer(i))
+                            .is_some_and(|p| p.state == LinkState::Connected)
+                };
                 if !s.answered && age > SESSION_TIMEOUT {
                     Some((d.clone(), "no answer to our offer"))
-                } else if s.answered && s.nominated.is_none() && age > ICE_TIMEOUT {
+                } else if s.answered && s.nominated.is_none() && age > ICE_TIMEOUT && !carried() {
                     Some((
                         d.clone(),
                         if s.restart {
@@ -1338,6 +1353,10 @@ impl Engine {
                     .map(Session::candidates)
                     .unwrap_or_else(|| link.tried.clone()),
                 last_error: link.last_error.clone(),
+                restarting: link
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.restart && s.nominated.is_none()),
             })
             .collect()
     }
@@ -1624,6 +1643,8 @@ mod tests {
         signals_sent: usize,
         /// Every datagram from the first address to the second is lost.
         cut: Vec<(SocketAddr, SocketAddr)>,
+        /// One-way paths that lose STUN requests (ICE checks) but pass everything else.
+        checks_lost: Vec<(SocketAddr, SocketAddr)>,
     }
 
     impl World {
@@ -1634,6 +1655,7 @@ mod tests {
                 now,
                 signals_sent: 0,
                 cut: Vec::new(),
+                checks_lost: Vec::new(),
             };
             for d in &mut w.devs {
                 let me = d.id.clone();
@@ -1694,6 +1716,12 @@ mod tests {
                     while let Some(t) = self.devs[i].engine.poll_transmit() {
                         let from = self.devs[i].source_for(t.destination);
                         if !self.passes(from, t.destination) {
+                            continue;
+                        }
+                        let check = classify(&t.payload) == DatagramKind::Stun
+                            && t.payload.first() == Some(&0)
+                            && t.payload.get(1) == Some(&1);
+                        if check && self.checks_lost.contains(&(from, t.destination)) {
                             continue;
                         }
                         if let Some(j) = self.devs.iter().position(|d| d.owns(t.destination)) {
@@ -2117,6 +2145,24 @@ mod tests {
             assert_eq!(a.session, b.session);
             assert!(a.counter > b.counter);
         }
+    }
+
+    #[test]
+    fn a_link_that_wireguard_carries_is_kept_when_only_the_other_sides_checks_succeed() {
+        let mut w = friends();
+        // Bob's checks never reach Alice (his NAT maps them apart, say); everything else does.
+        let (a, b) = (w.devs[0].addr, w.devs[1].addr);
+        w.checks_lost.push((b, a));
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let slots = (slot(&w, 0), slot(&w, 1));
+        // 40 s on, well past the ICE timeout, Bob's agent has still not nominated, yet the
+        // link stays.
+        w.run(2000);
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        assert!(w.link(1).and_then(|l| l.last_error).is_none());
+        let sent = tunnel(&mut w, 1, 0, b"hi");
+        assert_eq!(sent.arrived.as_deref(), Some(&b"hi"[..]));
     }
 
     #[test]

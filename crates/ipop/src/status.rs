@@ -90,9 +90,9 @@ impl Peer {
     }
 
     fn from_link(l: &LinkStatus) -> Self {
-        // A WireGuard session alone is not enough: while ICE looks for a new path (a restart),
+        // A WireGuard session alone is not enough: while an ICE restart looks for a new path,
         // the link is not up even though the session has not expired.
-        let connected = l.phase == ipop_core::LinkPhase::Connected
+        let connected = !l.restarting
             && l.peer
                 .as_ref()
                 .is_some_and(|p| p.state == LinkState::Connected);
