@@ -430,7 +430,9 @@ pub fn render(s: &Status) -> String {
     let dropped: Vec<String> = s
         .drops
         .iter()
-        .filter(|(_, n)| **n > 0)
+        // The kernel's own multicast on the interface is expected, not a problem: only
+        // `--json` shows it.
+        .filter(|(r, n)| **n > 0 && r.as_str() != "multicast")
         .map(|(r, n)| format!("{r}={n}"))
         .collect();
     if !dropped.is_empty() {
