@@ -10,7 +10,7 @@
 //! ([`malformed`]).
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read};
@@ -254,6 +254,12 @@ fn answer(
     response: &mut Message,
 ) -> ResponseCode {
     let name = question.name();
+    if question.query_type() == RecordType::PTR
+        && let Ok(net) = name.parse_arpa_name()
+        && net.prefix_len() == net.max_prefix_len()
+    {
+        return reverse(question, net.addr(), table, response);
+    }
     let Some(key) = zone_key(name, table.suffix()) else {
         return ResponseCode::Refused;
     };
@@ -277,6 +283,33 @@ fn answer(
         };
         response.add_answer(Record::from_rdata(name.clone(), TTL_S, rdata));
     }
+    ResponseCode::NoError
+}
+
+/// Answers a reverse query for an overlay address of the table with the address's name: the
+/// device's (`laptop.bob.example.org.ipop`) rather than the user's. Other addresses are not ours
+/// to answer for.
+fn reverse(
+    question: &hickory_proto::op::Query,
+    addr: IpAddr,
+    table: &NameTable,
+    response: &mut Message,
+) -> ResponseCode {
+    let owner = table
+        .names
+        .iter()
+        .filter(|(_, addrs)| addrs.contains(&addr))
+        .max_by_key(|(name, _)| name.matches('.').count())
+        .and_then(|(name, _)| Name::from_ascii(format!("{name}.")).ok());
+    let Some(owner) = owner else {
+        return ResponseCode::Refused;
+    };
+    response.metadata.authoritative = true;
+    response.add_answer(Record::from_rdata(
+        question.name().clone(),
+        TTL_S,
+        RData::PTR(PTR(owner)),
+    ));
     ResponseCode::NoError
 }
 
@@ -577,6 +610,35 @@ mod tests {
             &NameTable::default(),
         );
         assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    }
+
+    #[test]
+    fn reverse_queries_name_the_device() {
+        let t = table();
+        let ptr = |arpa: &str| {
+            let r = ask_table(&query(arpa, RecordType::PTR), &t);
+            let names: Vec<String> = r
+                .answers
+                .iter()
+                .map(|a| match &a.data {
+                    RData::PTR(p) => p.0.to_string(),
+                    other => panic!("unexpected answer {other:?}"),
+                })
+                .collect();
+            (r.metadata.response_code, names)
+        };
+        // 10.78.0.2 is both the user's and the laptop's: the device's name wins.
+        assert_eq!(
+            ptr("2.0.78.10.in-addr.arpa."),
+            (
+                ResponseCode::NoError,
+                vec!["laptop.bob.example.org.ipop.".to_owned()]
+            )
+        );
+        let v6 = "2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+        assert_eq!(ptr(v6).1, vec!["laptop.bob.example.org.ipop.".to_owned()]);
+        // An address that is not an overlay peer's is not ours to answer for.
+        assert_eq!(ptr("9.9.9.9.in-addr.arpa.").0, ResponseCode::Refused);
     }
 
     #[test]
