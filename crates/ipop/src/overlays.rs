@@ -90,7 +90,7 @@ impl Keeper {
                 ),
             }
         }
-        self.refresh_dns(engine, false);
+        self.refresh_dns(engine, tun, false);
     }
 
     fn move_address(
@@ -123,13 +123,13 @@ impl Keeper {
                 .map(|(_, c)| c);
             let _ = a.send((overlay.clone(), claim));
         }
-        self.refresh_dns(engine, true);
+        self.refresh_dns(engine, tun, true);
     }
 
     /// Rebuilds the name table from the links (at once when a peer came, went or changed its
     /// addresses, every [`NAMES_EVERY`] otherwise, or now when `force`), and rebinds the
     /// responder when this device's addresses changed.
-    fn refresh_dns(&mut self, engine: &Engine, force: bool) {
+    fn refresh_dns(&mut self, engine: &Engine, tun: &AsyncDevice, force: bool) {
         let Some(dns) = self.dns.as_mut() else {
             return;
         };
@@ -155,14 +155,21 @@ impl Keeper {
             if let Some(server) = dns.server.take() {
                 server.abort();
             }
-            let (addrs, port, names) = (own.clone(), dns.settings.port, dns.names.subscribe());
+            // Only the addresses the interface has (IPv6 may be off on this host).
+            let on_interface = tun.addresses().unwrap_or_default();
+            let addrs: Vec<IpAddr> = own
+                .iter()
+                .copied()
+                .filter(|a| on_interface.contains(a))
+                .collect();
+            let (port, names, bind) = (dns.settings.port, dns.names.subscribe(), addrs.clone());
             dns.server = Some(tokio::spawn(async move {
-                let sockets = dns::bind(&addrs, port).await;
+                let sockets = dns::bind(&bind, port).await;
                 dns::serve(sockets, names).await;
             }));
-            if !own.is_empty() {
+            if !addrs.is_empty() {
                 dns.registered =
-                    dns::register_with_resolved(&self.interface, &own, &dns.settings.suffix);
+                    dns::register_with_resolved(&self.interface, &addrs, &dns.settings.suffix);
             }
             dns.bound = own;
         }
