@@ -17,6 +17,7 @@ command -v ping >/dev/null || need+=(iputils-ping)
 command -v prosodyctl >/dev/null || need+=(prosody)
 command -v nft >/dev/null || need+=(nftables)
 command -v turnserver >/dev/null || need+=(coturn)
+command -v conntrack >/dev/null || need+=(conntrack)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if ((${#need[@]})); then
   step "installing ${need[*]}"

@@ -412,6 +412,66 @@ fn a_relayed_link_moves_to_a_direct_path_once_udp_is_let_through() {
     assert_eq!(path, "direct", "{peer}");
 }
 
+/// A NAT router that forgets its UDP mappings (a reboot, a timeout, a carrier NAT's whim) gives
+/// the device new public ports: the link carries on over the new mapping with the same
+/// WireGuard session, found again by ICE.
+#[test]
+fn a_link_survives_its_nat_forgetting_the_mapping() {
+    let mut w = World::new(
+        "nflush",
+        vec![Site::new(Nat::Symmetric), Site::new(Nat::FullCone)],
+    );
+    let (path, peer) = linked(&mut w, Duration::from_secs(20));
+    assert_eq!(path, "direct", "{peer}");
+    let target = w.addr_of(0, 1).expect("device 1's address");
+    let sent_before = peer["tx_bytes"].as_u64().unwrap_or_default();
+    let endpoint_before = World::peer(&w.status(1).expect("status"), &w.devices[0].user)
+        .map(|p| p["endpoint"].to_string())
+        .unwrap_or_default();
+
+    let name = w.lab.devices[0].name.clone();
+    let router = w.lab.router_of_mut(&name).ns();
+    let flushed = router.try_exec(&["conntrack", "-D", "-p", "udp"]);
+    assert!(
+        flushed.status.success() || String::from_utf8_lossy(&flushed.stderr).contains("deleted"),
+        "conntrack: {}",
+        String::from_utf8_lossy(&flushed.stderr)
+    );
+    let forgot = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(50),
+        "pings to get through again",
+        || {
+            if w.ns(0).ping(target, 1).status.success()
+                && w.ns(1)
+                    .ping(w.addr_of(1, 0).expect("device 0's address"), 1)
+                    .status
+                    .success()
+            {
+                Ok(())
+            } else {
+                Err(w.status(0).map(|s| s.to_string()).unwrap_or_else(|e| e))
+            }
+        },
+    );
+    eprintln!(
+        "link back {:?} after the NAT forgot its mappings",
+        forgot.elapsed()
+    );
+    let (_, peer) = w.link(0, 1, Duration::from_secs(5));
+    // The same WireGuard peer: its counters went on.
+    let sent_after = peer["tx_bytes"].as_u64().unwrap_or_default();
+    assert!(sent_after > sent_before + 1_000_000, "{peer}");
+    // Device 1 now reaches device 0 at its new public port.
+    let endpoint_after = World::peer(&w.status(1).expect("status"), &w.devices[0].user)
+        .map(|p| p["endpoint"].to_string())
+        .unwrap_or_default();
+    assert_ne!(
+        endpoint_after, endpoint_before,
+        "the mapping did not change"
+    );
+}
+
 /// The other way round: when one NAT router starts dropping UDP, the direct path dies and,
 /// once ICE gives up on it (about 20 s), the link carries on through the TURN relay over TCP,
 /// without being torn down.
