@@ -140,12 +140,8 @@ impl Keeper {
         }
         dns.next = now + NAMES_EVERY;
         dns.seen = Some(version);
-        let own: Vec<IpAddr> = engine
-            .own_addresses()
-            .iter()
-            .flat_map(|o| [IpAddr::V4(o.v4.addr()), IpAddr::V6(o.v6.addr())])
-            .collect();
-        let table = names(engine, &dns.settings.suffix);
+        let own = own_addresses(engine);
+        let table = names(engine, &dns.settings.suffix, &own);
         dns.names.send_if_modified(|t| {
             let changed = *t != table;
             *t = table;
@@ -188,9 +184,19 @@ impl Keeper {
     }
 }
 
-/// The names of this device and of every linked device: `device.user.domain.SUFFIX` with the
-/// addresses this device reaches it at, and `user.domain.SUFFIX` for the user's first device.
-fn names(engine: &Engine, suffix: &str) -> NameTable {
+/// This device's addresses in every overlay, IPv4 and IPv6.
+fn own_addresses(engine: &Engine) -> Vec<IpAddr> {
+    engine
+        .own_addresses()
+        .iter()
+        .flat_map(|o| [IpAddr::V4(o.v4.addr()), IpAddr::V6(o.v6.addr())])
+        .collect()
+}
+
+/// The names of this device (at `own`) and of every linked device: `device.user.domain.SUFFIX`
+/// with the addresses this device reaches it at, and `user.domain.SUFFIX` for the user's first
+/// device.
+fn names(engine: &Engine, suffix: &str, own: &[IpAddr]) -> NameTable {
     let mut table = NameTable::new(suffix);
     let mut users = BTreeSet::new();
     let mut add = |user: &str, device: &str, addrs: &[IpAddr]| {
@@ -204,12 +210,7 @@ fn names(engine: &Engine, suffix: &str) -> NameTable {
         }
     };
     if let Some(me) = engine.me() {
-        let own: Vec<IpAddr> = engine
-            .own_addresses()
-            .iter()
-            .flat_map(|o| [IpAddr::V4(o.v4.addr()), IpAddr::V6(o.v6.addr())])
-            .collect();
-        add(&me.user, &me.device, &own);
+        add(&me.user, &me.device, own);
     }
     for link in engine.links() {
         let Some(peer) = &link.peer else { continue };

@@ -440,14 +440,7 @@ fn a_forced_collision_is_resolved() {
 
 /// Alice's laptop and Bob's phone, friends with the default `[social]` section, linked.
 fn linked_friends(tag: &str) -> World {
-    let mut w = World::new(tag, 2);
-    let mut alice = w.user("alice");
-    let mut bob = w.user("bob");
-    alice.befriend(&mut bob);
-    w.configure(0, "alice", "laptop", "[social]\n");
-    w.configure(1, "bob", "phone", "[social]\n");
-    w.node(0).start();
-    w.node(1).start();
+    let (w, _alice, _bob) = start_friends(tag, "[social]\n", "[social]\n");
     wait_social_ping(
         &w.lab.nodes[0],
         &jid("bob"),

@@ -17,15 +17,8 @@ use common::*;
 
 #[test]
 fn friends_devices_link_and_ping_within_3_s() {
-    let mut w = World::new("xfriend", 2);
-    let mut alice = w.user("alice");
-    let mut bob = w.user("bob");
-    alice.befriend(&mut bob);
-    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
-    w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
-
-    w.node(0).start();
-    w.node(1).start();
+    let (mut w, _alice, _bob) =
+        start_friends("xfriend", &social("10.78.0.1/16"), &social("10.78.0.2/16"));
     xmpp_online(w.node(0));
     xmpp_online(w.node(1));
     let both_up = Instant::now();
@@ -281,14 +274,8 @@ fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
 
 #[test]
 fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
-    let mut w = World::new("xunfr", 2);
-    let mut alice = w.user("alice");
-    let mut bob = w.user("bob");
-    alice.befriend(&mut bob);
-    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
-    w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
-    w.node(0).start();
-    w.node(1).start();
+    let (mut w, mut alice, mut bob) =
+        start_friends("xunfr", &social("10.78.0.1/16"), &social("10.78.0.2/16"));
     wait_social_ping(
         &w.lab.nodes[0],
         "bob@example.org",

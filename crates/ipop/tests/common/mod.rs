@@ -62,6 +62,24 @@ impl World {
     }
 }
 
+/// Alice's laptop and Bob's phone, friends, with these `[social]` sections, both started. The
+/// chat clients come back for tests that change the friendship later.
+pub fn start_friends(
+    tag: &str,
+    alice_social: &str,
+    bob_social: &str,
+) -> (World, XmppUser, XmppUser) {
+    let mut w = World::new(tag, 2);
+    let mut alice = w.user("alice");
+    let mut bob = w.user("bob");
+    alice.befriend(&mut bob);
+    w.configure(0, "alice", "laptop", alice_social);
+    w.configure(1, "bob", "phone", bob_social);
+    w.node(0).start();
+    w.node(1).start();
+    (w, alice, bob)
+}
+
 pub fn password(user: &str) -> String {
     format!("pw-{user}-secret")
 }
