@@ -15,6 +15,7 @@
 
 mod announce;
 mod extdisco;
+pub mod guard;
 pub mod jingle;
 mod login;
 mod muc;
@@ -22,13 +23,13 @@ mod session;
 
 use ipop_core::PublicKey;
 use ipop_core::osn::{Claim, DeviceId, IceServerKind, IceTransport, OsnEvent, OverlayId, Signal};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_xmpp::jid::BareJid;
 
@@ -237,10 +238,20 @@ pub enum DropReason {
     MalformedExternalService,
     /// Usable XEP-0215 entries beyond [`MAX_EXTERNAL_SERVICES`] in one answer.
     ExternalServicesOverLimit,
+    /// A stanza nested deeper than [`guard::Limits`] allow (an IQ request is answered
+    /// `policy-violation`).
+    XmlTooDeep,
+    /// A stanza with a name, attribute or text longer than [`guard::Limits`] allow.
+    XmlTokenTooLarge,
+    /// A stanza larger than [`guard::Limits`] allow.
+    StanzaTooLarge,
+    /// A Jingle IQ from someone no overlay authorises (answered `service-unavailable`, as if
+    /// no ipop ran here).
+    JingleFromStranger,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::MalformedJingle,
         DropReason::TooManyCandidates,
         DropReason::UnsupportedJingleAction,
@@ -259,6 +270,10 @@ impl DropReason {
         DropReason::QueueFull,
         DropReason::MalformedExternalService,
         DropReason::ExternalServicesOverLimit,
+        DropReason::XmlTooDeep,
+        DropReason::XmlTokenTooLarge,
+        DropReason::StanzaTooLarge,
+        DropReason::JingleFromStranger,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -281,11 +296,23 @@ impl DropReason {
             DropReason::QueueFull => "queue-full",
             DropReason::MalformedExternalService => "malformed-external-service",
             DropReason::ExternalServicesOverLimit => "external-services-over-limit",
+            DropReason::XmlTooDeep => "xml-too-deep",
+            DropReason::XmlTokenTooLarge => "xml-token-too-large",
+            DropReason::StanzaTooLarge => "stanza-too-large",
+            DropReason::JingleFromStranger => "jingle-from-stranger",
         }
     }
 
     fn index(self) -> usize {
         Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+
+    fn of(violation: guard::Violation) -> DropReason {
+        match violation {
+            guard::Violation::TooDeep => DropReason::XmlTooDeep,
+            guard::Violation::TokenTooLarge => DropReason::XmlTokenTooLarge,
+            guard::Violation::TooLarge => DropReason::StanzaTooLarge,
+        }
     }
 }
 
@@ -354,6 +381,40 @@ struct Shared {
     drops: Mutex<[u64; DropReason::ALL.len()]>,
     /// What the session is waiting for, for a timeout message at login.
     waiting_for: Mutex<String>,
+    /// Log lines that others can cause at will.
+    logs: LogLimiter,
+}
+
+/// Keeps a log line that others can repeat at will (a stranger's stanzas, a server that keeps
+/// refusing) to one per key per minute; the rest go to the debug level.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+impl LogLimiter {
+    const PERIOD: Duration = Duration::from_secs(60);
+    /// Most keys remembered: beyond, the oldest entries go first.
+    const KEYS: usize = 1024;
+
+    /// Whether a line for `key` may be logged now.
+    fn allow(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = last.get(key)
+            && now.duration_since(*at) < Self::PERIOD
+        {
+            return false;
+        }
+        if last.len() >= Self::KEYS {
+            last.retain(|_, at| now.duration_since(*at) < Self::PERIOD);
+            if last.len() >= Self::KEYS {
+                last.clear();
+            }
+        }
+        last.insert(key.to_owned(), now);
+        true
+    }
 }
 
 impl Shared {
@@ -374,6 +435,44 @@ impl Shared {
             }),
             drops: Mutex::new([0; DropReason::ALL.len()]),
             waiting_for: Mutex::new("resource binding".to_owned()),
+            logs: LogLimiter::default(),
+        }
+    }
+
+    /// What the guard on the stream reports.
+    fn on_guard(&self, event: guard::GuardEvent) {
+        match event {
+            guard::GuardEvent::Dropped {
+                violation,
+                kind,
+                from,
+            } => {
+                self.count(DropReason::of(violation));
+                let from = from.as_deref().unwrap_or("the server");
+                if self.logs.allow(violation.as_str()) {
+                    tracing::warn!(
+                        reason = violation.as_str(),
+                        "dropped a <{kind}/> from {from} that breaks ipop's bounds on XML; \
+                         more are counted in status and logged at most once a minute"
+                    );
+                } else {
+                    tracing::debug!(
+                        reason = violation.as_str(),
+                        "dropped a <{kind}/> from {from}"
+                    );
+                }
+            }
+            guard::GuardEvent::ResumptionFailed { condition } => {
+                let condition = condition.unwrap_or_else(|| "no reason given".to_owned());
+                if self.logs.allow("resumption-failed") {
+                    tracing::warn!(
+                        "the XMPP server cannot resume the previous stream ({condition}); \
+                         binding a new session"
+                    );
+                } else {
+                    tracing::debug!("stream resumption refused ({condition})");
+                }
+            }
         }
     }
 
@@ -438,15 +537,84 @@ pub struct Session {
     shared: Arc<Shared>,
     groups: Vec<BareJid>,
     claims: watch::Sender<Claims>,
-    task: tokio::task::JoinHandle<()>,
+    /// Closed when the session's thread is done with it.
+    finished: oneshot::Receiver<()>,
 }
 
 /// Logs in, announces the device, fetches the roster and joins the rooms. Returns the session
 /// and the receiver of its events, which starts with [`OsnEvent::Online`] and the full
 /// picture. The receiver must be drained: it is unbounded.
+///
+/// The session runs on a thread of its own, with its own runtime: reading, bounding and parsing
+/// what the server sends never holds up the caller's tasks (the daemon's packet loop).
 pub async fn connect(
     cfg: XmppConfig,
 ) -> Result<(Session, mpsc::UnboundedReceiver<OsnEvent>), LoginError> {
+    let (reply, answer) = oneshot::channel();
+    let thread_error = |reason: String| LoginError::Stream {
+        server: cfg
+            .server
+            .as_ref()
+            .map_or_else(|| cfg.jid.clone(), |(host, port)| format!("{host}:{port}")),
+        reason,
+    };
+    let settings = cfg.clone();
+    std::thread::Builder::new()
+        .name("ipop-xmpp".to_owned())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(run(settings, reply)),
+                Err(e) => {
+                    // The caller may have stopped waiting.
+                    let _ = reply.send(Err(LoginError::Stream {
+                        server: settings.jid.clone(),
+                        reason: format!("cannot start the XMPP session's runtime: {e}"),
+                    }));
+                }
+            }
+        })
+        .map_err(|e| thread_error(format!("cannot start the XMPP session's thread: {e}")))?;
+    answer.await.unwrap_or_else(|_| {
+        Err(thread_error(
+            "the XMPP session ended during login".to_owned(),
+        ))
+    })
+}
+
+type Connected = Result<(Session, mpsc::UnboundedReceiver<OsnEvent>), LoginError>;
+
+/// The session's thread: logs in, answers `reply`, then runs the session until it ends.
+async fn run(cfg: XmppConfig, reply: oneshot::Sender<Connected>) {
+    let (finished_tx, finished) = oneshot::channel();
+    let (task, outcome) = match start(cfg, finished).await {
+        Ok((session, events, task)) => (Some(task), Ok((session, events))),
+        Err(e) => (None, Err(e)),
+    };
+    if let Err(Ok((session, _))) = reply.send(outcome) {
+        // Nobody waits for the session any more: dropping the handle ends it.
+        drop(session);
+    }
+    if let Some(task) = task {
+        // A join error could only be a panic, already reported by the runtime.
+        let _ = task.await;
+    }
+    drop(finished_tx);
+}
+
+async fn start(
+    cfg: XmppConfig,
+    finished: oneshot::Receiver<()>,
+) -> Result<
+    (
+        Session,
+        mpsc::UnboundedReceiver<OsnEvent>,
+        tokio::task::JoinHandle<()>,
+    ),
+    LoginError,
+> {
     let deadline = tokio::time::Instant::now() + cfg.login_timeout;
     let with_duration = |e: LoginError| match e {
         LoginError::Timeout { waiting_for, .. } => LoginError::Timeout {
@@ -462,9 +630,14 @@ pub async fn connect(
             why: e.to_string(),
         })?);
     }
-    let login = Arc::new(login::Login::new(&cfg)?);
+    let shared = Arc::new(Shared::new(String::new()));
+    let guard_shared = shared.clone();
+    let login = Arc::new(login::Login::new(
+        &cfg,
+        Arc::new(move |event| guard_shared.on_guard(event)),
+    )?);
+    shared.update(|s| s.server = login.server.clone());
     let first = login.open(deadline).await.map_err(with_duration)?;
-    let shared = Arc::new(Shared::new(login.server.clone()));
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, event_rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -482,16 +655,17 @@ pub async fn connect(
             ready: ready_tx,
         },
     );
+    let task = tokio::spawn(task.run());
     let session = Session {
         commands,
         events,
         shared: shared.clone(),
         groups,
         claims,
-        task: tokio::spawn(task.run()),
+        finished,
     };
     let outcome = match tokio::time::timeout_at(deadline, ready_rx).await {
-        Ok(Ok(Ok(()))) => return Ok((session, event_rx)),
+        Ok(Ok(Ok(()))) => return Ok((session, event_rx, task)),
         Ok(Ok(Err(e))) => e,
         Ok(Err(_)) => LoginError::Stream {
             server: shared.snapshot().server,
@@ -506,7 +680,13 @@ pub async fn connect(
             after: Some(cfg.login_timeout),
         },
     };
-    session.shutdown().await;
+    let (done, closed) = oneshot::channel();
+    if session.commands.send(Command::Shutdown(done)).await.is_ok() {
+        // The task answers once the stream is closed; an error means it ended already.
+        let _ = closed.await;
+    }
+    // A join error could only be a panic, already reported by the runtime.
+    let _ = task.await;
     Err(outcome)
 }
 
@@ -627,8 +807,7 @@ impl Session {
             // The task answers once the stream is closed; an error means it ended already.
             let _ = finished.await;
         }
-        // The task has finished its work; a join error could only be a panic, already
-        // reported by the runtime.
-        let _ = self.task.await;
+        // Closed (never sent) once the session's task has ended.
+        let _ = self.finished.await;
     }
 }

@@ -5,6 +5,7 @@
 //! The stream this returns is handed to tokio-xmpp's `StanzaStream`, which binds the resource,
 //! negotiates stream management and calls us again (through [`Login::open`]) to reconnect.
 
+use crate::guard::{Guard, Limits, Sink};
 use crate::{LoginError, XmppConfig};
 use futures::{SinkExt, StreamExt};
 use sasl::common::{ChannelBinding, Credentials};
@@ -41,7 +42,6 @@ const STREAM_TIMEOUTS: Timeouts = Timeouts {
 };
 
 /// Everything needed to open a stream for one account and device, again and again.
-#[derive(Debug)]
 pub struct Login {
     jid: FullJid,
     password: String,
@@ -50,10 +50,12 @@ pub struct Login {
     pub server: String,
     direct_tls: bool,
     tls: Arc<ClientConfig>,
+    /// Where the guard on every stream reports what it dropped.
+    guard: Sink,
 }
 
 impl Login {
-    pub fn new(cfg: &XmppConfig) -> Result<Self, LoginError> {
+    pub fn new(cfg: &XmppConfig, guard: Sink) -> Result<Self, LoginError> {
         let bare = BareJid::new(&cfg.jid).map_err(|e| LoginError::Config {
             what: format!("jid {:?}", cfg.jid),
             why: e.to_string(),
@@ -86,6 +88,7 @@ impl Login {
             server,
             direct_tls: cfg.direct_tls,
             tls: Arc::new(tls_config(cfg.extra_ca.as_deref())?),
+            guard,
         })
     }
 
@@ -116,14 +119,16 @@ impl Login {
                 },
             })?;
         let opened = async {
-            if self.direct_tls {
-                let (tls, binding) = self.tls(tcp).await?;
-                self.authenticate(BufStream::new(tls), binding).await
+            // From TLS on, everything the server sends passes the guard: authentication is
+            // where stanzas from others start to arrive.
+            let (tls, binding) = if self.direct_tls {
+                self.tls(tcp).await?
             } else {
                 let plain = self.starttls(BufStream::new(tcp)).await?;
-                let (tls, binding) = self.tls(plain.into_inner()).await?;
-                self.authenticate(BufStream::new(tls), binding).await
-            }
+                self.tls(plain.into_inner()).await?
+            };
+            let guarded = Guard::new(tls, Limits::DEFAULT, self.guard.clone());
+            self.authenticate(BufStream::new(guarded), binding).await
         };
         timeout_at(deadline, opened)
             .await

@@ -188,6 +188,12 @@ pub fn join_refusal(error: Option<&StanzaError>, me: &BareJid) -> String {
 }
 
 /// Why we are no longer in a room, and whether joining again may work.
+/// Whether an occupant's unavailable presence ends its membership: a ban (301), a kick (307),
+/// an affiliation change (321), or the room becoming members-only without it (322).
+pub fn revokes(info: &OccupantInfo) -> bool {
+    [301, 307, 321, 322].iter().any(|code| info.has(*code))
+}
+
 pub fn exit_reason(info: &OccupantInfo) -> (&'static str, bool) {
     if info.has(301) {
         ("we were banned from the room", false)

@@ -10,6 +10,7 @@
 
 use crate::announce::{self, Announce};
 use crate::extdisco::{self, Offered, Resolution, Resolved};
+use crate::guard;
 use crate::jingle::{self, Malformed};
 use crate::login::Login;
 use crate::muc::{self, Affiliation, OccupantInfo};
@@ -42,13 +43,18 @@ use tokio_xmpp::stanzastream::{Connection, Event, StanzaStage, StanzaStream, Str
 /// How long IQs to our server and rooms (roster, room configuration, affiliations) may take.
 const SERVER_IQ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a fresh stream, devices seen before that have not announced themselves again within
-/// this time are reported down.
-const RESYNC_GRACE: Duration = Duration::from_secs(10);
+/// this time are reported down: as long as the longest reconnect back-off of any device (they
+/// may all have lost the server at once), plus half a minute to log in and announce.
+const RESYNC_GRACE: Duration = BACKOFF_MAX.saturating_add(Duration::from_secs(30));
 /// Wait before joining a room again after being removed from it for a passing reason.
 const REJOIN_DELAY: Duration = Duration::from_secs(60);
 /// Reconnect backoff: from one second, doubling, to half a minute, with jitter.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// While the server refuses connections (it is down or restarting), the backoff stops growing
+/// here: a refused connection costs the server nothing, and a restarted server is found within
+/// a few seconds.
+const BACKOFF_MAX_REFUSED: Duration = Duration::from_secs(3);
 /// Most time one reconnection attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most devices the social overlay keeps track of, and most occupants per room.
@@ -176,8 +182,14 @@ struct Room {
     nick: String,
     state: RoomState,
     occupants: BTreeMap<String, Occupant>,
+    /// Users seen in the room with an affiliation that authorises them. A user stays a member
+    /// while offline; only an explicit revocation (ban, kick, affiliation removed) ends it.
+    members: BTreeSet<BareJid>,
     view: View,
     overlay: OverlayId,
+    /// When devices that were in the room before we rejoined it and have not come back are
+    /// reported down.
+    sweep_at: Option<Instant>,
 }
 
 impl Room {
@@ -277,6 +289,14 @@ async fn claims_changed(claims: &mut watch::Receiver<Claims>) {
     }
 }
 
+/// The reason of a guard's placeholder among `payloads`, if it is one.
+fn dropped_reason(payloads: &[Element]) -> Option<String> {
+    payloads
+        .iter()
+        .find(|p| p.is("dropped", guard::NS_DROPPED))
+        .map(|p| p.attr("reason").unwrap_or("unknown").to_owned())
+}
+
 /// Reads the ipop announcement of a presence from `from`, counting what is wrong with it: a
 /// device with a bad claim is still a peer, without a claim.
 fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Option<Announced> {
@@ -355,7 +375,9 @@ impl Task {
                 nick: muc::nick(&own, me.resource().as_str()),
                 state: RoomState::Out { rejoin_at: None },
                 occupants: BTreeMap::new(),
+                members: BTreeSet::new(),
                 view: View::default(),
+                sweep_at: None,
             })
             .collect();
         Task {
@@ -627,8 +649,9 @@ impl Task {
             me: self.device_id(),
         });
 
+        // The contacts stay until the new roster replaces them: they answer who may send us a
+        // link offer meanwhile.
         self.roster_loaded = false;
-        self.contacts.clear();
         self.presences.clear();
         self.social.restart(true);
         if self.cfg.social {
@@ -725,6 +748,12 @@ impl Task {
         if self.social_sweep_at.is_some_and(|at| at <= now) {
             self.social_sweep_at = None;
             self.social.sweep(&OverlayId::Social, &mut self.out);
+        }
+        for room in &mut self.rooms {
+            if room.sweep_at.is_some_and(|at| at <= now) {
+                room.sweep_at = None;
+                room.view.sweep(&room.overlay, &mut self.out);
+            }
         }
         if self.online {
             for i in 0..self.rooms.len() {
@@ -896,6 +925,28 @@ impl Task {
     // ---- stanzas ----
 
     fn on_stanza(&mut self, stanza: Stanza) {
+        // What the guard on the stream dropped was counted and logged there; a request is
+        // answered, anything else is left alone.
+        let dropped = match &stanza {
+            Stanza::Iq(Iq::Get { payload, .. } | Iq::Set { payload, .. }) => {
+                dropped_reason(std::slice::from_ref(payload))
+            }
+            Stanza::Iq(_) => None,
+            Stanza::Presence(p) => dropped_reason(&p.payloads),
+            Stanza::Message(m) => dropped_reason(&m.payloads),
+        };
+        if let Some(reason) = dropped {
+            if let Stanza::Iq(Iq::Get { from, id, .. } | Iq::Set { from, id, .. }) = stanza {
+                self.reply_error(
+                    from,
+                    id,
+                    ErrorType::Modify,
+                    DefinedCondition::PolicyViolation,
+                    &format!("dropped by ipop: {reason}"),
+                );
+            }
+            return;
+        }
         match stanza {
             Stanza::Iq(iq) => self.on_iq(iq),
             Stanza::Presence(p) => self.on_presence(p),
@@ -919,7 +970,10 @@ impl Task {
             Iq::Get {
                 from, id, payload, ..
             } => {
-                if payload.is("query", ns::DISCO_INFO) {
+                if !self.may_ask(from.as_ref()) {
+                    // Strangers learn nothing, not even that an ipop device is online here.
+                    self.stranger_iq(from, id, &payload);
+                } else if payload.is("query", ns::DISCO_INFO) {
                     let node = payload.attr("node").map(str::to_owned);
                     if node.is_none() || node.as_deref() == Some(&announce::caps_node_ver()) {
                         self.reply(from, id, Some(announce::disco_info(node).into()));
@@ -941,7 +995,9 @@ impl Task {
             Iq::Set {
                 from, id, payload, ..
             } => {
-                if payload.is("jingle", ns::JINGLE) {
+                if payload.is("jingle", ns::JINGLE) && !self.may_ask(from.as_ref()) {
+                    self.stranger_iq(from, id, &payload);
+                } else if payload.is("jingle", ns::JINGLE) {
                     self.on_jingle(from, id, &payload);
                 } else if payload.is("query", ns::ROSTER) {
                     self.on_roster_push(from, id, payload);
@@ -956,6 +1012,53 @@ impl Task {
                 from, id, error, ..
             } => self.on_response(from, id, Err(error)),
         }
+    }
+
+    /// Whether `from` may ask this device anything: our server or account, or a user that an
+    /// overlay authorises (a friend, a member of one of our rooms).
+    fn may_ask(&self, from: Option<&Jid>) -> bool {
+        let Some(from) = from else {
+            return true;
+        };
+        let bare = from.to_bare();
+        if bare == self.own || (bare.node().is_none() && bare.domain() == self.own.domain()) {
+            return true;
+        }
+        (self.cfg.social && self.contacts.get(&bare) == Some(&Subscription::Both))
+            || self.rooms.iter().any(|r| r.members.contains(&bare))
+    }
+
+    /// An IQ request from someone no overlay authorises: answered as by a client that serves
+    /// nothing, counted, and logged at most once per sender a minute.
+    fn stranger_iq(&mut self, from: Option<Jid>, id: String, payload: &Element) {
+        let who = from.as_ref().map(Jid::to_string).unwrap_or_default();
+        if payload.is("jingle", ns::JINGLE) {
+            self.shared.count(DropReason::JingleFromStranger);
+            let user = from
+                .as_ref()
+                .map(|f| f.to_bare().to_string())
+                .unwrap_or_default();
+            if self.shared.logs.allow(&format!("stranger {user}")) {
+                tracing::warn!(
+                    "refused a link offer from {who}: no overlay authorises {user}; \
+                     more from them are counted and logged at most once a minute"
+                );
+            } else {
+                tracing::debug!("refused a link offer from {who}");
+            }
+        } else {
+            self.drop_stanza(
+                DropReason::UnsupportedIq,
+                format_args!("IQ {{{}}}{} from {who}", payload.ns(), payload.name()),
+            );
+        }
+        self.reply_error(
+            from,
+            id,
+            ErrorType::Cancel,
+            DefinedCondition::ServiceUnavailable,
+            "",
+        );
     }
 
     fn unsupported_iq(&mut self, from: Option<Jid>, id: String, payload: &Element) {
@@ -1489,10 +1592,12 @@ impl Task {
         self.check_ready();
     }
 
-    /// We are out of the room: nobody is authorised through it any more.
+    /// We are out of the room for good: nobody is authorised through it any more.
     fn clear_room(&mut self, i: usize) {
         let room = &mut self.rooms[i];
         room.occupants.clear();
+        room.members.clear();
+        room.sweep_at = None;
         if room.view.members.is_some() || !room.view.devices.is_empty() {
             room.view.publish(
                 &room.overlay,
@@ -1508,7 +1613,9 @@ impl Task {
     fn room_joined(&mut self, i: usize) {
         self.publish_room(i);
         let room = &mut self.rooms[i];
-        room.view.sweep(&room.overlay, &mut self.out);
+        if !room.view.stale.is_empty() {
+            room.sweep_at = Some(Instant::now() + RESYNC_GRACE);
+        }
         if room.claim_unsent {
             self.send_room_presence(i);
         }
@@ -1518,12 +1625,7 @@ impl Task {
     fn publish_room(&mut self, i: usize) {
         let room = &mut self.rooms[i];
         if room.state == RoomState::Joined {
-            let members: BTreeSet<String> = room
-                .occupants
-                .values()
-                .filter(|o| o.affiliation.authorised())
-                .map(|o| o.real.to_bare().to_string())
-                .collect();
+            let members: BTreeSet<String> = room.members.iter().map(BareJid::to_string).collect();
             let devices: BTreeMap<DeviceId, Announced> = room
                 .occupants
                 .values()
@@ -1610,7 +1712,23 @@ impl Task {
         }
         let room = &mut self.rooms[i];
         if presence.type_ == PresenceType::Unavailable {
-            if room.occupants.remove(&nick).is_some() {
+            let left = room.occupants.remove(&nick);
+            // Going offline keeps the membership; being banned, kicked or losing the
+            // affiliation ends it, and with it the user's links through this room.
+            let revoked = muc::revokes(&info) || !info.affiliation.authorised();
+            let real = info
+                .jid
+                .as_ref()
+                .map(|j| j.to_bare())
+                .or_else(|| left.as_ref().map(|o| o.real.to_bare()));
+            let forgotten = match real {
+                Some(user) if revoked => {
+                    tracing::info!(room = %room.jid, %user, "membership revoked");
+                    room.members.remove(&user)
+                }
+                _ => false,
+            };
+            if left.is_some() || forgotten {
                 self.publish_room(i);
             }
             return;
@@ -1631,6 +1749,11 @@ impl Task {
             );
             return;
         }
+        if info.affiliation.authorised() {
+            room.members.insert(real.to_bare());
+        } else {
+            room.members.remove(&real.to_bare());
+        }
         room.occupants.insert(
             nick,
             Occupant {
@@ -1648,10 +1771,15 @@ impl Task {
             let room = &mut self.rooms[i];
             tracing::warn!(room = %room.jid, "left the room: {why}");
             if rejoin {
+                // Out for a passing reason (a restart of the chat service, a kick): the members
+                // and their links stay; devices that are not back some time after we rejoin
+                // are reported down then.
                 room.state = RoomState::Out {
                     rejoin_at: Some(Instant::now() + REJOIN_DELAY),
                 };
-                self.clear_room(i);
+                room.occupants.clear();
+                room.view.restart(true);
+                self.update_room_status();
             } else {
                 self.room_failed(i, why.to_owned());
             }
@@ -1663,6 +1791,9 @@ impl Task {
             announced: None,
         };
         let room = &mut self.rooms[i];
+        if info.affiliation.authorised() {
+            room.members.insert(self.own.clone());
+        }
         let nick = room.nick.clone();
         room.occupants.insert(nick, own);
         if room.state != RoomState::Joining {
@@ -1753,12 +1884,22 @@ async fn reconnect(
                 return;
             }
             Err(e) => {
-                tracing::warn!(
-                    "reconnecting to the XMPP server failed: {e}; retrying in about {:?}",
-                    (delay * 2).min(BACKOFF_MAX)
-                );
-                shared.update(|s| s.last_error = Some(e.to_string()));
-                delay = (delay * 2).min(BACKOFF_MAX);
+                let most = match e {
+                    LoginError::Unreachable { .. } => BACKOFF_MAX_REFUSED,
+                    _ => BACKOFF_MAX,
+                };
+                delay = (delay * 2).min(most);
+                let why = e.to_string();
+                if shared.logs.allow(&format!("reconnect {why}")) {
+                    tracing::warn!(
+                        "reconnecting to the XMPP server failed: {why}; retrying every {:?} or \
+                         less (the same failure is logged again in a minute)",
+                        delay
+                    );
+                } else {
+                    tracing::debug!("reconnecting failed: {why}; retrying in about {delay:?}");
+                }
+                shared.update(|s| s.last_error = Some(why));
             }
         }
     }
