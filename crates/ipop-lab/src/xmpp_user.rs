@@ -639,9 +639,9 @@ impl XmppUser {
             .map_err(|e| format!("{}: the server refused a ping: {e}", self.jid))
     }
 
-    /// `Err` when the request could not be made or answered in time; `Ok(Err)` for an error
-    /// reply, with its condition.
-    fn try_iq(
+    /// Sends an IQ. `Err` when the request could not be made or answered in time; `Ok(Err)` for
+    /// an error reply, with its condition.
+    pub fn try_iq(
         &mut self,
         to: Option<Jid>,
         request: IqRequest,
