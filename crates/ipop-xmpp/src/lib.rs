@@ -19,6 +19,8 @@ pub mod guard;
 pub mod jingle;
 mod login;
 mod muc;
+#[doc(hidden)]
+pub mod replay;
 mod session;
 
 use ipop_core::PublicKey;

@@ -409,6 +409,13 @@ impl Task {
         }
     }
 
+    /// Names our requests `PREFIX-1`, `PREFIX-2`, … instead of by a random prefix (the first is
+    /// the roster request after login), for a replay whose answers are written beforehand.
+    pub(crate) fn with_id_prefix(mut self, prefix: &str) -> Self {
+        prefix.clone_into(&mut self.id_prefix);
+        self
+    }
+
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
