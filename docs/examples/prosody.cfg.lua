@@ -26,6 +26,7 @@ modules_enabled = {
 	"ping";              -- keepalives (XEP-0199)
 	"limits";            -- bandwidth limits, below
 	"external_services"; -- STUN and TURN servers with time-limited credentials (XEP-0215)
+	"smacks";            -- stream management (XEP-0198): a short outage loses no stanza
 	"admin_shell";       -- prosodyctl shell
 }
 
