@@ -197,8 +197,15 @@ fn a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_
     })
     .expect("ping runs");
     let summary = String::from_utf8_lossy(&out.stdout);
+    let loss: f64 = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix("% packet loss"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no loss figure in ping's output: {summary}"));
+    eprintln!("pings to carol's device while bob's client claimed its key: {loss}% loss");
+    // One late reply is the machine's doing; a link torn down and set up again loses far more.
     assert!(
-        summary.contains(" 0% packet loss"),
+        loss <= 1.0,
         "alice's pings to carol's device were lost: {summary}"
     );
 
