@@ -13,6 +13,18 @@
 //! restarts ICE: a new session with new credentials and the current candidates, offered in a
 //! new `Signal::Initiate` that the other side accepts in place of the old session. The
 //! WireGuard peer stays through it, so its session keys carry on over the new path.
+//!
+//! Presence is not the link. A device whose presence vanishes while WireGuard still hears from
+//! it (a handshake or authenticated data within 3 minutes) keeps its link, shown as offline on
+//! XMPP; the link closes when WireGuard has heard nothing for 3 minutes, or at once when the
+//! device's user is no longer authorised, or when the device announces another key. One
+//! deadline, the earliest of those devices', wakes the engine to check.
+//!
+//! Keys belong to one device. A key is pinned for a device when an overlay first authorises
+//! the device and a link is wanted (never for a device nobody authorised); a key pinned for one
+//! device, or this device's own key, is refused for any other. Announcements from devices that
+//! no overlay authorises are kept in memory only, a bounded number of them, and refusals are
+//! logged at most once a minute per user or device.
 
 use crate::demux::{DatagramKind, classify};
 use crate::ice;
@@ -51,6 +63,18 @@ const KEEPALIVE_S: u16 = 25;
 /// How long the side that did not open a session waits, once its path is lost, for the other
 /// side to restart ICE before it restarts on its own.
 const RESTART_GRACE: Duration = Duration::from_secs(3);
+/// A link to a device that is offline on XMPP lives while WireGuard hears from the device: a
+/// handshake or authenticated data within this time.
+const SILENCE_LIMIT: Duration = Duration::from_secs(180);
+/// A refusal is logged at most once per user (or device) per this time.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Most users and devices whose last refusal log is remembered.
+const REFUSAL_LOG_SUBJECTS: usize = 1024;
+/// Most announcements kept from devices that no overlay authorises (in memory only): for
+/// status, and for a membership that arrives after the presence.
+const MAX_STRANGERS: usize = 256;
+/// Most offers kept waiting for their device's presence.
+const MAX_PENDING: usize = 64;
 
 /// Where a link to a device stands, for status and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +110,9 @@ pub struct LinkStatus {
     /// The path was lost and an ICE restart looks for another: the WireGuard session may still
     /// look fresh, but nothing gets through until the restart finds a path.
     pub restarting: bool,
+    /// The device is offline on XMPP: WireGuard alone keeps the link, until it hears nothing
+    /// from the device for 3 minutes.
+    pub offline: bool,
 }
 
 struct Session {
@@ -122,14 +149,55 @@ struct Link {
     last_error: Option<String>,
     /// The candidates of the last failed attempt.
     tried: (Vec<Candidate>, Vec<Candidate>),
+    /// The device is offline on XMPP (its presence is gone from every overlay): no signal
+    /// reaches it, so nothing is retried or restarted, and WireGuard alone keeps the link.
+    offline: bool,
 }
 
-/// A device as its presence describes it: its key, and the overlays it was seen through with
-/// the address it claims in each.
+/// A device as its presences describe it: its key, and the overlays it was seen through.
 #[derive(Clone)]
 struct Announced {
     key: PublicKey,
-    via: BTreeMap<OverlayId, Option<Claim>>,
+    via: BTreeMap<OverlayId, Seen>,
+    /// The refusal last counted for this key, so that one refusal is counted once.
+    refused: Option<UnlinkedReason>,
+}
+
+impl Announced {
+    fn new(key: PublicKey) -> Self {
+        Announced {
+            key,
+            via: BTreeMap::new(),
+            refused: None,
+        }
+    }
+
+    /// Whether its presence is gone from every overlay it was seen through.
+    fn offline(&self) -> bool {
+        !self.via.values().any(|s| s.present)
+    }
+}
+
+/// A device as seen through one overlay.
+#[derive(Clone, Copy)]
+struct Seen {
+    /// The address it claims there.
+    claim: Option<Claim>,
+    /// Whether its presence there is current. A presence lost while WireGuard still hears from
+    /// the device is kept, not present, until WireGuard falls silent.
+    present: bool,
+}
+
+/// What the engine makes of an announced device.
+enum Verdict {
+    /// A link with this key is wanted; `pin` when the key is not pinned yet.
+    Link { key: PublicKey, pin: bool },
+    /// The device is authorised, its key is not accepted.
+    Refused(UnlinkedReason),
+    /// No overlay it was seen through authorises its user.
+    NotAuthorised,
+    /// Not announced (or its presence lost with no live link).
+    Gone,
 }
 
 /// A device that is online but not linked, and why.
@@ -142,10 +210,14 @@ pub struct Unlinked {
     pub reason: UnlinkedReason,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnlinkedReason {
     /// It announces another key than the one pinned for it; `ipop trust` accepts the new one.
     KeyNotTrusted { pinned: PublicKey },
+    /// It announces a key that belongs to another device: the key pinned for `holder`, or this
+    /// device's own key when `holder` is this device. `ipop trust` moves the key to it (not
+    /// this device's own).
+    KeyClaimedByOther { holder: DeviceId },
     /// Its user is not authorised by the overlays it was seen in.
     NotAuthorised,
 }
@@ -160,9 +232,18 @@ pub struct Engine {
     online: bool,
     hosts: Vec<SocketAddr>,
     members: BTreeMap<OverlayId, BTreeSet<String>>,
+    /// Announced devices that an overlay they were seen through authorises, whatever their key.
     devices: BTreeMap<DeviceId, Announced>,
-    /// Devices that announced another key than the pinned one.
-    untrusted: BTreeMap<DeviceId, Announced>,
+    /// Announced devices that no overlay authorises: in memory only, at most `MAX_STRANGERS`.
+    strangers: BTreeMap<DeviceId, Announced>,
+    /// The device each pinned key belongs to.
+    holders: HashMap<PublicKey, DeviceId>,
+    /// Devices with a presence lost while their link was alive.
+    absent: BTreeSet<DeviceId>,
+    /// When the first of them may have been silent for too long: one deadline for them all.
+    absent_due: Option<Instant>,
+    /// When a refusal was last logged, by user or device.
+    refusal_logs: HashMap<String, Instant>,
     links: BTreeMap<DeviceId, Link>,
     pending: HashMap<DeviceId, (String, LinkOffer, Instant)>,
     signals: VecDeque<(DeviceId, Signal)>,
@@ -197,6 +278,17 @@ impl Engine {
         secret: u64,
     ) -> Self {
         let key = node.public_key();
+        let mut holders: HashMap<PublicKey, DeviceId> = HashMap::new();
+        for (device, pinned) in &memory.pins {
+            match holders.get(pinned) {
+                Some(first) => {
+                    tracing::warn!(%device, holder = %first, key = %pinned.fingerprint(), "a key is pinned for two devices; the first keeps it, `ipop trust` moves it");
+                }
+                None => {
+                    holders.insert(*pinned, device.clone());
+                }
+            }
+        }
         Engine {
             key,
             node,
@@ -206,7 +298,11 @@ impl Engine {
             hosts: Vec::new(),
             members: BTreeMap::new(),
             devices: BTreeMap::new(),
-            untrusted: BTreeMap::new(),
+            strangers: BTreeMap::new(),
+            holders,
+            absent: BTreeSet::new(),
+            absent_due: None,
+            refusal_logs: HashMap::new(),
             links: BTreeMap::new(),
             pending: HashMap::new(),
             signals: VecDeque::new(),
@@ -422,6 +518,7 @@ impl Engine {
                         s.lost = Some(now);
                     }
                 }
+                self.reconcile(now);
             }
             OsnEvent::Offline => {
                 tracing::info!("social network session down; links stay up");
@@ -429,62 +526,16 @@ impl Engine {
             }
             OsnEvent::Members { overlay, users } => {
                 self.members.insert(overlay, users.into_iter().collect());
+                self.sort_devices();
+                self.reconcile(now);
             }
             OsnEvent::DeviceUp {
                 overlay,
                 device,
                 key,
                 claim,
-            } => {
-                if !self.pinned(&device, key) {
-                    let entry = self.untrusted.entry(device.clone()).or_insert(Announced {
-                        key,
-                        via: BTreeMap::new(),
-                    });
-                    if entry.key != key || entry.via.is_empty() {
-                        tracing::warn!(%device, announced = %key.fingerprint(), "refusing a key other than the one pinned for this device; `ipop trust {device}` accepts it");
-                        self.drops.count(DropReason::KeyNotTrusted);
-                    }
-                    entry.key = key;
-                    entry.via.insert(overlay, claim);
-                    self.reconcile(now);
-                    return;
-                }
-                let entry = self.devices.entry(device.clone()).or_insert(Announced {
-                    key,
-                    via: BTreeMap::new(),
-                });
-                if entry.key != key {
-                    // Pinned, yet another key than the one in use: the pin was just changed
-                    // by `ipop trust`. The old link goes.
-                    *entry = Announced {
-                        key,
-                        via: BTreeMap::new(),
-                    };
-                    self.drop_link(now, &device, "its key changed");
-                }
-                let refused = self
-                    .members
-                    .get(&overlay)
-                    .is_some_and(|users| !users.contains(&device.user));
-                if refused {
-                    self.drops.count(DropReason::DeviceNotAuthorised);
-                    tracing::info!(%device, %overlay, "not linking: the device announced ipop, but its user is not authorised by this overlay");
-                }
-                if let Some(entry) = self.devices.get_mut(&device) {
-                    entry.via.insert(overlay, claim);
-                }
-            }
-            OsnEvent::DeviceDown { overlay, device } => {
-                for known in [&mut self.devices, &mut self.untrusted] {
-                    if let Some(entry) = known.get_mut(&device) {
-                        entry.via.remove(&overlay);
-                        if entry.via.is_empty() {
-                            known.remove(&device);
-                        }
-                    }
-                }
-            }
+            } => self.device_up(now, overlay, device, key, claim),
+            OsnEvent::DeviceDown { overlay, device } => self.device_down(now, &overlay, &device),
             OsnEvent::Signal { from, signal } => self.handle_signal(now, from, signal),
             OsnEvent::IceServers(servers) => {
                 tracing::info!(
@@ -500,11 +551,235 @@ impl Engine {
                 reason,
             } => {
                 if self.is_current_session(&to, &session) {
-                    self.fail(now, &to, &format!("signalling failed: {reason}"));
+                    if self.links.get(&to).is_some_and(|l| l.offline) {
+                        // It cannot be signalled again either: WireGuard decides.
+                        tracing::debug!(device = %to, "signalling failed while the device is offline on XMPP: {reason}");
+                    } else {
+                        self.fail(now, &to, &format!("signalling failed: {reason}"));
+                    }
                 }
             }
         }
-        self.reconcile(now);
+    }
+
+    /// A device announced ipop with `key` through `overlay`: only that device is looked at.
+    fn device_up(
+        &mut self,
+        now: Instant,
+        overlay: OverlayId,
+        device: DeviceId,
+        key: PublicKey,
+        claim: Option<Claim>,
+    ) {
+        if self.me.as_ref() == Some(&device) {
+            return;
+        }
+        let seen = Seen {
+            claim,
+            present: true,
+        };
+        let authorised = self
+            .members
+            .get(&overlay)
+            .is_some_and(|users| users.contains(&device.user));
+        if !authorised {
+            if self.members.contains_key(&overlay) {
+                self.drops.count(DropReason::DeviceNotAuthorised);
+                if self.may_log(now, &device.user) {
+                    tracing::info!(%device, %overlay, "not linking: the device announced ipop, but its user is not authorised by this overlay");
+                }
+            }
+            if !self.devices.contains_key(&device) {
+                self.remember_stranger(device, key, overlay, seen);
+                return;
+            }
+        }
+        let before = self.strangers.remove(&device);
+        let entry = self
+            .devices
+            .entry(device.clone())
+            .or_insert_with(|| before.unwrap_or_else(|| Announced::new(key)));
+        if entry.key != key {
+            // Another key than before: what was seen with the old one no longer holds.
+            *entry = Announced::new(key);
+        }
+        entry.via.insert(overlay, seen);
+        if entry.via.values().all(|s| s.present) {
+            self.absent.remove(&device);
+        }
+        if let Some(link) = self.links.get_mut(&device)
+            && link.offline
+        {
+            link.offline = false;
+            tracing::info!(%device, "the device is back online on XMPP");
+            // A path lost meanwhile is restarted now, the side that opened the session first.
+            if let Some(s) = link.session.as_mut()
+                && s.lost.is_some()
+            {
+                s.lost = Some(now);
+            }
+        }
+        self.settle(now, &device);
+    }
+
+    /// Keeps an announcement from a device that no overlay authorises, in memory and while
+    /// there is room: status lists it, and a membership that arrives later finds it.
+    fn remember_stranger(
+        &mut self,
+        device: DeviceId,
+        key: PublicKey,
+        overlay: OverlayId,
+        seen: Seen,
+    ) {
+        if !self.strangers.contains_key(&device) && self.strangers.len() >= MAX_STRANGERS {
+            return;
+        }
+        let entry = self
+            .strangers
+            .entry(device)
+            .or_insert_with(|| Announced::new(key));
+        if entry.key != key {
+            *entry = Announced::new(key);
+        }
+        entry.via.insert(overlay, seen);
+    }
+
+    /// The presence of `device` in `overlay` is gone. While WireGuard vouches for its link, the
+    /// device only goes absent there; otherwise it is forgotten there.
+    fn device_down(&mut self, now: Instant, overlay: &OverlayId, device: &DeviceId) {
+        if let Some(entry) = self.strangers.get_mut(device) {
+            entry.via.remove(overlay);
+            if entry.via.is_empty() {
+                self.strangers.remove(device);
+            }
+            return;
+        }
+        let alive = self.alive_until(now, device);
+        let Some(entry) = self.devices.get_mut(device) else {
+            return;
+        };
+        let Some(seen) = entry.via.get_mut(overlay) else {
+            return;
+        };
+        match alive {
+            Some(until) => {
+                seen.present = false;
+                let offline = entry.offline();
+                self.absent.insert(device.clone());
+                self.absent_due = Some(self.absent_due.map_or(until, |t| t.min(until)));
+                if offline && let Some(link) = self.links.get_mut(device) {
+                    link.offline = true;
+                    tracing::info!(%device, "the device is offline on XMPP; its link stays while WireGuard hears from it");
+                }
+            }
+            None => {
+                entry.via.remove(overlay);
+                if entry.via.is_empty() {
+                    self.devices.remove(device);
+                }
+            }
+        }
+        self.settle(now, device);
+    }
+
+    /// Until when WireGuard vouches for the link to `device`: `SILENCE_LIMIT` after it last
+    /// heard from the device, if that is still to come.
+    fn alive_until(&self, now: Instant, device: &DeviceId) -> Option<Instant> {
+        let heard = self.node.last_heard(self.links.get(device)?.peer?)?;
+        let until = heard + SILENCE_LIMIT;
+        (until > now).then_some(until)
+    }
+
+    /// Forgets the lost presences of devices whose links WireGuard no longer vouches for, and
+    /// closes those links when no presence is left; sets the next deadline from the others.
+    fn expire_absent(&mut self, now: Instant) {
+        self.absent_due = None;
+        let mut silent = Vec::new();
+        for device in std::mem::take(&mut self.absent) {
+            if !self.devices.contains_key(&device) {
+                continue;
+            }
+            match self.alive_until(now, &device) {
+                Some(until) => {
+                    self.absent_due = Some(self.absent_due.map_or(until, |t| t.min(until)));
+                    self.absent.insert(device);
+                }
+                None => silent.push(device),
+            }
+        }
+        for device in silent {
+            let Some(entry) = self.devices.get_mut(&device) else {
+                continue;
+            };
+            entry.via.retain(|_, s| s.present);
+            if entry.via.is_empty() {
+                self.devices.remove(&device);
+                if self.links.contains_key(&device) {
+                    let why = "WireGuard heard nothing from it for 3 minutes while it was offline on XMPP";
+                    tracing::info!(%device, "closing link: {why}");
+                    self.drop_link(now, &device, why);
+                }
+            }
+            self.settle(now, &device);
+        }
+    }
+
+    /// After a change of members: devices that no overlay authorises any more become strangers
+    /// (their lost presences forgotten), strangers that one now authorises become devices.
+    fn sort_devices(&mut self) {
+        let authorises =
+            |members: &BTreeMap<OverlayId, BTreeSet<String>>, device: &DeviceId, a: &Announced| {
+                a.via
+                    .keys()
+                    .any(|o| members.get(o).is_some_and(|u| u.contains(&device.user)))
+            };
+        let promoted: Vec<DeviceId> = self
+            .strangers
+            .iter()
+            .filter(|(d, a)| authorises(&self.members, d, a))
+            .map(|(d, _)| d.clone())
+            .collect();
+        let demoted: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|(d, a)| !authorises(&self.members, d, a))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in promoted {
+            if let Some(a) = self.strangers.remove(&device) {
+                self.devices.insert(device, a);
+            }
+        }
+        for device in demoted {
+            let Some(mut a) = self.devices.remove(&device) else {
+                continue;
+            };
+            self.absent.remove(&device);
+            a.via.retain(|_, s| s.present);
+            a.refused = None;
+            if !a.via.is_empty() && self.strangers.len() < MAX_STRANGERS {
+                self.strangers.insert(device, a);
+            }
+        }
+    }
+
+    /// Whether a refusal about `subject` (a user or a device) may be logged now: at most once
+    /// per `REFUSAL_LOG_INTERVAL`, remembering at most `REFUSAL_LOG_SUBJECTS` subjects.
+    fn may_log(&mut self, now: Instant, subject: &str) -> bool {
+        let recent = |t: &Instant| now.saturating_duration_since(*t) < REFUSAL_LOG_INTERVAL;
+        match self.refusal_logs.get(subject) {
+            Some(last) if recent(last) => return false,
+            Some(_) => {}
+            None if self.refusal_logs.len() >= REFUSAL_LOG_SUBJECTS => {
+                self.refusal_logs.retain(|_, t| recent(t));
+                if self.refusal_logs.len() >= REFUSAL_LOG_SUBJECTS {
+                    return false;
+                }
+            }
+            None => {}
+        }
+        self.refusal_logs.insert(subject.to_owned(), now);
+        true
     }
 
     /// Whether `session` is the session of the link to `device` now.
@@ -515,16 +790,63 @@ impl Engine {
             .is_some_and(|s| s.id == session)
     }
 
-    /// Whether `key` is the key pinned for `device`; the first key seen is pinned.
-    fn pinned(&mut self, device: &DeviceId, key: PublicKey) -> bool {
+    /// What to make of `device`: link it with which key, or why not.
+    fn verdict(&self, device: &DeviceId) -> Verdict {
+        let Some(announced) = self.devices.get(device) else {
+            return Verdict::Gone;
+        };
+        if self.authorising(device).is_empty() {
+            return Verdict::NotAuthorised;
+        }
+        let key = announced.key;
+        if key == self.key
+            && let Some(me) = &self.me
+        {
+            return Verdict::Refused(UnlinkedReason::KeyClaimedByOther { holder: me.clone() });
+        }
+        if let Some(holder) = self.holders.get(&key).filter(|h| *h != device) {
+            return Verdict::Refused(UnlinkedReason::KeyClaimedByOther {
+                holder: holder.clone(),
+            });
+        }
         match self.plans.memory.pins.get(device) {
-            Some(pinned) => *pinned == key,
-            None => {
-                tracing::info!(%device, key = %key.fingerprint(), "pinned the key of a new device");
-                self.plans.memory.pins.insert(device.clone(), key);
-                self.plans.remembered();
-                true
+            Some(pinned) if *pinned != key => {
+                Verdict::Refused(UnlinkedReason::KeyNotTrusted { pinned: *pinned })
             }
+            Some(_) => Verdict::Link { key, pin: false },
+            None => Verdict::Link { key, pin: true },
+        }
+    }
+
+    /// Counts and logs a refusal of `device`'s key, once per key and reason.
+    fn note_refusal(&mut self, now: Instant, device: &DeviceId, reason: UnlinkedReason) {
+        let Some(announced) = self.devices.get_mut(device) else {
+            return;
+        };
+        if announced.refused.as_ref() == Some(&reason) {
+            return;
+        }
+        announced.refused = Some(reason.clone());
+        let key = announced.key;
+        let logged = self.may_log(now, &device.to_string());
+        match reason {
+            UnlinkedReason::KeyNotTrusted { pinned } => {
+                self.drops.count(DropReason::KeyNotTrusted);
+                if logged {
+                    tracing::warn!(%device, announced = %key.fingerprint(), pinned = %pinned.fingerprint(), "refusing a key other than the one pinned for this device; `ipop trust {device}` accepts it");
+                }
+            }
+            UnlinkedReason::KeyClaimedByOther { holder } => {
+                self.drops.count(DropReason::KeyClaimedByOther);
+                if logged {
+                    if self.me.as_ref() == Some(&holder) {
+                        tracing::warn!(%device, key = %key.fingerprint(), "refusing a device that announces this device's own key");
+                    } else {
+                        tracing::warn!(%device, %holder, key = %key.fingerprint(), "refusing a device that announces the key pinned for {holder}; `ipop trust {device}` moves the key to it, and the link to {holder} goes");
+                    }
+                }
+            }
+            UnlinkedReason::NotAuthorised => {}
         }
     }
 
@@ -537,7 +859,7 @@ impl Engine {
     }
 
     /// The overlays through which `device` is both announced and authorised, with the address
-    /// it claims in each.
+    /// it claims in each. A presence lost while the link lives still counts.
     fn authorising_claims(&self, device: &DeviceId) -> Vec<(OverlayId, Option<Claim>)> {
         let Some(announced) = self.devices.get(device) else {
             return Vec::new();
@@ -550,37 +872,63 @@ impl Engine {
                     .get(*o)
                     .is_some_and(|users| users.contains(&device.user))
             })
-            .map(|(o, c)| (o.clone(), *c))
+            .map(|(o, s)| (o.clone(), s.claim))
             .collect()
     }
 
-    /// Settles address collisions, then gives every linked peer its current addresses.
+    /// Settles address collisions, then gives every linked peer its current addresses. Only
+    /// claims made where the claimant is authorised count.
     fn update_addresses(&mut self, me: &DeviceId) {
         let claims: Vec<(DeviceId, OverlayId, Claim)> = self
             .devices
-            .iter()
-            .filter(|(d, _)| *d != me)
-            .flat_map(|(d, a)| {
-                a.via
-                    .iter()
-                    .filter_map(move |(o, c)| Some((d.clone(), o.clone(), (*c)?)))
+            .keys()
+            .filter(|d| *d != me)
+            .flat_map(|d| {
+                self.authorising_claims(d)
+                    .into_iter()
+                    .filter_map(move |(o, c)| Some((d.clone(), o, c?)))
             })
             .collect();
         self.plans.resolve(me, &claims);
-        let linked: Vec<(DeviceId, usize, PublicKey)> = self
+        let linked: Vec<DeviceId> = self
             .links
             .iter()
-            .filter_map(|(d, l)| Some((d.clone(), l.peer?, l.key)))
+            .filter(|(_, l)| l.peer.is_some())
+            .map(|(d, _)| d.clone())
             .collect();
-        for (device, index, key) in linked {
-            let overlays = self.authorising_claims(&device);
-            let p = self.plans.peer(&device, &key, &overlays);
-            let refused =
-                self.node
-                    .set_addresses(index, p.addresses, p.mapped, Some(p.destinations));
-            if !refused.is_empty() {
-                tracing::info!(%device, ?refused, "addresses already another peer's; left out");
-            }
+        for device in linked {
+            self.set_peer_addresses(&device);
+        }
+    }
+
+    /// Gives the linked peer of `device` its current addresses, after settling a claim it makes
+    /// on one of ours (which may move us, and then every peer's addresses change).
+    fn update_device_addresses(&mut self, me: &DeviceId, device: &DeviceId) {
+        let own = self.plans.claims();
+        let contested = self.authorising_claims(device).iter().any(|(o, c)| {
+            c.is_some_and(|c| {
+                own.iter()
+                    .any(|(mine, m)| mine == o && m.address == c.address)
+            })
+        });
+        if contested {
+            self.update_addresses(me);
+        } else {
+            self.set_peer_addresses(device);
+        }
+    }
+
+    fn set_peer_addresses(&mut self, device: &DeviceId) {
+        let Some((index, key)) = self.links.get(device).and_then(|l| Some((l.peer?, l.key))) else {
+            return;
+        };
+        let overlays = self.authorising_claims(device);
+        let p = self.plans.peer(device, &key, &overlays);
+        let refused = self
+            .node
+            .set_addresses(index, p.addresses, p.mapped, Some(p.destinations));
+        if !refused.is_empty() {
+            tracing::info!(%device, ?refused, "addresses already another peer's; left out");
         }
     }
 
@@ -588,58 +936,109 @@ impl Engine {
         self.members.values().any(|users| users.contains(user))
     }
 
-    /// Brings the set of links in line with who is authorised and online.
+    /// Brings every link in line with who is authorised and announced: after a change of
+    /// members, or a new session.
     fn reconcile(&mut self, now: Instant) {
         let Some(me) = self.me.clone() else {
             return;
         };
-        self.update_addresses(&me);
-        let wanted: BTreeMap<DeviceId, PublicKey> = self
+        let all: BTreeSet<DeviceId> = self
             .devices
-            .iter()
-            .filter(|(d, _)| **d != me)
-            .filter(|(d, _)| !self.authorising(d).is_empty())
-            .map(|(d, a)| (d.clone(), a.key))
-            .collect();
-        let unwanted: Vec<DeviceId> = self
-            .links
             .keys()
-            .filter(|d| !wanted.contains_key(*d))
+            .chain(self.links.keys())
             .cloned()
             .collect();
-        for device in unwanted {
-            let why = if self.is_authorised_user(&device.user) {
-                "the device went offline"
-            } else {
-                "the user is no longer authorised by any overlay"
-            };
-            tracing::info!(%device, "closing link: {why}");
-            self.drop_link(now, &device, why);
+        for device in &all {
+            self.settle_link(now, &me, device);
         }
-        for (device, key) in wanted {
-            if self.links.contains_key(&device) {
-                continue;
-            }
-            let first = me < device;
-            tracing::info!(%device, key = %key.fingerprint(), "authorised device online");
-            self.links.insert(
-                device.clone(),
-                Link {
-                    key,
-                    session: None,
-                    peer: None,
-                    next_attempt: if first { now } else { now + ANSWER_GRACE },
-                    backoff: BACKOFF_MIN,
-                    last_error: None,
-                    tried: (Vec::new(), Vec::new()),
-                },
-            );
-            if let Some((id, offer, _)) = self.pending.remove(&device) {
-                self.accept(now, device, id, offer);
-            }
+        self.update_addresses(&me);
+    }
+
+    /// Brings the link to one device, and its addresses, in line with what is known of it.
+    fn settle(&mut self, now: Instant, device: &DeviceId) {
+        let Some(me) = self.me.clone() else {
+            return;
+        };
+        self.settle_link(now, &me, device);
+        self.update_device_addresses(&me, device);
+    }
+
+    /// Opens or closes the link to `device` as its verdict says; pins its key when it is first
+    /// wanted.
+    fn settle_link(&mut self, now: Instant, me: &DeviceId, device: &DeviceId) {
+        if device == me {
+            return;
         }
-        self.pending
-            .retain(|_, (_, _, at)| now.duration_since(*at) < PENDING_OFFER_TTL);
+        let key = match self.verdict(device) {
+            Verdict::Link { key, pin } => {
+                if pin {
+                    tracing::info!(%device, key = %key.fingerprint(), "pinned the key of a new device");
+                    self.plans.memory.pins.insert(device.clone(), key);
+                    self.holders.insert(key, device.clone());
+                    self.plans.remembered();
+                }
+                if let Some(a) = self.devices.get_mut(device) {
+                    a.refused = None;
+                }
+                key
+            }
+            Verdict::Refused(reason) => {
+                if self.links.contains_key(device) {
+                    let why = match &reason {
+                        UnlinkedReason::KeyClaimedByOther { .. } => {
+                            "it announces a key that belongs to another device"
+                        }
+                        _ => "it announces another key than the one pinned for it",
+                    };
+                    tracing::info!(%device, "closing link: {why}");
+                    self.drop_link(now, device, why);
+                }
+                self.note_refusal(now, device, reason);
+                return;
+            }
+            Verdict::NotAuthorised | Verdict::Gone => {
+                if self.links.contains_key(device) {
+                    let why = if self.devices.contains_key(device)
+                        || self.strangers.contains_key(device)
+                        || !self.is_authorised_user(&device.user)
+                    {
+                        "the user is no longer authorised by any overlay"
+                    } else {
+                        "the device went offline"
+                    };
+                    tracing::info!(%device, "closing link: {why}");
+                    self.drop_link(now, device, why);
+                }
+                return;
+            }
+        };
+        if self.links.get(device).is_some_and(|l| l.key != key) {
+            self.drop_link(now, device, "its key changed");
+        }
+        if self.links.contains_key(device) {
+            return;
+        }
+        let first = *me < *device;
+        let offline = self.devices.get(device).is_some_and(Announced::offline);
+        tracing::info!(%device, key = %key.fingerprint(), "authorised device online");
+        self.links.insert(
+            device.clone(),
+            Link {
+                key,
+                session: None,
+                peer: None,
+                next_attempt: if first { now } else { now + ANSWER_GRACE },
+                backoff: BACKOFF_MIN,
+                last_error: None,
+                tried: (Vec::new(), Vec::new()),
+                offline,
+            },
+        );
+        if let Some((id, offer, at)) = self.pending.remove(device)
+            && now.saturating_duration_since(at) < PENDING_OFFER_TTL
+        {
+            self.accept(now, device.clone(), id, offer);
+        }
     }
 
     /// Tears a link down: its WireGuard peer, its session (telling the other side).
@@ -753,6 +1152,7 @@ impl Engine {
                 continue;
             };
             if let Some(added) = s.agent.add_local_candidate(candidate.clone())
+                && !link.offline
                 && let Some(c) = ice::from_agent(added)
             {
                 self.signals.push_back((
@@ -808,12 +1208,12 @@ impl Engine {
         match signal {
             Signal::Initiate { session, offer } => {
                 if !self.is_authorised_user(&from.user) {
-                    self.refuse(&from, session, TerminateReason::NotAuthorised);
+                    self.refuse(now, &from, session, TerminateReason::NotAuthorised);
                     return;
                 }
                 if !self.links.contains_key(&from) {
                     // Authorised user, but its presence has not arrived yet: keep the offer.
-                    self.pending.insert(from, (session, offer, now));
+                    self.keep_pending(now, from, session, offer);
                     return;
                 }
                 self.accept(now, from, session, offer);
@@ -833,7 +1233,7 @@ impl Engine {
                     return;
                 };
                 if offer.key != key {
-                    self.refuse(&from, session, TerminateReason::WrongKey);
+                    self.refuse(now, &from, session, TerminateReason::WrongKey);
                     self.fail(
                         now,
                         &from,
@@ -890,14 +1290,31 @@ impl Engine {
         }
     }
 
-    /// Refuses a session, telling the other side why; the refusal is logged and counted.
-    fn refuse(&mut self, from: &DeviceId, session: String, reason: TerminateReason) {
+    /// Keeps an offer until its device's presence arrives (for `PENDING_OFFER_TTL`), while
+    /// fewer than `MAX_PENDING` wait.
+    fn keep_pending(&mut self, now: Instant, from: DeviceId, session: String, offer: LinkOffer) {
+        if !self.pending.contains_key(&from) && self.pending.len() >= MAX_PENDING {
+            self.pending
+                .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < PENDING_OFFER_TTL);
+            if self.pending.len() >= MAX_PENDING {
+                tracing::debug!(device = %from, "too many offers wait for presences; dropped");
+                return;
+            }
+        }
+        self.pending.insert(from, (session, offer, now));
+    }
+
+    /// Refuses a session, telling the other side why; the refusal is counted, and logged at
+    /// most once a minute per user.
+    fn refuse(&mut self, now: Instant, from: &DeviceId, session: String, reason: TerminateReason) {
         let counter = match reason {
             TerminateReason::WrongKey => DropReason::SignalWrongKey,
             _ => DropReason::SignalNotAuthorised,
         };
         self.drops.count(counter);
-        tracing::warn!(device = %from, ?reason, "refused a link offer");
+        if self.may_log(now, &from.user) {
+            tracing::warn!(device = %from, ?reason, "refused a link offer");
+        }
         self.signals
             .push_back((from.clone(), Signal::Terminate { session, reason }));
     }
@@ -908,7 +1325,7 @@ impl Engine {
             return;
         };
         if offer.key != link.key {
-            self.refuse(&from, session, TerminateReason::WrongKey);
+            self.refuse(now, &from, session, TerminateReason::WrongKey);
             return;
         }
         if let Some(ours) = &link.session {
@@ -1004,10 +1421,15 @@ impl Engine {
             a.handle_timeout(now);
         }
         self.drive_gathering(now);
+        if self.absent_due.is_some_and(|t| t <= now) {
+            self.expire_absent(now);
+        }
+        // A device offline on XMPP cannot be signalled: its link is neither retried nor
+        // restarted, nor given up; WireGuard decides (see `expire_absent`).
         let due: Vec<DeviceId> = self
             .links
             .iter()
-            .filter(|(_, l)| l.session.is_none() && l.next_attempt <= now)
+            .filter(|(_, l)| !l.offline && l.session.is_none() && l.next_attempt <= now)
             .map(|(d, _)| d.clone())
             .collect();
         if self.me.is_some() {
@@ -1018,6 +1440,7 @@ impl Engine {
         let stale: Vec<(DeviceId, &'static str)> = self
             .links
             .iter()
+            .filter(|(_, l)| !l.offline)
             .filter_map(|(d, l)| {
                 let s = l.session.as_ref()?;
                 let age = now.duration_since(s.started);
@@ -1054,10 +1477,11 @@ impl Engine {
             .links
             .iter()
             .filter(|(_, l)| {
-                l.session
-                    .as_ref()
-                    .and_then(restart_due)
-                    .is_some_and(|t| t <= now)
+                !l.offline
+                    && l.session
+                        .as_ref()
+                        .and_then(restart_due)
+                        .is_some_and(|t| t <= now)
             })
             .map(|(d, _)| d.clone())
             .collect();
@@ -1141,16 +1565,19 @@ impl Engine {
         };
         let online = self.online;
         for link in self.links.values_mut() {
+            let signalled = online && !link.offline;
             match link.session.as_mut() {
                 Some(s) => {
-                    if online {
+                    if signalled {
                         consider(restart_due(s));
                     }
                     consider(s.agent.poll_timeout());
                 }
-                None => consider(Some(link.next_attempt)),
+                None if !link.offline => consider(Some(link.next_attempt)),
+                None => {}
             }
         }
+        consider(self.absent_due);
         for b in &self.bindings {
             consider(b.poll_timeout());
         }
@@ -1357,56 +1784,92 @@ impl Engine {
                     .session
                     .as_ref()
                     .is_some_and(|s| s.restart && s.nominated.is_none()),
+                offline: link.offline,
             })
             .collect()
     }
 
-    /// Devices that are online but not linked: their key is not trusted, or their user is not
-    /// authorised.
+    /// Devices that are announced but not linked: their key is not trusted or belongs to
+    /// another device, or their user is not authorised.
     pub fn unlinked(&self) -> Vec<Unlinked> {
-        let untrusted = self.untrusted.iter().filter_map(|(d, a)| {
-            Some(Unlinked {
-                device: d.clone(),
-                key: a.key,
-                overlays: a.via.keys().cloned().collect(),
-                reason: UnlinkedReason::KeyNotTrusted {
-                    pinned: *self.plans.memory.pins.get(d)?,
-                },
-            })
-        });
         let refused = self
             .devices
             .iter()
             .filter(|(d, _)| Some(*d) != self.me.as_ref() && !self.links.contains_key(*d))
-            .filter(|(d, _)| self.authorising(d).is_empty())
-            .map(|(d, a)| Unlinked {
-                device: d.clone(),
-                key: a.key,
-                overlays: a.via.keys().cloned().collect(),
-                reason: UnlinkedReason::NotAuthorised,
+            .filter_map(|(d, a)| {
+                let reason = match self.verdict(d) {
+                    Verdict::Refused(reason) => reason,
+                    Verdict::NotAuthorised => UnlinkedReason::NotAuthorised,
+                    Verdict::Link { .. } | Verdict::Gone => return None,
+                };
+                Some(Unlinked {
+                    device: d.clone(),
+                    key: a.key,
+                    overlays: a.via.keys().cloned().collect(),
+                    reason,
+                })
             });
-        untrusted.chain(refused).collect()
+        let strangers = self.strangers.iter().map(|(d, a)| Unlinked {
+            device: d.clone(),
+            key: a.key,
+            overlays: a.via.keys().cloned().collect(),
+            reason: UnlinkedReason::NotAuthorised,
+        });
+        refused.chain(strangers).collect()
     }
 
-    /// Accepts the key `device` announces now in place of the pinned one. Returns the new
-    /// key, or why there is nothing to accept.
+    /// Accepts the key `device` announces now: in place of the key pinned for it, or taken
+    /// from the device it was pinned for, whose pin and link go. Returns the key, or why there
+    /// is nothing to accept.
     pub fn trust(&mut self, now: Instant, device: &DeviceId) -> Result<PublicKey, String> {
-        let Some(announced) = self.untrusted.remove(device) else {
-            return Err(match self.plans.memory.pins.get(device) {
-                Some(k) => format!(
-                    "{device} announces no other key; its pinned key {} is trusted",
+        let pinned = self.plans.memory.pins.get(device).copied();
+        let Some(announced) = self.devices.get(device) else {
+            return Err(if self.strangers.contains_key(device) {
+                format!("{device} is not authorised by any overlay; there is no link to trust")
+            } else if let Some(k) = pinned {
+                format!(
+                    "{device} is not online; its pinned key {} is trusted",
                     k.fingerprint()
-                ),
-                None => format!("no device {device} is known"),
+                )
+            } else {
+                format!("no device {device} is known")
             });
         };
         let key = announced.key;
-        tracing::warn!(%device, key = %key.fingerprint(), "trusting a new key");
+        if key == self.key {
+            return Err(format!(
+                "{device} announces this device's own key, which no other device may use"
+            ));
+        }
+        let holder = self.holders.get(&key).filter(|h| *h != device).cloned();
+        if holder.is_none() && pinned == Some(key) {
+            return Err(format!(
+                "{device} announces no other key; its pinned key {} is trusted",
+                key.fingerprint()
+            ));
+        }
+        if let Some(holder) = &holder {
+            tracing::warn!(%device, %holder, key = %key.fingerprint(), "moving a key to another device: the pin and the link of its holder go");
+            self.plans.memory.pins.remove(holder);
+            let why = "its key was moved to another device";
+            tracing::info!(device = %holder, "closing link: {why}");
+            self.drop_link(now, holder, why);
+        } else {
+            tracing::warn!(%device, key = %key.fingerprint(), "trusting a new key");
+        }
+        if let Some(old) = pinned
+            && self.holders.get(&old) == Some(device)
+        {
+            self.holders.remove(&old);
+        }
         self.plans.memory.pins.insert(device.clone(), key);
+        self.holders.insert(key, device.clone());
         self.plans.remembered();
         self.drop_link(now, device, "its key changed");
-        self.devices.insert(device.clone(), announced);
-        self.reconcile(now);
+        self.settle(now, device);
+        if let Some(holder) = &holder {
+            self.settle(now, holder);
+        }
         Ok(key)
     }
 
@@ -1696,6 +2159,26 @@ mod tests {
             self.devs[i].engine.handle_osn(self.now, ev);
         }
 
+        /// Device `i` sees the presence of device `j` in `overlay` vanish.
+        fn loses(&mut self, i: usize, j: usize, overlay: &OverlayId) {
+            let ev = OsnEvent::DeviceDown {
+                overlay: overlay.clone(),
+                device: self.devs[j].id.clone(),
+            };
+            self.devs[i].engine.handle_osn(self.now, ev);
+        }
+
+        /// Device `i` sees `device` announce `key` through `overlay`, claiming nothing.
+        fn announce(&mut self, i: usize, device: &DeviceId, overlay: &OverlayId, key: PublicKey) {
+            let ev = OsnEvent::DeviceUp {
+                overlay: overlay.clone(),
+                device: device.clone(),
+                key,
+                claim: None,
+            };
+            self.devs[i].engine.handle_osn(self.now, ev);
+        }
+
         /// Runs the world for `steps` steps of 20 ms: signals and datagrams are delivered.
         fn run(&mut self, steps: usize) {
             let mut out = vec![0u8; 4096];
@@ -1919,19 +2402,22 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_key_is_refused_until_trusted() {
+    fn a_changed_key_closes_the_link_and_is_refused_until_trusted() {
         let mut w = friends();
         w.run(25);
         assert!(w.connected(0));
         let pinned = w.key(1);
         assert_eq!(w.devs[0].engine.memory().pins[&w.devs[1].id], pinned);
-        // Bob's device comes back with a new key: Alice's side refuses it, the link stays.
+        // Bob's device announces a new key (reinstalled, say): an explicit change, so Alice's
+        // side closes the link at once, and refuses the new key.
         let secret = StaticSecret::random_from_rng(rand_core::OsRng);
         let fresh = PublicKey::from_secret(&secret);
         w.sees(0, 1, &OverlayId::Social, fresh);
+        assert!(w.link(0).is_none());
+        assert_eq!(w.devs[0].engine.node().peers().count(), 0);
         w.run(5);
-        assert!(w.connected(0));
-        assert_eq!(w.link(0).unwrap().key, pinned);
+        assert!(w.link(0).is_none());
+        assert_eq!(w.devs[0].engine.memory().pins[&w.devs[1].id], pinned);
         assert_eq!(w.devs[0].engine.drops().get(DropReason::KeyNotTrusted), 1);
         let unlinked = w.devs[0].engine.unlinked();
         assert_eq!(unlinked.len(), 1);
@@ -1948,6 +2434,297 @@ mod tests {
             w.devs[0].engine.trust(now, &bob).is_err(),
             "nothing left to trust"
         );
+    }
+
+    /// Alice's and Bob's devices, linked, with each side's XMPP view of the other gone.
+    fn linked_then_offline() -> World {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        w.loses(0, 1, &OverlayId::Social);
+        w.loses(1, 0, &OverlayId::Social);
+        w
+    }
+
+    #[test]
+    fn a_link_outlives_the_presence_while_wireguard_hears_from_the_device() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let slots = (slot(&w, 0), slot(&w, 1));
+        let before = tunnel(&mut w, 0, 1, b"one");
+        assert_eq!(before.arrived.as_deref(), Some(&b"one"[..]));
+        let signals = w.signals_sent;
+        // The XMPP server goes away: each side sees the other's presence vanish.
+        w.loses(0, 1, &OverlayId::Social);
+        w.loses(1, 0, &OverlayId::Social);
+        for i in 0..2 {
+            let link = w.link(i).expect("the link stays");
+            assert!(link.offline);
+            assert_eq!(link.phase, LinkPhase::Connected);
+            assert_eq!(link.overlays, vec![OverlayId::Social]);
+        }
+        // Four minutes on, past the 3-minute limit, with packets both ways every 30 s: the link
+        // stays, in the same WireGuard session, and nothing is signalled.
+        for _ in 0..8 {
+            w.run(1500);
+            let there = tunnel(&mut w, 0, 1, b"ping");
+            let back = tunnel(&mut w, 1, 0, b"pong");
+            assert_eq!(there.arrived.as_deref(), Some(&b"ping"[..]));
+            assert_eq!(back.arrived.as_deref(), Some(&b"pong"[..]));
+            assert_eq!(there.session, before.session);
+        }
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        assert_eq!(w.signals_sent, signals);
+        // Both announce themselves again with the same keys: present again, the same link,
+        // nothing renegotiated.
+        let (ka, kb) = (w.key(0), w.key(1));
+        w.sees(0, 1, &OverlayId::Social, kb);
+        w.sees(1, 0, &OverlayId::Social, ka);
+        w.run(50);
+        for i in 0..2 {
+            let link = w.link(i).expect("the link");
+            assert!(!link.offline);
+            assert_eq!(link.phase, LinkPhase::Connected);
+        }
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        assert_eq!(w.signals_sent, signals);
+        let after = tunnel(&mut w, 0, 1, b"two");
+        assert_eq!(after.arrived.as_deref(), Some(&b"two"[..]));
+        assert_eq!(after.session, before.session);
+    }
+
+    #[test]
+    fn a_link_to_a_device_offline_on_xmpp_closes_after_3_minutes_of_wireguard_silence() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let sent = [tunnel(&mut w, 0, 1, b"one"), tunnel(&mut w, 1, 0, b"two")];
+        assert!(sent.iter().all(|s| s.arrived.is_some()));
+        let heard = w.now;
+        // The presences vanish, and so does the network between them.
+        w.loses(0, 1, &OverlayId::Social);
+        w.loses(1, 0, &OverlayId::Social);
+        let (a, b) = (w.devs[0].addr, w.devs[1].addr);
+        w.cut(a, b);
+        // One deadline covers it: the engine asks to be woken by then.
+        let due = w.devs[0].engine.poll_timeout().expect("a deadline");
+        assert!(due <= heard + SILENCE_LIMIT, "{due:?}");
+        // 2 min 50 s on, the path lost and no restart possible without XMPP, the link stays.
+        w.run_until(Duration::from_secs(200), |w| {
+            w.now >= heard + Duration::from_secs(170)
+        });
+        assert!(w.link(0).is_some_and(|l| l.offline) && w.link(1).is_some());
+        let gone = |w: &World| w.link(0).is_none() && w.link(1).is_none();
+        w.run_until(Duration::from_secs(30), gone);
+        let silent = w.now - heard;
+        assert!(
+            silent >= SILENCE_LIMIT && silent <= SILENCE_LIMIT + Duration::from_millis(40),
+            "closed after {silent:?} of silence"
+        );
+        for i in 0..2 {
+            assert_eq!(w.devs[i].engine.node().peers().count(), 0);
+            assert!(w.devs[i].engine.unlinked().is_empty());
+        }
+        // Nothing is left to wake the engine for but WireGuard's timers.
+        assert_eq!(
+            w.devs[0].engine.poll_timeout(),
+            w.devs[0].engine.node().poll_timeout()
+        );
+    }
+
+    #[test]
+    fn a_revocation_or_a_new_key_closes_a_link_kept_by_wireguard_at_once() {
+        let mut w = linked_then_offline();
+        assert!(w.link(0).is_some_and(|l| l.offline));
+        // Alice removes Bob from her roster.
+        w.members(0, &OverlayId::Social, &["alice@example.org"]);
+        assert!(w.link(0).is_none());
+        assert_eq!(w.devs[0].engine.node().peers().count(), 0);
+        // Bob's side sees Alice's device announce another key.
+        assert!(w.link(1).is_some_and(|l| l.offline));
+        let fresh = PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
+        w.sees(1, 0, &OverlayId::Social, fresh);
+        assert!(w.link(1).is_none());
+        assert_eq!(w.devs[1].engine.node().peers().count(), 0);
+        assert_eq!(w.devs[1].engine.drops().get(DropReason::KeyNotTrusted), 1);
+    }
+
+    #[test]
+    fn a_device_back_with_the_same_key_before_the_path_fails_keeps_its_session() {
+        let mut w = linked_then_offline();
+        let slots = (slot(&w, 0), slot(&w, 1));
+        // Only Bob's device comes back for Alice; its key is the pinned one.
+        let kb = w.key(1);
+        w.sees(0, 1, &OverlayId::Social, kb);
+        assert!(w.link(0).is_some_and(|l| !l.offline));
+        assert!(w.link(1).is_some_and(|l| l.offline));
+        w.run(100);
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        let sent = tunnel(&mut w, 1, 0, b"hi");
+        assert_eq!(sent.arrived.as_deref(), Some(&b"hi"[..]));
+    }
+
+    #[test]
+    fn a_key_announced_by_another_device_is_refused_and_counted_and_ipop_trust_moves_it() {
+        let mut w = friends();
+        let social = OverlayId::Social;
+        let members = ["alice@example.org", "bob@example.org", "carol@example.org"];
+        w.members(0, &social, &members);
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let slots = (slot(&w, 0), slot(&w, 1));
+        let (ka, kb) = (w.key(0), w.key(1));
+        let bob = w.devs[1].id.clone();
+        let pins = w.devs[0].engine.memory().pins.clone();
+        // Carol, a friend, announces Bob's phone's key from a device of hers; Bob announces
+        // it from another device of his; and Carol announces Alice's own key.
+        let fake = DeviceId::new("carol@example.org", "fake");
+        let tablet = DeviceId::new("bob@example.org", "tablet");
+        let mirror = DeviceId::new("carol@example.org", "mirror");
+        w.announce(0, &fake, &social, kb);
+        w.announce(0, &tablet, &social, kb);
+        w.announce(0, &mirror, &social, ka);
+        // Again: the same refusal is counted once.
+        w.announce(0, &fake, &social, kb);
+        w.run(25);
+        let e = &w.devs[0].engine;
+        assert_eq!(e.drops().get(DropReason::KeyClaimedByOther), 3);
+        assert_eq!(e.memory().pins, pins, "nothing pinned for the claimants");
+        let mut refused: Vec<(DeviceId, UnlinkedReason)> = e
+            .unlinked()
+            .into_iter()
+            .map(|u| (u.device, u.reason))
+            .collect();
+        refused.sort_by(|x, y| x.0.cmp(&y.0));
+        let held_by = |d: &DeviceId| UnlinkedReason::KeyClaimedByOther { holder: d.clone() };
+        assert_eq!(
+            refused,
+            vec![
+                (tablet.clone(), held_by(&bob)),
+                (fake.clone(), held_by(&bob)),
+                (mirror, held_by(&w.devs[0].id)),
+            ]
+        );
+        // The first holder keeps its link.
+        assert_eq!(e.links().len(), 1);
+        assert_eq!((slot(&w, 0), slot(&w, 1)), slots);
+        let sent = tunnel(&mut w, 0, 1, b"bob");
+        assert_eq!(sent.arrived.as_deref(), Some(&b"bob"[..]));
+        // Alice's own key cannot be moved; Bob's can, deliberately: his pin and link go.
+        let now = w.now;
+        assert!(
+            w.devs[0]
+                .engine
+                .trust(now, &DeviceId::new("carol@example.org", "mirror"))
+                .is_err()
+        );
+        assert_eq!(w.devs[0].engine.trust(now, &fake), Ok(kb));
+        let e = &w.devs[0].engine;
+        assert_eq!(e.memory().pins.get(&fake), Some(&kb));
+        assert_eq!(e.memory().pins.get(&bob), None);
+        assert!(e.links().iter().all(|l| l.device != bob));
+        assert!(
+            e.unlinked()
+                .iter()
+                .any(|u| u.device == bob && u.reason == held_by(&fake))
+        );
+    }
+
+    #[test]
+    fn a_stranger_leaves_no_trace() {
+        let mut w = World::new(vec![
+            dev(
+                "alice@example.org",
+                "laptop",
+                "192.0.2.1:51820",
+                "10.78.0.1/16",
+            ),
+            dev("eve@example.org", "pc", "192.0.2.5:51820", "10.78.0.5/16"),
+        ]);
+        let social = OverlayId::Social;
+        w.members(0, &social, &["alice@example.org"]);
+        w.members(1, &social, &["eve@example.org", "alice@example.org"]);
+        let memory = w.devs[0].engine.memory().clone();
+        let version = w.devs[0].engine.memory_version();
+        // Eve's presence reaches Alice's device (a directed presence), and Eve's device offers.
+        let (ka, ke) = (w.key(0), w.key(1));
+        w.sees(0, 1, &social, ke);
+        w.sees(1, 0, &social, ka);
+        w.run(250);
+        let e = &w.devs[0].engine;
+        assert!(e.drops().get(DropReason::SignalNotAuthorised) >= 1);
+        assert_eq!(e.drops().get(DropReason::DeviceNotAuthorised), 1);
+        assert_eq!(e.memory(), &memory);
+        assert_eq!(e.memory_version(), version);
+        assert!(e.links().is_empty());
+        let unlinked = e.unlinked();
+        assert_eq!(unlinked.len(), 1);
+        assert_eq!(unlinked[0].reason, UnlinkedReason::NotAuthorised);
+        // Once Alice befriends Eve, the remembered presence links, and only now is the key
+        // pinned.
+        w.members(0, &social, &["alice@example.org", "eve@example.org"]);
+        let eve = w.devs[1].id.clone();
+        assert_eq!(w.devs[0].engine.memory().pins.get(&eve), Some(&ke));
+        w.run_until(Duration::from_secs(10), |w| {
+            w.connected(0) && w.connected(1)
+        });
+    }
+
+    #[test]
+    fn announcements_from_strangers_are_bounded_in_memory() {
+        let mut w = alice_and_bob();
+        let social = OverlayId::Social;
+        w.members(0, &social, &["alice@example.org"]);
+        let memory = w.devs[0].engine.memory().clone();
+        let key = w.key(1);
+        for n in 0..MAX_STRANGERS + 100 {
+            let device = DeviceId::new("eve@example.org", format!("r{n}"));
+            w.announce(0, &device, &social, key);
+        }
+        let e = &w.devs[0].engine;
+        assert_eq!(e.strangers.len(), MAX_STRANGERS);
+        assert_eq!(e.unlinked().len(), MAX_STRANGERS);
+        assert_eq!(
+            e.drops().get(DropReason::DeviceNotAuthorised),
+            (MAX_STRANGERS + 100) as u64
+        );
+        assert_eq!(e.memory(), &memory);
+        // One that goes offline is forgotten, and makes room.
+        let first = DeviceId::new("eve@example.org", "r0");
+        w.devs[0].engine.handle_osn(
+            w.now,
+            OsnEvent::DeviceDown {
+                overlay: social,
+                device: first,
+            },
+        );
+        assert_eq!(w.devs[0].engine.strangers.len(), MAX_STRANGERS - 1);
+    }
+
+    #[test]
+    fn refusals_are_logged_once_a_minute_per_subject_with_bounded_memory() {
+        let mut e = dev(
+            "alice@example.org",
+            "laptop",
+            "192.0.2.1:51820",
+            "10.78.0.1/16",
+        )
+        .engine;
+        let t0 = Instant::now();
+        assert!(e.may_log(t0, "eve@example.org"));
+        assert!(!e.may_log(t0 + Duration::from_secs(59), "eve@example.org"));
+        assert!(e.may_log(t0, "mallory@example.org"), "another user");
+        assert!(e.may_log(t0 + Duration::from_secs(60), "eve@example.org"));
+        let later = t0 + Duration::from_secs(90);
+        let logged = (0..REFUSAL_LOG_SUBJECTS + 10)
+            .filter(|n| e.may_log(later, &format!("u{n}@example.org")))
+            .count();
+        assert_eq!(e.refusal_logs.len(), REFUSAL_LOG_SUBJECTS);
+        assert!(logged < REFUSAL_LOG_SUBJECTS, "{logged}");
+        // A minute on, the old entries make room.
+        assert!(e.may_log(later + REFUSAL_LOG_INTERVAL, "new@example.org"));
+        assert!(e.refusal_logs.len() <= REFUSAL_LOG_SUBJECTS);
     }
 
     #[test]

@@ -34,6 +34,8 @@ const SCRATCH_LEN: usize = 65535 + 32;
 const HANDSHAKE_INIT: u8 = 1;
 /// WireGuard's message type for a handshake response.
 const HANDSHAKE_RESPONSE: u8 = 2;
+/// WireGuard's message type for a cookie reply.
+const COOKIE_REPLY: u8 = 3;
 
 /// A peer as the configuration (or, later, the social network) describes it.
 #[derive(Debug, Clone)]
@@ -192,10 +194,12 @@ pub enum DropReason {
     /// A TUN packet for a multicast address (the kernel's own IPv6 neighbour and router
     /// chatter on the interface): overlays carry unicast only.
     Multicast,
+    /// A device that announced a key already pinned for another device, or this device's own.
+    KeyClaimedByOther,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -216,6 +220,7 @@ impl DropReason {
         DropReason::Untranslatable,
         DropReason::KeyNotTrusted,
         DropReason::Multicast,
+        DropReason::KeyClaimedByOther,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -240,6 +245,7 @@ impl DropReason {
             DropReason::Untranslatable => "untranslatable",
             DropReason::KeyNotTrusted => "key_not_trusted",
             DropReason::Multicast => "multicast",
+            DropReason::KeyClaimedByOther => "key_claimed_by_other",
         }
     }
 }
@@ -294,6 +300,9 @@ struct Peer {
     problem: Option<Problem>,
     connected: bool,
     started: bool,
+    /// When the peer was last heard: a handshake or data that WireGuard authenticated, by the
+    /// node's clock (the time of its last [`Node::handle_timeout`]).
+    heard: Option<Instant>,
 }
 
 impl Peer {
@@ -423,6 +432,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     drops: Drops,
     next_tick: Option<Instant>,
+    /// The time of the last [`Node::handle_timeout`]: when peers are heard.
+    clock: Option<Instant>,
     /// Counts up whenever a peer or its addresses change.
     version: u64,
     scratch: Vec<u8>,
@@ -443,6 +454,7 @@ impl Node {
             transmits: VecDeque::new(),
             drops: Drops::default(),
             next_tick: None,
+            clock: None,
             version: 0,
             scratch: vec![0; SCRATCH_LEN],
         };
@@ -512,6 +524,7 @@ impl Node {
             problem: None,
             connected: false,
             started: false,
+            heard: None,
         });
         // Let the next tick open the session at once.
         self.next_tick = None;
@@ -680,6 +693,7 @@ impl Node {
             return None;
         }
         let index = self.peer_for(from, datagram)?;
+        let clock = self.clock;
         let peer = self.peers[index].as_mut()?;
         let result = peer.tunn.decapsulate(Some(from.ip()), datagram, out);
         let delivered = match result {
@@ -690,6 +704,7 @@ impl Node {
                     reply.first() == Some(&HANDSHAKE_RESPONSE) || datagram[0] == HANDSHAKE_RESPONSE;
                 let reply = reply.to_vec();
                 if authentic {
+                    peer.heard = clock.or(peer.heard);
                     peer.authenticated(from, via);
                 }
                 self.transmits.push_back(Transmit {
@@ -703,11 +718,17 @@ impl Node {
             }
             TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
                 let len = p.len();
+                // Decrypted: the peer is alive, whatever the checks below make of the packet.
+                peer.heard = clock.or(peer.heard);
                 Self::accept(peer, &mut self.drops, (from, via), &mut out[..len])
             }
             TunnResult::Done => {
-                // A keepalive, or a handshake response that completed a session.
-                peer.authenticated(from, via);
+                // A keepalive, or a cookie reply (which proves nothing: anyone who saw our
+                // initiation and knows the peer's public key can make one).
+                if datagram[0] != COOKIE_REPLY {
+                    peer.heard = clock.or(peer.heard);
+                    peer.authenticated(from, via);
+                }
                 self.flush_queued(index);
                 None
             }
@@ -850,6 +871,7 @@ impl Node {
 
     /// Drives the WireGuard timers: handshake (re)tries, keepalives, session expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = Some(now);
         if self.next_tick.is_some_and(|t| now < t) {
             return;
         }
@@ -905,6 +927,13 @@ impl Node {
     /// The state of every peer.
     pub fn peers(&self) -> impl Iterator<Item = PeerStatus> + '_ {
         self.peers.iter().flatten().map(Peer::status)
+    }
+
+    /// When the peer in slot `index` was last heard: the time of the [`Node::handle_timeout`]
+    /// before the last handshake or data from it that WireGuard authenticated. Unlike the
+    /// handshake age in [`PeerStatus`] (boringtun's own clock), this follows the time passed in.
+    pub fn last_heard(&self, index: usize) -> Option<Instant> {
+        self.peers.get(index)?.as_ref()?.heard
     }
 
     /// The state of one peer.
@@ -1075,6 +1104,55 @@ mod tests {
             .expect("delivered");
         assert_eq!(&inner[..got], &p6[..]);
         assert!(sim.a.peers().next().unwrap().rx_bytes > 0);
+    }
+
+    #[test]
+    fn a_peer_is_heard_at_the_time_passed_in_when_wireguard_authenticates_it() {
+        let mut sim = pair(None);
+        let t0 = Instant::now();
+        sim.a.handle_timeout(t0);
+        sim.b.handle_timeout(t0);
+        assert_eq!((sim.a.last_heard(0), sim.b.last_heard(0)), (None, None));
+        sim.exchange();
+        // The handshake: B heard A's initiation, A heard B's response.
+        assert_eq!(
+            (sim.a.last_heard(0), sim.b.last_heard(0)),
+            (Some(t0), Some(t0))
+        );
+        // 100 s later by the clock passed in (boringtun's own clock hardly moved), data from A.
+        let t1 = t0 + Duration::from_secs(100);
+        sim.a.handle_timeout(t1);
+        sim.b.handle_timeout(t1);
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"hello");
+        let out = sim
+            .a
+            .handle_tun(&mut p.clone(), &mut wire)
+            .expect("encrypted");
+        assert!(
+            sim.b
+                .handle_udp(sim.a_addr, None, &wire[..out.len], &mut inner)
+                .is_some()
+        );
+        assert_eq!(sim.b.last_heard(0), Some(t1));
+        assert_eq!(sim.a.last_heard(0), Some(t0), "A heard nothing since");
+        // A datagram that fails authentication (a fresh one, tampered with) is not the peer.
+        let out = sim
+            .a
+            .handle_tun(&mut p.clone(), &mut wire)
+            .expect("encrypted");
+        let mut forged = wire[..out.len].to_vec();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let t2 = t1 + Duration::from_secs(100);
+        sim.b.handle_timeout(t2);
+        assert_eq!(
+            sim.b.handle_udp(sim.a_addr, None, &forged, &mut inner),
+            None
+        );
+        assert_eq!(sim.b.drops().get(DropReason::Rejected), 1);
+        assert_eq!(sim.b.last_heard(0), Some(t1));
     }
 
     #[test]

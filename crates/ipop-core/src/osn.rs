@@ -59,8 +59,8 @@ pub enum OsnEvent {
     Online { me: DeviceId },
     /// The session was lost; the binding reconnects by itself. Links stay up meanwhile.
     Offline,
-    /// The users authorised in `overlay` are now exactly `users`. Users that were authorised and
-    /// are no longer lose their links at once.
+    /// The users authorised in `overlay` are now exactly `users` (whether online or not). Users
+    /// that were authorised and are no longer lose their links at once.
     Members {
         overlay: OverlayId,
         users: Vec<String>,
@@ -73,7 +73,8 @@ pub enum OsnEvent {
         key: PublicKey,
         claim: Option<Claim>,
     },
-    /// A device went offline (or left the room) as seen through `overlay`.
+    /// A device went offline (or left the room) as seen through `overlay`. Its link stays while
+    /// WireGuard still hears from it.
     DeviceDown {
         overlay: OverlayId,
         device: DeviceId,

@@ -70,8 +70,9 @@ enum Command {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
-    /// Accept the new key that DEVICE (JID/DEVICE) announces in place of the one pinned for it.
-    /// Compare its fingerprint (in `ipop status`) with the one its owner sees in `ipop key`.
+    /// Accept the new key that DEVICE (JID/DEVICE) announces in place of the one pinned for it,
+    /// or move to DEVICE a key pinned for another device (whose pin and link then go). Compare
+    /// its fingerprint (in `ipop status`) with the one its owner sees in `ipop key`.
     Trust {
         device: String,
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]

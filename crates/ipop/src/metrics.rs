@@ -348,6 +348,7 @@ mod tests {
             rtt_ms: None,
             via: None,
             candidates_tried: Vec::new(),
+            offline_on_xmpp: false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! What `ipop status` shows: the JSON contract that scripts rely on, and its rendering for people.
 
 use ipnet::IpNet;
-use ipop_core::osn::{Candidate, CandidateKind, OverlayId};
+use ipop_core::osn::{Candidate, CandidateKind, DeviceId, OverlayId};
 use ipop_core::{Engine, LinkState, LinkStatus, PeerStatus, Unlinked, UnlinkedReason};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -75,6 +75,10 @@ pub struct Peer {
     /// While the link is not up: the candidates of the attempt, `local|remote type address`.
     #[serde(default)]
     pub candidates_tried: Vec<String>,
+    /// The device is offline on XMPP: its link lives on WireGuard alone, and closes after
+    /// 3 minutes without a handshake or data from it.
+    #[serde(default)]
+    pub offline_on_xmpp: bool,
 }
 
 impl Peer {
@@ -98,6 +102,12 @@ impl Peer {
                 .is_some_and(|p| p.state == LinkState::Connected);
         let reason = if connected {
             None
+        } else if l.offline {
+            Some(
+                "the device is offline on XMPP, so the link cannot be negotiated again; it \
+                 closes after 3 minutes without a handshake or data from the device"
+                    .to_owned(),
+            )
         } else {
             l.last_error
                 .clone()
@@ -152,6 +162,7 @@ impl Peer {
             rtt_ms: l.rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
             via: l.relay.clone(),
             candidates_tried,
+            offline_on_xmpp: l.offline,
         }
     }
 
@@ -165,8 +176,26 @@ impl Peer {
         }
     }
 
-    fn from_unlinked(u: &Unlinked) -> Self {
-        let (state, reason) = match u.reason {
+    /// A device that is announced but not linked; `me` is this device.
+    fn from_unlinked(u: &Unlinked, me: Option<&DeviceId>) -> Self {
+        let (state, reason) = match &u.reason {
+            UnlinkedReason::KeyClaimedByOther { holder } if Some(holder) == me => (
+                "refused",
+                format!(
+                    "it announces this device's own key ({}), which no other device may use",
+                    u.key.fingerprint()
+                ),
+            ),
+            UnlinkedReason::KeyClaimedByOther { holder } => (
+                "refused",
+                format!(
+                    "it announces key {}, which belongs to {holder}: a key belongs to one \
+                     device. If the key did move to this device, `ipop trust {}` moves it (the \
+                     pin and the link of {holder} go)",
+                    u.key.fingerprint(),
+                    u.device
+                ),
+            ),
             UnlinkedReason::KeyNotTrusted { pinned } => (
                 "untrusted",
                 format!(
@@ -214,6 +243,16 @@ impl Peer {
             rtt_ms: None,
             via: None,
             candidates_tried: Vec::new(),
+            offline_on_xmpp: false,
+        }
+    }
+
+    /// The state as the table shows it.
+    fn state_shown(&self) -> String {
+        if self.offline_on_xmpp {
+            format!("{} (peer offline on XMPP)", self.state)
+        } else {
+            self.state.clone()
         }
     }
 }
@@ -264,7 +303,7 @@ pub fn overlays(engine: &Engine, static_addresses: &[IpNet]) -> Vec<Overlay> {
             unlinked
                 .iter()
                 .filter(|u| u.overlays.contains(id))
-                .map(Peer::from_unlinked),
+                .map(|u| Peer::from_unlinked(u, engine.me())),
         );
         for p in &mut peers {
             p.addresses.retain(here);
@@ -375,7 +414,7 @@ pub fn render(s: &Status) -> String {
                         .first()
                         .cloned()
                         .unwrap_or_else(|| "-".to_owned()),
-                    p.state.clone(),
+                    p.state_shown(),
                     match (&p.path, &p.via, &p.endpoint) {
                         (Some(path), Some(via), _) => format!("{path} via {via}"),
                         (Some(path), None, Some(e)) => format!("{path} {e}"),
@@ -476,6 +515,7 @@ mod tests {
                     rtt_ms: None,
                     via: None,
                     candidates_tried: vec!["local host 10.0.0.1:51820".into()],
+                    offline_on_xmpp: false,
                 }],
             }],
             drops: BTreeMap::from([("no_route".into(), 3), ("spoofed_source".into(), 0)]),
@@ -495,6 +535,7 @@ mod tests {
             "rx_bytes",
             "tx_bytes",
             "last_handshake_s",
+            "offline_on_xmpp",
         ] {
             assert!(peer.get(key).is_some(), "peer lacks {key}");
         }
@@ -519,6 +560,25 @@ mod tests {
             t.contains("no_route=3") && !t.contains("spoofed_source"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn table_shows_a_link_kept_while_the_peer_is_offline_on_xmpp() {
+        let mut s = sample();
+        let bob = &mut s.overlays[0].peers[0];
+        bob.state = "connected".into();
+        bob.path = Some("direct".into());
+        bob.reason = None;
+        bob.offline_on_xmpp = true;
+        let v = serde_json::to_value(&s).expect("serialises");
+        let peer = &v["overlays"][0]["peers"][0];
+        assert_eq!(peer["state"], "connected");
+        assert_eq!(peer["offline_on_xmpp"], true);
+        let t = render(&s);
+        let row = t.lines().find(|l| l.contains("bob")).expect("bob listed");
+        assert!(row.contains("connected (peer offline on XMPP)"), "{t}");
+        s.overlays[0].peers[0].offline_on_xmpp = false;
+        assert!(!render(&s).contains("offline on XMPP"));
     }
 
     #[test]

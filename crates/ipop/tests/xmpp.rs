@@ -7,8 +7,10 @@
 use ipop_core::osn::{LinkOffer, Signal};
 use ipop_lab::Jid;
 use ipop_lab::tokio_xmpp::IqRequest;
+use ipop_lab::tokio_xmpp::minidom::Element;
+use ipop_lab::tokio_xmpp::minidom::rxml::NcName;
 use ipop_lab::tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
-use ipop_lab::{Subscription, wait_until};
+use ipop_lab::{Subscription, XmppUser, wait_until};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -146,6 +148,134 @@ fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
     );
     let log = std::fs::read_to_string(w.lab.nodes[1].log_path()).expect("log");
     assert!(log.contains("not authorised"), "eve's log does not say why");
+    w.lab.stop_all();
+}
+
+/// The presence with which an ipop device announces `key` (see docs/protocol.md), with the
+/// negative priority ipop uses.
+fn ipop_presence(key: &ipop_core::PublicKey) -> Presence {
+    let attr = NcName::try_from("key").expect("an attribute name");
+    let ipop = Element::builder("ipop", ipop_xmpp::NS_IPOP)
+        .attr(attr, key.to_string())
+        .build();
+    let mut presence = Presence::available().with_payloads(vec![ipop]);
+    presence.priority = ipop_lab::tokio_xmpp::parsers::presence::Priority(-1);
+    presence
+}
+
+#[test]
+fn a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_link() {
+    let mut w = World::new("xclaim", 3);
+    let mut alice = w.user("alice");
+    let mut bob = w.user("bob");
+    let mut carol = w.user("carol");
+    alice.befriend(&mut bob);
+    alice.befriend(&mut carol);
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
+    w.configure(2, "carol", "tablet", &social("10.78.0.3/16"));
+    for i in 0..3 {
+        w.node(i).start();
+    }
+    for friend in ["bob@example.org", "carol@example.org"] {
+        wait_social_ping(
+            &w.lab.nodes[0],
+            friend,
+            Duration::from_secs(15),
+            &format!("alice's device to ping {friend}'s"),
+        );
+    }
+    let carol_addr = social_addr(&w.lab.nodes[0], "carol@example.org").expect("carol's address");
+    let carol_key: ipop_core::PublicKey = w.lab.nodes[2].public_key.parse().expect("carol's key");
+
+    // Alice pings Carol's device at 20/s while Bob, her friend, announces ipop with Carol's
+    // device's key from another resource of his, as a tampered client would.
+    let mut pinger = w.lab.nodes[0].ns().command("ping");
+    pinger.args(["-q", "-n", "-i", "0.05", "-c", "100", "-W", "1"]);
+    pinger.arg(carol_addr.to_string());
+    let mut fake = XmppUser::builder(&w.prosody, "bob", &password("bob"))
+        .resource("fake")
+        .netns(w.server_ns())
+        .initial_presence(None)
+        .connect();
+    let out = std::thread::scope(|scope| {
+        let flood = scope.spawn(move || pinger.output());
+        std::thread::sleep(Duration::from_secs(1));
+        fake.send(ipop_presence(&carol_key).into());
+        flood.join().expect("ping thread")
+    })
+    .expect("ping runs");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let loss: f64 = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix("% packet loss"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no loss figure in ping's output: {summary}"));
+    eprintln!("pings to carol's device while bob's client claimed its key: {loss}% loss");
+    // One late reply is the machine's doing; a link torn down and set up again loses far more.
+    assert!(
+        loss <= 1.0,
+        "alice's pings to carol's device were lost: {summary}"
+    );
+
+    let s = w.node(0).wait_status(
+        Duration::from_secs(10),
+        "alice's device to count the claimed key",
+        |s| s["drops"]["key_claimed_by_other"].as_u64() >= Some(1),
+    );
+    let peers: Vec<&Value> = s["overlays"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|o| o["peers"].as_array().into_iter().flatten())
+        .collect();
+    let carol_entry = peer_by_jid(&s, "carol@example.org").expect("carol listed");
+    assert_eq!(carol_entry["state"], "connected", "{s}");
+    assert_eq!(carol_entry["device"], "tablet", "{s}");
+    assert_eq!(carol_entry["id"], carol_key.to_string().as_str(), "{s}");
+    let fakes: Vec<&&Value> = peers.iter().filter(|p| p["device"] == "fake").collect();
+    assert!(
+        fakes.iter().all(
+            |p| p["state"] == "refused" && p["addresses"].as_array().is_some_and(Vec::is_empty)
+        ),
+        "bob's fake device is linked: {s}"
+    );
+    let reason = fakes
+        .first()
+        .and_then(|p| p["reason"].as_str())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("carol@example.org/tablet")
+            && reason.contains("ipop trust bob@example.org/fake"),
+        "status does not say whose key it is and how to move it: {s}"
+    );
+    assert!(
+        peer_by_jid(&s, "bob@example.org").is_some_and(|p| p["state"] == "connected"),
+        "bob's phone lost its link: {s}"
+    );
+    assert!(
+        social_ping(&w.lab.nodes[0], "carol@example.org"),
+        "alice's device cannot ping carol's any more"
+    );
+    let log = std::fs::read_to_string(w.lab.nodes[0].log_path()).expect("log");
+    assert!(
+        log.lines().any(|l| l.contains(
+            "refusing a device that announces the key pinned for carol@example.org/tablet"
+        ) && l.contains("ipop trust bob@example.org/fake")),
+        "alice's log does not say why"
+    );
+    let state = w.lab.nodes[0].dir.join("state").join("state.json");
+    let text = std::fs::read_to_string(&state).expect("state.json");
+    let saved: Value = serde_json::from_str(&text).expect("state.json is JSON");
+    assert_eq!(
+        saved["pins"]["carol@example.org/tablet"],
+        carol_key.to_string().as_str(),
+        "{text}"
+    );
+    assert!(
+        saved["pins"].get("bob@example.org/fake").is_none(),
+        "a pin for bob's fake device: {text}"
+    );
     w.lab.stop_all();
 }
 
