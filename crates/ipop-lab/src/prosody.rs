@@ -2,18 +2,19 @@
 //! listening on loopback or inside a namespace on a port chosen per run.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::ca::TestCa;
 use crate::dir::TestDir;
 use crate::netns::Netns;
-use crate::nsenter::{NsHandle, run_in};
+use crate::nsenter::NsHandle;
 use crate::process::{Daemon, STOP_TIMEOUT, log_tail};
+use crate::server::{ServerKind, XmppServer, free_port, wait_accepting};
 use crate::{next_id, run_checked, sanitize_tag};
 
 /// How long [`Prosody::start`] waits for the c2s port to accept connections.
@@ -348,47 +349,26 @@ impl Prosody {
         }
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + PROSODY_READY_TIMEOUT;
-        let addr = self.addr;
-        loop {
-            let probe = run_in(self.netns.as_ref(), move || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-            });
-            let last = match probe {
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) | Err(e) => e,
-            };
-            if let Some(status) = self.daemon.as_mut().and_then(Daemon::try_wait) {
-                panic!(
-                    "Prosody for {} exited ({status}) before accepting connections on {addr}; {}",
-                    self.domain,
-                    self.logs()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {PROSODY_READY_TIMEOUT:?} waiting for Prosody for {} to accept \
-                 connections on {addr}{}; last error: {last}; {}",
-                self.domain,
-                self.netns_name()
-                    .map(|ns| format!(" in namespace {ns}"))
-                    .unwrap_or_default(),
-                self.logs()
-            );
-            thread::sleep(Duration::from_millis(50));
+    /// Kills Prosody at once (SIGKILL, by PID), as a crash would; data and config stay for
+    /// [`Prosody::start`]. Does nothing when it is not running.
+    pub fn kill(&mut self) {
+        if let Some(daemon) = self.daemon.as_mut() {
+            daemon.kill();
         }
     }
 
-    /// The paths and tails of both logs, for panic messages.
-    fn logs(&self) -> String {
-        format!(
-            "output {}:\n{}\nlog {}:\n{}",
-            self.stdout.display(),
-            log_tail(&self.stdout, 20),
-            self.log.display(),
-            log_tail(&self.log, LOG_TAIL_LINES)
-        )
+    fn wait_ready(&mut self) {
+        let what = format!("Prosody for {}", self.domain);
+        let (stdout, log) = (self.stdout.clone(), self.log.clone());
+        let logs = move || logs(&stdout, &log);
+        wait_accepting(
+            &what,
+            self.netns.as_ref(),
+            self.addr,
+            PROSODY_READY_TIMEOUT,
+            &mut self.daemon,
+            logs,
+        );
     }
 
     /// The settings of this process (paths, address, ports, root), then the config documented
@@ -477,6 +457,56 @@ impl Drop for Prosody {
     }
 }
 
+impl XmppServer for Prosody {
+    fn kind(&self) -> ServerKind {
+        ServerKind::Prosody
+    }
+
+    fn domain(&self) -> &str {
+        Prosody::domain(self)
+    }
+
+    fn c2s_addr(&self) -> SocketAddr {
+        Prosody::c2s_addr(self)
+    }
+
+    fn ca_cert_path(&self) -> &Path {
+        Prosody::ca_cert_path(self)
+    }
+
+    fn ca_cert_der(&self) -> &[u8] {
+        Prosody::ca_cert_der(self)
+    }
+
+    fn log_path(&self) -> &Path {
+        Prosody::log_path(self)
+    }
+
+    fn register(&self, user: &str, password: &str) {
+        Prosody::register(self, user, password);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Prosody::pid(self)
+    }
+
+    fn is_running(&mut self) -> bool {
+        Prosody::is_running(self)
+    }
+
+    fn start(&mut self) {
+        Prosody::start(self);
+    }
+
+    fn stop(&mut self) {
+        Prosody::stop(self);
+    }
+
+    fn kill(&mut self) {
+        Prosody::kill(self);
+    }
+}
+
 /// Kills (SIGKILL, by PID) the Prosody processes that an earlier test process started and
 /// could not stop because it died without running destructors (an abort, SIGKILL): those whose
 /// config lies in `$TMPDIR/ipl-<pid>-...` for a PID that no longer runs. [`ProsodyBuilder::start`]
@@ -489,20 +519,15 @@ pub fn sweep_stale_prosody() {
     );
 }
 
-/// A TCP port that is free on `ip` (inside `ns` when given) at the time of the call.
-fn free_port(ns: Option<&NsHandle>, ip: IpAddr) -> u16 {
-    let where_ = ns
-        .map(|ns| format!(" in namespace {}", ns.name()))
-        .unwrap_or_default();
-    let bound = run_in(ns, move || {
-        TcpListener::bind((ip, 0)).and_then(|listener| listener.local_addr())
-    });
-    match bound {
-        Ok(Ok(addr)) => addr.port(),
-        Ok(Err(e)) | Err(e) => {
-            panic!("cannot find a free TCP port on {ip}{where_} (is the address configured?): {e}")
-        }
-    }
+/// The paths and tails of Prosody's output and log, for panic messages.
+fn logs(stdout: &Path, log: &Path) -> String {
+    format!(
+        "output {}:\n{}\nlog {}:\n{}",
+        stdout.display(),
+        log_tail(stdout, 20),
+        log.display(),
+        log_tail(log, LOG_TAIL_LINES)
+    )
 }
 
 fn write(path: &Path, contents: &str) {
