@@ -121,8 +121,8 @@ fn ejabberd_comes_back_after_a_kill_and_a_stop_with_its_accounts_and_leaves_noth
             .netns(&client_ns)
             .connect()
     };
+    let mut alice = connect(&server, "alice", "pw-a");
     {
-        let mut alice = connect(&server, "alice", "pw-a");
         let mut bob = connect(&server, "bob", "pw-b");
         alice.befriend(&mut bob);
     }
@@ -135,10 +135,14 @@ fn ejabberd_comes_back_after_a_kill_and_a_stop_with_its_accounts_and_leaves_noth
     assert!(!server.is_running());
     server.start();
     assert_eq!(server.c2s_addr(), addr, "the port stays the same");
+    // Alice's chat client logs in again by itself (backing off from 1 s).
+    alice.wait_logins(2, Duration::from_secs(40));
     let mut bob = connect(&server, "bob", "pw-b");
-    let alice_jid = BareJid::new("alice@restart.example").expect("a JID");
-    assert_eq!(bob.subscription(&alice_jid), Some(Subscription::Both));
-    drop(bob);
+    assert_eq!(bob.subscription(alice.jid()), Some(Subscription::Both));
+    bob.send_chat(alice.jid(), "welcome back");
+    let got = alice.recv_chat(Duration::from_secs(10));
+    assert_eq!(got.map(|(_, text)| text), Some("welcome back".to_owned()));
+    drop((alice, bob));
 
     let pid = server.pid().expect("running");
     server.kill();
