@@ -30,9 +30,9 @@ const DOCUMENTED_CONFIG: &str = include_str!("../../../docs/examples/prosody.cfg
 /// The line before the documented config in the config the lab writes.
 const DOCUMENTED_HEADER: &str = "-- ipop-lab: docs/examples/prosody.cfg.lua for this domain.";
 
-/// The line before a test's own STUN/TURN servers, which replace the documented ones for the
-/// virtual host.
-const SERVICES_HEADER: &str = "-- ipop-lab: this test's STUN and TURN servers.";
+/// The line before the lab's settings for the virtual host: stream management, and the test's
+/// own STUN/TURN servers, which replace the documented ones.
+const HOST_HEADER: &str = "-- ipop-lab: settings for this test's virtual host.";
 
 static SWEEP: Once = Once::new();
 
@@ -158,8 +158,9 @@ impl ProsodyBuilder {
     }
 }
 
-/// A running (or stopped, see [`Prosody::stop`]) Prosody with a virtual host `DOMAIN` and a MUC
-/// component `conference.DOMAIN`.
+/// A running (or stopped, see [`Prosody::stop`] and [`Prosody::kill`]) Prosody with a virtual
+/// host `DOMAIN`, which offers stream management with resumption, and a MUC component
+/// `conference.DOMAIN`.
 ///
 /// Dropping it stops the process (SIGTERM, then SIGKILL, by PID) and removes its directory;
 /// when the thread is panicking, it prints the logs' paths and tails and keeps the directory.
@@ -372,9 +373,11 @@ impl Prosody {
     }
 
     /// The settings of this process (paths, address, ports, root), then the config documented
-    /// in `docs/servers.md` for this test's domain, then this test's STUN/TURN servers, which
-    /// replace the documented ones. No setting is made twice in one file: Prosody 0.12 cannot
-    /// always report that, and fails to start.
+    /// in `docs/servers.md` for this test's domain, then the virtual host's own settings:
+    /// stream management with resumption (XEP-0198, `mod_smacks`, on in Debian's stock config),
+    /// and this test's STUN/TURN servers, which replace the documented ones. No setting is made
+    /// twice in one file: Prosody 0.12 cannot always report that, and fails to start. (Prosody
+    /// loads the modules of the host's `modules_enabled` in addition to the global ones.)
     fn config_lua(&self, room_locking: bool, services: Option<&[ExternalService]>) -> String {
         let path = |p: &Path| lua_str(&p.to_string_lossy());
         let dir = &self.dir;
@@ -414,9 +417,10 @@ impl Prosody {
         let _ = writeln!(s, "muc_room_locking = {room_locking}");
         let _ = writeln!(s, "{DOCUMENTED_HEADER}");
         s.push_str(&DOCUMENTED_CONFIG.replace("@DOMAIN@", &self.domain));
+        let _ = writeln!(s, "{HOST_HEADER}");
+        let _ = writeln!(s, "VirtualHost {}", lua_str(&self.domain));
+        let _ = writeln!(s, "modules_enabled = {{ \"smacks\" }}");
         if let Some(services) = services {
-            let _ = writeln!(s, "{SERVICES_HEADER}");
-            let _ = writeln!(s, "VirtualHost {}", lua_str(&self.domain));
             let _ = writeln!(s, "external_services = {{");
             for service in services {
                 let _ = write!(
@@ -584,21 +588,23 @@ mod tests {
             let (own, documented) = config
                 .split_once(&format!("{DOCUMENTED_HEADER}\n"))
                 .expect("the documented config follows the lab's settings");
-            let documented = match documented.split_once(&format!("{SERVICES_HEADER}\n")) {
-                Some((documented, servers)) => {
-                    assert!(services.is_some(), "{servers}");
-                    assert!(
-                        servers.starts_with("VirtualHost \"example.org\"\n"),
-                        "{servers}"
-                    );
-                    documented
-                }
-                None => {
-                    assert!(services.is_none(), "{documented}");
-                    assert!(own.contains("\"external_services\" }"), "{own}");
-                    documented
-                }
-            };
+            let (documented, host) = documented
+                .split_once(&format!("{HOST_HEADER}\n"))
+                .expect("the lab's host settings follow the documented config");
+            assert!(
+                host.starts_with("VirtualHost \"example.org\"\nmodules_enabled = { \"smacks\" }\n"),
+                "{host}"
+            );
+            assert_eq!(
+                host.contains("external_services = {"),
+                services.is_some(),
+                "{host}"
+            );
+            assert_eq!(
+                own.contains("\"external_services\" }"),
+                services.is_none(),
+                "{own}"
+            );
             assert_eq!(
                 documented,
                 DOCUMENTED_CONFIG.replace("@DOMAIN@", "example.org")
