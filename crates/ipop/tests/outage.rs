@@ -78,7 +78,7 @@ fn crash_and_restart(kind: ServerKind, tag: &str) {
     watch.print_back(&back, "the server accepted connections again");
     assert!(
         loss.percent() < MAX_LOSS_PERCENT,
-        "{kind} crash: lost {loss}; want under {MAX_LOSS_PERCENT}%"
+        "{kind} crash: {loss}; want under {MAX_LOSS_PERCENT}%"
     );
     for (i, back) in back.iter().enumerate() {
         let device = watch.name(i);
@@ -135,7 +135,7 @@ fn stop_for_20_s(kind: ServerKind, tag: &str) {
     watch.print_back(&back, "the server accepted connections again");
     assert!(
         loss.percent() < MAX_LOSS_PERCENT,
-        "{kind} stopped for 20 s: lost {loss}; want under {MAX_LOSS_PERCENT}%"
+        "{kind} stopped for 20 s: {loss}; want under {MAX_LOSS_PERCENT}%"
     );
     assert_back(&watch, &back, &format!("{kind} stopped for 20 s"));
     lab.stop_all();
@@ -199,7 +199,7 @@ fn staggered_outage(kind: ServerKind, tag: &str) {
     );
     assert!(
         loss.percent() < MAX_LOSS_PERCENT,
-        "{kind} 45 s outage with staggered reconnections: lost {loss}; want under \
+        "{kind} 45 s outage with staggered reconnections: {loss}; want under \
          {MAX_LOSS_PERCENT}%"
     );
     let what = format!("{kind} 45 s outage");
