@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every ipop test: formatting and lints, unit tests, simulation tests of the core, and the
 # end-to-end tests that start real daemons in network namespaces with real TUN devices and a
-# real XMPP server (Prosody, started by the tests themselves).
+# real XMPP server (Prosody or ejabberd, started by the tests themselves).
 # Run as root on Debian; missing Debian packages are installed first.
 set -euo pipefail
 
@@ -15,6 +15,7 @@ need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v prosodyctl >/dev/null || need+=(prosody)
+command -v ejabberdctl >/dev/null || need+=(ejabberd)
 command -v nft >/dev/null || need+=(nftables)
 command -v turnserver >/dev/null || need+=(coturn)
 command -v conntrack >/dev/null || need+=(conntrack)

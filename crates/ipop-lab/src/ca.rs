@@ -43,6 +43,7 @@ impl TestCa {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        set_validity(&mut params);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let issuer = CertifiedIssuer::self_signed(params, key)
             .unwrap_or_else(|e| panic!("cannot sign the test CA: {e}"));
@@ -80,6 +81,7 @@ impl TestCa {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, *first);
         params.is_ca = IsCa::ExplicitNoCa;
+        set_validity(&mut params);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key =
@@ -110,6 +112,13 @@ impl TestCa {
                 .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
         }
     }
+}
+
+/// Valid from 2000 to 2100. rcgen's default runs to the year 4096, and ejabberd fails to load
+/// such a certificate: the timer it sets for the expiry warning is out of the Erlang VM's range.
+fn set_validity(params: &mut CertificateParams) {
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2100, 1, 1);
 }
 
 #[cfg(test)]

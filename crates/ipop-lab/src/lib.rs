@@ -10,6 +10,8 @@
 //!   `ipop status --json`; [`wait_until`] polls for a condition.
 //! - [`Prosody`]: a private Prosody (own CA, certificate, config, data and port) on loopback or
 //!   inside a namespace, stopped on drop.
+//! - [`Ejabberd`]: the same with ejabberd; [`XmppServer`] is what both offer, so that a test can
+//!   run on either ([`ServerKind`]).
 //! - [`Coturn`]: a private coturn (STUN/TURN, time-limited credentials, TLS when asked) on
 //!   loopback or inside a namespace, stopped on drop.
 //! - [`TestCa`]: a CA for the servers of a test; Prosody and coturn can share one.
@@ -24,6 +26,7 @@
 mod ca;
 mod coturn;
 mod dir;
+mod ejabberd;
 mod hosts;
 mod ipop;
 mod nat;
@@ -32,6 +35,7 @@ mod netns;
 mod nsenter;
 mod process;
 mod prosody;
+mod server;
 mod xmpp_tls;
 mod xmpp_user;
 
@@ -45,6 +49,9 @@ pub use coturn::{
     COTURN_READY_TIMEOUT, COTURN_REALM, Coturn, CoturnBuilder, rest_credentials, sweep_stale_coturn,
 };
 pub use dir::TestDir;
+pub use ejabberd::{
+    EJABBERD_READY_TIMEOUT, EJABBERD_STOP_TIMEOUT, Ejabberd, EjabberdBuilder, sweep_stale_ejabberd,
+};
 pub use hosts::{NetnsHosts, sweep_stale_hosts};
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
@@ -59,6 +66,7 @@ pub use process::{Daemon, STOP_TIMEOUT, log_tail};
 pub use prosody::{
     ExternalService, PROSODY_READY_TIMEOUT, Prosody, ProsodyBuilder, sweep_stale_prosody,
 };
+pub use server::{ServerKind, XmppServer};
 pub use tokio_xmpp::jid::{BareJid, FullJid, Jid};
 pub use tokio_xmpp::parsers::roster::Subscription;
 /// The XMPP library [`XmppUser`] is built on, for tests that look at raw stanzas.

@@ -94,13 +94,25 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(20));
         }
+        (self.kill(), true)
+    }
+
+    /// Kills the process at once (SIGKILL, by PID), as a crash or `kill -9` would, reaps it and
+    /// returns how it ended.
+    ///
+    /// # Panics
+    /// When the process cannot be reaped.
+    pub fn kill(&mut self) -> ExitStatus {
+        if let Some(status) = self.try_wait() {
+            return status;
+        }
         // Child::kill sends SIGKILL to this child's PID only.
         let _ = self.child.kill();
         let status = self.child.wait().unwrap_or_else(|e| {
             panic!("cannot reap {} (pid {}): {e}", self.label, self.child.id())
         });
         self.exit = Some(status);
-        (status, true)
+        status
     }
 
     /// Stops the process (see [`Daemon::stop_within`] with [`STOP_TIMEOUT`]) and returns its exit
@@ -167,6 +179,77 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// A process as `/proc` shows it: its PID and its start time (clock ticks after boot), which
+/// together name it even when the PID is used again later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ProcId {
+    pid: i32,
+    start: u64,
+}
+
+impl ProcId {
+    /// The process `pid` if it runs (or is a zombie).
+    fn of(pid: i32) -> Option<ProcId> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, start) = parse_stat(&stat)?;
+        Some(ProcId { pid, start })
+    }
+
+    /// Whether this very process still exists.
+    fn alive(self) -> bool {
+        ProcId::of(self.pid) == Some(self)
+    }
+}
+
+/// The parent PID and start time in a `/proc/PID/stat` line. The command name, in parentheses,
+/// may hold spaces and parentheses itself: the fields start after the last `)`.
+fn parse_stat(stat: &str) -> Option<(i32, u64)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 4 of proc(5) is the parent's PID, field 22 the start time; `rest` begins at field 3.
+    let ppid = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((ppid, start))
+}
+
+/// The processes below `pid` (its children, their children, ...) at the time of the call.
+pub(crate) fn descendants(pid: u32) -> Vec<ProcId> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(i32, i32, u64)> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (ppid, start) = parse_stat(&stat)?;
+            Some((pid, ppid, start))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = match i32::try_from(pid) {
+        Ok(pid) => vec![pid],
+        Err(_) => return found,
+    };
+    while let Some(parent) = frontier.pop() {
+        for &(pid, ppid, start) in &parents {
+            if ppid == parent && !found.iter().any(|p: &ProcId| p.pid == pid) {
+                found.push(ProcId { pid, start });
+                frontier.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Kills (SIGKILL) each of `procs` that still exists: the same PID with the same start time.
+pub(crate) fn kill_leftovers(procs: &[ProcId]) {
+    for proc in procs.iter().filter(|proc| proc.alive()) {
+        // It may have exited meanwhile: ESRCH is fine.
+        let _ = kill(Pid::from_raw(proc.pid), Signal::SIGKILL);
+    }
+}
+
 /// Kills (SIGKILL, by PID) the server processes (`label`: Prosody, coturn) that an earlier test
 /// process started and could not stop because it died without running destructors: those that
 /// `is_server` recognises by their arguments and whose `config_flag` argument lies in
@@ -222,7 +305,7 @@ pub(crate) fn sweep_stale_servers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Netns, TestDir};
+    use crate::{Netns, TestDir, wait_until};
 
     #[test]
     fn stop_sends_sigterm_and_collects_the_status() {
@@ -256,6 +339,56 @@ mod tests {
         let (status, killed) = daemon.stop_within(Duration::from_millis(300));
         assert!(killed, "SIGTERM was ignored, so SIGKILL was needed");
         assert!(!status.success());
+    }
+
+    #[test]
+    fn leftover_descendants_are_found_and_killed() {
+        let dir = TestDir::new("dtree");
+        let ns = Netns::new("dtree");
+        let mut cmd = ns.command("sh");
+        // The shell ignores SIGTERM; its sleep would outlive it.
+        cmd.args(["-c", "trap '' TERM; sleep 30 & wait"]);
+        let mut daemon = Daemon::spawn("tree", cmd, &dir.path().join("t.log"));
+        let below = wait_until(Duration::from_secs(5), "the shell to start sleep", || {
+            let below = descendants(daemon.pid());
+            if below.is_empty() {
+                Err("no child yet".to_owned())
+            } else {
+                Ok(below)
+            }
+        });
+        assert!(below.iter().all(|p| p.alive()));
+        daemon.kill();
+        assert!(
+            below.iter().all(|p| p.alive()),
+            "killing the shell leaves its child"
+        );
+        kill_leftovers(&below);
+        wait_until(Duration::from_secs(5), "the orphan to go", || {
+            if below.iter().any(|p| p.alive() && !zombie(p.pid)) {
+                Err(format!("{below:?}"))
+            } else {
+                Ok(())
+            }
+        });
+    }
+
+    /// Whether `pid` has ended but was not reaped (an orphan whose new parent does not reap).
+    fn zombie(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().next().map(|state| state == "Z")
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn stat_lines_with_odd_command_names_parse() {
+        let stat = "42 (a) b) S 7 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10";
+        assert_eq!(parse_stat(stat), Some((7, 123_456)));
+        assert_eq!(parse_stat("garbage"), None);
     }
 
     #[test]

@@ -2,18 +2,19 @@
 //! listening on loopback or inside a namespace on a port chosen per run.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::ca::TestCa;
 use crate::dir::TestDir;
 use crate::netns::Netns;
-use crate::nsenter::{NsHandle, run_in};
+use crate::nsenter::NsHandle;
 use crate::process::{Daemon, STOP_TIMEOUT, log_tail};
+use crate::server::{ServerKind, XmppServer, free_port, wait_accepting};
 use crate::{next_id, run_checked, sanitize_tag};
 
 /// How long [`Prosody::start`] waits for the c2s port to accept connections.
@@ -29,9 +30,9 @@ const DOCUMENTED_CONFIG: &str = include_str!("../../../docs/examples/prosody.cfg
 /// The line before the documented config in the config the lab writes.
 const DOCUMENTED_HEADER: &str = "-- ipop-lab: docs/examples/prosody.cfg.lua for this domain.";
 
-/// The line before a test's own STUN/TURN servers, which replace the documented ones for the
-/// virtual host.
-const SERVICES_HEADER: &str = "-- ipop-lab: this test's STUN and TURN servers.";
+/// The line before the lab's settings for the virtual host: stream management, and the test's
+/// own STUN/TURN servers, which replace the documented ones.
+const HOST_HEADER: &str = "-- ipop-lab: settings for this test's virtual host.";
 
 static SWEEP: Once = Once::new();
 
@@ -157,8 +158,9 @@ impl ProsodyBuilder {
     }
 }
 
-/// A running (or stopped, see [`Prosody::stop`]) Prosody with a virtual host `DOMAIN` and a MUC
-/// component `conference.DOMAIN`.
+/// A running (or stopped, see [`Prosody::stop`] and [`Prosody::kill`]) Prosody with a virtual
+/// host `DOMAIN`, which offers stream management with resumption, and a MUC component
+/// `conference.DOMAIN`.
 ///
 /// Dropping it stops the process (SIGTERM, then SIGKILL, by PID) and removes its directory;
 /// when the thread is panicking, it prints the logs' paths and tails and keeps the directory.
@@ -348,53 +350,33 @@ impl Prosody {
         }
     }
 
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + PROSODY_READY_TIMEOUT;
-        let addr = self.addr;
-        loop {
-            let probe = run_in(self.netns.as_ref(), move || {
-                TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-            });
-            let last = match probe {
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) | Err(e) => e,
-            };
-            if let Some(status) = self.daemon.as_mut().and_then(Daemon::try_wait) {
-                panic!(
-                    "Prosody for {} exited ({status}) before accepting connections on {addr}; {}",
-                    self.domain,
-                    self.logs()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {PROSODY_READY_TIMEOUT:?} waiting for Prosody for {} to accept \
-                 connections on {addr}{}; last error: {last}; {}",
-                self.domain,
-                self.netns_name()
-                    .map(|ns| format!(" in namespace {ns}"))
-                    .unwrap_or_default(),
-                self.logs()
-            );
-            thread::sleep(Duration::from_millis(50));
+    /// Kills Prosody at once (SIGKILL, by PID), as a crash would; data and config stay for
+    /// [`Prosody::start`]. Does nothing when it is not running.
+    pub fn kill(&mut self) {
+        if let Some(daemon) = self.daemon.as_mut() {
+            daemon.kill();
         }
     }
 
-    /// The paths and tails of both logs, for panic messages.
-    fn logs(&self) -> String {
-        format!(
-            "output {}:\n{}\nlog {}:\n{}",
-            self.stdout.display(),
-            log_tail(&self.stdout, 20),
-            self.log.display(),
-            log_tail(&self.log, LOG_TAIL_LINES)
-        )
+    fn wait_ready(&mut self) {
+        let what = format!("Prosody for {}", self.domain);
+        let (stdout, log) = (self.stdout.clone(), self.log.clone());
+        let logs = move || logs(&stdout, &log);
+        wait_accepting(
+            &what,
+            self.netns.as_ref(),
+            self.addr,
+            PROSODY_READY_TIMEOUT,
+            &mut self.daemon,
+            logs,
+        );
     }
 
     /// The settings of this process (paths, address, ports, root), then the config documented
-    /// in `docs/servers.md` for this test's domain, then this test's STUN/TURN servers, which
-    /// replace the documented ones. No setting is made twice in one file: Prosody 0.12 cannot
-    /// always report that, and fails to start.
+    /// in `docs/servers.md` for this test's domain (stream management with resumption
+    /// included, as in Debian's stock config), then the virtual host's own settings: this
+    /// test's STUN/TURN servers, which replace the documented ones. No setting is made twice in
+    /// one file: Prosody 0.12 cannot always report that, and fails to start.
     fn config_lua(&self, room_locking: bool, services: Option<&[ExternalService]>) -> String {
         let path = |p: &Path| lua_str(&p.to_string_lossy());
         let dir = &self.dir;
@@ -434,9 +416,9 @@ impl Prosody {
         let _ = writeln!(s, "muc_room_locking = {room_locking}");
         let _ = writeln!(s, "{DOCUMENTED_HEADER}");
         s.push_str(&DOCUMENTED_CONFIG.replace("@DOMAIN@", &self.domain));
+        let _ = writeln!(s, "{HOST_HEADER}");
+        let _ = writeln!(s, "VirtualHost {}", lua_str(&self.domain));
         if let Some(services) = services {
-            let _ = writeln!(s, "{SERVICES_HEADER}");
-            let _ = writeln!(s, "VirtualHost {}", lua_str(&self.domain));
             let _ = writeln!(s, "external_services = {{");
             for service in services {
                 let _ = write!(
@@ -477,6 +459,56 @@ impl Drop for Prosody {
     }
 }
 
+impl XmppServer for Prosody {
+    fn kind(&self) -> ServerKind {
+        ServerKind::Prosody
+    }
+
+    fn domain(&self) -> &str {
+        Prosody::domain(self)
+    }
+
+    fn c2s_addr(&self) -> SocketAddr {
+        Prosody::c2s_addr(self)
+    }
+
+    fn ca_cert_path(&self) -> &Path {
+        Prosody::ca_cert_path(self)
+    }
+
+    fn ca_cert_der(&self) -> &[u8] {
+        Prosody::ca_cert_der(self)
+    }
+
+    fn log_path(&self) -> &Path {
+        Prosody::log_path(self)
+    }
+
+    fn register(&self, user: &str, password: &str) {
+        Prosody::register(self, user, password);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Prosody::pid(self)
+    }
+
+    fn is_running(&mut self) -> bool {
+        Prosody::is_running(self)
+    }
+
+    fn start(&mut self) {
+        Prosody::start(self);
+    }
+
+    fn stop(&mut self) {
+        Prosody::stop(self);
+    }
+
+    fn kill(&mut self) {
+        Prosody::kill(self);
+    }
+}
+
 /// Kills (SIGKILL, by PID) the Prosody processes that an earlier test process started and
 /// could not stop because it died without running destructors (an abort, SIGKILL): those whose
 /// config lies in `$TMPDIR/ipl-<pid>-...` for a PID that no longer runs. [`ProsodyBuilder::start`]
@@ -489,20 +521,15 @@ pub fn sweep_stale_prosody() {
     );
 }
 
-/// A TCP port that is free on `ip` (inside `ns` when given) at the time of the call.
-fn free_port(ns: Option<&NsHandle>, ip: IpAddr) -> u16 {
-    let where_ = ns
-        .map(|ns| format!(" in namespace {}", ns.name()))
-        .unwrap_or_default();
-    let bound = run_in(ns, move || {
-        TcpListener::bind((ip, 0)).and_then(|listener| listener.local_addr())
-    });
-    match bound {
-        Ok(Ok(addr)) => addr.port(),
-        Ok(Err(e)) | Err(e) => {
-            panic!("cannot find a free TCP port on {ip}{where_} (is the address configured?): {e}")
-        }
-    }
+/// The paths and tails of Prosody's output and log, for panic messages.
+fn logs(stdout: &Path, log: &Path) -> String {
+    format!(
+        "output {}:\n{}\nlog {}:\n{}",
+        stdout.display(),
+        log_tail(stdout, 20),
+        log.display(),
+        log_tail(log, LOG_TAIL_LINES)
+    )
 }
 
 fn write(path: &Path, contents: &str) {
@@ -559,21 +586,24 @@ mod tests {
             let (own, documented) = config
                 .split_once(&format!("{DOCUMENTED_HEADER}\n"))
                 .expect("the documented config follows the lab's settings");
-            let documented = match documented.split_once(&format!("{SERVICES_HEADER}\n")) {
-                Some((documented, servers)) => {
-                    assert!(services.is_some(), "{servers}");
-                    assert!(
-                        servers.starts_with("VirtualHost \"example.org\"\n"),
-                        "{servers}"
-                    );
-                    documented
-                }
-                None => {
-                    assert!(services.is_none(), "{documented}");
-                    assert!(own.contains("\"external_services\" }"), "{own}");
-                    documented
-                }
-            };
+            let (documented, host) = documented
+                .split_once(&format!("{HOST_HEADER}\n"))
+                .expect("the lab's host settings follow the documented config");
+            assert!(host.starts_with("VirtualHost \"example.org\"\n"), "{host}");
+            assert!(
+                documented.contains("\"smacks\";"),
+                "the documented config offers stream management with resumption"
+            );
+            assert_eq!(
+                host.contains("external_services = {"),
+                services.is_some(),
+                "{host}"
+            );
+            assert_eq!(
+                own.contains("\"external_services\" }"),
+                services.is_none(),
+                "{own}"
+            );
             assert_eq!(
                 documented,
                 DOCUMENTED_CONFIG.replace("@DOMAIN@", "example.org")

@@ -1,6 +1,7 @@
 //! Opening authenticated XMPP streams for tests: TCP to a fixed address (opened inside a network
 //! namespace when asked), STARTTLS with a rustls config that trusts only the test CA, then SASL
-//! SCRAM. The streams are handed to tokio-xmpp's `StanzaStream`, which binds the resource.
+//! SCRAM. The streams are handed to tokio-xmpp's `StanzaStream`, which binds the resource
+//! (without stream management, see `LabConnector::open`).
 //!
 //! tokio-xmpp's own STARTTLS connector builds its root store from the process environment
 //! (`SSL_CERT_FILE`), which cannot differ between tests running in parallel in one process; its
@@ -225,11 +226,16 @@ impl LabConnector {
             .with_username(jid.node().map_or("", |node| node.as_str()))
             .with_password(password);
         let stream = client_login(stream, scram(&features), credentials).await?;
-        let (features, stream) = stream
+        let (mut features, stream) = stream
             .send_header(header())
             .await?
             .recv_features::<FallibleStreamElement>()
             .await?;
+        // The lab's chat users do without stream management (XEP-0198), as many chat clients
+        // do: each reconnection is a new session. tokio-xmpp 6 rejects the `<failed/>` without
+        // `h` that Prosody and ejabberd send when a resumption fails after a restart, so a
+        // client that tries to resume would never log in again.
+        features.stream_management = None;
         Ok(Connection {
             stream: stream.box_stream(),
             features,

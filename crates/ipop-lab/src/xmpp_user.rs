@@ -42,7 +42,7 @@ use tokio_xmpp::{IqRequest, IqResponse, Stanza};
 
 use crate::netns::Netns;
 use crate::nsenter::NsHandle;
-use crate::prosody::Prosody;
+use crate::server::XmppServer;
 use crate::xmpp_tls::LabConnector;
 
 /// How long [`XmppUserBuilder::connect`] waits for the first login.
@@ -270,12 +270,13 @@ impl fmt::Debug for XmppUser {
 }
 
 impl XmppUser {
-    /// Options for logging in to `server` as `user@DOMAIN`, from the caller's namespace.
+    /// Options for logging in to `server` (Prosody or ejabberd) as `user@DOMAIN`, from the
+    /// caller's namespace.
     ///
     /// # Panics
     /// When `user` does not make a valid JID.
     #[must_use]
-    pub fn builder(server: &Prosody, user: &str, password: &str) -> XmppUserBuilder {
+    pub fn builder(server: &dyn XmppServer, user: &str, password: &str) -> XmppUserBuilder {
         let jid = BareJid::new(&server.jid(user))
             .unwrap_or_else(|e| panic!("{:?} is not a valid JID: {e}", server.jid(user)));
         XmppUserBuilder {
@@ -298,7 +299,7 @@ impl XmppUser {
     /// # Panics
     /// When the login fails.
     #[must_use]
-    pub fn connect(server: &Prosody, user: &str, password: &str) -> XmppUser {
+    pub fn connect(server: &dyn XmppServer, user: &str, password: &str) -> XmppUser {
         XmppUser::builder(server, user, password).connect()
     }
 

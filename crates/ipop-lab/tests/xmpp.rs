@@ -309,3 +309,21 @@ fn external_services_are_announced() {
         "time-limited TURN credentials: {reply:?}"
     );
 }
+
+#[test]
+fn prosody_comes_back_after_a_kill_with_its_accounts() {
+    let mut server = Prosody::start_local("crash.example");
+    server.register("alice", "pw-a");
+    let addr = server.c2s_addr();
+    let pid = server.pid().expect("running");
+    server.kill();
+    assert!(!server.is_running());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "Prosody (pid {pid}) should be gone after kill"
+    );
+    server.start();
+    assert_eq!(server.c2s_addr(), addr, "the port stays the same");
+    let alice = XmppUser::connect(&server, "alice", "pw-a");
+    assert_eq!(alice.logins(), 1);
+}

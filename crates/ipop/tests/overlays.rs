@@ -202,9 +202,9 @@ fn one_device_in_two_groups_has_no_cross_talk() {
         auto_group(&g1, "10.81.0.0/24", true),
         auto_group(&g2, "10.82.0.0/24", true)
     );
-    w.prosody.register("carol", &password("carol"));
-    w.prosody.register("dave", &password("dave"));
-    w.prosody.register("erin", &password("erin"));
+    w.server.register("carol", &password("carol"));
+    w.server.register("dave", &password("dave"));
+    w.server.register("erin", &password("erin"));
     w.configure(0, "carol", "desk", &carol_overlays);
     w.configure(1, "dave", "laptop", &auto_group(&g1, "10.81.0.0/24", false));
     w.configure(2, "erin", "tablet", &auto_group(&g2, "10.82.0.0/24", false));
@@ -280,7 +280,7 @@ fn six_devices_get_distinct_automatic_addresses_that_survive_restarts() {
     let lab = room("six");
     let subnet: ipnet::Ipv4Net = "10.84.0.0/24".parse().expect("subnet");
     for (i, user) in USERS.iter().enumerate() {
-        w.prosody.register(user, &password(user));
+        w.server.register(user, &password(user));
         w.configure(i, user, "pc", &auto_group(&lab, "10.84.0.0/24", i == 0));
     }
     w.node(0).start();
@@ -353,8 +353,8 @@ fn a_forced_collision_is_resolved() {
     let mut w = World::new("xclash", 2);
     let clash = room("clash");
     let contested: Ipv4Addr = "10.83.0.7".parse().expect("address");
-    w.prosody.register("carol", &password("carol"));
-    w.prosody.register("david", &password("david"));
+    w.server.register("carol", &password("carol"));
+    w.server.register("david", &password("david"));
     w.configure(
         0,
         "carol",
@@ -555,8 +555,8 @@ fn friends_reach_each_other_by_dns_name_and_tcp_is_translated() {
 fn a_member_removed_from_the_group_loses_its_links_within_5_s() {
     let mut w = World::new("xremove", 2);
     let lab = room("lab");
-    w.prosody.register("carol", &password("carol"));
-    w.prosody.register("david", &password("david"));
+    w.server.register("carol", &password("carol"));
+    w.server.register("david", &password("david"));
     w.configure(0, "carol", "desk", &auto_group(&lab, "10.85.0.0/24", true));
     w.configure(
         1,

@@ -10,7 +10,7 @@ use ipop_lab::tokio_xmpp::IqRequest;
 use ipop_lab::tokio_xmpp::minidom::Element;
 use ipop_lab::tokio_xmpp::minidom::rxml::NcName;
 use ipop_lab::tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
-use ipop_lab::{Subscription, XmppUser, wait_until};
+use ipop_lab::{ServerKind, Subscription, XmppUser, wait_until};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,33 @@ fn friends_devices_link_and_ping_within_3_s() {
         "pair {pair}"
     );
     assert_eq!(status["xmpp"]["jid"], "alice@example.org/laptop");
+    w.lab.stop_all();
+}
+
+#[test]
+fn friends_devices_link_through_ejabberd_and_ping_each_other() {
+    let (mut w, _alice, _bob) = start_friends_on(
+        ServerKind::Ejabberd,
+        "xejab",
+        &social("10.78.0.1/16"),
+        &social("10.78.0.2/16"),
+    );
+    xmpp_online(w.node(0));
+    xmpp_online(w.node(1));
+    wait_social_ping(
+        &w.lab.nodes[0],
+        "bob@example.org",
+        Duration::from_secs(10),
+        "alice's device to ping bob's through a link set up over ejabberd",
+    );
+    assert!(
+        social_ping(&w.lab.nodes[1], "alice@example.org"),
+        "bob's device cannot ping alice's"
+    );
+    let status = w.node(0).status().expect("status");
+    let bob_peer = peer_by_jid(&status, "bob@example.org").expect("bob listed");
+    assert_eq!(bob_peer["device"], "phone");
+    assert_eq!(bob_peer["state"], "connected");
     w.lab.stop_all();
 }
 
@@ -193,7 +220,7 @@ fn a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_
     let mut pinger = w.lab.nodes[0].ns().command("ping");
     pinger.args(["-q", "-n", "-i", "0.05", "-c", "100", "-W", "1"]);
     pinger.arg(carol_addr.to_string());
-    let mut fake = XmppUser::builder(&w.prosody, "bob", &password("bob"))
+    let mut fake = XmppUser::builder(w.server.as_ref(), "bob", &password("bob"))
         .resource("fake")
         .netns(w.server_ns())
         .initial_presence(None)
@@ -282,7 +309,7 @@ fn a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_
 #[test]
 fn a_wrong_password_fails_clearly_within_15_s() {
     let mut w = World::new("xbadpw", 1);
-    w.prosody.register("alice", "the-real-one");
+    w.server.register("alice", "the-real-one");
     w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
     let started = Instant::now();
     w.node(0).start();
@@ -323,8 +350,8 @@ fn the_chat_client_still_gets_messages_sent_to_the_bare_jid() {
 #[test]
 fn carol_creates_a_group_david_is_added_and_their_devices_ping() {
     let mut w = World::new("xgroup", 2);
-    w.prosody.register("carol", &password("carol"));
-    w.prosody.register("david", &password("david"));
+    w.server.register("carol", &password("carol"));
+    w.server.register("david", &password("david"));
     let room = format!("lab@conference.{DOMAIN}");
     w.configure(0, "carol", "desk", &group(&room, "10.79.0.1/24", true));
     w.configure(1, "david", "laptop", &group(&room, "10.79.0.2/24", false));
@@ -381,9 +408,9 @@ fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
     let stop_server = std::thread::scope(|scope| {
         let flood = scope.spawn(move || pinger.output());
         std::thread::sleep(Duration::from_secs(2));
-        w.prosody.stop();
+        w.server.stop();
         std::thread::sleep(Duration::from_secs(20));
-        w.prosody.start();
+        w.server.start();
         flood.join().expect("ping thread")
     });
     let out = stop_server.expect("ping runs");
@@ -450,7 +477,7 @@ fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
 #[test]
 fn a_users_own_devices_link_with_each_other() {
     let mut w = World::new("xown", 2);
-    w.prosody.register("alice", &password("alice"));
+    w.server.register("alice", &password("alice"));
     w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
     w.configure(1, "alice", "phone", &social("10.78.0.2/16"));
     w.node(0).start();

@@ -1,10 +1,11 @@
-//! What the end-to-end tests with a real XMPP server share: a LAN with Prosody on one of its
-//! hosts, XMPP users, device configs, and reading addresses from `ipop status` to ping them.
+//! What the end-to-end tests with a real XMPP server share: a LAN with Prosody or ejabberd on
+//! one of its hosts, XMPP users, device configs, and reading addresses from `ipop status` to
+//! ping them.
 
 // Each test binary includes this module and uses a part of it.
 #![allow(dead_code)]
 
-use ipop_lab::{Lab, Node, Prosody, XmppUser, wait_until};
+use ipop_lab::{Lab, Node, ServerKind, XmppServer, XmppUser, wait_until};
 use serde_json::Value;
 use std::net::IpAddr;
 use std::process::Output;
@@ -13,25 +14,31 @@ use std::time::Duration;
 pub const BIN: &str = env!("CARGO_BIN_EXE_ipop");
 pub const DOMAIN: &str = "example.org";
 
-/// A LAN of `devices` ipop nodes plus one host that runs Prosody.
+/// A LAN of `devices` ipop nodes plus one host that runs the XMPP server.
 pub struct World {
     pub lab: Lab,
-    pub prosody: Prosody,
+    pub server: Box<dyn XmppServer>,
 }
 
 impl World {
+    /// A LAN with Prosody.
     pub fn new(tag: &str, devices: u8) -> World {
+        World::on(ServerKind::Prosody, tag, devices)
+    }
+
+    /// A LAN with this XMPP server.
+    pub fn on(kind: ServerKind, tag: &str, devices: u8) -> World {
         let lab = Lab::new(BIN, tag, devices + 1);
-        let server = &lab.nodes[usize::from(devices)].host;
-        let prosody = Prosody::start_in(&server.ns, &server.ipv4.to_string(), DOMAIN);
-        World { lab, prosody }
+        let host = &lab.nodes[usize::from(devices)].host;
+        let server = kind.start_in(&host.ns, &host.ipv4.to_string(), DOMAIN);
+        World { lab, server }
     }
 
     /// Registers `name` and logs in as that user's chat client.
     pub fn user(&self, name: &str) -> XmppUser {
-        self.prosody.register(name, &password(name));
+        self.server.register(name, &password(name));
         let server = self.server_ns();
-        XmppUser::builder(&self.prosody, name, &password(name))
+        XmppUser::builder(&*self.server, name, &password(name))
             .resource("chat")
             .netns(server)
             .connect()
@@ -51,8 +58,8 @@ impl World {
         config.extra = format!(
             "[xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{addr}\"\nca_file = {ca:?}\ndevice = \"{device}\"\n\n{overlays}",
             pw = password(user),
-            addr = self.prosody.c2s_addr(),
-            ca = self.prosody.ca_cert_path(),
+            addr = self.server.c2s_addr(),
+            ca = self.server.ca_cert_path(),
         );
         node.write_config(&config);
     }
@@ -62,14 +69,24 @@ impl World {
     }
 }
 
-/// Alice's laptop and Bob's phone, friends, with these `[social]` sections, both started. The
-/// chat clients come back for tests that change the friendship later.
+/// Alice's laptop and Bob's phone, friends, with these `[social]` sections, both started, on
+/// Prosody. The chat clients come back for tests that change the friendship later.
 pub fn start_friends(
     tag: &str,
     alice_social: &str,
     bob_social: &str,
 ) -> (World, XmppUser, XmppUser) {
-    let mut w = World::new(tag, 2);
+    start_friends_on(ServerKind::Prosody, tag, alice_social, bob_social)
+}
+
+/// [`start_friends`] on this XMPP server.
+pub fn start_friends_on(
+    kind: ServerKind,
+    tag: &str,
+    alice_social: &str,
+    bob_social: &str,
+) -> (World, XmppUser, XmppUser) {
+    let mut w = World::on(kind, tag, 2);
     let mut alice = w.user("alice");
     let mut bob = w.user("bob");
     alice.befriend(&mut bob);
