@@ -15,6 +15,8 @@
 //! - [`TestCa`]: a CA for the servers of a test; Prosody and coturn can share one.
 //! - [`NetnsHosts`]: host names that resolve inside one namespace (`/etc/netns/NAME/hosts`).
 //! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
+//! - [`RawXmpp`]: a raw XMPP client that sends bytes no well-behaved client would (stanzas
+//!   20 000 deep, 64 KiB attributes) and reads back elements of any depth.
 //! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
 //!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
 //!
@@ -32,6 +34,7 @@ mod netns;
 mod nsenter;
 mod process;
 mod prosody;
+mod raw_xmpp;
 mod xmpp_tls;
 mod xmpp_user;
 
@@ -59,6 +62,7 @@ pub use process::{Daemon, STOP_TIMEOUT, log_tail};
 pub use prosody::{
     ExternalService, PROSODY_READY_TIMEOUT, Prosody, ProsodyBuilder, sweep_stale_prosody,
 };
+pub use raw_xmpp::{RAW_STEP_TIMEOUT, RawElement, RawError, RawTag, RawXmpp, RawXmppBuilder};
 pub use tokio_xmpp::jid::{BareJid, FullJid, Jid};
 pub use tokio_xmpp::parsers::roster::Subscription;
 /// The XMPP library [`XmppUser`] is built on, for tests that look at raw stanzas.
