@@ -17,6 +17,8 @@
 //! - [`TestCa`]: a CA for the servers of a test; Prosody and coturn can share one.
 //! - [`NetnsHosts`]: host names that resolve inside one namespace (`/etc/netns/NAME/hosts`).
 //! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
+//! - [`RawXmpp`]: a raw XMPP client that sends bytes no well-behaved client would (stanzas
+//!   20 000 deep, 64 KiB attributes) and reads back elements of any depth.
 //! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
 //!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
 //!
@@ -35,6 +37,7 @@ mod netns;
 mod nsenter;
 mod process;
 mod prosody;
+mod raw_xmpp;
 mod server;
 mod xmpp_tls;
 mod xmpp_user;
@@ -66,6 +69,7 @@ pub use process::{Daemon, STOP_TIMEOUT, log_tail};
 pub use prosody::{
     ExternalService, PROSODY_READY_TIMEOUT, Prosody, ProsodyBuilder, sweep_stale_prosody,
 };
+pub use raw_xmpp::{RAW_STEP_TIMEOUT, RawElement, RawError, RawTag, RawXmpp, RawXmppBuilder};
 pub use server::{ServerKind, XmppServer};
 pub use tokio_xmpp::jid::{BareJid, FullJid, Jid};
 pub use tokio_xmpp::parsers::roster::Subscription;
