@@ -525,6 +525,9 @@ enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// How much lower the session thread's priority is than the packet loop's (in nice steps).
+const SESSION_NICE: i32 = 10;
+
 /// Most requests queued for the session task.
 const COMMAND_QUEUE: usize = 1024;
 
@@ -564,6 +567,14 @@ pub async fn connect(
     std::thread::Builder::new()
         .name("ipop-xmpp".to_owned())
         .spawn(move || {
+            // When the machine is busy, the packet loop goes first: a flood of stanzas slows
+            // the session, not the tunnels. (On Linux the nice value is the thread's own.)
+            let lowered = rustix::process::getpriority_process(None).and_then(|nice| {
+                rustix::process::setpriority_process(None, (nice + SESSION_NICE).min(19))
+            });
+            if let Err(e) = lowered {
+                tracing::debug!("the XMPP session's thread keeps its priority: {e}");
+            }
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
