@@ -214,8 +214,11 @@ fn is_icmp_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// The response to one datagram, or `None` when it is not a DNS query (counted in [`malformed`]).
-fn respond(datagram: &[u8], table: &NameTable) -> Option<Vec<u8>> {
+/// The response to one datagram received by a responder, answered from `table`, or `None` when
+/// it is not a DNS query (counted in [`malformed`]). A response never exceeds 512 bytes, or the
+/// payload size the query advertises with EDNS (at most 1232 bytes); answers that do not fit are
+/// left out and the response marked truncated.
+pub fn respond(datagram: &[u8], table: &NameTable) -> Option<Vec<u8>> {
     let query = match Message::from_vec(datagram) {
         Ok(q) if q.metadata.message_type == MessageType::Query => q,
         _ => {
