@@ -112,8 +112,9 @@ pub const CHANNEL_DATA_HEADER: usize = 4;
 /// peer: header, XOR-PEER-ADDRESS, DATA header and padding). `out` in
 /// [`TurnAllocation::encapsulate`] needs the payload's length plus this.
 pub const MAX_OVERHEAD: usize = STUN_HEADER_LEN + 4 + 20 + 4 + 3;
-/// The largest frame on a stream: ChannelData with the largest payload, padded.
-pub const MAX_STREAM_FRAME: usize = CHANNEL_DATA_HEADER + 0xFFFF + 3;
+/// The largest frame on a stream: a STUN message of the largest length (a multiple of four),
+/// 12 bytes longer than ChannelData with the largest payload, padded.
+pub const MAX_STREAM_FRAME: usize = STUN_HEADER_LEN + 0xFFFC;
 /// The most a [`StreamFramer`] buffers: one unfinished frame and one 64 KiB read.
 pub const MAX_STREAM_BUFFER: usize = MAX_STREAM_FRAME + 0x10000;
 
@@ -2182,6 +2183,35 @@ mod tests {
             result = framer.push(&chunk);
         }
         assert_eq!(result, Err(FramingError::Overflow));
+    }
+
+    /// The largest STUN message (length 0xFFFC) is a longer frame than the largest ChannelData:
+    /// read in 64 KiB pieces and drained after each, it still fits the buffer.
+    #[test]
+    fn the_largest_stun_message_passes_through_the_framer() {
+        let mut message = vec![0u8; STUN_HEADER_LEN + 0xFFFC];
+        message[..2].copy_from_slice(&[0x01, 0x01]);
+        message[2..4].copy_from_slice(&0xFFFCu16.to_be_bytes());
+        message[4..8].copy_from_slice(&STUN_MAGIC_COOKIE);
+        assert!(message.len() <= MAX_STREAM_FRAME);
+        let mut stream = message.clone();
+        stream.extend_from_slice(&message);
+        let mut framer = StreamFramer::new();
+        let mut frames = 0;
+        // The first read stops 1 byte short of the first message, the next read is a full 64 KiB.
+        let first = message.len() - 1;
+        for piece in [
+            &stream[..first],
+            &stream[first..first + 0x10000],
+            &stream[first + 0x10000..],
+        ] {
+            framer.push(piece).expect("fits");
+            while let Some(frame) = framer.next_frame().expect("well formed") {
+                assert_eq!(frame, &message[..]);
+                frames += 1;
+            }
+        }
+        assert_eq!(frames, 2);
     }
 
     use crate::testing::Rng;

@@ -23,6 +23,15 @@ mod muc;
 pub mod replay;
 mod session;
 
+/// The parsers of payloads that other XMPP entities send, for the fuzz targets in `fuzz/`. Not
+/// an API: the binding calls them itself.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::announce::read as read_announce;
+    pub use crate::extdisco::parse as parse_extdisco;
+    pub use crate::muc::read_occupant;
+}
+
 use ipop_core::PublicKey;
 use ipop_core::osn::{Claim, DeviceId, IceServerKind, IceTransport, OsnEvent, OverlayId, Signal};
 use std::collections::{BTreeMap, HashMap};

@@ -214,8 +214,11 @@ fn is_icmp_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// The response to one datagram, or `None` when it is not a DNS query (counted in [`malformed`]).
-fn respond(datagram: &[u8], table: &NameTable) -> Option<Vec<u8>> {
+/// The response to one datagram received by a responder, answered from `table`, or `None` when
+/// it is not a DNS query (counted in [`malformed`]). A response never exceeds 512 bytes, or the
+/// payload size the query advertises with EDNS (at most 1232 bytes); answers that do not fit are
+/// left out and the response marked truncated.
+pub fn respond(datagram: &[u8], table: &NameTable) -> Option<Vec<u8>> {
     let query = match Message::from_vec(datagram) {
         Ok(q) if q.metadata.message_type == MessageType::Query => q,
         _ => {
@@ -346,15 +349,19 @@ fn zone_key(name: &Name, suffix: &str) -> Option<Option<String>> {
 }
 
 /// Encodes `response` within `limit` bytes, dropping answers from the end and setting TC when
-/// they do not all fit.
+/// they do not all fit. An error response to a query with more questions than fit (a resolver
+/// asks one at a time) goes without them.
 fn encode(mut response: Message, limit: usize) -> Option<Vec<u8>> {
     loop {
         match response.to_vec() {
-            Ok(bytes) if bytes.len() <= limit || response.answers.is_empty() => return Some(bytes),
-            Ok(_) => {
+            Ok(bytes) if bytes.len() <= limit => return Some(bytes),
+            Ok(_) if !response.answers.is_empty() => {
                 response.answers.pop();
                 response.metadata.truncation = true;
             }
+            // The header and the OPT record alone always fit.
+            Ok(bytes) if response.queries.is_empty() => return Some(bytes),
+            Ok(_) => response.queries.clear(),
             Err(e) => {
                 tracing::debug!("DNS response not encodable: {e}");
                 return None;
@@ -715,6 +722,27 @@ mod tests {
         let r = Message::from_vec(&respond(&q.to_vec().unwrap(), &t).unwrap()).unwrap();
         assert!(!r.metadata.truncation);
         assert_eq!(r.answers.len(), 40);
+    }
+
+    /// A query with more questions than a response can echo within 512 bytes (a resolver never
+    /// sends one) gets its error without them, within the limit.
+    #[test]
+    fn a_query_with_many_questions_gets_a_short_error() {
+        let mut q = Message::query();
+        for i in 0..12 {
+            let name = format!("{}{i}.bob.example.org.ipop.", "q".repeat(40));
+            q.add_query(Query::query(
+                Name::from_ascii(&name).unwrap(),
+                RecordType::A,
+            ));
+        }
+        let query = q.to_vec().unwrap();
+        assert!(query.len() > 512, "{}", query.len());
+        let response = respond(&query, &table()).expect("a response");
+        assert!(response.len() <= 512, "{}", response.len());
+        let r = Message::from_vec(&response).unwrap();
+        assert_eq!(r.metadata.id, q.metadata.id);
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
     }
 
     #[test]

@@ -1,22 +1,18 @@
 //! `ipop`: a peer-to-peer VPN whose membership and signalling come from XMPP.
 
-mod config;
-mod control;
 mod dataplane;
 mod device;
-mod dns;
 mod doctor;
-mod metrics;
 mod netlink;
 mod overlays;
 mod state;
-mod status;
 mod xmpp;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use config::Config;
 use ipnet::IpNet;
+use ipop::{config, control, dns, metrics, status};
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

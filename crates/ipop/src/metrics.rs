@@ -60,15 +60,19 @@ pub async fn serve(
 
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
-enum Route {
+pub enum Route {
+    /// `GET /metrics`: the metrics (200).
     Metrics,
+    /// Another well-formed request: 404.
     NotFound,
+    /// Not an HTTP/1 request line: 400.
     BadRequest,
 }
 
-/// Routes a request by its head: `GET /metrics` (a query string is ignored) gets the metrics,
-/// any other well-formed HTTP/1 request gets "not found".
-fn route(head: &[u8]) -> Route {
+/// Routes a request by its head (the bytes read up to its blank line, at most 8 KiB):
+/// `GET /metrics` (a query string is ignored) gets the metrics, any other well-formed HTTP/1
+/// request gets "not found".
+pub fn route(head: &[u8]) -> Route {
     let Some(end) = head.iter().position(|&b| b == b'\n') else {
         return Route::BadRequest;
     };
@@ -94,8 +98,9 @@ fn route(head: &[u8]) -> Route {
     }
 }
 
-/// Whether `head` holds the blank line that ends a request head.
-fn head_complete(head: &[u8]) -> bool {
+/// Whether `head` holds the blank line that ends a request head; the server reads until it
+/// does (or 8 KiB, or the end of the stream) and answers an incomplete head with 400.
+pub fn head_complete(head: &[u8]) -> bool {
     head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
 }
 
