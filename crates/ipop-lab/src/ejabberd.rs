@@ -365,6 +365,15 @@ impl Ejabberd {
             &mut self.daemon,
             logs,
         );
+        // The client port opens before every module has started: on a busy machine the account
+        // tables can still be missing then. `ejabberdctl started` waits (60 s at most) until the
+        // node says it has started.
+        let mut started = self.ctl();
+        started.arg("started");
+        run_checked(
+            &mut started,
+            &format!("wait for ejabberd for {} to finish starting", self.domain),
+        );
     }
 
     /// Stops ejabberd (SIGTERM, then SIGKILL after [`EJABBERD_STOP_TIMEOUT`]), as its operator
