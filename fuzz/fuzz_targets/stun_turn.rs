@@ -9,8 +9,8 @@
 //! before) is written into it, and it may be signed with MESSAGE-INTEGRITY for the credentials
 //! that request used. The fuzzer can then reach every state of the clients, authenticated or not.
 //!
-//! Besides never panicking: data handed on lies within the datagram and comes from a peer with
-//! a permission; wrapping data for a relay never needs more room than documented; the stream
+//! Besides never panicking: data handed on lies within the datagram and comes from a peer that
+//! a permission was asked for; wrapping data for a relay never needs more room than documented; the stream
 //! framer cuts the same frames whether a stream arrives at once or in small pieces, and never
 //! overflows when it is drained after each read of at most 64 KiB.
 #![no_main]
@@ -24,7 +24,7 @@ use ipop_core::turn::{
     TurnError, TurnInput, stream_frame_len,
 };
 use libfuzzer_sys::fuzz_target;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use stun_codec::rfc5389::attributes::{
@@ -96,6 +96,9 @@ struct Harness {
     pieces: StreamFramer,
     /// Whether the stream broke: the next bytes come on a new connection.
     broken: bool,
+    /// The peers asked for on the UDP and the TCP allocation (permissions and channels), and not
+    /// removed since: data may come from them only.
+    asked: [HashSet<IpAddr>; 2],
     /// The latest requests of each client (binding, UDP, TCP), newest first.
     sent: [VecDeque<Vec<u8>>; 3],
 }
@@ -133,6 +136,7 @@ impl Harness {
             whole: StreamFramer::new(),
             pieces: StreamFramer::new(),
             broken: false,
+            asked: Default::default(),
             sent: Default::default(),
         };
         h.drain();
@@ -155,7 +159,7 @@ impl Harness {
             1 => {
                 let m = self.shape(Client::Udp, payload, answer, sign, older);
                 let input = self.udp.handle_input(now, from(TURN_UDP, source), &m);
-                check_input(&self.udp, &m, input);
+                check_input(&self.asked[0], &m, input);
             }
             2 => self.stream(payload, source, answer, sign, older),
             3 => {
@@ -169,21 +173,27 @@ impl Harness {
             }
             4 => {
                 let ip = peer(payload).ip();
-                let a = self.allocation(source);
+                let (a, asked) = self.allocation(source);
                 if op & 0x20 == 0 {
-                    let _ = a.create_permission(now, ip);
+                    if a.create_permission(now, ip).is_ok() {
+                        asked.insert(ip);
+                    }
                 } else {
                     a.remove_permission(now, ip);
+                    asked.remove(&ip);
                 }
             }
             5 => {
-                let a = self.allocation(source);
-                let _ = a.bind_channel(now, peer(payload));
+                let to = peer(payload);
+                let (a, asked) = self.allocation(source);
+                if a.bind_channel(now, to).is_ok() {
+                    asked.insert(to.ip());
+                }
             }
             6 => {
                 let to = peer(payload);
                 let data = payload.get(peer_len(payload)..).unwrap_or_default();
-                let a = self.allocation(source);
+                let (a, _) = self.allocation(source);
                 let _ = a.channel(to);
                 let _ = a.has_permission(to.ip());
                 let mut out = vec![0; data.len() + MAX_OVERHEAD];
@@ -211,11 +221,12 @@ impl Harness {
         self.drain();
     }
 
-    fn allocation(&mut self, source: u8) -> &mut TurnAllocation {
+    /// The UDP or the TCP allocation, with the peers asked for on it.
+    fn allocation(&mut self, source: u8) -> (&mut TurnAllocation, &mut HashSet<IpAddr>) {
         if source & 1 == 0 {
-            &mut self.udp
+            (&mut self.udp, &mut self.asked[0])
         } else {
-            &mut self.tcp
+            (&mut self.tcp, &mut self.asked[1])
         }
     }
 
@@ -262,7 +273,7 @@ impl Harness {
             assert!(frame.len() <= MAX_STREAM_FRAME);
             let m = self.shape(Client::Tcp, &frame, answer, sign, older);
             let input = self.tcp.handle_input(self.now, from(TURN_TCP, source), &m);
-            check_input(&self.tcp, &m, input);
+            check_input(&self.asked[1], &m, input);
         }
     }
 
@@ -327,17 +338,15 @@ fn remember(sent: &mut VecDeque<Vec<u8>>, request: Vec<u8>) {
     }
 }
 
-/// Data from a relay lies within the datagram, and a Data indication comes from a peer with a
-/// permission.
-fn check_input(a: &TurnAllocation, m: &[u8], input: TurnInput) {
+/// Data from a relay lies within the datagram and comes from a peer that a permission was asked
+/// for (the server may relay before its answer to CreatePermission arrives).
+fn check_input(asked: &HashSet<IpAddr>, m: &[u8], input: TurnInput) {
     if let TurnInput::Data { peer, payload } = input {
         assert!(payload.start <= payload.end && payload.end <= m.len());
-        if m[0] < 0x40 {
-            assert!(
-                a.has_permission(peer.ip()),
-                "data from {peer} without permission"
-            );
-        }
+        assert!(
+            asked.contains(&peer.ip()),
+            "data from {peer}, never asked for"
+        );
     }
 }
 

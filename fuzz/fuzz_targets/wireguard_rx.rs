@@ -20,6 +20,7 @@ use ipop_core::turn::MAX_OVERHEAD;
 use ipop_core::{Engine, Mapping, Memory, Node, PeerConfig, PublicKey, packet};
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const OURS: [u8; 32] = [1; 32];
@@ -89,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
 fn session(p: usize) -> Tunn {
     Tunn::new(
         StaticSecret::from(PEERS[p].secret),
-        WgPublicKey::from(&StaticSecret::from(OURS)),
+        WgPublicKey::from(keys()[0].0),
         None,
         None,
         p as u32 + 1,
@@ -97,8 +98,13 @@ fn session(p: usize) -> Tunn {
     )
 }
 
-fn key(secret: [u8; 32]) -> PublicKey {
-    PublicKey::from_secret(&StaticSecret::from(secret))
+/// The public keys of this node and the two peers, derived once: key derivations are most of
+/// the cost of an input.
+fn keys() -> &'static [PublicKey; 3] {
+    static KEYS: OnceLock<[PublicKey; 3]> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        [OURS, STATIC.secret, FRIEND.secret].map(|s| PublicKey::from_secret(&StaticSecret::from(s)))
+    })
 }
 
 fn nets(list: &[&str]) -> Vec<IpNet> {
@@ -109,7 +115,7 @@ impl Harness {
     fn new() -> Self {
         let static_peer = PeerConfig {
             name: Some("static".to_owned()),
-            public_key: key(STATIC.secret),
+            public_key: keys()[1],
             endpoint: Some(STATIC.at),
             addresses: nets(STATIC.sources),
             mapped: Vec::new(),
@@ -119,7 +125,7 @@ impl Harness {
         };
         let friend = PeerConfig {
             name: Some("friend".to_owned()),
-            public_key: key(FRIEND.secret),
+            public_key: keys()[2],
             endpoint: None,
             addresses: nets(&["fd00::5/128"]),
             mapped: vec![Mapping {
