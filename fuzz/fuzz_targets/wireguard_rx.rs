@@ -188,7 +188,7 @@ impl Harness {
             }
             4 => {
                 let mut packet = payload.to_vec();
-                let mut out = vec![0; (packet.len() + 32 + MAX_OVERHEAD).max(148)];
+                let mut out = vec![0; (packet.len() + 32 + MAX_OVERHEAD).max(152)];
                 let _ = self.engine.handle_tun(&mut packet, &mut out);
                 self.exchange();
             }

@@ -38,7 +38,7 @@ use crate::osn::{
 };
 use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
-use crate::turn::{TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
+use crate::turn::{CHANNEL_DATA_HEADER, TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
 use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent, IceCreds};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -334,7 +334,10 @@ impl Engine {
     /// Data path, TUN side: see [`Node::handle_tun`]. A datagram for a peer reached through a
     /// TURN relay is wrapped for the relay (ChannelData) and goes to the TURN server.
     ///
-    /// `out` must hold at least `packet.len() + 32 + turn::MAX_OVERHEAD` and 148 bytes.
+    /// `out` must hold at least `packet.len() + 32 + turn::MAX_OVERHEAD` bytes, and 152 (a
+    /// handshake initiation in ChannelData). A datagram for a bound TURN channel is encrypted
+    /// behind room for the ChannelData header, which is then written in front of it: nothing is
+    /// copied.
     /// The third value says whether the datagram goes over the TCP connection to a TURN
     /// server rather than over UDP.
     pub fn handle_tun(
@@ -342,32 +345,33 @@ impl Engine {
         packet: &mut [u8],
         out: &mut [u8],
     ) -> Option<(SocketAddr, usize, bool)> {
-        let o = self.node.handle_tun(packet, out)?;
-        match o.via {
-            None => Some((o.destination, o.len, false)),
-            Some(r) => {
-                self.relay_scratch[..o.len].copy_from_slice(&out[..o.len]);
-                self.wrap_for_relay(r, o.destination, o.len, out)
-            }
-        }
-    }
-
-    /// Wraps the datagram at the front of `relay_scratch` for relay `r`, into `out`.
-    fn wrap_for_relay(
-        &mut self,
-        r: usize,
-        peer: SocketAddr,
-        len: usize,
-        out: &mut [u8],
-    ) -> Option<(SocketAddr, usize, bool)> {
+        let relays = &self.relays;
+        let o = self
+            .node
+            .handle_tun_with_headroom(packet, out, |peer, via| {
+                match via.and_then(|r| relays.get(r)) {
+                    Some(relay) if relay.frames_in_place(peer) => CHANNEL_DATA_HEADER,
+                    _ => 0,
+                }
+            })?;
+        let Some(r) = o.via else {
+            return Some((o.destination, o.len, false));
+        };
         let Some(relay) = self.relays.get_mut(r) else {
             self.drops.count(DropReason::NoEndpoint);
             return None;
         };
-        match relay.encapsulate(peer, &self.relay_scratch[..len], out) {
+        let framed = if o.start == CHANNEL_DATA_HEADER {
+            relay.frame_in_place(o.destination, out, o.len)
+        } else {
+            // No channel yet: a Send indication, whose header is longer, around a copy.
+            self.relay_scratch[..o.len].copy_from_slice(&out[o.start..o.start + o.len]);
+            relay.encapsulate(o.destination, &self.relay_scratch[..o.len], out)
+        };
+        match framed {
             Ok(n) => Some((relay.server(), n, relay.transport() != IceTransport::Udp)),
             Err(e) => {
-                tracing::debug!(%peer, "cannot relay: {e}");
+                tracing::debug!(peer = %o.destination, "cannot relay: {e}");
                 self.drops.count(DropReason::NoEndpoint);
                 None
             }

@@ -86,6 +86,8 @@ pub struct Outgoing {
     pub destination: SocketAddr,
     /// The TURN relay that carries it, when the peer is reached through one.
     pub via: Option<usize>,
+    /// Where the datagram starts in the output buffer.
+    pub start: usize,
     pub len: usize,
 }
 
@@ -625,6 +627,18 @@ impl Node {
     ///
     /// `out` must hold at least `packet.len() + 32` and 148 bytes.
     pub fn handle_tun(&mut self, packet: &mut [u8], out: &mut [u8]) -> Option<Outgoing> {
+        self.handle_tun_with_headroom(packet, out, |_, _| 0)
+    }
+
+    /// As [`Node::handle_tun`], but the datagram is written `headroom(endpoint, via)` bytes
+    /// into `out` (reported as [`Outgoing::start`]), leaving room in front for a relay's
+    /// framing. `out` must hold that much more.
+    pub fn handle_tun_with_headroom(
+        &mut self,
+        packet: &mut [u8],
+        out: &mut [u8],
+        headroom: impl FnOnce(SocketAddr, Option<usize>) -> usize,
+    ) -> Option<Outgoing> {
         let Some(dst) = packet::destination(packet) else {
             self.drops.count(DropReason::MalformedIp);
             return None;
@@ -656,7 +670,8 @@ impl Node {
             self.drops.count(DropReason::Untranslatable);
             return None;
         }
-        match peer.tunn.encapsulate(packet, out) {
+        let start = headroom(endpoint, peer.via);
+        match peer.tunn.encapsulate(packet, out.get_mut(start..)?) {
             TunnResult::WriteToNetwork(datagram) => {
                 if datagram.first() == Some(&HANDSHAKE_INIT) {
                     peer.initiation_sent();
@@ -664,6 +679,7 @@ impl Node {
                 Some(Outgoing {
                     destination: endpoint,
                     via: peer.via,
+                    start,
                     len: datagram.len(),
                 })
             }

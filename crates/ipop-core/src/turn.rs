@@ -239,6 +239,8 @@ pub enum TurnError {
     AddressFamily,
     #[error("no permission was asked for this peer")]
     NoPermission,
+    #[error("no channel is bound to this peer yet")]
+    NoChannel,
     #[error("the payload is larger than TURN can carry")]
     TooLarge,
     #[error("the output buffer is too small")]
@@ -535,21 +537,14 @@ impl TurnAllocation {
         if !self.permissions.contains_key(&peer.ip()) {
             return Err(TurnError::NoPermission);
         }
-        let length = u16::try_from(payload.len()).map_err(|_| TurnError::TooLarge)?;
+        u16::try_from(payload.len()).map_err(|_| TurnError::TooLarge)?;
         let written = match self.channel(peer) {
             Some(channel) => {
                 let end = CHANNEL_DATA_HEADER + payload.len();
-                let padded = if self.is_stream() {
-                    end.next_multiple_of(4)
-                } else {
-                    end
-                };
-                let frame = out.get_mut(..padded).ok_or(TurnError::BufferTooSmall)?;
-                frame[..2].copy_from_slice(&channel.to_be_bytes());
-                frame[2..4].copy_from_slice(&length.to_be_bytes());
-                frame[4..end].copy_from_slice(payload);
-                frame[end..].fill(0);
-                padded
+                out.get_mut(CHANNEL_DATA_HEADER..end)
+                    .ok_or(TurnError::BufferTooSmall)?
+                    .copy_from_slice(payload);
+                self.write_channel_data(channel, out, payload.len())?
             }
             None => {
                 let id = self.ids.next_id();
@@ -558,6 +553,53 @@ impl TurnAllocation {
         };
         self.stats.data_out += 1;
         Ok(written)
+    }
+
+    /// Whether data for `peer` goes out as ChannelData, which [`TurnAllocation::frame_in_place`]
+    /// can write around a payload where it lies.
+    pub fn frames_in_place(&self, peer: SocketAddr) -> bool {
+        self.state == TurnState::Allocated && self.channel(peer).is_some()
+    }
+
+    /// Makes ChannelData for `peer` of the `len` bytes at `buf[CHANNEL_DATA_HEADER..]`, without
+    /// moving them: writes the header in front and, on a stream, the padding after. Returns the
+    /// frame's length. Needs a bound channel ([`TurnAllocation::frames_in_place`]); otherwise
+    /// use [`TurnAllocation::encapsulate`].
+    pub fn frame_in_place(
+        &mut self,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Result<usize, TurnError> {
+        if self.state != TurnState::Allocated {
+            return Err(TurnError::NotAllocated);
+        }
+        let channel = self.channel(peer).ok_or(TurnError::NoChannel)?;
+        let written = self.write_channel_data(channel, buf, len)?;
+        self.stats.data_out += 1;
+        Ok(written)
+    }
+
+    /// Writes the ChannelData header for the `len` payload bytes that follow it in `frame`, and
+    /// the padding a stream needs.
+    fn write_channel_data(
+        &self,
+        channel: u16,
+        frame: &mut [u8],
+        len: usize,
+    ) -> Result<usize, TurnError> {
+        let length = u16::try_from(len).map_err(|_| TurnError::TooLarge)?;
+        let end = CHANNEL_DATA_HEADER + len;
+        let padded = if self.is_stream() {
+            end.next_multiple_of(4)
+        } else {
+            end
+        };
+        let frame = frame.get_mut(..padded).ok_or(TurnError::BufferTooSmall)?;
+        frame[..2].copy_from_slice(&channel.to_be_bytes());
+        frame[2..4].copy_from_slice(&length.to_be_bytes());
+        frame[end..].fill(0);
+        Ok(padded)
     }
 
     /// A datagram (or a frame from a [`StreamFramer`]) that arrived from `from`.
@@ -2011,6 +2053,40 @@ mod tests {
             &out[..n],
             &[0x40, 0, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]
         );
+    }
+
+    #[test]
+    fn channel_data_is_framed_around_the_payload_where_it_lies() {
+        let t0 = Instant::now();
+        for (transport, framed) in [
+            (
+                IceTransport::Udp,
+                &[0x40, 0, 0, 5, b'h', b'e', b'l', b'l', b'o'][..],
+            ),
+            (
+                IceTransport::Tcp,
+                &[0x40, 0, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0][..],
+            ),
+        ] {
+            let (mut t, s) = allocated(t0, transport);
+            t.bind_channel(t0, peer()).expect("channel");
+            assert!(!t.frames_in_place(peer()), "not before the server confirms");
+            let mut buf = [0xEE; 16];
+            buf[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + 5].copy_from_slice(b"hello");
+            assert_eq!(
+                t.frame_in_place(peer(), &mut buf, 5),
+                Err(TurnError::NoChannel)
+            );
+            answer_all(&mut t, &s, t0);
+            assert!(t.frames_in_place(peer()));
+            let n = t.frame_in_place(peer(), &mut buf, 5).expect("framed");
+            assert_eq!(&buf[..n], framed, "{transport:?}");
+            assert_eq!(
+                t.frame_in_place(peer(), &mut buf[..8], 5),
+                Err(TurnError::BufferTooSmall)
+            );
+            assert_eq!(t.stats().data_out, 1);
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! connections are opened as the daemon opens them, trusting what it trusts.
 
 use crate::config::Config;
-use crate::dataplane::{TurnStream, open_stream};
+use crate::streams::{TurnStream, open_stream};
 use anyhow::bail;
 use ipop_core::PublicKey;
 use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OsnEvent};

@@ -6,6 +6,7 @@ mod doctor;
 mod netlink;
 mod overlays;
 mod state;
+mod streams;
 mod xmpp;
 
 use anyhow::{Context, bail};
