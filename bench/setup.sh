@@ -11,7 +11,8 @@
 # For each pair it measures, over SETUP_RUNS runs, the time from "both daemons report
 # .xmpp.state == online" to the first ping reply across the overlay, and prints the median
 # beside the target (<= 1 s lan, <= 2 s cone, <= 5 s relay). Then it measures iperf3 TCP
-# throughput (1 stream) over the direct (cone) link and the relayed link.
+# throughput (1 stream) over the direct (cone) link and the relayed link, with the CPU that
+# each daemon and coturn used meanwhile.
 #
 # The devices of a pair are XMPP contacts of each other: their rosters are written into
 # Prosody's data directory before it starts. Each run starts both daemons afresh (on a new
@@ -339,7 +340,8 @@ no-stdout-log
 EOF
 log "starting coturn on $SERVER_IP:$TURN_PORT"
 ip netns exec "${NS_PREFIX}srv" turnserver -c "$TURN_DIR/turnserver.conf" >"$TURN_DIR/turnserver.out" 2>&1 &
-PIDS+=("$!")
+TURN_PID=$!
+PIDS+=("$TURN_PID")
 wait_tcp srv "$SERVER_IP" "$TURN_PORT" coturn
 
 # TURN REST credentials: username "<expiry>:<name>", password base64(HMAC-SHA1(secret, username)).
@@ -453,10 +455,23 @@ peer_path() {
 		jq -r '[.overlays[]?.peers[]? | .path // empty] | first // "?"' 2>/dev/null || echo "?"
 }
 
-# iperf TOPO: sets IPERF_MBPS to Mbit/s, device a -> device b over the overlay, 1 stream.
+# rcvbuf_drops NS: datagrams dropped in namespace NS because a socket's receive buffer was full.
+rcvbuf_drops() {
+	nsx "$1" nstat -az UdpRcvbufErrors 2>/dev/null | awk '$1 == "UdpRcvbufErrors" { print $2; found = 1 } END { if (!found) print 0 }'
+}
+
+# cpu_ticks PID: the user and system CPU time PID has used, in clock ticks.
+cpu_ticks() {
+	awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# iperf TOPO: sets IPERF_MBPS to Mbit/s, device a -> device b over the overlay, 1 stream,
+# CPU[TOPO] to the share of a core that device a, device b and coturn used meanwhile, and
+# DROPS[TOPO] to the datagrams coturn's sockets dropped meanwhile (receive buffers full).
 IPERF_MBPS=""
+declare -A CPU=() DROPS=()
 iperf() {
-	local topo=$1 srv_pid out i
+	local topo=$1 srv_pid out i pid t0 drops0 before=() after=()
 	ip netns exec "$NS_PREFIX${topo}b" iperf3 -s -1 -B "$OVERLAY_B" -p 5201 \
 		>"$WORKDIR/iperf-$topo.srv" 2>&1 &
 	srv_pid=$!
@@ -465,8 +480,16 @@ iperf() {
 		[[ -n "$(nsx "${topo}b" ss -Hltn "sport = :5201")" ]] && break
 		sleep 0.1
 	done
+	for pid in "${DAEMON_PIDS[0]}" "${DAEMON_PIDS[1]}" "$TURN_PID"; do before+=("$(cpu_ticks "$pid")"); done
+	drops0=$(rcvbuf_drops srv)
+	t0=$EPOCHREALTIME
 	out=$(nsx "${topo}a" timeout $((IPERF_SECONDS + 30)) \
 		iperf3 -c "$OVERLAY_B" -p 5201 -t "$IPERF_SECONDS" -J 2>/dev/null || true)
+	for pid in "${DAEMON_PIDS[0]}" "${DAEMON_PIDS[1]}" "$TURN_PID"; do after+=("$(cpu_ticks "$pid")"); done
+	CPU[$topo]=$(awk -v t0="$t0" -v t1="$EPOCHREALTIME" -v hz="$(getconf CLK_TCK)" \
+		-v a="$((after[0] - before[0]))" -v b="$((after[1] - before[1]))" -v c="$((after[2] - before[2]))" \
+		'BEGIN { s = (t1 - t0) * hz / 100; printf "a %.0f%%, b %.0f%%, coturn %.0f%%", a / s, b / s, c / s }')
+	DROPS[$topo]=$(($(rcvbuf_drops srv) - drops0))
 	stop_pids "$srv_pid"
 	IPERF_MBPS=$(jq -r '.end.sum_received.bits_per_second // empty | . / 1e6 | . * 10 | round / 10' \
 		<<<"$out" 2>/dev/null || true)
@@ -527,8 +550,9 @@ echo
 direct=${THROUGHPUT[cone]:-}
 relayed=${THROUGHPUT[relay]:-}
 echo "iperf3 TCP throughput, 1 stream, ${IPERF_SECONDS} s (device a -> device b over the overlay)"
-printf '  %-26s %10s Mbit/s\n' "direct (cone NATs):" "${direct:-n/a}"
-printf '  %-26s %10s Mbit/s\n' "relayed (symmetric NATs):" "${relayed:-n/a}"
+printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s\n' "direct (cone NATs):" "${direct:-n/a}" "${CPU[cone]:-n/a}"
+printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s; coturn dropped %s datagrams (receive buffers full)\n' \
+	"relayed (symmetric NATs):" "${relayed:-n/a}" "${CPU[relay]:-n/a}" "${DROPS[relay]:-n/a}"
 if [[ -n "$direct" && -n "$relayed" ]]; then
 	awk -v d="$direct" -v r="$relayed" 'BEGIN {
 		if (d > 0) printf "  %-26s %10.2f\n", "relayed / direct:", r / d }'
