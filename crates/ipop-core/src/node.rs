@@ -1802,7 +1802,11 @@ mod tests {
             HANDSHAKES_BEFORE_LOAD
         );
         let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"through the flood");
-        let n = sim.a.handle_tun(&mut p.clone(), &mut out).expect("sent").len;
+        let n = sim
+            .a
+            .handle_tun(&mut p.clone(), &mut out)
+            .expect("sent")
+            .len;
         let mut inner = vec![0u8; 2048];
         let got = sim.b.handle_udp(sim.a_addr, None, &out[..n], &mut inner);
         assert_eq!(got.map(|len| inner[..len].to_vec()), Some(p));
@@ -1844,12 +1848,9 @@ mod tests {
         load(&mut sim.b);
         let key = sim.b.public_key();
         let mut out = vec![0u8; 2048];
-        assert!(
-            sim.b
-                .poll_timeout()
-                .is_some_and(|t| t <= t0 + LOAD_WINDOW)
-        );
-        sim.b.handle_timeout(t0 + LOAD_WINDOW - Duration::from_millis(1));
+        assert!(sim.b.poll_timeout().is_some_and(|t| t <= t0 + LOAD_WINDOW));
+        sim.b
+            .handle_timeout(t0 + LOAD_WINDOW - Duration::from_millis(1));
         let d = stranger_initiation(key);
         assert_eq!(sim.b.handle_udp(stranger(1), None, &d, &mut out), None);
         assert_eq!(sim.b.drops().get(DropReason::HandshakeUnderLoad), 1);
