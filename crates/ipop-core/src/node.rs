@@ -5,6 +5,11 @@
 //! for a peer, [`Node::handle_udp`] turns a datagram from the network into an IP packet for the
 //! TUN device. Handshakes, cookie replies and keepalives, which are rare, are queued and polled
 //! with [`Node::poll_transmit`]; [`Node::handle_timeout`] drives the WireGuard timers.
+//!
+//! A handshake message costs a public-key operation only once it proved that its sender knows
+//! our public key (MAC1) and, when more than 100 a second come, that the sender receives what
+//! is sent to its source address (a cookie, MAC2); a flood of forged handshakes costs a MAC
+//! check, or a MAC check and a cookie reply, each.
 
 use crate::demux::{DatagramKind, classify};
 use crate::key::PublicKey;
