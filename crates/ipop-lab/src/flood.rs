@@ -9,6 +9,8 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -70,8 +72,10 @@ pub struct Flood {
     pub rate: u32,
     /// The flood stops after this long ...
     pub duration: Duration,
-    /// ... or after this many datagrams, whichever comes first.
+    /// ... or after this many datagrams, whichever comes first ...
     pub max_datagrams: u64,
+    /// ... or as soon as this is set, when there is one.
+    pub stop: Option<Arc<AtomicBool>>,
     pub forgery: Forgery,
 }
 
@@ -192,7 +196,11 @@ pub fn flood(spec: &Flood) -> io::Result<FloodReport> {
     let end = start + spec.duration;
     loop {
         let now = Instant::now();
-        if now >= end || report.sent >= spec.max_datagrams {
+        let stopped = spec
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed));
+        if now >= end || report.sent >= spec.max_datagrams || stopped {
             break;
         }
         let elapsed = now.duration_since(start).as_secs_f64();
@@ -276,6 +284,7 @@ mod tests {
             rate: 2000,
             duration: Duration::from_millis(500),
             max_datagrams: 1_000_000,
+            stop: None,
             forgery: Forgery::Both,
         };
         let report = flood(&spec).expect("flood");
@@ -296,10 +305,26 @@ mod tests {
         let bounded = flood(&Flood {
             max_datagrams: 50,
             duration: Duration::from_secs(10),
-            ..spec
+            ..spec.clone()
         })
         .expect("flood");
         assert_eq!(bounded.sent, 50);
         assert!(bounded.elapsed < Duration::from_secs(1), "{bounded:?}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopper = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(200));
+                stop.store(true, Ordering::Relaxed);
+            })
+        };
+        let stopped = flood(&Flood {
+            duration: Duration::from_secs(10),
+            stop: Some(stop),
+            ..spec
+        })
+        .expect("flood");
+        stopper.join().expect("the stopper");
+        assert!(stopped.elapsed < Duration::from_secs(2), "{stopped:?}");
     }
 }

@@ -72,6 +72,7 @@ fn parse(args: &[String]) -> Result<Flood, String> {
         rate,
         duration: Duration::from_secs_f64(seconds),
         max_datagrams: count,
+        stop: None,
         forgery,
     })
 }
