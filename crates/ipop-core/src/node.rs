@@ -5,6 +5,11 @@
 //! for a peer, [`Node::handle_udp`] turns a datagram from the network into an IP packet for the
 //! TUN device. Handshakes, cookie replies and keepalives, which are rare, are queued and polled
 //! with [`Node::poll_transmit`]; [`Node::handle_timeout`] drives the WireGuard timers.
+//!
+//! A handshake message costs a public-key operation only once it proved that its sender knows
+//! our public key (MAC1) and, when more than 100 a second come, that the sender receives what
+//! is sent to its source address (a cookie, MAC2); a flood of forged handshakes costs a MAC
+//! check, or a MAC check and a cookie reply, each.
 
 use crate::demux::{DatagramKind, classify};
 use crate::key::PublicKey;
@@ -13,12 +18,14 @@ use crate::route::RouteTable;
 use crate::translate;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use ipnet::IpNet;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often the WireGuard timers of every session are driven.
@@ -36,6 +43,15 @@ const HANDSHAKE_INIT: u8 = 1;
 const HANDSHAKE_RESPONSE: u8 = 2;
 /// WireGuard's message type for a cookie reply.
 const COOKIE_REPLY: u8 = 3;
+/// The length of a cookie reply.
+const COOKIE_REPLY_LEN: usize = 64;
+/// Handshake messages with a valid MAC1 accepted per [`LOAD_WINDOW`] before the node is under
+/// load and asks every sender for a cookie (boringtun's own device uses 100 a second). Each
+/// costs at most one X25519 operation to find its peer, so this bounds that work to well under
+/// 1 % of a core.
+const HANDSHAKES_BEFORE_LOAD: u64 = 100;
+/// How long handshake messages are counted before the count starts again.
+const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
 /// A peer as the configuration (or, later, the social network) describes it.
 #[derive(Debug, Clone)]
@@ -198,10 +214,16 @@ pub enum DropReason {
     Multicast,
     /// A device that announced a key already pinned for another device, or this device's own.
     KeyClaimedByOther,
+    /// A handshake message whose MAC1 is not made for our public key: whoever sent it does not
+    /// know who we are. Dropped before any public-key operation.
+    HandshakeBadMac,
+    /// A handshake message that came while the node was under load without a valid cookie for
+    /// its source address (MAC2): answered with a cookie reply, not processed.
+    HandshakeUnderLoad,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -223,6 +245,8 @@ impl DropReason {
         DropReason::KeyNotTrusted,
         DropReason::Multicast,
         DropReason::KeyClaimedByOther,
+        DropReason::HandshakeBadMac,
+        DropReason::HandshakeUnderLoad,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -248,6 +272,8 @@ impl DropReason {
             DropReason::KeyNotTrusted => "key_not_trusted",
             DropReason::Multicast => "multicast",
             DropReason::KeyClaimedByOther => "key_claimed_by_other",
+            DropReason::HandshakeBadMac => "handshake_bad_mac",
+            DropReason::HandshakeUnderLoad => "handshake_under_load",
         }
     }
 }
@@ -423,6 +449,104 @@ pub enum NodeError {
 /// for a removed peer never reach the peer that took its slot.
 const MAX_SLOTS: usize = 1 << 16;
 
+/// The check every handshake message passes before it may cost a public-key operation, as
+/// WireGuard's cookie mechanism has it: MAC1 always (the sender knows our public key), and under
+/// load MAC2 too (the sender holds a cookie for its source address, so it receives what is sent
+/// there); a sender without one gets a cookie reply instead of an answer. The MACs and cookies
+/// are boringtun's [`RateLimiter`]. Whether the node is under load is decided here, by counting
+/// handshakes in windows of the node's clock: boringtun's own count restarts by its own clock.
+struct HandshakeGate {
+    /// Checks MAC1 alone: its limit is never reached. Every session shares it, so that only the
+    /// gate asks for cookies.
+    mac1: Arc<RateLimiter>,
+    /// Checks MAC1 and MAC2 and writes cookie replies: its limit of 0 is always reached.
+    cookie: RateLimiter,
+    /// Handshake messages with a valid MAC1 in the current window.
+    count: u64,
+    /// When the count starts again.
+    window_end: Option<Instant>,
+    /// Whether the last window ended under load: a flood is logged when it starts.
+    was_loaded: bool,
+    /// Handshake messages with a bad MAC1 in the current window that were looked into: the
+    /// first ones tell a peer that has a wrong key for us; the rest of a flood costs no search.
+    diagnosed: u64,
+}
+
+/// What the gate makes of a handshake message.
+enum Verdict {
+    Pass,
+    /// A cookie reply of this length was written: the message is not processed.
+    Cookie(usize),
+    Drop(DropReason),
+}
+
+impl HandshakeGate {
+    fn new(public: &x25519::PublicKey) -> Self {
+        HandshakeGate {
+            mac1: Arc::new(RateLimiter::new(public, u64::MAX)),
+            cookie: RateLimiter::new(public, 0),
+            count: 0,
+            window_end: None,
+            was_loaded: false,
+            diagnosed: 0,
+        }
+    }
+
+    fn under_load(&self) -> bool {
+        self.count >= HANDSHAKES_BEFORE_LOAD
+    }
+
+    /// Checks a handshake message that came from `from`; a cookie reply goes to `reply`.
+    fn check(&mut self, from: IpAddr, datagram: &[u8], reply: &mut [u8]) -> Verdict {
+        let limiter = if self.under_load() {
+            &self.cookie
+        } else {
+            &*self.mac1
+        };
+        let verdict = match limiter.verify_packet(Some(from), datagram, reply) {
+            Ok(_) => Verdict::Pass,
+            Err(TunnResult::WriteToNetwork(cookie)) => Verdict::Cookie(cookie.len()),
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {
+                return Verdict::Drop(DropReason::HandshakeBadMac);
+            }
+            Err(_) => return Verdict::Drop(DropReason::MalformedWireGuard),
+        };
+        self.count = self.count.saturating_add(1);
+        if self.count == HANDSHAKES_BEFORE_LOAD && !self.was_loaded {
+            tracing::warn!(
+                "more than {HANDSHAKES_BEFORE_LOAD} handshakes a second: under load, handshakes \
+                 without a cookie for their source address get a cookie reply"
+            );
+        }
+        verdict
+    }
+
+    /// Starts a new window when the current one is over.
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.window_end.is_none_or(|end| now >= end) {
+            if self.was_loaded && !self.under_load() {
+                tracing::info!("handshake load is over");
+            }
+            self.was_loaded = self.under_load();
+            self.count = 0;
+            self.diagnosed = 0;
+            self.window_end = Some(now + LOAD_WINDOW);
+        }
+    }
+
+    /// Whether a message with a bad MAC1 may be looked into, which costs a search of the peers.
+    fn may_diagnose(&mut self) -> bool {
+        self.diagnosed = self.diagnosed.saturating_add(1);
+        self.diagnosed <= HANDSHAKES_BEFORE_LOAD
+    }
+
+    /// When the counts must start again; nothing is due while nothing was counted.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.window_end
+            .filter(|_| self.count > 0 || self.diagnosed > 0)
+    }
+}
+
 /// This device's side of every link.
 pub struct Node {
     secret: x25519::StaticSecret,
@@ -433,6 +557,7 @@ pub struct Node {
     routes: RouteTable,
     transmits: VecDeque<Transmit>,
     drops: Drops,
+    gate: HandshakeGate,
     next_tick: Option<Instant>,
     /// The time of the last [`Node::handle_timeout`]: when peers are heard.
     clock: Option<Instant>,
@@ -455,6 +580,7 @@ impl Node {
             routes: RouteTable::default(),
             transmits: VecDeque::new(),
             drops: Drops::default(),
+            gate: HandshakeGate::new(&public),
             next_tick: None,
             clock: None,
             version: 0,
@@ -513,7 +639,7 @@ impl Node {
             None,
             config.keepalive.filter(|&k| k > 0),
             (u32::from(generation) << 16) | index as u32,
-            None,
+            Some(Arc::clone(&self.gate.mac1)),
         );
         self.by_key.insert(config.public_key, index);
         self.peers[index] = Some(Peer {
@@ -708,6 +834,13 @@ impl Node {
             self.drops.count(DropReason::NotWireGuard);
             return None;
         }
+        if matches!(
+            datagram.first(),
+            Some(&(HANDSHAKE_INIT | HANDSHAKE_RESPONSE))
+        ) && !self.admit(from, via, datagram)
+        {
+            return None;
+        }
         let index = self.peer_for(from, datagram)?;
         let clock = self.clock;
         let peer = self.peers[index].as_mut()?;
@@ -820,6 +953,33 @@ impl Node {
         }
     }
 
+    /// Passes a handshake message through the gate: counts what it drops and queues the cookie
+    /// reply it asks for.
+    fn admit(&mut self, from: SocketAddr, via: Option<usize>, datagram: &[u8]) -> bool {
+        let mut reply = [0u8; COOKIE_REPLY_LEN];
+        match self.gate.check(from.ip(), datagram, &mut reply) {
+            Verdict::Pass => true,
+            Verdict::Cookie(len) => {
+                self.drops.count(DropReason::HandshakeUnderLoad);
+                self.transmits.push_back(Transmit {
+                    destination: from,
+                    via,
+                    stream: false,
+                    payload: reply[..len].to_vec(),
+                });
+                false
+            }
+            Verdict::Drop(reason) => {
+                self.drops.count(reason);
+                // A peer that has a wrong key for us makes MAC1 with that key.
+                if reason == DropReason::HandshakeBadMac && self.gate.may_diagnose() {
+                    self.blame(from, Problem::NotForOurKey { endpoint: from });
+                }
+                false
+            }
+        }
+    }
+
     /// Finds the peer a WireGuard message belongs to: by the sender's static key for a
     /// handshake initiation, by our session index for everything else.
     fn peer_for(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<usize> {
@@ -888,6 +1048,7 @@ impl Node {
     /// Drives the WireGuard timers: handshake (re)tries, keepalives, session expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = Some(now);
+        self.gate.handle_timeout(now);
         if self.next_tick.is_some_and(|t| now < t) {
             return;
         }
@@ -927,7 +1088,10 @@ impl Node {
 
     /// When [`Node::handle_timeout`] wants to be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_tick
+        match (self.next_tick, self.gate.poll_timeout()) {
+            (Some(tick), Some(window)) => Some(tick.min(window)),
+            (tick, window) => tick.or(window),
+        }
     }
 
     /// The next control datagram to send.
@@ -1428,7 +1592,9 @@ mod tests {
             "{b_problem:?}"
         );
         assert_eq!(sim.a.drops().get(DropReason::UnknownKey), 1);
-        assert_eq!(sim.b.drops().get(DropReason::HandshakeNotForUs), 1);
+        // A's initiations carry a MAC1 made for the wrong key: B needs no key operation to
+        // refuse them.
+        assert!(sim.b.drops().get(DropReason::HandshakeBadMac) >= 1);
         assert!(a_problem.to_string().contains("key"));
     }
 
@@ -1513,5 +1679,210 @@ mod tests {
         sim.start();
         assert_eq!(state(&sim.a), LinkState::Connected);
         assert_eq!(sim.a.peers().next().unwrap().endpoint, Some(b_addr));
+    }
+
+    /// A pair where only A knows where B is: B waits for A's handshake.
+    fn a_calls_b() -> Sim {
+        let (sa, sb) = (secret(), secret());
+        let (ka, kb) = (PublicKey::from_secret(&sa), PublicKey::from_secret(&sb));
+        let a_addr: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let b_addr: SocketAddr = "192.0.2.2:2000".parse().unwrap();
+        let a = Node::new(sa, vec![peer(kb, Some(b_addr), &["10.0.0.2/32"])]).unwrap();
+        let b = Node::new(sb, vec![peer(ka, None, &["10.0.0.1/32"])]).unwrap();
+        Sim {
+            a,
+            b,
+            a_addr,
+            b_addr,
+        }
+    }
+
+    /// A handshake initiation for `to` from a key that nobody knows: its MAC1 is valid, so
+    /// only a key operation tells that it is not a peer's.
+    fn stranger_initiation(to: PublicKey) -> Vec<u8> {
+        let mut tunn = Tunn::new(secret(), x25519::PublicKey::from(to.0), None, None, 0, None);
+        let mut buf = vec![0u8; 148];
+        match tunn.format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
+    fn stranger(n: usize) -> SocketAddr {
+        SocketAddr::from(([198, 51, 100, (n % 250) as u8 + 1], 40000 + n as u16))
+    }
+
+    /// Sends strangers' initiations until `node` is under load; each one costs a key operation.
+    fn load(node: &mut Node) {
+        let mut out = vec![0u8; 2048];
+        let key = node.public_key();
+        for n in 0..HANDSHAKES_BEFORE_LOAD as usize {
+            let d = stranger_initiation(key);
+            assert_eq!(node.handle_udp(stranger(n), None, &d, &mut out), None);
+        }
+        assert_eq!(
+            node.drops().get(DropReason::UnknownKey),
+            HANDSHAKES_BEFORE_LOAD
+        );
+        assert_eq!(node.drops().get(DropReason::HandshakeUnderLoad), 0);
+        assert_eq!(node.poll_transmit(), None, "strangers get no answer");
+    }
+
+    /// What the first peer's session sends when its retry timer fires (5 s of boringtun's own
+    /// clock after an unanswered initiation): the initiation again, with the MAC2 of the
+    /// cookie it was given, if any.
+    fn retry_initiation(node: &mut Node) -> Vec<u8> {
+        let peer = node.peers[0].as_mut().expect("a peer");
+        let mut buf = vec![0u8; 148];
+        match peer.tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+
+    #[test]
+    fn a_handshake_with_a_bad_mac1_is_dropped_before_any_key_operation() {
+        let mut sim = pair(None);
+        sim.start();
+        let mut out = vec![0u8; 2048];
+        let b_key = sim.b.public_key();
+        let from = stranger(1);
+        // Random bytes of an initiation's type and length.
+        let mut rng = crate::testing::Rng(0x9e37_79b9_7f4a_7c15);
+        let mut forged = rng.bytes(148);
+        forged[0] = HANDSHAKE_INIT;
+        forged[1..4].fill(0);
+        assert_eq!(sim.b.handle_udp(from, None, &forged, &mut out), None);
+        // A real initiation whose MAC1 was made for another key, and one tampered with.
+        let for_another = stranger_initiation(PublicKey::from_secret(&secret()));
+        assert_eq!(sim.b.handle_udp(from, None, &for_another, &mut out), None);
+        let mut tampered = stranger_initiation(b_key);
+        tampered[60] ^= 1;
+        assert_eq!(sim.b.handle_udp(from, None, &tampered, &mut out), None);
+        // A forged response too.
+        let mut response = rng.bytes(92);
+        response[0] = HANDSHAKE_RESPONSE;
+        response[1..4].fill(0);
+        assert_eq!(sim.b.handle_udp(from, None, &response, &mut out), None);
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeBadMac), 4);
+        // None of them reached the key operation that tells a wrong key or a stranger.
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeNotForUs), 0);
+        assert_eq!(sim.b.drops().get(DropReason::UnknownKey), 0);
+        assert_eq!(sim.b.poll_transmit(), None);
+        // A stranger's initiation with a valid MAC1 does reach it.
+        let valid = stranger_initiation(b_key);
+        assert_eq!(sim.b.handle_udp(from, None, &valid, &mut out), None);
+        assert_eq!(sim.b.drops().get(DropReason::UnknownKey), 1);
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeBadMac), 4);
+        assert_eq!(state(&sim.b), LinkState::Connected);
+    }
+
+    #[test]
+    fn under_load_an_initiation_gets_a_cookie_reply_and_the_peer_still_links() {
+        let mut sim = a_calls_b();
+        let t0 = Instant::now();
+        sim.b.handle_timeout(t0);
+        load(&mut sim.b);
+        let mut out = vec![0u8; 2048];
+        // Under load, a stranger costs no key operation: it gets a cookie reply.
+        let from = stranger(1000);
+        let d = stranger_initiation(sim.b.public_key());
+        assert_eq!(sim.b.handle_udp(from, None, &d, &mut out), None);
+        let cookie = sim.b.poll_transmit().expect("a cookie reply");
+        assert_eq!(cookie.destination, from);
+        assert_eq!(
+            (cookie.payload[0], cookie.payload.len()),
+            (COOKIE_REPLY, COOKIE_REPLY_LEN)
+        );
+        assert_eq!(
+            sim.b.drops().get(DropReason::UnknownKey),
+            HANDSHAKES_BEFORE_LOAD
+        );
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeUnderLoad), 1);
+        // A's initiation gets a cookie reply too, which A's session takes.
+        sim.a.handle_timeout(t0);
+        sim.exchange();
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeUnderLoad), 2);
+        assert_eq!(state(&sim.a), LinkState::Connecting);
+        assert_eq!(state(&sim.b), LinkState::Waiting);
+        // The retry carries the cookie's MAC2, which holds for A's address only.
+        let retry = retry_initiation(&mut sim.a);
+        assert_eq!(sim.b.handle_udp(stranger(7), None, &retry, &mut out), None);
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeUnderLoad), 3);
+        assert_eq!(
+            sim.b.poll_transmit().map(|t| t.destination),
+            Some(stranger(7))
+        );
+        assert_eq!(sim.b.handle_udp(sim.a_addr, None, &retry, &mut out), None);
+        sim.exchange();
+        assert_eq!(state(&sim.a), LinkState::Connected);
+        assert_eq!(state(&sim.b), LinkState::Connected);
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeUnderLoad), 3);
+        assert_eq!(
+            sim.b.drops().get(DropReason::UnknownKey),
+            HANDSHAKES_BEFORE_LOAD
+        );
+        let p = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"through the flood");
+        let n = sim
+            .a
+            .handle_tun(&mut p.clone(), &mut out)
+            .expect("sent")
+            .len;
+        let mut inner = vec![0u8; 2048];
+        let got = sim.b.handle_udp(sim.a_addr, None, &out[..n], &mut inner);
+        assert_eq!(got.map(|len| inner[..len].to_vec()), Some(p));
+    }
+
+    #[test]
+    fn under_load_a_response_gets_a_cookie_reply_and_the_link_still_comes_up() {
+        let mut sim = a_calls_b();
+        let t0 = Instant::now();
+        sim.b.handle_timeout(t0);
+        // A sends its initiation, then a flood puts A under load before the response comes.
+        sim.a.handle_timeout(t0);
+        let initiation = sim.a.poll_transmit().expect("an initiation");
+        load(&mut sim.a);
+        let mut out = vec![0u8; 2048];
+        assert_eq!(
+            sim.b
+                .handle_udp(sim.a_addr, None, &initiation.payload, &mut out),
+            None
+        );
+        // B's response has no MAC2: A answers with a cookie reply, which B's session takes.
+        sim.exchange();
+        assert_eq!(sim.a.drops().get(DropReason::HandshakeUnderLoad), 1);
+        assert_eq!(state(&sim.a), LinkState::Connecting);
+        // A tries again; B's new response carries the cookie's MAC2.
+        let retry = retry_initiation(&mut sim.a);
+        assert_eq!(sim.b.handle_udp(sim.a_addr, None, &retry, &mut out), None);
+        sim.exchange();
+        assert_eq!(state(&sim.a), LinkState::Connected);
+        assert_eq!(sim.a.drops().get(DropReason::HandshakeUnderLoad), 1);
+        assert_eq!(sim.a.drops().get(DropReason::Rejected), 0);
+    }
+
+    #[test]
+    fn the_handshake_count_starts_again_each_second_of_the_nodes_clock() {
+        let mut sim = a_calls_b();
+        let t0 = Instant::now();
+        sim.b.handle_timeout(t0);
+        load(&mut sim.b);
+        let key = sim.b.public_key();
+        let mut out = vec![0u8; 2048];
+        assert!(sim.b.poll_timeout().is_some_and(|t| t <= t0 + LOAD_WINDOW));
+        sim.b
+            .handle_timeout(t0 + LOAD_WINDOW - Duration::from_millis(1));
+        let d = stranger_initiation(key);
+        assert_eq!(sim.b.handle_udp(stranger(1), None, &d, &mut out), None);
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeUnderLoad), 1);
+        // A second later by the clock passed in, a handshake costs a key operation again.
+        sim.b.handle_timeout(t0 + LOAD_WINDOW);
+        let d = stranger_initiation(key);
+        assert_eq!(sim.b.handle_udp(stranger(2), None, &d, &mut out), None);
+        assert_eq!(sim.b.drops().get(DropReason::HandshakeUnderLoad), 1);
+        assert_eq!(
+            sim.b.drops().get(DropReason::UnknownKey),
+            HANDSHAKES_BEFORE_LOAD + 1
+        );
     }
 }

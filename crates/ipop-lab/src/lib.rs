@@ -19,6 +19,8 @@
 //! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
 //! - [`RawXmpp`]: a raw XMPP client that sends bytes no well-behaved client would (stanzas
 //!   20 000 deep, 64 KiB attributes) and reads back elements of any depth.
+//! - [`flood()`]: forged WireGuard handshake initiations at a steady rate from several source
+//!   addresses ([`add_sources`]), bounded in count and time; also the `ipop-flood` binary.
 //! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
 //!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
 //!
@@ -29,6 +31,7 @@ mod ca;
 mod coturn;
 mod dir;
 mod ejabberd;
+mod flood;
 mod hosts;
 mod ipop;
 mod nat;
@@ -55,6 +58,7 @@ pub use dir::TestDir;
 pub use ejabberd::{
     EJABBERD_READY_TIMEOUT, EJABBERD_STOP_TIMEOUT, Ejabberd, EjabberdBuilder, sweep_stale_ejabberd,
 };
+pub use flood::{Flood, FloodReport, Forgery, INITIATION_LEN, add_sources, flood};
 pub use hosts::{NetnsHosts, sweep_stale_hosts};
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
