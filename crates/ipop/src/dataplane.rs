@@ -6,6 +6,7 @@
 //! datagrams, whose decrypted packets are coalesced again before they are written to the TUN
 //! device. Buffers are allocated once at start.
 
+use crate::coalesce::Coalescer;
 use crate::control::Request;
 use crate::overlays::Keeper;
 use crate::status::{self, Status, XmppInfo};
@@ -26,7 +27,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::{self, pki_types::ServerName};
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// How often the host's addresses are read again for ICE host candidates.
 const HOST_SCAN_EVERY: Duration = Duration::from_secs(10);
@@ -134,15 +135,13 @@ struct Buffers {
     /// Received datagrams (GRO trains), one slot per `recvmmsg` message.
     udp_read: Vec<u8>,
     metas: Vec<RecvMeta>,
-    /// Decrypted packets waiting for the TUN device, each after room for a virtio header.
-    to_tun: Vec<Vec<u8>>,
-    gro: GROTable,
+    /// Decrypted packets waiting for the TUN device, TCP segments merged.
+    to_tun: Coalescer,
 }
 
 impl Buffers {
-    fn new(mtu: usize) -> Self {
+    fn new(mtu: usize, offload: bool) -> Self {
         let segment = mtu + VIRTIO_NET_HDR_LEN + 64;
-        let to_tun_slots = UDP_SLOTS * 64;
         Buffers {
             tun_read: vec![0; TUN_READ_MAX],
             segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; segment]).collect(),
@@ -150,10 +149,7 @@ impl Buffers {
             wire: vec![0; IDEAL_BATCH_SIZE * (segment + WG_OVERHEAD)],
             udp_read: vec![0; UDP_SLOTS * UDP_SLOT_SIZE],
             metas: vec![RecvMeta::default(); UDP_SLOTS],
-            to_tun: (0..to_tun_slots)
-                .map(|_| Vec::with_capacity(segment))
-                .collect(),
-            gro: GROTable::default(),
+            to_tun: Coalescer::new(offload),
         }
     }
 }
@@ -184,6 +180,7 @@ impl Dataplane {
             }
         };
         let tun = crate::device::create(&interface.name, addresses, ula, routes, mtu)?;
+        let offload = tun.tcp_gso();
         Ok(Dataplane {
             engine,
             tun,
@@ -196,7 +193,7 @@ impl Dataplane {
             listen_port: port,
             started: Instant::now(),
             next_host_scan: Instant::now() + HOST_SCAN_EVERY,
-            bufs: Buffers::new(mtu.into()),
+            bufs: Buffers::new(mtu.into(), offload),
             io_errors: IoErrors::default(),
             streams: Streams::new(),
         })
@@ -321,17 +318,12 @@ impl Dataplane {
 
     /// A frame from the TCP connection to a TURN server: relayed traffic or an answer.
     async fn handle_stream_frame(&mut self, server: SocketAddr, frame: &[u8]) {
-        let target = &mut self.bufs.to_tun[0];
-        target.resize(VIRTIO_NET_HDR_LEN + frame.len(), 0);
-        let got = self.engine.handle_stream(
-            Instant::now(),
-            server,
-            frame,
-            &mut target[VIRTIO_NET_HDR_LEN..],
-        );
-        if let Some(len) = got {
-            self.bufs.to_tun[0].truncate(VIRTIO_NET_HDR_LEN + len);
-            self.write_tun(1).await;
+        if let Some(target) = self.bufs.to_tun.room(frame.len()) {
+            let got = self
+                .engine
+                .handle_stream(Instant::now(), server, frame, target);
+            self.bufs.to_tun.commit(got);
+            self.write_tun().await;
         }
         self.flush_control().await;
     }
@@ -469,7 +461,6 @@ impl Dataplane {
                     return;
                 }
             };
-            let mut ready = 0;
             let now = Instant::now();
             for slot in 0..count {
                 let meta = self.bufs.metas[slot];
@@ -484,45 +475,36 @@ impl Dataplane {
                 );
                 let base = slot * UDP_SLOT_SIZE;
                 for offset in (0..meta.len).step_by(stride) {
-                    if ready == self.bufs.to_tun.len() {
-                        self.write_tun(ready).await;
-                        ready = 0;
+                    if self.bufs.to_tun.is_full() {
+                        self.write_tun().await;
                     }
                     let b = &mut self.bufs;
                     let datagram = &b.udp_read[base + offset..base + meta.len.min(offset + stride)];
-                    let target = &mut b.to_tun[ready];
-                    target.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
-                    if let Some(len) = self.engine.handle_udp(
-                        now,
-                        local,
-                        meta.addr,
-                        datagram,
-                        &mut target[VIRTIO_NET_HDR_LEN..],
-                    ) {
-                        target.truncate(VIRTIO_NET_HDR_LEN + len);
-                        ready += 1;
-                    }
+                    // Never None after the write above.
+                    let Some(target) = b.to_tun.room(datagram.len()) else {
+                        continue;
+                    };
+                    let got = self
+                        .engine
+                        .handle_udp(now, local, meta.addr, datagram, target);
+                    b.to_tun.commit(got);
                 }
             }
-            self.write_tun(ready).await;
+            self.write_tun().await;
             self.flush_control().await;
         }
     }
 
-    /// Writes the first `ready` decrypted packets to the TUN device.
-    async fn write_tun(&mut self, ready: usize) {
-        if ready == 0 {
-            return;
+    /// Writes the decrypted packets waiting in `to_tun` to the TUN device, one write per
+    /// merged flow.
+    async fn write_tun(&mut self) {
+        for packet in self.bufs.to_tun.finish() {
+            if let Err(e) = self.tun.send(packet).await {
+                tracing::debug!("TUN write: {e}");
+                self.io_errors.tun_write += 1;
+            }
         }
-        let b = &mut self.bufs;
-        if let Err(e) = self
-            .tun
-            .send_multiple(&mut b.gro, &mut b.to_tun[..ready], VIRTIO_NET_HDR_LEN)
-            .await
-        {
-            tracing::debug!("TUN write: {e}");
-            self.io_errors.tun_write += ready as u64;
-        }
+        self.bufs.to_tun.clear();
     }
 
     fn drops(&self) -> std::collections::BTreeMap<String, u64> {
