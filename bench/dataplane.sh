@@ -3,8 +3,16 @@
 #
 # Builds a two-namespace LAN (two fresh netns joined by one veth pair, MTU
 # 1500), then for each configuration measures TCP throughput with iperf3
-# (1 stream and 4 streams, median of BENCH_RUNS runs) and ping RTT, and prints
-# a table with ipop's ratios to the other two and ipop's peak RSS.
+# (1 stream and 4 streams, median of BENCH_RUNS runs) and idle ping RTT, and
+# prints a table with ipop's ratios to the other two. For the two tunnels it
+# also reports, over the iperf3 runs: the CPU each daemon used (utime+stime
+# from /proc/PID/stat, % of one core) and the receiver's TUN writes per
+# WireGuard datagram received (TUN rx packets over veth datagrams). For ipop:
+# the RTT it adds over raw veth, its peak RSS (VmHWM) and its instructions per
+# transferred MB: `perf stat -e instructions` over the iperf3 runs where the
+# CPU exposes that counter, and otherwise (as in VMs without a PMU) a separate
+# pass with both daemons under `valgrind --tool=callgrind`, counting user-space
+# instructions only, over a transfer of BENCH_CALLGRIND_MB megabytes.
 #
 # Must run as root. Everything it creates (namespaces, processes, temp files)
 # is removed on exit, including on error and Ctrl-C.
@@ -22,6 +30,8 @@
 #                    if missing)
 #   BORINGTUN_THREADS  boringtun-cli --threads                 (default: its own default, 4)
 #   BENCH_UP_TIMEOUT seconds to wait for a tunnel to come up   (default 30)
+#   BENCH_CALLGRIND_MB megabytes moved under callgrind when perf has no
+#                    instruction counter; 0 skips that pass      (default 50)
 
 set -euo pipefail
 
@@ -30,6 +40,7 @@ RUNS=${BENCH_RUNS:-3}
 PING_COUNT=${BENCH_PING_COUNT:-20}
 CONFIGS=${BENCH_CONFIGS:-raw boringtun ipop}
 UP_TIMEOUT=${BENCH_UP_TIMEOUT:-30}
+CALLGRIND_MB=${BENCH_CALLGRIND_MB:-50}
 TUN_MTU=1420
 UNDERLAY_MTU=1500
 
@@ -65,6 +76,17 @@ declare -A RES=()
 IPOP_RSS=""
 LOAD_START=""
 IPOP_DROPS=""
+
+# The tunnel daemons being measured (sender in NS_A, receiver in NS_B) and the
+# receiver's tunnel interface; empty for raw veth.
+PROBE_PID_A=""
+PROBE_PID_B=""
+PROBE_TUN_B=""
+# Whether `perf stat -e instructions` counts here (set in main).
+PERF_INSTRUCTIONS=0
+# The largest WireGuard data frame on the veth: Ethernet 14 + IPv4 20 + UDP 8 +
+# WireGuard 32 + tunnel MTU.
+MAX_FRAME=$((14 + 20 + 8 + 32 + TUN_MTU))
 
 log() { printf '[dataplane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -289,6 +311,76 @@ if_drops() {
 	echo "A $a, B $b"
 }
 
+# cpu_ticks PID: utime+stime of PID, all its threads, in clock ticks.
+cpu_ticks() {
+	local stat
+	stat=$(<"/proc/$1/stat") || return 1
+	# The command name (field 2) may hold spaces: count from after its ")".
+	stat=${stat##*) }
+	awk '{ print $12 + $13 }' <<<"$stat"
+}
+
+# counter NS IF NAME: one statistics counter of interface IF in NS.
+counter() {
+	ip netns exec "$1" cat "/sys/class/net/$2/statistics/$3"
+}
+
+# probe_start / probe_stop KEY: CPU of both daemons, TUN writes on the
+# receiver and datagrams on its veth over one iperf3 run, summed into
+# RES[KEY:...]. The veth counts a UDP GSO train as one packet, so the datagram
+# count is taken from its bytes: at least rx_bytes / MAX_FRAME datagrams came.
+declare -A P0=()
+PERF_PID=""
+probe_start() {
+	[[ -n "$PROBE_PID_A" ]] || return 0
+	P0[t]=$(date +%s%N)
+	P0[a]=$(cpu_ticks "$PROBE_PID_A")
+	P0[b]=$(cpu_ticks "$PROBE_PID_B")
+	P0[tun]=$(counter "$NS_B" "$PROBE_TUN_B" rx_packets)
+	P0[veth]=$(counter "$NS_B" "$VETH_B" rx_bytes)
+	if ((PERF_INSTRUCTIONS)); then
+		perf stat -e instructions -x, -o "$WORKDIR/perf.csv" -p "$PROBE_PID_A,$PROBE_PID_B" \
+			>/dev/null 2>&1 &
+		PERF_PID=$!
+		PIDS+=("$PERF_PID")
+	fi
+}
+
+probe_stop() {
+	local key=$1 now
+	[[ -n "$PROBE_PID_A" ]] || return 0
+	now=$(date +%s%N)
+	RES[$key:ns]=$((${RES[$key:ns]:-0} + now - P0[t]))
+	RES[$key:ticks_a]=$((${RES[$key:ticks_a]:-0} + $(cpu_ticks "$PROBE_PID_A") - P0[a]))
+	RES[$key:ticks_b]=$((${RES[$key:ticks_b]:-0} + $(cpu_ticks "$PROBE_PID_B") - P0[b]))
+	RES[$key:tun]=$((${RES[$key:tun]:-0} + $(counter "$NS_B" "$PROBE_TUN_B" rx_packets) - P0[tun]))
+	RES[$key:veth_bytes]=$((${RES[$key:veth_bytes]:-0} + $(counter "$NS_B" "$VETH_B" rx_bytes) - P0[veth]))
+	if [[ -n "$PERF_PID" ]]; then
+		kill -INT "$PERF_PID" 2>/dev/null
+		wait "$PERF_PID" 2>/dev/null || true
+		PERF_PID=""
+		local n
+		n=$(awk -F, '$3 == "instructions" || $3 ~ /^instructions/ { print $1 }' "$WORKDIR/perf.csv")
+		[[ "$n" =~ ^[0-9]+$ ]] && RES[$key:instructions]=$((${RES[$key:instructions]:-0} + n))
+	fi
+	return 0
+}
+
+# probe_summary KEY BYTES: the summed probes of KEY as figures; BYTES is what
+# iperf3 moved over those runs.
+probe_summary() {
+	local key=$1 bytes=$2 hz
+	[[ -n "${RES[$key:ns]:-}" ]] || return 0
+	hz=$(getconf CLK_TCK)
+	RES[$key:cpu_a]=$(awk -v t="${RES[$key:ticks_a]}" -v ns="${RES[$key:ns]}" -v hz="$hz" 'BEGIN { printf "%.0f", 100 * t / hz / (ns / 1e9) }')
+	RES[$key:cpu_b]=$(awk -v t="${RES[$key:ticks_b]}" -v ns="${RES[$key:ns]}" -v hz="$hz" 'BEGIN { printf "%.0f", 100 * t / hz / (ns / 1e9) }')
+	RES[$key:datagrams]=$(((${RES[$key:veth_bytes]} + MAX_FRAME - 1) / MAX_FRAME))
+	RES[$key:wpp]=$(awk -v w="${RES[$key:tun]}" -v d="${RES[$key:datagrams]}" 'BEGIN { if (d == 0) print "nan"; else printf "%.3f", w / d }')
+	if [[ -n "${RES[$key:instructions]:-}" && "$bytes" -gt 0 ]]; then
+		RES[$key:ipmb]=$(awk -v i="${RES[$key:instructions]}" -v b="$bytes" 'BEGIN { printf "%.0f", i / (b / 1e6) }')
+	fi
+}
+
 median() {
 	printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
 		if (NR == 0) { print "nan"; exit }
@@ -300,6 +392,7 @@ median() {
 # $(...): it must run in the main shell so that PIDs it records are seen by cleanup.
 IPERF_MBPS=""
 IPERF_RETR=""
+IPERF_BYTES=0
 iperf_once() {
 	local addr=$1 streams=$2 out="$WORKDIR/iperf3-client.json"
 	IPERF_MBPS=""
@@ -313,6 +406,7 @@ iperf_once() {
 	IPERF_MBPS=$(jq -e -r '.end.sum_received.bits_per_second / 1e6' "$out") ||
 		{ log "no throughput in iperf3 output"; return 1; }
 	IPERF_RETR=$(jq -r '.end.sum_sent.retransmits // "?"' "$out")
+	IPERF_BYTES=$(jq -r '.end.sum_received.bytes | floor' "$out")
 }
 
 # measure CONFIG ADDR: fills RES[CONFIG:1], RES[CONFIG:4], RES[CONFIG:rtt]
@@ -321,15 +415,23 @@ measure() {
 	drops0=$(udp_drops)
 	for streams in 1 4; do
 		local -a samples=()
+		local moved=0
 		for ((run = 1; run <= RUNS; run++)); do
 			log "$cfg: iperf3 -P $streams run $run/$RUNS (${DURATION}s) to $addr"
+			probe_start
 			iperf_once "$addr" "$streams" || die "$cfg: iperf3 -P $streams run $run failed"
+			probe_stop "$cfg:$streams"
+			moved=$((moved + IPERF_BYTES))
 			v=$IPERF_MBPS
 			samples+=("$v")
 			log "$cfg: -P $streams run $run: $(printf '%.1f' "$v") Mbit/s, $IPERF_RETR retransmits"
 		done
 		RES[$cfg:$streams]=$(median "${samples[@]}")
 		log "$cfg: -P $streams median: $(printf '%.1f' "${RES[$cfg:$streams]}") Mbit/s (samples: ${samples[*]})"
+		probe_summary "$cfg:$streams" "$moved"
+		[[ -n "${RES[$cfg:$streams:cpu_a]:-}" ]] &&
+			log "$cfg: -P $streams: CPU sender ${RES[$cfg:$streams:cpu_a]}%, receiver ${RES[$cfg:$streams:cpu_b]}% of a core;" \
+				"receiver TUN writes ${RES[$cfg:$streams:tun]} for >= ${RES[$cfg:$streams:datagrams]} datagrams (${RES[$cfg:$streams:wpp]} per datagram)"
 	done
 	log "$cfg: ping -c $PING_COUNT -i 0.2 $addr"
 	local out
@@ -392,7 +494,9 @@ run_boringtun() {
 	in_b ip link set "$WG_B" mtu "$TUN_MTU" up
 	wait_ping "$WG_ADDR_B" "boringtun tunnel"
 
+	PROBE_PID_A=$pid_a PROBE_PID_B=$pid_b PROBE_TUN_B=$WG_B
 	measure boringtun "$WG_ADDR_B"
+	PROBE_PID_A="" PROBE_PID_B="" PROBE_TUN_B=""
 	RES[boringtun:ifdrops]=$(if_drops "$WG_A" "$WG_B" || echo '?')
 	log "boringtun: tunnel interface rx/tx dropped: ${RES[boringtun:ifdrops]}"
 
@@ -436,9 +540,49 @@ ipop_connected() {
 		>/dev/null 2>&1 <<<"$out"
 }
 
-run_ipop() {
-	log "=== ipop ==="
-	local da="$WORKDIR/ipop-a" db="$WORKDIR/ipop-b" pid_a pid_b pub_a pub_b
+# start_ipop_pair [WRAPPER...]: writes both configs (once) and starts both
+# daemons, each under WRAPPER when given; waits until both report their peer
+# connected and the tunnel answers a ping. Sets IPOP_PID_A and IPOP_PID_B.
+IPOP_PID_A=""
+IPOP_PID_B=""
+start_ipop_pair() {
+	local da="$WORKDIR/ipop-a" db="$WORKDIR/ipop-b" pid_a pid_b pub_a pub_b up_timeout=$UP_TIMEOUT
+	(($# > 0)) && up_timeout=$((UP_TIMEOUT * 4))
+	if [[ ! -f "$db/ipop.toml" ]]; then
+		write_ipop_configs "$da" "$db"
+	fi
+	log "ipop: starting daemons in $NS_A and $NS_B${1:+ under $1}"
+	ip netns exec "$NS_A" "$@" "$IPOP_BIN" up -c "$da/ipop.toml" >"$WORKDIR/ipop-a${1:+-$1}.log" 2>&1 &
+	pid_a=$!
+	PIDS+=("$pid_a")
+	ip netns exec "$NS_B" "$@" "$IPOP_BIN" up -c "$db/ipop.toml" >"$WORKDIR/ipop-b${1:+-$1}.log" 2>&1 &
+	pid_b=$!
+	PIDS+=("$pid_b")
+	IPOP_PID_A=$pid_a
+	IPOP_PID_B=$pid_b
+
+	local i
+	for ((i = 0; i < up_timeout * 2; i++)); do
+		is_alive "$pid_a" || die "ipop in $NS_A exited (see ipop-a.log)"
+		is_alive "$pid_b" || die "ipop in $NS_B exited (see ipop-b.log)"
+		if ipop_connected "$NS_A" "$da/ipop.toml" && ipop_connected "$NS_B" "$db/ipop.toml"; then
+			break
+		fi
+		((i % 10 == 9)) && log "ipop: waiting for peers to report state \"connected\" ($(((i + 1) / 2))s/${up_timeout}s)"
+		sleep 0.5
+	done
+	if ! { ipop_connected "$NS_A" "$da/ipop.toml" && ipop_connected "$NS_B" "$db/ipop.toml"; }; then
+		log "ipop status A: $(ipop_status "$NS_A" "$da/ipop.toml" 2>&1 || true)"
+		log "ipop status B: $(ipop_status "$NS_B" "$db/ipop.toml" 2>&1 || true)"
+		die "ipop peers not connected after ${up_timeout}s"
+	fi
+	log "ipop: peers connected"
+	wait_ping "$IPOP_ADDR_B" "ipop tunnel"
+}
+
+# write_ipop_configs DIR_A DIR_B: keys and configs for the two daemons.
+write_ipop_configs() {
+	local da=$1 db=$2 pub_a pub_b
 	mkdir -p "$da" "$db"
 	"$IPOP_BIN" init "$da/ipop.toml" >/dev/null
 	"$IPOP_BIN" init "$db/ipop.toml" >/dev/null
@@ -450,34 +594,18 @@ run_ipop() {
 	write_ipop_config "$db" "$IPOP_ADDR_B" "$pub_a" "$UNDER_A" "$IPOP_ADDR_A"
 	# Fail early (outside the namespaces) if ipop rejects the config as we wrote it.
 	"$IPOP_BIN" key -c "$da/ipop.toml" >/dev/null || die "ipop rejects config $da/ipop.toml"
+}
 
-	log "ipop: starting daemons in $NS_A and $NS_B"
-	ip netns exec "$NS_A" "$IPOP_BIN" up -c "$da/ipop.toml" >"$WORKDIR/ipop-a.log" 2>&1 &
-	pid_a=$!
-	PIDS+=("$pid_a")
-	ip netns exec "$NS_B" "$IPOP_BIN" up -c "$db/ipop.toml" >"$WORKDIR/ipop-b.log" 2>&1 &
-	pid_b=$!
-	PIDS+=("$pid_b")
+run_ipop() {
+	log "=== ipop ==="
+	local da="$WORKDIR/ipop-a" db="$WORKDIR/ipop-b" pid_a pid_b
+	start_ipop_pair
+	pid_a=$IPOP_PID_A
+	pid_b=$IPOP_PID_B
 
-	local i
-	for ((i = 0; i < UP_TIMEOUT * 2; i++)); do
-		is_alive "$pid_a" || die "ipop in $NS_A exited (see ipop-a.log)"
-		is_alive "$pid_b" || die "ipop in $NS_B exited (see ipop-b.log)"
-		if ipop_connected "$NS_A" "$da/ipop.toml" && ipop_connected "$NS_B" "$db/ipop.toml"; then
-			break
-		fi
-		((i % 10 == 9)) && log "ipop: waiting for peers to report state \"connected\" ($(((i + 1) / 2))s/${UP_TIMEOUT}s)"
-		sleep 0.5
-	done
-	if ! { ipop_connected "$NS_A" "$da/ipop.toml" && ipop_connected "$NS_B" "$db/ipop.toml"; }; then
-		log "ipop status A: $(ipop_status "$NS_A" "$da/ipop.toml" 2>&1 || true)"
-		log "ipop status B: $(ipop_status "$NS_B" "$db/ipop.toml" 2>&1 || true)"
-		die "ipop peers not connected after ${UP_TIMEOUT}s"
-	fi
-	log "ipop: peers connected"
-	wait_ping "$IPOP_ADDR_B" "ipop tunnel"
-
+	PROBE_PID_A=$pid_a PROBE_PID_B=$pid_b PROBE_TUN_B=$IPOP_IF
 	measure ipop "$IPOP_ADDR_B"
+	PROBE_PID_A="" PROBE_PID_B="" PROBE_TUN_B=""
 	RES[ipop:ifdrops]=$(if_drops "$IPOP_IF" "$IPOP_IF" || echo '?')
 	log "ipop: tunnel interface rx/tx dropped: ${RES[ipop:ifdrops]}"
 
@@ -496,6 +624,44 @@ run_ipop() {
 	log "ipop: peak RSS (VmHWM): $IPOP_RSS"
 
 	log "ipop: stopping (pids $pid_a $pid_b)"
+	stop_pids "$pid_a" "$pid_b"
+
+	((PERF_INSTRUCTIONS)) || ipop_callgrind
+}
+
+# ipop_callgrind: both daemons under callgrind; counts are zeroed once the
+# link is up, then iperf3 moves CALLGRIND_MB megabytes in one stream, and the
+# instructions both executed meanwhile (user space only) are divided by it.
+ipop_callgrind() {
+	((CALLGRIND_MB > 0)) || return 0
+	command -v valgrind >/dev/null && command -v callgrind_control >/dev/null || {
+		log "ipop: no perf instruction counter and no valgrind: no instruction count"
+		return 0
+	}
+	log "ipop: perf has no instruction counter here; counting under callgrind over $CALLGRIND_MB MB"
+	start_ipop_pair valgrind --tool=callgrind "--callgrind-out-file=$WORKDIR/callgrind.%p"
+	local pid_a=$IPOP_PID_A pid_b=$IPOP_PID_B pid total=0 n out="$WORKDIR/iperf3-callgrind.json"
+	for pid in "$pid_a" "$pid_b"; do
+		callgrind_control -z "$pid" >/dev/null || die "callgrind_control -z $pid failed"
+	done
+	start_iperf_server
+	fg_run "$out" "$WORKDIR/iperf3-client.log" timeout -k 5 600 ip netns exec "$NS_A" \
+		iperf3 -c "$IPOP_ADDR_B" -n "${CALLGRIND_MB}M" --connect-timeout 5000 -J ||
+		die "ipop: iperf3 under callgrind failed"
+	local bytes
+	bytes=$(jq -r '.end.sum_received.bytes | floor' "$out")
+	for pid in "$pid_a" "$pid_b"; do
+		callgrind_control -d "$pid" >/dev/null || die "callgrind_control -d $pid failed"
+		n=$(awk '/^totals:/ { print $2 }' "$WORKDIR/callgrind.$pid.1" 2>/dev/null)
+		[[ "$n" =~ ^[0-9]+$ ]] || die "no totals in $WORKDIR/callgrind.$pid.1"
+		RES[ipop:cg:$pid]=$n
+		total=$((total + n))
+	done
+	RES[ipop:cg_a]=$(awk -v i="${RES[ipop:cg:$pid_a]}" -v b="$bytes" 'BEGIN { printf "%.0f", i / (b / 1e6) }')
+	RES[ipop:cg_b]=$(awk -v i="${RES[ipop:cg:$pid_b]}" -v b="$bytes" 'BEGIN { printf "%.0f", i / (b / 1e6) }')
+	RES[ipop:cg_mbps]=$(jq -r '.end.sum_received.bits_per_second / 1e6' "$out")
+	log "ipop: under callgrind: $bytes bytes; instructions per MB: sender ${RES[ipop:cg_a]}, receiver ${RES[ipop:cg_b]}"
+	log "ipop: stopping the callgrind daemons (pids $pid_a $pid_b)"
 	stop_pids "$pid_a" "$pid_b"
 }
 
@@ -537,6 +703,29 @@ report() {
 			"$(ratio "${RES[ipop:4]:-}" "${RES[$cfg:4]:-}")" \
 			"$(ratio "${RES[ipop:rtt]:-}" "${RES[$cfg:rtt]:-}")"
 	done
+	if [[ -n "${RES[ipop:rtt]:-}" && -n "${RES[raw:rtt]:-}" ]]; then
+		printf '\nipop idle RTT added over raw veth: %s ms\n' \
+			"$(awk -v a="${RES[ipop:rtt]}" -v b="${RES[raw:rtt]}" 'BEGIN { printf "%.3f", a - b }')"
+	fi
+	printf '\nduring the iperf3 runs  (CPU: %% of one core, utime+stime; TUN writes: receiver TUN rx packets per WireGuard datagram on its veth)\n'
+	printf '%-16s %8s %14s %14s %16s\n' "tunnel" "streams" "sender CPU %" "receiver CPU %" "TUN writes/pkt"
+	local streams
+	for cfg in boringtun ipop; do
+		for streams in 1 4; do
+			[[ -n "${RES[$cfg:$streams:cpu_a]:-}" ]] || continue
+			printf '%-16s %8s %14s %14s %16s\n' "$cfg" "$streams" "${RES[$cfg:$streams:cpu_a]}" \
+				"${RES[$cfg:$streams:cpu_b]}" "${RES[$cfg:$streams:wpp]}"
+		done
+	done
+	if [[ -n "${RES[ipop:1:ipmb]:-}" ]]; then
+		printf '\nipop instructions per transferred MB (perf stat, both daemons, kernel and user): 1 stream %s, 4 streams %s\n' \
+			"${RES[ipop:1:ipmb]}" "${RES[ipop:4:ipmb]:-n/a}"
+	elif [[ -n "${RES[ipop:cg_a]:-}" ]]; then
+		printf '\nipop instructions per transferred MB (callgrind, user space only, %s MB in one stream at %.0f Mbit/s under callgrind): sender %s, receiver %s\n' \
+			"$CALLGRIND_MB" "${RES[ipop:cg_mbps]}" "${RES[ipop:cg_a]}" "${RES[ipop:cg_b]}"
+	else
+		printf '\nipop instructions per transferred MB: n/a\n'
+	fi
 	[[ " $CONFIGS " == *" ipop "* ]] && printf '\nipop binary: %s\n' "$(ipop_bin_info)"
 	printf '\nipop peak RSS (VmHWM): %s\n' "${IPOP_RSS:-n/a}"
 	printf 'UDP receive-buffer drops in the namespaces during the runs: boringtun %s, ipop %s\n' \
@@ -554,12 +743,18 @@ main() {
 	[[ "$RUNS" =~ ^[0-9]+$ && "$RUNS" -gt 0 ]] || die "BENCH_RUNS must be a positive integer"
 	[[ "$PING_COUNT" =~ ^[0-9]+$ && "$PING_COUNT" -gt 0 ]] || die "BENCH_PING_COUNT must be a positive integer"
 	[[ "$UP_TIMEOUT" =~ ^[0-9]+$ && "$UP_TIMEOUT" -gt 0 ]] || die "BENCH_UP_TIMEOUT must be a positive integer"
+	[[ "$CALLGRIND_MB" =~ ^[0-9]+$ ]] || die "BENCH_CALLGRIND_MB must be a non-negative integer"
 	local cfg
 	for cfg in $CONFIGS; do
 		case $cfg in raw | boringtun | ipop) ;; *) die "unknown configuration in BENCH_CONFIGS: $cfg" ;; esac
 	done
 
 	ensure_packages
+	if perf stat -e instructions -x, -- true 2>&1 | grep -q '^[0-9]*,,instructions'; then
+		PERF_INSTRUCTIONS=1
+	else
+		log "perf stat cannot count instructions here (no hardware counters)"
+	fi
 	if [[ " $CONFIGS " == *" boringtun "* ]]; then ensure_boringtun; fi
 	if [[ " $CONFIGS " == *" ipop "* ]]; then ensure_ipop; fi
 

@@ -6,6 +6,7 @@
 //! datagrams, whose decrypted packets are coalesced again before they are written to the TUN
 //! device. Buffers are allocated once at start.
 
+use crate::coalesce::Coalescer;
 use crate::control::Request;
 use crate::overlays::Keeper;
 use crate::status::{self, Status, XmppInfo};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// How often the host's addresses are read again for ICE host candidates.
 const HOST_SCAN_EVERY: Duration = Duration::from_secs(10);
@@ -135,15 +136,13 @@ struct Buffers {
     /// Received datagrams (GRO trains), one slot per `recvmmsg` message.
     udp_read: Vec<u8>,
     metas: Vec<RecvMeta>,
-    /// Decrypted packets waiting for the TUN device, each after room for a virtio header.
-    to_tun: Vec<Vec<u8>>,
-    gro: GROTable,
+    /// Decrypted packets waiting for the TUN device, TCP segments merged.
+    to_tun: Coalescer,
 }
 
 impl Buffers {
-    fn new(mtu: usize) -> Self {
+    fn new(mtu: usize, offload: bool) -> Self {
         let segment = mtu + VIRTIO_NET_HDR_LEN + 64;
-        let to_tun_slots = UDP_SLOTS * 64;
         Buffers {
             tun_read: vec![0; TUN_READ_MAX],
             segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; segment]).collect(),
@@ -151,10 +150,7 @@ impl Buffers {
             wire: vec![0; IDEAL_BATCH_SIZE * (segment + WG_OVERHEAD)],
             udp_read: vec![0; UDP_SLOTS * UDP_SLOT_SIZE],
             metas: vec![RecvMeta::default(); UDP_SLOTS],
-            to_tun: (0..to_tun_slots)
-                .map(|_| Vec::with_capacity(segment))
-                .collect(),
-            gro: GROTable::default(),
+            to_tun: Coalescer::new(offload),
         }
     }
 }
@@ -185,6 +181,7 @@ impl Dataplane {
             }
         };
         let tun = crate::device::create(&interface.name, addresses, ula, routes, mtu)?;
+        let offload = tun.tcp_gso();
         Ok(Dataplane {
             engine,
             tun,
@@ -197,7 +194,7 @@ impl Dataplane {
             listen_port: port,
             started: Instant::now(),
             next_host_scan: Instant::now() + HOST_SCAN_EVERY,
-            bufs: Buffers::new(mtu.into()),
+            bufs: Buffers::new(mtu.into(), offload),
             io_errors: IoErrors::default(),
             streams: Streams::new(),
         })
@@ -324,26 +321,17 @@ impl Dataplane {
     /// server's answers. The packets go to the TUN device together, coalesced as from UDP.
     async fn stream_to_tun(&mut self, chunk: Chunk) {
         let now = Instant::now();
-        let (engine, bufs) = (&mut self.engine, &mut self.bufs);
-        let mut ready = 0;
-        let mut full = false;
-        self.streams.frames(chunk, |server, frame| {
-            let Some(target) = bufs.to_tun.get_mut(ready) else {
-                full = true;
-                return;
-            };
-            target.resize(VIRTIO_NET_HDR_LEN + frame.len(), 0);
-            if let Some(len) =
-                engine.handle_stream(now, server, frame, &mut target[VIRTIO_NET_HDR_LEN..])
-            {
-                target.truncate(VIRTIO_NET_HDR_LEN + len);
-                ready += 1;
+        let (engine, to_tun) = (&mut self.engine, &mut self.bufs.to_tun);
+        let mut full = 0;
+        self.streams.frames(chunk, |server, frame| match to_tun.room(frame.len()) {
+            Some(target) => {
+                let got = engine.handle_stream(now, server, frame, target);
+                to_tun.commit(got);
             }
+            None => full += 1,
         });
-        if full {
-            self.io_errors.stream_batch_full += 1;
-        }
-        self.write_tun(ready).await;
+        self.io_errors.stream_batch_full += full;
+        self.write_tun().await;
         self.flush_control().await;
     }
 
@@ -481,7 +469,6 @@ impl Dataplane {
                     return;
                 }
             };
-            let mut ready = 0;
             let now = Instant::now();
             for slot in 0..count {
                 let meta = self.bufs.metas[slot];
@@ -496,45 +483,36 @@ impl Dataplane {
                 );
                 let base = slot * UDP_SLOT_SIZE;
                 for offset in (0..meta.len).step_by(stride) {
-                    if ready == self.bufs.to_tun.len() {
-                        self.write_tun(ready).await;
-                        ready = 0;
+                    if self.bufs.to_tun.is_full() {
+                        self.write_tun().await;
                     }
                     let b = &mut self.bufs;
                     let datagram = &b.udp_read[base + offset..base + meta.len.min(offset + stride)];
-                    let target = &mut b.to_tun[ready];
-                    target.resize(VIRTIO_NET_HDR_LEN + datagram.len(), 0);
-                    if let Some(len) = self.engine.handle_udp(
-                        now,
-                        local,
-                        meta.addr,
-                        datagram,
-                        &mut target[VIRTIO_NET_HDR_LEN..],
-                    ) {
-                        target.truncate(VIRTIO_NET_HDR_LEN + len);
-                        ready += 1;
-                    }
+                    // Never None after the write above.
+                    let Some(target) = b.to_tun.room(datagram.len()) else {
+                        continue;
+                    };
+                    let got = self
+                        .engine
+                        .handle_udp(now, local, meta.addr, datagram, target);
+                    b.to_tun.commit(got);
                 }
             }
-            self.write_tun(ready).await;
+            self.write_tun().await;
             self.flush_control().await;
         }
     }
 
-    /// Writes the first `ready` decrypted packets to the TUN device.
-    async fn write_tun(&mut self, ready: usize) {
-        if ready == 0 {
-            return;
+    /// Writes the decrypted packets waiting in `to_tun` to the TUN device, one write per
+    /// merged flow.
+    async fn write_tun(&mut self) {
+        for packet in self.bufs.to_tun.finish() {
+            if let Err(e) = self.tun.send(packet).await {
+                tracing::debug!("TUN write: {e}");
+                self.io_errors.tun_write += 1;
+            }
         }
-        let b = &mut self.bufs;
-        if let Err(e) = self
-            .tun
-            .send_multiple(&mut b.gro, &mut b.to_tun[..ready], VIRTIO_NET_HDR_LEN)
-            .await
-        {
-            tracing::debug!("TUN write: {e}");
-            self.io_errors.tun_write += ready as u64;
-        }
+        self.bufs.to_tun.clear();
     }
 
     fn drops(&self) -> std::collections::BTreeMap<String, u64> {

@@ -1,5 +1,6 @@
 //! `ipop`: a peer-to-peer VPN whose membership and signalling come from XMPP.
 
+mod coalesce;
 mod dataplane;
 mod device;
 mod doctor;

@@ -95,17 +95,13 @@ fn pseudo_random(len: usize) -> Vec<u8> {
     data
 }
 
-#[test]
-fn tcp_transfer_of_20_mb_arrives_intact() {
-    const LEN: usize = 20 << 20;
+/// Sends `len` pseudo-random bytes over one TCP connection from `from` to `to` at `to_addr`,
+/// checks that they arrive intact, and returns how long the transfer took.
+fn transfer(from: &Node, to: &Node, to_addr: IpAddr, len: usize) -> Duration {
     const IO_TIMEOUT: Duration = Duration::from_secs(15);
-    let mut lab = two_nodes("tcp");
-    let (a, b) = pair(&mut lab);
-    wait_ping(a, b, LINK_UP);
-
-    let server_addr = SocketAddr::new(IpAddr::V4(b.overlay_v4), 5001);
+    let server_addr = SocketAddr::new(to_addr, 5001);
     let (ready_tx, ready_rx) = mpsc::channel();
-    let server = b.ns().spawn_in(move || -> Result<Vec<u8>, String> {
+    let server = to.ns().spawn_in(move || -> Result<Vec<u8>, String> {
         let listener = TcpListener::bind(server_addr).map_err(|e| format!("bind: {e}"))?;
         listener
             .set_nonblocking(true)
@@ -129,7 +125,7 @@ fn tcp_transfer_of_20_mb_arrives_intact() {
             .set_nonblocking(false)
             .and_then(|()| stream.set_read_timeout(Some(IO_TIMEOUT)))
             .map_err(|e| format!("socket options: {e}"))?;
-        let mut received = Vec::with_capacity(LEN);
+        let mut received = Vec::with_capacity(len);
         stream
             .read_to_end(&mut received)
             .map_err(|e| format!("read after {} bytes: {e}", received.len()))?;
@@ -137,30 +133,84 @@ fn tcp_transfer_of_20_mb_arrives_intact() {
     });
     ready_rx
         .recv_timeout(Duration::from_secs(5))
-        .expect("the server on b should listen on its overlay address");
+        .expect("the server should listen on its overlay address");
 
-    let data = pseudo_random(LEN);
+    let data = pseudo_random(len);
     let start = Instant::now();
-    a.ns()
+    from.ns()
         .run_in(|| -> std::io::Result<()> {
             let mut stream = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
             stream.set_write_timeout(Some(IO_TIMEOUT))?;
             stream.write_all(&data)?;
             stream.shutdown(Shutdown::Write)
         })
-        .expect("a should send 20 MB to b over the overlay");
+        .expect("the sender should send the whole stream over the overlay");
     let received = server
         .join()
         .expect("the server thread should not panic")
-        .expect("b should receive the whole stream");
+        .expect("the receiver should receive the whole stream");
     let elapsed = start.elapsed();
+    assert_eq!(received.len(), data.len(), "received length");
+    if let Some(offset) = received.iter().zip(&data).position(|(r, d)| r != d) {
+        panic!("the received stream differs from the sent one at byte {offset}");
+    }
+    elapsed
+}
+
+#[test]
+fn tcp_transfer_of_20_mb_arrives_intact() {
+    const LEN: usize = 20 << 20;
+    let mut lab = two_nodes("tcp");
+    let (a, b) = pair(&mut lab);
+    wait_ping(a, b, LINK_UP);
+    let elapsed = transfer(a, b, IpAddr::V4(b.overlay_v4), LEN);
     eprintln!(
         "20 MiB over the overlay in {elapsed:?} ({:.0} Mbit/s, debug build)",
         (LEN * 8) as f64 / elapsed.as_secs_f64() / 1e6
     );
-    assert_eq!(received.len(), data.len(), "received length");
-    if let Some(offset) = received.iter().zip(&data).position(|(r, d)| r != d) {
-        panic!("the received stream differs from the sent one at byte {offset}");
+    lab.stop_all();
+}
+
+/// The received-packet and byte counters of `node`'s TUN device: what ipop wrote to it.
+fn tun_rx(node: &Node) -> (u64, u64) {
+    let out = node.ns().ip(&["-s", "-j", "link", "show", "dev", "ipop0"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+    let rx = &json[0]["stats64"]["rx"];
+    match (rx["packets"].as_u64(), rx["bytes"].as_u64()) {
+        (Some(packets), Some(bytes)) => (packets, bytes),
+        _ => panic!("no rx counters for ipop0 in {json}"),
+    }
+}
+
+#[test]
+fn receiver_merges_tcp_segments_into_at_most_one_tun_write_per_8_packets() {
+    const LEN: usize = 24 << 20;
+    const MTU: u64 = 1420;
+    let mut lab = two_nodes("gro");
+    let (a, b) = pair(&mut lab);
+    wait_ping(a, b, LINK_UP);
+    for to in [IpAddr::V4(b.overlay_v4), IpAddr::V6(b.overlay_v6)] {
+        let (writes_before, bytes_before) = tun_rx(b);
+        let elapsed = transfer(a, b, to, LEN);
+        let (writes_after, bytes_after) = tun_rx(b);
+        let writes = writes_after - writes_before;
+        let bytes = bytes_after - bytes_before;
+        // Each WireGuard datagram carries at most one MTU-sized packet, so at least this many
+        // came in.
+        let packets = bytes.div_ceil(MTU);
+        eprintln!(
+            "to {to}: {LEN} bytes in {elapsed:?}; the receiver wrote {bytes} bytes to its TUN \
+             device in {writes} writes, for at least {packets} packets: {:.3} writes per packet",
+            writes as f64 / packets as f64
+        );
+        assert!(
+            bytes >= LEN as u64,
+            "the TUN device took {bytes} bytes, less than the {LEN} sent"
+        );
+        assert!(
+            writes * 8 <= packets,
+            "{writes} TUN writes for at least {packets} packets to {to}: more than 1 per 8"
+        );
     }
     lab.stop_all();
 }
