@@ -402,7 +402,26 @@ impl Engine {
             self.handle_stun(now, local, from, datagram);
             return None;
         }
-        self.node.handle_udp(from, None, datagram, out)
+        let delivered = self.node.handle_udp(from, None, datagram, out);
+        self.follow_roams(now);
+        delivered
+    }
+
+    /// Takes note of peers that roamed off a quiet path: a relay they now come through gets
+    /// a channel, and the move is logged. The agent keeps its nominated pair; only a new
+    /// nomination (a working pair) moves the endpoint again, so it never goes back to the
+    /// dead path on its own.
+    fn follow_roams(&mut self, now: Instant) {
+        while let Some((index, endpoint, via)) = self.node.poll_roamed() {
+            if let Some(relay) = via.and_then(|r| self.relays.get_mut(r))
+                && let Err(e) = relay.bind_channel(now, endpoint)
+            {
+                tracing::debug!(%endpoint, "no TURN channel: {e}");
+            }
+            if let Some((device, _)) = self.links.iter().find(|(_, l)| l.peer == Some(index)) {
+                tracing::info!(%device, %endpoint, relayed = via.is_some(), "the path went quiet and the device was heard elsewhere: following it");
+            }
+        }
     }
 
     /// A frame from the TCP connection to the TURN server `server`; as
@@ -471,7 +490,11 @@ impl Engine {
                         self.handle_stun(now, relayed, peer, inner);
                         None
                     }
-                    _ => self.node.handle_udp(peer, Some(r), inner, out),
+                    _ => {
+                        let delivered = self.node.handle_udp(peer, Some(r), inner, out);
+                        self.follow_roams(now);
+                        delivered
+                    }
                 }
             }
         }
@@ -1495,6 +1518,8 @@ impl Engine {
         }
         for link in self.links.values_mut() {
             if let Some(s) = link.session.as_mut() {
+                let suspect = link.peer.is_some_and(|i| self.node.path_suspect(i, now));
+                ice::pace_consent(&mut s.agent, suspect);
                 s.agent.handle_timeout(now);
             }
         }

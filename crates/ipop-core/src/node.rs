@@ -23,6 +23,15 @@ use std::time::{Duration, Instant};
 
 /// How often the WireGuard timers of every session are driven.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// A path on which nothing authenticated arrived for this long is quiet: an authenticated
+/// datagram from another address (or through another relay) then moves the endpoint there,
+/// even for a peer whose path ICE chose. A live link hears its peer far more often than this
+/// (a ping every second, WireGuard's keepalive 10 s after data, any flow many times a
+/// second); a path that carries traffic both ways is never quiet for this long, so two live
+/// paths cannot pull the endpoint back and forth. Long enough to cover a burst of reordering
+/// and the node's clock granularity (the 250 ms timer tick), short enough that a rebound NAT
+/// costs about a second.
+pub const ROAM_QUIET: Duration = Duration::from_secs(1);
 /// A session is usable for this long after its handshake (WireGuard's REJECT_AFTER_TIME).
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Handshake initiations without an answer before a peer is reported as not answering.
@@ -52,9 +61,10 @@ pub struct PeerConfig {
     pub destinations: Option<Vec<IpAddr>>,
     /// Persistent keepalive interval in seconds.
     pub keepalive: Option<u16>,
-    /// Whether an authenticated datagram from another address moves the endpoint there
-    /// (WireGuard's roaming). Off for peers whose path ICE chooses: with several paths (direct,
-    /// relays) a datagram on one of them must not pull the link off the nominated pair.
+    /// Whether an authenticated datagram from another address moves the endpoint there at
+    /// once (WireGuard's roaming). Off for peers whose path ICE chooses: with several paths
+    /// (direct, relays) a datagram on one of them moves the link off the nominated pair only
+    /// when that pair has gone quiet (nothing authenticated on it for [`ROAM_QUIET`]).
     pub roaming: bool,
 }
 
@@ -303,6 +313,13 @@ struct Peer {
     /// When the peer was last heard: a handshake or data that WireGuard authenticated, by the
     /// node's clock (the time of its last [`Node::handle_timeout`]).
     heard: Option<Instant>,
+    /// When something authenticated last arrived on the current path (`endpoint`, `via`), or
+    /// when the path was set, by the node's clock.
+    path_heard: Option<Instant>,
+    /// When a packet from the tunnel was last sent to the peer, by the node's clock.
+    sent: Option<Instant>,
+    /// Whether the peer is in the node's `roamed` queue.
+    roam_queued: bool,
 }
 
 impl Peer {
@@ -374,17 +391,34 @@ impl Peer {
         }
     }
 
-    /// Notes an authenticated message from `from` (through relay `via`): the peer may have
-    /// roamed, or its path moved between relayed and direct.
-    fn authenticated(&mut self, from: SocketAddr, via: Option<usize>) {
-        if !self.config.roaming && self.endpoint.is_some() {
-            return;
+    /// Notes an authenticated message from `from` (through relay `via`) at `now`: the peer
+    /// may have roamed, or its path moved between relayed and direct. The endpoint follows it
+    /// when roaming is on, when no endpoint is known, or when the current path is quiet.
+    /// Whether the peer is to be queued as roamed (it moved, and is not queued yet).
+    fn authenticated(
+        &mut self,
+        from: SocketAddr,
+        via: Option<usize>,
+        now: Option<Instant>,
+    ) -> bool {
+        if self.endpoint == Some(from) && self.via == via {
+            self.path_heard = now.or(self.path_heard);
+            return false;
         }
-        if self.endpoint != Some(from) || self.via != via {
-            tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), "peer endpoint set");
-            self.endpoint = Some(from);
-            self.via = via;
+        let quiet = match (self.path_heard, now) {
+            (Some(heard), Some(now)) => now.saturating_duration_since(heard) >= ROAM_QUIET,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if self.endpoint.is_some() && !self.config.roaming && !quiet {
+            tracing::trace!(peer = %self.label(), %from, "authenticated on another path while the current one is alive");
+            return false;
         }
+        tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), previous = ?self.endpoint, "peer endpoint moved");
+        self.endpoint = Some(from);
+        self.via = via;
+        self.path_heard = now;
+        !std::mem::replace(&mut self.roam_queued, true)
     }
 
     fn update_connected(&mut self) {
@@ -434,6 +468,9 @@ pub struct Node {
     next_tick: Option<Instant>,
     /// The time of the last [`Node::handle_timeout`]: when peers are heard.
     clock: Option<Instant>,
+    /// Peers whose endpoint moved to where their authenticated datagrams came from, oldest
+    /// first: each at most once, drained by [`Node::poll_roamed`].
+    roamed: VecDeque<usize>,
     /// Counts up whenever a peer or its addresses change.
     version: u64,
     scratch: Vec<u8>,
@@ -455,6 +492,7 @@ impl Node {
             drops: Drops::default(),
             next_tick: None,
             clock: None,
+            roamed: VecDeque::new(),
             version: 0,
             scratch: vec![0; SCRATCH_LEN],
         };
@@ -525,6 +563,9 @@ impl Node {
             connected: false,
             started: false,
             heard: None,
+            path_heard: None,
+            sent: None,
+            roam_queued: false,
         });
         // Let the next tick open the session at once.
         self.next_tick = None;
@@ -553,6 +594,8 @@ impl Node {
             tracing::debug!(peer = %peer.label(), %endpoint, relayed = via.is_some(), "endpoint set");
             peer.endpoint = Some(endpoint);
             peer.via = via;
+            // A path just chosen gets its time to be heard before anything can roam off it.
+            peer.path_heard = self.clock;
             self.next_tick = None;
         }
     }
@@ -661,6 +704,7 @@ impl Node {
                 if datagram.first() == Some(&HANDSHAKE_INIT) {
                     peer.initiation_sent();
                 }
+                peer.sent = self.clock;
                 Some(Outgoing {
                     destination: endpoint,
                     via: peer.via,
@@ -705,7 +749,9 @@ impl Node {
                 let reply = reply.to_vec();
                 if authentic {
                     peer.heard = clock.or(peer.heard);
-                    peer.authenticated(from, via);
+                    if peer.authenticated(from, via, clock) {
+                        self.roamed.push_back(index);
+                    }
                 }
                 self.transmits.push_back(Transmit {
                     destination: from,
@@ -720,14 +766,20 @@ impl Node {
                 let len = p.len();
                 // Decrypted: the peer is alive, whatever the checks below make of the packet.
                 peer.heard = clock.or(peer.heard);
-                Self::accept(peer, &mut self.drops, (from, via), &mut out[..len])
+                let moved = peer.authenticated(from, via, clock);
+                if moved {
+                    self.roamed.push_back(index);
+                }
+                Self::accept(peer, &mut self.drops, &mut out[..len])
             }
             TunnResult::Done => {
                 // A keepalive, or a cookie reply (which proves nothing: anyone who saw our
                 // initiation and knows the peer's public key can make one).
                 if datagram[0] != COOKIE_REPLY {
                     peer.heard = clock.or(peer.heard);
-                    peer.authenticated(from, via);
+                    if peer.authenticated(from, via, clock) {
+                        self.roamed.push_back(index);
+                    }
                 }
                 self.flush_queued(index);
                 None
@@ -747,12 +799,7 @@ impl Node {
     /// Checks a decrypted packet's addresses: the source must be the peer's, the destination
     /// ours in an overlay the peer shares. A packet from the peer's translated address gets
     /// our numbering of the peer as its source, in place.
-    fn accept(
-        peer: &mut Peer,
-        drops: &mut Drops,
-        (from, via): (SocketAddr, Option<usize>),
-        packet: &mut [u8],
-    ) -> Option<usize> {
+    fn accept(peer: &mut Peer, drops: &mut Drops, packet: &mut [u8]) -> Option<usize> {
         let (src, dst) = packet::addresses(packet)?;
         if peer.owns(src) {
             if !peer.may_send_to(dst) {
@@ -780,7 +827,6 @@ impl Node {
                 return None;
             }
         }
-        peer.authenticated(from, via);
         Some(packet.len())
     }
 
@@ -934,6 +980,35 @@ impl Node {
     /// handshake age in [`PeerStatus`] (boringtun's own clock), this follows the time passed in.
     pub fn last_heard(&self, index: usize) -> Option<Instant> {
         self.peers.get(index)?.as_ref()?.heard
+    }
+
+    /// A peer whose endpoint moved on its own (roamed off a quiet path), with its new
+    /// endpoint and relay.
+    pub fn poll_roamed(&mut self) -> Option<(usize, SocketAddr, Option<usize>)> {
+        while let Some(index) = self.roamed.pop_front() {
+            if let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) {
+                peer.roam_queued = false;
+                if let Some(endpoint) = peer.endpoint {
+                    return Some((index, endpoint, peer.via));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the current path to the peer in slot `index` looks dead: the tunnel sent to it
+    /// within [`ROAM_QUIET`] and nothing authenticated came back on that path for longer.
+    pub fn path_suspect(&self, index: usize, now: Instant) -> bool {
+        let Some(peer) = self.peers.get(index).and_then(Option::as_ref) else {
+            return false;
+        };
+        let quiet_since = peer
+            .path_heard
+            .map_or(ROAM_QUIET, |h| now.saturating_duration_since(h));
+        let sending = peer
+            .sent
+            .is_some_and(|s| now.saturating_duration_since(s) < ROAM_QUIET);
+        sending && quiet_since >= ROAM_QUIET
     }
 
     /// The state of one peer.
@@ -1357,41 +1432,147 @@ mod tests {
         assert_eq!(dst, moved);
     }
 
-    #[test]
-    fn a_peer_whose_path_ice_chooses_does_not_roam() {
+    /// A and B linked, with A's peer B managed by ICE (roaming off, endpoint set by ICE) at
+    /// `t0`, and the handshake done at `t0`.
+    fn ice_managed(t0: Instant) -> Sim {
         let mut sim = pair(None);
-        sim.start();
-        let mut b_config = peer(PublicKey::from_secret(&secret()), None, &[]);
-        b_config.roaming = false;
-        let mut wire = vec![0u8; 2048];
-        let mut inner = vec![0u8; 2048];
-        // Make A's peer B ICE-managed: same key and addresses, roaming off.
         let b_key = sim.a.peers().next().unwrap().public_key;
         sim.a.remove_peer(0);
-        b_config.public_key = b_key;
-        b_config.addresses = vec!["10.0.0.2/32".parse().unwrap()];
+        let mut b_config = peer(b_key, None, &["10.0.0.2/32"]);
+        b_config.roaming = false;
         let index = sim.a.add_peer(b_config).unwrap();
+        sim.a.handle_timeout(t0);
+        sim.b.handle_timeout(t0);
         sim.a.set_endpoint(index, sim.b_addr, None);
-        sim.start();
-        let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
-        let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from another path");
-        let n = sim
-            .b
-            .handle_tun(&mut p.clone(), &mut wire)
-            .expect("encrypted")
-            .len;
-        assert!(
-            sim.a
-                .handle_udp(elsewhere, None, &wire[..n], &mut inner)
+        sim.a.handle_timeout(t0);
+        sim.exchange();
+        assert_eq!(state(&sim.a), LinkState::Connected);
+        sim
+    }
+
+    impl Sim {
+        /// Sends a packet from B's tunnel to A as if it came from `from` through relay `via`;
+        /// whether A took it.
+        fn b_to_a(&mut self, from: SocketAddr, via: Option<usize>) -> bool {
+            let mut wire = vec![0u8; 2048];
+            let mut inner = vec![0u8; 2048];
+            let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from B");
+            let n = self
+                .b
+                .handle_tun(&mut p.clone(), &mut wire)
+                .expect("encrypted")
+                .len;
+            self.a
+                .handle_udp(from, via, &wire[..n], &mut inner)
                 .is_some()
-        );
-        let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
-        let dst = sim
-            .a
-            .handle_tun(&mut back.clone(), &mut wire)
-            .expect("encrypted")
-            .destination;
-        assert_eq!(dst, sim.b_addr);
+        }
+
+        /// Where A sends a packet for B now: the destination and relay.
+        fn a_sends_to(&mut self) -> (SocketAddr, Option<usize>) {
+            let mut wire = vec![0u8; 2048];
+            let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
+            let out = self
+                .a
+                .handle_tun(&mut back.clone(), &mut wire)
+                .expect("encrypted");
+            (out.destination, out.via)
+        }
+
+        fn a_at(&mut self, t: Instant) {
+            self.a.handle_timeout(t);
+        }
+    }
+
+    #[test]
+    fn a_peer_whose_path_ice_chooses_does_not_roam_while_its_path_is_alive() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
+        // The current path was heard 0.9 s ago: a datagram on another path does not move it.
+        sim.a_at(t0 + Duration::from_millis(900));
+        assert!(sim.b_to_a(elsewhere, None));
+        assert_eq!(sim.a_sends_to(), (sim.b_addr, None));
+        // Heard again on the current path, then 0.9 s later again elsewhere: still no move.
+        let b_addr = sim.b_addr;
+        assert!(sim.b_to_a(b_addr, None));
+        sim.a_at(t0 + Duration::from_millis(1800));
+        assert!(sim.b_to_a(elsewhere, None));
+        assert_eq!(sim.a_sends_to(), (sim.b_addr, None));
+        assert_eq!(sim.a.poll_roamed(), None);
+        assert_eq!(sim.a.peers().next().unwrap().endpoint, Some(sim.b_addr));
+    }
+
+    #[test]
+    fn a_peer_whose_path_went_quiet_roams_to_where_it_is_heard_and_stays() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
+        // Nothing on the current path for a second: the next authenticated datagram from
+        // elsewhere moves the endpoint.
+        sim.a_at(t0 + ROAM_QUIET);
+        assert!(sim.b_to_a(elsewhere, None));
+        assert_eq!(sim.a_sends_to(), (elsewhere, None));
+        assert_eq!(sim.a.poll_roamed(), Some((0, elsewhere, None)));
+        assert_eq!(sim.a.poll_roamed(), None);
+        assert_eq!(sim.a.peers().next().unwrap().endpoint, Some(elsewhere));
+        // A late datagram on the old path does not pull it back while the new one is alive.
+        let b_addr = sim.b_addr;
+        sim.a_at(t0 + ROAM_QUIET + Duration::from_millis(500));
+        assert!(sim.b_to_a(b_addr, None));
+        assert_eq!(sim.a_sends_to(), (elsewhere, None));
+        assert_eq!(sim.a.poll_roamed(), None);
+    }
+
+    #[test]
+    fn a_relay_is_roamed_to_only_when_the_current_path_is_quiet() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        let relayed_peer: SocketAddr = "198.51.100.7:49152".parse().unwrap();
+        let other_relay: SocketAddr = "198.51.100.8:49160".parse().unwrap();
+        // Direct path alive: the same peer through relay 0 is no roam.
+        sim.a_at(t0 + Duration::from_millis(500));
+        assert!(sim.b_to_a(relayed_peer, Some(0)));
+        assert_eq!(sim.a_sends_to(), (sim.b_addr, None));
+        // Direct path quiet: the relay takes over.
+        sim.a_at(t0 + Duration::from_millis(1500));
+        assert!(sim.b_to_a(relayed_peer, Some(0)));
+        assert_eq!(sim.a_sends_to(), (relayed_peer, Some(0)));
+        assert_eq!(sim.a.poll_roamed(), Some((0, relayed_peer, Some(0))));
+        // The relayed path is alive: another relay, or the same address through another
+        // relay, or the direct path, does not pull the endpoint around.
+        sim.a_at(t0 + Duration::from_millis(2000));
+        assert!(sim.b_to_a(other_relay, Some(1)));
+        assert!(sim.b_to_a(relayed_peer, Some(1)));
+        let b_addr = sim.b_addr;
+        assert!(sim.b_to_a(b_addr, None));
+        assert_eq!(sim.a_sends_to(), (relayed_peer, Some(0)));
+        assert_eq!(sim.a.poll_roamed(), None);
+        // Relay 0 goes quiet; relay 1 is heard: it takes over.
+        sim.a_at(t0 + Duration::from_millis(3000));
+        assert!(sim.b_to_a(other_relay, Some(1)));
+        assert_eq!(sim.a_sends_to(), (other_relay, Some(1)));
+    }
+
+    #[test]
+    fn a_path_is_suspect_while_the_tunnel_sends_and_nothing_comes_back() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        // Idle: not suspect, however long the silence.
+        sim.a_at(t0 + Duration::from_secs(30));
+        assert!(!sim.a.path_suspect(0, t0 + Duration::from_secs(30)));
+        // Sending, and heard on the path just now: not suspect.
+        let b_addr = sim.b_addr;
+        assert!(sim.b_to_a(b_addr, None));
+        sim.a_sends_to();
+        assert!(!sim.a.path_suspect(0, t0 + Duration::from_millis(30_500)));
+        // Sending on, a second of silence: suspect.
+        let t1 = t0 + Duration::from_millis(31_000);
+        sim.a_at(t1);
+        sim.a_sends_to();
+        assert!(sim.a.path_suspect(0, t1));
+        // An answer on the path clears it.
+        assert!(sim.b_to_a(b_addr, None));
+        assert!(!sim.a.path_suspect(0, t1));
     }
 
     #[test]
