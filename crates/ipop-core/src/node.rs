@@ -394,7 +394,8 @@ impl Peer {
     /// Notes an authenticated message from `from` (through relay `via`) at `now`: the peer
     /// may have roamed, or its path moved between relayed and direct. The endpoint follows it
     /// when roaming is on, when no endpoint is known, or when the current path is quiet.
-    /// Whether the peer is to be queued as roamed (it moved, and is not queued yet).
+    /// Whether the peer is to be queued as roamed (it moved from a known endpoint, and is not
+    /// queued yet).
     fn authenticated(
         &mut self,
         from: SocketAddr,
@@ -414,8 +415,13 @@ impl Peer {
             tracing::trace!(peer = %self.label(), %from, "authenticated on another path while the current one is alive");
             return false;
         }
-        tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), previous = ?self.endpoint, "peer endpoint moved");
-        self.endpoint = Some(from);
+        let Some(previous) = self.endpoint.replace(from) else {
+            tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), "peer endpoint learned");
+            self.via = via;
+            self.path_heard = now;
+            return false;
+        };
+        tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), %previous, "peer endpoint moved");
         self.via = via;
         self.path_heard = now;
         !std::mem::replace(&mut self.roam_queued, true)
