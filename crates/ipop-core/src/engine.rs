@@ -127,6 +127,8 @@ struct Session {
     lost: Option<Instant>,
     /// Whether this session restarts ICE for a link whose path was lost.
     restart: bool,
+    /// Consent freshness of the nominated pair while traffic goes out unanswered.
+    consent: ice::Consent,
 }
 
 impl Session {
@@ -1221,6 +1223,7 @@ impl Engine {
             started: now,
             nominated: None,
             lost: None,
+            consent: ice::Consent::default(),
             restart,
         });
         self.signals
@@ -1381,6 +1384,7 @@ impl Engine {
                 started: now,
                 nominated: None,
                 lost: None,
+                consent: ice::Consent::default(),
                 restart,
             });
         }
@@ -1516,10 +1520,16 @@ impl Engine {
                 self.restart(now, &device);
             }
         }
-        for link in self.links.values_mut() {
+        for (device, link) in &mut self.links {
             if let Some(s) = link.session.as_mut() {
                 let suspect = link.peer.is_some_and(|i| self.node.path_suspect(i, now));
-                ice::pace_consent(&mut s.agent, suspect);
+                if s.consent.update(&mut s.agent, suspect, now)
+                    && s.nominated.is_some()
+                    && s.lost.is_none()
+                {
+                    tracing::info!(%device, session = %s.id, "the path went unanswered while traffic went out: it is lost");
+                    s.lost = Some(now);
+                }
                 s.agent.handle_timeout(now);
             }
         }
@@ -2947,6 +2957,38 @@ mod tests {
             assert_eq!(a.session, b.session);
             assert!(a.counter > b.counter);
         }
+    }
+
+    /// Whether device `i`'s ICE found its path dead: the session reports it lost, or a
+    /// restart replaced it.
+    fn path_lost(w: &World, i: usize) -> bool {
+        let link = w.devs[i].engine.links.values().next();
+        link.and_then(|l| l.session.as_ref())
+            .is_some_and(|s| s.lost.is_some() || s.restart)
+    }
+
+    #[test]
+    fn a_dead_path_is_found_within_5_seconds_while_traffic_flows() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let (a1, b1) = (w.devs[0].addr, w.devs[1].addr);
+        // Idle for a minute: consent checks keep the path, and nothing is lost.
+        w.run(3000);
+        assert!(!path_lost(&w, 0) && !path_lost(&w, 1));
+        // The path dies while Alice sends 5 packets a second.
+        w.cut(a1, b1);
+        let start = w.now;
+        while !path_lost(&w, 0) {
+            assert!(
+                w.now - start < Duration::from_secs(5),
+                "the dead path is still in use after {:?}",
+                w.now - start
+            );
+            assert_eq!(tunnel(&mut w, 0, 1, b"ping").arrived, None);
+            w.run(10);
+        }
+        eprintln!("dead path found after {:?}", w.now - start);
     }
 
     #[test]
