@@ -2976,7 +2976,8 @@ mod tests {
         // Idle for a minute: consent checks keep the path, and nothing is lost.
         w.run(3000);
         assert!(!path_lost(&w, 0) && !path_lost(&w, 1));
-        // The path dies while Alice sends 5 packets a second.
+        // The path dies just after Alice heard from Bob, while she sends 5 packets a second.
+        assert!(tunnel(&mut w, 1, 0, b"last").arrived.is_some());
         w.cut(a1, b1);
         let start = w.now;
         while !path_lost(&w, 0) {
