@@ -31,7 +31,16 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// paths cannot pull the endpoint back and forth. Long enough to cover a burst of reordering
 /// and the node's clock granularity (the 250 ms timer tick), short enough that a rebound NAT
 /// costs about a second.
+///
+/// The device whose public key sorts higher waits [`ROAM_QUIET_HIGHER`] instead. When both
+/// paths are alive but each side sends on another (one side moved to an ICE nomination the
+/// other has not made yet), each side's path is quiet and both would roam at the same moment,
+/// onto each other's old path, and swap again a second later, for ever. With the two waits
+/// apart, the quicker side moves onto the path the other sends on, which hears it again there
+/// before its own wait is over: the endpoints converge.
 pub const ROAM_QUIET: Duration = Duration::from_secs(1);
+/// The wait of the side whose key sorts higher (see [`ROAM_QUIET`]).
+pub const ROAM_QUIET_HIGHER: Duration = Duration::from_millis(1500);
 /// A session is usable for this long after its handshake (WireGuard's REJECT_AFTER_TIME).
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Handshake initiations without an answer before a peer is reported as not answering.
@@ -320,6 +329,8 @@ struct Peer {
     sent: Option<Instant>,
     /// Whether the peer is in the node's `roamed` queue.
     roam_queued: bool,
+    /// How long the current path must be quiet before a roam off it.
+    roam_quiet: Duration,
 }
 
 impl Peer {
@@ -407,7 +418,7 @@ impl Peer {
             return false;
         }
         let quiet = match (self.path_heard, now) {
-            (Some(heard), Some(now)) => now.saturating_duration_since(heard) >= ROAM_QUIET,
+            (Some(heard), Some(now)) => now.saturating_duration_since(heard) >= self.roam_quiet,
             (Some(_), None) => false,
             (None, _) => true,
         };
@@ -547,6 +558,11 @@ impl Node {
                 });
             }
         }
+        let roam_quiet = if self.public_key() > config.public_key {
+            ROAM_QUIET_HIGHER
+        } else {
+            ROAM_QUIET
+        };
         let generation = self.generations[index].wrapping_add(1);
         self.generations[index] = generation;
         let tunn = Tunn::new(
@@ -572,6 +588,7 @@ impl Node {
             path_heard: None,
             sent: None,
             roam_queued: false,
+            roam_quiet,
         });
         // Let the next tick open the session at once.
         self.next_tick = None;
@@ -1487,6 +1504,11 @@ mod tests {
         fn a_at(&mut self, t: Instant) {
             self.a.handle_timeout(t);
         }
+
+        /// How long A waits on a quiet path before roaming off it.
+        fn a_quiet(&self) -> Duration {
+            self.a.peers[0].as_ref().expect("peer B").roam_quiet
+        }
     }
 
     #[test]
@@ -1515,7 +1537,8 @@ mod tests {
         let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
         // Nothing on the current path for a second: the next authenticated datagram from
         // elsewhere moves the endpoint.
-        sim.a_at(t0 + ROAM_QUIET);
+        let quiet = sim.a_quiet();
+        sim.a_at(t0 + quiet);
         assert!(sim.b_to_a(elsewhere, None));
         assert_eq!(sim.a_sends_to(), (elsewhere, None));
         assert_eq!(sim.a.poll_roamed(), Some((0, elsewhere, None)));
@@ -1523,7 +1546,7 @@ mod tests {
         assert_eq!(sim.a.peers().next().unwrap().endpoint, Some(elsewhere));
         // A late datagram on the old path does not pull it back while the new one is alive.
         let b_addr = sim.b_addr;
-        sim.a_at(t0 + ROAM_QUIET + Duration::from_millis(500));
+        sim.a_at(t0 + quiet + Duration::from_millis(500));
         assert!(sim.b_to_a(b_addr, None));
         assert_eq!(sim.a_sends_to(), (elsewhere, None));
         assert_eq!(sim.a.poll_roamed(), None);
@@ -1535,18 +1558,20 @@ mod tests {
         let mut sim = ice_managed(t0);
         let relayed_peer: SocketAddr = "198.51.100.7:49152".parse().unwrap();
         let other_relay: SocketAddr = "198.51.100.8:49160".parse().unwrap();
+        let quiet = sim.a_quiet();
         // Direct path alive: the same peer through relay 0 is no roam.
-        sim.a_at(t0 + Duration::from_millis(500));
+        sim.a_at(t0 + quiet / 2);
         assert!(sim.b_to_a(relayed_peer, Some(0)));
         assert_eq!(sim.a_sends_to(), (sim.b_addr, None));
         // Direct path quiet: the relay takes over.
-        sim.a_at(t0 + Duration::from_millis(1500));
+        let t1 = t0 + quiet + Duration::from_millis(100);
+        sim.a_at(t1);
         assert!(sim.b_to_a(relayed_peer, Some(0)));
         assert_eq!(sim.a_sends_to(), (relayed_peer, Some(0)));
         assert_eq!(sim.a.poll_roamed(), Some((0, relayed_peer, Some(0))));
         // The relayed path is alive: another relay, or the same address through another
         // relay, or the direct path, does not pull the endpoint around.
-        sim.a_at(t0 + Duration::from_millis(2000));
+        sim.a_at(t1 + quiet / 2);
         assert!(sim.b_to_a(other_relay, Some(1)));
         assert!(sim.b_to_a(relayed_peer, Some(1)));
         let b_addr = sim.b_addr;
@@ -1554,9 +1579,83 @@ mod tests {
         assert_eq!(sim.a_sends_to(), (relayed_peer, Some(0)));
         assert_eq!(sim.a.poll_roamed(), None);
         // Relay 0 goes quiet; relay 1 is heard: it takes over.
-        sim.a_at(t0 + Duration::from_millis(3000));
+        sim.a_at(t1 + quiet);
         assert!(sim.b_to_a(other_relay, Some(1)));
         assert_eq!(sim.a_sends_to(), (other_relay, Some(1)));
+    }
+
+    #[test]
+    fn two_ice_chosen_peers_sending_on_different_live_paths_converge_on_one() {
+        // Two paths between A and B, both alive: on path 0 A is A0 and B is B0, on path 1 A1
+        // and B1. A sends on path 1, B on path 0: each hears the other only on the path it
+        // does not send on.
+        let (sa, sb) = (secret(), secret());
+        let (ka, kb) = (PublicKey::from_secret(&sa), PublicKey::from_secret(&sb));
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let (a0, a1) = (addr("192.0.2.1:1000"), addr("198.51.100.1:1000"));
+        let (b0, b1) = (addr("192.0.2.2:2000"), addr("198.51.100.2:2000"));
+        let ice_peer = |key, net: &str| PeerConfig {
+            roaming: false,
+            ..peer(key, None, &[net])
+        };
+        let mut a = Node::new(sa, vec![ice_peer(kb, "10.0.0.2/32")]).unwrap();
+        let mut b = Node::new(sb, vec![ice_peer(ka, "10.0.0.1/32")]).unwrap();
+        let mut now = Instant::now();
+        a.handle_timeout(now);
+        b.handle_timeout(now);
+        a.set_endpoint(0, b1, None);
+        b.set_endpoint(0, a0, None);
+        // Where a datagram to `to` comes from, on the same path.
+        let source = |to: SocketAddr| match to {
+            t if t == b0 => a0,
+            t if t == b1 => a1,
+            t if t == a0 => b0,
+            _ => b1,
+        };
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let mut moves = (0, 0);
+        let mut last = (Some(b1), Some(a0));
+        let mut in_flight: Vec<(bool, SocketAddr, Vec<u8>)> = Vec::new();
+        // 10 s of packets both ways every 20 ms, 20 ms on the wire (the handshake included).
+        for _ in 0..500 {
+            now += Duration::from_millis(20);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            // What was sent in the last step arrives now (20 ms on the wire), then both send.
+            for (to_b, src, payload) in std::mem::take(&mut in_flight) {
+                let to = if to_b { &mut b } else { &mut a };
+                to.handle_udp(src, None, &payload, &mut inner);
+            }
+            for a_sends in [true, false] {
+                let (from, p) = if a_sends {
+                    (&mut a, ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"a"))
+                } else {
+                    (&mut b, ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"b"))
+                };
+                if let Some(out) = from.handle_tun(&mut p.clone(), &mut wire) {
+                    let src = source(out.destination);
+                    in_flight.push((a_sends, src, wire[..out.len].to_vec()));
+                }
+                while let Some(t) = from.poll_transmit() {
+                    in_flight.push((a_sends, source(t.destination), t.payload));
+                }
+            }
+            let now_at = (
+                a.peers().next().unwrap().endpoint,
+                b.peers().next().unwrap().endpoint,
+            );
+            moves.0 += usize::from(now_at.0 != last.0);
+            moves.1 += usize::from(now_at.1 != last.1);
+            last = now_at;
+        }
+        assert_eq!(state(&a), LinkState::Connected);
+        // One path both ways, reached with one move.
+        assert!(
+            last == (Some(b0), Some(a0)) || last == (Some(b1), Some(a1)),
+            "{last:?}"
+        );
+        assert_eq!(moves.0 + moves.1, 1, "{moves:?}");
     }
 
     #[test]
