@@ -8,9 +8,14 @@
 //! endpoint. Everything is checked on both sides: the peer's user must be authorised by an
 //! overlay, and the key in its offer must be the key its device announced.
 //!
+//! A device heard (authenticated by WireGuard) from another address or relay than the chosen
+//! path, once that path has been quiet for a second, is followed there at once: a NAT that
+//! rebinds or a new underlay address costs about a second (see [`crate::node::ROAM_QUIET`]).
+//!
 //! When the chosen path stops working and ICE has no other (the agent reports
-//! `Disconnected`: every pair went unanswered for its ICE timeout, about 20 s), the link
-//! restarts ICE: a new session with new credentials and the current candidates, offered in a
+//! `Disconnected`: every pair went unanswered for its ICE timeout, about 20 s; or, while the
+//! tunnel sends and nothing comes back, the nominated pair's checks, then once a second, went
+//! unanswered for 3.5 s: within 5 s of the last answer), the link restarts ICE: a new session with new credentials and the current candidates, offered in a
 //! new `Signal::Initiate` that the other side accepts in place of the old session. The
 //! WireGuard peer stays through it, so its session keys carry on over the new path.
 //!
@@ -420,8 +425,34 @@ impl Engine {
             {
                 tracing::debug!(%endpoint, "no TURN channel: {e}");
             }
-            if let Some((device, _)) = self.links.iter().find(|(_, l)| l.peer == Some(index)) {
-                tracing::info!(%device, %endpoint, relayed = via.is_some(), "the path went quiet and the device was heard elsewhere: following it");
+            let relayed = via
+                .and_then(|r| self.relays.get(r))
+                .and_then(TurnAllocation::relayed_address);
+            let Some((device, link)) = self.links.iter_mut().find(|(_, l)| l.peer == Some(index))
+            else {
+                continue;
+            };
+            tracing::info!(%device, %endpoint, relayed = via.is_some(), "the path went quiet and the device was heard elsewhere: following it");
+            // The session's pair follows, for status: our relayed address when it came through
+            // our relay, else the local address of the old pair unless that was a relay's,
+            // else a host candidate of the same family.
+            if let Some(s) = link.session.as_mut()
+                && let Some((old, _)) = s.nominated
+            {
+                let was_relayed = self.relays.iter().any(|a| a.relayed_address() == Some(old));
+                let host = || {
+                    s.agent
+                        .local_candidates()
+                        .find(|c| {
+                            c.kind() == is::CandidateKind::Host
+                                && c.addr().is_ipv4() == endpoint.is_ipv4()
+                        })
+                        .map(|c| c.addr())
+                };
+                let source = relayed.or(if was_relayed { host() } else { Some(old) });
+                if let Some(source) = source {
+                    s.nominated = Some((source, endpoint));
+                }
             }
         }
     }

@@ -663,6 +663,10 @@ fn a_link_follows_its_nat_rebinding_within_2_seconds_with_the_same_session() {
             (ports.0..=ports.1).contains(&port),
             "{endpoint_after} is not in the new range {ports:?}"
         );
+        // Status shows the path it follows, not the dead one.
+        let entry = peer_entry(&w, other, rebound);
+        let pair = entry["pair"].as_str().unwrap_or_default();
+        assert!(pair.ends_with(endpoint_after.trim_matches('"')), "{entry}");
     }
     // The same session: its handshake aged with the clock.
     let age_after = handshake_age(&peer_entry(&w, 0, 1));
