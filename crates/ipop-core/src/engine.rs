@@ -8,9 +8,14 @@
 //! endpoint. Everything is checked on both sides: the peer's user must be authorised by an
 //! overlay, and the key in its offer must be the key its device announced.
 //!
+//! A device heard (authenticated by WireGuard) from another address or relay than the chosen
+//! path, once that path has been quiet for a second, is followed there at once: a NAT that
+//! rebinds or a new underlay address costs about a second (see [`crate::node::ROAM_QUIET`]).
+//!
 //! When the chosen path stops working and ICE has no other (the agent reports
-//! `Disconnected`: every pair went unanswered for its ICE timeout, about 20 s), the link
-//! restarts ICE: a new session with new credentials and the current candidates, offered in a
+//! `Disconnected`: every pair went unanswered for its ICE timeout, about 20 s; or, while the
+//! tunnel sends and nothing comes back, the nominated pair's checks, then once a second, went
+//! unanswered for 3.5 s: within 5 s of the last answer), the link restarts ICE: a new session with new credentials and the current candidates, offered in a
 //! new `Signal::Initiate` that the other side accepts in place of the old session. The
 //! WireGuard peer stays through it, so its session keys carry on over the new path.
 //!
@@ -127,6 +132,8 @@ struct Session {
     lost: Option<Instant>,
     /// Whether this session restarts ICE for a link whose path was lost.
     restart: bool,
+    /// Consent freshness of the nominated pair while traffic goes out unanswered.
+    consent: ice::Consent,
 }
 
 impl Session {
@@ -406,7 +413,52 @@ impl Engine {
             self.handle_stun(now, local, from, datagram);
             return None;
         }
-        self.node.handle_udp(from, None, datagram, out)
+        let delivered = self.node.handle_udp(from, None, datagram, out);
+        self.follow_roams(now);
+        delivered
+    }
+
+    /// Takes note of peers that roamed off a quiet path: a relay they now come through gets
+    /// a channel, and the move is logged. The agent keeps its nominated pair; only a new
+    /// nomination (a working pair) moves the endpoint again, so it never goes back to the
+    /// dead path on its own.
+    fn follow_roams(&mut self, now: Instant) {
+        while let Some((index, endpoint, via)) = self.node.poll_roamed() {
+            if let Some(relay) = via.and_then(|r| self.relays.get_mut(r))
+                && let Err(e) = relay.bind_channel(now, endpoint)
+            {
+                tracing::debug!(%endpoint, "no TURN channel: {e}");
+            }
+            let relayed = via
+                .and_then(|r| self.relays.get(r))
+                .and_then(TurnAllocation::relayed_address);
+            let Some((device, link)) = self.links.iter_mut().find(|(_, l)| l.peer == Some(index))
+            else {
+                continue;
+            };
+            tracing::info!(%device, %endpoint, relayed = via.is_some(), "the path went quiet and the device was heard elsewhere: following it");
+            // The session's pair follows, for status: our relayed address when it came through
+            // our relay, else the local address of the old pair unless that was a relay's,
+            // else a host candidate of the same family.
+            if let Some(s) = link.session.as_mut()
+                && let Some((old, _)) = s.nominated
+            {
+                let was_relayed = self.relays.iter().any(|a| a.relayed_address() == Some(old));
+                let host = || {
+                    s.agent
+                        .local_candidates()
+                        .find(|c| {
+                            c.kind() == is::CandidateKind::Host
+                                && c.addr().is_ipv4() == endpoint.is_ipv4()
+                        })
+                        .map(|c| c.addr())
+                };
+                let source = relayed.or(if was_relayed { host() } else { Some(old) });
+                if let Some(source) = source {
+                    s.nominated = Some((source, endpoint));
+                }
+            }
+        }
     }
 
     /// A frame from the TCP connection to the TURN server `server`; as
@@ -475,7 +527,11 @@ impl Engine {
                         self.handle_stun(now, relayed, peer, inner);
                         None
                     }
-                    _ => self.node.handle_udp(peer, Some(r), inner, out),
+                    _ => {
+                        let delivered = self.node.handle_udp(peer, Some(r), inner, out);
+                        self.follow_roams(now);
+                        delivered
+                    }
                 }
             }
         }
@@ -1202,6 +1258,7 @@ impl Engine {
             started: now,
             nominated: None,
             lost: None,
+            consent: ice::Consent::default(),
             restart,
         });
         self.signals
@@ -1362,6 +1419,7 @@ impl Engine {
                 started: now,
                 nominated: None,
                 lost: None,
+                consent: ice::Consent::default(),
                 restart,
             });
         }
@@ -1497,8 +1555,16 @@ impl Engine {
                 self.restart(now, &device);
             }
         }
-        for link in self.links.values_mut() {
+        for (device, link) in &mut self.links {
             if let Some(s) = link.session.as_mut() {
+                let suspect = link.peer.is_some_and(|i| self.node.path_suspect(i, now));
+                if s.consent.update(&mut s.agent, suspect, now)
+                    && s.nominated.is_some()
+                    && s.lost.is_none()
+                {
+                    tracing::info!(%device, session = %s.id, "the path went unanswered while traffic went out: it is lost");
+                    s.lost = Some(now);
+                }
                 s.agent.handle_timeout(now);
             }
         }
@@ -2926,6 +2992,39 @@ mod tests {
             assert_eq!(a.session, b.session);
             assert!(a.counter > b.counter);
         }
+    }
+
+    /// Whether device `i`'s ICE found its path dead: the session reports it lost, or a
+    /// restart replaced it.
+    fn path_lost(w: &World, i: usize) -> bool {
+        let link = w.devs[i].engine.links.values().next();
+        link.and_then(|l| l.session.as_ref())
+            .is_some_and(|s| s.lost.is_some() || s.restart)
+    }
+
+    #[test]
+    fn a_dead_path_is_found_within_5_seconds_while_traffic_flows() {
+        let mut w = friends();
+        w.run(25);
+        assert!(w.connected(0) && w.connected(1));
+        let (a1, b1) = (w.devs[0].addr, w.devs[1].addr);
+        // Idle for a minute: consent checks keep the path, and nothing is lost.
+        w.run(3000);
+        assert!(!path_lost(&w, 0) && !path_lost(&w, 1));
+        // The path dies just after Alice heard from Bob, while she sends 5 packets a second.
+        assert!(tunnel(&mut w, 1, 0, b"last").arrived.is_some());
+        w.cut(a1, b1);
+        let start = w.now;
+        while !path_lost(&w, 0) {
+            assert!(
+                w.now - start < Duration::from_secs(5),
+                "the dead path is still in use after {:?}",
+                w.now - start
+            );
+            assert_eq!(tunnel(&mut w, 0, 1, b"ping").arrived, None);
+            w.run(10);
+        }
+        eprintln!("dead path found after {:?}", w.now - start);
     }
 
     #[test]

@@ -30,6 +30,24 @@ use std::time::{Duration, Instant};
 
 /// How often the WireGuard timers of every session are driven.
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// A path on which nothing authenticated arrived for this long is quiet: an authenticated
+/// datagram from another address (or through another relay) then moves the endpoint there,
+/// even for a peer whose path ICE chose. A live link hears its peer far more often than this
+/// (a ping every second, WireGuard's keepalive 10 s after data, any flow many times a
+/// second); a path that carries traffic both ways is never quiet for this long, so two live
+/// paths cannot pull the endpoint back and forth. Long enough to cover a burst of reordering
+/// and the node's clock granularity (the 250 ms timer tick), short enough that a rebound NAT
+/// costs about a second.
+///
+/// The device whose public key sorts higher waits [`ROAM_QUIET_HIGHER`] instead. When both
+/// paths are alive but each side sends on another (one side moved to an ICE nomination the
+/// other has not made yet), each side's path is quiet and both would roam at the same moment,
+/// onto each other's old path, and swap again a second later, for ever. With the two waits
+/// apart, the quicker side moves onto the path the other sends on, which hears it again there
+/// before its own wait is over: the endpoints converge.
+pub const ROAM_QUIET: Duration = Duration::from_secs(1);
+/// The wait of the side whose key sorts higher (see [`ROAM_QUIET`]).
+pub const ROAM_QUIET_HIGHER: Duration = Duration::from_millis(1500);
 /// A session is usable for this long after its handshake (WireGuard's REJECT_AFTER_TIME).
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// Handshake initiations without an answer before a peer is reported as not answering.
@@ -68,9 +86,10 @@ pub struct PeerConfig {
     pub destinations: Option<Vec<IpAddr>>,
     /// Persistent keepalive interval in seconds.
     pub keepalive: Option<u16>,
-    /// Whether an authenticated datagram from another address moves the endpoint there
-    /// (WireGuard's roaming). Off for peers whose path ICE chooses: with several paths (direct,
-    /// relays) a datagram on one of them must not pull the link off the nominated pair.
+    /// Whether an authenticated datagram from another address moves the endpoint there at
+    /// once (WireGuard's roaming). Off for peers whose path ICE chooses: with several paths
+    /// (direct, relays) a datagram on one of them moves the link off the nominated pair only
+    /// when that pair has gone quiet (nothing authenticated on it for [`ROAM_QUIET`]).
     pub roaming: bool,
 }
 
@@ -331,6 +350,15 @@ struct Peer {
     /// When the peer was last heard: a handshake or data that WireGuard authenticated, by the
     /// node's clock (the time of its last [`Node::handle_timeout`]).
     heard: Option<Instant>,
+    /// When something authenticated last arrived on the current path (`endpoint`, `via`), or
+    /// when the path was set, by the node's clock.
+    path_heard: Option<Instant>,
+    /// When a packet from the tunnel was last sent to the peer, by the node's clock.
+    sent: Option<Instant>,
+    /// Whether the peer is in the node's `roamed` queue.
+    roam_queued: bool,
+    /// How long the current path must be quiet before a roam off it.
+    roam_quiet: Duration,
 }
 
 impl Peer {
@@ -402,17 +430,40 @@ impl Peer {
         }
     }
 
-    /// Notes an authenticated message from `from` (through relay `via`): the peer may have
-    /// roamed, or its path moved between relayed and direct.
-    fn authenticated(&mut self, from: SocketAddr, via: Option<usize>) {
-        if !self.config.roaming && self.endpoint.is_some() {
-            return;
+    /// Notes an authenticated message from `from` (through relay `via`) at `now`: the peer
+    /// may have roamed, or its path moved between relayed and direct. The endpoint follows it
+    /// when roaming is on, when no endpoint is known, or when the current path is quiet.
+    /// Whether the peer is to be queued as roamed (it moved from a known endpoint, and is not
+    /// queued yet).
+    fn authenticated(
+        &mut self,
+        from: SocketAddr,
+        via: Option<usize>,
+        now: Option<Instant>,
+    ) -> bool {
+        if self.endpoint == Some(from) && self.via == via {
+            self.path_heard = now.or(self.path_heard);
+            return false;
         }
-        if self.endpoint != Some(from) || self.via != via {
-            tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), "peer endpoint set");
-            self.endpoint = Some(from);
+        let quiet = match (self.path_heard, now) {
+            (Some(heard), Some(now)) => now.saturating_duration_since(heard) >= self.roam_quiet,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if self.endpoint.is_some() && !self.config.roaming && !quiet {
+            tracing::trace!(peer = %self.label(), %from, "authenticated on another path while the current one is alive");
+            return false;
+        }
+        let Some(previous) = self.endpoint.replace(from) else {
+            tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), "peer endpoint learned");
             self.via = via;
-        }
+            self.path_heard = now;
+            return false;
+        };
+        tracing::info!(peer = %self.label(), endpoint = %from, relayed = via.is_some(), %previous, "peer endpoint moved");
+        self.via = via;
+        self.path_heard = now;
+        !std::mem::replace(&mut self.roam_queued, true)
     }
 
     fn update_connected(&mut self) {
@@ -561,6 +612,9 @@ pub struct Node {
     next_tick: Option<Instant>,
     /// The time of the last [`Node::handle_timeout`]: when peers are heard.
     clock: Option<Instant>,
+    /// Peers whose endpoint moved to where their authenticated datagrams came from, oldest
+    /// first: each at most once, drained by [`Node::poll_roamed`].
+    roamed: VecDeque<usize>,
     /// Counts up whenever a peer or its addresses change.
     version: u64,
     scratch: Vec<u8>,
@@ -583,6 +637,7 @@ impl Node {
             gate: HandshakeGate::new(&public),
             next_tick: None,
             clock: None,
+            roamed: VecDeque::new(),
             version: 0,
             scratch: vec![0; SCRATCH_LEN],
         };
@@ -631,6 +686,11 @@ impl Node {
                 });
             }
         }
+        let roam_quiet = if self.public_key() > config.public_key {
+            ROAM_QUIET_HIGHER
+        } else {
+            ROAM_QUIET
+        };
         let generation = self.generations[index].wrapping_add(1);
         self.generations[index] = generation;
         let tunn = Tunn::new(
@@ -653,6 +713,10 @@ impl Node {
             connected: false,
             started: false,
             heard: None,
+            path_heard: None,
+            sent: None,
+            roam_queued: false,
+            roam_quiet,
         });
         // Let the next tick open the session at once.
         self.next_tick = None;
@@ -681,6 +745,8 @@ impl Node {
             tracing::debug!(peer = %peer.label(), %endpoint, relayed = via.is_some(), "endpoint set");
             peer.endpoint = Some(endpoint);
             peer.via = via;
+            // A path just chosen gets its time to be heard before anything can roam off it.
+            peer.path_heard = self.clock;
             self.next_tick = None;
         }
     }
@@ -802,6 +868,7 @@ impl Node {
                 if datagram.first() == Some(&HANDSHAKE_INIT) {
                     peer.initiation_sent();
                 }
+                peer.sent = self.clock;
                 Some(Outgoing {
                     destination: endpoint,
                     via: peer.via,
@@ -854,7 +921,9 @@ impl Node {
                 let reply = reply.to_vec();
                 if authentic {
                     peer.heard = clock.or(peer.heard);
-                    peer.authenticated(from, via);
+                    if peer.authenticated(from, via, clock) {
+                        self.roamed.push_back(index);
+                    }
                 }
                 self.transmits.push_back(Transmit {
                     destination: from,
@@ -869,14 +938,20 @@ impl Node {
                 let len = p.len();
                 // Decrypted: the peer is alive, whatever the checks below make of the packet.
                 peer.heard = clock.or(peer.heard);
-                Self::accept(peer, &mut self.drops, (from, via), &mut out[..len])
+                let moved = peer.authenticated(from, via, clock);
+                if moved {
+                    self.roamed.push_back(index);
+                }
+                Self::accept(peer, &mut self.drops, &mut out[..len])
             }
             TunnResult::Done => {
                 // A keepalive, or a cookie reply (which proves nothing: anyone who saw our
                 // initiation and knows the peer's public key can make one).
                 if datagram[0] != COOKIE_REPLY {
                     peer.heard = clock.or(peer.heard);
-                    peer.authenticated(from, via);
+                    if peer.authenticated(from, via, clock) {
+                        self.roamed.push_back(index);
+                    }
                 }
                 self.flush_queued(index);
                 None
@@ -896,12 +971,7 @@ impl Node {
     /// Checks a decrypted packet's addresses: the source must be the peer's, the destination
     /// ours in an overlay the peer shares. A packet from the peer's translated address gets
     /// our numbering of the peer as its source, in place.
-    fn accept(
-        peer: &mut Peer,
-        drops: &mut Drops,
-        (from, via): (SocketAddr, Option<usize>),
-        packet: &mut [u8],
-    ) -> Option<usize> {
+    fn accept(peer: &mut Peer, drops: &mut Drops, packet: &mut [u8]) -> Option<usize> {
         let (src, dst) = packet::addresses(packet)?;
         if peer.owns(src) {
             if !peer.may_send_to(dst) {
@@ -929,7 +999,6 @@ impl Node {
                 return None;
             }
         }
-        peer.authenticated(from, via);
         Some(packet.len())
     }
 
@@ -1114,6 +1183,35 @@ impl Node {
     /// handshake age in [`PeerStatus`] (boringtun's own clock), this follows the time passed in.
     pub fn last_heard(&self, index: usize) -> Option<Instant> {
         self.peers.get(index)?.as_ref()?.heard
+    }
+
+    /// A peer whose endpoint moved on its own (roamed off a quiet path), with its new
+    /// endpoint and relay.
+    pub fn poll_roamed(&mut self) -> Option<(usize, SocketAddr, Option<usize>)> {
+        while let Some(index) = self.roamed.pop_front() {
+            if let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) {
+                peer.roam_queued = false;
+                if let Some(endpoint) = peer.endpoint {
+                    return Some((index, endpoint, peer.via));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the current path to the peer in slot `index` looks dead: the tunnel sent to it
+    /// within [`ROAM_QUIET`] and nothing authenticated came back on that path for longer.
+    pub fn path_suspect(&self, index: usize, now: Instant) -> bool {
+        let Some(peer) = self.peers.get(index).and_then(Option::as_ref) else {
+            return false;
+        };
+        let quiet_since = peer
+            .path_heard
+            .map_or(ROAM_QUIET, |h| now.saturating_duration_since(h));
+        let sending = peer
+            .sent
+            .is_some_and(|s| now.saturating_duration_since(s) < ROAM_QUIET);
+        sending && quiet_since >= ROAM_QUIET
     }
 
     /// The state of one peer.
@@ -1537,41 +1635,229 @@ mod tests {
         assert_eq!(dst, moved);
     }
 
-    #[test]
-    fn a_peer_whose_path_ice_chooses_does_not_roam() {
+    /// A and B linked, with A's peer B managed by ICE (roaming off, endpoint set by ICE) at
+    /// `t0`, and the handshake done at `t0`.
+    fn ice_managed(t0: Instant) -> Sim {
         let mut sim = pair(None);
-        sim.start();
-        let mut b_config = peer(PublicKey::from_secret(&secret()), None, &[]);
-        b_config.roaming = false;
-        let mut wire = vec![0u8; 2048];
-        let mut inner = vec![0u8; 2048];
-        // Make A's peer B ICE-managed: same key and addresses, roaming off.
         let b_key = sim.a.peers().next().unwrap().public_key;
         sim.a.remove_peer(0);
-        b_config.public_key = b_key;
-        b_config.addresses = vec!["10.0.0.2/32".parse().unwrap()];
+        let mut b_config = peer(b_key, None, &["10.0.0.2/32"]);
+        b_config.roaming = false;
         let index = sim.a.add_peer(b_config).unwrap();
+        sim.a.handle_timeout(t0);
+        sim.b.handle_timeout(t0);
         sim.a.set_endpoint(index, sim.b_addr, None);
-        sim.start();
-        let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
-        let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from another path");
-        let n = sim
-            .b
-            .handle_tun(&mut p.clone(), &mut wire)
-            .expect("encrypted")
-            .len;
-        assert!(
-            sim.a
-                .handle_udp(elsewhere, None, &wire[..n], &mut inner)
+        sim.a.handle_timeout(t0);
+        sim.exchange();
+        assert_eq!(state(&sim.a), LinkState::Connected);
+        sim
+    }
+
+    impl Sim {
+        /// Sends a packet from B's tunnel to A as if it came from `from` through relay `via`;
+        /// whether A took it.
+        fn b_to_a(&mut self, from: SocketAddr, via: Option<usize>) -> bool {
+            let mut wire = vec![0u8; 2048];
+            let mut inner = vec![0u8; 2048];
+            let p = ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"from B");
+            let n = self
+                .b
+                .handle_tun(&mut p.clone(), &mut wire)
+                .expect("encrypted")
+                .len;
+            self.a
+                .handle_udp(from, via, &wire[..n], &mut inner)
                 .is_some()
+        }
+
+        /// Where A sends a packet for B now: the destination and relay.
+        fn a_sends_to(&mut self) -> (SocketAddr, Option<usize>) {
+            let mut wire = vec![0u8; 2048];
+            let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
+            let out = self
+                .a
+                .handle_tun(&mut back.clone(), &mut wire)
+                .expect("encrypted");
+            (out.destination, out.via)
+        }
+
+        fn a_at(&mut self, t: Instant) {
+            self.a.handle_timeout(t);
+        }
+
+        /// How long A waits on a quiet path before roaming off it.
+        fn a_quiet(&self) -> Duration {
+            self.a.peers[0].as_ref().expect("peer B").roam_quiet
+        }
+    }
+
+    #[test]
+    fn a_peer_whose_path_ice_chooses_does_not_roam_while_its_path_is_alive() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
+        // The current path was heard 0.9 s ago: a datagram on another path does not move it.
+        sim.a_at(t0 + Duration::from_millis(900));
+        assert!(sim.b_to_a(elsewhere, None));
+        assert_eq!(sim.a_sends_to(), (sim.b_addr, None));
+        // Heard again on the current path, then 0.9 s later again elsewhere: still no move.
+        let b_addr = sim.b_addr;
+        assert!(sim.b_to_a(b_addr, None));
+        sim.a_at(t0 + Duration::from_millis(1800));
+        assert!(sim.b_to_a(elsewhere, None));
+        assert_eq!(sim.a_sends_to(), (sim.b_addr, None));
+        assert_eq!(sim.a.poll_roamed(), None);
+        assert_eq!(sim.a.peers().next().unwrap().endpoint, Some(sim.b_addr));
+    }
+
+    #[test]
+    fn a_peer_whose_path_went_quiet_roams_to_where_it_is_heard_and_stays() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        let elsewhere: SocketAddr = "192.0.2.2:3000".parse().unwrap();
+        // Nothing on the current path for a second: the next authenticated datagram from
+        // elsewhere moves the endpoint.
+        let quiet = sim.a_quiet();
+        sim.a_at(t0 + quiet);
+        assert!(sim.b_to_a(elsewhere, None));
+        assert_eq!(sim.a_sends_to(), (elsewhere, None));
+        assert_eq!(sim.a.poll_roamed(), Some((0, elsewhere, None)));
+        assert_eq!(sim.a.poll_roamed(), None);
+        assert_eq!(sim.a.peers().next().unwrap().endpoint, Some(elsewhere));
+        // A late datagram on the old path does not pull it back while the new one is alive.
+        let b_addr = sim.b_addr;
+        sim.a_at(t0 + quiet + Duration::from_millis(500));
+        assert!(sim.b_to_a(b_addr, None));
+        assert_eq!(sim.a_sends_to(), (elsewhere, None));
+        assert_eq!(sim.a.poll_roamed(), None);
+    }
+
+    #[test]
+    fn a_relay_is_roamed_to_only_when_the_current_path_is_quiet() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        let relayed_peer: SocketAddr = "198.51.100.7:49152".parse().unwrap();
+        let other_relay: SocketAddr = "198.51.100.8:49160".parse().unwrap();
+        let quiet = sim.a_quiet();
+        // Direct path alive: the same peer through relay 0 is no roam.
+        sim.a_at(t0 + quiet / 2);
+        assert!(sim.b_to_a(relayed_peer, Some(0)));
+        assert_eq!(sim.a_sends_to(), (sim.b_addr, None));
+        // Direct path quiet: the relay takes over.
+        let t1 = t0 + quiet + Duration::from_millis(100);
+        sim.a_at(t1);
+        assert!(sim.b_to_a(relayed_peer, Some(0)));
+        assert_eq!(sim.a_sends_to(), (relayed_peer, Some(0)));
+        assert_eq!(sim.a.poll_roamed(), Some((0, relayed_peer, Some(0))));
+        // The relayed path is alive: another relay, or the same address through another
+        // relay, or the direct path, does not pull the endpoint around.
+        sim.a_at(t1 + quiet / 2);
+        assert!(sim.b_to_a(other_relay, Some(1)));
+        assert!(sim.b_to_a(relayed_peer, Some(1)));
+        let b_addr = sim.b_addr;
+        assert!(sim.b_to_a(b_addr, None));
+        assert_eq!(sim.a_sends_to(), (relayed_peer, Some(0)));
+        assert_eq!(sim.a.poll_roamed(), None);
+        // Relay 0 goes quiet; relay 1 is heard: it takes over.
+        sim.a_at(t1 + quiet);
+        assert!(sim.b_to_a(other_relay, Some(1)));
+        assert_eq!(sim.a_sends_to(), (other_relay, Some(1)));
+    }
+
+    #[test]
+    fn two_ice_chosen_peers_sending_on_different_live_paths_converge_on_one() {
+        // Two paths between A and B, both alive: on path 0 A is A0 and B is B0, on path 1 A1
+        // and B1. A sends on path 1, B on path 0: each hears the other only on the path it
+        // does not send on.
+        let (sa, sb) = (secret(), secret());
+        let (ka, kb) = (PublicKey::from_secret(&sa), PublicKey::from_secret(&sb));
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let (a0, a1) = (addr("192.0.2.1:1000"), addr("198.51.100.1:1000"));
+        let (b0, b1) = (addr("192.0.2.2:2000"), addr("198.51.100.2:2000"));
+        let ice_peer = |key, net: &str| PeerConfig {
+            roaming: false,
+            ..peer(key, None, &[net])
+        };
+        let mut a = Node::new(sa, vec![ice_peer(kb, "10.0.0.2/32")]).unwrap();
+        let mut b = Node::new(sb, vec![ice_peer(ka, "10.0.0.1/32")]).unwrap();
+        let mut now = Instant::now();
+        a.handle_timeout(now);
+        b.handle_timeout(now);
+        a.set_endpoint(0, b1, None);
+        b.set_endpoint(0, a0, None);
+        // Where a datagram to `to` comes from, on the same path.
+        let source = |to: SocketAddr| match to {
+            t if t == b0 => a0,
+            t if t == b1 => a1,
+            t if t == a0 => b0,
+            _ => b1,
+        };
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        let mut moves = (0, 0);
+        let mut last = (Some(b1), Some(a0));
+        let mut in_flight: Vec<(bool, SocketAddr, Vec<u8>)> = Vec::new();
+        // 10 s of packets both ways every 20 ms, 20 ms on the wire (the handshake included).
+        for _ in 0..500 {
+            now += Duration::from_millis(20);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            // What was sent in the last step arrives now (20 ms on the wire), then both send.
+            for (to_b, src, payload) in std::mem::take(&mut in_flight) {
+                let to = if to_b { &mut b } else { &mut a };
+                to.handle_udp(src, None, &payload, &mut inner);
+            }
+            for a_sends in [true, false] {
+                let (from, p) = if a_sends {
+                    (&mut a, ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"a"))
+                } else {
+                    (&mut b, ipv4([10, 0, 0, 2], [10, 0, 0, 1], b"b"))
+                };
+                if let Some(out) = from.handle_tun(&mut p.clone(), &mut wire) {
+                    let src = source(out.destination);
+                    in_flight.push((a_sends, src, wire[..out.len].to_vec()));
+                }
+                while let Some(t) = from.poll_transmit() {
+                    in_flight.push((a_sends, source(t.destination), t.payload));
+                }
+            }
+            let now_at = (
+                a.peers().next().unwrap().endpoint,
+                b.peers().next().unwrap().endpoint,
+            );
+            moves.0 += usize::from(now_at.0 != last.0);
+            moves.1 += usize::from(now_at.1 != last.1);
+            last = now_at;
+        }
+        assert_eq!(state(&a), LinkState::Connected);
+        // One path both ways, reached with one move.
+        assert!(
+            last == (Some(b0), Some(a0)) || last == (Some(b1), Some(a1)),
+            "{last:?}"
         );
-        let back = ipv4([10, 0, 0, 1], [10, 0, 0, 2], b"reply");
-        let dst = sim
-            .a
-            .handle_tun(&mut back.clone(), &mut wire)
-            .expect("encrypted")
-            .destination;
-        assert_eq!(dst, sim.b_addr);
+        assert_eq!(moves.0 + moves.1, 1, "{moves:?}");
+    }
+
+    #[test]
+    fn a_path_is_suspect_while_the_tunnel_sends_and_nothing_comes_back() {
+        let t0 = Instant::now();
+        let mut sim = ice_managed(t0);
+        // Idle: not suspect, however long the silence.
+        sim.a_at(t0 + Duration::from_secs(30));
+        assert!(!sim.a.path_suspect(0, t0 + Duration::from_secs(30)));
+        // Sending, and heard on the path just now: not suspect.
+        let b_addr = sim.b_addr;
+        assert!(sim.b_to_a(b_addr, None));
+        sim.a_sends_to();
+        assert!(!sim.a.path_suspect(0, t0 + Duration::from_millis(30_500)));
+        // Sending on, a second of silence: suspect.
+        let t1 = t0 + Duration::from_millis(31_000);
+        sim.a_at(t1);
+        sim.a_sends_to();
+        assert!(sim.a.path_suspect(0, t1));
+        // An answer on the path clears it.
+        assert!(sim.b_to_a(b_addr, None));
+        assert!(!sim.a.path_suspect(0, t1));
     }
 
     #[test]

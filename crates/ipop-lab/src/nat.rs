@@ -150,6 +150,15 @@ pub struct Router {
     lan_ip: Ipv4Addr,
     hairpin: bool,
     udp_blocked: bool,
+    /// How many times [`Router::rebind`] gave the router new public ports.
+    rebinds: u16,
+}
+
+/// The public ports of a router after its `n`th rebinding (from 1): a range of its own, so that
+/// no new mapping can reuse an old public port.
+fn rebound_ports(n: u16) -> (u16, u16) {
+    let first = 20_000 + (n.min(40) - 1) * 1_000;
+    (first, first + 999)
 }
 
 impl Router {
@@ -195,6 +204,30 @@ impl Router {
     pub fn set_udp_blocked(&mut self, blocked: bool) {
         self.udp_blocked = blocked;
         self.apply();
+    }
+
+    /// Rebinds every mapping, as a NAT that reboots or a carrier NAT that reassigns ports does:
+    /// from now on new mappings take public ports from a range no mapping used before, the
+    /// endpoint-independent maps are emptied and the conntrack table flushed (`conntrack -F`),
+    /// so the next packet of every flow gets a new public port. Returns the new port range.
+    ///
+    /// # Panics
+    /// When nftables refuses the rules or `conntrack -F` fails.
+    pub fn rebind(&mut self) -> (u16, u16) {
+        self.rebinds += 1;
+        self.apply();
+        for map in ["eim", "hp", "used"] {
+            let kind = if map == "used" { "set" } else { "map" };
+            self.ns.exec(&["nft", "flush", kind, "ip", TABLE, map]);
+        }
+        let out = self.ns.try_exec(&["conntrack", "-F"]);
+        assert!(
+            out.status.success(),
+            "conntrack -F in router {}: {}",
+            self.ns.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        rebound_ports(self.rebinds)
     }
 
     /// The router's connection-tracking entries (`/proc/net/nf_conntrack` in its namespace, one
@@ -293,6 +326,17 @@ impl Router {
             }
         }
         let outbound = format!("oifname {WAN} ip saddr {lan}");
+        // After a rebinding, only mappings in the new range are recorded: the flows of the old
+        // mappings, until conntrack forgets them, must not put them back in the maps.
+        let (ports, recorded) = if self.rebinds == 0 {
+            (String::new(), String::new())
+        } else {
+            let (first, last) = rebound_ports(self.rebinds);
+            (
+                format!(" to :{first}-{last}"),
+                format!(" udp sport {first}-{last}"),
+            )
+        };
         if endpoint_independent {
             // Reuse the public endpoint an internal endpoint got first; a source port that is
             // another endpoint's public port already is not preserved.
@@ -302,10 +346,19 @@ impl Router {
             );
             let _ = writeln!(
                 post,
-                "{outbound} meta l4proto udp udp sport @used masquerade random"
+                "{outbound} meta l4proto udp udp sport @used masquerade{ports} random"
             );
+            if self.rebinds > 0 {
+                let _ = writeln!(post, "{outbound} meta l4proto udp masquerade{ports}");
+            }
             let _ = writeln!(post, "{outbound} masquerade");
         } else {
+            if self.rebinds > 0 {
+                let _ = writeln!(
+                    post,
+                    "{outbound} meta l4proto udp masquerade{ports} fully-random"
+                );
+            }
             let _ = writeln!(post, "{outbound} masquerade fully-random");
         }
         let block = if self.udp_blocked {
@@ -341,9 +394,9 @@ table ip {TABLE} {{
   chain postrouting {{
 {post}  }}
   chain record {{
-    ip saddr {public} ct direction original ct status snat meta l4proto udp update @eim {{ ct original ip saddr . ct original proto-src timeout {t}s : ip saddr . udp sport }}
-    ip saddr {public} ct direction original ct status snat meta l4proto udp update @hp {{ ip saddr . udp sport timeout {t}s : ct original ip saddr . ct original proto-src }}
-    ip saddr {public} ct direction original ct status snat meta l4proto udp update @used {{ udp sport timeout {t}s }}
+    ip saddr {public} ct direction original ct status snat meta l4proto udp{recorded} update @eim {{ ct original ip saddr . ct original proto-src timeout {t}s : ip saddr . udp sport }}
+    ip saddr {public} ct direction original ct status snat meta l4proto udp{recorded} update @hp {{ ip saddr . udp sport timeout {t}s : ct original ip saddr . ct original proto-src }}
+    ip saddr {public} ct direction original ct status snat meta l4proto udp{recorded} update @used {{ udp sport timeout {t}s }}
   }}
   chain forward {{
     {block}
@@ -593,6 +646,7 @@ impl NatLab {
             lan_ip,
             hairpin: site.hairpin,
             udp_blocked: site.nat == Nat::UdpBlocked,
+            rebinds: 0,
         };
         router.apply();
         self.routers.push(router);

@@ -559,3 +559,169 @@ fn two_devices_behind_one_nat_link_directly() {
         "{peer}"
     );
 }
+
+/// Pings from device `i` to device `j` at 5/s for 12 s, in the background.
+fn start_pings(w: &World, i: usize, j: usize) -> std::process::Child {
+    const SECONDS_OF_PINGS: u32 = 12;
+    let target = w.addr_of(i, j).expect("device j's address");
+    w.ns(i)
+        .command("ping")
+        .args(["-n", "-D", "-i", "0.2", "-W", "1"])
+        .args(["-c", &(SECONDS_OF_PINGS * 5).to_string()])
+        .args(["-w", &(SECONDS_OF_PINGS + 5).to_string()])
+        .arg(target.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping starts")
+}
+
+/// Now, in seconds since 1970 (ping's `-D` timestamps).
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// Waits for the pings of [`start_pings`] to end; returns how long after `disrupted` (from
+/// [`unix_now`]) the first reply came, and the longest gap between two replies, in seconds.
+fn recovery(pings: std::process::Child, disrupted: f64) -> (f64, f64) {
+    let out = pings.wait_with_output().expect("ping ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Reply lines: "[1733343434.123456] 64 bytes from 10.78.0.2: icmp_seq=7 ttl=64 time=0.5 ms".
+    let replies: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let first_after = replies
+        .iter()
+        .find(|&&t| t > disrupted)
+        .unwrap_or_else(|| panic!("no reply after the disruption:\n{text}"));
+    let longest_gap = replies.windows(2).map(|p| p[1] - p[0]).fold(0.0, f64::max);
+    (first_after - disrupted, longest_gap)
+}
+
+/// The peer entry device `i` shows for device `j`.
+fn peer_entry(w: &World, i: usize, j: usize) -> Value {
+    World::peer(&w.status(i).expect("status"), &w.devices[j].user)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Seconds since the last WireGuard handshake with the peer, as status shows it.
+fn handshake_age(peer: &Value) -> f64 {
+    peer["last_handshake_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no handshake age in {peer}"))
+}
+
+/// A NAT router rebinds in the middle of a ping at 5/s: every mapping gets a new public port,
+/// conntrack is flushed. The other device (behind a full cone, which lets the new port in)
+/// hears the same WireGuard session from the new port and follows it: replies resume within
+/// 2 s, with no new handshake. First the router of one
+/// device rebinds, then the other's: one of them runs the ICE agent that nominates (it moves to
+/// the new port by ICE's triggered checks), the other's peer can only follow it by roaming off
+/// the path gone quiet.
+#[test]
+fn a_link_follows_its_nat_rebinding_within_2_seconds_with_the_same_session() {
+    let mut w = World::new(
+        "nrebind",
+        vec![Site::new(Nat::FullCone), Site::new(Nat::FullCone)],
+    );
+    let (path, peer) = linked(&mut w, Duration::from_secs(20));
+    assert_eq!(path, "direct", "{peer}");
+    let age_before = handshake_age(&peer_entry(&w, 0, 1));
+    let asked = std::time::Instant::now();
+
+    for (rebound, other) in [(0, 1), (1, 0)] {
+        let endpoint_before = peer_entry(&w, other, rebound)["endpoint"].to_string();
+        let name = w.lab.devices[rebound].name.clone();
+        let pings = start_pings(&w, rebound, other);
+        std::thread::sleep(Duration::from_secs(3));
+        let ports = w.lab.router_of_mut(&name).rebind();
+        let (recovery, gap) = recovery(pings, unix_now());
+        eprintln!(
+            "device {rebound}'s NAT rebound: replies resumed after {recovery:.2} s; longest gap {gap:.2} s"
+        );
+        assert!(recovery < 2.0, "replies resumed after {recovery:.2} s");
+
+        // The other device now reaches it at a port of the new range.
+        let endpoint_after = peer_entry(&w, other, rebound)["endpoint"].to_string();
+        assert_ne!(
+            endpoint_after, endpoint_before,
+            "the mapping did not change"
+        );
+        let port: u16 = endpoint_after
+            .trim_matches('"')
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("endpoint {endpoint_after}"));
+        assert!(
+            (ports.0..=ports.1).contains(&port),
+            "{endpoint_after} is not in the new range {ports:?}"
+        );
+        // Status shows the path it follows, not the dead one.
+        let entry = peer_entry(&w, other, rebound);
+        let pair = entry["pair"].as_str().unwrap_or_default();
+        assert!(pair.ends_with(endpoint_after.trim_matches('"')), "{entry}");
+    }
+    // The same session: its handshake aged with the clock.
+    let age_after = handshake_age(&peer_entry(&w, 0, 1));
+    let elapsed = asked.elapsed().as_secs_f64();
+    assert!(
+        age_after + 1.0 >= age_before + elapsed,
+        "a new handshake: {age_before:.1} s old before, {age_after:.1} s old {elapsed:.1} s later"
+    );
+    w.tcp(0, 1);
+    w.tcp(1, 0);
+}
+
+/// A device's address on its LAN changes in the middle of a ping at 5/s: a new host address
+/// replaces the old one and the default route moves to it. Its packets leave from the new
+/// address (through a new NAT mapping); the other device follows: replies resume within 2 s.
+#[test]
+fn a_link_follows_a_new_underlay_address_within_2_seconds() {
+    let mut w = World::new(
+        "naddr",
+        vec![Site::new(Nat::PortRestrictedCone), Site::new(Nat::FullCone)],
+    );
+    let (path, peer) = linked(&mut w, Duration::from_secs(20));
+    assert_eq!(path, "direct", "{peer}");
+    let endpoint_before = peer_entry(&w, 1, 0)["endpoint"].to_string();
+    let age_before = handshake_age(&peer_entry(&w, 0, 1));
+    let asked = std::time::Instant::now();
+
+    let host = &w.lab.devices[0].host;
+    let gateway = w.lab.router_of(&w.lab.devices[0].name).lan_ip();
+    let old = format!("{}/24", host.ipv4);
+    let [a, b, c, _] = host.ipv4.octets();
+    let new = format!("{a}.{b}.{c}.77");
+    let pings = start_pings(&w, 0, 1);
+    std::thread::sleep(Duration::from_secs(3));
+    // As a new DHCP lease does: the old address goes (and the default route with it), the new
+    // one comes, and the default route with it.
+    host.ns.ip(&["addr", "del", &old, "dev", &host.ifname]);
+    host.ns
+        .ip(&["addr", "add", &format!("{new}/24"), "dev", &host.ifname]);
+    host.ns
+        .ip(&["route", "replace", "default", "via", &gateway.to_string()]);
+    let (recovery, gap) = recovery(pings, unix_now());
+    eprintln!("replies resumed {recovery:.2} s after the address changed; longest gap {gap:.2} s");
+    assert!(recovery < 2.0, "replies resumed after {recovery:.2} s");
+    let endpoint_after = peer_entry(&w, 1, 0)["endpoint"].to_string();
+    assert_ne!(
+        endpoint_after, endpoint_before,
+        "the mapping did not change"
+    );
+    let age_after = handshake_age(&peer_entry(&w, 0, 1));
+    let elapsed = asked.elapsed().as_secs_f64();
+    assert!(
+        age_after + 1.0 >= age_before + elapsed,
+        "a new handshake: {age_before:.1} s old before, {age_after:.1} s old {elapsed:.1} s later"
+    );
+    w.tcp(0, 1);
+    w.tcp(1, 0);
+}
