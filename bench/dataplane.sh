@@ -754,6 +754,11 @@ main() {
 		PERF_INSTRUCTIONS=1
 	else
 		log "perf stat cannot count instructions here (no hardware counters)"
+		if ((CALLGRIND_MB > 0)) && ! command -v callgrind_control >/dev/null; then
+			log "installing valgrind to count instructions under callgrind"
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >&2 ||
+				log "valgrind could not be installed: no instruction count"
+		fi
 	fi
 	if [[ " $CONFIGS " == *" boringtun "* ]]; then ensure_boringtun; fi
 	if [[ " $CONFIGS " == *" ipop "* ]]; then ensure_ipop; fi
