@@ -546,7 +546,7 @@ ipop_connected() {
 IPOP_PID_A=""
 IPOP_PID_B=""
 start_ipop_pair() {
-	local da="$WORKDIR/ipop-a" db="$WORKDIR/ipop-b" pid_a pid_b pub_a pub_b up_timeout=$UP_TIMEOUT
+	local da="$WORKDIR/ipop-a" db="$WORKDIR/ipop-b" pid_a pid_b up_timeout=$UP_TIMEOUT
 	(($# > 0)) && up_timeout=$((UP_TIMEOUT * 4))
 	if [[ ! -f "$db/ipop.toml" ]]; then
 		write_ipop_configs "$da" "$db"
@@ -640,7 +640,7 @@ ipop_callgrind() {
 	}
 	log "ipop: perf has no instruction counter here; counting under callgrind over $CALLGRIND_MB MB"
 	start_ipop_pair valgrind --tool=callgrind "--callgrind-out-file=$WORKDIR/callgrind.%p"
-	local pid_a=$IPOP_PID_A pid_b=$IPOP_PID_B pid total=0 n out="$WORKDIR/iperf3-callgrind.json"
+	local pid_a=$IPOP_PID_A pid_b=$IPOP_PID_B pid n out="$WORKDIR/iperf3-callgrind.json"
 	for pid in "$pid_a" "$pid_b"; do
 		callgrind_control -z "$pid" >/dev/null || die "callgrind_control -z $pid failed"
 	done
@@ -655,7 +655,6 @@ ipop_callgrind() {
 		n=$(awk '/^totals:/ { print $2 }' "$WORKDIR/callgrind.$pid.1" 2>/dev/null)
 		[[ "$n" =~ ^[0-9]+$ ]] || die "no totals in $WORKDIR/callgrind.$pid.1"
 		RES[ipop:cg:$pid]=$n
-		total=$((total + n))
 	done
 	RES[ipop:cg_a]=$(awk -v i="${RES[ipop:cg:$pid_a]}" -v b="$bytes" 'BEGIN { printf "%.0f", i / (b / 1e6) }')
 	RES[ipop:cg_b]=$(awk -v i="${RES[ipop:cg:$pid_b]}" -v b="$bytes" 'BEGIN { printf "%.0f", i / (b / 1e6) }')
@@ -754,6 +753,11 @@ main() {
 		PERF_INSTRUCTIONS=1
 	else
 		log "perf stat cannot count instructions here (no hardware counters)"
+		if ((CALLGRIND_MB > 0)) && ! command -v callgrind_control >/dev/null; then
+			log "installing valgrind to count instructions under callgrind"
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >&2 ||
+				log "valgrind could not be installed: no instruction count"
+		fi
 	fi
 	if [[ " $CONFIGS " == *" boringtun "* ]]; then ensure_boringtun; fi
 	if [[ " $CONFIGS " == *" ipop "* ]]; then ensure_ipop; fi
