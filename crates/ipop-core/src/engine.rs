@@ -262,6 +262,12 @@ pub struct Engine {
     gathering_due: bool,
     /// The time of the last [`Engine::handle_timeout`].
     clock: Option<Instant>,
+    /// Whether something besides WireGuard data came in since the last
+    /// [`Engine::handle_timeout`], which then has work to do whatever the timers say.
+    kicked: bool,
+    /// The earliest timer of the links and the STUN and TURN clients, while it holds: only
+    /// what the social network, STUN or the timers bring changes it, not WireGuard data.
+    timers: Option<Option<Instant>>,
     /// Room to copy a datagram before it is wrapped for a relay.
     relay_scratch: Vec<u8>,
 }
@@ -318,6 +324,8 @@ impl Engine {
             relays: Vec::new(),
             gathering_due: false,
             clock: None,
+            kicked: true,
+            timers: None,
             relay_scratch: vec![0; 65535 + 32],
         }
     }
@@ -326,8 +334,22 @@ impl Engine {
         &self.node
     }
 
+    /// Notes that something other than WireGuard data changed the engine's state: the next
+    /// [`Engine::handle_timeout`] is due at once, and the timers are looked at again.
+    fn kick(&mut self) {
+        self.kicked = true;
+        self.timers = None;
+    }
+
+    /// Whether [`Engine::handle_timeout`] has work to do at `now`: something came in that
+    /// it follows up, or a timer has expired. The loop calls it only then.
+    pub fn is_due(&mut self, now: Instant) -> bool {
+        self.kicked || self.poll_timeout().is_some_and(|t| t <= now)
+    }
+
     /// The local addresses (with the UDP port) offered as host candidates.
     pub fn set_host_candidates(&mut self, hosts: Vec<SocketAddr>) {
+        self.kick();
         self.hosts = hosts;
     }
 
@@ -392,6 +414,7 @@ impl Engine {
             return self.handle_from_relay(now, r, from, datagram, out);
         }
         if classify(datagram) == DatagramKind::Stun {
+            self.kick();
             if let Some(id) = crate::stun::transaction_id(datagram)
                 && let Some(b) = self.bindings.iter_mut().find(|b| b.owns_transaction(&id))
             {
@@ -446,6 +469,9 @@ impl Engine {
         out: &mut [u8],
     ) -> Option<usize> {
         let input = self.relays[r].handle_input(now, from, datagram);
+        if !matches!(input, TurnInput::Data { .. }) {
+            self.kick();
+        }
         match input {
             TurnInput::NotOurs => {
                 // A TURN server answers STUN Binding requests too.
@@ -467,6 +493,7 @@ impl Engine {
                 let inner = datagram.get(payload)?;
                 match classify(inner) {
                     DatagramKind::Stun => {
+                        self.kick();
                         let relayed = self.relays[r].relayed_address()?;
                         self.handle_stun(now, relayed, peer, inner);
                         None
@@ -506,6 +533,7 @@ impl Engine {
 
     /// What the social network reports.
     pub fn handle_osn(&mut self, now: Instant, event: OsnEvent) {
+        self.kick();
         match event {
             OsnEvent::Online { me } => {
                 tracing::info!(device = %me, "social network session up");
@@ -1144,6 +1172,7 @@ impl Engine {
     /// Adds a candidate found after start (server-reflexive, relayed): every session gets it,
     /// and the other devices learn it with a `transport-info`.
     pub fn add_local_candidate(&mut self, candidate: is::Candidate) {
+        self.kick();
         if self.gathered.iter().any(|c| c.addr() == candidate.addr()) {
             return;
         }
@@ -1410,6 +1439,8 @@ impl Engine {
     /// Runs timers: retries, session timeouts, ICE, WireGuard.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = Some(now);
+        self.kicked = false;
+        self.timers = None;
         if self.gathering_due {
             self.gathering_due = false;
             self.start_gathering(now);
@@ -1493,8 +1524,11 @@ impl Engine {
                 self.restart(now, &device);
             }
         }
+        // Only the agents whose timer is due (or that have none yet).
         for link in self.links.values_mut() {
-            if let Some(s) = link.session.as_mut() {
+            if let Some(s) = link.session.as_mut()
+                && s.agent.poll_timeout().is_none_or(|t| t <= now)
+            {
                 s.agent.handle_timeout(now);
             }
         }
@@ -1556,20 +1590,55 @@ impl Engine {
     }
 
     /// When [`Engine::handle_timeout`] wants to run next.
+    /// The timers of the links and the STUN and TURN clients are kept until something else
+    /// than WireGuard data comes in; the node's own timer is read each time.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let mut next = self.node.poll_timeout();
+        let timers = match self.timers {
+            Some(t) => t,
+            None => {
+                let t = self.compute_timers();
+                self.timers = Some(t);
+                t
+            }
+        };
+        match (timers, self.node.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The earliest timer of the links and the STUN and TURN clients.
+    fn compute_timers(&mut self) -> Option<Instant> {
+        let mut next = None;
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
-                next = Some(next.map_or(t, |n| n.min(t)));
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         };
         let online = self.online;
+        let clock = self.clock;
         for link in self.links.values_mut() {
             let signalled = online && !link.offline;
             match link.session.as_mut() {
                 Some(s) => {
                     if signalled {
                         consider(restart_due(s));
+                    }
+                    if !link.offline {
+                        // When the session times out (see `handle_timeout`), unless that
+                        // time has passed and the session was kept.
+                        let limit = if !s.answered {
+                            Some(SESSION_TIMEOUT)
+                        } else if s.nominated.is_none() {
+                            Some(ICE_TIMEOUT)
+                        } else {
+                            None
+                        };
+                        consider(
+                            limit
+                                .map(|l| s.started + l + Duration::from_millis(1))
+                                .filter(|t| clock.is_none_or(|c| *t > c)),
+                        );
                     }
                     consider(s.agent.poll_timeout());
                 }
@@ -1822,6 +1891,7 @@ impl Engine {
     /// from the device it was pinned for, whose pin and link go. Returns the key, or why there
     /// is nothing to accept.
     pub fn trust(&mut self, now: Instant, device: &DeviceId) -> Result<PublicKey, String> {
+        self.kick();
         let pinned = self.plans.memory.pins.get(device).copied();
         let Some(announced) = self.devices.get(device) else {
             return Err(if self.strangers.contains_key(device) {
@@ -1943,6 +2013,7 @@ impl Engine {
 
     /// The STUN and TURN servers from the config file, kept whatever the network offers.
     pub fn set_config_servers(&mut self, servers: Vec<IceServer>) {
+        self.kick();
         self.config_servers = servers;
         self.gathering_due = true;
     }
@@ -1950,6 +2021,7 @@ impl Engine {
     /// Releases the TURN allocations (at shutdown); the datagrams to send follow from
     /// [`Engine::poll_transmit`].
     pub fn release(&mut self, now: Instant) {
+        self.kick();
         for a in &mut self.relays {
             a.release(now);
         }

@@ -111,6 +111,8 @@ pub struct Dataplane {
     bufs: Buffers,
     io_errors: IoErrors,
     streams: Streams,
+    /// How long the loop went without waiting, over the last minute.
+    stalls: status::StallWindow,
 }
 
 /// Packets lost to system call errors, counted beside the core's drops.
@@ -199,6 +201,7 @@ impl Dataplane {
             bufs: Buffers::new(mtu.into()),
             io_errors: IoErrors::default(),
             streams: Streams::new(),
+            stalls: status::StallWindow::new(),
         })
     }
 
@@ -241,16 +244,21 @@ impl Dataplane {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        // When the loop last woke up: the time until it waits again is a stall.
+        let mut woke: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            self.engine.handle_timeout(now);
-            self.keeper.after(&mut self.engine, &self.tun);
+            // Timers only when one is due, or when something besides WireGuard data came in.
+            if self.engine.is_due(now) {
+                self.engine.handle_timeout(now);
+                self.keeper.after(&mut self.engine, &self.tun);
+                for server in self.engine.stream_servers() {
+                    self.streams.connect(server);
+                }
+            }
             if now >= self.next_host_scan {
                 self.next_host_scan = now + HOST_SCAN_EVERY;
                 self.discover_host_candidates();
-            }
-            for server in self.engine.stream_servers() {
-                self.streams.connect(server);
             }
             self.flush_control().await;
             while let Some(signal) = self.engine.poll_signal() {
@@ -262,6 +270,9 @@ impl Dataplane {
                 .engine
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            if let Some(w) = woke.take() {
+                self.stalls.record(Instant::now(), w.elapsed());
+            }
             let udp6_readable = async {
                 match &self.udp6 {
                     Some(u) => u.socket.readable().await,
@@ -274,7 +285,7 @@ impl Dataplane {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let wake = tokio::select! {
                 _ = &mut shutdown => {
                     // Give TURN allocations back; their answers are not awaited.
                     self.engine.release(Instant::now());
@@ -283,39 +294,54 @@ impl Dataplane {
                     return;
                 }
                 r = self.tun.readable() => {
+                    let wake = Instant::now();
                     if let Err(e) = r {
                         tracing::error!("TUN device failed: {e}");
                         return;
                     }
                     self.tun_to_network().await;
+                    wake
                 }
                 r = self.udp4.socket.readable() => {
+                    let wake = Instant::now();
                     if r.is_ok() {
                         self.network_to_tun(false).await;
                     }
+                    wake
                 }
                 r = udp6_readable => {
+                    let wake = Instant::now();
                     if r.is_ok() {
                         self.network_to_tun(true).await;
                     }
+                    wake
                 }
-                event = osn_event => match event {
-                    Some(event) => self.engine.handle_osn(Instant::now(), event),
-                    None => {
-                        tracing::warn!("the social network binding stopped; links stay up");
-                        osn = None;
+                event = osn_event => {
+                    let wake = Instant::now();
+                    match event {
+                        Some(event) => self.engine.handle_osn(wake, event),
+                        None => {
+                            tracing::warn!("the social network binding stopped; links stay up");
+                            osn = None;
+                        }
                     }
-                },
+                    wake
+                }
                 Some((server, frame)) = self.streams.incoming.recv() => {
+                    let wake = Instant::now();
                     self.handle_stream_frame(server, &frame).await;
+                    wake
                 }
                 Some(req) = requests.recv() => {
+                    let wake = Instant::now();
                     let answer = self.answer(&req.command);
                     self.keeper.after(&mut self.engine, &self.tun);
                     let _ = req.reply.send(answer);
+                    wake
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {}
-            }
+                _ = tokio::time::sleep_until(deadline.into()) => Instant::now(),
+            };
+            woke = Some(wake);
         }
     }
 
@@ -554,6 +580,7 @@ impl Dataplane {
                     overlays: status::overlays(&self.engine, &self.static_addresses),
                     ice_servers: status::ice_servers(&self.engine),
                     drops: self.drops(),
+                    loop_stall_max_s: self.stalls.max(Instant::now()).as_secs_f64(),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }
