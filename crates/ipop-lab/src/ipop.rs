@@ -330,8 +330,15 @@ impl Node {
         if self.daemon.is_none() || self.exited().is_some() {
             return Ok(());
         }
-        let Ok(status) = self.status() else {
-            return Ok(());
+        let status = match self.status() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "ipop {}: no status to read the loop stall from: {e}",
+                    self.name
+                );
+                return Ok(());
+            }
         };
         let stall = status["loop_stall_max_s"].as_f64().unwrap_or_default();
         if stall >= MAX_LOOP_STALL.as_secs_f64() {
@@ -494,12 +501,16 @@ impl Lab {
     }
 
     /// Stops every started daemon with SIGTERM and checks that each exits with success, so that
-    /// a daemon that crashed during the test fails it.
+    /// a daemon that crashed during the test fails it, and that its loop stall stayed under
+    /// [`MAX_LOOP_STALL`].
     ///
     /// # Panics
     /// When a daemon ended with a failure, naming it and showing its log's last lines.
     pub fn stop_all(&mut self) {
         for node in &mut self.nodes {
+            if let Err(e) = node.check_loop_stall() {
+                panic!("{e}");
+            }
             if let Some(daemon) = node.daemon.take() {
                 let status = daemon.stop();
                 let log = node.log_path();

@@ -42,6 +42,9 @@ const UDP_SLOT_SIZE: usize = 65535;
 const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
 /// Reads from one source per wake-up before the loop looks at the others.
 const MAX_READS_PER_WAKE: usize = 16;
+/// How long one wake-up may keep reading before the loop looks at its other inputs (readiness
+/// stays set, so it comes back at once).
+const WAKE_BUDGET: Duration = Duration::from_millis(2);
 
 struct Udp {
     socket: UdpSocket,
@@ -397,7 +400,11 @@ impl Dataplane {
     /// TUN → network: reads packets, encrypts them back to back into `wire`, and sends each run
     /// of equal-sized datagrams to one destination with a single GSO send.
     async fn tun_to_network(&mut self) {
+        let started = Instant::now();
         for _ in 0..MAX_READS_PER_WAKE {
+            if started.elapsed() >= WAKE_BUDGET {
+                return;
+            }
             let b = &mut self.bufs;
             let n =
                 match self
@@ -467,7 +474,11 @@ impl Dataplane {
     /// Network → TUN: receives a batch of datagrams, decrypts them, and writes the packets to
     /// the TUN device, coalescing TCP segments again where offload allows.
     async fn network_to_tun(&mut self, v6: bool) {
+        let started = Instant::now();
         for _ in 0..MAX_READS_PER_WAKE {
+            if started.elapsed() >= WAKE_BUDGET {
+                return;
+            }
             let udp = if v6 {
                 match &self.udp6 {
                     Some(u) => u,
