@@ -270,6 +270,9 @@ pub struct Engine {
     timers: Option<Option<Instant>>,
     /// Room to copy a datagram before it is wrapped for a relay.
     relay_scratch: Vec<u8>,
+    /// How many devices' links were settled: tests check that an event looks at few.
+    #[cfg(test)]
+    settled: usize,
 }
 
 impl Engine {
@@ -327,6 +330,8 @@ impl Engine {
             kicked: true,
             timers: None,
             relay_scratch: vec![0; 65535 + 32],
+            #[cfg(test)]
+            settled: 0,
         }
     }
 
@@ -994,6 +999,10 @@ impl Engine {
     /// Opens or closes the link to `device` as its verdict says; pins its key when it is first
     /// wanted.
     fn settle_link(&mut self, now: Instant, me: &DeviceId, device: &DeviceId) {
+        #[cfg(test)]
+        {
+            self.settled += 1;
+        }
         if device == me {
             return;
         }
@@ -2352,6 +2361,78 @@ mod tests {
         w.sees(0, 1, &social, kb);
         w.sees(1, 0, &social, ka);
         w
+    }
+
+    #[test]
+    fn a_presence_or_a_signal_settles_only_the_device_concerned() {
+        let mut me = dev(
+            "alice@example.org",
+            "laptop",
+            "192.0.2.1:51820",
+            "10.78.0.1/16",
+        );
+        let now = Instant::now();
+        let social = OverlayId::Social;
+        let users: Vec<String> = (0..=100).map(|i| format!("user{i}@example.org")).collect();
+        let e = &mut me.engine;
+        e.handle_osn(now, OsnEvent::Online { me: me.id.clone() });
+        e.handle_osn(
+            now,
+            OsnEvent::Members {
+                overlay: social.clone(),
+                users: users.clone(),
+            },
+        );
+        let key = || PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
+        let up = |user: &str, key: PublicKey| OsnEvent::DeviceUp {
+            overlay: OverlayId::Social,
+            device: DeviceId::new(user, "pc"),
+            key,
+            claim: None,
+        };
+        for user in &users[..100] {
+            e.handle_osn(now, up(user, key()));
+        }
+        assert_eq!(e.links.len(), 100);
+        // A full reconcile, on a new roster, visits every device: the counter counts.
+        e.settled = 0;
+        e.handle_osn(
+            now,
+            OsnEvent::Members {
+                overlay: social.clone(),
+                users: users.clone(),
+            },
+        );
+        assert_eq!(e.settled, 100);
+
+        e.settled = 0;
+        e.handle_osn(now, up(&users[100], key()));
+        assert_eq!(e.settled, 1, "a new device's presence");
+        assert_eq!(e.links.len(), 101);
+
+        e.settled = 0;
+        e.handle_osn(
+            now,
+            OsnEvent::DeviceDown {
+                overlay: social.clone(),
+                device: DeviceId::new(&users[7], "pc"),
+            },
+        );
+        assert_eq!(e.settled, 1, "a presence that went");
+        assert_eq!(e.links.len(), 100);
+
+        e.settled = 0;
+        e.handle_osn(
+            now,
+            OsnEvent::Signal {
+                from: DeviceId::new(&users[3], "pc"),
+                signal: Signal::Terminate {
+                    session: "unknown".into(),
+                    reason: TerminateReason::Done,
+                },
+            },
+        );
+        assert!(e.settled <= 1, "a signal settled {} devices", e.settled);
     }
 
     #[test]
