@@ -204,7 +204,7 @@ impl Dataplane {
             bufs: Buffers::new(mtu.into()),
             io_errors: IoErrors::default(),
             streams: Streams::new(),
-            stalls: status::StallWindow::new(),
+            stalls: status::StallWindow::default(),
         })
     }
 

@@ -37,14 +37,16 @@ pub struct StallWindow {
     seconds: [(u64, Duration); 60],
 }
 
-impl StallWindow {
-    pub fn new() -> Self {
+impl Default for StallWindow {
+    fn default() -> Self {
         StallWindow {
             start: Instant::now(),
             seconds: [(u64::MAX, Duration::ZERO); 60],
         }
     }
+}
 
+impl StallWindow {
     /// Notes a stall of `stall` that ended at `now`.
     pub fn record(&mut self, now: Instant, stall: Duration) {
         let second = now.saturating_duration_since(self.start).as_secs();
@@ -566,6 +568,29 @@ mod tests {
             }],
             drops: BTreeMap::from([("no_route".into(), 3), ("spoofed_source".into(), 0)]),
         }
+    }
+
+    #[test]
+    fn the_loop_stall_is_the_longest_of_the_last_minute() {
+        let mut w = StallWindow::default();
+        let t0 = Instant::now();
+        w.record(t0, Duration::from_millis(7));
+        w.record(t0 + Duration::from_secs(30), Duration::from_millis(2));
+        assert_eq!(
+            w.max(t0 + Duration::from_secs(30)),
+            Duration::from_millis(7)
+        );
+        assert_eq!(
+            w.max(t0 + Duration::from_secs(61)),
+            Duration::from_millis(2)
+        );
+        // The slot of second 0 is reused by second 60, without the old stall.
+        w.record(t0 + Duration::from_secs(60), Duration::from_millis(1));
+        assert_eq!(
+            w.max(t0 + Duration::from_secs(91)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(w.max(t0 + Duration::from_secs(200)), Duration::ZERO);
     }
 
     #[test]
