@@ -45,6 +45,8 @@ const MAX_READS_PER_WAKE: usize = 16;
 /// How long one wake-up may keep reading before the loop looks at its other inputs (readiness
 /// stays set, so it comes back at once).
 const WAKE_BUDGET: Duration = Duration::from_millis(2);
+/// A stall of the loop this long is logged, with what woke it.
+const LONG_STALL: Duration = Duration::from_millis(10);
 
 struct Udp {
     socket: UdpSocket,
@@ -248,7 +250,7 @@ impl Dataplane {
     ) {
         tokio::pin!(shutdown);
         // When the loop last woke up: the time until it waits again is a stall.
-        let mut woke: Option<Instant> = None;
+        let mut woke: Option<(Instant, &'static str)> = None;
         loop {
             let now = Instant::now();
             // Timers only when one is due, or when something besides WireGuard data came in.
@@ -273,8 +275,16 @@ impl Dataplane {
                 .engine
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
-            if let Some(w) = woke.take() {
-                self.stalls.record(Instant::now(), w.elapsed());
+            if let Some((w, what)) = woke.take() {
+                let stall = w.elapsed();
+                if stall >= LONG_STALL {
+                    tracing::info!(
+                        what,
+                        ms = stall.as_secs_f64() * 1000.0,
+                        "the packet loop went long without waiting"
+                    );
+                }
+                self.stalls.record(Instant::now(), stall);
             }
             let udp6_readable = async {
                 match &self.udp6 {
@@ -303,21 +313,21 @@ impl Dataplane {
                         return;
                     }
                     self.tun_to_network().await;
-                    wake
+                    (wake, "tun")
                 }
                 r = self.udp4.socket.readable() => {
                     let wake = Instant::now();
                     if r.is_ok() {
                         self.network_to_tun(false).await;
                     }
-                    wake
+                    (wake, "udp4")
                 }
                 r = udp6_readable => {
                     let wake = Instant::now();
                     if r.is_ok() {
                         self.network_to_tun(true).await;
                     }
-                    wake
+                    (wake, "udp6")
                 }
                 event = osn_event => {
                     let wake = Instant::now();
@@ -328,21 +338,21 @@ impl Dataplane {
                             osn = None;
                         }
                     }
-                    wake
+                    (wake, "social network event")
                 }
                 Some((server, frame)) = self.streams.incoming.recv() => {
                     let wake = Instant::now();
                     self.handle_stream_frame(server, &frame).await;
-                    wake
+                    (wake, "TURN stream")
                 }
                 Some(req) = requests.recv() => {
                     let wake = Instant::now();
                     let answer = self.answer(&req.command);
                     self.keeper.after(&mut self.engine, &self.tun);
                     let _ = req.reply.send(answer);
-                    wake
+                    (wake, "control request")
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => Instant::now(),
+                _ = tokio::time::sleep_until(deadline.into()) => (Instant::now(), "timer"),
             };
             woke = Some(wake);
         }
