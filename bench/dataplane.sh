@@ -32,6 +32,8 @@
 #   BENCH_UP_TIMEOUT seconds to wait for a tunnel to come up   (default 30)
 #   BENCH_CALLGRIND_MB megabytes moved under callgrind when perf has no
 #                    instruction counter; 0 skips that pass      (default 50)
+#   BENCH_IDLE_PEERS N > 0 measures ipop again with N idle static peers in both
+#                    daemons (see run_idle_peers) and reports both side by side (default 0)
 
 set -euo pipefail
 
@@ -525,6 +527,7 @@ public_key = "$peer_pub"
 endpoint = "$peer_under:$IPOP_PORT"
 addresses = ["$peer_addr/32"]
 EOF
+	idle_peers "$dir/ipop.toml"
 }
 
 # ipop_status NS CONFIG: `ipop status --json` run inside NS, bounded to 5 s.
@@ -664,6 +667,48 @@ ipop_callgrind() {
 	stop_pids "$pid_a" "$pid_b"
 }
 
+# ---------------------------------------------------------------- idle peers
+
+IDLE_PEERS=${BENCH_IDLE_PEERS:-0}
+IDLE_NOW=0   # idle peers that write_ipop_config adds to the configs it writes now
+
+# idle_peers CONFIG: appends IDLE_NOW static peers with random keys, overlay addresses
+# 10.77.0.101.. and endpoints 10.231.0.101.. on the bench's veth, where nothing answers: their
+# handshakes stop at ARP inside the bench's namespaces, and no traffic flows to them.
+idle_peers() {
+	local i
+	for ((i = 1; i <= IDLE_NOW; i++)); do
+		printf '\n[[peers]]\npublic_key = "%s"\nendpoint = "10.231.0.%d:%d"\naddresses = ["10.77.0.%d/32"]\n' \
+			"$(head -c 32 /dev/urandom | base64)" $((100 + i)) "$IPOP_PORT" $((100 + i)) >>"$1"
+	done
+}
+
+# run_idle_peers: ipop without idle peers (unless measured already), then with IDLE_PEERS of
+# them; fills RES[ipop_idle:*] and keeps RES[ipop:*] (and the RSS and drops) from the first.
+run_idle_peers() {
+	[[ -n "${RES[ipop:1]:-}" ]] || run_ipop
+	local base1=${RES[ipop:1]} base4=${RES[ipop:4]} basertt=${RES[ipop:rtt]} rss=$IPOP_RSS drops=$IPOP_DROPS
+	log "=== ipop with $IDLE_PEERS idle static peers ==="
+	IDLE_NOW=$IDLE_PEERS
+	local callgrind=$CALLGRIND_MB
+	CALLGRIND_MB=0 # the instruction count is of the first run
+	run_ipop
+	CALLGRIND_MB=$callgrind
+	IDLE_NOW=0
+	RES[ipop_idle:1]=${RES[ipop:1]} RES[ipop_idle:4]=${RES[ipop:4]} RES[ipop_idle:rtt]=${RES[ipop:rtt]}
+	RES[ipop:1]=$base1 RES[ipop:4]=$base4 RES[ipop:rtt]=$basertt
+	IPOP_RSS=$rss IPOP_DROPS=$drops
+}
+
+report_idle_peers() {
+	printf '\nipop with %s idle static peers vs none (same run; the machine is shared, figures are noisy):\n' "$IDLE_PEERS"
+	printf '%-16s %16s %16s %10s\n' "peers" "1-stream Mbit/s" "4-stream Mbit/s" "RTT ms"
+	printf '%-16s %16s %16s %10s\n' "none" "$(fmt "${RES[ipop:1]:-}" '%.1f')" "$(fmt "${RES[ipop:4]:-}" '%.1f')" "$(fmt "${RES[ipop:rtt]:-}" '%.3f')"
+	printf '%-16s %16s %16s %10s\n' "$IDLE_PEERS idle" "$(fmt "${RES[ipop_idle:1]:-}" '%.1f')" "$(fmt "${RES[ipop_idle:4]:-}" '%.1f')" "$(fmt "${RES[ipop_idle:rtt]:-}" '%.3f')"
+	printf '%-16s %16s %16s %10s\n' "idle/none" "$(ratio "${RES[ipop_idle:1]:-}" "${RES[ipop:1]:-}")" \
+		"$(ratio "${RES[ipop_idle:4]:-}" "${RES[ipop:4]:-}")" "$(ratio "${RES[ipop_idle:rtt]:-}" "${RES[ipop:rtt]:-}")"
+}
+
 # ---------------------------------------------------------------- report
 
 fmt() { # fmt VALUE PRINTF_FORMAT
@@ -770,10 +815,13 @@ main() {
 	log "load average before measuring: $LOAD_START"
 	setup_lan
 	start_iperf_server
+	[[ "$IDLE_PEERS" =~ ^[0-9]+$ ]] && ((IDLE_PEERS <= 100)) || die "BENCH_IDLE_PEERS must be 0..100"
 	for cfg in $CONFIGS; do
 		"run_$cfg"
 	done
+	if ((IDLE_PEERS > 0)); then run_idle_peers; fi
 	report
+	if ((IDLE_PEERS > 0)); then report_idle_peers; fi
 }
 
 main "$@"

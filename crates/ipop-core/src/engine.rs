@@ -269,8 +269,17 @@ pub struct Engine {
     gathering_due: bool,
     /// The time of the last [`Engine::handle_timeout`].
     clock: Option<Instant>,
+    /// Whether something besides WireGuard data came in since the last
+    /// [`Engine::handle_timeout`], which then has work to do whatever the timers say.
+    kicked: bool,
+    /// The earliest timer of the links and the STUN and TURN clients, while it holds: only
+    /// what the social network, STUN or the timers bring changes it, not WireGuard data.
+    timers: Option<Option<Instant>>,
     /// Room to copy a datagram before it is wrapped for a relay.
     relay_scratch: Vec<u8>,
+    /// How many devices' links were settled: tests check that an event looks at few.
+    #[cfg(test)]
+    settled: usize,
 }
 
 impl Engine {
@@ -325,7 +334,11 @@ impl Engine {
             relays: Vec::new(),
             gathering_due: false,
             clock: None,
+            kicked: true,
+            timers: None,
             relay_scratch: vec![0; 65535 + 32],
+            #[cfg(test)]
+            settled: 0,
         }
     }
 
@@ -333,8 +346,22 @@ impl Engine {
         &self.node
     }
 
+    /// Notes that something other than WireGuard data changed the engine's state: the next
+    /// [`Engine::handle_timeout`] is due at once, and the timers are looked at again.
+    fn kick(&mut self) {
+        self.kicked = true;
+        self.timers = None;
+    }
+
+    /// Whether [`Engine::handle_timeout`] has work to do at `now`: something came in that
+    /// it follows up, or a timer has expired. The loop calls it only then.
+    pub fn is_due(&mut self, now: Instant) -> bool {
+        self.kicked || self.poll_timeout().is_some_and(|t| t <= now)
+    }
+
     /// The local addresses (with the UDP port) offered as host candidates.
     pub fn set_host_candidates(&mut self, hosts: Vec<SocketAddr>) {
+        self.kick();
         self.hosts = hosts;
     }
 
@@ -403,6 +430,7 @@ impl Engine {
             return self.handle_from_relay(now, r, from, datagram, out);
         }
         if classify(datagram) == DatagramKind::Stun {
+            self.kick();
             if let Some(id) = crate::stun::transaction_id(datagram)
                 && let Some(b) = self.bindings.iter_mut().find(|b| b.owns_transaction(&id))
             {
@@ -502,6 +530,9 @@ impl Engine {
         out: &mut [u8],
     ) -> Option<usize> {
         let input = self.relays[r].handle_input(now, from, datagram);
+        if !matches!(input, TurnInput::Data { .. }) {
+            self.kick();
+        }
         match input {
             TurnInput::NotOurs => {
                 // A TURN server answers STUN Binding requests too.
@@ -523,6 +554,7 @@ impl Engine {
                 let inner = datagram.get(payload)?;
                 match classify(inner) {
                     DatagramKind::Stun => {
+                        self.kick();
                         let relayed = self.relays[r].relayed_address()?;
                         self.handle_stun(now, relayed, peer, inner);
                         None
@@ -566,6 +598,7 @@ impl Engine {
 
     /// What the social network reports.
     pub fn handle_osn(&mut self, now: Instant, event: OsnEvent) {
+        self.kick();
         match event {
             OsnEvent::Online { me } => {
                 tracing::info!(device = %me, "social network session up");
@@ -1026,6 +1059,10 @@ impl Engine {
     /// Opens or closes the link to `device` as its verdict says; pins its key when it is first
     /// wanted.
     fn settle_link(&mut self, now: Instant, me: &DeviceId, device: &DeviceId) {
+        #[cfg(test)]
+        {
+            self.settled += 1;
+        }
         if device == me {
             return;
         }
@@ -1204,6 +1241,7 @@ impl Engine {
     /// Adds a candidate found after start (server-reflexive, relayed): every session gets it,
     /// and the other devices learn it with a `transport-info`.
     pub fn add_local_candidate(&mut self, candidate: is::Candidate) {
+        self.kick();
         if self.gathered.iter().any(|c| c.addr() == candidate.addr()) {
             return;
         }
@@ -1472,6 +1510,8 @@ impl Engine {
     /// Runs timers: retries, session timeouts, ICE, WireGuard.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = Some(now);
+        self.kicked = false;
+        self.timers = None;
         if self.gathering_due {
             self.gathering_due = false;
             self.start_gathering(now);
@@ -1555,6 +1595,8 @@ impl Engine {
                 self.restart(now, &device);
             }
         }
+        // Consent on every link (cheap); the agents run only when their timer is due (or they
+        // have none yet).
         for (device, link) in &mut self.links {
             if let Some(s) = link.session.as_mut() {
                 let suspect = link.peer.is_some_and(|i| self.node.path_suspect(i, now));
@@ -1565,7 +1607,9 @@ impl Engine {
                     tracing::info!(%device, session = %s.id, "the path went unanswered while traffic went out: it is lost");
                     s.lost = Some(now);
                 }
-                s.agent.handle_timeout(now);
+                if s.agent.poll_timeout().is_none_or(|t| t <= now) {
+                    s.agent.handle_timeout(now);
+                }
             }
         }
         self.drive_agents(now);
@@ -1626,20 +1670,55 @@ impl Engine {
     }
 
     /// When [`Engine::handle_timeout`] wants to run next.
+    /// The timers of the links and the STUN and TURN clients are kept until something else
+    /// than WireGuard data comes in; the node's own timer is read each time.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let mut next = self.node.poll_timeout();
+        let timers = match self.timers {
+            Some(t) => t,
+            None => {
+                let t = self.compute_timers();
+                self.timers = Some(t);
+                t
+            }
+        };
+        match (timers, self.node.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The earliest timer of the links and the STUN and TURN clients.
+    fn compute_timers(&mut self) -> Option<Instant> {
+        let mut next = None;
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
-                next = Some(next.map_or(t, |n| n.min(t)));
+                next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         };
         let online = self.online;
+        let clock = self.clock;
         for link in self.links.values_mut() {
             let signalled = online && !link.offline;
             match link.session.as_mut() {
                 Some(s) => {
                     if signalled {
                         consider(restart_due(s));
+                    }
+                    if !link.offline {
+                        // When the session times out (see `handle_timeout`), unless that
+                        // time has passed and the session was kept.
+                        let limit = if !s.answered {
+                            Some(SESSION_TIMEOUT)
+                        } else if s.nominated.is_none() {
+                            Some(ICE_TIMEOUT)
+                        } else {
+                            None
+                        };
+                        consider(
+                            limit
+                                .map(|l| s.started + l + Duration::from_millis(1))
+                                .filter(|t| clock.is_none_or(|c| *t > c)),
+                        );
                     }
                     consider(s.agent.poll_timeout());
                 }
@@ -1892,6 +1971,7 @@ impl Engine {
     /// from the device it was pinned for, whose pin and link go. Returns the key, or why there
     /// is nothing to accept.
     pub fn trust(&mut self, now: Instant, device: &DeviceId) -> Result<PublicKey, String> {
+        self.kick();
         let pinned = self.plans.memory.pins.get(device).copied();
         let Some(announced) = self.devices.get(device) else {
             return Err(if self.strangers.contains_key(device) {
@@ -2013,6 +2093,7 @@ impl Engine {
 
     /// The STUN and TURN servers from the config file, kept whatever the network offers.
     pub fn set_config_servers(&mut self, servers: Vec<IceServer>) {
+        self.kick();
         self.config_servers = servers;
         self.gathering_due = true;
     }
@@ -2020,6 +2101,7 @@ impl Engine {
     /// Releases the TURN allocations (at shutdown); the datagrams to send follow from
     /// [`Engine::poll_transmit`].
     pub fn release(&mut self, now: Instant) {
+        self.kick();
         for a in &mut self.relays {
             a.release(now);
         }
@@ -2350,6 +2432,78 @@ mod tests {
         w.sees(0, 1, &social, kb);
         w.sees(1, 0, &social, ka);
         w
+    }
+
+    #[test]
+    fn a_presence_or_a_signal_settles_only_the_device_concerned() {
+        let mut me = dev(
+            "alice@example.org",
+            "laptop",
+            "192.0.2.1:51820",
+            "10.78.0.1/16",
+        );
+        let now = Instant::now();
+        let social = OverlayId::Social;
+        let users: Vec<String> = (0..=100).map(|i| format!("user{i}@example.org")).collect();
+        let e = &mut me.engine;
+        e.handle_osn(now, OsnEvent::Online { me: me.id.clone() });
+        e.handle_osn(
+            now,
+            OsnEvent::Members {
+                overlay: social.clone(),
+                users: users.clone(),
+            },
+        );
+        let key = || PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng));
+        let up = |user: &str, key: PublicKey| OsnEvent::DeviceUp {
+            overlay: OverlayId::Social,
+            device: DeviceId::new(user, "pc"),
+            key,
+            claim: None,
+        };
+        for user in &users[..100] {
+            e.handle_osn(now, up(user, key()));
+        }
+        assert_eq!(e.links.len(), 100);
+        // A full reconcile, on a new roster, visits every device: the counter counts.
+        e.settled = 0;
+        e.handle_osn(
+            now,
+            OsnEvent::Members {
+                overlay: social.clone(),
+                users: users.clone(),
+            },
+        );
+        assert_eq!(e.settled, 100);
+
+        e.settled = 0;
+        e.handle_osn(now, up(&users[100], key()));
+        assert_eq!(e.settled, 1, "a new device's presence");
+        assert_eq!(e.links.len(), 101);
+
+        e.settled = 0;
+        e.handle_osn(
+            now,
+            OsnEvent::DeviceDown {
+                overlay: social.clone(),
+                device: DeviceId::new(&users[7], "pc"),
+            },
+        );
+        assert_eq!(e.settled, 1, "a presence that went");
+        assert_eq!(e.links.len(), 100);
+
+        e.settled = 0;
+        e.handle_osn(
+            now,
+            OsnEvent::Signal {
+                from: DeviceId::new(&users[3], "pc"),
+                signal: Signal::Terminate {
+                    session: "unknown".into(),
+                    reason: TerminateReason::Done,
+                },
+            },
+        );
+        assert!(e.settled <= 1, "a signal settled {} devices", e.settled);
     }
 
     #[test]

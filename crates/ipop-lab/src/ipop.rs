@@ -312,11 +312,50 @@ impl Node {
     /// # Panics
     /// When it is not running, or ignores SIGTERM (see [`Daemon::stop`]).
     pub fn stop(&mut self) -> ExitStatus {
+        if !std::thread::panicking()
+            && let Err(e) = self.check_loop_stall()
+        {
+            panic!("{e}");
+        }
         let daemon = self
             .daemon
             .take()
             .unwrap_or_else(|| panic!("ipop {} is not running", self.name));
         daemon.stop()
+    }
+
+    /// Whether the daemon's packet loop stayed under [`MAX_LOOP_STALL`] without waiting, by
+    /// its status. A daemon that is not running, or does not answer, is not judged here.
+    pub fn check_loop_stall(&mut self) -> Result<(), String> {
+        if self.daemon.is_none() || self.exited().is_some() {
+            return Ok(());
+        }
+        let status = match self.status() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "ipop {}: no status to read the loop stall from: {e}",
+                    self.name
+                );
+                return Ok(());
+            }
+        };
+        let stall = status["loop_stall_max_s"].as_f64().unwrap_or_default();
+        if stall >= MAX_LOOP_STALL.as_secs_f64() {
+            return Err(format!(
+                "ipop {}: its packet loop went {:.1} ms without waiting (limit {} ms); log {}",
+                self.name,
+                stall * 1000.0,
+                MAX_LOOP_STALL.as_millis(),
+                self.log_path().display()
+            ));
+        }
+        eprintln!(
+            "ipop {}: longest loop stall in the last minute {:.2} ms",
+            self.name,
+            stall * 1000.0
+        );
+        Ok(())
     }
 
     /// How the daemon ended, if it was started and has ended since (a crash, say).
@@ -375,6 +414,23 @@ impl Node {
     #[must_use]
     pub fn ping(&self, addr: IpAddr, count: u32) -> Output {
         self.host.ns.ping(addr, count)
+    }
+}
+
+/// Every end-to-end test fails when a daemon it ran still shows a longer stall of its packet
+/// loop than this at the end (see [`Node::check_loop_stall`]).
+pub const MAX_LOOP_STALL: Duration = Duration::from_millis(10);
+
+impl Drop for Node {
+    /// Checks the loop stall before the daemon is stopped (by its own drop). A failing check
+    /// fails the test, unless the test is failing already (a second panic would abort).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Err(e) = self.check_loop_stall() {
+            panic!("{e}");
+        }
     }
 }
 
@@ -445,12 +501,16 @@ impl Lab {
     }
 
     /// Stops every started daemon with SIGTERM and checks that each exits with success, so that
-    /// a daemon that crashed during the test fails it.
+    /// a daemon that crashed during the test fails it, and that its loop stall stayed under
+    /// [`MAX_LOOP_STALL`].
     ///
     /// # Panics
     /// When a daemon ended with a failure, naming it and showing its log's last lines.
     pub fn stop_all(&mut self) {
         for node in &mut self.nodes {
+            if let Err(e) = node.check_loop_stall() {
+                panic!("{e}");
+            }
             if let Some(daemon) = node.daemon.take() {
                 let status = daemon.stop();
                 let log = node.log_path();

@@ -41,6 +41,11 @@ const UDP_SLOT_SIZE: usize = 65535;
 const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
 /// Reads from one source per wake-up before the loop looks at the others.
 const MAX_READS_PER_WAKE: usize = 16;
+/// How long one wake-up may keep reading before the loop looks at its other inputs (readiness
+/// stays set, so it comes back at once).
+const WAKE_BUDGET: Duration = Duration::from_millis(2);
+/// A stall of the loop this long is logged, with what woke it.
+const LONG_STALL: Duration = Duration::from_millis(10);
 
 struct Udp {
     socket: UdpSocket,
@@ -110,6 +115,8 @@ pub struct Dataplane {
     bufs: Buffers,
     io_errors: IoErrors,
     streams: Streams,
+    /// How long the loop went without waiting, over the last minute.
+    stalls: status::StallWindow,
 }
 
 /// Packets lost to system call errors, counted beside the core's drops.
@@ -197,6 +204,7 @@ impl Dataplane {
             bufs: Buffers::new(mtu.into(), offload),
             io_errors: IoErrors::default(),
             streams: Streams::new(),
+            stalls: status::StallWindow::default(),
         })
     }
 
@@ -239,16 +247,21 @@ impl Dataplane {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        // When the loop last woke up: the time until it waits again is a stall.
+        let mut woke: Option<(Instant, &'static str)> = None;
         loop {
             let now = Instant::now();
-            self.engine.handle_timeout(now);
-            self.keeper.after(&mut self.engine, &self.tun);
+            // Timers only when one is due, or when something besides WireGuard data came in.
+            if self.engine.is_due(now) {
+                self.engine.handle_timeout(now);
+                self.keeper.after(&mut self.engine, &self.tun);
+                for server in self.engine.stream_servers() {
+                    self.streams.connect(server);
+                }
+            }
             if now >= self.next_host_scan {
                 self.next_host_scan = now + HOST_SCAN_EVERY;
                 self.discover_host_candidates();
-            }
-            for server in self.engine.stream_servers() {
-                self.streams.connect(server);
             }
             self.flush_control().await;
             while let Some(signal) = self.engine.poll_signal() {
@@ -260,6 +273,17 @@ impl Dataplane {
                 .engine
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            if let Some((w, what)) = woke.take() {
+                let stall = w.elapsed();
+                if stall >= LONG_STALL {
+                    tracing::info!(
+                        what,
+                        ms = stall.as_secs_f64() * 1000.0,
+                        "the packet loop went long without waiting"
+                    );
+                }
+                self.stalls.record(Instant::now(), stall);
+            }
             let udp6_readable = async {
                 match &self.udp6 {
                     Some(u) => u.socket.readable().await,
@@ -272,7 +296,7 @@ impl Dataplane {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let wake = tokio::select! {
                 _ = &mut shutdown => {
                     // Give TURN allocations back; their answers are not awaited.
                     self.engine.release(Instant::now());
@@ -281,39 +305,54 @@ impl Dataplane {
                     return;
                 }
                 r = self.tun.readable() => {
+                    let wake = Instant::now();
                     if let Err(e) = r {
                         tracing::error!("TUN device failed: {e}");
                         return;
                     }
                     self.tun_to_network().await;
+                    (wake, "tun")
                 }
                 r = self.udp4.socket.readable() => {
+                    let wake = Instant::now();
                     if r.is_ok() {
                         self.network_to_tun(false).await;
                     }
+                    (wake, "udp4")
                 }
                 r = udp6_readable => {
+                    let wake = Instant::now();
                     if r.is_ok() {
                         self.network_to_tun(true).await;
                     }
+                    (wake, "udp6")
                 }
-                event = osn_event => match event {
-                    Some(event) => self.engine.handle_osn(Instant::now(), event),
-                    None => {
-                        tracing::warn!("the social network binding stopped; links stay up");
-                        osn = None;
+                event = osn_event => {
+                    let wake = Instant::now();
+                    match event {
+                        Some(event) => self.engine.handle_osn(wake, event),
+                        None => {
+                            tracing::warn!("the social network binding stopped; links stay up");
+                            osn = None;
+                        }
                     }
-                },
+                    (wake, "social network event")
+                }
                 Some(chunk) = self.streams.incoming.recv() => {
+                    let wake = Instant::now();
                     self.stream_to_tun(chunk).await;
+                    (wake, "TURN stream")
                 }
                 Some(req) = requests.recv() => {
+                    let wake = Instant::now();
                     let answer = self.answer(&req.command);
                     self.keeper.after(&mut self.engine, &self.tun);
                     let _ = req.reply.send(answer);
+                    (wake, "control request")
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {}
-            }
+                _ = tokio::time::sleep_until(deadline.into()) => (Instant::now(), "timer"),
+            };
+            woke = Some(wake);
         }
     }
 
@@ -372,7 +411,11 @@ impl Dataplane {
     /// TUN → network: reads packets, encrypts them back to back into `wire`, and sends each run
     /// of equal-sized datagrams to one destination with a single GSO send.
     async fn tun_to_network(&mut self) {
+        let started = Instant::now();
         for _ in 0..MAX_READS_PER_WAKE {
+            if started.elapsed() >= WAKE_BUDGET {
+                return;
+            }
             let b = &mut self.bufs;
             let n =
                 match self
@@ -441,7 +484,11 @@ impl Dataplane {
     /// Network → TUN: receives a batch of datagrams, decrypts them, and writes the packets to
     /// the TUN device, coalescing TCP segments again where offload allows.
     async fn network_to_tun(&mut self, v6: bool) {
+        let started = Instant::now();
         for _ in 0..MAX_READS_PER_WAKE {
+            if started.elapsed() >= WAKE_BUDGET {
+                return;
+            }
             let udp = if v6 {
                 match &self.udp6 {
                     Some(u) => u,
@@ -548,6 +595,7 @@ impl Dataplane {
                     overlays: status::overlays(&self.engine, &self.static_addresses),
                     ice_servers: status::ice_servers(&self.engine),
                     drops: self.drops(),
+                    loop_stall_max_s: self.stalls.max(Instant::now()).as_secs_f64(),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }

@@ -218,6 +218,12 @@ pub fn render(s: &Status) -> String {
         "Seconds since the daemon started.",
     );
     out.sample("ipop_uptime_seconds", &[], s.uptime_s);
+    out.family(
+        "ipop_loop_stall_max_seconds",
+        "gauge",
+        "The longest the packet loop went without waiting in the last minute.",
+    );
+    out.sample("ipop_loop_stall_max_seconds", &[], s.loop_stall_max_s);
 
     out.family("ipop_peers", "gauge", "Peers of each overlay.");
     for o in &s.overlays {
@@ -381,6 +387,7 @@ mod tests {
             fingerprint: "f".into(),
             listen_port: 51820,
             uptime_s: 12.0,
+            loop_stall_max_s: 0.0035,
             xmpp: Some(XmppInfo {
                 state: "online".into(),
                 jid: None,
@@ -399,6 +406,9 @@ mod tests {
         let expected = r#"# HELP ipop_uptime_seconds Seconds since the daemon started.
 # TYPE ipop_uptime_seconds gauge
 ipop_uptime_seconds 12
+# HELP ipop_loop_stall_max_seconds The longest the packet loop went without waiting in the last minute.
+# TYPE ipop_loop_stall_max_seconds gauge
+ipop_loop_stall_max_seconds 0.0035
 # HELP ipop_peers Peers of each overlay.
 # TYPE ipop_peers gauge
 ipop_peers{overlay="static"} 2
@@ -455,6 +465,7 @@ ipop_xmpp_stanza_drops_total{reason="too_large"} 1
             fingerprint: "f".into(),
             listen_port: 0,
             uptime_s: 1.0,
+            loop_stall_max_s: 0.0,
             xmpp: None,
             overlays: vec![
                 overlay(

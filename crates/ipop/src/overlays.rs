@@ -1,6 +1,8 @@
 //! The daemon's side of the overlays, outside the packet path: it keeps what the engine
 //! remembers on disk, moves this device's address when a group collision makes the engine move
 //! it (on the interface and in the device's presence), and answers DNS for peers' names.
+//! What can wait on the system (writing the state with fsync, `resolvectl`) runs on a worker
+//! thread of its own, never on the packet loop.
 
 use crate::dns::{self, NameTable};
 use crate::state::State;
@@ -9,6 +11,9 @@ use ipop_core::osn::{Claim, OverlayId};
 use ipop_core::{Engine, EngineEvent};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle as ThreadHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -27,7 +32,11 @@ pub struct DnsSettings {
 }
 
 pub struct Keeper {
-    state: State,
+    /// Jobs for the worker thread, in order.
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    worker: Option<ThreadHandle<()>>,
+    /// Whether the worker registered the DNS routing domain with systemd-resolved.
+    registered: Arc<AtomicBool>,
     saved: u64,
     interface: String,
     announce: Option<Announcer>,
@@ -39,7 +48,6 @@ struct Dns {
     names: watch::Sender<NameTable>,
     server: Option<JoinHandle<()>>,
     bound: Vec<IpAddr>,
-    registered: bool,
     next: Instant,
     /// The node's version the names were last built from.
     seen: Option<u64>,
@@ -49,8 +57,18 @@ impl Keeper {
     /// A keeper that saves to `state` (already up to date with `engine`) and serves DNS when
     /// `dns` is set.
     pub fn new(state: State, engine: &Engine, interface: &str, dns: Option<DnsSettings>) -> Self {
+        let registered = Arc::new(AtomicBool::new(false));
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let done = registered.clone();
+        let worker = std::thread::Builder::new()
+            .name("ipop-keeper".into())
+            .spawn(move || work(&state, &queue, &done))
+            .map_err(|e| tracing::error!("no worker thread for the state and DNS: {e}"))
+            .ok();
         Keeper {
-            state,
+            jobs: worker.is_some().then_some(jobs),
+            worker,
+            registered,
             saved: engine.memory_version(),
             interface: interface.to_owned(),
             announce: None,
@@ -59,7 +77,6 @@ impl Keeper {
                 settings,
                 server: None,
                 bound: Vec::new(),
-                registered: false,
                 next: Instant::now(),
                 seen: None,
             }),
@@ -82,13 +99,8 @@ impl Keeper {
             }
         }
         if engine.memory_version() != self.saved {
-            match self.state.save(engine.memory()) {
-                Ok(()) => self.saved = engine.memory_version(),
-                Err(e) => tracing::error!(
-                    "cannot save the state to {}: {e:#}",
-                    self.state.path().display()
-                ),
-            }
+            self.saved = engine.memory_version();
+            self.send(Job::Save(engine.memory().clone()));
         }
         self.refresh_dns(engine, tun, false);
     }
@@ -163,22 +175,71 @@ impl Keeper {
                 let sockets = dns::bind(&bind, port).await;
                 dns::serve(sockets, names).await;
             }));
-            if !addrs.is_empty() {
-                dns.registered =
-                    dns::register_with_resolved(&self.interface, &addrs, &dns.settings.suffix);
-            }
             dns.bound = own;
+            if !addrs.is_empty() {
+                let job = Job::Register {
+                    interface: self.interface.clone(),
+                    servers: addrs,
+                    suffix: dns.settings.suffix.clone(),
+                };
+                self.send(job);
+            }
         }
     }
 
-    /// Stops the responder and takes the routing domain back from systemd-resolved.
+    /// Hands a job to the worker thread.
+    fn send(&self, job: Job) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(job);
+        }
+    }
+
+    /// Stops the responder, waits for the worker to finish its jobs (the last state is
+    /// saved), and takes the routing domain back from systemd-resolved.
     pub fn shutdown(&mut self) {
-        if let Some(dns) = self.dns.as_mut() {
-            if let Some(server) = dns.server.take() {
-                server.abort();
+        if let Some(server) = self.dns.as_mut().and_then(|d| d.server.take()) {
+            server.abort();
+        }
+        self.jobs = None;
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            tracing::error!("the worker thread for the state and DNS failed");
+        }
+        if self.registered.load(Ordering::Relaxed) {
+            dns::unregister_from_resolved(&self.interface);
+        }
+    }
+}
+
+/// What the worker thread does for the keeper.
+enum Job {
+    /// Writes what the engine remembers to the state file (with fsync).
+    Save(ipop_core::Memory),
+    /// Gives systemd-resolved this interface's DNS servers and routing domain.
+    Register {
+        interface: String,
+        servers: Vec<IpAddr>,
+        suffix: String,
+    },
+}
+
+/// The worker thread: runs the jobs in order until the keeper goes.
+fn work(state: &State, jobs: &std::sync::mpsc::Receiver<Job>, registered: &AtomicBool) {
+    for job in jobs {
+        match job {
+            Job::Save(memory) => {
+                if let Err(e) = state.save(&memory) {
+                    tracing::error!("cannot save the state to {}: {e:#}", state.path().display());
+                }
             }
-            if dns.registered {
-                dns::unregister_from_resolved(&self.interface);
+            Job::Register {
+                interface,
+                servers,
+                suffix,
+            } => {
+                let done = dns::register_with_resolved(&interface, &servers, &suffix);
+                registered.store(done, Ordering::Relaxed);
             }
         }
     }

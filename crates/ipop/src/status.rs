@@ -6,6 +6,7 @@ use ipop_core::{Engine, LinkState, LinkStatus, PeerStatus, Unlinked, UnlinkedRea
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::time::{Duration, Instant};
 
 /// The whole status of a running daemon. `overlays` is the stable top level that scripts read.
 #[derive(Debug, Serialize, Deserialize)]
@@ -24,6 +25,48 @@ pub struct Status {
     pub ice_servers: Vec<String>,
     /// Packets dropped since start, by reason.
     pub drops: BTreeMap<String, u64>,
+    /// The longest the packet loop went without waiting in the last minute, in seconds.
+    #[serde(default)]
+    pub loop_stall_max_s: f64,
+}
+
+/// The longest stalls of a loop over the last minute, kept per second.
+pub struct StallWindow {
+    start: Instant,
+    /// For each second modulo 60: which second it is, and the longest stall in it.
+    seconds: [(u64, Duration); 60],
+}
+
+impl Default for StallWindow {
+    fn default() -> Self {
+        StallWindow {
+            start: Instant::now(),
+            seconds: [(u64::MAX, Duration::ZERO); 60],
+        }
+    }
+}
+
+impl StallWindow {
+    /// Notes a stall of `stall` that ended at `now`.
+    pub fn record(&mut self, now: Instant, stall: Duration) {
+        let second = now.saturating_duration_since(self.start).as_secs();
+        let slot = &mut self.seconds[(second % 60) as usize];
+        if slot.0 != second {
+            *slot = (second, Duration::ZERO);
+        }
+        slot.1 = slot.1.max(stall);
+    }
+
+    /// The longest stall that ended in the minute before `now`.
+    pub fn max(&self, now: Instant) -> Duration {
+        let second = now.saturating_duration_since(self.start).as_secs();
+        self.seconds
+            .iter()
+            .filter(|(s, _)| *s <= second && second - *s < 60)
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or_default()
+    }
 }
 
 /// The XMPP session as status shows it.
@@ -379,8 +422,12 @@ pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "interface {}  port {}  key {}  up {:.0}s",
-        s.interface, s.listen_port, s.fingerprint, s.uptime_s
+        "interface {}  port {}  key {}  up {:.0}s  loop stall {:.1}ms",
+        s.interface,
+        s.listen_port,
+        s.fingerprint,
+        s.uptime_s,
+        s.loop_stall_max_s * 1000.0
     );
     if let Some(x) = &s.xmpp {
         let _ = writeln!(
@@ -491,6 +538,7 @@ mod tests {
             fingerprint: "aaaa-bbbb-cccc-dddd-eeee".into(),
             listen_port: 51820,
             uptime_s: 12.0,
+            loop_stall_max_s: 0.0021,
             xmpp: None,
             ice_servers: Vec::new(),
             overlays: vec![Overlay {
@@ -520,6 +568,29 @@ mod tests {
             }],
             drops: BTreeMap::from([("no_route".into(), 3), ("spoofed_source".into(), 0)]),
         }
+    }
+
+    #[test]
+    fn the_loop_stall_is_the_longest_of_the_last_minute() {
+        let mut w = StallWindow::default();
+        let t0 = Instant::now();
+        w.record(t0, Duration::from_millis(7));
+        w.record(t0 + Duration::from_secs(30), Duration::from_millis(2));
+        assert_eq!(
+            w.max(t0 + Duration::from_secs(30)),
+            Duration::from_millis(7)
+        );
+        assert_eq!(
+            w.max(t0 + Duration::from_secs(61)),
+            Duration::from_millis(2)
+        );
+        // The slot of second 0 is reused by second 60, without the old stall.
+        w.record(t0 + Duration::from_secs(60), Duration::from_millis(1));
+        assert_eq!(
+            w.max(t0 + Duration::from_secs(91)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(w.max(t0 + Duration::from_secs(200)), Duration::ZERO);
     }
 
     #[test]
