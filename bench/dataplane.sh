@@ -431,12 +431,12 @@ ipop_status() {
 	timeout -k 2 5 ip netns exec "$1" "$IPOP_BIN" status --json -c "$2"
 }
 
-# ipop_connected NS CONFIG: true once every peer reports state "connected".
+# ipop_connected NS CONFIG: true once every peer (but idle ones) reports state "connected".
 ipop_connected() {
 	local out
 	out=$(ipop_status "$1" "$2" 2>/dev/null) || return 1
-	jq -e '(.overlays[0].peers | length) > 0 and all(.overlays[0].peers[]; .state == "connected")' \
-		>/dev/null 2>&1 <<<"$out"
+	jq -e '[.overlays[0].peers[] | select(.addresses[0] | test("^10\\.77\\.0\\.[12]/"))]
+		| length > 0 and all(.[]; .state == "connected")' >/dev/null 2>&1 <<<"$out"
 }
 
 run_ipop() {
@@ -525,6 +525,7 @@ run_idle_peers() {
 	local base1=${RES[ipop:1]} base4=${RES[ipop:4]} basertt=${RES[ipop:rtt]} rss=$IPOP_RSS drops=$IPOP_DROPS
 	log "=== ipop with $IDLE_PEERS idle static peers ==="
 	IDLE_NOW=$IDLE_PEERS
+	rm -rf "$WORKDIR/ipop-a" "$WORKDIR/ipop-b"   # fresh keys and configs
 	run_ipop
 	IDLE_NOW=0
 	RES[ipop_idle:1]=${RES[ipop:1]} RES[ipop_idle:4]=${RES[ipop:4]} RES[ipop_idle:rtt]=${RES[ipop:rtt]}
