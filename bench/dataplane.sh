@@ -535,12 +535,12 @@ ipop_status() {
 	timeout -k 2 5 ip netns exec "$1" "$IPOP_BIN" status --json -c "$2"
 }
 
-# ipop_connected NS CONFIG: true once every peer reports state "connected".
+# ipop_connected NS CONFIG: true once every peer (but idle ones) reports state "connected".
 ipop_connected() {
 	local out
 	out=$(ipop_status "$1" "$2" 2>/dev/null) || return 1
-	jq -e '(.overlays[0].peers | length) > 0 and all(.overlays[0].peers[]; .state == "connected")' \
-		>/dev/null 2>&1 <<<"$out"
+	jq -e '[.overlays[0].peers[] | select(.addresses[0] | test("^10\\.77\\.0\\.[12]/"))]
+		| length > 0 and all(.[]; .state == "connected")' >/dev/null 2>&1 <<<"$out"
 }
 
 # start_ipop_pair [WRAPPER...]: writes both configs (once) and starts both
@@ -692,6 +692,7 @@ run_idle_peers() {
 	IDLE_NOW=$IDLE_PEERS
 	local callgrind=$CALLGRIND_MB
 	CALLGRIND_MB=0 # the instruction count is of the first run
+	rm -rf "$WORKDIR/ipop-a" "$WORKDIR/ipop-b"   # fresh keys and configs
 	run_ipop
 	CALLGRIND_MB=$callgrind
 	IDLE_NOW=0
