@@ -131,6 +131,64 @@ struct IoErrors {
     stream_batch_full: u64,
 }
 
+/// How long the packet thread has waited for a CPU while runnable, from the kernel's
+/// `/proc/thread-self/schedstat`: a loop stall does not count the time the scheduler ran other
+/// processes. Read at most once a millisecond at wake-ups, and after a wake-up that took longer,
+/// so its cost does not grow with the packet rate; the figure is off by at most
+/// [`RunQueue::RESOLUTION`].
+struct RunQueue {
+    file: Option<std::fs::File>,
+    /// When `waited` was read.
+    at: Instant,
+    waited: Duration,
+}
+
+impl RunQueue {
+    const RESOLUTION: Duration = Duration::from_millis(1);
+
+    /// Must be called on the thread that runs the loop.
+    fn open() -> Self {
+        let mut q = RunQueue {
+            file: std::fs::File::open("/proc/thread-self/schedstat").ok(),
+            at: Instant::now(),
+            waited: Duration::ZERO,
+        };
+        q.waited = q.read().unwrap_or_default();
+        q
+    }
+
+    /// The thread's total time waiting on a run queue (the second field).
+    fn read(&self) -> Option<Duration> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 96];
+        let n = self.file.as_ref()?.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(buf.get(..n)?).ok()?;
+        let ns = text.split_ascii_whitespace().nth(1)?.parse().ok()?;
+        Some(Duration::from_nanos(ns))
+    }
+
+    /// The loop wakes up: returns the time.
+    fn woke(&mut self) -> Instant {
+        let now = Instant::now();
+        if now.duration_since(self.at) >= Self::RESOLUTION
+            && let Some(waited) = self.read()
+        {
+            (self.at, self.waited) = (now, waited);
+        }
+        now
+    }
+
+    /// How long the thread waited for a CPU since the last wake-up.
+    fn waited_since_wake(&mut self, now: Instant) -> Duration {
+        let Some(waited) = self.read() else {
+            return Duration::ZERO;
+        };
+        let since = waited.saturating_sub(self.waited);
+        (self.at, self.waited) = (now, waited);
+        since
+    }
+}
+
 /// Every packet buffer, allocated once.
 struct Buffers {
     /// A raw TUN read: virtio header plus a GSO packet.
@@ -249,6 +307,7 @@ impl Dataplane {
         tokio::pin!(shutdown);
         // When the loop last woke up: the time until it waits again is a stall.
         let mut woke: Option<(Instant, &'static str)> = None;
+        let mut run_queue = RunQueue::open();
         loop {
             let now = Instant::now();
             // Timers only when one is due, or when something besides WireGuard data came in.
@@ -274,15 +333,24 @@ impl Dataplane {
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             if let Some((w, what)) = woke.take() {
-                let stall = w.elapsed();
+                let now = Instant::now();
+                let elapsed = now.duration_since(w);
+                // Time the kernel gave the CPU to others is not the loop's doing.
+                let preempted = if elapsed >= RunQueue::RESOLUTION {
+                    run_queue.waited_since_wake(now)
+                } else {
+                    Duration::ZERO
+                };
+                let stall = elapsed.saturating_sub(preempted);
                 if stall >= LONG_STALL {
                     tracing::info!(
                         what,
                         ms = stall.as_secs_f64() * 1000.0,
+                        preempted_ms = preempted.as_secs_f64() * 1000.0,
                         "the packet loop went long without waiting"
                     );
                 }
-                self.stalls.record(Instant::now(), stall);
+                self.stalls.record(now, stall);
             }
             let udp6_readable = async {
                 match &self.udp6 {
@@ -305,7 +373,7 @@ impl Dataplane {
                     return;
                 }
                 r = self.tun.readable() => {
-                    let wake = Instant::now();
+                    let wake = run_queue.woke();
                     if let Err(e) = r {
                         tracing::error!("TUN device failed: {e}");
                         return;
@@ -314,21 +382,21 @@ impl Dataplane {
                     (wake, "tun")
                 }
                 r = self.udp4.socket.readable() => {
-                    let wake = Instant::now();
+                    let wake = run_queue.woke();
                     if r.is_ok() {
                         self.network_to_tun(false).await;
                     }
                     (wake, "udp4")
                 }
                 r = udp6_readable => {
-                    let wake = Instant::now();
+                    let wake = run_queue.woke();
                     if r.is_ok() {
                         self.network_to_tun(true).await;
                     }
                     (wake, "udp6")
                 }
                 event = osn_event => {
-                    let wake = Instant::now();
+                    let wake = run_queue.woke();
                     match event {
                         Some(event) => self.engine.handle_osn(wake, event),
                         None => {
@@ -339,18 +407,18 @@ impl Dataplane {
                     (wake, "social network event")
                 }
                 Some(chunk) = self.streams.incoming.recv() => {
-                    let wake = Instant::now();
+                    let wake = run_queue.woke();
                     self.stream_to_tun(chunk).await;
                     (wake, "TURN stream")
                 }
                 Some(req) = requests.recv() => {
-                    let wake = Instant::now();
+                    let wake = run_queue.woke();
                     let answer = self.answer(&req.command);
                     self.keeper.after(&mut self.engine, &self.tun);
                     let _ = req.reply.send(answer);
                     (wake, "control request")
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => (Instant::now(), "timer"),
+                _ = tokio::time::sleep_until(deadline.into()) => (run_queue.woke(), "timer"),
             };
             woke = Some(wake);
         }
@@ -362,13 +430,14 @@ impl Dataplane {
         let now = Instant::now();
         let (engine, to_tun) = (&mut self.engine, &mut self.bufs.to_tun);
         let mut full = 0;
-        self.streams.frames(chunk, |server, frame| match to_tun.room(frame.len()) {
-            Some(target) => {
-                let got = engine.handle_stream(now, server, frame, target);
-                to_tun.commit(got);
-            }
-            None => full += 1,
-        });
+        self.streams
+            .frames(chunk, |server, frame| match to_tun.room(frame.len()) {
+                Some(target) => {
+                    let got = engine.handle_stream(now, server, frame, target);
+                    to_tun.commit(got);
+                }
+                None => full += 1,
+            });
         self.io_errors.stream_batch_full += full;
         self.write_tun().await;
         self.flush_control().await;
@@ -658,5 +727,23 @@ impl Run {
         self.end += len;
         self.count += 1;
         self.closed = len < self.segment;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_queue_wait_of_this_thread_is_read_and_only_grows() {
+        let mut q = RunQueue::open();
+        let first = q
+            .read()
+            .expect("this kernel has /proc/thread-self/schedstat");
+        let woke = q.woke();
+        std::thread::sleep(Duration::from_millis(2));
+        let waited = q.waited_since_wake(Instant::now());
+        assert!(waited <= woke.elapsed(), "{waited:?}");
+        assert!(q.read().expect("read again") >= first);
     }
 }
