@@ -145,9 +145,9 @@ ensure_packages() {
 	command -v timeout >/dev/null || missing+=(coreutils)
 	((${#missing[@]} == 0)) && return 0
 	log "installing Debian packages: ${missing[*]}"
-	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2; then
+	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
 		apt-get update -q >&2
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
 	fi
 }
 
