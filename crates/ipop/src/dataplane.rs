@@ -131,61 +131,102 @@ struct IoErrors {
     stream_batch_full: u64,
 }
 
-/// How long the packet thread has waited for a CPU while runnable, from the kernel's
-/// `/proc/thread-self/schedstat`: a loop stall does not count the time the scheduler ran other
-/// processes. Read at most once a millisecond at wake-ups, and after a wake-up that took longer,
-/// so its cost does not grow with the packet rate; the figure is off by at most
-/// [`RunQueue::RESOLUTION`].
-struct RunQueue {
-    file: Option<std::fs::File>,
-    /// When `waited` was read.
-    at: Instant,
-    waited: Duration,
+/// What the kernel says of the packet thread: its CPU time (`CLOCK_THREAD_CPUTIME_ID`, which
+/// is current, unlike the first field of `schedstat`, which lags by up to a tick while the
+/// thread runs), and from `/proc/thread-self/schedstat` the time it waited for a CPU while
+/// runnable and how many times it was switched in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SchedStat {
+    on_cpu: Duration,
+    run_queue: Duration,
+    switched_in: u64,
 }
 
-impl RunQueue {
+/// Tells how much of a long loop iteration was the loop's own doing. Time the scheduler gave
+/// the CPU to other processes (run-queue wait) is not; neither is time the hypervisor took the
+/// virtual CPU away (steal: the thread is neither on a CPU nor on a run queue, and is not
+/// switched out, as seen here in gaps of up to 18 ms under load). So a stall is the thread's CPU
+/// time during the iteration, unless the thread was switched out meanwhile for other reasons
+/// than waiting for the next wake-up (a blocking call, a page fault), in which case it is the
+/// wall time less the run-queue wait. The kernel's figures are read at most once a millisecond
+/// at wake-ups, and after a wake-up that took longer, so their cost does not grow with the
+/// packet rate; a figure is off by at most [`SchedClock::RESOLUTION`].
+struct SchedClock {
+    file: Option<std::fs::File>,
+    /// When `last` was read.
+    at: Instant,
+    last: SchedStat,
+    /// Wake-ups since `last` was read: each follows at most one switch-in, from waiting.
+    wakes: u64,
+}
+
+impl SchedClock {
     const RESOLUTION: Duration = Duration::from_millis(1);
 
     /// Must be called on the thread that runs the loop.
     fn open() -> Self {
-        let mut q = RunQueue {
+        let mut c = SchedClock {
             file: std::fs::File::open("/proc/thread-self/schedstat").ok(),
             at: Instant::now(),
-            waited: Duration::ZERO,
+            last: SchedStat::default(),
+            wakes: 0,
         };
-        q.waited = q.read().unwrap_or_default();
-        q
+        c.last = c.read().unwrap_or_default();
+        c
     }
 
-    /// The thread's total time waiting on a run queue (the second field).
-    fn read(&self) -> Option<Duration> {
+    fn read(&self) -> Option<SchedStat> {
+        use nix::time::{ClockId, clock_gettime};
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 96];
         let n = self.file.as_ref()?.read_at(&mut buf, 0).ok()?;
-        let text = std::str::from_utf8(buf.get(..n)?).ok()?;
-        let ns = text.split_ascii_whitespace().nth(1)?.parse().ok()?;
-        Some(Duration::from_nanos(ns))
+        let mut stat = parse_schedstat(std::str::from_utf8(buf.get(..n)?).ok()?)?;
+        stat.on_cpu = Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?);
+        Some(stat)
     }
 
     /// The loop wakes up: returns the time.
     fn woke(&mut self) -> Instant {
         let now = Instant::now();
         if now.duration_since(self.at) >= Self::RESOLUTION
-            && let Some(waited) = self.read()
+            && let Some(last) = self.read()
         {
-            (self.at, self.waited) = (now, waited);
+            // Read after this wake-up's switch-in.
+            (self.at, self.last, self.wakes) = (now, last, 0);
+        } else {
+            self.wakes += 1;
         }
         now
     }
 
-    /// How long the thread waited for a CPU since the last wake-up.
-    fn waited_since_wake(&mut self, now: Instant) -> Duration {
-        let Some(waited) = self.read() else {
-            return Duration::ZERO;
+    /// The part of `elapsed` (from the last wake-up to `now`) that was the loop's own doing.
+    fn stall(&mut self, now: Instant, elapsed: Duration) -> Duration {
+        let Some(stat) = self.read() else {
+            return elapsed;
         };
-        let since = waited.saturating_sub(self.waited);
-        (self.at, self.waited) = (now, waited);
-        since
+        let stall = loop_share(elapsed, self.last, stat, self.wakes);
+        (self.at, self.last, self.wakes) = (now, stat, 0);
+        stall
+    }
+}
+
+fn parse_schedstat(text: &str) -> Option<SchedStat> {
+    let mut fields = text.split_ascii_whitespace().map(str::parse::<u64>);
+    let mut next = || fields.next()?.ok();
+    Some(SchedStat {
+        on_cpu: Duration::from_nanos(next()?),
+        run_queue: Duration::from_nanos(next()?),
+        switched_in: next()?,
+    })
+}
+
+/// [`SchedClock::stall`]'s rule, between two readings with `wakes` wake-ups in between.
+fn loop_share(elapsed: Duration, before: SchedStat, after: SchedStat, wakes: u64) -> Duration {
+    let switched = after.switched_in.saturating_sub(before.switched_in);
+    if switched <= wakes {
+        elapsed.min(after.on_cpu.saturating_sub(before.on_cpu))
+    } else {
+        elapsed.saturating_sub(after.run_queue.saturating_sub(before.run_queue))
     }
 }
 
@@ -307,7 +348,7 @@ impl Dataplane {
         tokio::pin!(shutdown);
         // When the loop last woke up: the time until it waits again is a stall.
         let mut woke: Option<(Instant, &'static str)> = None;
-        let mut run_queue = RunQueue::open();
+        let mut sched = SchedClock::open();
         loop {
             let now = Instant::now();
             // Timers only when one is due, or when something besides WireGuard data came in.
@@ -335,18 +376,16 @@ impl Dataplane {
             if let Some((w, what)) = woke.take() {
                 let now = Instant::now();
                 let elapsed = now.duration_since(w);
-                // Time the kernel gave the CPU to others is not the loop's doing.
-                let preempted = if elapsed >= RunQueue::RESOLUTION {
-                    run_queue.waited_since_wake(now)
+                let stall = if elapsed >= SchedClock::RESOLUTION {
+                    sched.stall(now, elapsed)
                 } else {
-                    Duration::ZERO
+                    elapsed
                 };
-                let stall = elapsed.saturating_sub(preempted);
                 if stall >= LONG_STALL {
                     tracing::info!(
                         what,
                         ms = stall.as_secs_f64() * 1000.0,
-                        preempted_ms = preempted.as_secs_f64() * 1000.0,
+                        wall_ms = elapsed.as_secs_f64() * 1000.0,
                         "the packet loop went long without waiting"
                     );
                 }
@@ -373,7 +412,7 @@ impl Dataplane {
                     return;
                 }
                 r = self.tun.readable() => {
-                    let wake = run_queue.woke();
+                    let wake = sched.woke();
                     if let Err(e) = r {
                         tracing::error!("TUN device failed: {e}");
                         return;
@@ -382,21 +421,21 @@ impl Dataplane {
                     (wake, "tun")
                 }
                 r = self.udp4.socket.readable() => {
-                    let wake = run_queue.woke();
+                    let wake = sched.woke();
                     if r.is_ok() {
                         self.network_to_tun(false).await;
                     }
                     (wake, "udp4")
                 }
                 r = udp6_readable => {
-                    let wake = run_queue.woke();
+                    let wake = sched.woke();
                     if r.is_ok() {
                         self.network_to_tun(true).await;
                     }
                     (wake, "udp6")
                 }
                 event = osn_event => {
-                    let wake = run_queue.woke();
+                    let wake = sched.woke();
                     match event {
                         Some(event) => self.engine.handle_osn(wake, event),
                         None => {
@@ -407,18 +446,18 @@ impl Dataplane {
                     (wake, "social network event")
                 }
                 Some(chunk) = self.streams.incoming.recv() => {
-                    let wake = run_queue.woke();
+                    let wake = sched.woke();
                     self.stream_to_tun(chunk).await;
                     (wake, "TURN stream")
                 }
                 Some(req) = requests.recv() => {
-                    let wake = run_queue.woke();
+                    let wake = sched.woke();
                     let answer = self.answer(&req.command);
                     self.keeper.after(&mut self.engine, &self.tun);
                     let _ = req.reply.send(answer);
                     (wake, "control request")
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => (run_queue.woke(), "timer"),
+                _ = tokio::time::sleep_until(deadline.into()) => (sched.woke(), "timer"),
             };
             woke = Some(wake);
         }
@@ -735,15 +774,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_run_queue_wait_of_this_thread_is_read_and_only_grows() {
-        let mut q = RunQueue::open();
-        let first = q
+    fn this_threads_schedstat_is_read_and_only_grows() {
+        let mut c = SchedClock::open();
+        let first = c
             .read()
             .expect("this kernel has /proc/thread-self/schedstat");
-        let woke = q.woke();
-        std::thread::sleep(Duration::from_millis(2));
-        let waited = q.waited_since_wake(Instant::now());
-        assert!(waited <= woke.elapsed(), "{waited:?}");
-        assert!(q.read().expect("read again") >= first);
+        let woke = c.woke();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(3) {
+            std::hint::spin_loop();
+        }
+        let elapsed = woke.elapsed();
+        let stall = c.stall(Instant::now(), elapsed);
+        assert!(stall <= elapsed, "{stall:?} of {elapsed:?}");
+        let again = c.read().expect("read again");
+        assert!(again.on_cpu > first.on_cpu && again.switched_in >= first.switched_in);
+    }
+
+    #[test]
+    fn schedstat_lines_parse_and_bad_ones_do_not() {
+        let s = parse_schedstat("2500000 1000000 7\n").expect("parses");
+        assert_eq!(s.on_cpu, Duration::from_micros(2500));
+        assert_eq!(s.run_queue, Duration::from_millis(1));
+        assert_eq!(s.switched_in, 7);
+        assert_eq!(parse_schedstat("12 x 3"), None);
+        assert_eq!(parse_schedstat("12 3"), None);
+    }
+
+    #[test]
+    fn a_stall_leaves_out_stolen_time_and_run_queue_waits_but_not_blocking() {
+        let at = |cpu_ms: u64, rq_ms: u64, switched_in: u64| SchedStat {
+            on_cpu: Duration::from_millis(cpu_ms),
+            run_queue: Duration::from_millis(rq_ms),
+            switched_in,
+        };
+        let wall = Duration::from_millis(18);
+        // The virtual CPU was taken away: 2 ms on the CPU, no switch but the wake-up's.
+        assert_eq!(
+            loop_share(wall, at(10, 5, 40), at(12, 5, 41), 1),
+            Duration::from_millis(2)
+        );
+        // Preempted for 6 ms, or blocked: switched in once more than the wake-ups explain, so
+        // the wall time less the run-queue wait.
+        assert_eq!(
+            loop_share(wall, at(10, 5, 40), at(12, 11, 42), 1),
+            Duration::from_millis(12)
+        );
+        // CPU time read from before the last wait is capped by the wall time.
+        assert_eq!(loop_share(wall, at(0, 0, 0), at(30, 0, 1), 1), wall);
     }
 }
