@@ -31,11 +31,12 @@
 //! no overlay authorises are kept in memory only, a bounded number of them, and refusals are
 //! logged at most once a minute per user or device.
 
+use crate::demand::{AUTO_THRESHOLD, Held, LinkPolicy, Wanted};
 use crate::demux::{DatagramKind, classify};
 use crate::ice;
 use crate::key::PublicKey;
 use crate::node::{
-    DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit,
+    DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit, Unsent,
 };
 use crate::osn::{
     Candidate, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent,
@@ -45,13 +46,18 @@ use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
 use crate::turn::{CHANNEL_DATA_HEADER, TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
 use is::stun::{StunMessage, StunPacket};
+use ipnet::IpNet;
 use is::{IceAgent, IceAgentEvent, IceCreds};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// How long the device that sorts second waits for the other's offer before making its own.
 const ANSWER_GRACE: Duration = Duration::from_secs(3);
+/// How long the device that sorts first waits before its offer in an overlay whose policy is
+/// `auto`: the devices of a room come in one after the other when it is joined, and the
+/// overlay may reach the threshold of on-demand links before the wait is over.
+const AUTO_SETTLE: Duration = Duration::from_millis(500);
 /// A session not accepted within this time is abandoned and retried.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session whose ICE found no path within this time is abandoned and retried.
@@ -84,8 +90,11 @@ const MAX_PENDING: usize = 64;
 /// Where a link to a device stands, for status and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkPhase {
-    /// Waiting for the other device's offer, or for the next attempt.
+    /// On demand, at rest: no session and no WireGuard peer until traffic for the device
+    /// enters the TUN device, or the device offers a link.
     Idle,
+    /// Waiting for the other device's offer, or for the next attempt.
+    Waiting,
     /// Our offer is out; waiting for the answer.
     Offered,
     /// Offers exchanged; ICE is looking for a path.
@@ -100,6 +109,8 @@ pub struct LinkStatus {
     pub device: DeviceId,
     pub key: PublicKey,
     pub overlays: Vec<OverlayId>,
+    /// The addresses this device reaches the device at, linked or not.
+    pub addresses: Vec<IpNet>,
     pub phase: LinkPhase,
     pub peer: Option<PeerStatus>,
     /// The candidate pair ICE chose: local, then remote.
@@ -159,6 +170,19 @@ struct Link {
     /// The device is offline on XMPP (its presence is gone from every overlay): no signal
     /// reaches it, so nothing is retried or restarted, and WireGuard alone keeps the link.
     offline: bool,
+    /// The device's addresses as this device reaches it (host routes), linked or not: for
+    /// status, names, and the traffic that opens an on-demand link.
+    addresses: Vec<IpNet>,
+    /// Whether the link is kept whatever the traffic, or on demand.
+    wanted: Wanted,
+    /// At rest: no session, no WireGuard peer, nothing retried, until traffic for the device
+    /// (or its offer) comes.
+    idle: bool,
+    /// When the link was last in use apart from the data WireGuard carried: when it opened, or
+    /// when traffic was last held for it.
+    used: Instant,
+    /// Whether traffic was held for it since the last [`Engine::handle_timeout`].
+    demanded: bool,
 }
 
 /// A device as its presences describe it: its key, and the overlays it was seen through.
@@ -253,6 +277,20 @@ pub struct Engine {
     refusal_logs: HashMap<String, Instant>,
     links: BTreeMap<DeviceId, Link>,
     pending: HashMap<DeviceId, (String, LinkOffer, Instant)>,
+    /// The link policy and idle time of each overlay, as configured.
+    policies: BTreeMap<OverlayId, (LinkPolicy, Duration)>,
+    /// How many devices are online in each overlay whose policy is `auto`, this one included.
+    sizes: BTreeMap<OverlayId, usize>,
+    /// The device each address of a link belongs to, linked or not: a packet that no peer
+    /// takes finds here the link it waits for.
+    by_address: HashMap<IpAddr, DeviceId>,
+    /// Packets that wait for their link to come up.
+    held: Held,
+    /// Links that traffic was held for since the last [`Engine::handle_timeout`].
+    demanded: Vec<DeviceId>,
+    /// Counts up whenever the addresses of a link change: what the daemon's DNS names follow,
+    /// with the node's version.
+    addresses_version: u64,
     signals: VecDeque<(DeviceId, Signal)>,
     transmits: VecDeque<Transmit>,
     drops: Drops,
@@ -305,10 +343,20 @@ impl Engine {
                 }
             }
         }
+        let policies = overlays
+            .iter()
+            .map(|o| (o.id.clone(), (o.links, o.idle_timeout)))
+            .collect();
         Engine {
             key,
             node,
             plans: Plans::new(&key, overlays, memory),
+            policies,
+            sizes: BTreeMap::new(),
+            by_address: HashMap::new(),
+            held: Held::default(),
+            demanded: Vec::new(),
+            addresses_version: 0,
             me: None,
             online: false,
             hosts: Vec::new(),
@@ -346,6 +394,12 @@ impl Engine {
         &self.node
     }
 
+    /// Counts up whenever a peer is added or removed, or the addresses of a link change:
+    /// what the daemon's DNS names follow.
+    pub fn addresses_version(&self) -> u64 {
+        self.node.version().wrapping_add(self.addresses_version)
+    }
+
     /// Notes that something other than WireGuard data changed the engine's state: the next
     /// [`Engine::handle_timeout`] is due at once, and the timers are looked at again.
     fn kick(&mut self) {
@@ -380,14 +434,26 @@ impl Engine {
         out: &mut [u8],
     ) -> Option<(SocketAddr, usize, bool)> {
         let relays = &self.relays;
-        let o = self
+        let sent = self
             .node
             .handle_tun_with_headroom(packet, out, |peer, via| {
                 match via.and_then(|r| relays.get(r)) {
                     Some(relay) if relay.frames_in_place(peer) => CHANNEL_DATA_HEADER,
                     _ => 0,
                 }
-            })?;
+            });
+        let o = match sent {
+            Ok(o) => o,
+            Err(Unsent::Handled) => return None,
+            Err(Unsent::NoRoute(dst)) => {
+                self.hold(dst, packet, DropReason::NoRoute);
+                return None;
+            }
+            Err(Unsent::NoEndpoint(dst)) => {
+                self.hold(dst, packet, DropReason::NoEndpoint);
+                return None;
+            }
+        };
         let Some(r) = o.via else {
             return Some((o.destination, o.len, false));
         };
@@ -408,6 +474,70 @@ impl Engine {
                 tracing::debug!(peer = %o.destination, "cannot relay: {e}");
                 self.drops.count(DropReason::NoEndpoint);
                 None
+            }
+        }
+    }
+
+    /// A packet from the TUN device that no peer with an endpoint takes. When it is for a
+    /// device with a link that is not up (on demand at rest, or still being set up), it is
+    /// held until the link is up, and an on-demand link at rest opens; otherwise it is dropped
+    /// and counted as `unsent` says.
+    #[cold]
+    fn hold(&mut self, dst: IpAddr, packet: &[u8], unsent: DropReason) {
+        let Some(device) = self.by_address.get(&dst) else {
+            self.drops.count(unsent);
+            return;
+        };
+        let Some(link) = self.links.get_mut(device).filter(|l| !l.offline) else {
+            self.drops.count(unsent);
+            return;
+        };
+        if !self.held.push(device, packet) {
+            self.drops.count(DropReason::LinkQueueFull);
+        }
+        if !link.demanded {
+            link.demanded = true;
+            self.demanded.push(device.clone());
+            self.kicked = true;
+            self.timers = None;
+        }
+    }
+
+    /// Sends the packets held for links whose WireGuard peer now has an endpoint: into its
+    /// session, or queued behind its handshake.
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let ready: Vec<DeviceId> = self
+            .held
+            .devices()
+            .filter(|d| {
+                self.links
+                    .get(*d)
+                    .and_then(|l| l.peer)
+                    .is_some_and(|i| self.node.has_endpoint(i))
+            })
+            .cloned()
+            .collect();
+        for device in ready {
+            for mut packet in self.held.take(&device) {
+                let mut out = vec![0u8; packet.len() + 32 + 148];
+                match self
+                    .node
+                    .handle_tun_with_headroom(&mut packet, &mut out, |_, _| 0)
+                {
+                    Ok(o) => self.transmits.push_back(Transmit {
+                        destination: o.destination,
+                        via: o.via,
+                        stream: false,
+                        payload: out[o.start..o.start + o.len].to_vec(),
+                    }),
+                    Err(Unsent::Handled) => {}
+                    Err(Unsent::NoRoute(_) | Unsent::NoEndpoint(_)) => {
+                        self.drops.count(DropReason::LinkNotUp);
+                    }
+                }
             }
         }
     }
@@ -620,6 +750,7 @@ impl Engine {
             OsnEvent::Members { overlay, users } => {
                 self.members.insert(overlay, users.into_iter().collect());
                 self.sort_devices();
+                self.count_devices(now);
                 self.reconcile(now);
             }
             OsnEvent::DeviceUp {
@@ -712,6 +843,7 @@ impl Engine {
                 s.lost = Some(now);
             }
         }
+        self.count_devices(now);
         self.settle(now, &device);
     }
 
@@ -772,6 +904,7 @@ impl Engine {
                 }
             }
         }
+        self.count_devices(now);
         self.settle(now, device);
     }
 
@@ -815,6 +948,7 @@ impl Engine {
             }
             self.settle(now, &device);
         }
+        self.count_devices(now);
     }
 
     /// After a change of members: devices that no overlay authorises any more become strangers
@@ -969,8 +1103,8 @@ impl Engine {
             .collect()
     }
 
-    /// Settles address collisions, then gives every linked peer its current addresses. Only
-    /// claims made where the claimant is authorised count.
+    /// Settles address collisions, then gives every link its current addresses. Only claims
+    /// made where the claimant is authorised count.
     fn update_addresses(&mut self, me: &DeviceId) {
         let claims: Vec<(DeviceId, OverlayId, Claim)> = self
             .devices
@@ -983,19 +1117,14 @@ impl Engine {
             })
             .collect();
         self.plans.resolve(me, &claims);
-        let linked: Vec<DeviceId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.peer.is_some())
-            .map(|(d, _)| d.clone())
-            .collect();
+        let linked: Vec<DeviceId> = self.links.keys().cloned().collect();
         for device in linked {
             self.set_peer_addresses(&device);
         }
     }
 
-    /// Gives the linked peer of `device` its current addresses, after settling a claim it makes
-    /// on one of ours (which may move us, and then every peer's addresses change).
+    /// Gives the link to `device` its current addresses, after settling a claim it makes on one
+    /// of ours (which may move us, and then every link's addresses change).
     fn update_device_addresses(&mut self, me: &DeviceId, device: &DeviceId) {
         let own = self.plans.claims();
         let contested = self.authorising_claims(device).iter().any(|(o, c)| {
@@ -1011,18 +1140,203 @@ impl Engine {
         }
     }
 
+    /// Gives the link to `device` the addresses its claims make: on its WireGuard peer when it
+    /// has one, and in the table that finds the link for a packet whatever its state.
     fn set_peer_addresses(&mut self, device: &DeviceId) {
-        let Some((index, key)) = self.links.get(device).and_then(|l| Some((l.peer?, l.key))) else {
+        let Some(link) = self.links.get(device) else {
             return;
         };
+        let (key, peer) = (link.key, link.peer);
         let overlays = self.authorising_claims(device);
         let p = self.plans.peer(device, &key, &overlays);
+        self.set_link_addresses(device, host_routes(&p));
+        let Some(index) = peer else {
+            return;
+        };
         let refused = self
             .node
             .set_addresses(index, p.addresses, p.mapped, Some(p.destinations));
         if !refused.is_empty() {
             tracing::info!(%device, ?refused, "addresses already another peer's; left out");
         }
+    }
+
+    /// Records the addresses of the link to `device`, and which link each of them finds. An
+    /// address that another link has already keeps finding that one.
+    fn set_link_addresses(&mut self, device: &DeviceId, addresses: Vec<IpNet>) {
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        for a in &link.addresses {
+            if self.by_address.get(&a.addr()) == Some(device) {
+                self.by_address.remove(&a.addr());
+            }
+        }
+        for a in &addresses {
+            self.by_address
+                .entry(a.addr())
+                .or_insert_with(|| device.clone());
+        }
+        if link.addresses != addresses {
+            link.addresses = addresses;
+            self.addresses_version += 1;
+        }
+    }
+
+    /// Forgets the addresses of the link to `device`, and drops what was held for it.
+    fn forget_link_addresses(&mut self, device: &DeviceId) {
+        self.set_link_addresses(device, Vec::new());
+        self.drop_held(device);
+    }
+
+    /// Drops the packets held for `device`, counting them.
+    fn drop_held(&mut self, device: &DeviceId) {
+        let dropped = self.held.take(device).len();
+        self.drops.count_many(DropReason::LinkNotUp, dropped as u64);
+    }
+
+    /// What the overlays that authorise `device` want of its link: kept whatever the traffic
+    /// when one of them links every device, else on demand.
+    fn wanted(&self, device: &DeviceId) -> Wanted {
+        self.authorising(device)
+            .iter()
+            .fold(None, |w, o| Some(Wanted::combine(w, self.overlay_wants(o))))
+            .unwrap_or(Wanted::Always)
+    }
+
+    /// What the policy of `overlay` means now: with `auto`, on demand from
+    /// [`AUTO_THRESHOLD`] devices online.
+    fn overlay_wants(&self, overlay: &OverlayId) -> Wanted {
+        match self.policies.get(overlay) {
+            None | Some((LinkPolicy::All, _)) => Wanted::Always,
+            Some((LinkPolicy::OnDemand, idle)) => Wanted::OnDemand(*idle),
+            Some((LinkPolicy::Auto, idle)) => {
+                if self.sizes.get(overlay).copied().unwrap_or(1) >= AUTO_THRESHOLD {
+                    Wanted::OnDemand(*idle)
+                } else {
+                    Wanted::Always
+                }
+            }
+        }
+    }
+
+    /// Counts the devices online in each overlay whose policy is `auto`. Where the count
+    /// crosses the threshold, the links that the overlay authorises follow its new policy.
+    fn count_devices(&mut self, now: Instant) {
+        let auto: Vec<OverlayId> = self
+            .policies
+            .iter()
+            .filter(|(_, (p, _))| *p == LinkPolicy::Auto)
+            .map(|(o, _)| o.clone())
+            .collect();
+        for overlay in auto {
+            let members = self.members.get(&overlay);
+            let online = self
+                .devices
+                .iter()
+                .filter(|(d, a)| {
+                    a.via.get(&overlay).is_some_and(|s| s.present)
+                        && members.is_some_and(|m| m.contains(&d.user))
+                })
+                .count();
+            let before = self.overlay_wants(&overlay);
+            self.sizes.insert(overlay.clone(), online + 1);
+            let after = self.overlay_wants(&overlay);
+            if after == before {
+                continue;
+            }
+            let links = if after == Wanted::Always {
+                "to every device"
+            } else {
+                "on demand"
+            };
+            tracing::info!(%overlay, devices = online + 1, "the overlay crossed {AUTO_THRESHOLD} devices online: its links are now {links}");
+            let concerned: Vec<DeviceId> = self
+                .links
+                .keys()
+                .filter(|d| {
+                    self.devices
+                        .get(*d)
+                        .is_some_and(|a| a.via.contains_key(&overlay))
+                })
+                .cloned()
+                .collect();
+            for device in concerned {
+                self.apply_wanted(now, &device);
+            }
+        }
+    }
+
+    /// Brings the link to `device` in line with what its overlays want of it now. A link that
+    /// becomes on-demand without having carried data goes to rest at once; one that carried
+    /// data stays until it is idle. An on-demand link at rest that is now wanted whatever the
+    /// traffic opens.
+    fn apply_wanted(&mut self, now: Instant, device: &DeviceId) {
+        let wanted = self.wanted(device);
+        let first = self.me.as_ref().is_some_and(|me| me < device);
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        let before = std::mem::replace(&mut link.wanted, wanted);
+        match (before, wanted) {
+            (Wanted::Always, Wanted::OnDemand(_)) => {
+                let carried = link.peer.and_then(|i| self.node.last_data(i)).is_some();
+                if carried {
+                    link.used = now;
+                } else {
+                    tracing::debug!(%device, "the link is on demand now and carried no data: back to idle");
+                    self.rest(device, true);
+                }
+            }
+            (Wanted::OnDemand(_), Wanted::Always) if link.idle => {
+                link.idle = false;
+                link.used = now;
+                link.next_attempt = if first { now } else { now + ANSWER_GRACE };
+            }
+            _ => {}
+        }
+    }
+
+    /// Puts a link to rest, on demand: its WireGuard peer and its session go (the other
+    /// side is told, when `tell`), the packets held for it are dropped, and nothing is tried
+    /// until traffic for the device, or its offer, comes.
+    fn rest(&mut self, device: &DeviceId, tell: bool) {
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        if let Some(index) = link.peer.take() {
+            self.node.remove_peer(index);
+        }
+        if let Some(s) = link.session.take()
+            && tell
+            && !link.offline
+        {
+            self.signals.push_back((
+                device.clone(),
+                Signal::Terminate {
+                    session: s.id,
+                    reason: TerminateReason::Idle,
+                },
+            ));
+        }
+        link.idle = true;
+        link.backoff = BACKOFF_MIN;
+        link.last_error = None;
+        link.tried = (Vec::new(), Vec::new());
+        self.drop_held(device);
+    }
+
+    /// When the on-demand link `link` has been without data for its idle time: counted from
+    /// the later of the last data WireGuard carried and the last use.
+    fn idle_due(&self, link: &Link) -> Option<Instant> {
+        let Wanted::OnDemand(idle) = link.wanted else {
+            return None;
+        };
+        if link.idle {
+            return None;
+        }
+        let data = link.peer.and_then(|i| self.node.last_data(i));
+        Some(data.map_or(link.used, |d| d.max(link.used)) + idle)
     }
 
     fn is_authorised_user(&self, user: &str) -> bool {
@@ -1113,22 +1427,43 @@ impl Engine {
             self.drop_link(now, device, "its key changed");
         }
         if self.links.contains_key(device) {
+            self.apply_wanted(now, device);
             return;
         }
         let first = *me < *device;
         let offline = self.devices.get(device).is_some_and(Announced::offline);
-        tracing::info!(%device, key = %key.fingerprint(), "authorised device online");
+        let wanted = self.wanted(device);
+        let idle = wanted != Wanted::Always;
+        let settle = if self
+            .authorising(device)
+            .iter()
+            .any(|o| self.policies.get(o).is_some_and(|(p, _)| *p == LinkPolicy::Auto))
+        {
+            AUTO_SETTLE
+        } else {
+            Duration::ZERO
+        };
+        tracing::info!(%device, key = %key.fingerprint(), on_demand = idle, "authorised device online");
         self.links.insert(
             device.clone(),
             Link {
                 key,
                 session: None,
                 peer: None,
-                next_attempt: if first { now } else { now + ANSWER_GRACE },
+                next_attempt: if first {
+                    now + settle
+                } else {
+                    now + ANSWER_GRACE
+                },
                 backoff: BACKOFF_MIN,
                 last_error: None,
                 tried: (Vec::new(), Vec::new()),
                 offline,
+                addresses: Vec::new(),
+                wanted,
+                idle,
+                used: now,
+                demanded: false,
             },
         );
         if let Some((id, offer, at)) = self.pending.remove(device)
@@ -1140,6 +1475,7 @@ impl Engine {
 
     /// Tears a link down: its WireGuard peer, its session (telling the other side).
     fn drop_link(&mut self, _now: Instant, device: &DeviceId, why: &str) {
+        self.forget_link_addresses(device);
         if let Some(link) = self.links.remove(device) {
             if let Some(index) = link.peer {
                 self.node.remove_peer(index);
@@ -1373,6 +1709,7 @@ impl Engine {
                         TerminateReason::WrongKey => "the other side refused our key",
                         TerminateReason::Glare => "the other side keeps its own session",
                         TerminateReason::Done => "the other side closed the link",
+                        TerminateReason::Idle => "the other side closed the idle link",
                         TerminateReason::Failed => "the other side gave up",
                     };
                     if reason == TerminateReason::Glare {
@@ -1381,6 +1718,10 @@ impl Engine {
                             link.session = None;
                             link.next_attempt = now + ANSWER_GRACE;
                         }
+                    } else if reason == TerminateReason::Idle {
+                        // Whatever this side's policy: traffic opens the link again.
+                        tracing::info!(device = %from, "{why}: back to idle");
+                        self.rest(&from, false);
                     } else {
                         self.fail(now, &from, why);
                     }
@@ -1449,6 +1790,11 @@ impl Engine {
         let answer = self.offer(&agent);
         if let Some(link) = self.links.get_mut(&from) {
             let restart = link.peer.is_some();
+            if link.idle {
+                tracing::info!(device = %from, "the device opens an on-demand link");
+                link.idle = false;
+                link.used = now;
+            }
             link.session = Some(Session {
                 id: session.clone(),
                 initiator: false,
@@ -1479,6 +1825,7 @@ impl Engine {
         }
         let overlays = self.authorising_claims(device);
         let p = self.plans.peer(device, &offer.key, &overlays);
+        self.set_link_addresses(device, host_routes(&p));
         let config = PeerConfig {
             name: Some(device.to_string()),
             public_key: offer.key,
@@ -1526,12 +1873,37 @@ impl Engine {
         if self.absent_due.is_some_and(|t| t <= now) {
             self.expire_absent(now);
         }
+        for device in std::mem::take(&mut self.demanded) {
+            let Some(link) = self.links.get_mut(&device) else {
+                continue;
+            };
+            link.demanded = false;
+            link.used = now;
+            if link.idle {
+                tracing::info!(%device, "traffic for the device: opening an on-demand link");
+                link.idle = false;
+                link.next_attempt = now;
+            }
+        }
+        let idle: Vec<DeviceId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| self.idle_due(l).is_some_and(|t| t <= now))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in idle {
+            tracing::info!(%device, "no data on the on-demand link for its idle time: closing it");
+            self.rest(&device, true);
+        }
         // A device offline on XMPP cannot be signalled: its link is neither retried nor
-        // restarted, nor given up; WireGuard decides (see `expire_absent`).
+        // restarted, nor given up; WireGuard decides (see `expire_absent`). An on-demand link
+        // at rest waits for traffic.
         let due: Vec<DeviceId> = self
             .links
             .iter()
-            .filter(|(_, l)| !l.offline && l.session.is_none() && l.next_attempt <= now)
+            .filter(|(_, l)| {
+                !l.offline && !l.idle && l.session.is_none() && l.next_attempt <= now
+            })
             .map(|(d, _)| d.clone())
             .collect();
         if self.me.is_some() {
@@ -1667,6 +2039,7 @@ impl Engine {
                 }
             }
         }
+        self.release_held();
     }
 
     /// When [`Engine::handle_timeout`] wants to run next.
@@ -1695,6 +2068,9 @@ impl Engine {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         };
+        for link in self.links.values() {
+            consider(self.idle_due(link));
+        }
         let online = self.online;
         let clock = self.clock;
         for link in self.links.values_mut() {
@@ -1722,7 +2098,7 @@ impl Engine {
                     }
                     consider(s.agent.poll_timeout());
                 }
-                None if !link.offline => consider(Some(link.next_attempt)),
+                None if !link.offline && !link.idle => consider(Some(link.next_attempt)),
                 None => {}
             }
         }
@@ -1906,8 +2282,13 @@ impl Engine {
                 device: device.clone(),
                 key: link.key,
                 overlays: self.authorising(device),
+                addresses: link
+                    .peer
+                    .and_then(|i| self.node.peer(i))
+                    .map_or_else(|| link.addresses.clone(), |p| p.addresses),
                 phase: match &link.session {
-                    None => LinkPhase::Idle,
+                    None if link.idle => LinkPhase::Idle,
+                    None => LinkPhase::Waiting,
                     Some(s) if !s.answered => LinkPhase::Offered,
                     Some(s) if s.nominated.is_none() => LinkPhase::Checking,
                     Some(_) => LinkPhase::Connected,
@@ -2118,6 +2499,15 @@ impl Engine {
     pub fn me(&self) -> Option<&DeviceId> {
         self.me.as_ref()
     }
+}
+
+/// The host routes of a device's addresses: its own, and the local side of its mappings.
+fn host_routes(p: &crate::plan::PeerAddresses) -> Vec<IpNet> {
+    p.addresses
+        .iter()
+        .copied()
+        .chain(p.mapped.iter().map(|m| IpNet::from(IpAddr::V4(m.local))))
+        .collect()
 }
 
 /// When a session whose path was lost restarts ICE: at once on the side that opened it (the
