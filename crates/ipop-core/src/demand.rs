@@ -82,9 +82,11 @@ impl Held {
         if self.packets >= HELD_TOTAL || self.bytes + packet.len() > HELD_BYTES {
             return false;
         }
-        let queue = match self.queues.get_mut(device) {
-            Some(q) => q,
-            None => self.queues.entry(device.clone()).or_default(),
+        if !self.queues.contains_key(device) {
+            self.queues.insert(device.clone(), VecDeque::new());
+        }
+        let Some(queue) = self.queues.get_mut(device) else {
+            return false;
         };
         if queue.len() >= HELD_PER_DEVICE {
             return false;

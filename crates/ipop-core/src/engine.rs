@@ -2601,11 +2601,25 @@ mod tests {
 
     /// A device in the social overlay, at `social` (address and prefix).
     fn dev(user: &str, device: &str, addr: &str, social: &str) -> Dev {
+        dev_linking(user, device, addr, social, LinkPolicy::All, Duration::ZERO)
+    }
+
+    /// A device in the social overlay, at `social`, with the link policy `links`.
+    fn dev_linking(
+        user: &str,
+        device: &str,
+        addr: &str,
+        social: &str,
+        links: LinkPolicy,
+        idle_timeout: Duration,
+    ) -> Dev {
         let net: ipnet::Ipv4Net = social.parse().unwrap();
         let social = OverlayConfig {
             id: OverlayId::Social,
             subnet: net.trunc(),
             address: Some(net.addr()),
+            links,
+            idle_timeout,
         };
         dev_in(user, device, addr, vec![social], Memory::default())
     }
@@ -2615,6 +2629,8 @@ mod tests {
             id: OverlayId::Group(room.to_owned()),
             subnet: subnet.parse().unwrap(),
             address: address.map(|a| a.parse().unwrap()),
+            links: LinkPolicy::All,
+            idle_timeout: Duration::ZERO,
         }
     }
 
@@ -2650,17 +2666,23 @@ mod tests {
         cut: Vec<(SocketAddr, SocketAddr)>,
         /// One-way paths that lose STUN requests (ICE checks) but pass everything else.
         checks_lost: Vec<(SocketAddr, SocketAddr)>,
+        /// The packets each device delivered to its TUN device during `run`.
+        delivered: Vec<Vec<Vec<u8>>>,
+        /// Every signal sent during `run`: from, to, signal.
+        signals: Vec<(usize, DeviceId, Signal)>,
     }
 
     impl World {
         fn new(devs: Vec<Dev>) -> Self {
             let now = Instant::now();
             let mut w = World {
+                delivered: vec![Vec::new(); devs.len()],
                 devs,
                 now,
                 signals_sent: 0,
                 cut: Vec::new(),
                 checks_lost: Vec::new(),
+                signals: Vec::new(),
             };
             for d in &mut w.devs {
                 let me = d.id.clone();
@@ -2732,6 +2754,7 @@ mod tests {
                 for i in 0..self.devs.len() {
                     while let Some((to, signal)) = self.devs[i].engine.poll_signal() {
                         self.signals_sent += 1;
+                        self.signals.push((i, to.clone(), signal.clone()));
                         let from = self.devs[i].id.clone();
                         if let Some(j) = self.devs.iter().position(|d| d.id == to) {
                             let ev = OsnEvent::Signal { from, signal };
@@ -2752,7 +2775,11 @@ mod tests {
                         if let Some(j) = self.devs.iter().position(|d| d.owns(t.destination)) {
                             let now = self.now;
                             let e = &mut self.devs[j].engine;
-                            e.handle_udp(now, t.destination, from, &t.payload, &mut out);
+                            if let Some(n) =
+                                e.handle_udp(now, t.destination, from, &t.payload, &mut out)
+                            {
+                                self.delivered[j].push(out[..n].to_vec());
+                            }
                         }
                     }
                 }
@@ -3686,7 +3713,7 @@ mod tests {
         w.run_until(Duration::from_secs(40), restarted);
         // The WireGuard peer stays while ICE looks for a path.
         assert!(slot(&w, 0).is_some());
-        let failed = |w: &World| w.link(0).is_some_and(|l| l.phase == LinkPhase::Idle);
+        let failed = |w: &World| w.link(0).is_some_and(|l| l.phase == LinkPhase::Waiting);
         let took = w.run_until(Duration::from_secs(25), failed);
         assert!(took > ICE_TIMEOUT, "{took:?}");
         let link = w.link(0).unwrap();
@@ -3698,7 +3725,7 @@ mod tests {
         assert_eq!(link.tried.0.len(), 1, "{:?}", link.tried);
         assert_eq!(link.tried.1.first().map(|c| c.address), Some(b1));
         // Retried after a back-off that grows.
-        let trying = |w: &World| w.link(0).is_some_and(|l| l.phase != LinkPhase::Idle);
+        let trying = |w: &World| w.link(0).is_some_and(|l| l.phase != LinkPhase::Waiting);
         let first = w.run_until(Duration::from_secs(5), trying);
         w.run_until(Duration::from_secs(25), failed);
         assert_eq!(
@@ -3710,5 +3737,288 @@ mod tests {
             first >= BACKOFF_MIN && second >= 2 * BACKOFF_MIN,
             "{first:?}, {second:?}"
         );
+    }
+
+    /// Three friends, Alice, Bob and Carol, whose social overlay links on demand with this
+    /// idle time; they see each other online.
+    fn on_demand_friends(idle: Duration) -> World {
+        let on_demand = |user: &str, device: &str, addr: &str, social: &str| {
+            dev_linking(user, device, addr, social, LinkPolicy::OnDemand, idle)
+        };
+        let mut w = World::new(vec![
+            on_demand("alice@example.org", "laptop", "192.0.2.1:51820", "10.78.0.1/16"),
+            on_demand("bob@example.org", "phone", "192.0.2.2:51820", "10.78.0.2/16"),
+            on_demand("carol@example.org", "desk", "192.0.2.3:51820", "10.78.0.3/16"),
+        ]);
+        let social = OverlayId::Social;
+        let all = ["alice@example.org", "bob@example.org", "carol@example.org"];
+        for i in 0..3 {
+            w.members(i, &social, &all);
+        }
+        for i in 0..3 {
+            for j in 0..3 {
+                if i != j {
+                    let key = w.key(j);
+                    w.sees(i, j, &social, key);
+                }
+            }
+        }
+        w
+    }
+
+    /// The link of device `i` to device `j`.
+    fn link_to(w: &World, i: usize, j: usize) -> LinkStatus {
+        let id = &w.devs[j].id;
+        w.devs[i]
+            .engine
+            .links()
+            .into_iter()
+            .find(|l| l.device == *id)
+            .expect("a link entry")
+    }
+
+    /// A packet from device `i` to the address it gives device `j` in the social overlay,
+    /// handed to `i`'s engine as from its TUN device; returns whether it went out at once.
+    fn send(w: &mut World, i: usize, j: usize, payload: &[u8]) -> bool {
+        let own = w.devs[i].engine.own_addresses()[0].v4.addr();
+        let target = w.devs[i].engine.memory().social_numbers[&w.devs[j].id];
+        let mut p = ipv4(own.octets(), target.octets(), payload);
+        let mut wire = vec![0u8; 2048];
+        w.devs[i].engine.handle_tun(&mut p, &mut wire).is_some()
+    }
+
+    /// Whether device `j` delivered a packet carrying `payload` to its TUN device.
+    fn received(w: &World, j: usize, payload: &[u8]) -> bool {
+        w.delivered[j].iter().any(|p| p.ends_with(payload))
+    }
+
+    fn drops_of(w: &World, i: usize, reason: DropReason) -> u64 {
+        w.devs[i].engine.drops().get(reason)
+    }
+
+    #[test]
+    fn on_demand_devices_get_no_link_until_traffic_and_the_first_packet_is_delivered() {
+        let mut w = on_demand_friends(Duration::from_secs(600));
+        w.run(250);
+        assert_eq!(w.signals_sent, 0, "no offer without traffic");
+        for i in 0..3 {
+            let links = w.devs[i].engine.links();
+            assert_eq!(links.len(), 2);
+            for l in &links {
+                assert_eq!(l.phase, LinkPhase::Idle, "{l:?}");
+                assert!(l.peer.is_none(), "no WireGuard peer: {l:?}");
+                // Addresses (and so names) come from presence, linked or not.
+                assert!(l.addresses.iter().any(|a| a.addr().is_ipv4()), "{l:?}");
+                assert!(l.addresses.iter().any(|a| a.addr().is_ipv6()), "{l:?}");
+            }
+            assert_eq!(w.devs[i].engine.node().peers().count(), 0);
+        }
+
+        // Bob, who sorts after Alice, opens the link: either side may.
+        assert!(!send(&mut w, 1, 0, b"first"), "held, not sent");
+        assert!(!send(&mut w, 1, 0, b"second"));
+        assert_eq!(drops_of(&w, 1, DropReason::NoRoute), 0, "held, not dropped");
+        let took = w.run_until(Duration::from_secs(5), |w| received(w, 0, b"second"));
+        assert!(took < Duration::from_secs(1), "set-up took {took:?}");
+        assert!(received(&w, 0, b"first"), "the first packet arrived too");
+        let order: Vec<bool> = w.delivered[0]
+            .iter()
+            .map(|p| p.ends_with(b"first"))
+            .collect();
+        assert_eq!(order, [true, false], "in order");
+        assert!(matches!(
+            w.signals.first(),
+            Some((1, to, Signal::Initiate { .. })) if *to == w.devs[0].id
+        ));
+        // The reply goes straight out.
+        assert!(send(&mut w, 0, 1, b"reply"), "alice's side has the link");
+        assert!(w.connected(0));
+        assert_eq!(link_to(&w, 0, 1).phase, LinkPhase::Connected);
+        assert_eq!(link_to(&w, 1, 0).phase, LinkPhase::Connected);
+        // Carol was left alone.
+        assert_eq!(link_to(&w, 0, 2).phase, LinkPhase::Idle);
+        assert_eq!(link_to(&w, 1, 2).phase, LinkPhase::Idle);
+        assert!(w.devs[2].engine.links().iter().all(|l| l.phase == LinkPhase::Idle));
+        assert!(w.signals.iter().all(|(i, to, _)| *i != 2 && *to != w.devs[2].id));
+    }
+
+    #[test]
+    fn both_sides_opening_at_once_end_with_one_link() {
+        let mut w = on_demand_friends(Duration::from_secs(600));
+        assert!(!send(&mut w, 0, 1, b"from alice"));
+        assert!(!send(&mut w, 1, 0, b"from bob"));
+        w.run_until(Duration::from_secs(5), |w| {
+            received(w, 0, b"from bob") && received(w, 1, b"from alice")
+        });
+        assert_eq!(link_to(&w, 0, 1).phase, LinkPhase::Connected);
+        assert_eq!(link_to(&w, 1, 0).phase, LinkPhase::Connected);
+        let glare = w.signals.iter().any(|(_, _, s)| {
+            matches!(
+                s,
+                Signal::Terminate {
+                    reason: TerminateReason::Glare,
+                    ..
+                }
+            )
+        });
+        assert!(glare, "both offered, one session kept: {:?}", w.signals);
+    }
+
+    #[test]
+    fn packets_held_for_a_link_are_bounded_and_the_drops_counted() {
+        let mut w = on_demand_friends(Duration::from_secs(600));
+        let extra = 10;
+        for n in 0..crate::demand::HELD_PER_DEVICE + extra {
+            assert!(!send(&mut w, 0, 1, format!("packet {n:03}").as_bytes()));
+        }
+        assert_eq!(drops_of(&w, 0, DropReason::LinkQueueFull), extra as u64);
+        assert_eq!(
+            w.devs[0].engine.held.len(&w.devs[1].id),
+            crate::demand::HELD_PER_DEVICE
+        );
+        let last = format!("packet {:03}", crate::demand::HELD_PER_DEVICE - 1);
+        w.run_until(Duration::from_secs(5), |w| received(w, 1, last.as_bytes()));
+        w.run(5);
+        assert_eq!(w.delivered[1].len(), crate::demand::HELD_PER_DEVICE);
+        assert!(w.devs[0].engine.held.is_empty());
+        // A packet for an address that no device has is still plain `no_route`.
+        let mut p = ipv4([10, 78, 0, 1], [10, 78, 200, 200], b"nobody");
+        let mut wire = vec![0u8; 2048];
+        assert!(w.devs[0].engine.handle_tun(&mut p, &mut wire).is_none());
+        assert_eq!(drops_of(&w, 0, DropReason::NoRoute), 1);
+        assert_eq!(drops_of(&w, 0, DropReason::LinkQueueFull), extra as u64);
+    }
+
+    #[test]
+    fn an_idle_on_demand_link_closes_on_both_ends_and_traffic_opens_it_again() {
+        let idle = Duration::from_secs(30);
+        let mut w = on_demand_friends(idle);
+        send(&mut w, 0, 1, b"ping");
+        w.run_until(Duration::from_secs(5), |w| received(w, 1, b"ping"));
+        // Data keeps it up.
+        for _ in 0..4 {
+            w.run(500);
+            let sent = tunnel(&mut w, 0, 1, b"still here");
+            assert!(sent.arrived.is_some(), "the link is up");
+        }
+        assert_eq!(link_to(&w, 1, 0).phase, LinkPhase::Connected);
+        let signals = w.signals.len();
+        let closed = |w: &World| {
+            link_to(w, 0, 1).phase == LinkPhase::Idle && link_to(w, 1, 0).phase == LinkPhase::Idle
+        };
+        let took = w.run_until(idle + Duration::from_secs(2), closed);
+        assert!(
+            took + Duration::from_millis(300) >= idle,
+            "closed after {took:?}, before its idle time"
+        );
+        for i in 0..2 {
+            assert_eq!(w.devs[i].engine.node().peers().count(), 0, "peer removed");
+        }
+        let terminates: Vec<_> = w.signals[signals..]
+            .iter()
+            .filter(|(_, _, s)| {
+                matches!(
+                    s,
+                    Signal::Terminate {
+                        reason: TerminateReason::Idle,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        assert!(!terminates.is_empty(), "{:?}", &w.signals[signals..]);
+        // Nothing is retried while idle.
+        let quiet = w.signals.len();
+        w.run(500);
+        assert_eq!(w.signals.len(), quiet, "{:?}", &w.signals[quiet..]);
+        // Traffic opens a new link, from the side that closed or the other.
+        assert!(!send(&mut w, 1, 0, b"again"));
+        w.run_until(Duration::from_secs(5), |w| received(w, 0, b"again"));
+        assert_eq!(link_to(&w, 0, 1).phase, LinkPhase::Connected);
+    }
+
+    #[test]
+    fn auto_links_every_device_below_the_threshold_and_on_demand_from_it() {
+        let room = OverlayId::Group("big@conference.example.org".into());
+        let mut overlay = group("big@conference.example.org", "10.90.0.0/16", Some("10.90.0.1"));
+        overlay.links = LinkPolicy::Auto;
+        overlay.idle_timeout = Duration::from_secs(600);
+        let mut me = dev_in(
+            "aaa@example.org",
+            "pc",
+            "192.0.2.1:51820",
+            vec![overlay],
+            Memory::default(),
+        );
+        let mut now = Instant::now();
+        let e = &mut me.engine;
+        e.handle_osn(now, OsnEvent::Online { me: me.id.clone() });
+        let users: Vec<String> = (0..AUTO_THRESHOLD + 2)
+            .map(|i| format!("user{i:02}@example.org"))
+            .collect();
+        e.handle_osn(
+            now,
+            OsnEvent::Members {
+                overlay: room.clone(),
+                users: users.clone(),
+            },
+        );
+        let up = |i: usize| OsnEvent::DeviceUp {
+            overlay: room.clone(),
+            device: DeviceId::new(&users[i], "pc"),
+            key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
+            claim: Some(Claim {
+                address: std::net::Ipv4Addr::new(10, 90, 1, i as u8),
+                fixed: true,
+            }),
+        };
+        let phases = |e: &Engine| e.links().iter().map(|l| l.phase).collect::<Vec<_>>();
+        let offers = |e: &mut Engine| {
+            let mut n = (0usize, 0usize);
+            while let Some((_, s)) = e.poll_signal() {
+                match s {
+                    Signal::Initiate { .. } => n.0 += 1,
+                    Signal::Terminate {
+                        reason: TerminateReason::Idle,
+                        ..
+                    } => n.1 += 1,
+                    _ => {}
+                }
+            }
+            n
+        };
+        // This device and 22 others: below the threshold, every device is linked.
+        for i in 0..AUTO_THRESHOLD - 2 {
+            e.handle_osn(now, up(i));
+        }
+        assert!(phases(e).iter().all(|p| *p == LinkPhase::Waiting));
+        now += Duration::from_secs(1);
+        e.handle_timeout(now);
+        assert_eq!(offers(e), (AUTO_THRESHOLD - 2, 0), "one offer each");
+
+        // The 24th device online: links go on demand. Those that carried no data rest at once.
+        e.handle_osn(now, up(AUTO_THRESHOLD - 2));
+        assert!(phases(e).iter().all(|p| *p == LinkPhase::Idle), "{:?}", phases(e));
+        assert_eq!(offers(e), (0, AUTO_THRESHOLD - 2), "each session ended as idle");
+        e.handle_osn(now, up(AUTO_THRESHOLD - 1));
+        now += Duration::from_secs(5);
+        e.handle_timeout(now);
+        assert_eq!(offers(e), (0, 0), "nothing offered on demand without traffic");
+        assert_eq!(e.links().len(), AUTO_THRESHOLD);
+
+        // Two devices go: below the threshold again, every link is offered.
+        for i in [0, 1] {
+            e.handle_osn(
+                now,
+                OsnEvent::DeviceDown {
+                    overlay: room.clone(),
+                    device: DeviceId::new(&users[i], "pc"),
+                },
+            );
+        }
+        assert!(phases(e).iter().all(|p| *p == LinkPhase::Waiting));
+        now += Duration::from_secs(1);
+        e.handle_timeout(now);
+        assert_eq!(offers(e), (AUTO_THRESHOLD - 2, 0));
     }
 }

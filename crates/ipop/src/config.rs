@@ -304,7 +304,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
         total = total.checked_add(n.checked_mul(unit)?)?;
         rest = &rest[digits + 1..];
     }
-    (total > 0).then(|| Duration::from_secs(total))
+    (total > 0).then_some(Duration::from_secs(total))
 }
 
 /// Whether `s` looks like `host:port` (a bracketed IPv6 address is a host too).

@@ -509,7 +509,8 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
         for (r, p) in rows.iter().zip(&o.peers) {
             let _ = writeln!(out, "{}", line(r));
-            if let Some(reason) = &p.reason {
+            // An idle on-demand link is no problem: its state says it all.
+            if let Some(reason) = p.reason.as_ref().filter(|_| p.state != "idle") {
                 let _ = writeln!(out, "    why not connected: {reason}");
             }
             if !p.candidates_tried.is_empty() {
