@@ -132,10 +132,13 @@ mod tests {
         for _ in 0..HELD_PER_DEVICE {
             assert!(held.push(&a, &[0; 100]));
         }
-        assert!(!held.push(&a, &[0; 100]), "one more than the per-device bound");
+        assert!(
+            !held.push(&a, &[0; 100]),
+            "one more than the per-device bound"
+        );
         let mut others = 0;
         let mut i = 0;
-        while held.push(&DeviceId::new(&format!("u{i}@x"), "pc"), &[0; 100]) {
+        while held.push(&DeviceId::new(format!("u{i}@x"), "pc"), &[0; 100]) {
             others += 1;
             if others % HELD_PER_DEVICE == 0 {
                 i += 1;
@@ -172,6 +175,9 @@ mod tests {
             Wanted::combine(Some(Wanted::Always), Wanted::OnDemand(m)),
             Wanted::Always
         );
-        assert_eq!(Wanted::combine(None, Wanted::OnDemand(m)), Wanted::OnDemand(m));
+        assert_eq!(
+            Wanted::combine(None, Wanted::OnDemand(m)),
+            Wanted::OnDemand(m)
+        );
     }
 }

@@ -45,8 +45,8 @@ use crate::osn::{
 use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
 use crate::turn::{CHANNEL_DATA_HEADER, TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
-use is::stun::{StunMessage, StunPacket};
 use ipnet::IpNet;
+use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent, IceCreds};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -1434,11 +1434,11 @@ impl Engine {
         let offline = self.devices.get(device).is_some_and(Announced::offline);
         let wanted = self.wanted(device);
         let idle = wanted != Wanted::Always;
-        let settle = if self
-            .authorising(device)
-            .iter()
-            .any(|o| self.policies.get(o).is_some_and(|(p, _)| *p == LinkPolicy::Auto))
-        {
+        let settle = if self.authorising(device).iter().any(|o| {
+            self.policies
+                .get(o)
+                .is_some_and(|(p, _)| *p == LinkPolicy::Auto)
+        }) {
             AUTO_SETTLE
         } else {
             Duration::ZERO
@@ -1901,9 +1901,7 @@ impl Engine {
         let due: Vec<DeviceId> = self
             .links
             .iter()
-            .filter(|(_, l)| {
-                !l.offline && !l.idle && l.session.is_none() && l.next_attempt <= now
-            })
+            .filter(|(_, l)| !l.offline && !l.idle && l.session.is_none() && l.next_attempt <= now)
             .map(|(d, _)| d.clone())
             .collect();
         if self.me.is_some() {
@@ -3746,9 +3744,24 @@ mod tests {
             dev_linking(user, device, addr, social, LinkPolicy::OnDemand, idle)
         };
         let mut w = World::new(vec![
-            on_demand("alice@example.org", "laptop", "192.0.2.1:51820", "10.78.0.1/16"),
-            on_demand("bob@example.org", "phone", "192.0.2.2:51820", "10.78.0.2/16"),
-            on_demand("carol@example.org", "desk", "192.0.2.3:51820", "10.78.0.3/16"),
+            on_demand(
+                "alice@example.org",
+                "laptop",
+                "192.0.2.1:51820",
+                "10.78.0.1/16",
+            ),
+            on_demand(
+                "bob@example.org",
+                "phone",
+                "192.0.2.2:51820",
+                "10.78.0.2/16",
+            ),
+            on_demand(
+                "carol@example.org",
+                "desk",
+                "192.0.2.3:51820",
+                "10.78.0.3/16",
+            ),
         ]);
         let social = OverlayId::Social;
         let all = ["alice@example.org", "bob@example.org", "carol@example.org"];
@@ -3841,8 +3854,18 @@ mod tests {
         // Carol was left alone.
         assert_eq!(link_to(&w, 0, 2).phase, LinkPhase::Idle);
         assert_eq!(link_to(&w, 1, 2).phase, LinkPhase::Idle);
-        assert!(w.devs[2].engine.links().iter().all(|l| l.phase == LinkPhase::Idle));
-        assert!(w.signals.iter().all(|(i, to, _)| *i != 2 && *to != w.devs[2].id));
+        assert!(
+            w.devs[2]
+                .engine
+                .links()
+                .iter()
+                .all(|l| l.phase == LinkPhase::Idle)
+        );
+        assert!(
+            w.signals
+                .iter()
+                .all(|(i, to, _)| *i != 2 && *to != w.devs[2].id)
+        );
     }
 
     #[test]
@@ -3943,7 +3966,11 @@ mod tests {
     #[test]
     fn auto_links_every_device_below_the_threshold_and_on_demand_from_it() {
         let room = OverlayId::Group("big@conference.example.org".into());
-        let mut overlay = group("big@conference.example.org", "10.90.0.0/16", Some("10.90.0.1"));
+        let mut overlay = group(
+            "big@conference.example.org",
+            "10.90.0.0/16",
+            Some("10.90.0.1"),
+        );
         overlay.links = LinkPolicy::Auto;
         overlay.idle_timeout = Duration::from_secs(600);
         let mut me = dev_in(
@@ -4001,12 +4028,24 @@ mod tests {
 
         // The 24th device online: links go on demand. Those that carried no data rest at once.
         e.handle_osn(now, up(AUTO_THRESHOLD - 2));
-        assert!(phases(e).iter().all(|p| *p == LinkPhase::Idle), "{:?}", phases(e));
-        assert_eq!(offers(e), (0, AUTO_THRESHOLD - 2), "each session ended as idle");
+        assert!(
+            phases(e).iter().all(|p| *p == LinkPhase::Idle),
+            "{:?}",
+            phases(e)
+        );
+        assert_eq!(
+            offers(e),
+            (0, AUTO_THRESHOLD - 2),
+            "each session ended as idle"
+        );
         e.handle_osn(now, up(AUTO_THRESHOLD - 1));
         now += Duration::from_secs(5);
         e.handle_timeout(now);
-        assert_eq!(offers(e), (0, 0), "nothing offered on demand without traffic");
+        assert_eq!(
+            offers(e),
+            (0, 0),
+            "nothing offered on demand without traffic"
+        );
         assert_eq!(e.links().len(), AUTO_THRESHOLD);
 
         // Two devices go: below the threshold again, every link is offered.

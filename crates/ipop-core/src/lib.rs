@@ -26,7 +26,6 @@ pub use demand::LinkPolicy;
 pub use engine::{Engine, LinkPhase, LinkStatus, Unlinked, UnlinkedReason};
 pub use key::{KeyError, PublicKey};
 pub use node::{
-    DropReason, Drops, LinkState, Mapping, Node, PeerConfig, PeerStatus, Problem, Transmit,
-    Unsent,
+    DropReason, Drops, LinkState, Mapping, Node, PeerConfig, PeerStatus, Problem, Transmit, Unsent,
 };
 pub use plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses};

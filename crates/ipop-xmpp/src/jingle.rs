@@ -230,9 +230,7 @@ pub fn from_element(element: &Element) -> Result<Signal, Malformed> {
                     TerminateReason::WrongKey
                 }
                 Some(Reason::SecurityError) => TerminateReason::NotAuthorised,
-                Some(Reason::Success) if detail.as_deref() == Some("idle") => {
-                    TerminateReason::Idle
-                }
+                Some(Reason::Success) if detail.as_deref() == Some("idle") => TerminateReason::Idle,
                 Some(Reason::AlternativeSession { .. }) => TerminateReason::Glare,
                 Some(Reason::Success | Reason::Cancel | Reason::Gone | Reason::Expired) => {
                     TerminateReason::Done

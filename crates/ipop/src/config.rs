@@ -5,8 +5,8 @@
 
 use anyhow::Context;
 use ipnet::{IpNet, Ipv4Net};
-use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OverlayId};
 use ipop_core::demand::DEFAULT_IDLE_TIMEOUT;
+use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OverlayId};
 use ipop_core::{LinkPolicy, OverlayConfig, PeerConfig, PublicKey};
 use serde::{Deserialize, Deserializer};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -907,7 +907,15 @@ mod tests {
             e.contains("line 5") && e.contains("key `links`") && e.contains("on-demand"),
             "{e}"
         );
-        for bad in ["10", "ten minutes", "10x", "0s", "m", "99999999999999999999h", ""] {
+        for bad in [
+            "10",
+            "ten minutes",
+            "10x",
+            "0s",
+            "m",
+            "99999999999999999999h",
+            "",
+        ] {
             let e = Config::parse(&format!(
                 "{xmpp}[[groups]]\nroom = \"g@c.b\"\nsubnet = \"10.9.0.0/24\"\nidle_timeout = \"{bad}\"\n"
             ))
@@ -918,7 +926,10 @@ mod tests {
             );
         }
         let e = Config::parse(&format!("{xmpp}[social]\nidle_timeout = 600\n")).unwrap_err();
-        assert!(e.contains("line 5") && e.contains("key `idle_timeout`"), "{e}");
+        assert!(
+            e.contains("line 5") && e.contains("key `idle_timeout`"),
+            "{e}"
+        );
     }
 
     #[test]

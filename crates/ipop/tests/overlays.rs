@@ -732,11 +732,13 @@ fn on_demand_links_open_with_the_first_packet_and_close_when_idle() {
             .filter(|u| *u != user)
             .map(|u| jid(u))
             .collect();
-        let s = w.node(i).wait_status(LINK_TIMEOUT, "the others listed idle", |s| {
-            others
-                .iter()
-                .all(|o| state_in(s, &lab, o) == Some("idle") && !peer_addresses(s, &lab, o).is_empty())
-        });
+        let s = w
+            .node(i)
+            .wait_status(LINK_TIMEOUT, "the others listed idle", |s| {
+                others.iter().all(|o| {
+                    state_in(s, &lab, o) == Some("idle") && !peer_addresses(s, &lab, o).is_empty()
+                })
+            });
         for o in &others {
             let p = peer_by_jid(&s, o).expect("listed");
             assert!(
@@ -767,15 +769,9 @@ fn on_demand_links_open_with_the_first_packet_and_close_when_idle() {
     // One echo request, the first packet for David's device: it opens the link and is
     // answered. Had it been dropped while the link came up, this ping would fail.
     let started = std::time::Instant::now();
-    let out = carol.ns().try_exec(&[
-        "ping",
-        "-n",
-        "-c",
-        "1",
-        "-W",
-        "5",
-        &david_v4.to_string(),
-    ]);
+    let out = carol
+        .ns()
+        .try_exec(&["ping", "-n", "-c", "1", "-W", "5", &david_v4.to_string()]);
     let wall = started.elapsed();
     assert!(
         out.status.success(),
