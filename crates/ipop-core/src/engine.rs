@@ -503,8 +503,9 @@ impl Engine {
         }
     }
 
-    /// Sends the packets held for links whose WireGuard peer now has an endpoint: into its
-    /// session, or queued behind its handshake.
+    /// Sends the packets held for links whose WireGuard session is now up. (Not before: handed
+    /// to a session still in its handshake, a packet would start handshakes of its own, which
+    /// cross the other side's when both devices start at once.)
     fn release_held(&mut self) {
         if self.held.is_empty() {
             return;
@@ -516,7 +517,7 @@ impl Engine {
                 self.links
                     .get(*d)
                     .and_then(|l| l.peer)
-                    .is_some_and(|i| self.node.has_endpoint(i))
+                    .is_some_and(|i| self.node.has_session(i))
             })
             .cloned()
             .collect();
@@ -573,6 +574,7 @@ impl Engine {
         }
         let delivered = self.node.handle_udp(from, None, datagram, out);
         self.follow_roams(now);
+        self.release_held();
         delivered
     }
 
@@ -692,6 +694,7 @@ impl Engine {
                     _ => {
                         let delivered = self.node.handle_udp(peer, Some(r), inner, out);
                         self.follow_roams(now);
+                        self.release_held();
                         delivered
                     }
                 }

@@ -1239,12 +1239,12 @@ impl Node {
         }
     }
 
-    /// Whether the peer in slot `index` has an endpoint to send to.
-    pub fn has_endpoint(&self, index: usize) -> bool {
+    /// Whether the peer in slot `index` has an endpoint and a WireGuard session to send on.
+    pub fn has_session(&self, index: usize) -> bool {
         self.peers
             .get(index)
             .and_then(Option::as_ref)
-            .is_some_and(|p| p.endpoint.is_some())
+            .is_some_and(|p| p.endpoint.is_some() && p.session_age().is_some())
     }
 
     /// A peer whose endpoint moved on its own (roamed off a quiet path), with its new
