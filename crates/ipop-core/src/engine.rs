@@ -31,11 +31,12 @@
 //! no overlay authorises are kept in memory only, a bounded number of them, and refusals are
 //! logged at most once a minute per user or device.
 
+use crate::demand::{AUTO_THRESHOLD, Held, LinkPolicy, Wanted};
 use crate::demux::{DatagramKind, classify};
 use crate::ice;
 use crate::key::PublicKey;
 use crate::node::{
-    DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit,
+    DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit, Unsent,
 };
 use crate::osn::{
     Candidate, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent,
@@ -44,14 +45,19 @@ use crate::osn::{
 use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
 use crate::turn::{CHANNEL_DATA_HEADER, TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
+use ipnet::IpNet;
 use is::stun::{StunMessage, StunPacket};
 use is::{IceAgent, IceAgentEvent, IceCreds};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// How long the device that sorts second waits for the other's offer before making its own.
 const ANSWER_GRACE: Duration = Duration::from_secs(3);
+/// How long the device that sorts first waits before its offer in an overlay whose policy is
+/// `auto`: the devices of a room come in one after the other when it is joined, and the
+/// overlay may reach the threshold of on-demand links before the wait is over.
+const AUTO_SETTLE: Duration = Duration::from_millis(500);
 /// A session not accepted within this time is abandoned and retried.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session whose ICE found no path within this time is abandoned and retried.
@@ -84,8 +90,11 @@ const MAX_PENDING: usize = 64;
 /// Where a link to a device stands, for status and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkPhase {
-    /// Waiting for the other device's offer, or for the next attempt.
+    /// On demand, at rest: no session and no WireGuard peer until traffic for the device
+    /// enters the TUN device, or the device offers a link.
     Idle,
+    /// Waiting for the other device's offer, or for the next attempt.
+    Waiting,
     /// Our offer is out; waiting for the answer.
     Offered,
     /// Offers exchanged; ICE is looking for a path.
@@ -100,6 +109,8 @@ pub struct LinkStatus {
     pub device: DeviceId,
     pub key: PublicKey,
     pub overlays: Vec<OverlayId>,
+    /// The addresses this device reaches the device at, linked or not.
+    pub addresses: Vec<IpNet>,
     pub phase: LinkPhase,
     pub peer: Option<PeerStatus>,
     /// The candidate pair ICE chose: local, then remote.
@@ -159,6 +170,19 @@ struct Link {
     /// The device is offline on XMPP (its presence is gone from every overlay): no signal
     /// reaches it, so nothing is retried or restarted, and WireGuard alone keeps the link.
     offline: bool,
+    /// The device's addresses as this device reaches it (host routes), linked or not: for
+    /// status, names, and the traffic that opens an on-demand link.
+    addresses: Vec<IpNet>,
+    /// Whether the link is kept whatever the traffic, or on demand.
+    wanted: Wanted,
+    /// At rest: no session, no WireGuard peer, nothing retried, until traffic for the device
+    /// (or its offer) comes.
+    idle: bool,
+    /// When the link was last in use apart from the data WireGuard carried: when it opened, or
+    /// when traffic was last held for it.
+    used: Instant,
+    /// Whether traffic was held for it since the last [`Engine::handle_timeout`].
+    demanded: bool,
 }
 
 /// A device as its presences describe it: its key, and the overlays it was seen through.
@@ -253,6 +277,20 @@ pub struct Engine {
     refusal_logs: HashMap<String, Instant>,
     links: BTreeMap<DeviceId, Link>,
     pending: HashMap<DeviceId, (String, LinkOffer, Instant)>,
+    /// The link policy and idle time of each overlay, as configured.
+    policies: BTreeMap<OverlayId, (LinkPolicy, Duration)>,
+    /// How many devices are online in each overlay whose policy is `auto`, this one included.
+    sizes: BTreeMap<OverlayId, usize>,
+    /// The device each address of a link belongs to, linked or not: a packet that no peer
+    /// takes finds here the link it waits for.
+    by_address: HashMap<IpAddr, DeviceId>,
+    /// Packets that wait for their link to come up.
+    held: Held,
+    /// Links that traffic was held for since the last [`Engine::handle_timeout`].
+    demanded: Vec<DeviceId>,
+    /// Counts up whenever the addresses of a link change: what the daemon's DNS names follow,
+    /// with the node's version.
+    addresses_version: u64,
     signals: VecDeque<(DeviceId, Signal)>,
     transmits: VecDeque<Transmit>,
     drops: Drops,
@@ -305,10 +343,20 @@ impl Engine {
                 }
             }
         }
+        let policies = overlays
+            .iter()
+            .map(|o| (o.id.clone(), (o.links, o.idle_timeout)))
+            .collect();
         Engine {
             key,
             node,
             plans: Plans::new(&key, overlays, memory),
+            policies,
+            sizes: BTreeMap::new(),
+            by_address: HashMap::new(),
+            held: Held::default(),
+            demanded: Vec::new(),
+            addresses_version: 0,
             me: None,
             online: false,
             hosts: Vec::new(),
@@ -346,6 +394,12 @@ impl Engine {
         &self.node
     }
 
+    /// Counts up whenever a peer is added or removed, or the addresses of a link change:
+    /// what the daemon's DNS names follow.
+    pub fn addresses_version(&self) -> u64 {
+        self.node.version().wrapping_add(self.addresses_version)
+    }
+
     /// Notes that something other than WireGuard data changed the engine's state: the next
     /// [`Engine::handle_timeout`] is due at once, and the timers are looked at again.
     fn kick(&mut self) {
@@ -380,14 +434,26 @@ impl Engine {
         out: &mut [u8],
     ) -> Option<(SocketAddr, usize, bool)> {
         let relays = &self.relays;
-        let o = self
+        let sent = self
             .node
             .handle_tun_with_headroom(packet, out, |peer, via| {
                 match via.and_then(|r| relays.get(r)) {
                     Some(relay) if relay.frames_in_place(peer) => CHANNEL_DATA_HEADER,
                     _ => 0,
                 }
-            })?;
+            });
+        let o = match sent {
+            Ok(o) => o,
+            Err(Unsent::Handled) => return None,
+            Err(Unsent::NoRoute(dst)) => {
+                self.hold(dst, packet, DropReason::NoRoute);
+                return None;
+            }
+            Err(Unsent::NoEndpoint(dst)) => {
+                self.hold(dst, packet, DropReason::NoEndpoint);
+                return None;
+            }
+        };
         let Some(r) = o.via else {
             return Some((o.destination, o.len, false));
         };
@@ -408,6 +474,71 @@ impl Engine {
                 tracing::debug!(peer = %o.destination, "cannot relay: {e}");
                 self.drops.count(DropReason::NoEndpoint);
                 None
+            }
+        }
+    }
+
+    /// A packet from the TUN device that no peer with an endpoint takes. When it is for a
+    /// device with a link that is not up (on demand at rest, or still being set up), it is
+    /// held until the link is up, and an on-demand link at rest opens; otherwise it is dropped
+    /// and counted as `unsent` says.
+    #[cold]
+    fn hold(&mut self, dst: IpAddr, packet: &[u8], unsent: DropReason) {
+        let Some(device) = self.by_address.get(&dst) else {
+            self.drops.count(unsent);
+            return;
+        };
+        let Some(link) = self.links.get_mut(device).filter(|l| !l.offline) else {
+            self.drops.count(unsent);
+            return;
+        };
+        if !self.held.push(device, packet) {
+            self.drops.count(DropReason::LinkQueueFull);
+        }
+        if !link.demanded {
+            link.demanded = true;
+            self.demanded.push(device.clone());
+            self.kicked = true;
+            self.timers = None;
+        }
+    }
+
+    /// Sends the packets held for links whose WireGuard session is now up. (Not before: handed
+    /// to a session still in its handshake, a packet would start handshakes of its own, which
+    /// cross the other side's when both devices start at once.)
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let ready: Vec<DeviceId> = self
+            .held
+            .devices()
+            .filter(|d| {
+                self.links
+                    .get(*d)
+                    .and_then(|l| l.peer)
+                    .is_some_and(|i| self.node.has_session(i))
+            })
+            .cloned()
+            .collect();
+        for device in ready {
+            for mut packet in self.held.take(&device) {
+                let mut out = vec![0u8; packet.len() + 32 + 148];
+                match self
+                    .node
+                    .handle_tun_with_headroom(&mut packet, &mut out, |_, _| 0)
+                {
+                    Ok(o) => self.transmits.push_back(Transmit {
+                        destination: o.destination,
+                        via: o.via,
+                        stream: false,
+                        payload: out[o.start..o.start + o.len].to_vec(),
+                    }),
+                    Err(Unsent::Handled) => {}
+                    Err(Unsent::NoRoute(_) | Unsent::NoEndpoint(_)) => {
+                        self.drops.count(DropReason::LinkNotUp);
+                    }
+                }
             }
         }
     }
@@ -443,6 +574,7 @@ impl Engine {
         }
         let delivered = self.node.handle_udp(from, None, datagram, out);
         self.follow_roams(now);
+        self.release_held();
         delivered
     }
 
@@ -562,6 +694,7 @@ impl Engine {
                     _ => {
                         let delivered = self.node.handle_udp(peer, Some(r), inner, out);
                         self.follow_roams(now);
+                        self.release_held();
                         delivered
                     }
                 }
@@ -620,6 +753,7 @@ impl Engine {
             OsnEvent::Members { overlay, users } => {
                 self.members.insert(overlay, users.into_iter().collect());
                 self.sort_devices();
+                self.count_devices(now);
                 self.reconcile(now);
             }
             OsnEvent::DeviceUp {
@@ -712,6 +846,7 @@ impl Engine {
                 s.lost = Some(now);
             }
         }
+        self.count_devices(now);
         self.settle(now, &device);
     }
 
@@ -772,6 +907,7 @@ impl Engine {
                 }
             }
         }
+        self.count_devices(now);
         self.settle(now, device);
     }
 
@@ -815,6 +951,7 @@ impl Engine {
             }
             self.settle(now, &device);
         }
+        self.count_devices(now);
     }
 
     /// After a change of members: devices that no overlay authorises any more become strangers
@@ -969,8 +1106,8 @@ impl Engine {
             .collect()
     }
 
-    /// Settles address collisions, then gives every linked peer its current addresses. Only
-    /// claims made where the claimant is authorised count.
+    /// Settles address collisions, then gives every link its current addresses. Only claims
+    /// made where the claimant is authorised count.
     fn update_addresses(&mut self, me: &DeviceId) {
         let claims: Vec<(DeviceId, OverlayId, Claim)> = self
             .devices
@@ -983,19 +1120,14 @@ impl Engine {
             })
             .collect();
         self.plans.resolve(me, &claims);
-        let linked: Vec<DeviceId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.peer.is_some())
-            .map(|(d, _)| d.clone())
-            .collect();
+        let linked: Vec<DeviceId> = self.links.keys().cloned().collect();
         for device in linked {
             self.set_peer_addresses(&device);
         }
     }
 
-    /// Gives the linked peer of `device` its current addresses, after settling a claim it makes
-    /// on one of ours (which may move us, and then every peer's addresses change).
+    /// Gives the link to `device` its current addresses, after settling a claim it makes on one
+    /// of ours (which may move us, and then every link's addresses change).
     fn update_device_addresses(&mut self, me: &DeviceId, device: &DeviceId) {
         let own = self.plans.claims();
         let contested = self.authorising_claims(device).iter().any(|(o, c)| {
@@ -1011,18 +1143,203 @@ impl Engine {
         }
     }
 
+    /// Gives the link to `device` the addresses its claims make: on its WireGuard peer when it
+    /// has one, and in the table that finds the link for a packet whatever its state.
     fn set_peer_addresses(&mut self, device: &DeviceId) {
-        let Some((index, key)) = self.links.get(device).and_then(|l| Some((l.peer?, l.key))) else {
+        let Some(link) = self.links.get(device) else {
             return;
         };
+        let (key, peer) = (link.key, link.peer);
         let overlays = self.authorising_claims(device);
         let p = self.plans.peer(device, &key, &overlays);
+        self.set_link_addresses(device, host_routes(&p));
+        let Some(index) = peer else {
+            return;
+        };
         let refused = self
             .node
             .set_addresses(index, p.addresses, p.mapped, Some(p.destinations));
         if !refused.is_empty() {
             tracing::info!(%device, ?refused, "addresses already another peer's; left out");
         }
+    }
+
+    /// Records the addresses of the link to `device`, and which link each of them finds. An
+    /// address that another link has already keeps finding that one.
+    fn set_link_addresses(&mut self, device: &DeviceId, addresses: Vec<IpNet>) {
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        for a in &link.addresses {
+            if self.by_address.get(&a.addr()) == Some(device) {
+                self.by_address.remove(&a.addr());
+            }
+        }
+        for a in &addresses {
+            self.by_address
+                .entry(a.addr())
+                .or_insert_with(|| device.clone());
+        }
+        if link.addresses != addresses {
+            link.addresses = addresses;
+            self.addresses_version += 1;
+        }
+    }
+
+    /// Forgets the addresses of the link to `device`, and drops what was held for it.
+    fn forget_link_addresses(&mut self, device: &DeviceId) {
+        self.set_link_addresses(device, Vec::new());
+        self.drop_held(device);
+    }
+
+    /// Drops the packets held for `device`, counting them.
+    fn drop_held(&mut self, device: &DeviceId) {
+        let dropped = self.held.take(device).len();
+        self.drops.count_many(DropReason::LinkNotUp, dropped as u64);
+    }
+
+    /// What the overlays that authorise `device` want of its link: kept whatever the traffic
+    /// when one of them links every device, else on demand.
+    fn wanted(&self, device: &DeviceId) -> Wanted {
+        self.authorising(device)
+            .iter()
+            .fold(None, |w, o| Some(Wanted::combine(w, self.overlay_wants(o))))
+            .unwrap_or(Wanted::Always)
+    }
+
+    /// What the policy of `overlay` means now: with `auto`, on demand from
+    /// [`AUTO_THRESHOLD`] devices online.
+    fn overlay_wants(&self, overlay: &OverlayId) -> Wanted {
+        match self.policies.get(overlay) {
+            None | Some((LinkPolicy::All, _)) => Wanted::Always,
+            Some((LinkPolicy::OnDemand, idle)) => Wanted::OnDemand(*idle),
+            Some((LinkPolicy::Auto, idle)) => {
+                if self.sizes.get(overlay).copied().unwrap_or(1) >= AUTO_THRESHOLD {
+                    Wanted::OnDemand(*idle)
+                } else {
+                    Wanted::Always
+                }
+            }
+        }
+    }
+
+    /// Counts the devices online in each overlay whose policy is `auto`. Where the count
+    /// crosses the threshold, the links that the overlay authorises follow its new policy.
+    fn count_devices(&mut self, now: Instant) {
+        let auto: Vec<OverlayId> = self
+            .policies
+            .iter()
+            .filter(|(_, (p, _))| *p == LinkPolicy::Auto)
+            .map(|(o, _)| o.clone())
+            .collect();
+        for overlay in auto {
+            let members = self.members.get(&overlay);
+            let online = self
+                .devices
+                .iter()
+                .filter(|(d, a)| {
+                    a.via.get(&overlay).is_some_and(|s| s.present)
+                        && members.is_some_and(|m| m.contains(&d.user))
+                })
+                .count();
+            let before = self.overlay_wants(&overlay);
+            self.sizes.insert(overlay.clone(), online + 1);
+            let after = self.overlay_wants(&overlay);
+            if after == before {
+                continue;
+            }
+            let links = if after == Wanted::Always {
+                "to every device"
+            } else {
+                "on demand"
+            };
+            tracing::info!(%overlay, devices = online + 1, "the overlay crossed {AUTO_THRESHOLD} devices online: its links are now {links}");
+            let concerned: Vec<DeviceId> = self
+                .links
+                .keys()
+                .filter(|d| {
+                    self.devices
+                        .get(*d)
+                        .is_some_and(|a| a.via.contains_key(&overlay))
+                })
+                .cloned()
+                .collect();
+            for device in concerned {
+                self.apply_wanted(now, &device);
+            }
+        }
+    }
+
+    /// Brings the link to `device` in line with what its overlays want of it now. A link that
+    /// becomes on-demand without having carried data goes to rest at once; one that carried
+    /// data stays until it is idle. An on-demand link at rest that is now wanted whatever the
+    /// traffic opens.
+    fn apply_wanted(&mut self, now: Instant, device: &DeviceId) {
+        let wanted = self.wanted(device);
+        let first = self.me.as_ref().is_some_and(|me| me < device);
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        let before = std::mem::replace(&mut link.wanted, wanted);
+        match (before, wanted) {
+            (Wanted::Always, Wanted::OnDemand(_)) => {
+                let carried = link.peer.and_then(|i| self.node.last_data(i)).is_some();
+                if carried {
+                    link.used = now;
+                } else {
+                    tracing::debug!(%device, "the link is on demand now and carried no data: back to idle");
+                    self.rest(device, true);
+                }
+            }
+            (Wanted::OnDemand(_), Wanted::Always) if link.idle => {
+                link.idle = false;
+                link.used = now;
+                link.next_attempt = if first { now } else { now + ANSWER_GRACE };
+            }
+            _ => {}
+        }
+    }
+
+    /// Puts a link to rest, on demand: its WireGuard peer and its session go (the other
+    /// side is told, when `tell`), the packets held for it are dropped, and nothing is tried
+    /// until traffic for the device, or its offer, comes.
+    fn rest(&mut self, device: &DeviceId, tell: bool) {
+        let Some(link) = self.links.get_mut(device) else {
+            return;
+        };
+        if let Some(index) = link.peer.take() {
+            self.node.remove_peer(index);
+        }
+        if let Some(s) = link.session.take()
+            && tell
+            && !link.offline
+        {
+            self.signals.push_back((
+                device.clone(),
+                Signal::Terminate {
+                    session: s.id,
+                    reason: TerminateReason::Idle,
+                },
+            ));
+        }
+        link.idle = true;
+        link.backoff = BACKOFF_MIN;
+        link.last_error = None;
+        link.tried = (Vec::new(), Vec::new());
+        self.drop_held(device);
+    }
+
+    /// When the on-demand link `link` has been without data for its idle time: counted from
+    /// the later of the last data WireGuard carried and the last use.
+    fn idle_due(&self, link: &Link) -> Option<Instant> {
+        let Wanted::OnDemand(idle) = link.wanted else {
+            return None;
+        };
+        if link.idle {
+            return None;
+        }
+        let data = link.peer.and_then(|i| self.node.last_data(i));
+        Some(data.map_or(link.used, |d| d.max(link.used)) + idle)
     }
 
     fn is_authorised_user(&self, user: &str) -> bool {
@@ -1113,22 +1430,43 @@ impl Engine {
             self.drop_link(now, device, "its key changed");
         }
         if self.links.contains_key(device) {
+            self.apply_wanted(now, device);
             return;
         }
         let first = *me < *device;
         let offline = self.devices.get(device).is_some_and(Announced::offline);
-        tracing::info!(%device, key = %key.fingerprint(), "authorised device online");
+        let wanted = self.wanted(device);
+        let idle = wanted != Wanted::Always;
+        let settle = if self.authorising(device).iter().any(|o| {
+            self.policies
+                .get(o)
+                .is_some_and(|(p, _)| *p == LinkPolicy::Auto)
+        }) {
+            AUTO_SETTLE
+        } else {
+            Duration::ZERO
+        };
+        tracing::info!(%device, key = %key.fingerprint(), on_demand = idle, "authorised device online");
         self.links.insert(
             device.clone(),
             Link {
                 key,
                 session: None,
                 peer: None,
-                next_attempt: if first { now } else { now + ANSWER_GRACE },
+                next_attempt: if first {
+                    now + settle
+                } else {
+                    now + ANSWER_GRACE
+                },
                 backoff: BACKOFF_MIN,
                 last_error: None,
                 tried: (Vec::new(), Vec::new()),
                 offline,
+                addresses: Vec::new(),
+                wanted,
+                idle,
+                used: now,
+                demanded: false,
             },
         );
         if let Some((id, offer, at)) = self.pending.remove(device)
@@ -1140,6 +1478,7 @@ impl Engine {
 
     /// Tears a link down: its WireGuard peer, its session (telling the other side).
     fn drop_link(&mut self, _now: Instant, device: &DeviceId, why: &str) {
+        self.forget_link_addresses(device);
         if let Some(link) = self.links.remove(device) {
             if let Some(index) = link.peer {
                 self.node.remove_peer(index);
@@ -1373,6 +1712,7 @@ impl Engine {
                         TerminateReason::WrongKey => "the other side refused our key",
                         TerminateReason::Glare => "the other side keeps its own session",
                         TerminateReason::Done => "the other side closed the link",
+                        TerminateReason::Idle => "the other side closed the idle link",
                         TerminateReason::Failed => "the other side gave up",
                     };
                     if reason == TerminateReason::Glare {
@@ -1381,6 +1721,10 @@ impl Engine {
                             link.session = None;
                             link.next_attempt = now + ANSWER_GRACE;
                         }
+                    } else if reason == TerminateReason::Idle {
+                        // Whatever this side's policy: traffic opens the link again.
+                        tracing::info!(device = %from, "{why}: back to idle");
+                        self.rest(&from, false);
                     } else {
                         self.fail(now, &from, why);
                     }
@@ -1449,6 +1793,11 @@ impl Engine {
         let answer = self.offer(&agent);
         if let Some(link) = self.links.get_mut(&from) {
             let restart = link.peer.is_some();
+            if link.idle {
+                tracing::info!(device = %from, "the device opens an on-demand link");
+                link.idle = false;
+                link.used = now;
+            }
             link.session = Some(Session {
                 id: session.clone(),
                 initiator: false,
@@ -1479,6 +1828,7 @@ impl Engine {
         }
         let overlays = self.authorising_claims(device);
         let p = self.plans.peer(device, &offer.key, &overlays);
+        self.set_link_addresses(device, host_routes(&p));
         let config = PeerConfig {
             name: Some(device.to_string()),
             public_key: offer.key,
@@ -1526,12 +1876,35 @@ impl Engine {
         if self.absent_due.is_some_and(|t| t <= now) {
             self.expire_absent(now);
         }
+        for device in std::mem::take(&mut self.demanded) {
+            let Some(link) = self.links.get_mut(&device) else {
+                continue;
+            };
+            link.demanded = false;
+            link.used = now;
+            if link.idle {
+                tracing::info!(%device, "traffic for the device: opening an on-demand link");
+                link.idle = false;
+                link.next_attempt = now;
+            }
+        }
+        let idle: Vec<DeviceId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| self.idle_due(l).is_some_and(|t| t <= now))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in idle {
+            tracing::info!(%device, "no data on the on-demand link for its idle time: closing it");
+            self.rest(&device, true);
+        }
         // A device offline on XMPP cannot be signalled: its link is neither retried nor
-        // restarted, nor given up; WireGuard decides (see `expire_absent`).
+        // restarted, nor given up; WireGuard decides (see `expire_absent`). An on-demand link
+        // at rest waits for traffic.
         let due: Vec<DeviceId> = self
             .links
             .iter()
-            .filter(|(_, l)| !l.offline && l.session.is_none() && l.next_attempt <= now)
+            .filter(|(_, l)| !l.offline && !l.idle && l.session.is_none() && l.next_attempt <= now)
             .map(|(d, _)| d.clone())
             .collect();
         if self.me.is_some() {
@@ -1667,6 +2040,7 @@ impl Engine {
                 }
             }
         }
+        self.release_held();
     }
 
     /// When [`Engine::handle_timeout`] wants to run next.
@@ -1695,6 +2069,9 @@ impl Engine {
                 next = Some(next.map_or(t, |n: Instant| n.min(t)));
             }
         };
+        for link in self.links.values() {
+            consider(self.idle_due(link));
+        }
         let online = self.online;
         let clock = self.clock;
         for link in self.links.values_mut() {
@@ -1722,7 +2099,7 @@ impl Engine {
                     }
                     consider(s.agent.poll_timeout());
                 }
-                None if !link.offline => consider(Some(link.next_attempt)),
+                None if !link.offline && !link.idle => consider(Some(link.next_attempt)),
                 None => {}
             }
         }
@@ -1906,8 +2283,13 @@ impl Engine {
                 device: device.clone(),
                 key: link.key,
                 overlays: self.authorising(device),
+                addresses: link
+                    .peer
+                    .and_then(|i| self.node.peer(i))
+                    .map_or_else(|| link.addresses.clone(), |p| p.addresses),
                 phase: match &link.session {
-                    None => LinkPhase::Idle,
+                    None if link.idle => LinkPhase::Idle,
+                    None => LinkPhase::Waiting,
                     Some(s) if !s.answered => LinkPhase::Offered,
                     Some(s) if s.nominated.is_none() => LinkPhase::Checking,
                     Some(_) => LinkPhase::Connected,
@@ -2120,6 +2502,15 @@ impl Engine {
     }
 }
 
+/// The host routes of a device's addresses: its own, and the local side of its mappings.
+fn host_routes(p: &crate::plan::PeerAddresses) -> Vec<IpNet> {
+    p.addresses
+        .iter()
+        .copied()
+        .chain(p.mapped.iter().map(|m| IpNet::from(IpAddr::V4(m.local))))
+        .collect()
+}
+
 /// When a session whose path was lost restarts ICE: at once on the side that opened it (the
 /// controlling agent), after a grace on the other, which the first side's restart usually
 /// makes moot.
@@ -2211,11 +2602,25 @@ mod tests {
 
     /// A device in the social overlay, at `social` (address and prefix).
     fn dev(user: &str, device: &str, addr: &str, social: &str) -> Dev {
+        dev_linking(user, device, addr, social, LinkPolicy::All, Duration::ZERO)
+    }
+
+    /// A device in the social overlay, at `social`, with the link policy `links`.
+    fn dev_linking(
+        user: &str,
+        device: &str,
+        addr: &str,
+        social: &str,
+        links: LinkPolicy,
+        idle_timeout: Duration,
+    ) -> Dev {
         let net: ipnet::Ipv4Net = social.parse().unwrap();
         let social = OverlayConfig {
             id: OverlayId::Social,
             subnet: net.trunc(),
             address: Some(net.addr()),
+            links,
+            idle_timeout,
         };
         dev_in(user, device, addr, vec![social], Memory::default())
     }
@@ -2225,6 +2630,8 @@ mod tests {
             id: OverlayId::Group(room.to_owned()),
             subnet: subnet.parse().unwrap(),
             address: address.map(|a| a.parse().unwrap()),
+            links: LinkPolicy::All,
+            idle_timeout: Duration::ZERO,
         }
     }
 
@@ -2260,17 +2667,23 @@ mod tests {
         cut: Vec<(SocketAddr, SocketAddr)>,
         /// One-way paths that lose STUN requests (ICE checks) but pass everything else.
         checks_lost: Vec<(SocketAddr, SocketAddr)>,
+        /// The packets each device delivered to its TUN device during `run`.
+        delivered: Vec<Vec<Vec<u8>>>,
+        /// Every signal sent during `run`: from, to, signal.
+        signals: Vec<(usize, DeviceId, Signal)>,
     }
 
     impl World {
         fn new(devs: Vec<Dev>) -> Self {
             let now = Instant::now();
             let mut w = World {
+                delivered: vec![Vec::new(); devs.len()],
                 devs,
                 now,
                 signals_sent: 0,
                 cut: Vec::new(),
                 checks_lost: Vec::new(),
+                signals: Vec::new(),
             };
             for d in &mut w.devs {
                 let me = d.id.clone();
@@ -2342,6 +2755,7 @@ mod tests {
                 for i in 0..self.devs.len() {
                     while let Some((to, signal)) = self.devs[i].engine.poll_signal() {
                         self.signals_sent += 1;
+                        self.signals.push((i, to.clone(), signal.clone()));
                         let from = self.devs[i].id.clone();
                         if let Some(j) = self.devs.iter().position(|d| d.id == to) {
                             let ev = OsnEvent::Signal { from, signal };
@@ -2362,7 +2776,11 @@ mod tests {
                         if let Some(j) = self.devs.iter().position(|d| d.owns(t.destination)) {
                             let now = self.now;
                             let e = &mut self.devs[j].engine;
-                            e.handle_udp(now, t.destination, from, &t.payload, &mut out);
+                            if let Some(n) =
+                                e.handle_udp(now, t.destination, from, &t.payload, &mut out)
+                            {
+                                self.delivered[j].push(out[..n].to_vec());
+                            }
                         }
                     }
                 }
@@ -3296,7 +3714,7 @@ mod tests {
         w.run_until(Duration::from_secs(40), restarted);
         // The WireGuard peer stays while ICE looks for a path.
         assert!(slot(&w, 0).is_some());
-        let failed = |w: &World| w.link(0).is_some_and(|l| l.phase == LinkPhase::Idle);
+        let failed = |w: &World| w.link(0).is_some_and(|l| l.phase == LinkPhase::Waiting);
         let took = w.run_until(Duration::from_secs(25), failed);
         assert!(took > ICE_TIMEOUT, "{took:?}");
         let link = w.link(0).unwrap();
@@ -3308,7 +3726,7 @@ mod tests {
         assert_eq!(link.tried.0.len(), 1, "{:?}", link.tried);
         assert_eq!(link.tried.1.first().map(|c| c.address), Some(b1));
         // Retried after a back-off that grows.
-        let trying = |w: &World| w.link(0).is_some_and(|l| l.phase != LinkPhase::Idle);
+        let trying = |w: &World| w.link(0).is_some_and(|l| l.phase != LinkPhase::Waiting);
         let first = w.run_until(Duration::from_secs(5), trying);
         w.run_until(Duration::from_secs(25), failed);
         assert_eq!(
@@ -3320,5 +3738,332 @@ mod tests {
             first >= BACKOFF_MIN && second >= 2 * BACKOFF_MIN,
             "{first:?}, {second:?}"
         );
+    }
+
+    /// Three friends, Alice, Bob and Carol, whose social overlay links on demand with this
+    /// idle time; they see each other online.
+    fn on_demand_friends(idle: Duration) -> World {
+        let on_demand = |user: &str, device: &str, addr: &str, social: &str| {
+            dev_linking(user, device, addr, social, LinkPolicy::OnDemand, idle)
+        };
+        let mut w = World::new(vec![
+            on_demand(
+                "alice@example.org",
+                "laptop",
+                "192.0.2.1:51820",
+                "10.78.0.1/16",
+            ),
+            on_demand(
+                "bob@example.org",
+                "phone",
+                "192.0.2.2:51820",
+                "10.78.0.2/16",
+            ),
+            on_demand(
+                "carol@example.org",
+                "desk",
+                "192.0.2.3:51820",
+                "10.78.0.3/16",
+            ),
+        ]);
+        let social = OverlayId::Social;
+        let all = ["alice@example.org", "bob@example.org", "carol@example.org"];
+        for i in 0..3 {
+            w.members(i, &social, &all);
+        }
+        for i in 0..3 {
+            for j in 0..3 {
+                if i != j {
+                    let key = w.key(j);
+                    w.sees(i, j, &social, key);
+                }
+            }
+        }
+        w
+    }
+
+    /// The link of device `i` to device `j`.
+    fn link_to(w: &World, i: usize, j: usize) -> LinkStatus {
+        let id = &w.devs[j].id;
+        w.devs[i]
+            .engine
+            .links()
+            .into_iter()
+            .find(|l| l.device == *id)
+            .expect("a link entry")
+    }
+
+    /// A packet from device `i` to the address it gives device `j` in the social overlay,
+    /// handed to `i`'s engine as from its TUN device; returns whether it went out at once.
+    fn send(w: &mut World, i: usize, j: usize, payload: &[u8]) -> bool {
+        let own = w.devs[i].engine.own_addresses()[0].v4.addr();
+        let target = w.devs[i].engine.memory().social_numbers[&w.devs[j].id];
+        let mut p = ipv4(own.octets(), target.octets(), payload);
+        let mut wire = vec![0u8; 2048];
+        w.devs[i].engine.handle_tun(&mut p, &mut wire).is_some()
+    }
+
+    /// Whether device `j` delivered a packet carrying `payload` to its TUN device. (The test
+    /// packets have no UDP header: a payload longer than 6 bytes would reach into the checksum
+    /// that translation updates.)
+    fn received(w: &World, j: usize, payload: &[u8]) -> bool {
+        assert!(payload.len() <= 6);
+        w.delivered[j].iter().any(|p| p.get(20..) == Some(payload))
+    }
+
+    fn drops_of(w: &World, i: usize, reason: DropReason) -> u64 {
+        w.devs[i].engine.drops().get(reason)
+    }
+
+    #[test]
+    fn on_demand_devices_get_no_link_until_traffic_and_the_first_packet_is_delivered() {
+        let mut w = on_demand_friends(Duration::from_secs(600));
+        w.run(250);
+        assert_eq!(w.signals_sent, 0, "no offer without traffic");
+        for i in 0..3 {
+            let links = w.devs[i].engine.links();
+            assert_eq!(links.len(), 2);
+            for l in &links {
+                assert_eq!(l.phase, LinkPhase::Idle, "{l:?}");
+                assert!(l.peer.is_none(), "no WireGuard peer: {l:?}");
+                // Addresses (and so names) come from presence, linked or not.
+                assert!(l.addresses.iter().any(|a| a.addr().is_ipv4()), "{l:?}");
+                assert!(l.addresses.iter().any(|a| a.addr().is_ipv6()), "{l:?}");
+            }
+            assert_eq!(w.devs[i].engine.node().peers().count(), 0);
+        }
+
+        // Bob, who sorts after Alice, opens the link: either side may.
+        assert!(!send(&mut w, 1, 0, b"1st"), "held, not sent");
+        assert!(!send(&mut w, 1, 0, b"2nd"));
+        assert_eq!(drops_of(&w, 1, DropReason::NoRoute), 0, "held, not dropped");
+        let took = w.run_until(Duration::from_secs(5), |w| received(w, 0, b"2nd"));
+        assert!(took < Duration::from_secs(1), "set-up took {took:?}");
+        assert!(received(&w, 0, b"1st"), "the first packet arrived too");
+        let order: Vec<bool> = w.delivered[0]
+            .iter()
+            .map(|p| p.get(20..) == Some(&b"1st"[..]))
+            .collect();
+        assert_eq!(order, [true, false], "in order");
+        assert!(matches!(
+            w.signals.first(),
+            Some((1, to, Signal::Initiate { .. })) if *to == w.devs[0].id
+        ));
+        // The reply goes straight out.
+        assert!(send(&mut w, 0, 1, b"reply"), "alice's side has the link");
+        assert!(w.connected(0));
+        assert_eq!(link_to(&w, 0, 1).phase, LinkPhase::Connected);
+        assert_eq!(link_to(&w, 1, 0).phase, LinkPhase::Connected);
+        // Carol was left alone.
+        assert_eq!(link_to(&w, 0, 2).phase, LinkPhase::Idle);
+        assert_eq!(link_to(&w, 1, 2).phase, LinkPhase::Idle);
+        assert!(
+            w.devs[2]
+                .engine
+                .links()
+                .iter()
+                .all(|l| l.phase == LinkPhase::Idle)
+        );
+        assert!(
+            w.signals
+                .iter()
+                .all(|(i, to, _)| *i != 2 && *to != w.devs[2].id)
+        );
+    }
+
+    #[test]
+    fn both_sides_opening_at_once_end_with_one_link() {
+        let mut w = on_demand_friends(Duration::from_secs(600));
+        assert!(!send(&mut w, 0, 1, b"fromA"));
+        assert!(!send(&mut w, 1, 0, b"fromB"));
+        w.run_until(Duration::from_secs(5), |w| {
+            received(w, 0, b"fromB") && received(w, 1, b"fromA")
+        });
+        assert_eq!(link_to(&w, 0, 1).phase, LinkPhase::Connected);
+        assert_eq!(link_to(&w, 1, 0).phase, LinkPhase::Connected);
+        let glare = w.signals.iter().any(|(_, _, s)| {
+            matches!(
+                s,
+                Signal::Terminate {
+                    reason: TerminateReason::Glare,
+                    ..
+                }
+            )
+        });
+        assert!(glare, "both offered, one session kept: {:?}", w.signals);
+    }
+
+    #[test]
+    fn packets_held_for_a_link_are_bounded_and_the_drops_counted() {
+        let mut w = on_demand_friends(Duration::from_secs(600));
+        let extra = 10;
+        for n in 0..crate::demand::HELD_PER_DEVICE + extra {
+            assert!(!send(&mut w, 0, 1, format!("p{n:03}").as_bytes()));
+        }
+        assert_eq!(drops_of(&w, 0, DropReason::LinkQueueFull), extra as u64);
+        assert_eq!(
+            w.devs[0].engine.held.len(&w.devs[1].id),
+            crate::demand::HELD_PER_DEVICE
+        );
+        let last = format!("p{:03}", crate::demand::HELD_PER_DEVICE - 1);
+        w.run_until(Duration::from_secs(5), |w| received(w, 1, last.as_bytes()));
+        w.run(5);
+        assert_eq!(w.delivered[1].len(), crate::demand::HELD_PER_DEVICE);
+        assert!(w.devs[0].engine.held.is_empty());
+        // A packet for an address that no device has is still plain `no_route`.
+        let mut p = ipv4([10, 78, 0, 1], [10, 78, 200, 200], b"nobody");
+        let mut wire = vec![0u8; 2048];
+        assert!(w.devs[0].engine.handle_tun(&mut p, &mut wire).is_none());
+        assert_eq!(drops_of(&w, 0, DropReason::NoRoute), 1);
+        assert_eq!(drops_of(&w, 0, DropReason::LinkQueueFull), extra as u64);
+    }
+
+    #[test]
+    fn an_idle_on_demand_link_closes_on_both_ends_and_traffic_opens_it_again() {
+        let idle = Duration::from_secs(30);
+        let mut w = on_demand_friends(idle);
+        send(&mut w, 0, 1, b"ping");
+        w.run_until(Duration::from_secs(5), |w| received(w, 1, b"ping"));
+        // Data keeps it up.
+        for _ in 0..4 {
+            w.run(500);
+            let sent = tunnel(&mut w, 0, 1, b"still");
+            assert!(sent.arrived.is_some(), "the link is up");
+        }
+        assert_eq!(link_to(&w, 1, 0).phase, LinkPhase::Connected);
+        let signals = w.signals.len();
+        let closed = |w: &World| {
+            link_to(w, 0, 1).phase == LinkPhase::Idle && link_to(w, 1, 0).phase == LinkPhase::Idle
+        };
+        let took = w.run_until(idle + Duration::from_secs(2), closed);
+        assert!(
+            took + Duration::from_millis(300) >= idle,
+            "closed after {took:?}, before its idle time"
+        );
+        for i in 0..2 {
+            assert_eq!(w.devs[i].engine.node().peers().count(), 0, "peer removed");
+        }
+        let terminates: Vec<_> = w.signals[signals..]
+            .iter()
+            .filter(|(_, _, s)| {
+                matches!(
+                    s,
+                    Signal::Terminate {
+                        reason: TerminateReason::Idle,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        assert!(!terminates.is_empty(), "{:?}", &w.signals[signals..]);
+        // Nothing is retried while idle.
+        let quiet = w.signals.len();
+        w.run(500);
+        assert_eq!(w.signals.len(), quiet, "{:?}", &w.signals[quiet..]);
+        // Traffic opens a new link, from the side that closed or the other.
+        assert!(!send(&mut w, 1, 0, b"again"));
+        w.run_until(Duration::from_secs(5), |w| received(w, 0, b"again"));
+        assert_eq!(link_to(&w, 0, 1).phase, LinkPhase::Connected);
+    }
+
+    #[test]
+    fn auto_links_every_device_below_the_threshold_and_on_demand_from_it() {
+        let room = OverlayId::Group("big@conference.example.org".into());
+        let mut overlay = group(
+            "big@conference.example.org",
+            "10.90.0.0/16",
+            Some("10.90.0.1"),
+        );
+        overlay.links = LinkPolicy::Auto;
+        overlay.idle_timeout = Duration::from_secs(600);
+        let mut me = dev_in(
+            "aaa@example.org",
+            "pc",
+            "192.0.2.1:51820",
+            vec![overlay],
+            Memory::default(),
+        );
+        let mut now = Instant::now();
+        let e = &mut me.engine;
+        e.handle_osn(now, OsnEvent::Online { me: me.id.clone() });
+        let users: Vec<String> = (0..AUTO_THRESHOLD + 2)
+            .map(|i| format!("user{i:02}@example.org"))
+            .collect();
+        e.handle_osn(
+            now,
+            OsnEvent::Members {
+                overlay: room.clone(),
+                users: users.clone(),
+            },
+        );
+        let up = |i: usize| OsnEvent::DeviceUp {
+            overlay: room.clone(),
+            device: DeviceId::new(&users[i], "pc"),
+            key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
+            claim: Some(Claim {
+                address: std::net::Ipv4Addr::new(10, 90, 1, i as u8),
+                fixed: true,
+            }),
+        };
+        let phases = |e: &Engine| e.links().iter().map(|l| l.phase).collect::<Vec<_>>();
+        let offers = |e: &mut Engine| {
+            let mut n = (0usize, 0usize);
+            while let Some((_, s)) = e.poll_signal() {
+                match s {
+                    Signal::Initiate { .. } => n.0 += 1,
+                    Signal::Terminate {
+                        reason: TerminateReason::Idle,
+                        ..
+                    } => n.1 += 1,
+                    _ => {}
+                }
+            }
+            n
+        };
+        // This device and 22 others: below the threshold, every device is linked.
+        for i in 0..AUTO_THRESHOLD - 2 {
+            e.handle_osn(now, up(i));
+        }
+        assert!(phases(e).iter().all(|p| *p == LinkPhase::Waiting));
+        now += Duration::from_secs(1);
+        e.handle_timeout(now);
+        assert_eq!(offers(e), (AUTO_THRESHOLD - 2, 0), "one offer each");
+
+        // The 24th device online: links go on demand. Those that carried no data rest at once.
+        e.handle_osn(now, up(AUTO_THRESHOLD - 2));
+        assert!(
+            phases(e).iter().all(|p| *p == LinkPhase::Idle),
+            "{:?}",
+            phases(e)
+        );
+        assert_eq!(
+            offers(e),
+            (0, AUTO_THRESHOLD - 2),
+            "each session ended as idle"
+        );
+        e.handle_osn(now, up(AUTO_THRESHOLD - 1));
+        now += Duration::from_secs(5);
+        e.handle_timeout(now);
+        assert_eq!(
+            offers(e),
+            (0, 0),
+            "nothing offered on demand without traffic"
+        );
+        assert_eq!(e.links().len(), AUTO_THRESHOLD);
+
+        // Two devices go: below the threshold again, every link is offered.
+        for i in [0, 1] {
+            e.handle_osn(
+                now,
+                OsnEvent::DeviceDown {
+                    overlay: room.clone(),
+                    device: DeviceId::new(&users[i], "pc"),
+                },
+            );
+        }
+        assert!(phases(e).iter().all(|p| *p == LinkPhase::Waiting));
+        now += Duration::from_secs(1);
+        e.handle_timeout(now);
+        assert_eq!(offers(e), (AUTO_THRESHOLD - 2, 0));
     }
 }

@@ -6,6 +6,7 @@
 //! exception to time injection is boringtun's `Tunn`, which reads the monotonic clock itself.
 
 pub mod address;
+pub mod demand;
 pub mod demux;
 pub mod engine;
 mod ice;
@@ -21,9 +22,10 @@ mod testing;
 pub mod translate;
 pub mod turn;
 
+pub use demand::LinkPolicy;
 pub use engine::{Engine, LinkPhase, LinkStatus, Unlinked, UnlinkedReason};
 pub use key::{KeyError, PublicKey};
 pub use node::{
-    DropReason, Drops, LinkState, Mapping, Node, PeerConfig, PeerStatus, Problem, Transmit,
+    DropReason, Drops, LinkState, Mapping, Node, PeerConfig, PeerStatus, Problem, Transmit, Unsent,
 };
 pub use plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses};

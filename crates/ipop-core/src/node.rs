@@ -126,6 +126,18 @@ pub struct Outgoing {
     pub len: usize,
 }
 
+/// Why [`Node::handle_tun_with_headroom`] wrote no datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsent {
+    /// The packet was dropped (and counted), or queued behind a handshake.
+    Handled,
+    /// No peer owns the destination. Not counted: the caller may hold the packet for a link
+    /// that is not up yet.
+    NoRoute(IpAddr),
+    /// The destination's peer has no endpoint yet. Not counted, as above.
+    NoEndpoint(IpAddr),
+}
+
 /// Where a link stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkState {
@@ -239,10 +251,15 @@ pub enum DropReason {
     /// A handshake message that came while the node was under load without a valid cookie for
     /// its source address (MAC2): answered with a cookie reply, not processed.
     HandshakeUnderLoad,
+    /// A TUN packet for a device whose link is not up yet, beyond the bound of packets held
+    /// for it until the link comes up (per device and in all).
+    LinkQueueFull,
+    /// A packet held for a link that went back to idle or closed before it came up.
+    LinkNotUp,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::MalformedIp,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
@@ -266,6 +283,8 @@ impl DropReason {
         DropReason::KeyClaimedByOther,
         DropReason::HandshakeBadMac,
         DropReason::HandshakeUnderLoad,
+        DropReason::LinkQueueFull,
+        DropReason::LinkNotUp,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -293,6 +312,8 @@ impl DropReason {
             DropReason::KeyClaimedByOther => "key_claimed_by_other",
             DropReason::HandshakeBadMac => "handshake_bad_mac",
             DropReason::HandshakeUnderLoad => "handshake_under_load",
+            DropReason::LinkQueueFull => "link_queue_full",
+            DropReason::LinkNotUp => "link_not_up",
         }
     }
 }
@@ -304,6 +325,10 @@ pub struct Drops([u64; DropReason::ALL.len()]);
 impl Drops {
     pub(crate) fn count(&mut self, reason: DropReason) {
         self.0[reason as usize] += 1;
+    }
+
+    pub(crate) fn count_many(&mut self, reason: DropReason, n: u64) {
+        self.0[reason as usize] += n;
     }
 
     pub(crate) fn add(&mut self, other: &Drops) {
@@ -355,6 +380,9 @@ struct Peer {
     path_heard: Option<Instant>,
     /// When a packet from the tunnel was last sent to the peer, by the node's clock.
     sent: Option<Instant>,
+    /// When a packet for the tunnel (data, not a keepalive) last came from the peer, by the
+    /// node's clock.
+    received: Option<Instant>,
     /// Whether the peer is in the node's `roamed` queue.
     roam_queued: bool,
     /// How long the current path must be quiet before a roam off it.
@@ -715,6 +743,7 @@ impl Node {
             heard: None,
             path_heard: None,
             sent: None,
+            received: None,
             roam_queued: false,
             roam_quiet,
         });
@@ -819,38 +848,48 @@ impl Node {
     ///
     /// `out` must hold at least `packet.len() + 32` and 148 bytes.
     pub fn handle_tun(&mut self, packet: &mut [u8], out: &mut [u8]) -> Option<Outgoing> {
-        self.handle_tun_with_headroom(packet, out, |_, _| 0)
+        match self.handle_tun_with_headroom(packet, out, |_, _| 0) {
+            Ok(o) => Some(o),
+            Err(Unsent::Handled) => None,
+            Err(Unsent::NoRoute(_)) => {
+                self.drops.count(DropReason::NoRoute);
+                None
+            }
+            Err(Unsent::NoEndpoint(_)) => {
+                self.drops.count(DropReason::NoEndpoint);
+                None
+            }
+        }
     }
 
     /// As [`Node::handle_tun`], but the datagram is written `headroom(endpoint, via)` bytes
     /// into `out` (reported as [`Outgoing::start`]), leaving room in front for a relay's
-    /// framing. `out` must hold that much more.
+    /// framing. `out` must hold that much more. A packet that no peer with an endpoint takes
+    /// is left to the caller, uncounted and unchanged ([`Unsent::NoRoute`],
+    /// [`Unsent::NoEndpoint`]).
     pub fn handle_tun_with_headroom(
         &mut self,
         packet: &mut [u8],
         out: &mut [u8],
         headroom: impl FnOnce(SocketAddr, Option<usize>) -> usize,
-    ) -> Option<Outgoing> {
+    ) -> Result<Outgoing, Unsent> {
         let Some(dst) = packet::destination(packet) else {
             self.drops.count(DropReason::MalformedIp);
-            return None;
+            return Err(Unsent::Handled);
         };
         let Some(peer) = self
             .routes
             .lookup(dst)
             .and_then(|i| self.peers.get_mut(i).and_then(Option::as_mut))
         else {
-            let reason = if dst.is_multicast() {
-                DropReason::Multicast
-            } else {
-                DropReason::NoRoute
-            };
-            self.drops.count(reason);
-            return None;
+            if dst.is_multicast() {
+                self.drops.count(DropReason::Multicast);
+                return Err(Unsent::Handled);
+            }
+            return Err(Unsent::NoRoute(dst));
         };
         let Some(endpoint) = peer.endpoint else {
-            self.drops.count(DropReason::NoEndpoint);
-            return None;
+            return Err(Unsent::NoEndpoint(dst));
         };
         if let Some(m) = peer
             .config
@@ -860,16 +899,19 @@ impl Node {
             && translate::rewrite_v4(packet, None, Some(m.remote)).is_err()
         {
             self.drops.count(DropReason::Untranslatable);
-            return None;
+            return Err(Unsent::Handled);
         }
         let start = headroom(endpoint, peer.via);
-        match peer.tunn.encapsulate(packet, out.get_mut(start..)?) {
+        let Some(room) = out.get_mut(start..) else {
+            return Err(Unsent::Handled);
+        };
+        match peer.tunn.encapsulate(packet, room) {
             TunnResult::WriteToNetwork(datagram) => {
                 if datagram.first() == Some(&HANDSHAKE_INIT) {
                     peer.initiation_sent();
                 }
                 peer.sent = self.clock;
-                Some(Outgoing {
+                Ok(Outgoing {
                     destination: endpoint,
                     via: peer.via,
                     start,
@@ -878,9 +920,9 @@ impl Node {
             }
             TunnResult::Err(e) => {
                 tracing::debug!(peer = %peer.label(), "encapsulation failed: {e:?}");
-                None
+                Err(Unsent::Handled)
             }
-            _ => None,
+            _ => Err(Unsent::Handled),
         }
     }
 
@@ -938,6 +980,7 @@ impl Node {
                 let len = p.len();
                 // Decrypted: the peer is alive, whatever the checks below make of the packet.
                 peer.heard = clock.or(peer.heard);
+                peer.received = clock.or(peer.received);
                 let moved = peer.authenticated(from, via, clock);
                 if moved {
                     self.roamed.push_back(index);
@@ -1183,6 +1226,25 @@ impl Node {
     /// handshake age in [`PeerStatus`] (boringtun's own clock), this follows the time passed in.
     pub fn last_heard(&self, index: usize) -> Option<Instant> {
         self.peers.get(index)?.as_ref()?.heard
+    }
+
+    /// When data last went through the tunnel of the peer in slot `index`, either way: a
+    /// packet sent to it or one received from it, by the node's clock. Keepalives and
+    /// handshakes do not count.
+    pub fn last_data(&self, index: usize) -> Option<Instant> {
+        let peer = self.peers.get(index)?.as_ref()?;
+        match (peer.sent, peer.received) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the peer in slot `index` has an endpoint and a WireGuard session to send on.
+    pub fn has_session(&self, index: usize) -> bool {
+        self.peers
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| p.endpoint.is_some() && p.session_age().is_some())
     }
 
     /// A peer whose endpoint moved on its own (roamed off a quiet path), with its new

@@ -172,6 +172,9 @@ pub enum TerminateReason {
     Glare,
     /// The link is no longer wanted (Jingle `success`).
     Done,
+    /// An on-demand link carried no data for its idle time and goes back to idle; traffic
+    /// opens a new one (Jingle `success` with ipop's `<idle/>`).
+    Idle,
     /// Anything else (Jingle `failed-application`, `general-error`, …).
     Failed,
 }

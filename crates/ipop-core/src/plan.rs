@@ -2,12 +2,14 @@
 //! remembers across restarts (addresses chosen, friends numbered, keys pinned).
 
 use crate::address::{self, SocialNumbers};
+use crate::demand::LinkPolicy;
 use crate::key::PublicKey;
 use crate::node::Mapping;
 use crate::osn::{Claim, DeviceId, OverlayId};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 /// An overlay this device is in, as its config sets it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,10 @@ pub struct OverlayConfig {
     /// This device's IPv4 address in the overlay when the config sets it. Otherwise, the first
     /// address of the subnet in the social overlay, and one chosen automatically in a group.
     pub address: Option<Ipv4Addr>,
+    /// Which links the overlay keeps: to every device, or on demand.
+    pub links: LinkPolicy,
+    /// How long an on-demand link stays up without data.
+    pub idle_timeout: Duration,
 }
 
 /// What the engine keeps across restarts; the daemon stores it in its state directory.
@@ -261,6 +267,8 @@ mod tests {
             id: OverlayId::Group(room.to_owned()),
             subnet: subnet.parse().unwrap(),
             address: address.map(|a| a.parse().unwrap()),
+            links: LinkPolicy::All,
+            idle_timeout: crate::demand::DEFAULT_IDLE_TIMEOUT,
         }
     }
 
@@ -269,6 +277,8 @@ mod tests {
             id: OverlayId::Social,
             subnet: "172.31.0.0/16".parse().unwrap(),
             address: None,
+            links: LinkPolicy::All,
+            idle_timeout: crate::demand::DEFAULT_IDLE_TIMEOUT,
         }
     }
 

@@ -96,7 +96,7 @@ pub fn to_element(signal: &Signal, me: &Jid) -> (Element, usize) {
                         Reason::SecurityError
                     }
                     TerminateReason::Glare => Reason::AlternativeSession { sid: None },
-                    TerminateReason::Done => Reason::Success,
+                    TerminateReason::Done | TerminateReason::Idle => Reason::Success,
                     TerminateReason::Failed => Reason::FailedApplication,
                 },
                 texts: Default::default(),
@@ -108,6 +108,7 @@ pub fn to_element(signal: &Signal, me: &Jid) -> (Element, usize) {
         let detail = match reason {
             TerminateReason::NotAuthorised => Some("not-authorised"),
             TerminateReason::WrongKey => Some("wrong-key"),
+            TerminateReason::Idle => Some("idle"),
             _ => None,
         };
         if let (Some(detail), Some(reason)) = (detail, element.get_child_mut("reason", ns::JINGLE))
@@ -183,7 +184,7 @@ fn ice_candidate(c: &Candidate) -> IceCandidate {
 
 /// Reads a `<jingle/>` payload into a signal.
 pub fn from_element(element: &Element) -> Result<Signal, Malformed> {
-    // The ipop detail of a security-error is a foreign child of <reason/>, which the typed
+    // The ipop detail of a reason (`wrong-key`, `idle`) is a foreign child of <reason/>, which the typed
     // parser discards: read it from the raw element first.
     let detail = element
         .get_child("reason", ns::JINGLE)
@@ -229,6 +230,7 @@ pub fn from_element(element: &Element) -> Result<Signal, Malformed> {
                     TerminateReason::WrongKey
                 }
                 Some(Reason::SecurityError) => TerminateReason::NotAuthorised,
+                Some(Reason::Success) if detail.as_deref() == Some("idle") => TerminateReason::Idle,
                 Some(Reason::AlternativeSession { .. }) => TerminateReason::Glare,
                 Some(Reason::Success | Reason::Cancel | Reason::Gone | Reason::Expired) => {
                     TerminateReason::Done
@@ -418,6 +420,7 @@ mod tests {
             TerminateReason::WrongKey,
             TerminateReason::Glare,
             TerminateReason::Done,
+            TerminateReason::Idle,
             TerminateReason::Failed,
         ] {
             round_trip(Signal::Terminate {
@@ -651,6 +654,15 @@ mod tests {
             _ => None,
         };
         assert_eq!(reason_of(terminate("<gone/>")), Some(TerminateReason::Done));
+        assert_eq!(
+            reason_of(terminate("<success/><idle xmlns='urn:ipop:link:0'/>")),
+            Some(TerminateReason::Idle)
+        );
+        assert_eq!(
+            reason_of(terminate("<gone/><idle xmlns='urn:ipop:link:0'/>")),
+            Some(TerminateReason::Done),
+            "idle is a detail of success only"
+        );
         assert_eq!(
             reason_of(terminate("<decline/>")),
             Some(TerminateReason::Failed)

@@ -5,12 +5,14 @@
 
 use anyhow::Context;
 use ipnet::{IpNet, Ipv4Net};
+use ipop_core::demand::DEFAULT_IDLE_TIMEOUT;
 use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OverlayId};
-use ipop_core::{OverlayConfig, PeerConfig, PublicKey};
+use ipop_core::{LinkPolicy, OverlayConfig, PeerConfig, PublicKey};
 use serde::{Deserialize, Deserializer};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 /// Where `ipop` looks for its configuration when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/ipop/ipop.toml";
@@ -130,6 +132,12 @@ pub struct Social {
     /// This device's own address in the subnet. Default: the subnet's first address.
     #[serde(default, deserialize_with = "parsed_some")]
     pub address: Option<Ipv4Addr>,
+    /// Links to every device, on demand, or on demand from a number of devices.
+    #[serde(default, deserialize_with = "link_policy")]
+    pub links: LinkPolicy,
+    /// How long an on-demand link stays up without data.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
 }
 
 /// The social subnet unless configured: the one IPOP's SocialVPN used.
@@ -247,6 +255,56 @@ pub struct Group {
     /// Create the room (members-only, real JIDs visible) if it does not exist.
     #[serde(default)]
     pub create: bool,
+    /// Links to every device, on demand, or on demand from a number of devices.
+    #[serde(default, deserialize_with = "link_policy")]
+    pub links: LinkPolicy,
+    /// How long an on-demand link stays up without data.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+
+fn link_policy<'de, D: Deserializer<'de>>(d: D) -> Result<LinkPolicy, D::Error> {
+    let s = String::deserialize(d)?;
+    [LinkPolicy::All, LinkPolicy::OnDemand, LinkPolicy::Auto]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a link policy: expected \"all\", \"on-demand\" or \"auto\""
+            ))
+        })
+}
+
+/// Reads a duration written as numbers with units, like `"10m"`, `"90s"` or `"1h30m"`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not a duration: expected numbers with units s, m or h, like \"10m\", \"90s\" or \"1h30m\", of at least one second"
+        ))
+    })
+}
+
+fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        let n: u64 = rest[..digits].parse().ok()?;
+        let unit = match rest[digits..].chars().next()? {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        rest = &rest[digits + 1..];
+    }
+    (total > 0).then_some(Duration::from_secs(total))
 }
 
 /// Whether `s` looks like `host:port` (a bracketed IPv6 address is a host too).
@@ -455,11 +513,15 @@ impl Config {
                 id: OverlayId::Social,
                 subnet: s.subnet,
                 address: s.address,
+                links: s.links,
+                idle_timeout: s.idle_timeout,
             });
         let groups = self.groups.iter().map(|g| OverlayConfig {
             id: OverlayId::Group(g.room.clone()),
             subnet: g.subnet,
             address: g.address,
+            links: g.links,
+            idle_timeout: g.idle_timeout,
         });
         social.chain(groups).collect()
     }
@@ -816,6 +878,61 @@ mod tests {
     }
 
     #[test]
+    fn link_policies_and_idle_timeouts() {
+        let xmpp = "[xmpp]\njid = \"a@b\"\npassword = \"p\"\n";
+        let c = Config::parse(&format!(
+            "{xmpp}[social]\n[[groups]]\nroom = \"g@c.b\"\nsubnet = \"10.9.0.0/24\"\n"
+        ))
+        .expect("valid");
+        for o in c.overlays() {
+            assert_eq!(o.links, LinkPolicy::Auto);
+            assert_eq!(o.idle_timeout, Duration::from_secs(600));
+        }
+        let c = Config::parse(&format!(
+            "{xmpp}[social]\nlinks = \"all\"\nidle_timeout = \"1h30m\"\n[[groups]]\nroom = \"g@c.b\"\nsubnet = \"10.9.0.0/24\"\nlinks = \"on-demand\"\nidle_timeout = \"45s\"\n"
+        ))
+        .expect("valid");
+        let o = c.overlays();
+        assert_eq!(
+            (o[0].links, o[0].idle_timeout),
+            (LinkPolicy::All, Duration::from_secs(5400))
+        );
+        assert_eq!(
+            (o[1].links, o[1].idle_timeout),
+            (LinkPolicy::OnDemand, Duration::from_secs(45))
+        );
+
+        let e = Config::parse(&format!("{xmpp}[social]\nlinks = \"some\"\n")).unwrap_err();
+        assert!(
+            e.contains("line 5") && e.contains("key `links`") && e.contains("on-demand"),
+            "{e}"
+        );
+        for bad in [
+            "10",
+            "ten minutes",
+            "10x",
+            "0s",
+            "m",
+            "99999999999999999999h",
+            "",
+        ] {
+            let e = Config::parse(&format!(
+                "{xmpp}[[groups]]\nroom = \"g@c.b\"\nsubnet = \"10.9.0.0/24\"\nidle_timeout = \"{bad}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("line 7") && e.contains("key `idle_timeout`") && e.contains("10m"),
+                "{bad}: {e}"
+            );
+        }
+        let e = Config::parse(&format!("{xmpp}[social]\nidle_timeout = 600\n")).unwrap_err();
+        assert!(
+            e.contains("line 5") && e.contains("key `idle_timeout`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn nat_servers() {
         let text = format!(
             "{MINIMAL}[nat]\nstun = [\"stun.example.org:3478\"]\n[[nat.turn]]\nserver = \"turn.example.org:3478\"\ntransport = \"tcp\"\nusername = \"u\"\npassword = \"p\"\n"
@@ -930,8 +1047,16 @@ mod tests {
                     device
                 ]
             ),
-            keys!("[social]", Social, [enabled, subnet, address]),
-            keys!("[[groups]]", Group, [room, subnet, address, create]),
+            keys!(
+                "[social]",
+                Social,
+                [enabled, subnet, address, links, idle_timeout]
+            ),
+            keys!(
+                "[[groups]]",
+                Group,
+                [room, subnet, address, create, links, idle_timeout]
+            ),
             keys!("[dns]", Dns, [enabled, suffix, port]),
             keys!("[nat]", Nat, [stun, turn]),
             keys!(

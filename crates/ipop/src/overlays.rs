@@ -49,7 +49,7 @@ struct Dns {
     server: Option<JoinHandle<()>>,
     bound: Vec<IpAddr>,
     next: Instant,
-    /// The node's version the names were last built from.
+    /// The engine's addresses version the names were last built from.
     seen: Option<u64>,
 }
 
@@ -146,7 +146,7 @@ impl Keeper {
             return;
         };
         let now = Instant::now();
-        let version = engine.node().version();
+        let version = engine.addresses_version();
         if !force && now < dns.next && dns.seen == Some(version) {
             return;
         }
@@ -254,9 +254,9 @@ fn own_addresses(engine: &Engine) -> Vec<IpAddr> {
         .collect()
 }
 
-/// The names of this device (at `own`) and of every linked device: `device.user.domain.SUFFIX`
-/// with the addresses this device reaches it at, and `user.domain.SUFFIX` for the user's first
-/// device.
+/// The names of this device (at `own`) and of every device it has a link with, up or idle:
+/// `device.user.domain.SUFFIX` with the addresses this device reaches it at, and
+/// `user.domain.SUFFIX` for the user's first device.
 fn names(engine: &Engine, suffix: &str, own: &[IpAddr]) -> NameTable {
     let mut table = NameTable::new(suffix);
     let mut users = BTreeSet::new();
@@ -274,8 +274,7 @@ fn names(engine: &Engine, suffix: &str, own: &[IpAddr]) -> NameTable {
         add(&me.user, &me.device, own);
     }
     for link in engine.links() {
-        let Some(peer) = &link.peer else { continue };
-        let hosts: Vec<IpAddr> = peer
+        let hosts: Vec<IpAddr> = link
             .addresses
             .iter()
             .filter(|n| n.prefix_len() == n.max_prefix_len())

@@ -182,12 +182,13 @@ impl Peer {
             name: None,
             jid: Some(l.device.user.clone()),
             device: Some(l.device.device.clone()),
-            addresses: l
-                .peer
-                .as_ref()
-                .map(|p| p.addresses.iter().map(ToString::to_string).collect())
-                .unwrap_or_default(),
-            state: if connected { "connected" } else { "connecting" }.to_owned(),
+            addresses: l.addresses.iter().map(ToString::to_string).collect(),
+            state: match l.phase {
+                _ if connected => "connected",
+                ipop_core::LinkPhase::Idle => "idle",
+                _ => "connecting",
+            }
+            .to_owned(),
             path: connected.then(|| if relayed { "relay" } else { "direct" }.to_owned()),
             endpoint: l
                 .peer
@@ -306,7 +307,10 @@ fn seconds(d: std::time::Duration) -> f64 {
 
 fn describe_phase(phase: ipop_core::LinkPhase) -> &'static str {
     match phase {
-        ipop_core::LinkPhase::Idle => "waiting for the device's link offer",
+        ipop_core::LinkPhase::Idle => {
+            "on demand: a link is set up when traffic for the device comes, and closed when idle"
+        }
+        ipop_core::LinkPhase::Waiting => "waiting for the device's link offer",
         ipop_core::LinkPhase::Offered => "link offered, waiting for the answer",
         ipop_core::LinkPhase::Checking => "looking for a network path (ICE)",
         ipop_core::LinkPhase::Connected => "path found, WireGuard handshake under way",
@@ -505,7 +509,8 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "{}", line(&header.map(str::to_owned)));
         for (r, p) in rows.iter().zip(&o.peers) {
             let _ = writeln!(out, "{}", line(r));
-            if let Some(reason) = &p.reason {
+            // An idle on-demand link is no problem: its state says it all.
+            if let Some(reason) = p.reason.as_ref().filter(|_| p.state != "idle") {
                 let _ = writeln!(out, "    why not connected: {reason}");
             }
             if !p.candidates_tried.is_empty() {

@@ -676,3 +676,152 @@ fn a_device_with_a_new_key_is_refused_until_trusted() {
     );
     w.lab.stop_all();
 }
+
+/// The state `status` shows for the device of `jid` in the overlay `name`.
+fn state_in<'a>(status: &'a Value, name: &str, jid: &str) -> Option<&'a str> {
+    overlay(status, name)?["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["jid"].as_str() == Some(jid))?["state"]
+        .as_str()
+}
+
+/// The round-trip time a successful `ping` printed for its first reply.
+fn first_reply_time(out: &std::process::Output) -> Option<Duration> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms: f64 = text
+        .lines()
+        .find(|l| l.contains("icmp_seq=1 "))?
+        .split("time=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs_f64(ms / 1000.0))
+}
+
+#[test]
+fn on_demand_links_open_with_the_first_packet_and_close_when_idle() {
+    let mut w = World::new("xdemand", 3);
+    let lab = room("demand");
+    let idle = Duration::from_secs(5);
+    let on_demand = |create: bool| {
+        format!(
+            "{}links = \"on-demand\"\nidle_timeout = \"5s\"\n",
+            auto_group(&lab, "10.86.0.0/24", create)
+        )
+    };
+    let users = ["carol", "david", "erin"];
+    for (i, user) in users.iter().enumerate() {
+        w.server.register(user, &password(user));
+        w.configure(i, user, "laptop", &on_demand(i == 0));
+    }
+    w.node(0).start();
+    xmpp_online(w.node(0));
+    for user in &users[1..] {
+        group_member(&w.lab.nodes[0], "add", &lab, &jid(user));
+    }
+    w.node(1).start();
+    w.node(2).start();
+
+    // Everyone sees the others, with their addresses, and links with nobody.
+    for (i, user) in users.iter().enumerate() {
+        let others: Vec<String> = users
+            .iter()
+            .filter(|u| *u != user)
+            .map(|u| jid(u))
+            .collect();
+        let s = w
+            .node(i)
+            .wait_status(LINK_TIMEOUT, "the others listed idle", |s| {
+                others.iter().all(|o| {
+                    state_in(s, &lab, o) == Some("idle") && !peer_addresses(s, &lab, o).is_empty()
+                })
+            });
+        for o in &others {
+            let p = peer_by_jid(&s, o).expect("listed");
+            assert!(
+                p["endpoint"].is_null() && p["rx_bytes"] == 0 && p["tx_bytes"] == 0,
+                "{user}'s device has a link to {o}: {s}"
+            );
+        }
+    }
+    let (carol, david) = (&w.lab.nodes[0], &w.lab.nodes[1]);
+    let status = carol.status().expect("carol's status");
+    let david_v4 = *peer_addresses(&status, &lab, &jid("david"))
+        .iter()
+        .find(|a| a.is_ipv4())
+        .expect("david's address in carol's status");
+    assert_eq!(david_v4, own_address(david, &lab, true));
+
+    // Names resolve without a link.
+    let _resolver = NetnsResolver::new(carol.ns(), own_address(carol, &lab, true));
+    wait_until(
+        Duration::from_secs(2),
+        "david's idle device to have a name on carol's",
+        || match getent(carol, "ahostsv4", "laptop.david.example.org.ipop") {
+            (Some(0), a) if a == vec![david_v4] => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+
+    // One echo request, the first packet for David's device: it opens the link and is
+    // answered. Had it been dropped while the link came up, this ping would fail.
+    let started = std::time::Instant::now();
+    let out = carol
+        .ns()
+        .try_exec(&["ping", "-n", "-c", "1", "-W", "5", &david_v4.to_string()]);
+    let wall = started.elapsed();
+    assert!(
+        out.status.success(),
+        "the first echo request to david's idle device went unanswered: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let setup = first_reply_time(&out).expect("ping printed the reply's time");
+    eprintln!(
+        "on-demand link set-up, first packet to first reply: {:.1} ms (ping ran {:.1} ms)",
+        setup.as_secs_f64() * 1000.0,
+        wall.as_secs_f64() * 1000.0
+    );
+    assert!(
+        setup < Duration::from_secs(1),
+        "the first reply took {setup:?} (target under 1 s on a LAN)"
+    );
+    let c = carol.status().expect("carol's status");
+    assert_eq!(state_in(&c, &lab, &jid("david")), Some("connected"), "{c}");
+    assert_eq!(state_in(&c, &lab, &jid("erin")), Some("idle"), "{c}");
+    let e = w.lab.nodes[2].status().expect("erin's status");
+    assert_eq!(state_in(&e, &lab, &jid("carol")), Some("idle"), "{e}");
+    assert_eq!(state_in(&e, &lab, &jid("david")), Some("idle"), "{e}");
+
+    // No data for the idle time: both ends close the link.
+    let closed_by = std::time::Instant::now();
+    for (i, other) in [(0, "david"), (1, "carol")] {
+        w.node(i)
+            .wait_status(idle + Duration::from_secs(10), "the link idle again", |s| {
+                state_in(s, &lab, &jid(other)) == Some("idle")
+                    && peer_by_jid(s, &jid(other)).is_some_and(|p| p["endpoint"].is_null())
+            });
+    }
+    eprintln!(
+        "the idle link closed on both ends {:.1} s after the last ping",
+        closed_by.elapsed().as_secs_f64()
+    );
+    let logs = [&w.lab.nodes[0], &w.lab.nodes[1]]
+        .map(|n| std::fs::read_to_string(n.log_path()).expect("log"))
+        .concat();
+    assert!(
+        logs.contains("no data on the on-demand link for its idle time"),
+        "neither side says it closed the link for want of data"
+    );
+
+    // Traffic opens it again, from either side.
+    let carol_v4 = own_address(&w.lab.nodes[0], &lab, true);
+    assert!(
+        pings(&w.lab.nodes[1], carol_v4),
+        "david's device cannot reach carol's once the link went idle"
+    );
+    w.lab.stop_all();
+}
