@@ -274,6 +274,9 @@ impl Server {
                     .netns(ns)
                     .connect();
                 for (k, friend) in friends.iter().enumerate() {
+                    if interrupted() {
+                        return;
+                    }
                     let mut client = XmppUser::builder(p, friend, &password(friend))
                         .resource("chat")
                         .netns(ns)
@@ -288,7 +291,9 @@ impl Server {
                     .flat_map(|f| [(hub, f.as_str()), (f.as_str(), hub)])
                     .collect();
                 par_map(&items, SETUP_WORKERS, |(user, contact)| {
-                    e.add_roster_item(user, contact, "friends", "both");
+                    if !interrupted() {
+                        e.add_roster_item(user, contact, "friends", "both");
+                    }
                 });
             }
         }
