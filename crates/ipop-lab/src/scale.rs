@@ -206,7 +206,9 @@ pub fn parse_memory(status: &str) -> Option<(u64, u64)> {
 /// The CPU ticks a process used so far, or `None` once it is gone or a zombie.
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&stat).filter(|(state, _)| *state != 'Z').map(|(_, t)| t)
+    parse_stat(&stat)
+        .filter(|(state, _)| *state != 'Z')
+        .map(|(_, t)| t)
 }
 
 fn memory_kb(pid: u32) -> Option<(u64, u64)> {
@@ -480,7 +482,9 @@ impl Report {
         row("links up", 0, &|d| d.links as f64);
         row("stanzas sent", 0, &x("stanzas_sent"));
         row("stanzas received", 0, &x("stanzas_received"));
-        row("XMPP kB sent", 1, &|d| counter(&d.xmpp, "bytes_sent") / 1000.0);
+        row("XMPP kB sent", 1, &|d| {
+            counter(&d.xmpp, "bytes_sent") / 1000.0
+        });
         row("XMPP kB received", 1, &|d| {
             counter(&d.xmpp, "bytes_received") / 1000.0
         });
@@ -506,7 +510,9 @@ impl Report {
         row("idle XMPP bytes per second", 0, &|d| {
             d.idle_bytes / self.idle_s.max(1.0)
         });
-        row("idle CPU, % of a core", 2, &|d| d.idle_cpu.unwrap_or(f64::NAN));
+        row("idle CPU, % of a core", 2, &|d| {
+            d.idle_cpu.unwrap_or(f64::NAN)
+        });
         row("idle CPU per link, % of a core", 3, &|d| {
             d.per_link(d.idle_cpu.unwrap_or(f64::NAN))
         });
@@ -568,9 +574,7 @@ impl Report {
             let (med, max) = r.group.map_or(("-".to_owned(), "-".to_owned()), |(a, b)| {
                 (fmt_value(a, r.decimals), fmt_value(b, r.decimals))
             });
-            let hub = r
-                .hub
-                .map_or("-".to_owned(), |v| fmt_value(v, r.decimals));
+            let hub = r.hub.map_or("-".to_owned(), |v| fmt_value(v, r.decimals));
             let _ = writeln!(s, "{:<34} {med:>12} {max:>12} {hub:>12}", r.label);
         }
         let opt = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| fmt_value(v, d));
@@ -743,7 +747,11 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             "stock c2s limit 10 kB/s",
         ),
         ServerKind::Ejabberd => (
-            Server::Ejabberd(Ejabberd::builder(DOMAIN).in_netns(server_ns, server_ip).start()),
+            Server::Ejabberd(
+                Ejabberd::builder(DOMAIN)
+                    .in_netns(server_ns, server_ip)
+                    .start(),
+            ),
             "stock c2s shaper 3000 B/s, burst 20000 B",
         ),
     };
@@ -899,12 +907,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
                 return None;
             }
             let addr = addr.to_string();
-            let out = nodes[*from].ns().try_exec(&[
-                "ping", "-n", "-q", "-c", "1", "-W", "1", &addr,
-            ]);
-            out.status
-                .success()
-                .then(|| t0.elapsed().as_secs_f64())
+            let out = nodes[*from]
+                .ns()
+                .try_exec(&["ping", "-n", "-q", "-c", "1", "-W", "1", &addr]);
+            out.status.success().then(|| t0.elapsed().as_secs_f64())
         });
         for ((k, _, _), result) in ready.iter().zip(results) {
             if result.is_some() {
@@ -938,7 +944,8 @@ pub fn run(opts: &Options) -> Result<Report, String> {
 
     eprintln!("ipop-scale: reading every status");
     let all: Vec<usize> = (0..=n).collect();
-    let before: Vec<Option<Seen>> = par_map(&all, SETUP_WORKERS, |&i| read_status(&nodes[i], &room));
+    let before: Vec<Option<Seen>> =
+        par_map(&all, SETUP_WORKERS, |&i| read_status(&nodes[i], &room));
 
     // Idle: nothing reads statuses or pings meanwhile.
     let mut idle_s = 0.0;

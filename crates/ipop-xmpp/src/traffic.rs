@@ -134,7 +134,10 @@ mod tests {
         let mut seen = [0_u8; 11];
         theirs.read_exact(&mut seen).await.expect("read");
         assert_eq!(&seen, b"<presence/>");
-        theirs.write_all(b"<iq type='result'/>").await.expect("write");
+        theirs
+            .write_all(b"<iq type='result'/>")
+            .await
+            .expect("write");
         drop(theirs);
         let mut got = Vec::new();
         counted.read_to_end(&mut got).await.expect("read");

@@ -82,7 +82,10 @@ fn main() -> ExitCode {
     if let Some(path) = std::env::var_os("SCALE_JSON") {
         let text = format!("{:#}\n", report.json());
         if let Err(e) = std::fs::write(&path, text) {
-            eprintln!("ipop-scale: cannot write {}: {e}", PathBuf::from(path).display());
+            eprintln!(
+                "ipop-scale: cannot write {}: {e}",
+                PathBuf::from(path).display()
+            );
             return ExitCode::FAILURE;
         }
     }
