@@ -173,7 +173,7 @@ pub fn median_max(values: &[f64]) -> Option<(f64, f64)> {
     }
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    let median = if v.len() % 2 == 0 {
+    let median = if v.len().is_multiple_of(2) {
         f64::midpoint(v[mid - 1], v[mid])
     } else {
         v[mid]
@@ -304,7 +304,7 @@ impl Server {
 
 /// Prints `k/total what` every tenth of the way.
 fn progress_every(k: usize, total: usize, what: &str) {
-    if k == total || k % (total / 10).max(1) == 0 {
+    if k == total || k.is_multiple_of((total / 10).max(1)) {
         eprintln!("ipop-scale: {k}/{total} {what}");
     }
 }
