@@ -23,6 +23,7 @@
 #   SCALE_IDLE_SECONDS   seconds of idle CPU measurement once they pass              (default 30)
 #   SCALE_PING_WORKERS   pings run at once                                            (default 8)
 #   SCALE_JSON           also write the report as JSON to this file
+#   SCALE_LOGS           copy the logs of the daemons and the server to this directory
 #   IPOP_BIN, IPOP_SCALE_BIN  binaries to use; if unset, target/release/ipop and
 #                        target/release/ipop-scale, (re)built with `cargo build --release`
 #                        when missing or older than the sources

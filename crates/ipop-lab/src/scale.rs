@@ -104,6 +104,8 @@ pub struct Options {
     pub idle: Duration,
     /// Pings run at once.
     pub ping_workers: usize,
+    /// Where to copy the logs of the daemons and the server before they are removed.
+    pub keep_logs: Option<PathBuf>,
 }
 
 /// Who pings whom: device indices `0..n` are the group devices, `n` the well-connected one.
@@ -1032,9 +1034,30 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         server_idle_cpu,
         server_memory_kb,
     };
+    if let Some(dir) = &opts.keep_logs {
+        keep_logs(dir, nodes, run.server.as_ref().map(|s| s.get().log_path()));
+    }
     eprintln!("ipop-scale: stopping the daemons and the server");
     drop(run);
     Ok(report)
+}
+
+/// Copies each daemon's log (`NAME.log`) and the server's (`server.log`) into `dir`.
+fn keep_logs(dir: &Path, nodes: &[Node], server: Option<&Path>) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("ipop-scale: cannot create {}: {e}", dir.display());
+        return;
+    }
+    let copies = nodes
+        .iter()
+        .map(|node| (node.log_path(), dir.join(format!("{}.log", node.name))))
+        .chain(server.map(|log| (log.to_owned(), dir.join("server.log"))));
+    for (from, to) in copies {
+        if let Err(e) = std::fs::copy(&from, &to) {
+            eprintln!("ipop-scale: cannot copy {}: {e}", from.display());
+        }
+    }
+    eprintln!("ipop-scale: logs kept in {}", dir.display());
 }
 
 /// How many group pairs and friend pairs passed.

@@ -12,7 +12,7 @@
 //! Environment: `IPOP_BIN` (default `target/release/ipop`), `SCALE_TIMEOUT` (seconds for the
 //! pairs to pass, default 600), `SCALE_IDLE_SECONDS` (idle measurement, default 30),
 //! `SCALE_PING_WORKERS` (pings at once, default 8), `SCALE_JSON` (a file to write the report
-//! to as JSON).
+//! to as JSON), `SCALE_LOGS` (a directory to copy the daemons' and the server's logs to).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +55,7 @@ fn options(args: &[String]) -> Result<Options, String> {
         timeout: Duration::from_secs(env_number("SCALE_TIMEOUT", 600)?),
         idle: Duration::from_secs(env_number("SCALE_IDLE_SECONDS", 30)?),
         ping_workers: usize::try_from(workers.clamp(1, 64)).unwrap_or(8),
+        keep_logs: std::env::var_os("SCALE_LOGS").map(PathBuf::from),
     })
 }
 
