@@ -310,6 +310,31 @@ impl Ejabberd {
         run_checked(&mut cmd, &format!("register {user}@{}", self.domain));
     }
 
+    /// Puts `contact@DOMAIN` on `user@DOMAIN`'s roster with `subscription` (`both`, `to`,
+    /// `from` or `none`) in roster group `group`, as an administrator does with `ejabberdctl
+    /// add_rosteritem`: no subscription stanza is exchanged, so the stock `mod_pres_counter`
+    /// (5 subscription stanzas a minute per user) does not hold it back.
+    ///
+    /// # Panics
+    /// When `ejabberdctl` fails; the message carries its output.
+    pub fn add_roster_item(&self, user: &str, contact: &str, group: &str, subscription: &str) {
+        let mut cmd = self.ctl();
+        cmd.args([
+            "add_rosteritem",
+            user,
+            &self.domain,
+            contact,
+            &self.domain,
+            contact,
+            group,
+            subscription,
+        ]);
+        run_checked(
+            &mut cmd,
+            &format!("put {contact} on the roster of {user}@{}", self.domain),
+        );
+    }
+
     /// Starts ejabberd again after [`Ejabberd::stop`] or [`Ejabberd::kill`], with the same
     /// config, data, node name and ports, and waits until it accepts connections.
     ///

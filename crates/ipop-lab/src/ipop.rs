@@ -324,6 +324,21 @@ impl Node {
         daemon.stop()
     }
 
+    /// Stops the daemon like [`Node::stop`], without judging its loop stall: for benchmarks
+    /// that load the machine beyond what the tests allow. SIGTERM, then SIGKILL after
+    /// `timeout`; returns how it ended and whether it had to be killed, or `None` when it was
+    /// not running.
+    pub fn stop_within(&mut self, timeout: Duration) -> Option<(ExitStatus, bool)> {
+        let mut daemon = self.daemon.take()?;
+        Some(daemon.stop_within(timeout))
+    }
+
+    /// The daemon's PID, once started (it may have exited since: see [`Node::exited`]).
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
+    }
+
     /// Whether the daemon's packet loop stayed under [`MAX_LOOP_STALL`] without waiting, by
     /// its status. A daemon that is not running, or does not answer, is not judged here.
     pub fn check_loop_stall(&mut self) -> Result<(), String> {

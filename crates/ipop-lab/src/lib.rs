@@ -21,6 +21,8 @@
 //!   20 000 deep, 64 KiB attributes) and reads back elements of any depth.
 //! - [`flood()`]: forged WireGuard handshake initiations at a steady rate from several source
 //!   addresses ([`add_sources`]), bounded in count and time; also the `ipop-flood` binary.
+//! - [`scale`]: the scale benchmark (`bench/scale.sh`, the `ipop-scale` binary): N devices in
+//!   one group room and one with N friends, on a server with its stock rate limits.
 //! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
 //!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
 //!
@@ -41,6 +43,7 @@ mod nsenter;
 mod process;
 mod prosody;
 mod raw_xmpp;
+pub mod scale;
 mod server;
 mod xmpp_tls;
 mod xmpp_user;

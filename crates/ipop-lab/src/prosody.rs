@@ -27,6 +27,11 @@ const LOG_TAIL_LINES: usize = 60;
 /// `@TURN_SECRET@` to fill in. Every Prosody of the tests runs it.
 const DOCUMENTED_CONFIG: &str = include_str!("../../../docs/examples/prosody.cfg.lua");
 
+/// The client rate limit of the documented config, and of Debian's stock config, which
+/// [`ProsodyBuilder::stock_limits`] puts in its place.
+const DOCUMENTED_C2S_RATE: &str = "rate = \"10mb/s\"";
+const STOCK_C2S_RATE: &str = "rate = \"10kb/s\"";
+
 /// The line before the documented config in the config the lab writes.
 const DOCUMENTED_HEADER: &str = "-- ipop-lab: docs/examples/prosody.cfg.lua for this domain.";
 
@@ -59,6 +64,7 @@ pub struct ProsodyBuilder {
     netns: Option<NsHandle>,
     ip: IpAddr,
     room_locking: bool,
+    stock_limits: bool,
     external_services: Option<Vec<ExternalService>>,
     parent: Option<PathBuf>,
     ca: Option<TestCa>,
@@ -80,6 +86,14 @@ impl ProsodyBuilder {
     #[must_use]
     pub fn room_locking(mut self, locked: bool) -> ProsodyBuilder {
         self.room_locking = locked;
+        self
+    }
+
+    /// Limits each client to what Debian's stock Prosody config allows (`c2s` rate
+    /// `10kb/s`) instead of the documented config's `10mb/s`. Off by default.
+    #[must_use]
+    pub fn stock_limits(mut self, stock: bool) -> ProsodyBuilder {
+        self.stock_limits = stock;
         self
     }
 
@@ -151,7 +165,11 @@ impl ProsodyBuilder {
             dir,
             _scratch: scratch,
         };
-        let config = prosody.config_lua(self.room_locking, self.external_services.as_deref());
+        let config = prosody.config_lua(
+            self.room_locking,
+            self.stock_limits,
+            self.external_services.as_deref(),
+        );
         write(&prosody.config, &config);
         prosody.start();
         prosody
@@ -190,6 +208,7 @@ impl Prosody {
             netns: None,
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             room_locking: true,
+            stock_limits: false,
             external_services: None,
             parent: None,
             ca: None,
@@ -376,8 +395,14 @@ impl Prosody {
     /// in `docs/servers.md` for this test's domain (stream management with resumption
     /// included, as in Debian's stock config), then the virtual host's own settings: this
     /// test's STUN/TURN servers, which replace the documented ones. No setting is made twice in
-    /// one file: Prosody 0.12 cannot always report that, and fails to start.
-    fn config_lua(&self, room_locking: bool, services: Option<&[ExternalService]>) -> String {
+    /// one file: Prosody 0.12 cannot always report that, and fails to start. With
+    /// `stock_limits`, the documented client rate limit is replaced by Debian's.
+    fn config_lua(
+        &self,
+        room_locking: bool,
+        stock_limits: bool,
+        services: Option<&[ExternalService]>,
+    ) -> String {
         let path = |p: &Path| lua_str(&p.to_string_lossy());
         let dir = &self.dir;
         let mut s = String::new();
@@ -415,7 +440,12 @@ impl Prosody {
         );
         let _ = writeln!(s, "muc_room_locking = {room_locking}");
         let _ = writeln!(s, "{DOCUMENTED_HEADER}");
-        s.push_str(&DOCUMENTED_CONFIG.replace("@DOMAIN@", &self.domain));
+        let documented = DOCUMENTED_CONFIG.replace("@DOMAIN@", &self.domain);
+        if stock_limits {
+            s.push_str(&stock_rate(&documented));
+        } else {
+            s.push_str(&documented);
+        }
         let _ = writeln!(s, "{HOST_HEADER}");
         let _ = writeln!(s, "VirtualHost {}", lua_str(&self.domain));
         if let Some(services) = services {
@@ -537,6 +567,19 @@ fn write(path: &Path, contents: &str) {
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
+/// `config` with its client rate limit set to Debian's stock one.
+///
+/// # Panics
+/// When `config` does not set the documented limit once.
+fn stock_rate(config: &str) -> String {
+    assert_eq!(
+        config.matches(DOCUMENTED_C2S_RATE).count(),
+        1,
+        "docs/examples/prosody.cfg.lua sets the client limit as {DOCUMENTED_C2S_RATE} once"
+    );
+    config.replace(DOCUMENTED_C2S_RATE, STOCK_C2S_RATE)
+}
+
 /// A Lua string literal.
 fn lua_str(value: &str) -> String {
     let mut s = String::with_capacity(value.len() + 2);
@@ -613,6 +656,17 @@ mod tests {
                 "{own}"
             );
         }
+    }
+
+    #[test]
+    fn stock_limits_replace_the_documented_client_rate() {
+        let stock = stock_rate(DOCUMENTED_CONFIG);
+        assert!(stock.contains("c2s = { rate = \"10kb/s\" };"), "{stock}");
+        assert!(!stock.contains("10mb/s"), "{stock}");
+        assert_eq!(
+            stock.replace(STOCK_C2S_RATE, DOCUMENTED_C2S_RATE),
+            DOCUMENTED_CONFIG
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod muc;
 #[doc(hidden)]
 pub mod replay;
 mod session;
+mod traffic;
 
 /// The parsers of payloads that other XMPP entities send, for the fuzz targets in `fuzz/`. Not
 /// an API: the binding calls them itself.
@@ -47,6 +48,7 @@ use tokio_xmpp::jid::BareJid;
 pub use extdisco::MAX_SERVICES as MAX_EXTERNAL_SERVICES;
 pub use jingle::MAX_CANDIDATES;
 pub use login::{describe_certificate_error, tls_config};
+pub use traffic::Traffic;
 
 /// The namespace of ipop's presence payload, `<ipop xmlns='urn:ipop:0' key='…'/>` (with the
 /// optional `address` and `fixed` of the device's claim), and the
@@ -383,6 +385,8 @@ pub struct XmppStatus {
     pub external_services_problem: Option<String>,
     /// Dropped stanzas by reason; only reasons that happened.
     pub drops: Vec<(DropReason, u64)>,
+    /// Stanzas, bytes and link signals since the session started.
+    pub traffic: Traffic,
 }
 
 /// State shared between the session task and the [`Session`] handle.
@@ -390,6 +394,9 @@ pub struct XmppStatus {
 struct Shared {
     status: Mutex<XmppStatus>,
     drops: Mutex<[u64; DropReason::ALL.len()]>,
+    /// Stanzas and signals; the bytes are in `bytes`.
+    traffic: Mutex<Traffic>,
+    bytes: Arc<traffic::ByteCounts>,
     /// What the session is waiting for, for a timeout message at login.
     waiting_for: Mutex<String>,
     /// Log lines that others can cause at will.
@@ -443,8 +450,11 @@ impl Shared {
                 external_services: Vec::new(),
                 external_services_problem: None,
                 drops: Vec::new(),
+                traffic: Traffic::default(),
             }),
             drops: Mutex::new([0; DropReason::ALL.len()]),
+            traffic: Mutex::new(Traffic::default()),
+            bytes: Arc::default(),
             waiting_for: Mutex::new("resource binding".to_owned()),
             logs: LogLimiter::default(),
         }
@@ -491,6 +501,10 @@ impl Shared {
         f(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
+    fn count_traffic(&self, f: impl FnOnce(&mut Traffic)) {
+        f(&mut self.traffic.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
     fn count(&self, reason: DropReason) {
         self.drops.lock().unwrap_or_else(PoisonError::into_inner)[reason.index()] += 1;
     }
@@ -515,6 +529,9 @@ impl Shared {
             .filter(|(_, n)| *n > 0)
             .map(|(r, n)| (*r, n))
             .collect();
+        status.traffic = *self.traffic.lock().unwrap_or_else(PoisonError::into_inner);
+        status.traffic.bytes_sent = self.bytes.sent();
+        status.traffic.bytes_received = self.bytes.received();
         status
     }
 }
@@ -657,6 +674,7 @@ async fn start(
     let login = Arc::new(login::Login::new(
         &cfg,
         Arc::new(move |event| guard_shared.on_guard(event)),
+        shared.bytes.clone(),
     )?);
     shared.update(|s| s.server = login.server.clone());
     let first = login.open(deadline).await.map_err(with_duration)?;
@@ -727,6 +745,7 @@ impl Session {
                 }
                 _ => return,
             };
+            self.shared.count_traffic(|t| t.signals_unsent += 1);
             tracing::warn!(%to, session = signal.session(), "signal not sent: {why}");
             // Nobody listening is fine: the daemon is going away.
             let _ = self.events.send(OsnEvent::SignalFailed {

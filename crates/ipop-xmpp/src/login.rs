@@ -6,6 +6,7 @@
 //! negotiates stream management and calls us again (through [`Login::open`]) to reconnect.
 
 use crate::guard::{Guard, Limits, Sink};
+use crate::traffic::{ByteCounts, Counted};
 use crate::{LoginError, XmppConfig};
 use futures::{SinkExt, StreamExt};
 use sasl::common::{ChannelBinding, Credentials};
@@ -52,10 +53,12 @@ pub struct Login {
     tls: Arc<ClientConfig>,
     /// Where the guard on every stream reports what it dropped.
     guard: Sink,
+    /// Where every connection counts its bytes.
+    bytes: Arc<ByteCounts>,
 }
 
 impl Login {
-    pub fn new(cfg: &XmppConfig, guard: Sink) -> Result<Self, LoginError> {
+    pub fn new(cfg: &XmppConfig, guard: Sink, bytes: Arc<ByteCounts>) -> Result<Self, LoginError> {
         let bare = BareJid::new(&cfg.jid).map_err(|e| LoginError::Config {
             what: format!("jid {:?}", cfg.jid),
             why: e.to_string(),
@@ -89,6 +92,7 @@ impl Login {
             direct_tls: cfg.direct_tls,
             tls: Arc::new(tls_config(cfg.extra_ca.as_deref())?),
             guard,
+            bytes,
         })
     }
 
@@ -118,6 +122,7 @@ impl Login {
                     other => other.to_string(),
                 },
             })?;
+        let tcp = Counted::new(tcp, self.bytes.clone());
         let opened = async {
             // From TLS on, everything the server sends passes the guard: authentication is
             // where stanzas from others start to arrive.

@@ -88,7 +88,11 @@ async fn replay(input: &[u8]) -> Option<Vec<OsnEvent>> {
     // (it would only be used to reconnect, which a replay never does).
     static LOGIN: OnceLock<Option<Arc<login::Login>>> = OnceLock::new();
     let login = LOGIN
-        .get_or_init(|| login::Login::new(&cfg, sink.clone()).ok().map(Arc::new))
+        .get_or_init(|| {
+            login::Login::new(&cfg, sink.clone(), Arc::default())
+                .ok()
+                .map(Arc::new)
+        })
         .clone()?;
     let io = BufStream::new(Guard::new(client, Limits::DEFAULT, sink));
     let header = StreamHeader {

@@ -276,6 +276,8 @@ pub(crate) struct Task {
     social_sweep_at: Option<Instant>,
     rooms: Vec<Room>,
     external: External,
+    /// Devices a link offer went to, to count repeated offers.
+    offered: BTreeSet<DeviceId>,
     /// Stanzas produced while handling one input, sent afterwards.
     outbox: Vec<Stanza>,
     /// Events produced while handling one input, sent afterwards.
@@ -404,6 +406,7 @@ impl Task {
             social_sweep_at: None,
             rooms,
             external: External::default(),
+            offered: BTreeSet::new(),
             outbox: Vec::new(),
             out: Vec::new(),
         }
@@ -451,6 +454,10 @@ impl Task {
 
     /// Sends what handling one input produced.
     async fn flush(&mut self) {
+        let sent = self.outbox.len() as u64;
+        if sent > 0 {
+            self.shared.count_traffic(|t| t.stanzas_sent += sent);
+        }
         for stanza in std::mem::take(&mut self.outbox) {
             // The token tracks delivery to the socket; stanzas are fire-and-forget here and
             // IQs are tracked by their id.
@@ -487,6 +494,7 @@ impl Task {
                 .into_iter()
                 .chain([Presence::unavailable().into()])
             {
+                self.shared.count_traffic(|t| t.stanzas_sent += 1);
                 last = Some(self.stream.send(Box::new(stanza)).await);
             }
             if let Some(mut token) = last
@@ -783,6 +791,11 @@ impl Task {
         match purpose {
             Purpose::Signal { to, session } => {
                 tracing::debug!(%to, session, "signal failed: {error}");
+                self.shared.count_traffic(|t| match &error {
+                    Error::Refused { .. } => t.signals_refused += 1,
+                    Error::Timeout(_) => t.signals_timed_out += 1,
+                    _ => t.signals_unsent += 1,
+                });
                 self.out.push(OsnEvent::SignalFailed {
                     to,
                     session,
@@ -921,6 +934,13 @@ impl Task {
                 self.shared.count(DropReason::OutgoingCandidatesOverLimit);
             }
         }
+        let offer = matches!(signal, Signal::Initiate { .. });
+        let repeated = offer && !self.first_offer_to(&to);
+        self.shared.count_traffic(|t| {
+            t.signals_sent += 1;
+            t.offers_sent += u64::from(offer);
+            t.offers_repeated += u64::from(repeated);
+        });
         self.iq(
             Some(jid.into()),
             true,
@@ -929,9 +949,23 @@ impl Task {
         );
     }
 
+    /// Notes that a link offer goes to `device`; false if one went there before (as far as
+    /// up to [`MAX_DEVICES`] devices offered to are remembered).
+    fn first_offer_to(&mut self, device: &DeviceId) -> bool {
+        if self.offered.contains(device) {
+            return false;
+        }
+        if self.offered.len() >= MAX_DEVICES {
+            self.offered.clear();
+        }
+        self.offered.insert(device.clone());
+        true
+    }
+
     // ---- stanzas ----
 
     fn on_stanza(&mut self, stanza: Stanza) {
+        self.shared.count_traffic(|t| t.stanzas_received += 1);
         // What the guard on the stream dropped was counted and logged there; a request is
         // answered, anything else is left alone.
         let dropped = match &stanza {

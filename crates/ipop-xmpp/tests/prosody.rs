@@ -367,6 +367,42 @@ async fn friends_and_own_devices_meet_and_signal_while_chat_goes_to_the_chat_cli
     assert_eq!((to, session.as_str()), (device("bob", "phone"), "s2"));
     assert!(reason.contains("unavailable"), "{reason}");
 
+    // What the session costs the server is counted: stanzas and bytes each way, the signals
+    // and the refused one, and a second offer to the same device as repeated.
+    let again = Signal::Initiate {
+        session: "s3".to_owned(),
+        offer: offer(1),
+    };
+    alice.send(device("bob", "desktop"), again.clone());
+    let signal = expect(&mut bob_events, "alice's second initiate", |e| match e {
+        OsnEvent::Signal { signal, .. } => Some(signal.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(signal, again);
+    let traffic = alice.status().traffic;
+    assert_eq!(
+        (
+            traffic.signals_sent,
+            traffic.offers_sent,
+            traffic.offers_repeated,
+            traffic.signals_refused,
+            traffic.signals_timed_out,
+        ),
+        (3, 2, 1, 1, 0),
+        "{traffic:?}"
+    );
+    assert!(
+        traffic.stanzas_sent >= 3 && traffic.stanzas_received >= 3,
+        "{traffic:?}"
+    );
+    // Every stanza is at least a few dozen bytes, and TLS adds to them.
+    assert!(
+        traffic.bytes_sent > 30 * traffic.stanzas_sent
+            && traffic.bytes_received > 30 * traffic.stanzas_received,
+        "{traffic:?}"
+    );
+
     // Hostile or foreign input: a malformed Jingle IQ is refused and counted; service
     // discovery shows the ipop feature.
     let alice_laptop = Jid::new("alice@localhost/laptop").expect("jid");

@@ -326,6 +326,65 @@ pub fn render(s: &Status) -> String {
         for (reason, n) in &x.drops {
             out.sample("ipop_xmpp_stanza_drops_total", &[("reason", reason)], n);
         }
+        out.family(
+            "ipop_xmpp_stanzas_total",
+            "counter",
+            "XMPP stanzas sent to the server and received from it.",
+        );
+        out.sample(
+            "ipop_xmpp_stanzas_total",
+            &[("direction", "sent")],
+            x.stanzas_sent,
+        );
+        out.sample(
+            "ipop_xmpp_stanzas_total",
+            &[("direction", "received")],
+            x.stanzas_received,
+        );
+        out.family(
+            "ipop_xmpp_bytes_total",
+            "counter",
+            "Bytes on the connection to the XMPP server, TLS included.",
+        );
+        out.sample(
+            "ipop_xmpp_bytes_total",
+            &[("direction", "sent")],
+            x.bytes_sent,
+        );
+        out.sample(
+            "ipop_xmpp_bytes_total",
+            &[("direction", "received")],
+            x.bytes_received,
+        );
+        out.family(
+            "ipop_xmpp_signals_sent_total",
+            "counter",
+            "Link signals (Jingle IQs) sent.",
+        );
+        out.sample("ipop_xmpp_signals_sent_total", &[], x.signals_sent);
+        out.family(
+            "ipop_xmpp_link_offers_total",
+            "counter",
+            "Link offers sent; repeated: to a device that had one before.",
+        );
+        out.sample(
+            "ipop_xmpp_link_offers_total",
+            &[("repeated", "false")],
+            x.link_offers.saturating_sub(x.link_offers_repeated),
+        );
+        out.sample(
+            "ipop_xmpp_link_offers_total",
+            &[("repeated", "true")],
+            x.link_offers_repeated,
+        );
+        out.family(
+            "ipop_xmpp_signal_failures_total",
+            "counter",
+            "Link signals that failed, by why: refused, timeout, unsent.",
+        );
+        for (reason, n) in &x.signal_failures {
+            out.sample("ipop_xmpp_signal_failures_total", &[("reason", reason)], n);
+        }
     }
     out.0
 }
@@ -394,6 +453,18 @@ mod tests {
                 server: None,
                 reconnects: 2,
                 drops: BTreeMap::from([("too_large".into(), 1)]),
+                stanzas_sent: 40,
+                stanzas_received: 75,
+                bytes_sent: 9_000,
+                bytes_received: 21_000,
+                signals_sent: 6,
+                link_offers: 3,
+                link_offers_repeated: 1,
+                signal_failures: BTreeMap::from([
+                    ("refused".into(), 1),
+                    ("timeout".into(), 0),
+                    ("unsent".into(), 0),
+                ]),
             }),
             overlays: vec![
                 overlay("static", vec![bob, peer("kd", None, None, None)]),
@@ -451,6 +522,26 @@ ipop_xmpp_reconnects_total 2
 # HELP ipop_xmpp_stanza_drops_total XMPP stanzas dropped, by reason.
 # TYPE ipop_xmpp_stanza_drops_total counter
 ipop_xmpp_stanza_drops_total{reason="too_large"} 1
+# HELP ipop_xmpp_stanzas_total XMPP stanzas sent to the server and received from it.
+# TYPE ipop_xmpp_stanzas_total counter
+ipop_xmpp_stanzas_total{direction="sent"} 40
+ipop_xmpp_stanzas_total{direction="received"} 75
+# HELP ipop_xmpp_bytes_total Bytes on the connection to the XMPP server, TLS included.
+# TYPE ipop_xmpp_bytes_total counter
+ipop_xmpp_bytes_total{direction="sent"} 9000
+ipop_xmpp_bytes_total{direction="received"} 21000
+# HELP ipop_xmpp_signals_sent_total Link signals (Jingle IQs) sent.
+# TYPE ipop_xmpp_signals_sent_total counter
+ipop_xmpp_signals_sent_total 6
+# HELP ipop_xmpp_link_offers_total Link offers sent; repeated: to a device that had one before.
+# TYPE ipop_xmpp_link_offers_total counter
+ipop_xmpp_link_offers_total{repeated="false"} 2
+ipop_xmpp_link_offers_total{repeated="true"} 1
+# HELP ipop_xmpp_signal_failures_total Link signals that failed, by why: refused, timeout, unsent.
+# TYPE ipop_xmpp_signal_failures_total counter
+ipop_xmpp_signal_failures_total{reason="refused"} 1
+ipop_xmpp_signal_failures_total{reason="timeout"} 0
+ipop_xmpp_signal_failures_total{reason="unsent"} 0
 "#;
         assert_eq!(render(&s), expected);
     }

@@ -70,7 +70,7 @@ impl StallWindow {
 }
 
 /// The XMPP session as status shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct XmppInfo {
     /// `connecting`, `online` or `reconnecting`.
     pub state: String,
@@ -79,6 +79,27 @@ pub struct XmppInfo {
     pub reconnects: u64,
     /// Stanzas dropped, by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Stanzas sent to the server and received from it since start.
+    #[serde(default)]
+    pub stanzas_sent: u64,
+    #[serde(default)]
+    pub stanzas_received: u64,
+    /// Bytes on the connections to the server since start, TLS included.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Link signals (Jingle IQs) sent.
+    #[serde(default)]
+    pub signals_sent: u64,
+    /// Link offers sent, and those of them that went to a device that had one before.
+    #[serde(default)]
+    pub link_offers: u64,
+    #[serde(default)]
+    pub link_offers_repeated: u64,
+    /// Signals that failed, by why: `refused`, `timeout`, `unsent`.
+    #[serde(default)]
+    pub signal_failures: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

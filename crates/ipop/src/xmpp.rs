@@ -10,6 +10,7 @@ use anyhow::Context;
 use ipop_core::PublicKey;
 use ipop_core::osn::{Claim, OverlayId};
 use ipop_xmpp::{GroupConfig, Session, XmppConfig};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -100,6 +101,7 @@ impl Binding {
         let session = self.session.clone();
         Box::new(move || {
             let s = session.status();
+            let t = s.traffic;
             XmppInfo {
                 state: match s.state {
                     ipop_xmpp::State::Connecting => "connecting",
@@ -116,6 +118,18 @@ impl Binding {
                     .iter()
                     .map(|(reason, n)| (reason.as_str().to_owned(), *n))
                     .collect(),
+                stanzas_sent: t.stanzas_sent,
+                stanzas_received: t.stanzas_received,
+                bytes_sent: t.bytes_sent,
+                bytes_received: t.bytes_received,
+                signals_sent: t.signals_sent,
+                link_offers: t.offers_sent,
+                link_offers_repeated: t.offers_repeated,
+                signal_failures: BTreeMap::from([
+                    ("refused".to_owned(), t.signals_refused),
+                    ("timeout".to_owned(), t.signals_timed_out),
+                    ("unsent".to_owned(), t.signals_unsent),
+                ]),
             }
         })
     }

@@ -1,0 +1,100 @@
+//! `ipop-scale`: the scale benchmark (run as root; `bench/scale.sh` builds and runs it).
+//!
+//! ```text
+//! ipop-scale N [prosody|ejabberd]
+//! ```
+//!
+//! N devices in one group room and one device whose user has the N users as friends, each in
+//! its own namespace with its own `ipop up`, on one XMPP server with its stock client rate
+//! limits. Prints a table of the time until every pair passes a ping, the XMPP stanzas and
+//! bytes per device and per link, link offers and failed signals, idle CPU and memory.
+//!
+//! Environment: `IPOP_BIN` (default `target/release/ipop`), `SCALE_TIMEOUT` (seconds for the
+//! pairs to pass, default 600), `SCALE_IDLE_SECONDS` (idle measurement, default 30),
+//! `SCALE_PING_WORKERS` (pings at once, default 8), `SCALE_JSON` (a file to write the report
+//! to as JSON), `SCALE_LOGS` (a directory to copy the daemons' and the server's logs to).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ipop_lab::ServerKind;
+use ipop_lab::scale::{self, Options};
+
+const USAGE: &str = "usage: ipop-scale N [prosody|ejabberd]";
+
+fn env_number(name: &str, default: u64) -> Result<u64, String> {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .map_err(|e| format!("{name}={value:?} is not a number: {e}")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn options(args: &[String]) -> Result<Options, String> {
+    let (devices, server) = match args {
+        [n] => (n, "prosody"),
+        [n, server] => (n, server.as_str()),
+        _ => return Err(USAGE.to_owned()),
+    };
+    let devices: u8 = devices
+        .parse()
+        .map_err(|e| format!("N {devices:?}: {e}; {USAGE}"))?;
+    let server = match server {
+        "prosody" => ServerKind::Prosody,
+        "ejabberd" => ServerKind::Ejabberd,
+        other => return Err(format!("unknown server {other:?}; {USAGE}")),
+    };
+    let ipop = std::env::var_os("IPOP_BIN").map_or_else(scale::default_ipop, PathBuf::from);
+    let workers = env_number("SCALE_PING_WORKERS", 8)?;
+    Ok(Options {
+        devices,
+        server,
+        ipop,
+        timeout: Duration::from_secs(env_number("SCALE_TIMEOUT", 600)?),
+        idle: Duration::from_secs(env_number("SCALE_IDLE_SECONDS", 30)?),
+        ping_workers: usize::try_from(workers.clamp(1, 64)).unwrap_or(8),
+        keep_logs: std::env::var_os("SCALE_LOGS").map(PathBuf::from),
+    })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opts = match options(&args) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("ipop-scale: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = scale::stop_on_signals() {
+        eprintln!("ipop-scale: {e}");
+        return ExitCode::FAILURE;
+    }
+    let report = match scale::run(&opts) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("ipop-scale: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.table());
+    if let Some(path) = std::env::var_os("SCALE_JSON") {
+        let text = format!("{:#}\n", report.json());
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!(
+                "ipop-scale: cannot write {}: {e}",
+                PathBuf::from(path).display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.interrupted {
+        ExitCode::from(130)
+    } else if report.timed_out || !report.exited.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,1236 @@
+//! The scale benchmark behind `bench/scale.sh` and the `ipop-scale` binary: N devices in one
+//! group room and one more device whose user has the N users as friends, each device in its
+//! own namespace with its own `ipop up`, on one LAN with one XMPP server that has its stock
+//! client rate limits.
+//!
+//! It measures the time from starting every daemon to every wanted pair passing a ping (each
+//! pair of group members, and the well-connected device with each friend), what the XMPP
+//! session of each device cost (stanzas and bytes, link offers, failed signals), and once
+//! linked, each daemon's idle CPU and memory. [`Report::table`] prints it, [`Report::json`]
+//! gives it to scripts.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::ejabberd::Ejabberd;
+use crate::ipop::{Lab, Node};
+use crate::prosody::Prosody;
+use crate::server::{ServerKind, XmppServer};
+use crate::xmpp_user::XmppUser;
+
+/// The accounts' domain.
+const DOMAIN: &str = "example.org";
+/// The group room, `ROOM@conference.DOMAIN`.
+const ROOM: &str = "scale";
+/// The group's subnet: device `i` (from 0) has `10.90.(i / 250).(i % 250 + 1)`.
+const GROUP_SUBNET: &str = "10.90.0.0/16";
+/// Most group devices: ejabberd's rooms hold 200 occupants by default.
+pub const MAX_DEVICES: u8 = 200;
+/// How often the statuses are read while waiting for the pairs.
+const ROUND: Duration = Duration::from_secs(1);
+/// How often a progress line is printed while waiting.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How long each daemon may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pings each ping worker sends per round at most.
+const PINGS_PER_WORKER: usize = 4;
+/// Threads that read statuses, register accounts and write rosters at once.
+const SETUP_WORKERS: usize = 4;
+/// The kernel's clock ticks per second in `/proc/PID/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes SIGINT, SIGTERM and SIGHUP set a flag that every wait of the run checks, so that a
+/// Ctrl-C ends the run early and its destructors remove what it created.
+///
+/// # Errors
+/// When the handlers cannot be installed.
+pub fn stop_on_signals() -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime for signals: {e}"))?;
+    let mut streams = {
+        let _entered = runtime.enter();
+        let mut streams = Vec::new();
+        for kind in [
+            SignalKind::interrupt(),
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+        ] {
+            streams.push(signal(kind).map_err(|e| format!("cannot handle signals: {e}"))?);
+        }
+        streams
+    };
+    thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                loop {
+                    let waits = streams.iter_mut().map(|s| Box::pin(s.recv()));
+                    futures::future::select_all(waits).await;
+                    if !INTERRUPTED.swap(true, Ordering::SeqCst) {
+                        eprintln!("ipop-scale: interrupted; cleaning up");
+                    }
+                }
+            });
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
+
+/// Whether a signal asked the run to end.
+#[must_use]
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Group devices (N); the well-connected device comes on top.
+    pub devices: u8,
+    pub server: ServerKind,
+    /// The `ipop` binary the devices run.
+    pub ipop: PathBuf,
+    /// How long the pairs may take to pass, from starting the daemons.
+    pub timeout: Duration,
+    /// How long idle CPU is measured once the pairs pass.
+    pub idle: Duration,
+    /// Pings run at once.
+    pub ping_workers: usize,
+    /// Where to copy the logs of the daemons and the server before they are removed.
+    pub keep_logs: Option<PathBuf>,
+}
+
+/// Who pings whom: device indices `0..n` are the group devices, `n` the well-connected one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pair {
+    /// Group devices `a < b`; `a` pings `b`'s group address.
+    Group { a: usize, b: usize },
+    /// The well-connected device pings friend `friend` at the address it numbered it with.
+    Hub { friend: usize },
+}
+
+impl Pair {
+    /// The device that pings.
+    #[must_use]
+    pub fn pinger(self, n: usize) -> usize {
+        match self {
+            Pair::Group { a, .. } => a,
+            Pair::Hub { .. } => n,
+        }
+    }
+}
+
+/// Every wanted pair for `n` group devices: the `n·(n−1)/2` pairs of the group, then the `n`
+/// pairs of the well-connected device.
+#[must_use]
+pub fn wanted_pairs(n: usize) -> Vec<Pair> {
+    let mut pairs: Vec<Pair> = (0..n)
+        .flat_map(|a| (a + 1..n).map(move |b| Pair::Group { a, b }))
+        .collect();
+    pairs.extend((0..n).map(|friend| Pair::Hub { friend }));
+    pairs
+}
+
+/// The account of group device `i` (from 0).
+#[must_use]
+pub fn user(i: usize) -> String {
+    format!("u{:03}", i + 1)
+}
+
+/// The well-connected device's account.
+pub const HUB: &str = "hub";
+/// The room owner's account (a chat client, not a device).
+const OWNER: &str = "owner";
+
+fn password(user: &str) -> String {
+    format!("pw-{user}-scale")
+}
+
+/// Group device `i`'s address in the group.
+#[must_use]
+pub fn group_address(i: usize) -> IpAddr {
+    let (hi, lo) = (i / 250, i % 250 + 1);
+    IpAddr::from([
+        10,
+        90,
+        u8::try_from(hi).unwrap_or(u8::MAX),
+        u8::try_from(lo).unwrap_or(u8::MAX),
+    ])
+}
+
+/// The median and the largest of `values` (`None` when empty).
+#[must_use]
+pub fn median_max(values: &[f64]) -> Option<(f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len().is_multiple_of(2) {
+        f64::midpoint(v[mid - 1], v[mid])
+    } else {
+        v[mid]
+    };
+    Some((median, v[v.len() - 1]))
+}
+
+/// Clock ticks of user and system time, and the state letter, from a `/proc/PID/stat` line.
+#[must_use]
+pub fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    // The command name may hold spaces and parentheses: the fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((state, utime + stime))
+}
+
+/// `VmRSS` and `VmHWM` in kB from a `/proc/PID/status` text.
+#[must_use]
+pub fn parse_memory(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse().ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// The CPU ticks a process used so far, or `None` once it is gone or a zombie.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+        .filter(|(state, _)| *state != 'Z')
+        .map(|(_, t)| t)
+}
+
+fn memory_kb(pid: u32) -> Option<(u64, u64)> {
+    parse_memory(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// Percent of one core from ticks used over a wall-clock time.
+#[must_use]
+pub fn cpu_percent(ticks: u64, over: Duration) -> f64 {
+    if over.is_zero() {
+        return 0.0;
+    }
+    ticks as f64 / USER_HZ / over.as_secs_f64() * 100.0
+}
+
+/// Runs `f` on every item with up to `workers` threads; the results keep the items' order.
+fn par_map<T: Sync, R: Send>(items: &[T], workers: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<(usize, R)> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers.clamp(1, items.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else {
+                            return done;
+                        };
+                        done.push((i, f(item)));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The XMPP server of the run.
+enum Server {
+    Prosody(Prosody),
+    Ejabberd(Ejabberd),
+}
+
+impl Server {
+    fn get(&self) -> &dyn XmppServer {
+        match self {
+            Server::Prosody(p) => p,
+            Server::Ejabberd(e) => e,
+        }
+    }
+
+    /// Makes `hub` and each of `friends` mutual friends: on Prosody the way chat clients do it
+    /// (subscription requests and answers); on ejabberd, whose stock `mod_pres_counter` lets a
+    /// user send only 5 subscription stanzas a minute, with `ejabberdctl add_rosteritem`.
+    fn befriend(&self, hub: &str, friends: &[String], ns: &crate::Netns) {
+        match self {
+            Server::Prosody(p) => {
+                let mut hub_client = XmppUser::builder(p, hub, &password(hub))
+                    .resource("chat")
+                    .netns(ns)
+                    .connect();
+                for (k, friend) in friends.iter().enumerate() {
+                    if interrupted() {
+                        return;
+                    }
+                    let mut client = XmppUser::builder(p, friend, &password(friend))
+                        .resource("chat")
+                        .netns(ns)
+                        .connect();
+                    hub_client.befriend(&mut client);
+                    progress_every(k + 1, friends.len(), "friendships made");
+                }
+            }
+            Server::Ejabberd(e) => {
+                let items: Vec<(&str, &str)> = friends
+                    .iter()
+                    .flat_map(|f| [(hub, f.as_str()), (f.as_str(), hub)])
+                    .collect();
+                par_map(&items, SETUP_WORKERS, |(user, contact)| {
+                    if !interrupted() {
+                        e.add_roster_item(user, contact, "friends", "both");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Prints `k/total what` every tenth of the way.
+fn progress_every(k: usize, total: usize, what: &str) {
+    if k == total || k.is_multiple_of((total / 10).max(1)) {
+        eprintln!("ipop-scale: {k}/{total} {what}");
+    }
+}
+
+/// What one device's status said.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    online: bool,
+    /// Users (local part) whose device shows `connected` in the group, and in the social
+    /// overlay with the address this device gave it.
+    group: Vec<String>,
+    social: Vec<(String, Option<IpAddr>)>,
+    xmpp: Value,
+    loop_stall_ms: f64,
+}
+
+fn read_status(node: &Node, room: &str) -> Option<Seen> {
+    let status = node.status().ok()?;
+    let mut seen = Seen {
+        online: status["xmpp"]["state"] == "online",
+        xmpp: status["xmpp"].clone(),
+        loop_stall_ms: status["loop_stall_max_s"].as_f64().unwrap_or_default() * 1000.0,
+        ..Seen::default()
+    };
+    for overlay in status["overlays"].as_array().into_iter().flatten() {
+        let social = overlay["kind"] == "social";
+        if !social && overlay["name"] != room {
+            continue;
+        }
+        for peer in overlay["peers"].as_array().into_iter().flatten() {
+            if peer["state"] != "connected" {
+                continue;
+            }
+            let Some(local) = peer["jid"].as_str().and_then(|j| j.split('@').next()) else {
+                continue;
+            };
+            if social {
+                let address = peer["addresses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str()?.split('/').next()?.parse::<IpAddr>().ok())
+                    .find(IpAddr::is_ipv4);
+                seen.social.push((local.to_owned(), address));
+            } else {
+                seen.group.push(local.to_owned());
+            }
+        }
+    }
+    Some(seen)
+}
+
+/// The XMPP counters of a status, as numbers.
+fn counter(xmpp: &Value, key: &str) -> f64 {
+    xmpp[key].as_f64().unwrap_or_default()
+}
+
+fn failures(xmpp: &Value) -> f64 {
+    xmpp["signal_failures"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_f64).sum())
+        .unwrap_or_default()
+}
+
+/// Everything measured in one run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub devices: usize,
+    pub server: ServerKind,
+    pub server_limit: &'static str,
+    pub started_at: String,
+    pub cores: usize,
+    /// Pairs that passed a ping, and when (seconds from starting the daemons), by kind.
+    pub group_pairs: usize,
+    pub group_passed: Vec<f64>,
+    pub hub_pairs: usize,
+    pub hub_passed: Vec<f64>,
+    /// Seconds until every daemon was online on XMPP, if they all were.
+    pub all_online_s: Option<f64>,
+    pub timed_out: bool,
+    pub interrupted: bool,
+    /// Pings to a pair shown `connected` that went unanswered.
+    pub failed_pings: u64,
+    /// Daemons that exited during the run, by name.
+    pub exited: Vec<String>,
+    /// One entry per device: the group devices, then the well-connected one.
+    pub per_device: Vec<DeviceReport>,
+    pub idle_s: f64,
+    /// The server's CPU seconds from starting the daemons to the end of the wait, its idle CPU
+    /// (% of a core) and its memory (kB).
+    pub server_setup_cpu_s: Option<f64>,
+    pub server_idle_cpu: Option<f64>,
+    pub server_memory_kb: Option<(u64, u64)>,
+}
+
+/// One device's figures.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceReport {
+    pub name: String,
+    /// Links up at the end of the wait.
+    pub links: usize,
+    /// The XMPP counters at the end of the wait (`stanzas_sent`, …), and their growth while
+    /// idle.
+    pub xmpp: Value,
+    pub idle_stanzas: f64,
+    pub idle_bytes: f64,
+    /// Idle CPU, % of one core.
+    pub idle_cpu: Option<f64>,
+    /// `VmRSS` and `VmHWM`, kB.
+    pub memory_kb: Option<(u64, u64)>,
+    pub loop_stall_ms: f64,
+}
+
+impl DeviceReport {
+    fn per_link(&self, value: f64) -> f64 {
+        if self.links == 0 {
+            f64::NAN
+        } else {
+            value / self.links as f64
+        }
+    }
+}
+
+/// A row of the table: a label and a value for a group device (median, max) and for the
+/// well-connected device.
+struct Row {
+    label: &'static str,
+    group: Option<(f64, f64)>,
+    hub: Option<f64>,
+    decimals: usize,
+}
+
+fn fmt_value(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "-".to_owned()
+    }
+}
+
+impl Report {
+    fn group_devices(&self) -> &[DeviceReport] {
+        &self.per_device[..self.devices.min(self.per_device.len())]
+    }
+
+    fn hub(&self) -> Option<&DeviceReport> {
+        self.per_device.get(self.devices)
+    }
+
+    /// The seconds by which every pair of a kind passed, if all did.
+    fn converged(passed: &[f64], wanted: usize) -> Option<f64> {
+        (passed.len() == wanted).then(|| passed.iter().copied().fold(0.0, f64::max))
+    }
+
+    fn rows(&self) -> Vec<Row> {
+        let stat = |f: &dyn Fn(&DeviceReport) -> f64| -> (Option<(f64, f64)>, Option<f64>) {
+            let values: Vec<f64> = self.group_devices().iter().map(f).collect();
+            (median_max(&values), self.hub().map(f))
+        };
+        let mut rows = Vec::new();
+        let mut row = |label, decimals, f: &dyn Fn(&DeviceReport) -> f64| {
+            let (group, hub) = stat(f);
+            rows.push(Row {
+                label,
+                group,
+                hub,
+                decimals,
+            });
+        };
+        let x = |key: &'static str| move |d: &DeviceReport| counter(&d.xmpp, key);
+        let mem = |which: usize| {
+            move |d: &DeviceReport| {
+                d.memory_kb
+                    .map_or(f64::NAN, |m| [m.0, m.1][which] as f64 / 1024.0)
+            }
+        };
+        row("links up", 0, &|d| d.links as f64);
+        row("stanzas sent", 0, &x("stanzas_sent"));
+        row("stanzas received", 0, &x("stanzas_received"));
+        row("XMPP kB sent", 1, &|d| {
+            counter(&d.xmpp, "bytes_sent") / 1000.0
+        });
+        row("XMPP kB received", 1, &|d| {
+            counter(&d.xmpp, "bytes_received") / 1000.0
+        });
+        row("stanzas sent per link", 1, &|d| {
+            d.per_link(counter(&d.xmpp, "stanzas_sent"))
+        });
+        row("stanzas received per link", 1, &|d| {
+            d.per_link(counter(&d.xmpp, "stanzas_received"))
+        });
+        row("XMPP bytes sent per link", 0, &|d| {
+            d.per_link(counter(&d.xmpp, "bytes_sent"))
+        });
+        row("XMPP bytes received per link", 0, &|d| {
+            d.per_link(counter(&d.xmpp, "bytes_received"))
+        });
+        row("link offers sent", 0, &x("link_offers"));
+        row("link offers repeated", 0, &x("link_offers_repeated"));
+        row("signals failed", 0, &|d| failures(&d.xmpp));
+        row("XMPP reconnects", 0, &x("reconnects"));
+        row("idle stanzas per minute", 1, &|d| {
+            d.idle_stanzas * 60.0 / self.idle_s.max(1.0)
+        });
+        row("idle XMPP bytes per second", 0, &|d| {
+            d.idle_bytes / self.idle_s.max(1.0)
+        });
+        row("idle CPU, % of a core", 2, &|d| {
+            d.idle_cpu.unwrap_or(f64::NAN)
+        });
+        row("idle CPU per link, % of a core", 3, &|d| {
+            d.per_link(d.idle_cpu.unwrap_or(f64::NAN))
+        });
+        row("VmRSS, MiB", 1, &mem(0));
+        row("VmHWM, MiB", 1, &mem(1));
+        row("loop stall (last minute), ms", 1, &|d| d.loop_stall_ms);
+        rows
+    }
+
+    /// The report as a text table.
+    #[must_use]
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let n = self.devices;
+        let _ = writeln!(
+            s,
+            "ipop scale: {n} devices in one group room + 1 device with {n} friends, on {} ({}), \
+             {} cores, started {}",
+            self.server, self.server_limit, self.cores, self.started_at
+        );
+        let pairs = |passed: &[f64], wanted: usize| match Report::converged(passed, wanted) {
+            Some(t) => format!("all {wanted} pass after {t:.1} s"),
+            None => format!("{}/{wanted} pass (not converged)", passed.len()),
+        };
+        let _ = writeln!(
+            s,
+            "group pairs: {}; median pair {} s",
+            pairs(&self.group_passed, self.group_pairs),
+            median_max(&self.group_passed).map_or("-".to_owned(), |(m, _)| format!("{m:.1}"))
+        );
+        let _ = writeln!(
+            s,
+            "friend pairs: {}; median pair {} s",
+            pairs(&self.hub_passed, self.hub_pairs),
+            median_max(&self.hub_passed).map_or("-".to_owned(), |(m, _)| format!("{m:.1}"))
+        );
+        let _ = writeln!(
+            s,
+            "all daemons online on XMPP after: {}; pings to a pair shown connected that went \
+             unanswered: {}",
+            self.all_online_s
+                .map_or("never".to_owned(), |t| format!("{t:.1} s")),
+            self.failed_pings
+        );
+        if self.timed_out {
+            let _ = writeln!(s, "TIMED OUT before every pair passed");
+        }
+        if self.interrupted {
+            let _ = writeln!(s, "INTERRUPTED");
+        }
+        if !self.exited.is_empty() {
+            let _ = writeln!(s, "daemons that exited: {}", self.exited.join(", "));
+        }
+        let _ = writeln!(
+            s,
+            "\n{:<34} {:>12} {:>12} {:>12}",
+            "per device", "group median", "group max", "friends hub"
+        );
+        for r in self.rows() {
+            let (med, max) = r.group.map_or(("-".to_owned(), "-".to_owned()), |(a, b)| {
+                (fmt_value(a, r.decimals), fmt_value(b, r.decimals))
+            });
+            let hub = r.hub.map_or("-".to_owned(), |v| fmt_value(v, r.decimals));
+            let _ = writeln!(s, "{:<34} {med:>12} {max:>12} {hub:>12}", r.label);
+        }
+        let opt = |v: Option<f64>, d: usize| v.map_or("-".to_owned(), |v| fmt_value(v, d));
+        let _ = writeln!(
+            s,
+            "\nXMPP server: {} CPU s from start to the end of the wait; idle {} % of a core; \
+             VmRSS {} MiB, VmHWM {} MiB",
+            opt(self.server_setup_cpu_s, 1),
+            opt(self.server_idle_cpu, 2),
+            opt(self.server_memory_kb.map(|m| m.0 as f64 / 1024.0), 1),
+            opt(self.server_memory_kb.map(|m| m.1 as f64 / 1024.0), 1),
+        );
+        let _ = writeln!(s, "idle figures over {:.0} s", self.idle_s);
+        s
+    }
+
+    /// The report for scripts.
+    #[must_use]
+    pub fn json(&self) -> Value {
+        let rows: serde_json::Map<String, Value> = self
+            .rows()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.label.to_owned(),
+                    json!({
+                        "group_median": r.group.map(|g| g.0).filter(|v| v.is_finite()),
+                        "group_max": r.group.map(|g| g.1).filter(|v| v.is_finite()),
+                        "hub": r.hub.filter(|v| v.is_finite()),
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "devices": self.devices,
+            "server": self.server.to_string(),
+            "server_limit": self.server_limit,
+            "started_at": self.started_at,
+            "cores": self.cores,
+            "group_pairs": self.group_pairs,
+            "group_passed": self.group_passed.len(),
+            "group_converged_s": Report::converged(&self.group_passed, self.group_pairs),
+            "hub_pairs": self.hub_pairs,
+            "hub_passed": self.hub_passed.len(),
+            "hub_converged_s": Report::converged(&self.hub_passed, self.hub_pairs),
+            "all_online_s": self.all_online_s,
+            "timed_out": self.timed_out,
+            "interrupted": self.interrupted,
+            "failed_pings": self.failed_pings,
+            "exited": self.exited,
+            "idle_s": self.idle_s,
+            "server_setup_cpu_s": self.server_setup_cpu_s,
+            "server_idle_cpu_percent": self.server_idle_cpu,
+            "server_vmrss_kb": self.server_memory_kb.map(|m| m.0),
+            "server_vmhwm_kb": self.server_memory_kb.map(|m| m.1),
+            "per_device": rows,
+            "devices_xmpp": self.per_device.iter().map(|d| json!({
+                "name": d.name,
+                "links": d.links,
+                "xmpp": d.xmpp,
+                "idle_cpu_percent": d.idle_cpu,
+                "vmrss_kb": d.memory_kb.map(|m| m.0),
+                "vmhwm_kb": d.memory_kb.map(|m| m.1),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A config section for group device `i`.
+fn device_overlays(room: &str, i: usize) -> String {
+    format!(
+        "[social]\n\n[[groups]]\nroom = \"{room}\"\nsubnet = \"{GROUP_SUBNET}\"\naddress = \"{}\"\n",
+        group_address(i)
+    )
+}
+
+/// The lab, its server and the daemons; dropping it stops the daemons first (without the
+/// tests' loop-stall check, which a loaded machine fails), then the server, then removes the
+/// namespaces and directories.
+struct Run {
+    lab: Lab,
+    server: Option<Server>,
+}
+
+impl Run {
+    fn stop_daemons(&mut self) {
+        let pids: Vec<u32> = self.lab.nodes.iter().filter_map(Node::pid).collect();
+        for pid in pids {
+            if let Ok(pid) = i32::try_from(pid) {
+                // ESRCH: it has ended already; the stop below reaps it.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        for node in &mut self.lab.nodes {
+            if let Some((status, true)) = node.stop_within(STOP_TIMEOUT) {
+                eprintln!(
+                    "ipop-scale: ipop {} ignored SIGTERM for {STOP_TIMEOUT:?} and was killed ({status})",
+                    node.name
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.stop_daemons();
+        drop(self.server.take());
+    }
+}
+
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Sleeps `d` in short steps; false if interrupted meanwhile.
+fn sleep_unless_interrupted(d: Duration) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if interrupted() {
+            return false;
+        }
+        thread::sleep(end.saturating_duration_since(Instant::now()).min(ROUND / 4));
+    }
+    !interrupted()
+}
+
+/// Sets the run up, waits for the pairs, measures, and stops everything.
+///
+/// # Errors
+/// When the options are out of range or the run is interrupted during set-up.
+///
+/// # Panics
+/// When the lab cannot be set up (a namespace, the server, an account); what was created is
+/// removed as the panic unwinds.
+pub fn run(opts: &Options) -> Result<Report, String> {
+    if !(2..=MAX_DEVICES).contains(&opts.devices) {
+        return Err(format!(
+            "N must be 2 to {MAX_DEVICES} (ejabberd's rooms hold 200 occupants by default)"
+        ));
+    }
+    let n = usize::from(opts.devices);
+    let cores = thread::available_parallelism().map_or(1, usize::from);
+    let started_at = now_utc();
+    eprintln!(
+        "ipop-scale: {n} group devices + 1 with {n} friends on {}; setting up {} namespaces",
+        opts.server,
+        n + 3
+    );
+    // Devices 0..n, the well-connected device n, the server n + 1.
+    let lab = Lab::new(&opts.ipop, "scale", opts.devices + 2);
+    let mut run = Run { lab, server: None };
+    let server_host = &run.lab.nodes[n + 1].host;
+    let (server_ns, server_ip) = (&server_host.ns, IpAddr::V4(server_host.ipv4));
+    let (server, server_limit) = match opts.server {
+        ServerKind::Prosody => (
+            Server::Prosody(
+                Prosody::builder(DOMAIN)
+                    .in_netns(server_ns, server_ip)
+                    .stock_limits(true)
+                    .start(),
+            ),
+            "stock c2s limit 10 kB/s",
+        ),
+        ServerKind::Ejabberd => (
+            Server::Ejabberd(
+                Ejabberd::builder(DOMAIN)
+                    .in_netns(server_ns, server_ip)
+                    .start(),
+            ),
+            "stock c2s shaper 3000 B/s, burst 20000 B",
+        ),
+    };
+    let users: Vec<String> = (0..n).map(user).collect();
+    {
+        let xmpp = server.get();
+        let mut accounts: Vec<&str> = users.iter().map(String::as_str).collect();
+        accounts.extend([HUB, OWNER]);
+        eprintln!("ipop-scale: registering {} accounts", accounts.len());
+        // Registration runs one tool process per account: a few at once.
+        let registered = std::sync::Mutex::new(0_usize);
+        par_map(&accounts, SETUP_WORKERS, |account| {
+            if !interrupted() {
+                server.get().register(account, &password(account));
+                let mut done = registered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *done += 1;
+                progress_every(*done, accounts.len(), "accounts registered");
+            }
+        });
+        if interrupted() {
+            return Err("interrupted during set-up".to_owned());
+        }
+        eprintln!("ipop-scale: creating the room and adding {n} members");
+        let mut owner = XmppUser::builder(xmpp, OWNER, &password(OWNER))
+            .resource("chat")
+            .netns(server_ns)
+            .connect();
+        let room = owner.create_room_members_only(ROOM).to_string();
+        for u in &users {
+            let jid = crate::BareJid::new(&xmpp.jid(u))
+                .map_err(|e| format!("{u} does not make a JID: {e}"))?;
+            owner.add_member(ROOM, &jid);
+        }
+        owner.leave(ROOM);
+        drop(owner);
+        if interrupted() {
+            return Err("interrupted during set-up".to_owned());
+        }
+        eprintln!("ipop-scale: making {HUB} and the {n} members friends");
+        server.befriend(HUB, &users, server_ns);
+        if interrupted() {
+            return Err("interrupted during set-up".to_owned());
+        }
+        for (i, node) in run.lab.nodes.iter().take(n + 1).enumerate() {
+            let (account, device, overlays) = if i < n {
+                (users[i].as_str(), "pc", device_overlays(&room, i))
+            } else {
+                (HUB, "hub", "[social]\n".to_owned())
+            };
+            let mut config = node.config(51820);
+            config.addresses.clear();
+            "info".clone_into(&mut config.log_level);
+            config.extra = format!(
+                "[xmpp]\njid = \"{account}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{addr}\"\n\
+                 ca_file = {ca:?}\ndevice = \"{device}\"\n\n{overlays}",
+                pw = password(account),
+                addr = xmpp.c2s_addr(),
+                ca = xmpp.ca_cert_path(),
+            );
+            node.write_config(&config);
+        }
+    }
+    let server_pid = server.get().pid();
+    run.server = Some(server);
+    let room = format!("{ROOM}@conference.{DOMAIN}");
+
+    eprintln!("ipop-scale: starting {} daemons", n + 1);
+    let server_cpu_start = server_pid.and_then(cpu_ticks);
+    let t0 = Instant::now();
+    for node in run.lab.nodes.iter_mut().take(n + 1) {
+        node.start();
+    }
+    let nodes = &run.lab.nodes[..=n];
+    let pids: Vec<Option<u32>> = nodes.iter().map(Node::pid).collect();
+
+    // Wait for the pairs: each round reads the statuses of the devices that still ping or are
+    // not online yet, then pings the pairs whose pinger shows the other end connected.
+    let pairs = wanted_pairs(n);
+    let mut passed: Vec<Option<f64>> = vec![None; pairs.len()];
+    let mut tried: Vec<Option<Instant>> = vec![None; pairs.len()];
+    let mut failed_pings = 0_u64;
+    let mut online = vec![false; n + 1];
+    let mut all_online_s = None;
+    let mut exited: Vec<String> = Vec::new();
+    let deadline = t0 + opts.timeout;
+    let mut last_progress = Instant::now();
+    let mut timed_out = false;
+    loop {
+        let round = Instant::now();
+        if interrupted() {
+            break;
+        }
+        if round >= deadline {
+            timed_out = true;
+            break;
+        }
+        for (i, pid) in pids.iter().enumerate() {
+            let name = &nodes[i].name;
+            if pid.and_then(cpu_ticks).is_none() && !exited.contains(name) {
+                eprintln!(
+                    "ipop-scale: ipop {name} has exited; log {}",
+                    nodes[i].log_path().display()
+                );
+                exited.push(name.clone());
+            }
+        }
+        let mut ask: Vec<usize> = (0..=n).filter(|i| !online[*i]).collect();
+        for (pair, done) in pairs.iter().zip(&passed) {
+            if done.is_none() {
+                ask.push(pair.pinger(n));
+            }
+        }
+        ask.sort_unstable();
+        ask.dedup();
+        let seen: Vec<Option<Seen>> =
+            par_map(&ask, SETUP_WORKERS, |&i| read_status(&nodes[i], &room));
+        let mut statuses: Vec<Option<&Seen>> = vec![None; n + 1];
+        for (&i, s) in ask.iter().zip(&seen) {
+            statuses[i] = s.as_ref();
+            if s.as_ref().is_some_and(|s| s.online) {
+                online[i] = true;
+            }
+        }
+        if all_online_s.is_none() && online.iter().all(|o| *o) {
+            all_online_s = Some(t0.elapsed().as_secs_f64());
+        }
+        // (pair index, pinger, address) for the pairs ready to ping.
+        let mut ready: Vec<(usize, usize, IpAddr)> = Vec::new();
+        for (k, pair) in pairs.iter().enumerate() {
+            if passed[k].is_some() {
+                continue;
+            }
+            let Some(seen) = statuses[pair.pinger(n)] else {
+                continue;
+            };
+            match *pair {
+                Pair::Group { a, b } => {
+                    if seen.group.contains(&users[b]) {
+                        ready.push((k, a, group_address(b)));
+                    }
+                }
+                Pair::Hub { friend } => {
+                    if let Some((_, Some(addr))) =
+                        seen.social.iter().find(|(u, _)| *u == users[friend])
+                    {
+                        ready.push((k, n, *addr));
+                    }
+                }
+            }
+        }
+        // A round pings a few pairs per worker, those tried longest ago first, so that pings
+        // that go unanswered do not hold up the next look at the statuses.
+        ready.sort_by_key(|(k, _, _)| tried[*k]);
+        ready.truncate(opts.ping_workers * PINGS_PER_WORKER);
+        for (k, _, _) in &ready {
+            tried[*k] = Some(Instant::now());
+        }
+        let results = par_map(&ready, opts.ping_workers, |(_, from, addr)| {
+            if interrupted() || Instant::now() >= deadline {
+                return None;
+            }
+            let addr = addr.to_string();
+            let out = nodes[*from]
+                .ns()
+                .try_exec(&["ping", "-n", "-q", "-c", "1", "-W", "1", &addr]);
+            out.status.success().then(|| t0.elapsed().as_secs_f64())
+        });
+        for ((k, _, _), result) in ready.iter().zip(results) {
+            if result.is_some() {
+                passed[*k] = result;
+            } else {
+                failed_pings += 1;
+            }
+        }
+        let (group_done, hub_done) = count_passed(&pairs, &passed);
+        let all = group_done + hub_done == pairs.len();
+        if all || last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            eprintln!(
+                "ipop-scale: {:6.1} s: {group_done}/{} group pairs pass, {hub_done}/{n} friend \
+                 pairs pass, {}/{} daemons online, {failed_pings} pings unanswered",
+                t0.elapsed().as_secs_f64(),
+                n * (n - 1) / 2,
+                online.iter().filter(|o| **o).count(),
+                n + 1
+            );
+        }
+        if all {
+            break;
+        }
+        if !sleep_unless_interrupted(ROUND.saturating_sub(round.elapsed())) {
+            break;
+        }
+    }
+    let server_setup_cpu_s = server_pid
+        .and_then(cpu_ticks)
+        .zip(server_cpu_start)
+        .map(|(end, start)| end.saturating_sub(start) as f64 / USER_HZ);
+
+    eprintln!("ipop-scale: reading every status");
+    let all: Vec<usize> = (0..=n).collect();
+    let before: Vec<Option<Seen>> =
+        par_map(&all, SETUP_WORKERS, |&i| read_status(&nodes[i], &room));
+
+    // Idle: nothing reads statuses or pings meanwhile.
+    let mut idle_s = 0.0;
+    let mut idle_cpu: Vec<Option<f64>> = vec![None; n + 1];
+    let mut server_idle_cpu = None;
+    if !interrupted() && !opts.idle.is_zero() {
+        eprintln!(
+            "ipop-scale: measuring idle CPU over {} s",
+            opts.idle.as_secs()
+        );
+        let start_ticks: Vec<Option<u64>> = pids.iter().map(|p| p.and_then(cpu_ticks)).collect();
+        let server_start = server_pid.and_then(cpu_ticks);
+        let idle_start = Instant::now();
+        if sleep_unless_interrupted(opts.idle) {
+            let over = idle_start.elapsed();
+            idle_s = over.as_secs_f64();
+            for (i, pid) in pids.iter().enumerate() {
+                idle_cpu[i] = pid
+                    .and_then(cpu_ticks)
+                    .zip(start_ticks[i])
+                    .map(|(end, start)| cpu_percent(end.saturating_sub(start), over));
+            }
+            server_idle_cpu = server_pid
+                .and_then(cpu_ticks)
+                .zip(server_start)
+                .map(|(end, start)| cpu_percent(end.saturating_sub(start), over));
+        }
+    }
+    let after: Vec<Option<Seen>> = if idle_s > 0.0 {
+        par_map(&all, SETUP_WORKERS, |&i| read_status(&nodes[i], &room))
+    } else {
+        vec![None; n + 1]
+    };
+    let per_device = (0..=n)
+        .map(|i| {
+            let seen = before[i].clone().unwrap_or_default();
+            let grown = |key: &str| {
+                after[i]
+                    .as_ref()
+                    .map_or(0.0, |a| counter(&a.xmpp, key) - counter(&seen.xmpp, key))
+            };
+            DeviceReport {
+                name: nodes[i].name.clone(),
+                links: seen.group.len() + seen.social.len(),
+                idle_stanzas: grown("stanzas_sent") + grown("stanzas_received"),
+                idle_bytes: grown("bytes_sent") + grown("bytes_received"),
+                xmpp: seen.xmpp,
+                idle_cpu: idle_cpu[i],
+                memory_kb: pids[i].and_then(memory_kb),
+                loop_stall_ms: seen.loop_stall_ms,
+            }
+        })
+        .collect();
+    let server_memory_kb = server_pid.and_then(memory_kb);
+    let group_passed: Vec<f64> = pairs
+        .iter()
+        .zip(&passed)
+        .filter(|(p, _)| matches!(p, Pair::Group { .. }))
+        .filter_map(|(_, t)| *t)
+        .collect();
+    let hub_passed: Vec<f64> = pairs
+        .iter()
+        .zip(&passed)
+        .filter(|(p, _)| matches!(p, Pair::Hub { .. }))
+        .filter_map(|(_, t)| *t)
+        .collect();
+    let report = Report {
+        devices: n,
+        server: opts.server,
+        server_limit,
+        started_at,
+        cores,
+        group_pairs: n * (n - 1) / 2,
+        group_passed,
+        hub_pairs: n,
+        hub_passed,
+        all_online_s,
+        timed_out,
+        interrupted: interrupted(),
+        failed_pings,
+        exited,
+        per_device,
+        idle_s,
+        server_setup_cpu_s,
+        server_idle_cpu,
+        server_memory_kb,
+    };
+    if let Some(dir) = &opts.keep_logs {
+        keep_logs(dir, nodes, run.server.as_ref().map(|s| s.get().log_path()));
+    }
+    eprintln!("ipop-scale: stopping the daemons and the server");
+    drop(run);
+    Ok(report)
+}
+
+/// Copies each daemon's log (`NAME.log`) and the server's (`server.log`) into `dir`.
+fn keep_logs(dir: &Path, nodes: &[Node], server: Option<&Path>) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("ipop-scale: cannot create {}: {e}", dir.display());
+        return;
+    }
+    let copies = nodes
+        .iter()
+        .map(|node| (node.log_path(), dir.join(format!("{}.log", node.name))))
+        .chain(server.map(|log| (log.to_owned(), dir.join("server.log"))));
+    for (from, to) in copies {
+        if let Err(e) = std::fs::copy(&from, &to) {
+            eprintln!("ipop-scale: cannot copy {}: {e}", from.display());
+        }
+    }
+    eprintln!("ipop-scale: logs kept in {}", dir.display());
+}
+
+/// How many group pairs and friend pairs passed.
+fn count_passed(pairs: &[Pair], passed: &[Option<f64>]) -> (usize, usize) {
+    pairs
+        .iter()
+        .zip(passed)
+        .filter(|(_, t)| t.is_some())
+        .fold((0, 0), |(g, h), (p, _)| match p {
+            Pair::Group { .. } => (g + 1, h),
+            Pair::Hub { .. } => (g, h + 1),
+        })
+}
+
+/// Where the binary finds `ipop` unless told: `target/release/ipop` beside this crate.
+#[must_use]
+pub fn default_ipop() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/ipop")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_every_group_pair_once_and_every_friend() {
+        let pairs = wanted_pairs(4);
+        assert_eq!(pairs.len(), 4 * 3 / 2 + 4);
+        assert_eq!(pairs[0], Pair::Group { a: 0, b: 1 });
+        assert!(pairs.contains(&Pair::Group { a: 2, b: 3 }));
+        assert!(!pairs.contains(&Pair::Group { a: 3, b: 2 }));
+        assert_eq!(pairs[6], Pair::Hub { friend: 0 });
+        assert_eq!(Pair::Group { a: 2, b: 3 }.pinger(4), 2);
+        assert_eq!(Pair::Hub { friend: 1 }.pinger(4), 4);
+        assert_eq!(wanted_pairs(100).len(), 4950 + 100);
+        let passed = [Some(1.0), None, Some(2.0), None, None, None, Some(3.0)];
+        let mut all = vec![None; pairs.len()];
+        all[..passed.len()].copy_from_slice(&passed);
+        assert_eq!(count_passed(&pairs, &all), (2, 1));
+    }
+
+    #[test]
+    fn group_addresses_are_distinct_host_addresses() {
+        assert_eq!(group_address(0), IpAddr::from([10, 90, 0, 1]));
+        assert_eq!(group_address(249), IpAddr::from([10, 90, 0, 250]));
+        assert_eq!(group_address(250), IpAddr::from([10, 90, 1, 1]));
+        let all: std::collections::BTreeSet<IpAddr> = (0..200).map(group_address).collect();
+        assert_eq!(all.len(), 200);
+        assert_eq!(user(0), "u001");
+        assert_eq!(user(99), "u100");
+    }
+
+    #[test]
+    fn medians_and_maxima() {
+        assert_eq!(median_max(&[]), None);
+        assert_eq!(median_max(&[3.0, 1.0, 2.0]), Some((2.0, 3.0)));
+        assert_eq!(median_max(&[4.0, 1.0, 2.0, 3.0]), Some((2.5, 4.0)));
+        assert_eq!(median_max(&[f64::NAN, 1.0]), Some((1.0, 1.0)));
+    }
+
+    #[test]
+    fn proc_files_are_read() {
+        let stat = "4242 (ipop (x) y) S 1 4242 4242 0 -1 4194560 500 0 0 0 123 45 0 0 20 0 3 0 \
+                    100 1000 200";
+        assert_eq!(parse_stat(stat), Some(('S', 168)));
+        assert_eq!(parse_stat("4242 (ipop) Z 1"), None);
+        let status = "Name:\tipop\nVmHWM:\t   12000 kB\nVmRSS:\t    9000 kB\nThreads:\t3\n";
+        assert_eq!(parse_memory(status), Some((9000, 12000)));
+        assert_eq!(parse_memory("Name:\tipop\n"), None);
+        assert!((cpu_percent(150, Duration::from_secs(30)) - 5.0).abs() < 1e-9);
+        assert!(cpu_percent(1, Duration::ZERO).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn par_map_keeps_the_order() {
+        let items: Vec<u32> = (0..50).collect();
+        assert_eq!(
+            par_map(&items, 4, |x| x * 2),
+            items.iter().map(|x| x * 2).collect::<Vec<_>>()
+        );
+        assert!(par_map(&Vec::<u32>::new(), 4, |x| *x).is_empty());
+    }
+
+    fn device(name: &str, links: usize, sent: u64, cpu: f64) -> DeviceReport {
+        DeviceReport {
+            name: name.to_owned(),
+            links,
+            xmpp: json!({"stanzas_sent": sent, "stanzas_received": 2 * sent,
+                         "bytes_sent": 1000 * sent, "bytes_received": 0,
+                         "link_offers": 3, "link_offers_repeated": 1,
+                         "signal_failures": {"refused": 1, "timeout": 2, "unsent": 0}}),
+            idle_cpu: Some(cpu),
+            memory_kb: Some((10 * 1024, 12 * 1024)),
+            ..DeviceReport::default()
+        }
+    }
+
+    #[test]
+    fn the_table_shows_medians_maxima_and_the_hub() {
+        let report = Report {
+            devices: 3,
+            server: ServerKind::Prosody,
+            server_limit: "stock",
+            started_at: "2026-12-04 22:30 UTC".to_owned(),
+            cores: 2,
+            group_pairs: 3,
+            group_passed: vec![1.0, 2.5, 4.0],
+            hub_pairs: 3,
+            hub_passed: vec![2.0, 3.0],
+            all_online_s: Some(0.8),
+            timed_out: true,
+            interrupted: false,
+            failed_pings: 2,
+            exited: Vec::new(),
+            per_device: vec![
+                device("a", 3, 10, 0.5),
+                device("b", 3, 20, 0.3),
+                device("c", 3, 30, 0.9),
+                device("hub", 3, 40, 1.2),
+            ],
+            idle_s: 30.0,
+            server_setup_cpu_s: Some(4.0),
+            server_idle_cpu: Some(0.1),
+            server_memory_kb: Some((40 * 1024, 50 * 1024)),
+        };
+        let table = report.table();
+        assert!(
+            table.contains("group pairs: all 3 pass after 4.0 s; median pair 2.5 s"),
+            "{table}"
+        );
+        assert!(
+            table.contains("friend pairs: 2/3 pass (not converged)"),
+            "{table}"
+        );
+        assert!(table.contains("TIMED OUT"), "{table}");
+        let line = |label: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(label))
+                .unwrap_or_default()
+                .split_whitespace()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(line("stanzas sent "), ["40", "30", "20"]);
+        assert_eq!(line("stanzas sent per link"), ["13.3", "10.0", "6.7"]);
+        assert_eq!(line("signals failed"), ["3", "3", "3"]);
+        assert_eq!(line("idle CPU, %"), ["1.20", "0.90", "0.50"]);
+        assert_eq!(line("VmHWM"), ["12.0", "12.0", "12.0"]);
+        let json = report.json();
+        assert_eq!(json["group_converged_s"], 4.0);
+        assert_eq!(json["hub_converged_s"], Value::Null);
+        assert_eq!(json["per_device"]["links up"]["hub"], 3.0);
+        assert_eq!(json["devices_xmpp"].as_array().map(Vec::len), Some(4));
+    }
+}
