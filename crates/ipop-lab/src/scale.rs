@@ -665,6 +665,60 @@ fn device_overlays(room: &str, i: usize) -> String {
 struct Run {
     lab: Lab,
     server: Option<Server>,
+    _neighbours: NeighbourRoom,
+}
+
+/// The kernel's neighbour tables (ARP, and NDP for IPv6) are shared by every network namespace,
+/// with one limit (`gc_thresh3`, 1024 entries by default) that a LAN of N hosts, each with an
+/// entry for every other, passes from N = 32: new entries then fail ("neighbor table
+/// overflow"), and packets between namespaces, this run's and anyone else's, are dropped. So the
+/// run raises the limits of both tables to fit its LAN, and puts them back when it ends.
+struct NeighbourRoom {
+    saved: Vec<(String, String)>,
+}
+
+impl NeighbourRoom {
+    fn for_hosts(hosts: usize) -> NeighbourRoom {
+        let entries = neighbour_entries(hosts);
+        let mut saved = Vec::new();
+        for family in ["ipv4", "ipv6"] {
+            for (knob, want) in [("gc_thresh2", entries), ("gc_thresh3", 2 * entries)] {
+                let path = format!("/proc/sys/net/{family}/neigh/default/{knob}");
+                let Ok(old) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                let old = old.trim().to_owned();
+                if old.parse::<usize>().is_ok_and(|v| v < want) {
+                    match std::fs::write(&path, want.to_string()) {
+                        Ok(()) => saved.push((path, old)),
+                        Err(e) => eprintln!("ipop-scale: cannot raise {path} to {want}: {e}"),
+                    }
+                }
+            }
+        }
+        if !saved.is_empty() {
+            eprintln!(
+                "ipop-scale: neighbour table limits raised to fit {hosts} hosts ({entries} entries), until the run ends"
+            );
+        }
+        NeighbourRoom { saved }
+    }
+}
+
+/// Entries one neighbour table needs for a LAN of `hosts`, each knowing every other by two
+/// addresses (IPv6 adds a link-local one), with room for the rest of the machine.
+fn neighbour_entries(hosts: usize) -> usize {
+    2 * hosts * hosts + 1024
+}
+
+impl Drop for NeighbourRoom {
+    fn drop(&mut self) {
+        for (path, old) in self.saved.drain(..).rev() {
+            if let Err(e) = std::fs::write(&path, &old) {
+                eprintln!("ipop-scale: cannot put {path} back to {old}: {e}");
+            }
+        }
+    }
 }
 
 impl Run {
@@ -741,8 +795,13 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         n + 3
     );
     // Devices 0..n, the well-connected device n, the server n + 1.
+    let neighbours = NeighbourRoom::for_hosts(n + 2);
     let lab = Lab::new(&opts.ipop, "scale", opts.devices + 2);
-    let mut run = Run { lab, server: None };
+    let mut run = Run {
+        lab,
+        server: None,
+        _neighbours: neighbours,
+    };
     let server_host = &run.lab.nodes[n + 1].host;
     let (server_ns, server_ip) = (&server_host.ns, IpAddr::V4(server_host.ipv4));
     let (server, server_limit) = match opts.server {
@@ -1100,6 +1159,13 @@ pub fn default_ipop() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_neighbour_tables_fit_a_lan_of_100_devices_beside_the_default() {
+        let hosts = 102;
+        assert!(neighbour_entries(hosts) >= 2 * hosts * (hosts - 1));
+        assert!(neighbour_entries(2) > 1024);
+    }
 
     #[test]
     fn pairs_are_every_group_pair_once_and_every_friend() {
