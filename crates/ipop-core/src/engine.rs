@@ -40,7 +40,7 @@ use crate::node::{
 };
 use crate::osn::{
     Candidate, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent,
-    OverlayId, Signal, TerminateReason,
+    Outgoing, OverlayId, Signal, TerminateReason,
 };
 use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
@@ -54,10 +54,6 @@ use std::time::{Duration, Instant};
 
 /// How long the device that sorts second waits for the other's offer before making its own.
 const ANSWER_GRACE: Duration = Duration::from_secs(3);
-/// How long the device that sorts first waits before its offer in an overlay whose policy is
-/// `auto`: the devices of a room come in one after the other when it is joined, and the
-/// overlay may reach the threshold of on-demand links before the wait is over.
-const AUTO_SETTLE: Duration = Duration::from_millis(500);
 /// A session not accepted within this time is abandoned and retried.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session whose ICE found no path within this time is abandoned and retried.
@@ -291,7 +287,7 @@ pub struct Engine {
     /// Counts up whenever the addresses of a link change: what the daemon's DNS names follow,
     /// with the node's version.
     addresses_version: u64,
-    signals: VecDeque<(DeviceId, Signal)>,
+    signals: VecDeque<Outgoing>,
     transmits: VecDeque<Transmit>,
     drops: Drops,
     rng: u64,
@@ -1314,7 +1310,7 @@ impl Engine {
             && tell
             && !link.offline
         {
-            self.signals.push_back((
+            self.signals.push_back(Outgoing::new(
                 device.clone(),
                 Signal::Terminate {
                     session: s.id,
@@ -1437,15 +1433,6 @@ impl Engine {
         let offline = self.devices.get(device).is_some_and(Announced::offline);
         let wanted = self.wanted(device);
         let idle = wanted != Wanted::Always;
-        let settle = if self.authorising(device).iter().any(|o| {
-            self.policies
-                .get(o)
-                .is_some_and(|(p, _)| *p == LinkPolicy::Auto)
-        }) {
-            AUTO_SETTLE
-        } else {
-            Duration::ZERO
-        };
         tracing::info!(%device, key = %key.fingerprint(), on_demand = idle, "authorised device online");
         self.links.insert(
             device.clone(),
@@ -1453,11 +1440,7 @@ impl Engine {
                 key,
                 session: None,
                 peer: None,
-                next_attempt: if first {
-                    now + settle
-                } else {
-                    now + ANSWER_GRACE
-                },
+                next_attempt: if first { now } else { now + ANSWER_GRACE },
                 backoff: BACKOFF_MIN,
                 last_error: None,
                 tried: (Vec::new(), Vec::new()),
@@ -1485,7 +1468,7 @@ impl Engine {
             }
             if let Some(s) = link.session {
                 tracing::debug!(%device, session = %s.id, "ending session: {why}");
-                self.signals.push_back((
+                self.signals.push_back(Outgoing::new(
                     device.clone(),
                     Signal::Terminate {
                         session: s.id,
@@ -1508,7 +1491,7 @@ impl Engine {
         }
         if let Some(s) = link.session.take() {
             link.tried = s.candidates();
-            self.signals.push_back((
+            self.signals.push_back(Outgoing::new(
                 device.clone(),
                 Signal::Terminate {
                     session: s.id,
@@ -1592,7 +1575,7 @@ impl Engine {
                 && !link.offline
                 && let Some(c) = ice::from_agent(added)
             {
-                self.signals.push_back((
+                self.signals.push_back(Outgoing::new(
                     device.clone(),
                     Signal::Candidates {
                         session: s.id.clone(),
@@ -1626,7 +1609,9 @@ impl Engine {
             return;
         };
         let restart = link.peer.is_some();
-        tracing::debug!(%device, session = %id, restart, "offering a link");
+        // Traffic waits for a restarting link, and for an on-demand one (only traffic opens it).
+        let urgent = restart || link.wanted != Wanted::Always;
+        tracing::debug!(%device, session = %id, restart, urgent, "offering a link");
         link.session = Some(Session {
             id: id.clone(),
             initiator: true,
@@ -1638,8 +1623,11 @@ impl Engine {
             consent: ice::Consent::default(),
             restart,
         });
-        self.signals
-            .push_back((device.clone(), Signal::Initiate { session: id, offer }));
+        self.signals.push_back(Outgoing {
+            to: device.clone(),
+            signal: Signal::Initiate { session: id, offer },
+            urgent,
+        });
     }
 
     fn handle_signal(&mut self, now: Instant, from: DeviceId, signal: Signal) {
@@ -1758,8 +1746,10 @@ impl Engine {
         if self.may_log(now, &from.user) {
             tracing::warn!(device = %from, ?reason, "refused a link offer");
         }
-        self.signals
-            .push_back((from.clone(), Signal::Terminate { session, reason }));
+        self.signals.push_back(Outgoing::new(
+            from.clone(),
+            Signal::Terminate { session, reason },
+        ));
     }
 
     /// Answers an offer from an authorised, announced device.
@@ -1775,7 +1765,7 @@ impl Engine {
             let me_first = self.me.as_ref().is_some_and(|me| *me < from);
             if ours.initiator && !ours.answered && me_first {
                 // Glare: both offered at once; the device that sorts first keeps its session.
-                self.signals.push_back((
+                self.signals.push_back(Outgoing::new(
                     from,
                     Signal::Terminate {
                         session,
@@ -1810,7 +1800,7 @@ impl Engine {
                 restart,
             });
         }
-        self.signals.push_back((
+        self.signals.push_back(Outgoing::new(
             from.clone(),
             Signal::Accept {
                 session,
@@ -2264,7 +2254,7 @@ impl Engine {
     }
 
     /// The next signal to send over the social network.
-    pub fn poll_signal(&mut self) -> Option<(DeviceId, Signal)> {
+    pub fn poll_signal(&mut self) -> Option<Outgoing> {
         self.signals.pop_front()
     }
 
@@ -2671,6 +2661,8 @@ mod tests {
         delivered: Vec<Vec<Vec<u8>>>,
         /// Every signal sent during `run`: from, to, signal.
         signals: Vec<(usize, DeviceId, Signal)>,
+        /// Link offers sent during `run` marked urgent.
+        urgent_offers: usize,
     }
 
     impl World {
@@ -2684,6 +2676,7 @@ mod tests {
                 cut: Vec::new(),
                 checks_lost: Vec::new(),
                 signals: Vec::new(),
+                urgent_offers: 0,
             };
             for d in &mut w.devs {
                 let me = d.id.clone();
@@ -2753,8 +2746,11 @@ mod tests {
                     d.engine.handle_timeout(self.now);
                 }
                 for i in 0..self.devs.len() {
-                    while let Some((to, signal)) = self.devs[i].engine.poll_signal() {
+                    while let Some(Outgoing { to, signal, urgent }) =
+                        self.devs[i].engine.poll_signal()
+                    {
                         self.signals_sent += 1;
+                        self.urgent_offers += usize::from(urgent);
                         self.signals.push((i, to.clone(), signal.clone()));
                         let from = self.devs[i].id.clone();
                         if let Some(j) = self.devs.iter().position(|d| d.id == to) {
@@ -3849,6 +3845,10 @@ mod tests {
             w.signals.first(),
             Some((1, to, Signal::Initiate { .. })) if *to == w.devs[0].id
         ));
+        assert_eq!(
+            w.urgent_offers, 1,
+            "the offer that traffic waits for is urgent"
+        );
         // The reply goes straight out.
         assert!(send(&mut w, 0, 1, b"reply"), "alice's side has the link");
         assert!(w.connected(0));
@@ -4007,10 +4007,13 @@ mod tests {
         };
         let phases = |e: &Engine| e.links().iter().map(|l| l.phase).collect::<Vec<_>>();
         let offers = |e: &mut Engine| {
-            let mut n = (0usize, 0usize);
-            while let Some((_, s)) = e.poll_signal() {
-                match s {
-                    Signal::Initiate { .. } => n.0 += 1,
+            let mut n = (0usize, 0usize, 0usize);
+            while let Some(Outgoing { signal, urgent, .. }) = e.poll_signal() {
+                match signal {
+                    Signal::Initiate { .. } => {
+                        n.0 += 1;
+                        n.2 += usize::from(urgent);
+                    }
                     Signal::Terminate {
                         reason: TerminateReason::Idle,
                         ..
@@ -4027,7 +4030,11 @@ mod tests {
         assert!(phases(e).iter().all(|p| *p == LinkPhase::Waiting));
         now += Duration::from_secs(1);
         e.handle_timeout(now);
-        assert_eq!(offers(e), (AUTO_THRESHOLD - 2, 0), "one offer each");
+        assert_eq!(
+            offers(e),
+            (AUTO_THRESHOLD - 2, 0, 0),
+            "one offer each, none urgent: no traffic waits for them"
+        );
 
         // The 24th device online: links go on demand. Those that carried no data rest at once.
         e.handle_osn(now, up(AUTO_THRESHOLD - 2));
@@ -4038,7 +4045,7 @@ mod tests {
         );
         assert_eq!(
             offers(e),
-            (0, AUTO_THRESHOLD - 2),
+            (0, AUTO_THRESHOLD - 2, 0),
             "each session ended as idle"
         );
         e.handle_osn(now, up(AUTO_THRESHOLD - 1));
@@ -4046,7 +4053,7 @@ mod tests {
         e.handle_timeout(now);
         assert_eq!(
             offers(e),
-            (0, 0),
+            (0, 0, 0),
             "nothing offered on demand without traffic"
         );
         assert_eq!(e.links().len(), AUTO_THRESHOLD);
@@ -4064,6 +4071,6 @@ mod tests {
         assert!(phases(e).iter().all(|p| *p == LinkPhase::Waiting));
         now += Duration::from_secs(1);
         e.handle_timeout(now);
-        assert_eq!(offers(e), (AUTO_THRESHOLD - 2, 0));
+        assert_eq!(offers(e), (AUTO_THRESHOLD - 2, 0, 0));
     }
 }

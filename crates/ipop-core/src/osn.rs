@@ -130,6 +130,28 @@ pub enum IceTransport {
     Tls,
 }
 
+/// A signal the core wants sent, and how much it matters that it goes out soon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub to: DeviceId,
+    pub signal: Signal,
+    /// Traffic waits for it: the offer of an on-demand link that a packet opened, or of an
+    /// established link that restarts. A paced sender puts urgent offers before the offers of
+    /// links that are only wanted in the background.
+    pub urgent: bool,
+}
+
+impl Outgoing {
+    /// A signal that is not urgent.
+    pub fn new(to: DeviceId, signal: Signal) -> Self {
+        Outgoing {
+            to,
+            signal,
+            urgent: false,
+        }
+    }
+}
+
 /// A link signal, sent to one device. In XMPP this is a Jingle session (XEP-0166) with the
 /// ICE-UDP transport (XEP-0176) and ipop's own application description.
 #[derive(Debug, Clone, PartialEq, Eq)]

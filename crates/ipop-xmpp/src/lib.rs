@@ -1,5 +1,5 @@
 //! The XMPP binding of ipop: one XMPP session turned into [`OsnEvent`]s for the core, and the
-//! core's [`Signal`]s carried to other devices as Jingle.
+//! core's [`Signal`](ipop_core::osn::Signal)s carried to other devices as Jingle.
 //!
 //! * [`connect`] logs in (SCRAM over verified TLS), announces the device (presence with entity
 //!   capabilities, the ipop key, its address claim in the overlay and priority -1), fetches the
@@ -19,6 +19,7 @@ pub mod guard;
 pub mod jingle;
 mod login;
 mod muc;
+mod pace;
 #[doc(hidden)]
 pub mod replay;
 mod session;
@@ -34,7 +35,7 @@ pub mod fuzzing {
 }
 
 use ipop_core::PublicKey;
-use ipop_core::osn::{Claim, DeviceId, IceServerKind, IceTransport, OsnEvent, OverlayId, Signal};
+use ipop_core::osn::{Claim, IceServerKind, IceTransport, OsnEvent, Outgoing, OverlayId};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -82,9 +83,21 @@ pub struct XmppConfig {
     /// The device's own IPv4 address, claimed in the presence to the roster (the social
     /// overlay). [`Session::announce`] changes it.
     pub social_claim: Option<Claim>,
-    /// How long [`connect`] may take, login and initial synchronisation included.
+    /// How long [`connect`] may take to log in. The roster and the rooms may take longer: the
+    /// session is then returned, and finishes synchronising in the background.
     pub login_timeout: Duration,
+    /// The rate, in bytes per second, at which the session sends, and the most it sends at
+    /// once: below the server's client rate limit, so that what matters most is not queued at
+    /// the server behind the rest. A rate of 0 sends without pacing.
+    pub send_rate: u32,
+    pub send_burst: u32,
 }
+
+/// The default send rate, bytes per second: under the strictest stock client limit known
+/// (ejabberd's `normal` shaper, 3 000 B/s), with room for TLS framing.
+pub const DEFAULT_SEND_RATE: u32 = 2_500;
+/// The default send burst, bytes: under ejabberd's 20 000 B.
+pub const DEFAULT_SEND_BURST: u32 = 16_000;
 
 impl XmppConfig {
     /// A configuration with the defaults: STARTTLS through DNS SRV, social overlay on, no
@@ -107,6 +120,8 @@ impl XmppConfig {
             key,
             social_claim: None,
             login_timeout: Duration::from_secs(15),
+            send_rate: DEFAULT_SEND_RATE,
+            send_burst: DEFAULT_SEND_BURST,
         }
     }
 }
@@ -125,6 +140,8 @@ impl fmt::Debug for XmppConfig {
             .field("key", &self.key)
             .field("social_claim", &self.social_claim)
             .field("login_timeout", &self.login_timeout)
+            .field("send_rate", &self.send_rate)
+            .field("send_burst", &self.send_burst)
             .finish()
     }
 }
@@ -538,10 +555,7 @@ impl Shared {
 
 /// Requests from the handle to the session task.
 enum Command {
-    Signal {
-        to: DeviceId,
-        signal: Signal,
-    },
+    Signal(Outgoing),
     Affiliation {
         room: BareJid,
         jid: BareJid,
@@ -711,14 +725,22 @@ async fn start(
             server: shared.snapshot().server,
             reason: "the session ended during login".to_owned(),
         },
-        Err(_) => LoginError::Timeout {
-            waiting_for: shared
+        Err(_) => {
+            // Logged in, but the roster or a room is slow: a busy server, not a wrong
+            // setting. The session goes on synchronising, and links follow as it does.
+            let waiting_for = shared
                 .waiting_for
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-            after: Some(cfg.login_timeout),
-        },
+                .clone();
+            tracing::warn!(
+                "logged in, but still waiting for {} after {:?}: going on without it; links \
+                 come as it arrives",
+                waiting_for,
+                cfg.login_timeout
+            );
+            return Ok((session, event_rx, task));
+        }
     };
     let (done, closed) = oneshot::channel();
     if session.commands.send(Command::Shutdown(done)).await.is_ok() {
@@ -731,21 +753,23 @@ async fn start(
 }
 
 impl Session {
-    /// Sends a link signal to a device, without waiting. A refusal or a timeout comes back as
+    /// Sends a link signal to a device, without waiting: it goes out when the send pace allows,
+    /// after what is more urgent. A refusal or a timeout comes back as
     /// [`OsnEvent::SignalFailed`].
-    pub fn send(&self, to: DeviceId, signal: Signal) {
-        if let Err(e) = self.commands.try_send(Command::Signal { to, signal }) {
-            let (to, signal, why) = match e {
-                mpsc::error::TrySendError::Full(Command::Signal { to, signal }) => {
+    pub fn send(&self, out: Outgoing) {
+        if let Err(e) = self.commands.try_send(Command::Signal(out)) {
+            let (out, why) = match e {
+                mpsc::error::TrySendError::Full(Command::Signal(out)) => {
                     self.shared.count(DropReason::QueueFull);
-                    (to, signal, "the XMPP session's queue is full")
+                    (out, "the XMPP session's queue is full")
                 }
-                mpsc::error::TrySendError::Closed(Command::Signal { to, signal }) => {
-                    (to, signal, "the XMPP session is closed")
+                mpsc::error::TrySendError::Closed(Command::Signal(out)) => {
+                    (out, "the XMPP session is closed")
                 }
                 _ => return,
             };
             self.shared.count_traffic(|t| t.signals_unsent += 1);
+            let Outgoing { to, signal, .. } = out;
             tracing::warn!(%to, session = signal.session(), "signal not sent: {why}");
             // Nobody listening is fine: the daemon is going away.
             let _ = self.events.send(OsnEvent::SignalFailed {

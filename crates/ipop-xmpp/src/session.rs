@@ -14,13 +14,14 @@ use crate::guard;
 use crate::jingle::{self, Malformed};
 use crate::login::Login;
 use crate::muc::{self, Affiliation, OccupantInfo};
+use crate::pace::{Bucket, Class, Queues};
 use crate::{
     Claims, Command, DropReason, Error, ExternalServiceStatus, LoginError, RoomStatus,
     SIGNAL_TIMEOUT, Shared, State, XmppConfig,
 };
 use futures::StreamExt;
 use ipop_core::PublicKey;
-use ipop_core::osn::{Claim, DeviceId, OsnEvent, OverlayId, Signal};
+use ipop_core::osn::{Claim, DeviceId, OsnEvent, Outgoing, OverlayId, Signal};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -243,9 +244,25 @@ async fn resolved(slot: &mut Option<JoinHandle<Resolution>>) -> Option<Resolutio
 struct Pending {
     /// Who must answer; `None` for our own account (the server answers for it).
     to: Option<Jid>,
-    deadline: Instant,
+    /// `None` while the request waits in the send queue.
+    deadline: Option<Instant>,
     purpose: Purpose,
 }
+
+/// A stanza in the send queue. Signals stay signals until they go, so that a later signal of
+/// the same link session can be merged into them or cancel them.
+enum Queued {
+    Stanza(Stanza),
+    Signal {
+        /// The IQ's id, under which [`Task::pending`] waits for the answer.
+        id: String,
+        jid: FullJid,
+        out: Outgoing,
+    },
+}
+
+/// Most stanzas in the send queue.
+const SEND_QUEUE: usize = 2048;
 
 pub(crate) struct Task {
     cfg: XmppConfig,
@@ -278,10 +295,26 @@ pub(crate) struct Task {
     external: External,
     /// Devices a link offer went to, to count repeated offers.
     offered: BTreeSet<DeviceId>,
-    /// Stanzas produced while handling one input, sent afterwards.
+    /// Stanzas produced while handling one input, queued afterwards.
     outbox: Vec<Stanza>,
+    /// What waits to be sent, by class, and the pace it goes at (none without a limit).
+    queue: Queues<Queued>,
+    bucket: Option<Bucket>,
     /// Events produced while handling one input, sent afterwards.
     out: Vec<OsnEvent>,
+}
+
+/// Sleeps until `at`; forever with `None`.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The bytes a stanza takes on the stream, before TLS.
+fn wire_len(stanza: &Stanza) -> usize {
+    String::from(&Element::from(stanza)).len()
 }
 
 /// Waits for a change of the claims; forever once the handle is gone.
@@ -383,7 +416,6 @@ impl Task {
             })
             .collect();
         Task {
-            cfg,
             own,
             me,
             shared,
@@ -407,6 +439,9 @@ impl Task {
             rooms,
             external: External::default(),
             offered: BTreeSet::new(),
+            queue: Queues::new(SEND_QUEUE),
+            bucket: Bucket::new(cfg.send_rate, cfg.send_burst, Instant::now()),
+            cfg,
             outbox: Vec::new(),
             out: Vec::new(),
         }
@@ -423,6 +458,7 @@ impl Task {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let finished = loop {
+            let send_at = self.send_at(Instant::now());
             tokio::select! {
                 event = self.stream.next() => match event {
                     Some(Event::Stream(e)) => self.on_stream_event(e),
@@ -442,6 +478,7 @@ impl Task {
                 }
                 () = claims_changed(&mut self.claims) => self.on_claims(),
                 _ = tick.tick() => self.on_tick(Instant::now()),
+                () = until(send_at) => {}
             }
             self.flush().await;
         };
@@ -452,17 +489,40 @@ impl Task {
         }
     }
 
-    /// Sends what handling one input produced.
+    /// Queues the stanzas that handling one input produced, sends what the pace allows, and
+    /// hands the events to the core.
     async fn flush(&mut self) {
-        let sent = self.outbox.len() as u64;
-        if sent > 0 {
-            self.shared.count_traffic(|t| t.stanzas_sent += sent);
-        }
+        let now = Instant::now();
         for stanza in std::mem::take(&mut self.outbox) {
+            if self
+                .queue
+                .push(Class::Control, now, Queued::Stanza(stanza))
+                .is_err()
+            {
+                self.drop_stanza(DropReason::QueueFull, "the send queue is full");
+            }
+        }
+        while self.send_at(now).is_some_and(|at| at <= now) {
+            let Some((queued_at, queued)) = self.queue.pop() else {
+                break;
+            };
+            let stanza = self.prepare(queued, now);
+            let waited = now.saturating_duration_since(queued_at).as_millis();
+            if let Some(bucket) = &mut self.bucket {
+                bucket.take(now, wire_len(&stanza));
+            }
+            self.shared.count_traffic(|t| {
+                t.stanzas_sent += 1;
+                t.send_wait_max_ms = t
+                    .send_wait_max_ms
+                    .max(u64::try_from(waited).unwrap_or(u64::MAX));
+            });
             // The token tracks delivery to the socket; stanzas are fire-and-forget here and
             // IQs are tracked by their id.
             drop(self.stream.send(Box::new(stanza)).await);
         }
+        let queued = self.queue.len() as u64;
+        self.shared.count_traffic(|t| t.send_queue = queued);
         for event in std::mem::take(&mut self.out) {
             if self.events.send(event).is_err() {
                 tracing::debug!("nobody listens to XMPP events any more");
@@ -470,8 +530,50 @@ impl Task {
         }
     }
 
+    /// When the next queued stanza may go: `None` when nothing waits or the stream is down.
+    fn send_at(&mut self, now: Instant) -> Option<Instant> {
+        if !self.online || self.queue.is_empty() {
+            return None;
+        }
+        Some(self.bucket.as_mut().map_or(now, |b| b.ready_at(now)))
+    }
+
+    /// Turns a queued item into the stanza to send; a signal's answer is timed from now.
+    fn prepare(&mut self, queued: Queued, now: Instant) -> Stanza {
+        let (id, jid, Outgoing { to, signal, .. }) = match queued {
+            Queued::Stanza(stanza) => return stanza,
+            Queued::Signal { id, jid, out } => (id, jid, out),
+        };
+        if let Some(pending) = self.pending.get_mut(&id) {
+            pending.deadline = Some(now + SIGNAL_TIMEOUT);
+        }
+        let (payload, left_out) = jingle::to_element(&signal, &Jid::from(self.me.clone()));
+        if left_out > 0 {
+            tracing::warn!(%to, session = signal.session(), left_out, "too many candidates; sent the first {}", jingle::MAX_CANDIDATES);
+            for _ in 0..left_out {
+                self.shared.count(DropReason::OutgoingCandidatesOverLimit);
+            }
+        }
+        let offer = matches!(signal, Signal::Initiate { .. });
+        let repeated = offer && !self.first_offer_to(&to);
+        self.shared.count_traffic(|t| {
+            t.signals_sent += 1;
+            t.offers_sent += u64::from(offer);
+            t.offers_repeated += u64::from(repeated);
+        });
+        Iq::Set {
+            from: None,
+            to: Some(jid.into()),
+            id,
+            payload,
+        }
+        .into()
+    }
+
     async fn close(mut self) {
         self.closing.send_replace(true);
+        // Unsent signals no longer matter: the links end with the session.
+        self.queue.drain().for_each(drop);
         if let Some(lookup) = self.external.resolving.take() {
             lookup.abort();
         }
@@ -545,7 +647,7 @@ impl Task {
             id,
             Pending {
                 to,
-                deadline: Instant::now() + timeout,
+                deadline: Some(Instant::now() + timeout),
                 purpose,
             },
         );
@@ -656,7 +758,10 @@ impl Task {
                 s.reconnects += 1;
             }
         });
-        // Answers to the old stream's requests will never come.
+        // What waited to be sent belonged to the old stream: its presences and answers are
+        // moot, and its signals fail below with the requests of the old stream, whose answers
+        // will never come.
+        self.queue.drain().for_each(drop);
         for (_, pending) in std::mem::take(&mut self.pending) {
             self.fail(pending.purpose, Error::Offline);
         }
@@ -731,7 +836,7 @@ impl Task {
         let expired: Vec<String> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.deadline <= now)
+            .filter(|(_, p)| p.deadline.is_some_and(|d| d <= now))
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
@@ -890,7 +995,7 @@ impl Task {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Signal { to, signal } => self.send_signal(to, signal),
+            Command::Signal(out) => self.send_signal(out),
             Command::Affiliation {
                 room,
                 jid,
@@ -913,40 +1018,117 @@ impl Task {
         }
     }
 
-    fn send_signal(&mut self, to: DeviceId, signal: Signal) {
-        let session = signal.session().to_owned();
+    fn send_signal(&mut self, out: Outgoing) {
+        let session = out.signal.session().to_owned();
         if !self.online {
-            self.fail(Purpose::Signal { to, session }, Error::Offline);
+            self.fail(
+                Purpose::Signal {
+                    to: out.to,
+                    session,
+                },
+                Error::Offline,
+            );
             return;
         }
-        let Ok(jid) = FullJid::new(&to.to_string()) else {
+        let Ok(jid) = FullJid::new(&out.to.to_string()) else {
             let error = Error::InvalidJid {
-                jid: to.to_string(),
+                jid: out.to.to_string(),
                 why: "not a full JID".to_owned(),
             };
-            self.fail(Purpose::Signal { to, session }, error);
+            self.fail(
+                Purpose::Signal {
+                    to: out.to,
+                    session,
+                },
+                error,
+            );
             return;
         };
-        let (payload, left_out) = jingle::to_element(&signal, &Jid::from(self.me.clone()));
-        if left_out > 0 {
-            tracing::warn!(%to, session, left_out, "too many candidates; sent the first {}", jingle::MAX_CANDIDATES);
-            for _ in 0..left_out {
-                self.shared.count(DropReason::OutgoingCandidatesOverLimit);
-            }
+        if self.coalesce(&out) {
+            return;
         }
-        let offer = matches!(signal, Signal::Initiate { .. });
-        let repeated = offer && !self.first_offer_to(&to);
-        self.shared.count_traffic(|t| {
-            t.signals_sent += 1;
-            t.offers_sent += u64::from(offer);
-            t.offers_repeated += u64::from(repeated);
-        });
-        self.iq(
-            Some(jid.into()),
-            true,
-            payload,
-            Purpose::Signal { to, session },
+        let class = match out.signal {
+            Signal::Initiate { .. } if out.urgent => Class::Urgent,
+            Signal::Initiate { .. } => Class::Background,
+            _ => Class::Answer,
+        };
+        let id = self.next_id();
+        let to = out.to.clone();
+        let queued = Queued::Signal {
+            id: id.clone(),
+            jid: jid.clone(),
+            out,
+        };
+        if self.queue.push(class, Instant::now(), queued).is_err() {
+            self.fail(Purpose::Signal { to, session }, Error::Busy);
+            return;
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                to: Some(jid.into()),
+                deadline: None,
+                purpose: Purpose::Signal { to, session },
+            },
         );
+    }
+
+    /// Folds `out` into the queued signals of its link session: candidates join the offer or
+    /// answer they follow, and the end of a session whose offer was never sent takes the
+    /// offer back (the other side never hears of it). True when nothing is left to send.
+    fn coalesce(&mut self, out: &Outgoing) -> bool {
+        let session = out.signal.session();
+        let same = |q: &Queued| {
+            matches!(q, Queued::Signal { out: o, .. }
+                if o.to == out.to && o.signal.session() == session)
+        };
+        let folded = match &out.signal {
+            Signal::Terminate { .. } => {
+                let unsent_offer = self.queue.iter_mut().any(|q| {
+                    same(q)
+                        && matches!(q, Queued::Signal { out: o, .. }
+                            if matches!(o.signal, Signal::Initiate { .. }))
+                });
+                if !unsent_offer {
+                    return false;
+                }
+                let mut taken = Vec::new();
+                self.queue.retain(|q| match q {
+                    Queued::Signal { id, .. } if same(q) => {
+                        taken.push(id.clone());
+                        false
+                    }
+                    _ => true,
+                });
+                for id in &taken {
+                    self.pending.remove(id);
+                }
+                tracing::debug!(to = %out.to, session, "session ended before its offer went out: neither is sent");
+                taken.len() as u64 + 1
+            }
+            Signal::Candidates { candidates, .. } => {
+                let Some(offer) = self.queue.iter_mut().find_map(|q| match q {
+                    Queued::Signal { out: o, .. }
+                        if o.to == out.to && o.signal.session() == session =>
+                    {
+                        match &mut o.signal {
+                            Signal::Initiate { offer, .. } | Signal::Accept { offer, .. } => {
+                                Some(offer)
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }) else {
+                    return false;
+                };
+                offer.candidates.extend(candidates.iter().cloned());
+                1
+            }
+            Signal::Initiate { .. } | Signal::Accept { .. } => return false,
+        };
+        self.shared.count_traffic(|t| t.signals_coalesced += folded);
+        true
     }
 
     /// Notes that a link offer goes to `device`; false if one went there before (as far as

@@ -117,6 +117,14 @@ pub struct Traffic {
     pub signals_timed_out: u64,
     /// Signals that could not be sent: the session was offline or its queue full.
     pub signals_unsent: u64,
+    /// Signals that never went out because a later one made them moot while they waited in
+    /// the send queue (an offer ended before it was sent), or were merged into one (candidates
+    /// into the offer they follow).
+    pub signals_coalesced: u64,
+    /// Stanzas waiting in the send queue now.
+    pub send_queue: u64,
+    /// The longest a stanza waited in the send queue, in milliseconds.
+    pub send_wait_max_ms: u64,
 }
 
 #[cfg(test)]

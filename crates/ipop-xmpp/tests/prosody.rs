@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use ipop_core::PublicKey;
 use ipop_core::osn::{
     Candidate, CandidateKind, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer,
-    OsnEvent, OverlayId, Signal, TerminateReason,
+    OsnEvent, Outgoing, OverlayId, Signal, TerminateReason,
 };
 use ipop_lab::{ExternalService, Prosody};
 use ipop_xmpp::{DropReason, Error, GroupConfig, LoginError, State, connect};
@@ -327,7 +327,7 @@ async fn friends_and_own_devices_meet_and_signal_while_chat_goes_to_the_chat_cli
         session: "s1".to_owned(),
         offer: offer(1),
     };
-    alice.send(device("bob", "desktop"), initiate.clone());
+    alice.send(Outgoing::new(device("bob", "desktop"), initiate.clone()));
     let (from, signal) = expect(&mut bob_events, "alice's initiate", |e| match e {
         OsnEvent::Signal { from, signal } => Some((from.clone(), signal.clone())),
         _ => None,
@@ -339,7 +339,7 @@ async fn friends_and_own_devices_meet_and_signal_while_chat_goes_to_the_chat_cli
         session: "s1".to_owned(),
         offer: offer(2),
     };
-    bob.send(device("alice", "laptop"), accept.clone());
+    bob.send(Outgoing::new(device("alice", "laptop"), accept.clone()));
     let signal = expect(&mut alice_events, "bob's accept", |e| match e {
         OsnEvent::Signal { signal, .. } => Some(signal.clone()),
         _ => None,
@@ -348,13 +348,13 @@ async fn friends_and_own_devices_meet_and_signal_while_chat_goes_to_the_chat_cli
     assert_eq!(signal, accept);
 
     // A signal to a device that is not there fails, and says so.
-    alice.send(
+    alice.send(Outgoing::new(
         device("bob", "phone"),
         Signal::Terminate {
             session: "s2".to_owned(),
             reason: TerminateReason::Done,
         },
-    );
+    ));
     let (to, session, reason) = expect(&mut alice_events, "a failed signal", |e| match e {
         OsnEvent::SignalFailed {
             to,
@@ -373,7 +373,7 @@ async fn friends_and_own_devices_meet_and_signal_while_chat_goes_to_the_chat_cli
         session: "s3".to_owned(),
         offer: offer(1),
     };
-    alice.send(device("bob", "desktop"), again.clone());
+    alice.send(Outgoing::new(device("bob", "desktop"), again.clone()));
     let signal = expect(&mut bob_events, "alice's second initiate", |e| match e {
         OsnEvent::Signal { signal, .. } => Some(signal.clone()),
         _ => None,
@@ -552,13 +552,13 @@ async fn a_group_room_is_created_members_are_added_join_and_are_removed() {
     );
 
     // A signal through the group works like one between friends.
-    alice.send(
+    alice.send(Outgoing::new(
         device("bob", "desktop"),
         Signal::Candidates {
             session: "g1".to_owned(),
             candidates: offer(1).candidates,
         },
-    );
+    ));
     expect(&mut bob_events, "candidates", |e| match e {
         OsnEvent::Signal { from, .. } if *from == device("alice", "laptop") => Some(()),
         _ => None,
@@ -685,13 +685,13 @@ async fn after_a_server_restart_the_session_comes_back_with_the_full_picture() {
     })
     .await;
     assert_eq!(alice.status().state, State::Reconnecting);
-    alice.send(
+    alice.send(Outgoing::new(
         device("bob", "desktop"),
         Signal::Terminate {
             session: "s9".to_owned(),
             reason: TerminateReason::Done,
         },
-    );
+    ));
     let reason = expect(&mut events, "a signal failed while offline", |e| match e {
         OsnEvent::SignalFailed { reason, .. } => Some(reason.clone()),
         _ => None,
@@ -1119,5 +1119,144 @@ async fn stun_and_turn_come_from_the_xmpp_server_with_credentials_renewed_before
     check(&again);
     assert!(alice.status().drops.is_empty(), "{:?}", alice.status());
 
+    alice.shutdown().await;
+}
+
+/// The signal `bob` receives next from Alice's laptop, as (session, action, candidates).
+async fn next_signal(events: &mut UnboundedReceiver<OsnEvent>) -> (String, &'static str, usize) {
+    expect(events, "a signal from alice", |e| match e {
+        OsnEvent::Signal { from, signal } if *from == device("alice", "laptop") => {
+            Some(match signal {
+                Signal::Initiate { session, offer } => {
+                    (session.clone(), "initiate", offer.candidates.len())
+                }
+                Signal::Accept { session, offer } => {
+                    (session.clone(), "accept", offer.candidates.len())
+                }
+                Signal::Candidates {
+                    session,
+                    candidates,
+                } => (session.clone(), "candidates", candidates.len()),
+                Signal::Terminate { session, .. } => (session.clone(), "terminate", 0),
+            })
+        }
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_session_sends_the_most_urgent_first_and_never_an_offer_ended_in_its_queue() {
+    let server = prosody();
+    server.register("alice", "pw-alice");
+    server.register("bob", "pw-bob");
+    let mut alice_chat = ChatClient::connect(&server, "alice", "pw-alice", "chat", Some(0)).await;
+    let mut bob_chat = ChatClient::connect(&server, "bob", "pw-bob", "chat", Some(0)).await;
+    befriend(&mut alice_chat, &mut bob_chat).await;
+
+    // Alice's session may send 2 000 B/s with no burst to speak of: a signal of ~600 bytes
+    // leaves the queue about every 0.3 s.
+    const RATE: u32 = 2_000;
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.send_rate = RATE;
+    cfg.send_burst = 1;
+    let (alice, mut alice_events) = connect(cfg).await.expect("alice logs in");
+    let (_bob, mut bob_events) = connect(config_for(&server, "bob", "pw-bob", "desktop", 2))
+        .await
+        .expect("bob logs in");
+    expect(&mut alice_events, "bob's device", |e| {
+        is_device_up(e, &OverlayId::Social, &device("bob", "desktop"))
+    })
+    .await;
+    // Let the login's own stanzas leave the queue,
+    let deadline = Instant::now() + common::WAIT;
+    while alice.status().traffic.send_queue > 0 {
+        assert!(Instant::now() < deadline, "{:?}", alice.status().traffic);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // and the last of them be paid for: one stanza's worth of debt at most, 0.3 s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let bob_desktop = device("bob", "desktop");
+    let send = |signal: Signal, urgent: bool| {
+        alice.send(Outgoing {
+            to: bob_desktop.clone(),
+            signal,
+            urgent,
+        });
+    };
+    let initiate = |session: &str| Signal::Initiate {
+        session: session.to_owned(),
+        offer: offer(1),
+    };
+    let started = Instant::now();
+    // Five offers of links wanted in the background: the first leaves at once.
+    for i in 1..=5 {
+        send(initiate(&format!("b{i}")), false);
+    }
+    // A sixth ends before it could leave: neither goes.
+    send(initiate("b6"), false);
+    send(
+        Signal::Terminate {
+            session: "b6".to_owned(),
+            reason: TerminateReason::Done,
+        },
+        false,
+    );
+    // A candidate found for the fifth joins its offer.
+    send(
+        Signal::Candidates {
+            session: "b5".to_owned(),
+            candidates: offer(1).candidates,
+        },
+        false,
+    );
+    // An offer that traffic waits for, and an answer to an offer of Bob's, queued last.
+    send(initiate("u1"), true);
+    send(
+        Signal::Accept {
+            session: "a1".to_owned(),
+            offer: offer(1),
+        },
+        false,
+    );
+
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        seen.push(next_signal(&mut bob_events).await);
+    }
+    let took = started.elapsed();
+    let order: Vec<(&str, &str, usize)> = seen
+        .iter()
+        .map(|(s, action, n)| (s.as_str(), *action, *n))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("b1", "initiate", 1),
+            ("a1", "accept", 1),
+            ("u1", "initiate", 1),
+            ("b2", "initiate", 1),
+            ("b3", "initiate", 1),
+            ("b4", "initiate", 1),
+            ("b5", "initiate", 2),
+        ],
+        "the answer first, then the urgent offer, then the rest in order; b6 never"
+    );
+    let traffic = alice.status().traffic;
+    assert_eq!(traffic.signals_coalesced, 3, "{traffic:?}");
+    assert_eq!(traffic.signals_sent, 7, "{traffic:?}");
+    assert_eq!(traffic.signals_timed_out, 0, "{traffic:?}");
+    // Six more signals after the first, each well over 300 bytes, at 2 000 B/s.
+    let least = Duration::from_secs_f64(6.0 * 300.0 / f64::from(RATE));
+    assert!(took >= least, "seven signals in {took:?}: not paced");
+    assert!(traffic.send_wait_max_ms >= 500, "{traffic:?}");
+
+    // Nothing more comes: the ended offer was never sent.
+    let quiet = tokio::time::timeout(Duration::from_secs(1), async {
+        next_signal(&mut bob_events).await
+    })
+    .await;
+    assert!(quiet.is_err(), "unexpected {quiet:?}");
     alice.shutdown().await;
 }

@@ -108,6 +108,19 @@ pub struct Xmpp {
     pub ca_file: Option<PathBuf>,
     /// This device's name, the XMPP resource. Default: the host name.
     pub device: Option<String>,
+    /// The most bytes per second the session sends (0: no pacing), and the most at once.
+    #[serde(default = "default_send_rate")]
+    pub send_rate: u32,
+    #[serde(default = "default_send_burst")]
+    pub send_burst: u32,
+}
+
+fn default_send_rate() -> u32 {
+    ipop_xmpp::DEFAULT_SEND_RATE
+}
+
+fn default_send_burst() -> u32 {
+    ipop_xmpp::DEFAULT_SEND_BURST
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1044,7 +1057,9 @@ mod tests {
                     server,
                     tls,
                     ca_file,
-                    device
+                    device,
+                    send_rate,
+                    send_burst
                 ]
             ),
             keys!(

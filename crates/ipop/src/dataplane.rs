@@ -14,7 +14,7 @@ use crate::streams::{Chunk, Streams};
 use anyhow::Context;
 use ipnet::IpNet;
 use ipop_core::Engine;
-use ipop_core::osn::{DeviceId, OsnEvent, Signal};
+use ipop_core::osn::{DeviceId, OsnEvent, Outgoing};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -27,6 +27,8 @@ use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// How often the host's addresses are read again for ICE host candidates.
 const HOST_SCAN_EVERY: Duration = Duration::from_secs(10);
+/// Most social network events taken in one wake-up.
+const OSN_BATCH: usize = 256;
 /// The largest IP packet a TUN read can return with offload (a 64 KiB GSO packet).
 const TUN_READ_MAX: usize = VIRTIO_NET_HDR_LEN + 65535;
 /// Room around each encrypted datagram: WireGuard's 32-byte overhead, and the TURN framing of a
@@ -90,7 +92,7 @@ impl Udp {
 /// waits on the binding: signals go into an unbounded queue.
 pub struct OsnChannel {
     pub events: mpsc::UnboundedReceiver<OsnEvent>,
-    pub signals: mpsc::UnboundedSender<(DeviceId, Signal)>,
+    pub signals: mpsc::UnboundedSender<Outgoing>,
 }
 
 /// Reads the XMPP session's state for `ipop status`.
@@ -437,7 +439,19 @@ impl Dataplane {
                 event = osn_event => {
                     let wake = sched.woke();
                     match event {
-                        Some(event) => self.engine.handle_osn(wake, event),
+                        Some(event) => {
+                            self.engine.handle_osn(wake, event);
+                            // A burst (a room's occupants after a join, a roster's presences)
+                            // is taken whole, so that the link policy sees the overlay's size
+                            // before any link of it is offered.
+                            for _ in 1..OSN_BATCH {
+                                let Some(Ok(event)) = osn.as_mut().map(|o| o.events.try_recv())
+                                else {
+                                    break;
+                                };
+                                self.engine.handle_osn(wake, event);
+                            }
+                        }
                         None => {
                             tracing::warn!("the social network binding stopped; links stay up");
                             osn = None;

@@ -385,6 +385,32 @@ pub fn render(s: &Status) -> String {
         for (reason, n) in &x.signal_failures {
             out.sample("ipop_xmpp_signal_failures_total", &[("reason", reason)], n);
         }
+        out.family(
+            "ipop_xmpp_signals_coalesced_total",
+            "counter",
+            "Link signals never sent: made moot by a later one, or merged into one, in the send queue.",
+        );
+        out.sample(
+            "ipop_xmpp_signals_coalesced_total",
+            &[],
+            x.signals_coalesced,
+        );
+        out.family(
+            "ipop_xmpp_send_queue",
+            "gauge",
+            "Stanzas waiting in the send queue, paced under the server's rate limit.",
+        );
+        out.sample("ipop_xmpp_send_queue", &[], x.send_queue);
+        out.family(
+            "ipop_xmpp_send_wait_max_seconds",
+            "gauge",
+            "The longest a stanza waited in the send queue.",
+        );
+        out.sample(
+            "ipop_xmpp_send_wait_max_seconds",
+            &[],
+            x.send_wait_max_ms as f64 / 1000.0,
+        );
     }
     out.0
 }
@@ -465,6 +491,9 @@ mod tests {
                     ("timeout".into(), 0),
                     ("unsent".into(), 0),
                 ]),
+                signals_coalesced: 2,
+                send_queue: 5,
+                send_wait_max_ms: 1_250,
             }),
             overlays: vec![
                 overlay("static", vec![bob, peer("kd", None, None, None)]),
@@ -542,6 +571,15 @@ ipop_xmpp_link_offers_total{repeated="true"} 1
 ipop_xmpp_signal_failures_total{reason="refused"} 1
 ipop_xmpp_signal_failures_total{reason="timeout"} 0
 ipop_xmpp_signal_failures_total{reason="unsent"} 0
+# HELP ipop_xmpp_signals_coalesced_total Link signals never sent: made moot by a later one, or merged into one, in the send queue.
+# TYPE ipop_xmpp_signals_coalesced_total counter
+ipop_xmpp_signals_coalesced_total 2
+# HELP ipop_xmpp_send_queue Stanzas waiting in the send queue, paced under the server's rate limit.
+# TYPE ipop_xmpp_send_queue gauge
+ipop_xmpp_send_queue 5
+# HELP ipop_xmpp_send_wait_max_seconds The longest a stanza waited in the send queue.
+# TYPE ipop_xmpp_send_wait_max_seconds gauge
+ipop_xmpp_send_wait_max_seconds 1.25
 "#;
         assert_eq!(render(&s), expected);
     }

@@ -100,6 +100,28 @@ pub struct XmppInfo {
     /// Signals that failed, by why: `refused`, `timeout`, `unsent`.
     #[serde(default)]
     pub signal_failures: BTreeMap<String, u64>,
+    /// Signals never sent because a later one made them moot or was merged into them while
+    /// they waited in the send queue.
+    #[serde(default)]
+    pub signals_coalesced: u64,
+    /// Stanzas waiting in the send queue (paced under the server's rate limit), and the
+    /// longest any waited there, in milliseconds.
+    #[serde(default)]
+    pub send_queue: u64,
+    #[serde(default)]
+    pub send_wait_max_ms: u64,
+    /// The group rooms, joined or not.
+    #[serde(default)]
+    pub rooms: Vec<RoomInfo>,
+}
+
+/// A group room as status shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RoomInfo {
+    pub room: String,
+    pub joined: bool,
+    /// Why this device is not in the room: still joining, refused, removed.
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -457,12 +479,22 @@ pub fn render(s: &Status) -> String {
     if let Some(x) = &s.xmpp {
         let _ = writeln!(
             out,
-            "xmpp {}  as {}  via {}  reconnects {}",
+            "xmpp {}  as {}  via {}  reconnects {}  send queue {} (longest wait {} ms)",
             x.state,
             x.jid.as_deref().unwrap_or("-"),
             x.server.as_deref().unwrap_or("-"),
-            x.reconnects
+            x.reconnects,
+            x.send_queue,
+            x.send_wait_max_ms
         );
+        for r in x.rooms.iter().filter(|r| !r.joined) {
+            let _ = writeln!(
+                out,
+                "room {}  not joined: {}",
+                r.room,
+                r.problem.as_deref().unwrap_or("joining")
+            );
+        }
     }
     for o in &s.overlays {
         let _ = writeln!(

@@ -5,7 +5,7 @@ use crate::config::{Config, Tls};
 use crate::control::Request;
 use crate::dataplane::{OsnChannel, XmppInfoFn};
 use crate::overlays::Announcer;
-use crate::status::XmppInfo;
+use crate::status::{RoomInfo, XmppInfo};
 use anyhow::Context;
 use ipop_core::PublicKey;
 use ipop_core::osn::{Claim, OverlayId};
@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// How long the first login may take before `ipop up` gives up with the reason.
+/// How long the first login may take before `ipop up` gives up with the reason. The roster and
+/// the rooms may take longer: `ipop up` then warns and goes on.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// This machine's host name: the default device name.
@@ -52,6 +53,8 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
         })
         .collect();
     cfg.login_timeout = LOGIN_TIMEOUT;
+    cfg.send_rate = x.send_rate;
+    cfg.send_burst = x.send_burst;
     Ok(Some(cfg))
 }
 
@@ -85,9 +88,9 @@ pub async fn start(
     // The tasks hold the session weakly, so that shutdown can take it back.
     let sender = Arc::downgrade(&session);
     tokio::spawn(async move {
-        while let Some((to, signal)) = outgoing.recv().await {
+        while let Some(out) = outgoing.recv().await {
             match sender.upgrade() {
-                Some(session) => session.send(to, signal),
+                Some(session) => session.send(out),
                 None => return,
             }
         }
@@ -130,6 +133,18 @@ impl Binding {
                     ("timeout".to_owned(), t.signals_timed_out),
                     ("unsent".to_owned(), t.signals_unsent),
                 ]),
+                signals_coalesced: t.signals_coalesced,
+                send_queue: t.send_queue,
+                send_wait_max_ms: t.send_wait_max_ms,
+                rooms: s
+                    .rooms
+                    .into_iter()
+                    .map(|r| RoomInfo {
+                        room: r.room,
+                        joined: r.joined,
+                        problem: r.problem,
+                    })
+                    .collect(),
             }
         })
     }

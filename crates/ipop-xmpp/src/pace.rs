@@ -1,0 +1,203 @@
+//! What the session sends, paced under the server's client rate limit and ordered by what waits
+//! for it.
+//!
+//! Stock servers throttle what each client sends (ejabberd's `normal` shaper: 3 000 B/s with
+//! bursts of 20 000 B; Debian's Prosody: 10 kB/s). What a client writes faster than that waits
+//! in the server's socket buffers, in order: an answer to a friend's link offer then sits
+//! behind a hundred offers of our own, times out at the friend, and is asked for again, which
+//! adds to the queue that made it late. So the session keeps its own queue, sends from it no
+//! faster than a token bucket allows, and sends the most needed first. A signal's answer is
+//! timed from when it leaves the queue, not from when it was queued.
+
+use std::collections::VecDeque;
+use tokio::time::{Duration, Instant};
+
+/// What waits for a stanza, most urgent first: the order in which the queue sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Class {
+    /// The session's own business: presence, roster and room requests, answers to requests.
+    Control,
+    /// Signals of link sessions under way: accepts, candidates, terminates.
+    Answer,
+    /// Offers that traffic waits for (on-demand links, restarts).
+    Urgent,
+    /// Offers of links that are only wanted in the background.
+    Background,
+}
+
+const CLASSES: usize = 4;
+
+/// A token bucket over bytes. It may go into debt by one stanza: a stanza goes out whenever
+/// the bucket is not empty, and its size is taken afterwards.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    /// Bytes per second.
+    rate: f64,
+    /// Most bytes saved up.
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket; `None` when `rate` is 0, which means no pacing.
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Option<Bucket> {
+        (rate > 0).then(|| Bucket {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            at: now,
+        })
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at = now;
+    }
+
+    /// When the next stanza may go.
+    pub(crate) fn ready_at(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        if self.tokens >= 0.0 {
+            now
+        } else {
+            now + Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
+    /// Takes a sent stanza's bytes.
+    pub(crate) fn take(&mut self, now: Instant, bytes: usize) {
+        self.refill(now);
+        self.tokens -= bytes as f64;
+    }
+}
+
+/// One queue per [`Class`], bounded in total.
+#[derive(Debug)]
+pub(crate) struct Queues<T> {
+    queues: [VecDeque<(Instant, T)>; CLASSES],
+    max: usize,
+}
+
+impl<T> Queues<T> {
+    pub(crate) fn new(max: usize) -> Self {
+        Queues {
+            queues: Default::default(),
+            max,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queues.iter().all(VecDeque::is_empty)
+    }
+
+    /// Queues `item`, or gives it back when the queue is full.
+    pub(crate) fn push(&mut self, class: Class, now: Instant, item: T) -> Result<(), T> {
+        if self.len() >= self.max {
+            return Err(item);
+        }
+        self.queues[class as usize].push_back((now, item));
+        Ok(())
+    }
+
+    /// The most urgent item, and when it was queued.
+    pub(crate) fn pop(&mut self) -> Option<(Instant, T)> {
+        self.queues.iter_mut().find_map(VecDeque::pop_front)
+    }
+
+    /// Every queued item, most urgent first.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.queues
+            .iter_mut()
+            .flat_map(|q| q.iter_mut().map(|(_, item)| item))
+    }
+
+    /// Keeps the items for which `keep` is true.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        for q in &mut self.queues {
+            q.retain(|(_, item)| keep(item));
+        }
+    }
+
+    /// Empties the queue, most urgent first.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.queues
+            .iter_mut()
+            .flat_map(|q| q.drain(..).map(|(_, item)| item))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_lets_a_burst_through_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, 3000, t0).expect("paced");
+        // Three stanzas of 1000 B go at once; the third empties the bucket.
+        for _ in 0..3 {
+            assert_eq!(b.ready_at(t0), t0);
+            b.take(t0, 1000);
+        }
+        // A fourth goes at once too (the bucket is not in debt), and puts it 500 B in debt.
+        assert_eq!(b.ready_at(t0), t0);
+        b.take(t0, 500);
+        assert_eq!(b.ready_at(t0), t0 + Duration::from_millis(500));
+        // Half a second later it may send again; a long pause refills no more than the burst.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(b.ready_at(t1), t1);
+        let t2 = t1 + Duration::from_secs(60);
+        b.refill(t2);
+        assert!((b.tokens - 3000.0).abs() < 1e-6, "{}", b.tokens);
+    }
+
+    #[test]
+    fn no_rate_means_no_pacing() {
+        assert!(Bucket::new(0, 20_000, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn the_most_urgent_class_goes_first_and_each_class_in_order() {
+        let now = Instant::now();
+        let mut q = Queues::new(10);
+        for (class, item) in [
+            (Class::Background, "offer 1"),
+            (Class::Background, "offer 2"),
+            (Class::Answer, "accept"),
+            (Class::Urgent, "on-demand offer"),
+            (Class::Control, "presence"),
+        ] {
+            q.push(class, now, item).expect("room");
+        }
+        let order: Vec<&str> = std::iter::from_fn(|| q.pop().map(|(_, i)| i)).collect();
+        assert_eq!(
+            order,
+            [
+                "presence",
+                "accept",
+                "on-demand offer",
+                "offer 1",
+                "offer 2"
+            ]
+        );
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_gives_the_item_back() {
+        let now = Instant::now();
+        let mut q = Queues::new(2);
+        q.push(Class::Background, now, 1).expect("room");
+        q.push(Class::Control, now, 2).expect("room");
+        assert_eq!(q.push(Class::Control, now, 3), Err(3));
+        assert_eq!(q.len(), 2);
+        q.retain(|i| *i != 1);
+        assert_eq!(q.drain().collect::<Vec<_>>(), [2]);
+    }
+}
