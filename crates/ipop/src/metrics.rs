@@ -494,6 +494,7 @@ mod tests {
                 signals_coalesced: 2,
                 send_queue: 5,
                 send_wait_max_ms: 1_250,
+                rooms: Vec::new(),
             }),
             overlays: vec![
                 overlay("static", vec![bob, peer("kd", None, None, None)]),
