@@ -194,6 +194,26 @@ mod tests {
     }
 
     #[test]
+    fn a_presence_with_key_and_claim_stays_small() {
+        let claim = Some(Claim {
+            address: std::net::Ipv4Addr::new(172, 31, 255, 254),
+            fixed: true,
+        });
+        let stanza = String::from(&Element::from(presence(&PublicKey([7; 32]), claim)));
+        let payload: usize = payloads(&PublicKey([7; 32]), claim)
+            .iter()
+            .map(|p| String::from(p).len())
+            .sum();
+        println!(
+            "presence with caps, key and claim: {} bytes, of which the payloads {payload}",
+            stanza.len()
+        );
+        // docs/scale.md reports these figures: a room of 100 devices costs each joiner this
+        // much times 100, through the server's rate limit.
+        assert!(stanza.len() <= 400, "{} bytes: {stanza}", stanza.len());
+    }
+
+    #[test]
     fn disco_info_advertises_the_ipop_features() {
         let info = disco_info(Some(caps_node_ver()));
         assert!(info.features.contains(NS_IPOP));
