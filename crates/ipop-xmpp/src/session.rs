@@ -138,6 +138,43 @@ impl View {
         }
     }
 
+    /// Tells the core of one device that came, changed or went (`None`), when nothing else
+    /// changed: the work is that device's, whatever the size of the overlay. Before the first
+    /// full publication there is nothing to update: that publication will say it.
+    fn update(
+        &mut self,
+        overlay: &OverlayId,
+        device: DeviceId,
+        announced: Option<Announced>,
+        out: &mut Vec<OsnEvent>,
+    ) {
+        if self.members.is_none() {
+            return;
+        }
+        match announced {
+            Some(announced) => {
+                self.stale.remove(&device);
+                if self.devices.get(&device) != Some(&announced) {
+                    self.devices.insert(device.clone(), announced);
+                    out.push(OsnEvent::DeviceUp {
+                        overlay: overlay.clone(),
+                        device,
+                        key: announced.key,
+                        claim: announced.claim,
+                    });
+                }
+            }
+            None => {
+                if self.devices.remove(&device).is_some() {
+                    out.push(OsnEvent::DeviceDown {
+                        overlay: overlay.clone(),
+                        device,
+                    });
+                }
+            }
+        }
+    }
+
     /// Report down the devices that did not come back after a fresh stream.
     fn sweep(&mut self, overlay: &OverlayId, out: &mut Vec<OsnEvent>) {
         for (device, _) in std::mem::take(&mut self.stale) {
@@ -1766,7 +1803,7 @@ impl Task {
                     );
                     return;
                 }
-                self.presences.insert(full, announced);
+                self.presences.insert(full.clone(), announced);
             }
             None => {
                 if self.presences.remove(&full).is_none() {
@@ -1774,7 +1811,13 @@ impl Task {
                 }
             }
         }
-        self.publish_social();
+        if self.roster_loaded {
+            let device = DeviceId::new(full.to_bare().to_string(), full.resource().as_str());
+            self.social
+                .update(&OverlayId::Social, device, announced, &mut self.out);
+            let count = self.presences.len();
+            self.shared.update(|s| s.social_devices = count);
+        }
     }
 
     // ---- group rooms ----
@@ -1951,8 +1994,18 @@ impl Task {
                 }
                 _ => false,
             };
-            if left.is_some() || forgotten {
+            if forgotten {
                 self.publish_room(i);
+            } else if let Some(left) = left
+                && room.state == RoomState::Joined
+                && left.real != self.me
+            {
+                let device = DeviceId::new(
+                    left.real.to_bare().to_string(),
+                    left.real.resource().as_str(),
+                );
+                room.view.update(&room.overlay, device, None, &mut self.out);
+                self.update_room_status();
             }
             return;
         }
@@ -1972,20 +2025,36 @@ impl Task {
             );
             return;
         }
-        if info.affiliation.authorised() {
-            room.members.insert(real.to_bare());
+        let members_changed = if info.affiliation.authorised() {
+            room.members.insert(real.to_bare())
         } else {
-            room.members.remove(&real.to_bare());
+            room.members.remove(&real.to_bare())
+        };
+        let device = DeviceId::new(real.to_bare().to_string(), real.resource().as_str());
+        let own = real == self.me;
+        let renamed = room
+            .occupants
+            .insert(
+                nick,
+                Occupant {
+                    real,
+                    affiliation: info.affiliation,
+                    announced,
+                },
+            )
+            .is_some_and(|before| {
+                DeviceId::new(
+                    before.real.to_bare().to_string(),
+                    before.real.resource().as_str(),
+                ) != device
+            });
+        if members_changed || renamed {
+            self.publish_room(i);
+        } else if room.state == RoomState::Joined && !own {
+            room.view
+                .update(&room.overlay, device, announced, &mut self.out);
+            self.update_room_status();
         }
-        room.occupants.insert(
-            nick,
-            Occupant {
-                real,
-                affiliation: info.affiliation,
-                announced,
-            },
-        );
-        self.publish_room(i);
     }
 
     fn on_own_room_presence(&mut self, i: usize, type_: PresenceType, info: &OccupantInfo) {
@@ -2201,6 +2270,44 @@ mod tests {
             publish(&mut view, &["a"], &[("laptop", 3)]),
             vec![down("phone")]
         );
+    }
+
+    #[test]
+    fn one_device_updated_in_a_large_view_says_that_device_only() {
+        let mut view = View::default();
+        let mut out = Vec::new();
+        let announced = |k: u8| {
+            Some(Announced {
+                key: PublicKey([k; 32]),
+                claim: None,
+            })
+        };
+        // Before the first publication an update waits for it.
+        view.update(&OverlayId::Social, device("early"), announced(9), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        let names: Vec<String> = (0..100).map(|i| format!("d{i}")).collect();
+        let devices: Vec<(&str, u8)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+        assert_eq!(publish(&mut view, &["bob"], &devices).len(), 101);
+
+        view.update(&OverlayId::Social, device("new"), announced(2), &mut out);
+        view.update(&OverlayId::Social, device("d7"), announced(1), &mut out);
+        view.update(&OverlayId::Social, device("d8"), announced(3), &mut out);
+        view.update(&OverlayId::Social, device("d9"), None, &mut out);
+        view.update(&OverlayId::Social, device("gone"), None, &mut out);
+        assert_eq!(
+            out,
+            [up("new", 2), up("d8", 3), down("d9")],
+            "only what changed"
+        );
+        // A full publication afterwards agrees with the updates: nothing more to say.
+        let mut now: Vec<(&str, u8)> = devices
+            .iter()
+            .copied()
+            .filter(|(n, _)| *n != "d9")
+            .map(|(n, k)| (n, if n == "d8" { 3 } else { k }))
+            .collect();
+        now.push(("new", 2));
+        assert_eq!(publish(&mut view, &["bob"], &now), []);
     }
 
     #[test]
