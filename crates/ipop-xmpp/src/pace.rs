@@ -23,9 +23,11 @@ pub(crate) enum Class {
     Urgent,
     /// Offers of links that are only wanted in the background.
     Background,
+    /// Answers to requests from strangers (no overlay authorises them).
+    Stranger,
 }
 
-const CLASSES: usize = 4;
+const CLASSES: usize = 5;
 
 /// A token bucket over bytes. It may go into debt by one stanza: a stanza goes out whenever
 /// the bucket is not empty, and its size is taken afterwards.
@@ -73,18 +75,20 @@ impl Bucket {
     }
 }
 
-/// One queue per [`Class`], bounded in total.
+/// One queue per [`Class`], bounded in total and, for [`Class::Stranger`], on its own.
 #[derive(Debug)]
 pub(crate) struct Queues<T> {
     queues: [VecDeque<(Instant, T)>; CLASSES],
     max: usize,
+    max_stranger: usize,
 }
 
 impl<T> Queues<T> {
-    pub(crate) fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize, max_stranger: usize) -> Self {
         Queues {
             queues: Default::default(),
             max,
+            max_stranger,
         }
     }
 
@@ -98,7 +102,10 @@ impl<T> Queues<T> {
 
     /// Queues `item`, or gives it back when the queue is full.
     pub(crate) fn push(&mut self, class: Class, now: Instant, item: T) -> Result<(), T> {
-        if self.len() >= self.max {
+        if self.len() >= self.max
+            || (class == Class::Stranger
+                && self.queues[Class::Stranger as usize].len() >= self.max_stranger)
+        {
             return Err(item);
         }
         self.queues[class as usize].push_back((now, item));
@@ -165,8 +172,9 @@ mod tests {
     #[test]
     fn the_most_urgent_class_goes_first_and_each_class_in_order() {
         let now = Instant::now();
-        let mut q = Queues::new(10);
+        let mut q = Queues::new(10, 1);
         for (class, item) in [
+            (Class::Stranger, "error to a stranger"),
             (Class::Background, "offer 1"),
             (Class::Background, "offer 2"),
             (Class::Answer, "accept"),
@@ -183,7 +191,8 @@ mod tests {
                 "accept",
                 "on-demand offer",
                 "offer 1",
-                "offer 2"
+                "offer 2",
+                "error to a stranger"
             ]
         );
         assert!(q.is_empty());
@@ -192,12 +201,14 @@ mod tests {
     #[test]
     fn a_full_queue_gives_the_item_back() {
         let now = Instant::now();
-        let mut q = Queues::new(2);
+        let mut q = Queues::new(3, 1);
         q.push(Class::Background, now, 1).expect("room");
+        q.push(Class::Stranger, now, 4).expect("room");
+        assert_eq!(q.push(Class::Stranger, now, 5), Err(5), "strangers' share");
         q.push(Class::Control, now, 2).expect("room");
         assert_eq!(q.push(Class::Control, now, 3), Err(3));
-        assert_eq!(q.len(), 2);
+        assert_eq!(q.len(), 3);
         q.retain(|i| *i != 1);
-        assert_eq!(q.drain().collect::<Vec<_>>(), [2]);
+        assert_eq!(q.drain().collect::<Vec<_>>(), [2, 4]);
     }
 }

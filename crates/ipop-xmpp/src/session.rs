@@ -298,8 +298,9 @@ enum Queued {
     },
 }
 
-/// Most stanzas in the send queue.
+/// Most stanzas in the send queue, and most answers to strangers among them.
 const SEND_QUEUE: usize = 2048;
+const STRANGER_ANSWERS: usize = 32;
 
 pub(crate) struct Task {
     cfg: XmppConfig,
@@ -333,7 +334,7 @@ pub(crate) struct Task {
     /// Devices a link offer went to, to count repeated offers.
     offered: BTreeSet<DeviceId>,
     /// Stanzas produced while handling one input, queued afterwards.
-    outbox: Vec<Stanza>,
+    outbox: Vec<(Class, Stanza)>,
     /// What waits to be sent, by class, and the pace it goes at (none without a limit).
     queue: Queues<Queued>,
     bucket: Option<Bucket>,
@@ -476,7 +477,7 @@ impl Task {
             rooms,
             external: External::default(),
             offered: BTreeSet::new(),
-            queue: Queues::new(SEND_QUEUE),
+            queue: Queues::new(SEND_QUEUE, STRANGER_ANSWERS),
             bucket: Bucket::new(cfg.send_rate, cfg.send_burst, Instant::now()),
             cfg,
             outbox: Vec::new(),
@@ -530,12 +531,8 @@ impl Task {
     /// hands the events to the core.
     async fn flush(&mut self) {
         let now = Instant::now();
-        for stanza in std::mem::take(&mut self.outbox) {
-            if self
-                .queue
-                .push(Class::Control, now, Queued::Stanza(stanza))
-                .is_err()
-            {
+        for (class, stanza) in std::mem::take(&mut self.outbox) {
+            if self.queue.push(class, now, Queued::Stanza(stanza)).is_err() {
                 self.drop_stanza(DropReason::QueueFull, "the send queue is full");
             }
         }
@@ -625,12 +622,14 @@ impl Task {
                 if matches!(room.state, RoomState::Joined | RoomState::Configuring)
                     && let Some(to) = room.occupant_jid()
                 {
-                    self.outbox.push(Presence::unavailable().with_to(to).into());
+                    self.outbox
+                        .push((Class::Control, Presence::unavailable().with_to(to).into()));
                 }
             }
             let mut last = None;
             for stanza in std::mem::take(&mut self.outbox)
                 .into_iter()
+                .map(|(_, stanza)| stanza)
                 .chain([Presence::unavailable().into()])
             {
                 self.shared.count_traffic(|t| t.stanzas_sent += 1);
@@ -679,7 +678,7 @@ impl Task {
                 payload,
             }
         };
-        self.outbox.push(iq.into());
+        self.outbox.push((Class::Control, iq.into()));
         self.pending.insert(
             id,
             Pending {
@@ -691,7 +690,9 @@ impl Task {
     }
 
     fn reply(&mut self, to: Option<Jid>, id: String, payload: Option<Element>) {
-        self.outbox.push(
+        let class = self.reply_class(to.as_ref());
+        self.outbox.push((
+            class,
             Iq::Result {
                 from: None,
                 to,
@@ -699,7 +700,7 @@ impl Task {
                 payload,
             }
             .into(),
-        );
+        ));
     }
 
     fn reply_error(
@@ -710,7 +711,9 @@ impl Task {
         condition: DefinedCondition,
         text: &str,
     ) {
-        self.outbox.push(
+        let class = self.reply_class(to.as_ref());
+        self.outbox.push((
+            class,
             Iq::Error {
                 from: None,
                 to,
@@ -719,7 +722,18 @@ impl Task {
                 payload: None,
             }
             .into(),
-        );
+        ));
+    }
+
+    /// Answers go before everything else, except answers to strangers: those go last, and
+    /// only a few may wait, so that a stranger's flood of requests cannot hold up this device's
+    /// own stanzas.
+    fn reply_class(&self, to: Option<&Jid>) -> Class {
+        if self.may_ask(to) {
+            Class::Control
+        } else {
+            Class::Stranger
+        }
     }
 
     fn drop_stanza(&self, reason: DropReason, detail: impl std::fmt::Display) {
@@ -971,7 +985,7 @@ impl Task {
         } else {
             announce::unannounced_presence()
         };
-        self.outbox.push(presence.into());
+        self.outbox.push((Class::Control, presence.into()));
     }
 
     /// Our available presence to a room we are in, with our claim there.
@@ -983,7 +997,7 @@ impl Task {
         };
         let mut presence = announce::presence(&self.cfg.key, room.claim);
         presence.to = Some(to.into());
-        self.outbox.push(presence.into());
+        self.outbox.push((Class::Control, presence.into()));
     }
 
     fn on_claims(&mut self) {
@@ -1839,7 +1853,7 @@ impl Task {
             .with_to(to)
             .with_payloads(muc::join_payloads(&self.cfg.key, room.claim));
         presence.priority = Priority(announce::PRIORITY);
-        self.outbox.push(presence.into());
+        self.outbox.push((Class::Control, presence.into()));
         self.update_room_status();
     }
 
@@ -1851,7 +1865,8 @@ impl Task {
             RoomState::Joined | RoomState::Joining | RoomState::Configuring
         ) && let Some(to) = room.occupant_jid()
         {
-            self.outbox.push(Presence::unavailable().with_to(to).into());
+            self.outbox
+                .push((Class::Control, Presence::unavailable().with_to(to).into()));
         }
         room.state = RoomState::Failed(why);
         self.clear_room(i);
