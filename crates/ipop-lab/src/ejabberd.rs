@@ -7,7 +7,11 @@
 //! started directly (what `ejabberdctl foreground` runs), so the process the lab holds is the VM
 //! itself: SIGTERM stops ejabberd cleanly, SIGKILL crashes it. Its Erlang distribution (which
 //! `ejabberdctl register` talks to) listens on loopback on a fixed port, without epmd, so that no
-//! process outlives the test.
+//! process outlives the test; the nodes of a cluster listen on their server's address instead,
+//! all on one port, so that they reach each other across namespaces.
+//!
+//! The config is `docs/examples/ejabberd.yml`, the one `docs/servers.md` gives, with the lab's
+//! certificate and address.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
