@@ -60,9 +60,17 @@ pub struct EjabberdBuilder {
     ip: IpAddr,
     parent: Option<PathBuf>,
     ca: Option<TestCa>,
-    /// For a node of a cluster: its distribution reachable at its own address, with this port
-    /// and cookie (a fresh ones when `None`).
-    cluster: Option<Option<(u16, String)>>,
+    /// For a node of a cluster: its distribution reachable at its own address.
+    cluster: Option<ClusterRole>,
+}
+
+/// How a node of a cluster gets its distribution port and cookie.
+#[derive(Debug)]
+enum ClusterRole {
+    /// The first node: a port and a cookie of its own.
+    First,
+    /// A node that joins the first: its port and cookie.
+    Of { port: u16, cookie: String },
 }
 
 impl EjabberdBuilder {
@@ -95,7 +103,7 @@ impl EjabberdBuilder {
     /// namespaces reach it; [`EjabberdBuilder::cluster_of`] starts the others.
     #[must_use]
     pub fn clustered(mut self) -> EjabberdBuilder {
-        self.cluster = Some(None);
+        self.cluster = Some(ClusterRole::First);
         self
     }
 
@@ -113,7 +121,10 @@ impl EjabberdBuilder {
             "ejabberd for {} is not clustered: start it with EjabberdBuilder::clustered",
             first.domain
         );
-        self.cluster = Some(Some((first.dist_port, first.cookie.clone())));
+        self.cluster = Some(ClusterRole::Of {
+            port: first.dist_port,
+            cookie: first.cookie.clone(),
+        });
         self
     }
 
@@ -161,8 +172,10 @@ impl EjabberdBuilder {
             None => (IpAddr::V4(Ipv4Addr::LOCALHOST), false),
         };
         let (dist_port, cookie) = match self.cluster {
-            Some(Some((port, cookie))) => (port, cookie),
-            _ => (free_port(self.netns.as_ref(), dist_ip), random_cookie()),
+            Some(ClusterRole::Of { port, cookie }) => (port, cookie),
+            Some(ClusterRole::First) | None => {
+                (free_port(self.netns.as_ref(), dist_ip), random_cookie())
+            }
         };
         let port = loop {
             let port = free_port(self.netns.as_ref(), self.ip);
