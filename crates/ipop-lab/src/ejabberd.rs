@@ -7,7 +7,11 @@
 //! started directly (what `ejabberdctl foreground` runs), so the process the lab holds is the VM
 //! itself: SIGTERM stops ejabberd cleanly, SIGKILL crashes it. Its Erlang distribution (which
 //! `ejabberdctl register` talks to) listens on loopback on a fixed port, without epmd, so that no
-//! process outlives the test.
+//! process outlives the test; the nodes of a cluster listen on their server's address instead,
+//! all on one port, so that they reach each other across namespaces.
+//!
+//! The config is `docs/examples/ejabberd.yml`, the one `docs/servers.md` gives, with the lab's
+//! certificate and address.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,6 +40,9 @@ pub const EJABBERD_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// The system user that Debian's package runs ejabberd as.
 const EJABBERD_USER: &str = "ejabberd";
 
+/// The field of `ejabberdctl connected_users_info` that names a session's node.
+const SESSION_NODE_FIELD: usize = 5;
+
 /// Lines of ejabberd's own log printed when a test fails.
 const LOG_TAIL_LINES: usize = 60;
 
@@ -53,6 +60,17 @@ pub struct EjabberdBuilder {
     ip: IpAddr,
     parent: Option<PathBuf>,
     ca: Option<TestCa>,
+    /// For a node of a cluster: its distribution reachable at its own address.
+    cluster: Option<ClusterRole>,
+}
+
+/// How a node of a cluster gets its distribution port and cookie.
+#[derive(Debug)]
+enum ClusterRole {
+    /// The first node: a port and a cookie of its own.
+    First,
+    /// A node that joins the first: its port and cookie.
+    Of { port: u16, cookie: String },
 }
 
 impl EjabberdBuilder {
@@ -77,6 +95,36 @@ impl EjabberdBuilder {
     #[must_use]
     pub fn ca(mut self, ca: &TestCa) -> EjabberdBuilder {
         self.ca = Some(ca.clone());
+        self
+    }
+
+    /// Makes this the first node of a cluster: its Erlang distribution listens on the server's
+    /// own address (the node is `ipl-...@ADDRESS`) instead of loopback, so that nodes in other
+    /// namespaces reach it; [`EjabberdBuilder::cluster_of`] starts the others.
+    #[must_use]
+    pub fn clustered(mut self) -> EjabberdBuilder {
+        self.cluster = Some(ClusterRole::First);
+        self
+    }
+
+    /// Makes this a node that can join the cluster of `first` ([`Ejabberd::join_cluster`]):
+    /// like [`EjabberdBuilder::clustered`], with the cookie and distribution port of `first`
+    /// (without epmd, every node of a cluster listens on the same port). Give both the same
+    /// CA with [`EjabberdBuilder::ca`], so that clients trust every node.
+    ///
+    /// # Panics
+    /// When `first` was not started [`EjabberdBuilder::clustered`].
+    #[must_use]
+    pub fn cluster_of(mut self, first: &Ejabberd) -> EjabberdBuilder {
+        assert!(
+            first.clustered,
+            "ejabberd for {} is not clustered: start it with EjabberdBuilder::clustered",
+            first.domain
+        );
+        self.cluster = Some(ClusterRole::Of {
+            port: first.dist_port,
+            cookie: first.cookie.clone(),
+        });
         self
     }
 
@@ -119,16 +167,37 @@ impl EjabberdBuilder {
             &certs.join("server.pem"),
             &format!("{}{}", server.cert_pem, server.key_pem),
         );
-        let port = free_port(self.netns.as_ref(), self.ip);
-        let dist_port = free_port(self.netns.as_ref(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let (dist_ip, clustered) = match self.cluster {
+            Some(_) => (self.ip, true),
+            None => (IpAddr::V4(Ipv4Addr::LOCALHOST), false),
+        };
+        let (dist_port, cookie) = match self.cluster {
+            Some(ClusterRole::Of { port, cookie }) => (port, cookie),
+            Some(ClusterRole::First) | None => {
+                (free_port(self.netns.as_ref(), dist_ip), random_cookie())
+            }
+        };
+        let port = loop {
+            let port = free_port(self.netns.as_ref(), self.ip);
+            if port != dist_port {
+                break port;
+            }
+        };
+        let node = if clustered {
+            format!("{PREFIX}{}-{id}@{dist_ip}", std::process::id())
+        } else {
+            format!("{PREFIX}{}-{id}@localhost", std::process::id())
+        };
         let mut ejabberd = Ejabberd {
             daemon: None,
             children: Vec::new(),
             netns: self.netns,
             addr: SocketAddr::new(self.ip, port),
             dist_port,
-            node: format!("{PREFIX}{}-{id}@localhost", std::process::id()),
-            cookie: random_cookie(),
+            dist_ip,
+            clustered,
+            node,
+            cookie,
             erl_libs,
             config: dir.join("ejabberd.yml"),
             ctl_config: dir.join("ejabberdctl.cfg"),
@@ -169,9 +238,14 @@ pub struct Ejabberd {
     netns: Option<NsHandle>,
     domain: String,
     addr: SocketAddr,
-    /// The Erlang distribution port, on loopback.
+    /// The Erlang distribution port, on `dist_ip`.
     dist_port: u16,
-    /// The Erlang node name, `ipl-<pid>-<n>@localhost`.
+    /// Loopback, or the server's address for a node of a cluster.
+    dist_ip: IpAddr,
+    /// Whether the node can be part of a cluster (long node name at `dist_ip`).
+    clustered: bool,
+    /// The Erlang node name, `ipl-<pid>-<n>@localhost`, or `ipl-<pid>-<n>@ADDRESS` for a node
+    /// of a cluster.
     node: String,
     cookie: String,
     /// Where ejabberd's Erlang applications are installed.
@@ -197,6 +271,7 @@ impl Ejabberd {
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             parent: None,
             ca: None,
+            cluster: None,
         }
     }
 
@@ -297,6 +372,96 @@ impl Ejabberd {
         self.daemon
             .as_mut()
             .is_some_and(|daemon| daemon.try_wait().is_none())
+    }
+
+    /// The Erlang node name (what `ejabberdctl list_cluster` and `join_cluster` name).
+    #[must_use]
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Joins the cluster that `other` belongs to, with `ejabberdctl join_cluster` as an
+    /// operator does: this node drops its own data (accounts, rosters, rooms) and takes the
+    /// cluster's, then restarts its services. Returns once both nodes list each other and this
+    /// one accepts clients again.
+    ///
+    /// # Panics
+    /// When this node was not started [`EjabberdBuilder::cluster_of`] `other`'s cluster, or
+    /// the join fails; the message carries `ejabberdctl`'s output.
+    pub fn join_cluster(&mut self, other: &Ejabberd) {
+        assert!(
+            self.clustered && self.cookie == other.cookie,
+            "ejabberd node {} was not started with EjabberdBuilder::cluster_of({})",
+            self.node,
+            other.node
+        );
+        let mut cmd = self.ctl();
+        cmd.args(["join_cluster", &other.node]);
+        run_checked(
+            &mut cmd,
+            &format!("join ejabberd node {} to {}", self.node, other.node),
+        );
+        let mut started = self.ctl();
+        started.arg("started");
+        run_checked(
+            &mut started,
+            &format!("wait for ejabberd node {} to start again", self.node),
+        );
+        let (stdout, log) = (self.stdout.clone(), self.log.clone());
+        let what = format!("ejabberd node {} after joining the cluster", self.node);
+        wait_accepting(
+            &what,
+            self.netns.as_ref(),
+            self.addr,
+            EJABBERD_READY_TIMEOUT,
+            &mut self.daemon,
+            move || logs(&stdout, &log),
+        );
+        for node in [&*self, other] {
+            let members = node.cluster_nodes();
+            assert!(
+                members.contains(&self.node) && members.contains(&other.node),
+                "after join_cluster, {} lists the cluster {members:?}",
+                node.node
+            );
+        }
+    }
+
+    /// The nodes of this node's cluster, itself included (`ejabberdctl list_cluster`).
+    ///
+    /// # Panics
+    /// When `ejabberdctl` fails.
+    #[must_use]
+    pub fn cluster_nodes(&self) -> Vec<String> {
+        let mut cmd = self.ctl();
+        cmd.arg("list_cluster");
+        let out = run_checked(&mut cmd, &format!("list the cluster of {}", self.node));
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(|node| node.trim_matches('\'').to_owned())
+            .collect()
+    }
+
+    /// The client sessions of the whole cluster, each as its full JID and the node it is
+    /// connected to (`ejabberdctl connected_users_info`).
+    ///
+    /// # Panics
+    /// When `ejabberdctl` fails.
+    #[must_use]
+    pub fn sessions(&self) -> Vec<(String, String)> {
+        let mut cmd = self.ctl();
+        cmd.arg("connected_users_info");
+        let out = run_checked(&mut cmd, &format!("list the sessions on {}", self.node));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split('\t').collect();
+                Some((
+                    (*fields.first()?).to_owned(),
+                    (*fields.get(SESSION_NODE_FIELD)?).to_owned(),
+                ))
+            })
+            .collect()
     }
 
     /// Creates the account `user@DOMAIN` with `ejabberdctl register`, which asks the running
@@ -462,11 +627,21 @@ impl Ejabberd {
     }
 
     /// The VM's arguments: those `ejabberdctl foreground` gives, with a distribution port of
-    /// its own on loopback and no epmd.
+    /// its own on loopback (on the server's address for a node of a cluster) and no epmd.
     fn vm_args(&self) -> Vec<String> {
         let spool = self.dir.join("spool");
+        let interface = match self.dist_ip {
+            IpAddr::V4(ip) => {
+                let [a, b, c, d] = ip.octets();
+                format!("{{{a},{b},{c},{d}}}")
+            }
+            IpAddr::V6(ip) => {
+                let words: Vec<String> = ip.segments().iter().map(u16::to_string).collect();
+                format!("{{{}}}", words.join(","))
+            }
+        };
         [
-            "-sname",
+            if self.clustered { "-name" } else { "-sname" },
             &self.node,
             "+K",
             "true",
@@ -481,7 +656,7 @@ impl Ejabberd {
             "false",
             "-kernel",
             "inet_dist_use_interface",
-            "{127,0,0,1}",
+            &interface,
             "-setcookie",
             &self.cookie,
             "-mnesia",
@@ -507,168 +682,99 @@ impl Ejabberd {
         )
     }
 
-    /// `ejabberd.yml`: Debian's stock config for one virtual host, with only the c2s listener
-    /// (STARTTLS required, the stock shaper and stanza size limit), and the group-room settings
-    /// that `docs/servers.md` gives.
+    /// `ejabberd.yml`: the config documented in `docs/servers.md` for this test's domain, with
+    /// the lab's certificate, the c2s listener on this test's address and port, and without
+    /// `mod_stun_disco` (the lab has no coturn at the documented address); then the lab's own
+    /// settings (logging).
     fn config_yaml(&self) -> String {
-        let q = |value: &str| yaml_str(value);
+        let certfile = self.dir.join("certs").join("server.pem");
+        let documented = lab_config(
+            &DOCUMENTED_CONFIG.replace("@DOMAIN@", &self.domain),
+            &certfile.to_string_lossy(),
+            self.addr,
+        );
         let mut s = String::new();
         // Writing to a String cannot fail.
-        let _ = writeln!(s, "# Written by ipop-lab for one test.");
+        let _ = writeln!(s, "{DOCUMENTED_HEADER}");
+        s.push_str(&documented);
+        let _ = writeln!(s, "{LAB_HEADER}");
         let _ = writeln!(s, "loglevel: info");
         let _ = writeln!(s, "log_rotate_count: 0");
-        let _ = writeln!(s, "hosts:\n  - {}", q(&self.domain));
-        let _ = writeln!(
-            s,
-            "certfiles:\n  - {}",
-            q(&self.dir.join("certs").join("server.pem").to_string_lossy())
-        );
-        s.push_str(STOCK_TLS);
-        let _ = writeln!(
-            s,
-            "listen:\n  -\n    port: {}\n    ip: {}\n    module: ejabberd_c2s\n    \
-             max_stanza_size: 262144\n    shaper: c2s_shaper\n    access: c2s\n    \
-             starttls_required: true\n    protocol_options: 'TLS_OPTIONS'",
-            self.addr.port(),
-            q(&self.addr.ip().to_string())
-        );
-        s.push_str(STOCK_RULES);
-        s.push_str(STOCK_MODULES);
         s
     }
 }
 
-/// The stock TLS settings of Debian's `ejabberd.yml`.
-const STOCK_TLS: &str = "\
-define_macro:
-  'TLS_CIPHERS': \"HIGH:!aNULL:!eNULL:!3DES:@STRENGTH\"
-  'TLS_OPTIONS':
-    - \"no_sslv3\"
-    - \"no_tlsv1\"
-    - \"no_tlsv1_1\"
-    - \"cipher_server_preference\"
-    - \"no_compression\"
-c2s_ciphers: 'TLS_CIPHERS'
-s2s_ciphers: 'TLS_CIPHERS'
-c2s_protocol_options: 'TLS_OPTIONS'
-s2s_protocol_options: 'TLS_OPTIONS'
-";
+/// `config` (the documented one) with `certfile` in place of the documented certificates,
+/// the c2s listener on `addr`, and no `mod_stun_disco`.
+///
+/// # Panics
+/// When `config` does not have each of those settings once, as documented.
+fn lab_config(config: &str, certfile: &str, addr: SocketAddr) -> String {
+    let replace_once = |config: &str, from: &str, to: &str| {
+        assert_eq!(
+            config.matches(from).count(),
+            1,
+            "docs/examples/ejabberd.yml has {from:?} once"
+        );
+        config.replace(from, to)
+    };
+    let config = replace_once(
+        config,
+        &format!("\n  - {}\n", yaml_str(DOCUMENTED_CERTFILES)),
+        &format!("\n  - {}\n", yaml_str(certfile)),
+    );
+    let config = replace_once(
+        &config,
+        DOCUMENTED_C2S_ADDR,
+        &format!(
+            "\n    port: {}\n    ip: {}\n",
+            addr.port(),
+            yaml_str(&addr.ip().to_string())
+        ),
+    );
+    without_module(&config, "mod_stun_disco")
+}
 
-/// The stock authentication, access rules and shapers of Debian's `ejabberd.yml`: clients are
-/// limited to 3000 bytes/s (bursts of 20 000).
-const STOCK_RULES: &str = "\
-disable_sasl_mechanisms:
-  - \"digest-md5\"
-  - \"X-OAUTH2\"
-s2s_use_starttls: required
-auth_method: internal
-auth_password_format: scram
-acl:
-  admin:
-    user:
-      - \"\"
-  local:
-    user_regexp: \"\"
-  loopback:
-    ip:
-      - 127.0.0.0/8
-      - ::1/128
-access_rules:
-  local:
-    allow: local
-  c2s:
-    deny: blocked
-    allow: all
-  announce:
-    allow: admin
-  configure:
-    allow: admin
-  muc_create:
-    allow: local
-  pubsub_createnode:
-    allow: local
-  trusted_network:
-    allow: loopback
-api_permissions:
-  \"console commands\":
-    from:
-      - ejabberd_ctl
-    who: all
-    what: \"*\"
-shaper:
-  normal:
-    rate: 3000
-    burst_size: 20000
-  fast: 200000
-shaper_rules:
-  max_user_sessions: 10
-  max_user_offline_messages:
-    5000: admin
-    100: all
-  c2s_shaper:
-    none: admin
-    normal: all
-  s2s_shaper: fast
-";
+/// `config` less the module `name` and its options.
+///
+/// # Panics
+/// When `config` does not load that module once.
+fn without_module(config: &str, name: &str) -> String {
+    let head = format!("  {name}:");
+    let mut out = String::with_capacity(config.len());
+    let mut found = 0;
+    let mut skipping = false;
+    for line in config.split_inclusive('\n') {
+        if line.trim_end() == head {
+            found += 1;
+            skipping = true;
+            continue;
+        }
+        if skipping && line.starts_with("    ") {
+            continue;
+        }
+        skipping = false;
+        out.push_str(line);
+    }
+    assert_eq!(found, 1, "docs/examples/ejabberd.yml loads {name} once");
+    out
+}
 
-/// Debian's stock modules, less those that need a listener the lab does not open (BOSH, HTTP
-/// API, MQTT, server-to-server dialback) and `mod_stun_disco` (no STUN/TURN server to
-/// announce). `mod_muc` as `docs/servers.md` sets it up; `mod_stream_mgmt` as stock (stream
-/// resumption on, sessions kept 300 s).
-const STOCK_MODULES: &str = "\
-modules:
-  mod_adhoc: {}
-  mod_admin_extra: {}
-  mod_announce:
-    access: announce
-  mod_avatar: {}
-  mod_blocking: {}
-  mod_caps: {}
-  mod_carboncopy: {}
-  mod_client_state: {}
-  mod_configure: {}
-  mod_disco: {}
-  mod_fail2ban: {}
-  mod_last: {}
-  mod_muc:
-    access:
-      - allow
-    access_admin:
-      - allow: admin
-    access_create: local
-    access_persistent: local
-    default_room_options:
-      members_only: true
-      anonymous: false
-      persistent: true
-      public: false
-  mod_muc_admin: {}
-  mod_offline:
-    access_max_user_messages: max_user_offline_messages
-  mod_ping: {}
-  mod_pres_counter:
-    count: 5
-    interval: 60
-  mod_privacy: {}
-  mod_private: {}
-  mod_pubsub:
-    access_createnode: pubsub_createnode
-    plugins:
-      - flat
-      - pep
-  mod_push: {}
-  mod_push_keepalive: {}
-  mod_roster:
-    versioning: true
-  mod_shared_roster: {}
-  mod_sic: {}
-  mod_stream_mgmt:
-    resend_on_timeout: if_offline
-  mod_vcard:
-    search: false
-  mod_vcard_xupdate: {}
-  mod_version: {}
-";
+/// The ejabberd config that `docs/servers.md` gives, with `@DOMAIN@`, `@TURN_HOST@` and
+/// `@TURN_SECRET@` to fill in. Every ejabberd of the tests runs it.
+const DOCUMENTED_CONFIG: &str = include_str!("../../../docs/examples/ejabberd.yml");
+
+/// The certificates of the documented config, which the lab replaces with its own.
+const DOCUMENTED_CERTFILES: &str = "/etc/ejabberd/certs/*.pem";
+
+/// The c2s listener's address in the documented config, which the lab replaces with its own.
+const DOCUMENTED_C2S_ADDR: &str = "\n    port: 5222\n    ip: \"::\"\n";
+
+/// The line before the documented config in the config the lab writes.
+const DOCUMENTED_HEADER: &str = "## ipop-lab: docs/examples/ejabberd.yml for this test.";
+
+/// The line before the lab's own settings.
+const LAB_HEADER: &str = "## ipop-lab: settings of this test's server.";
 
 impl XmppServer for Ejabberd {
     fn kind(&self) -> ServerKind {
@@ -866,6 +972,48 @@ mod tests {
     fn strings_are_quoted_for_yaml_and_erlang() {
         assert_eq!(yaml_str("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(erlang_string("/tmp/a \"b\""), "\"/tmp/a \\\"b\\\"\"");
+    }
+
+    /// `docs/servers.md` shows the config file the tests run, and the lab changes only the
+    /// certificate, the listener's address and the STUN/TURN module in it.
+    #[test]
+    fn runs_the_config_that_the_documentation_shows() {
+        let doc = include_str!("../../../docs/servers.md");
+        assert!(
+            doc.contains(&format!("```yaml\n{DOCUMENTED_CONFIG}```\n")),
+            "docs/servers.md shows docs/examples/ejabberd.yml in a yaml block"
+        );
+        let addr: SocketAddr = "10.1.2.3:40001".parse().expect("address");
+        let lab = lab_config(DOCUMENTED_CONFIG, "/tmp/lab/server.pem", addr);
+        assert!(lab.contains("\n  - \"/tmp/lab/server.pem\"\n"), "{lab}");
+        assert!(
+            lab.contains("\n    port: 40001\n    ip: \"10.1.2.3\"\n    module: ejabberd_c2s\n"),
+            "{lab}"
+        );
+        assert!(!lab.contains("mod_stun_disco:"), "{lab}");
+        assert!(
+            lab.lines()
+                .filter(|line| !line.trim_start().starts_with('#'))
+                .all(|line| !line.contains("@TURN_")),
+            "{lab}"
+        );
+        assert!(
+            lab.contains("  mod_stream_mgmt:\n    resend_on_timeout: if_offline\n"),
+            "{lab}"
+        );
+        assert!(lab.contains("\n  mod_vcard:\n    search: false\n"), "{lab}");
+        let removed: Vec<&str> = DOCUMENTED_CONFIG
+            .lines()
+            .filter(|line| !lab.lines().any(|l| l == *line))
+            .collect();
+        assert!(
+            removed.iter().all(|line| line.contains("5222")
+                || line.contains("\"::\"")
+                || line.contains(DOCUMENTED_CERTFILES)
+                || line.contains("mod_stun_disco")
+                || line.starts_with("    ")),
+            "the lab drops more than its own settings: {removed:?}"
+        );
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! End-to-end tests of the overlays' addresses and names, with a real XMPP server: automatic
 //! group addresses (distinct, remembered, moved on a collision), no traffic across overlays,
 //! DNS names and address translation between friends, group membership taken away, and keys
-//! pinned on first use until the user trusts a new one.
+//! pinned on first use until the user trusts a new one. Every scenario runs on Prosody and on
+//! ejabberd, each with the config that docs/servers.md gives.
 //!
 //! Run as root: they create network namespaces and TUN devices.
 
 use ipnet::IpNet;
-use ipop_lab::{Netns, Node, wait_until};
+use ipop_lab::{Netns, Node, ServerKind, wait_until};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -16,6 +17,16 @@ use std::time::Duration;
 
 mod common;
 use common::*;
+
+on_both_servers! {
+    one_device_in_two_groups_has_no_cross_talk: "xcross";
+    six_devices_get_distinct_automatic_addresses_that_survive_restarts: "xsix";
+    a_forced_collision_is_resolved: "xclash";
+    friends_reach_each_other_by_dns_name_and_tcp_is_translated: "xdns";
+    a_member_removed_from_the_group_loses_its_links_within_5_s: "xremove";
+    a_device_with_a_new_key_is_refused_until_trusted: "xpin";
+    on_demand_links_open_with_the_first_packet_and_close_when_idle: "xdemand";
+}
 
 /// How long a new member's link may take to carry pings.
 const LINK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -193,9 +204,8 @@ fn accept_within(listener: &TcpListener, timeout: Duration) -> (TcpStream, Socke
     (stream, peer)
 }
 
-#[test]
-fn one_device_in_two_groups_has_no_cross_talk() {
-    let mut w = World::new("xcross", 4);
+fn one_device_in_two_groups_has_no_cross_talk(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 4);
     let (g1, g2) = (room("g1"), room("g2"));
     let carol_overlays = format!(
         "{}\n{}",
@@ -273,10 +283,9 @@ fn one_device_in_two_groups_has_no_cross_talk() {
     w.lab.stop_all();
 }
 
-#[test]
-fn six_devices_get_distinct_automatic_addresses_that_survive_restarts() {
+fn six_devices_get_distinct_automatic_addresses_that_survive_restarts(kind: ServerKind, tag: &str) {
     const USERS: [&str; 6] = ["amy", "ben", "cho", "dov", "eli", "fay"];
-    let mut w = World::new("xsix", 6);
+    let mut w = World::on(kind, tag, 6);
     let lab = room("six");
     let subnet: ipnet::Ipv4Net = "10.84.0.0/24".parse().expect("subnet");
     for (i, user) in USERS.iter().enumerate() {
@@ -348,9 +357,8 @@ fn six_devices_get_distinct_automatic_addresses_that_survive_restarts() {
     w.lab.stop_all();
 }
 
-#[test]
-fn a_forced_collision_is_resolved() {
-    let mut w = World::new("xclash", 2);
+fn a_forced_collision_is_resolved(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 2);
     let clash = room("clash");
     let contested: Ipv4Addr = "10.83.0.7".parse().expect("address");
     w.server.register("carol", &password("carol"));
@@ -439,8 +447,8 @@ fn a_forced_collision_is_resolved() {
 }
 
 /// Alice's laptop and Bob's phone, friends with the default `[social]` section, linked.
-fn linked_friends(tag: &str) -> World {
-    let (w, _alice, _bob) = start_friends(tag, "[social]\n", "[social]\n");
+fn linked_friends(kind: ServerKind, tag: &str) -> World {
+    let (w, _alice, _bob) = start_friends_on(kind, tag, "[social]\n", "[social]\n");
     wait_social_ping(
         &w.lab.nodes[0],
         &jid("bob"),
@@ -450,10 +458,9 @@ fn linked_friends(tag: &str) -> World {
     w
 }
 
-#[test]
-fn friends_reach_each_other_by_dns_name_and_tcp_is_translated() {
+fn friends_reach_each_other_by_dns_name_and_tcp_is_translated(kind: ServerKind, tag: &str) {
     // Both number their friends in the default 172.31.0.0/16 and are 172.31.0.1 in it.
-    let mut w = linked_friends("xdns");
+    let mut w = linked_friends(kind, tag);
     let (a, b) = (&w.lab.nodes[0], &w.lab.nodes[1]);
     let alice_own = own_address(a, "social", true);
     let bob_own = own_address(b, "social", true);
@@ -551,9 +558,8 @@ fn friends_reach_each_other_by_dns_name_and_tcp_is_translated() {
     w.lab.stop_all();
 }
 
-#[test]
-fn a_member_removed_from_the_group_loses_its_links_within_5_s() {
-    let mut w = World::new("xremove", 2);
+fn a_member_removed_from_the_group_loses_its_links_within_5_s(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 2);
     let lab = room("lab");
     w.server.register("carol", &password("carol"));
     w.server.register("david", &password("david"));
@@ -594,9 +600,8 @@ fn a_member_removed_from_the_group_loses_its_links_within_5_s() {
     w.lab.stop_all();
 }
 
-#[test]
-fn a_device_with_a_new_key_is_refused_until_trusted() {
-    let mut w = linked_friends("xpin");
+fn a_device_with_a_new_key_is_refused_until_trusted(kind: ServerKind, tag: &str) {
+    let mut w = linked_friends(kind, tag);
     let bob_addr = social_addr(&w.lab.nodes[0], &jid("bob")).expect("bob's address");
 
     // Bob's device comes back with a new key and the same config.
@@ -701,9 +706,8 @@ fn first_reply_time(out: &std::process::Output) -> Option<Duration> {
     Some(Duration::from_secs_f64(ms / 1000.0))
 }
 
-#[test]
-fn on_demand_links_open_with_the_first_packet_and_close_when_idle() {
-    let mut w = World::new("xdemand", 3);
+fn on_demand_links_open_with_the_first_packet_and_close_when_idle(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 3);
     let lab = room("demand");
     let idle = Duration::from_secs(5);
     let on_demand = |create: bool| {

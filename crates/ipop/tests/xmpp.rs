@@ -1,6 +1,7 @@
-//! End-to-end tests of ipop with a real XMPP server: Prosody runs on a host of the LAN, users
-//! are registered and make friends (or groups) the way people do, over XMPP, and ipop daemons
-//! in other namespaces find each other and link with no static peers configured.
+//! End-to-end tests of ipop with a real XMPP server: Prosody or ejabberd runs on a host of the
+//! LAN, users are registered and make friends (or groups) the way people do, over XMPP, and
+//! ipop daemons in other namespaces find each other and link with no static peers configured.
+//! Every scenario runs on both servers, each with the config that docs/servers.md gives.
 //!
 //! Run as root: they create network namespaces and TUN devices.
 
@@ -17,10 +18,21 @@ use std::time::{Duration, Instant};
 mod common;
 use common::*;
 
-#[test]
-fn friends_devices_link_and_ping_within_3_s() {
+on_both_servers! {
+    friends_devices_link_and_ping_within_3_s: "xfriend";
+    a_stranger_gets_no_link_and_both_sides_count_the_refusal: "xeve";
+    a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_link: "xclaim";
+    a_wrong_password_fails_clearly_within_15_s: "xbadpw";
+    the_chat_client_still_gets_messages_sent_to_the_bare_jid: "xchat";
+    carol_creates_a_group_david_is_added_and_their_devices_ping: "xgroup";
+    links_survive_an_xmpp_outage_and_new_devices_join_after_it: "xoutage";
+    unfriending_tears_the_link_down_on_both_sides_within_5_s: "xunfr";
+    a_users_own_devices_link_with_each_other: "xown";
+}
+
+fn friends_devices_link_and_ping_within_3_s(kind: ServerKind, tag: &str) {
     let (mut w, _alice, _bob) =
-        start_friends("xfriend", &social("10.78.0.1/16"), &social("10.78.0.2/16"));
+        start_friends_on(kind, tag, &social("10.78.0.1/16"), &social("10.78.0.2/16"));
     xmpp_online(w.node(0));
     xmpp_online(w.node(1));
     let both_up = Instant::now();
@@ -56,36 +68,8 @@ fn friends_devices_link_and_ping_within_3_s() {
     w.lab.stop_all();
 }
 
-#[test]
-fn friends_devices_link_through_ejabberd_and_ping_each_other() {
-    let (mut w, _alice, _bob) = start_friends_on(
-        ServerKind::Ejabberd,
-        "xejab",
-        &social("10.78.0.1/16"),
-        &social("10.78.0.2/16"),
-    );
-    xmpp_online(w.node(0));
-    xmpp_online(w.node(1));
-    wait_social_ping(
-        &w.lab.nodes[0],
-        "bob@example.org",
-        Duration::from_secs(10),
-        "alice's device to ping bob's through a link set up over ejabberd",
-    );
-    assert!(
-        social_ping(&w.lab.nodes[1], "alice@example.org"),
-        "bob's device cannot ping alice's"
-    );
-    let status = w.node(0).status().expect("status");
-    let bob_peer = peer_by_jid(&status, "bob@example.org").expect("bob listed");
-    assert_eq!(bob_peer["device"], "phone");
-    assert_eq!(bob_peer["state"], "connected");
-    w.lab.stop_all();
-}
-
-#[test]
-fn a_stranger_gets_no_link_and_both_sides_count_the_refusal() {
-    let mut w = World::new("xeve", 2);
+fn a_stranger_gets_no_link_and_both_sides_count_the_refusal(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 2);
     let mut alice = w.user("alice");
     let mut eve = w.user("eve");
     // Eve asks to see Alice's presence and Alice's chat client agrees, one way only: Eve sees
@@ -190,9 +174,11 @@ fn ipop_presence(key: &ipop_core::PublicKey) -> Presence {
     presence
 }
 
-#[test]
-fn a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_link() {
-    let mut w = World::new("xclaim", 3);
+fn a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_link(
+    kind: ServerKind,
+    tag: &str,
+) {
+    let mut w = World::on(kind, tag, 3);
     let mut alice = w.user("alice");
     let mut bob = w.user("bob");
     let mut carol = w.user("carol");
@@ -306,9 +292,8 @@ fn a_friend_announcing_another_devices_key_is_refused_and_that_device_keeps_its_
     w.lab.stop_all();
 }
 
-#[test]
-fn a_wrong_password_fails_clearly_within_15_s() {
-    let mut w = World::new("xbadpw", 1);
+fn a_wrong_password_fails_clearly_within_15_s(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 1);
     w.server.register("alice", "the-real-one");
     w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
     let started = Instant::now();
@@ -330,9 +315,8 @@ fn a_wrong_password_fails_clearly_within_15_s() {
     );
 }
 
-#[test]
-fn the_chat_client_still_gets_messages_sent_to_the_bare_jid() {
-    let mut w = World::new("xchat", 1);
+fn the_chat_client_still_gets_messages_sent_to_the_bare_jid(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 1);
     let mut alice_chat = w.user("alice");
     alice_chat.set_presence(5);
     let mut bob = w.user("bob");
@@ -347,9 +331,8 @@ fn the_chat_client_still_gets_messages_sent_to_the_bare_jid() {
     w.lab.stop_all();
 }
 
-#[test]
-fn carol_creates_a_group_david_is_added_and_their_devices_ping() {
-    let mut w = World::new("xgroup", 2);
+fn carol_creates_a_group_david_is_added_and_their_devices_ping(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 2);
     w.server.register("carol", &password("carol"));
     w.server.register("david", &password("david"));
     let room = format!("lab@conference.{DOMAIN}");
@@ -380,9 +363,8 @@ fn carol_creates_a_group_david_is_added_and_their_devices_ping() {
     w.lab.stop_all();
 }
 
-#[test]
-fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
-    let mut w = World::new("xoutage", 3);
+fn links_survive_an_xmpp_outage_and_new_devices_join_after_it(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 3);
     let mut alice = w.user("alice");
     let mut bob = w.user("bob");
     let mut carol = w.user("carol");
@@ -438,10 +420,9 @@ fn links_survive_an_xmpp_outage_and_new_devices_join_after_it() {
     w.lab.stop_all();
 }
 
-#[test]
-fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
+fn unfriending_tears_the_link_down_on_both_sides_within_5_s(kind: ServerKind, tag: &str) {
     let (mut w, mut alice, mut bob) =
-        start_friends("xunfr", &social("10.78.0.1/16"), &social("10.78.0.2/16"));
+        start_friends_on(kind, tag, &social("10.78.0.1/16"), &social("10.78.0.2/16"));
     wait_social_ping(
         &w.lab.nodes[0],
         "bob@example.org",
@@ -474,9 +455,8 @@ fn unfriending_tears_the_link_down_on_both_sides_within_5_s() {
     w.lab.stop_all();
 }
 
-#[test]
-fn a_users_own_devices_link_with_each_other() {
-    let mut w = World::new("xown", 2);
+fn a_users_own_devices_link_with_each_other(kind: ServerKind, tag: &str) {
+    let mut w = World::on(kind, tag, 2);
     w.server.register("alice", &password("alice"));
     w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
     w.configure(1, "alice", "phone", &social("10.78.0.2/16"));

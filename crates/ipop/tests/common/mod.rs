@@ -52,16 +52,7 @@ impl World {
     /// Writes node `i`'s config: the XMPP account `user` as device `device`, and `overlays`
     /// (the `[social]` and `[[groups]]` sections).
     pub fn configure(&self, i: usize, user: &str, device: &str, overlays: &str) {
-        let node = &self.lab.nodes[i];
-        let mut config = node.config(51820);
-        config.addresses.clear();
-        config.extra = format!(
-            "[xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{addr}\"\nca_file = {ca:?}\ndevice = \"{device}\"\n\n{overlays}",
-            pw = password(user),
-            addr = self.server.c2s_addr(),
-            ca = self.server.ca_cert_path(),
-        );
-        node.write_config(&config);
+        configure(&self.lab.nodes[i], &*self.server, user, device, overlays);
     }
 
     pub fn node(&mut self, i: usize) -> &mut Node {
@@ -95,6 +86,20 @@ pub fn start_friends_on(
     w.node(0).start();
     w.node(1).start();
     (w, alice, bob)
+}
+
+/// Writes `node`'s config: the XMPP account `user` on `server` as device `device`, and
+/// `overlays` (the `[social]` and `[[groups]]` sections).
+pub fn configure(node: &Node, server: &dyn XmppServer, user: &str, device: &str, overlays: &str) {
+    let mut config = node.config(51820);
+    config.addresses.clear();
+    config.extra = format!(
+        "[xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{addr}\"\nca_file = {ca:?}\ndevice = \"{device}\"\n\n{overlays}",
+        pw = password(user),
+        addr = server.c2s_addr(),
+        ca = server.ca_cert_path(),
+    );
+    node.write_config(&config);
 }
 
 pub fn password(user: &str) -> String {
@@ -203,3 +208,25 @@ pub fn group_member(owner: &Node, verb: &str, room: &str, jid: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs each scenario on both servers: for `name: "tag";`, the function `name(kind, tag)`
+/// becomes the tests `name::on_prosody` and `name::on_ejabberd` (`cargo test on_ejabberd`
+/// runs every scenario on ejabberd). The tag, at most 7 characters, names the namespaces.
+#[allow(unused_macros)]
+macro_rules! on_both_servers {
+    ($($scenario:ident: $tag:literal;)*) => {$(
+        mod $scenario {
+            #[test]
+            fn on_prosody() {
+                super::$scenario(ipop_lab::ServerKind::Prosody, concat!($tag, "p"));
+            }
+
+            #[test]
+            fn on_ejabberd() {
+                super::$scenario(ipop_lab::ServerKind::Ejabberd, concat!($tag, "e"));
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_servers;
