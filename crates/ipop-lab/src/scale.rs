@@ -40,8 +40,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT_MARGIN: Duration = Duration::from_secs(120);
 /// How long each daemon may take to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
-/// Pings each ping worker sends per round at most.
-const PINGS_PER_WORKER: usize = 4;
+/// How long a round starts pings for: those started by then run to their end, the rest wait
+/// for the next round and its fresh look at the statuses.
+const PING_BUDGET: Duration = Duration::from_secs(2);
 /// How long a ping waits for its reply: a device shown `connected` answers at once; to one
 /// shown `idle` the first packet opens an on-demand link, and is held until it is up.
 const PING_WAIT_CONNECTED: &str = "1";
@@ -160,20 +161,29 @@ pub struct Options {
 /// Who pings whom: device indices `0..n` are the group devices, `n` the well-connected one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pair {
-    /// Group devices `a < b`; `a` pings `b`'s group address.
+    /// Group devices `a < b`; one pings the other's group address: `a` when `a + b` is even,
+    /// else `b`, so that each device pings about half of the others rather than device 0 all
+    /// of them.
     Group { a: usize, b: usize },
     /// The well-connected device pings friend `friend` at the address it numbered it with.
     Hub { friend: usize },
 }
 
 impl Pair {
+    /// The device that pings, and the device it pings.
+    #[must_use]
+    pub fn pinger_target(self, n: usize) -> (usize, usize) {
+        match self {
+            Pair::Group { a, b } if (a + b).is_multiple_of(2) => (a, b),
+            Pair::Group { a, b } => (b, a),
+            Pair::Hub { friend } => (n, friend),
+        }
+    }
+
     /// The device that pings.
     #[must_use]
     pub fn pinger(self, n: usize) -> usize {
-        match self {
-            Pair::Group { a, .. } => a,
-            Pair::Hub { .. } => n,
-        }
+        self.pinger_target(n).0
     }
 }
 
@@ -1090,18 +1100,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         if all_online_s.is_none() && online.iter().all(|o| *o) {
             all_online_s = Some(t0.elapsed().as_secs_f64());
         }
-        // A round pings a few pairs per worker, so that pings that go unanswered do not hold up
-        // the next look at the statuses.
-        let pings = choose_pings(
-            &pairs,
-            &passed,
-            &tried,
-            &statuses,
-            &users,
-            opts.ping_workers * PINGS_PER_WORKER,
-        );
+        let pings = choose_pings(&pairs, &passed, &tried, &statuses, &users);
+        let ping_until = (Instant::now() + PING_BUDGET).min(deadline);
         let results = par_map(&pings, opts.ping_workers, |ping| {
-            if interrupted() || Instant::now() >= deadline {
+            if interrupted() || Instant::now() >= ping_until {
                 return None;
             }
             let wait = if ping.idle {
@@ -1292,18 +1294,17 @@ struct Ping {
     idle: bool,
 }
 
-/// The pings of one round, at most `max`: one for each pair that has not passed and whose
-/// pinger's status (`statuses`, by device) lists the other device `connected` or `idle` with
-/// an IPv4 address, to that address. Pairs never pinged come first, then those pinged longest
-/// ago; among those, the pingers take turns, so that the links the pings open are spread over
-/// the devices rather than all offered by one.
+/// The pings of one round, in the order to send them: one for each pair that has not passed
+/// and whose pinger's status (`statuses`, by device) lists the other device `connected` or
+/// `idle` with an IPv4 address, to that address. Pairs never pinged come first, then those
+/// pinged longest ago; among those, the pingers take turns, so that the links the pings open
+/// are spread over the devices rather than all offered by one.
 fn choose_pings(
     pairs: &[Pair],
     passed: &[Option<f64>],
     tried: &[Option<Instant>],
     statuses: &[Option<&Seen>],
     users: &[String],
-    max: usize,
 ) -> Vec<Ping> {
     let n = users.len();
     let mut turn = vec![0_usize; n + 1];
@@ -1312,13 +1313,13 @@ fn choose_pings(
         if passed[k].is_some() {
             continue;
         }
-        let from = pair.pinger(n);
+        let (from, to) = pair.pinger_target(n);
         let Some(seen) = statuses.get(from).copied().flatten() else {
             continue;
         };
-        let found = match *pair {
-            Pair::Group { b, .. } => find(&seen.group, &users[b]),
-            Pair::Hub { friend } => find(&seen.social, &users[friend]),
+        let found = match pair {
+            Pair::Group { .. } => find(&seen.group, &users[to]),
+            Pair::Hub { .. } => find(&seen.social, &users[to]),
         };
         if let Some(Reachable {
             address: Some(to),
@@ -1337,7 +1338,7 @@ fn choose_pings(
         }
     }
     ready.sort_by_key(|(tried, turn, _)| (*tried, *turn));
-    ready.into_iter().take(max).map(|(_, _, p)| p).collect()
+    ready.into_iter().map(|(_, _, p)| p).collect()
 }
 
 /// How many group pairs and friend pairs passed.
@@ -1377,8 +1378,19 @@ mod tests {
         assert!(pairs.contains(&Pair::Group { a: 2, b: 3 }));
         assert!(!pairs.contains(&Pair::Group { a: 3, b: 2 }));
         assert_eq!(pairs[6], Pair::Hub { friend: 0 });
-        assert_eq!(Pair::Group { a: 2, b: 3 }.pinger(4), 2);
+        assert_eq!(Pair::Group { a: 1, b: 3 }.pinger_target(4), (1, 3));
+        assert_eq!(Pair::Group { a: 2, b: 3 }.pinger_target(4), (3, 2));
+        assert_eq!(Pair::Hub { friend: 1 }.pinger_target(4), (4, 1));
         assert_eq!(Pair::Hub { friend: 1 }.pinger(4), 4);
+        // Each device pings about half of the others.
+        let n = 100;
+        let mut pings = vec![0; n];
+        for pair in wanted_pairs(n) {
+            if let Pair::Group { .. } = pair {
+                pings[pair.pinger(n)] += 1;
+            }
+        }
+        assert!(pings.iter().all(|k| (49..=50).contains(k)), "{pings:?}");
         assert_eq!(wanted_pairs(100).len(), 4950 + 100);
         let passed = [Some(1.0), None, Some(2.0), None, None, None, Some(3.0)];
         let mut all = vec![None; pairs.len()];
@@ -1605,41 +1617,37 @@ mod tests {
 
     #[test]
     fn pings_go_to_connected_and_idle_peers_spread_over_the_pingers() {
-        let users: Vec<String> = (0..3).map(user).collect();
-        // Pairs: 0 (u001, u002), 1 (u001, u003), 2 (u002, u003), then the hub with each.
-        let pairs = wanted_pairs(3);
-        let dev0 = parse_status(
-            &status(
-                Vec::new(),
-                vec![
-                    peer("u002", "connected", &["10.90.0.2/32"]),
-                    peer("u003", "idle", &["10.90.0.3/32"]),
-                ],
-            ),
-            ROOM_JID,
-        );
-        let dev1 = parse_status(
-            &status(
-                Vec::new(),
-                vec![peer("u003", "connecting", &["10.90.0.3/32"])],
-            ),
-            ROOM_JID,
-        );
-        let hub = parse_status(
-            &status(
-                vec![
-                    peer("u001", "idle", &["172.31.0.2/32"]),
-                    peer("u002", "idle", &["fd00::3/128"]),
-                    peer("u003", "connected", &["172.31.0.4/32"]),
-                ],
-                Vec::new(),
-            ),
-            ROOM_JID,
-        );
-        let statuses = [Some(&dev0), Some(&dev1), None, Some(&hub)];
+        let users: Vec<String> = (0..4).map(user).collect();
+        // Pairs and who pings whom: 0 (1 → 0), 1 (0 → 2), 2 (3 → 0), 3 (2 → 1), 4 (1 → 3),
+        // 5 (3 → 2), then the hub (4) with each, 6 to 9.
+        let pairs = wanted_pairs(4);
+        let group = |peers: Vec<Value>| Some(parse_status(&status(Vec::new(), peers), ROOM_JID));
+        let statuses = [
+            group(vec![peer("u003", "idle", &["10.90.0.3/32"])]),
+            group(vec![
+                peer("u001", "connected", &["10.90.0.1/32"]),
+                peer("u004", "idle", &["10.90.0.4/32"]),
+            ]),
+            group(vec![peer("u002", "connecting", &["10.90.0.2/32"])]),
+            group(vec![
+                peer("u001", "idle", &["10.90.0.1/32"]),
+                peer("u003", "connected", &["10.90.0.3/32"]),
+            ]),
+            Some(parse_status(
+                &status(
+                    vec![
+                        peer("u001", "idle", &["172.31.0.2/32"]),
+                        peer("u002", "idle", &["fd00::3/128"]),
+                        peer("u004", "connected", &["172.31.0.5/32"]),
+                    ],
+                    Vec::new(),
+                ),
+                ROOM_JID,
+            )),
+        ];
+        let statuses: Vec<Option<&Seen>> = statuses.iter().map(Option::as_ref).collect();
         let mut passed = vec![None; pairs.len()];
         let mut tried = vec![None; pairs.len()];
-        let pings = choose_pings(&pairs, &passed, &tried, &statuses, &users, 10);
         let ping = |pair, from, to: [u8; 4], idle| Ping {
             pair,
             from,
@@ -1648,23 +1656,24 @@ mod tests {
         };
         // Each pinger's first pair, then each one's second.
         assert_eq!(
-            pings,
+            choose_pings(&pairs, &passed, &tried, &statuses, &users),
             [
-                ping(0, 0, [10, 90, 0, 2], false),
-                ping(3, 3, [172, 31, 0, 2], true),
+                ping(0, 1, [10, 90, 0, 1], false),
                 ping(1, 0, [10, 90, 0, 3], true),
-                ping(5, 3, [172, 31, 0, 4], false),
+                ping(2, 3, [10, 90, 0, 1], true),
+                ping(6, 4, [172, 31, 0, 2], true),
+                ping(4, 1, [10, 90, 0, 4], true),
+                ping(5, 3, [10, 90, 0, 3], false),
+                ping(9, 4, [172, 31, 0, 5], false),
             ]
-        );
-        assert_eq!(
-            choose_pings(&pairs, &passed, &tried, &statuses, &users, 1).len(),
-            1
         );
         // Passed pairs are done; pairs pinged before come after those never pinged.
         passed[0] = Some(1.0);
-        tried[3] = Some(Instant::now());
-        let pings = choose_pings(&pairs, &passed, &tried, &statuses, &users, 10);
-        let order: Vec<usize> = pings.iter().map(|p| p.pair).collect();
-        assert_eq!(order, [1, 5, 3]);
+        tried[6] = Some(Instant::now());
+        let order: Vec<usize> = choose_pings(&pairs, &passed, &tried, &statuses, &users)
+            .iter()
+            .map(|p| p.pair)
+            .collect();
+        assert_eq!(order, [1, 2, 4, 5, 9, 6]);
     }
 }
