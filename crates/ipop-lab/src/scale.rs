@@ -1297,8 +1297,8 @@ struct Ping {
 /// The pings of one round, in the order to send them: one for each pair that has not passed
 /// and whose pinger's status (`statuses`, by device) lists the other device `connected` or
 /// `idle` with an IPv4 address, to that address. Pairs never pinged come first, then those
-/// pinged longest ago; among those, the pingers take turns, so that the links the pings open
-/// are spread over the devices rather than all offered by one.
+/// pinged longest ago; among those, the pingers take turns in proportion to their pings, so
+/// that the links the pings open are spread over the devices rather than all offered by one.
 fn choose_pings(
     pairs: &[Pair],
     passed: &[Option<f64>],
@@ -1337,9 +1337,14 @@ fn choose_pings(
             turn[from] += 1;
         }
     }
-    ready.sort_by_key(|(tried, turn, _)| (*tried, *turn));
+    // A pinger's k-th ping of its `turn` goes where k / turn falls among all the pingers', so
+    // that one with more pairs (the hub) keeps pace with the others rather than finishing last.
+    ready.sort_by_key(|(tried, k, ping)| (*tried, k * PACE_SCALE / turn[ping.from]));
     ready.into_iter().map(|(_, _, p)| p).collect()
 }
+
+/// The resolution of a pinger's progress through its pings in [`choose_pings`].
+const PACE_SCALE: usize = 1 << 20;
 
 /// How many group pairs and friend pairs passed.
 fn count_passed(pairs: &[Pair], passed: &[Option<f64>]) -> (usize, usize) {
@@ -1675,5 +1680,22 @@ mod tests {
             .map(|p| p.pair)
             .collect();
         assert_eq!(order, [1, 2, 4, 5, 9, 6]);
+        // A pinger with twice the pings takes two turns for the other's one.
+        let hub = parse_status(
+            &status(
+                users
+                    .iter()
+                    .map(|u| peer(u, "connected", &["172.31.0.9/32"]))
+                    .collect(),
+                Vec::new(),
+            ),
+            ROOM_JID,
+        );
+        let statuses = [None, statuses[1], None, None, Some(&hub)];
+        let order: Vec<usize> = choose_pings(&pairs, &[None; 10], &[None; 10], &statuses, &users)
+            .iter()
+            .map(|p| p.pair)
+            .collect();
+        assert_eq!(order, [0, 6, 7, 4, 8, 9]);
     }
 }
