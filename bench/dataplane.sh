@@ -46,7 +46,9 @@ CALLGRIND_MB=${BENCH_CALLGRIND_MB:-50}
 TUN_MTU=1420
 UNDERLAY_MTU=1500
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_NAME=dataplane
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Unique names: pid + 4 random hex digits; interface names stay <= 15 chars.
 TAG="$$$(printf '%04x' $((RANDOM % 65536)))"
@@ -69,7 +71,6 @@ IPOP_PORT=51821
 
 WORKDIR=""
 PIDS=()          # long-running processes we started (kill by PID at exit)
-FG_PID=""        # current foreground measurement process
 NS_CREATED=()
 IPERF_SRV_PID=""
 
@@ -89,38 +90,6 @@ PERF_INSTRUCTIONS=0
 # The largest WireGuard data frame on the veth: Ethernet 14 + IPv4 20 + UDP 8 +
 # WireGuard 32 + tunnel MTU.
 MAX_FRAME=$((14 + 20 + 8 + 32 + TUN_MTU))
-
-log() { printf '[dataplane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-is_alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
-
-# Send SIGTERM to the given PIDs, wait up to 5 s, then SIGKILL what is left.
-stop_pids() {
-	local pid i alive
-	for pid in "$@"; do
-		is_alive "$pid" && kill -TERM "$pid" 2>/dev/null
-	done
-	for ((i = 0; i < 50; i++)); do
-		alive=0
-		for pid in "$@"; do
-			is_alive "$pid" && alive=1
-		done
-		((alive)) || break
-		sleep 0.1
-	done
-	for pid in "$@"; do
-		if is_alive "$pid"; then
-			log "pid $pid did not stop on SIGTERM within 5 s; sending SIGKILL"
-			kill -KILL "$pid" 2>/dev/null
-		fi
-	done
-	# Reap our own children (ignore ones that are not our children).
-	for pid in "$@"; do
-		wait "$pid" 2>/dev/null || true
-	done
-	return 0
-}
 
 cleanup() {
 	local rc=$?
@@ -153,20 +122,6 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
-# fg_run OUT ERR CMD...: run CMD with stdout to OUT and stderr to ERR in the
-# background and wait for it, so that INT/TERM traps fire immediately instead of
-# after CMD finishes. (Redirect inside, not on the fg_run call: a trap firing
-# while the function runs would otherwise log into those files.)
-fg_run() {
-	local rc=0 out=$1 err=$2
-	shift 2
-	"$@" >"$out" 2>"$err" &
-	FG_PID=$!
-	wait "$FG_PID" || rc=$?
-	FG_PID=""
-	return "$rc"
-}
-
 # Foreground helpers only: `in_a cmd &` would make $! the PID of a subshell,
 # not of cmd, so background starts spell out `ip netns exec` (which execs cmd
 # in place, keeping the PID).
@@ -174,23 +129,6 @@ in_a() { ip netns exec "$NS_A" "$@"; }
 in_b() { ip netns exec "$NS_B" "$@"; }
 
 # ---------------------------------------------------------------- prerequisites
-
-ensure_packages() {
-	local -a missing=()
-	command -v iperf3 >/dev/null || missing+=(iperf3)
-	command -v wg >/dev/null || missing+=(wireguard-tools)
-	command -v ip >/dev/null || missing+=(iproute2)
-	command -v ping >/dev/null || missing+=(iputils-ping)
-	command -v jq >/dev/null || missing+=(jq)
-	command -v timeout >/dev/null || missing+=(coreutils)
-	((${#missing[@]} == 0)) && return 0
-	log "installing Debian packages: ${missing[*]}"
-	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
-		log "apt-get install failed; running apt-get update and retrying"
-		apt-get update -q >&2
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-	fi
-}
 
 ensure_boringtun() {
 	if [[ -n "${BORINGTUN_BIN:-}" ]]; then
@@ -208,29 +146,6 @@ ensure_boringtun() {
 		[[ -x "$BORINGTUN_BIN" ]] || die "boringtun-cli not found after cargo install"
 	fi
 	log "boringtun: $BORINGTUN_BIN ($("$BORINGTUN_BIN" --version 2>/dev/null || echo '?'))"
-}
-
-ensure_ipop() {
-	if [[ -n "${IPOP_BIN:-}" ]]; then
-		[[ -x "$IPOP_BIN" ]] || die "IPOP_BIN=$IPOP_BIN is not executable"
-		log "ipop: $IPOP_BIN (from IPOP_BIN)"
-		return 0
-	fi
-	IPOP_BIN="$REPO/target/release/ipop"
-	local stale=""
-	if [[ ! -x "$IPOP_BIN" ]]; then
-		stale="missing"
-	else
-		stale=$(find "$REPO/crates" "$REPO/Cargo.toml" "$REPO/Cargo.lock" -newer "$IPOP_BIN" \
-			\( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print -quit 2>/dev/null || true)
-	fi
-	if [[ -n "$stale" ]]; then
-		log "building ipop (release): $IPOP_BIN is ${stale/#$REPO\//older than }"
-		(cd "$REPO" && cargo build --release -p ipop >&2) ||
-			die "cargo build --release -p ipop failed; to benchmark an existing binary anyway, set IPOP_BIN=path"
-		[[ -x "$IPOP_BIN" ]] || die "$IPOP_BIN not found after build"
-	fi
-	log "ipop: $IPOP_BIN"
 }
 
 # One line describing the ipop binary: path, file mtime, and the repo's commit now.
@@ -637,10 +552,10 @@ run_ipop() {
 # instructions both executed meanwhile (user space only) are divided by it.
 ipop_callgrind() {
 	((CALLGRIND_MB > 0)) || return 0
-	command -v valgrind >/dev/null && command -v callgrind_control >/dev/null || {
+	if ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null; then
 		log "ipop: no perf instruction counter and no valgrind: no instruction count"
 		return 0
-	}
+	fi
 	log "ipop: perf has no instruction counter here; counting under callgrind over $CALLGRIND_MB MB"
 	start_ipop_pair valgrind --tool=callgrind "--callgrind-out-file=$WORKDIR/callgrind.%p"
 	local pid_a=$IPOP_PID_A pid_b=$IPOP_PID_B pid n out="$WORKDIR/iperf3-callgrind.json"
@@ -794,7 +709,8 @@ main() {
 		case $cfg in raw | boringtun | ipop) ;; *) die "unknown configuration in BENCH_CONFIGS: $cfg" ;; esac
 	done
 
-	ensure_packages
+	ensure_packages iperf3:iperf3 wg:wireguard-tools ip:iproute2 ping:iputils-ping jq:jq \
+		timeout:coreutils
 	if perf stat -e instructions -x, -- true 2>&1 | grep -q '^[0-9]*,,instructions'; then
 		PERF_INSTRUCTIONS=1
 	else
@@ -806,7 +722,7 @@ main() {
 		fi
 	fi
 	if [[ " $CONFIGS " == *" boringtun "* ]]; then ensure_boringtun; fi
-	if [[ " $CONFIGS " == *" ipop "* ]]; then ensure_ipop; fi
+	if [[ " $CONFIGS " == *" ipop "* ]]; then ensure_release_binaries ipop:ipop; fi
 
 	WORKDIR=$(mktemp -d /tmp/ipop-dataplane.XXXXXX)
 	chmod 700 "$WORKDIR"
@@ -816,7 +732,9 @@ main() {
 	log "load average before measuring: $LOAD_START"
 	setup_lan
 	start_iperf_server
-	[[ "$IDLE_PEERS" =~ ^[0-9]+$ ]] && ((IDLE_PEERS <= 100)) || die "BENCH_IDLE_PEERS must be 0..100"
+	if ! [[ "$IDLE_PEERS" =~ ^[0-9]+$ ]] || ((IDLE_PEERS > 100)); then
+		die "BENCH_IDLE_PEERS must be 0..100"
+	fi
 	for cfg in $CONFIGS; do
 		"run_$cfg"
 	done

@@ -38,7 +38,9 @@ TUN_MTU=1420
 UNDERLAY_MTU=1500
 TARGET_RATIO=0.70
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_NAME=flood
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 TAG="$$$(printf '%04x' $((RANDOM % 65536)))"
 NS_A="ipopflood-a-$TAG"
@@ -54,40 +56,9 @@ IPOP_PORT=51821
 
 WORKDIR=""
 PIDS=()
-FG_PID=""
 FLOOD_PID=""
 IPERF_SRV_PID=""
 NS_CREATED=()
-
-log() { printf '[flood %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-is_alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
-
-# Send SIGTERM to the given PIDs, wait up to 5 s, then SIGKILL what is left.
-stop_pids() {
-	local pid i alive
-	for pid in "$@"; do
-		is_alive "$pid" && kill -TERM "$pid" 2>/dev/null
-	done
-	for ((i = 0; i < 50; i++)); do
-		alive=0
-		for pid in "$@"; do
-			is_alive "$pid" && alive=1
-		done
-		((alive)) || break
-		sleep 0.1
-	done
-	for pid in "$@"; do
-		if is_alive "$pid"; then
-			log "pid $pid did not stop on SIGTERM within 5 s; sending SIGKILL"
-			kill -KILL "$pid" 2>/dev/null
-		fi
-	done
-	for pid in "$@"; do
-		wait "$pid" 2>/dev/null || true
-	done
-	return 0
-}
 
 cleanup() {
 	local rc=$?
@@ -119,67 +90,10 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
-# fg_run OUT ERR CMD...: run CMD in the background and wait for it, so that
-# INT/TERM traps fire at once.
-fg_run() {
-	local rc=0 out=$1 err=$2
-	shift 2
-	"$@" >"$out" 2>"$err" &
-	FG_PID=$!
-	wait "$FG_PID" || rc=$?
-	FG_PID=""
-	return "$rc"
-}
-
 in_a() { ip netns exec "$NS_A" "$@"; }
 in_b() { ip netns exec "$NS_B" "$@"; }
 
 # ---------------------------------------------------------------- prerequisites
-
-ensure_packages() {
-	local -a missing=()
-	command -v iperf3 >/dev/null || missing+=(iperf3)
-	command -v ip >/dev/null || missing+=(iproute2)
-	command -v ping >/dev/null || missing+=(iputils-ping)
-	command -v jq >/dev/null || missing+=(jq)
-	command -v timeout >/dev/null || missing+=(coreutils)
-	((${#missing[@]} == 0)) && return 0
-	log "installing Debian packages: ${missing[*]}"
-	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
-		apt-get update -q >&2
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-	fi
-}
-
-# stale BIN: prints why BIN must be (re)built, or nothing.
-stale() {
-	if [[ ! -x "$1" ]]; then
-		echo "missing"
-		return 0
-	fi
-	find "$REPO/crates" "$REPO/Cargo.toml" "$REPO/Cargo.lock" -newer "$1" \
-		\( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print -quit 2>/dev/null || true
-}
-
-ensure_binaries() {
-	local why=""
-	if [[ -z "${IPOP_BIN:-}" ]]; then
-		IPOP_BIN="$REPO/target/release/ipop"
-		why+=$(stale "$IPOP_BIN")
-	fi
-	if [[ -z "${IPOP_FLOOD_BIN:-}" ]]; then
-		IPOP_FLOOD_BIN="$REPO/target/release/ipop-flood"
-		why+=$(stale "$IPOP_FLOOD_BIN")
-	fi
-	if [[ -n "$why" ]]; then
-		log "building ipop and ipop-flood (release): ${why/#$REPO\//newer source: }"
-		(cd "$REPO" && cargo build --release -p ipop --bin ipop -p ipop-lab --bin ipop-flood >&2) ||
-			die "cargo build --release failed; set IPOP_BIN and IPOP_FLOOD_BIN to use existing binaries"
-	fi
-	[[ -x "$IPOP_BIN" ]] || die "$IPOP_BIN is not executable"
-	[[ -x "$IPOP_FLOOD_BIN" ]] || die "$IPOP_FLOOD_BIN is not executable"
-	log "ipop: $IPOP_BIN; ipop-flood: $IPOP_FLOOD_BIN"
-}
 
 # ---------------------------------------------------------------- network and daemons
 
@@ -383,8 +297,8 @@ main() {
 	[[ "$RATE" =~ ^[0-9]+$ && "$RATE" -gt 0 ]] || die "FLOOD_RATE must be a positive integer"
 	[[ "$SOURCES" =~ ^[0-9]+$ && "$SOURCES" -ge 1 && "$SOURCES" -le 50 ]] || die "FLOOD_SOURCES must be 1 to 50"
 	case $FORGERY in random | mac1 | both) ;; *) die "FLOOD_FORGERY must be random, mac1 or both" ;; esac
-	ensure_packages
-	ensure_binaries
+	ensure_packages iperf3:iperf3 ip:iproute2 ping:iputils-ping jq:jq timeout:coreutils
+	ensure_release_binaries ipop:ipop ipop-lab:ipop-flood
 	WORKDIR=$(mktemp -d /tmp/ipop-flood.XXXXXX)
 	chmod 700 "$WORKDIR"
 	umask 077

@@ -27,8 +27,8 @@
 #   SETUP_IPERF_SECONDS  seconds per iperf3 run                 (default 10)
 #   SETUP_TIMEOUT        seconds to wait for "online", and again for the first reply (default 30)
 #   SETUP_TOPOLOGIES     which topologies to run                (default "lan cone relay")
-#   IPOP_BIN             ipop binary; if unset, target/release/ipop, built with
-#                        `cargo build --release -p ipop` when missing
+#   IPOP_BIN             ipop binary; if unset, target/release/ipop, (re)built with
+#                        `cargo build --release` when missing or older than the sources
 
 set -euo pipefail
 
@@ -37,7 +37,9 @@ IPERF_SECONDS=${SETUP_IPERF_SECONDS:-10}
 TIMEOUT=${SETUP_TIMEOUT:-30}
 TOPOLOGIES=${SETUP_TOPOLOGIES:-lan cone relay}
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_NAME=setup
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DOMAIN=example.org
 SERVER_IP=198.18.0.10
@@ -59,37 +61,6 @@ PIDS=()
 DAEMON_PIDS=()
 
 declare -A FROM_START=() MEDIAN=() MIN=() MAX=() PATHS=() THROUGHPUT=() SAMPLES=()
-
-log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() {
-	log "ERROR: $*"
-	exit 1
-}
-
-is_alive() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; }
-
-# SIGTERM to the given PIDs, up to 5 s to exit, then SIGKILL.
-stop_pids() {
-	local pid i alive
-	for pid in "$@"; do
-		if is_alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
-	done
-	for ((i = 0; i < 50; i++)); do
-		alive=0
-		for pid in "$@"; do
-			if is_alive "$pid"; then alive=1; fi
-		done
-		((alive)) || break
-		sleep 0.1
-	done
-	for pid in "$@"; do
-		if is_alive "$pid"; then
-			log "pid $pid ignored SIGTERM; killing it"
-			kill -KILL "$pid" 2>/dev/null || true
-		fi
-		wait "$pid" 2>/dev/null || true
-	done
-}
 
 cleanup() {
 	local rc=$? ns
@@ -122,17 +93,8 @@ for tool in ip nft prosody prosodyctl turnserver iperf3 jq openssl ping awk; do
 	command -v "$tool" >/dev/null || die "$tool not found"
 done
 
-if [[ -n "${IPOP_BIN:-}" ]]; then
-	IPOP=$IPOP_BIN
-else
-	IPOP=$REPO/target/release/ipop
-	if [[ ! -x "$IPOP" ]]; then
-		log "building ipop (cargo build --release -p ipop)"
-		(cd "$REPO" && cargo build --release -p ipop) >&2
-	fi
-fi
-[[ -x "$IPOP" ]] || die "ipop binary $IPOP is not executable"
-log "ipop: $IPOP"
+ensure_release_binaries ipop:ipop
+IPOP=$IPOP_BIN
 
 WORKDIR=$(mktemp -d /tmp/ipop-setup-bench.XXXXXX)
 

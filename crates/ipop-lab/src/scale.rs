@@ -35,10 +35,18 @@ pub const MAX_DEVICES: u8 = 200;
 const ROUND: Duration = Duration::from_secs(1);
 /// How often a progress line is printed while waiting.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How much longer than the wait and the idle measurement an on-demand link may stay up
+/// without data (`idle_timeout`).
+const IDLE_TIMEOUT_MARGIN: Duration = Duration::from_secs(120);
 /// How long each daemon may take to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
-/// Pings each ping worker sends per round at most.
-const PINGS_PER_WORKER: usize = 4;
+/// How long a round starts pings for: those started by then run to their end, the rest wait
+/// for the next round and its fresh look at the statuses.
+const PING_BUDGET: Duration = Duration::from_secs(2);
+/// How long a ping waits for its reply: a device shown `connected` answers at once; to one
+/// shown `idle` the first packet opens an on-demand link, and is held until it is up.
+const PING_WAIT_CONNECTED: &str = "1";
+const PING_WAIT_IDLE: &str = "3";
 /// Threads that read statuses, register accounts and write rosters at once.
 const SETUP_WORKERS: usize = 4;
 /// The kernel's clock ticks per second in `/proc/PID/stat` (`USER_HZ`, 100 on Linux).
@@ -92,12 +100,52 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// Which links the devices keep: the `links` key of their `[social]` and `[[groups]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinkPolicy {
+    /// A link to every device of the overlay that is online.
+    All,
+    /// A link only once traffic for the device comes.
+    OnDemand,
+    /// All links while the overlay has fewer than 24 devices online, on demand from there.
+    #[default]
+    Auto,
+}
+
+impl LinkPolicy {
+    /// The policy named as in the config (`all`, `on-demand`, `auto`).
+    #[must_use]
+    pub fn parse(name: &str) -> Option<LinkPolicy> {
+        [LinkPolicy::All, LinkPolicy::OnDemand, LinkPolicy::Auto]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
+
+    /// The value of the `links` key.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkPolicy::All => "all",
+            LinkPolicy::OnDemand => "on-demand",
+            LinkPolicy::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for LinkPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Group devices (N); the well-connected device comes on top.
     pub devices: u8,
     pub server: ServerKind,
+    /// The `links` policy of every device, in the group and in the social overlay.
+    pub links: LinkPolicy,
     /// The `ipop` binary the devices run.
     pub ipop: PathBuf,
     /// How long the pairs may take to pass, from starting the daemons.
@@ -113,20 +161,29 @@ pub struct Options {
 /// Who pings whom: device indices `0..n` are the group devices, `n` the well-connected one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pair {
-    /// Group devices `a < b`; `a` pings `b`'s group address.
+    /// Group devices `a < b`; one pings the other's group address: `a` when `a + b` is even,
+    /// else `b`, so that each device pings about half of the others rather than device 0 all
+    /// of them.
     Group { a: usize, b: usize },
     /// The well-connected device pings friend `friend` at the address it numbered it with.
     Hub { friend: usize },
 }
 
 impl Pair {
+    /// The device that pings, and the device it pings.
+    #[must_use]
+    pub fn pinger_target(self, n: usize) -> (usize, usize) {
+        match self {
+            Pair::Group { a, b } if (a + b).is_multiple_of(2) => (a, b),
+            Pair::Group { a, b } => (b, a),
+            Pair::Hub { friend } => (n, friend),
+        }
+    }
+
     /// The device that pings.
     #[must_use]
     pub fn pinger(self, n: usize) -> usize {
-        match self {
-            Pair::Group { a, .. } => a,
-            Pair::Hub { .. } => n,
-        }
+        self.pinger_target(n).0
     }
 }
 
@@ -313,20 +370,53 @@ fn progress_every(k: usize, total: usize, what: &str) {
     }
 }
 
+/// A device that another device's status lists as one it can reach now: linked, or idle on
+/// demand (the first packet for it opens a link).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reachable {
+    /// The user (local part of the JID).
+    user: String,
+    /// Its IPv4 address in the overlay, as this device knows it: in a group the member's own,
+    /// in the social overlay the one this device numbered it with.
+    address: Option<IpAddr>,
+    /// Whether the link is up (`connected`), rather than `idle`.
+    connected: bool,
+}
+
 /// What one device's status said.
 #[derive(Debug, Clone, Default)]
 struct Seen {
     online: bool,
-    /// Users (local part) whose device shows `connected` in the group, and in the social
-    /// overlay with the address this device gave it.
-    group: Vec<String>,
-    social: Vec<(String, Option<IpAddr>)>,
+    /// The devices it can reach in the group and in the social overlay.
+    group: Vec<Reachable>,
+    social: Vec<Reachable>,
     xmpp: Value,
     loop_stall_ms: f64,
 }
 
+impl Seen {
+    /// Links up: the devices shown `connected`.
+    fn links_up(&self) -> usize {
+        self.group
+            .iter()
+            .chain(&self.social)
+            .filter(|r| r.connected)
+            .count()
+    }
+}
+
+fn find(list: &[Reachable], user: &str) -> Option<Reachable> {
+    list.iter().find(|r| r.user == user).cloned()
+}
+
 fn read_status(node: &Node, room: &str) -> Option<Seen> {
-    let status = node.status().ok()?;
+    Some(parse_status(&node.status().ok()?, room))
+}
+
+/// Reads what the harness needs from `ipop status --json`: whether XMPP is online, its
+/// counters, and in the social overlay and in the group `room` the peers shown `connected` or
+/// `idle`, with their IPv4 address.
+fn parse_status(status: &Value, room: &str) -> Seen {
     let mut seen = Seen {
         online: status["xmpp"]["state"] == "online",
         xmpp: status["xmpp"].clone(),
@@ -339,26 +429,33 @@ fn read_status(node: &Node, room: &str) -> Option<Seen> {
             continue;
         }
         for peer in overlay["peers"].as_array().into_iter().flatten() {
-            if peer["state"] != "connected" {
-                continue;
-            }
-            let Some(local) = peer["jid"].as_str().and_then(|j| j.split('@').next()) else {
+            let connected = match peer["state"].as_str() {
+                Some("connected") => true,
+                Some("idle") => false,
+                _ => continue,
+            };
+            let Some(user) = peer["jid"].as_str().and_then(|j| j.split('@').next()) else {
                 continue;
             };
+            let address = peer["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str()?.split('/').next()?.parse::<IpAddr>().ok())
+                .find(IpAddr::is_ipv4);
+            let reachable = Reachable {
+                user: user.to_owned(),
+                address,
+                connected,
+            };
             if social {
-                let address = peer["addresses"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a.as_str()?.split('/').next()?.parse::<IpAddr>().ok())
-                    .find(IpAddr::is_ipv4);
-                seen.social.push((local.to_owned(), address));
+                seen.social.push(reachable);
             } else {
-                seen.group.push(local.to_owned());
+                seen.group.push(reachable);
             }
         }
     }
-    Some(seen)
+    seen
 }
 
 /// The XMPP counters of a status, as numbers.
@@ -379,6 +476,7 @@ pub struct Report {
     pub devices: usize,
     pub server: ServerKind,
     pub server_limit: &'static str,
+    pub links: LinkPolicy,
     pub started_at: String,
     pub cores: usize,
     /// Pairs that passed a ping, and when (seconds from starting the daemons), by kind.
@@ -390,8 +488,13 @@ pub struct Report {
     pub all_online_s: Option<f64>,
     pub timed_out: bool,
     pub interrupted: bool,
-    /// Pings to a pair shown `connected` that went unanswered.
+    /// Pings to a pair shown `connected` that went unanswered, and to a pair shown `idle`
+    /// (whose link the ping opens).
     pub failed_pings: u64,
+    pub failed_idle_pings: u64,
+    /// On-demand set-up: for each pair whose device was shown `idle` when first pinged, the
+    /// seconds from the start of that ping to the first reply.
+    pub setup_s: Vec<f64>,
     /// Daemons that exited during the run, by name.
     pub exited: Vec<String>,
     /// One entry per device: the group devices, then the well-connected one.
@@ -537,8 +640,8 @@ impl Report {
         let _ = writeln!(
             s,
             "ipop scale: {n} devices in one group room + 1 device with {n} friends, on {} ({}), \
-             {} cores, started {}",
-            self.server, self.server_limit, self.cores, self.started_at
+             links = \"{}\", {} cores, started {}",
+            self.server, self.server_limit, self.links, self.cores, self.started_at
         );
         let pairs = |passed: &[f64], wanted: usize| match Report::converged(passed, wanted) {
             Some(t) => format!("all {wanted} pass after {t:.1} s"),
@@ -558,11 +661,23 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "all daemons online on XMPP after: {}; pings to a pair shown connected that went \
-             unanswered: {}",
+            "on-demand set-up, first ping to a device shown idle until its reply: {}",
+            match median_max(&self.setup_s) {
+                Some((median, max)) => format!(
+                    "median {median:.2} s, max {max:.2} s, over {} pairs",
+                    self.setup_s.len()
+                ),
+                None => "no pair was idle when first pinged".to_owned(),
+            }
+        );
+        let _ = writeln!(
+            s,
+            "all daemons online on XMPP after: {}; unanswered pings: {} to a device shown \
+             connected, {} to one shown idle",
             self.all_online_s
                 .map_or("never".to_owned(), |t| format!("{t:.1} s")),
-            self.failed_pings
+            self.failed_pings,
+            self.failed_idle_pings
         );
         if self.timed_out {
             let _ = writeln!(s, "TIMED OUT before every pair passed");
@@ -596,6 +711,13 @@ impl Report {
             opt(self.server_memory_kb.map(|m| m.1 as f64 / 1024.0), 1),
         );
         let _ = writeln!(s, "idle figures over {:.0} s", self.idle_s);
+        if !self.setup_s.is_empty() {
+            let _ = writeln!(
+                s,
+                "links up: every pair was pinged, which opened every on-demand link; these are \
+                 the worst case, where all of them carry traffic"
+            );
+        }
         s
     }
 
@@ -620,6 +742,7 @@ impl Report {
             "devices": self.devices,
             "server": self.server.to_string(),
             "server_limit": self.server_limit,
+            "links": self.links.as_str(),
             "started_at": self.started_at,
             "cores": self.cores,
             "group_pairs": self.group_pairs,
@@ -632,6 +755,10 @@ impl Report {
             "timed_out": self.timed_out,
             "interrupted": self.interrupted,
             "failed_pings": self.failed_pings,
+            "failed_idle_pings": self.failed_idle_pings,
+            "on_demand_setup_pairs": self.setup_s.len(),
+            "on_demand_setup_median_s": median_max(&self.setup_s).map(|m| m.0),
+            "on_demand_setup_max_s": median_max(&self.setup_s).map(|m| m.1),
             "exited": self.exited,
             "idle_s": self.idle_s,
             "server_setup_cpu_s": self.server_setup_cpu_s,
@@ -651,12 +778,28 @@ impl Report {
     }
 }
 
-/// A config section for group device `i`.
-fn device_overlays(room: &str, i: usize) -> String {
-    format!(
-        "[social]\n\n[[groups]]\nroom = \"{room}\"\nsubnet = \"{GROUP_SUBNET}\"\naddress = \"{}\"\n",
-        group_address(i)
-    )
+/// The overlay sections of a device's config: `[social]`, and for group device `i` of `room`
+/// the group's `[[groups]]` with its configured address; each with the run's `links` policy
+/// and an `idle_timeout` of `idle_timeout` (whole seconds, at least one).
+fn overlays_config(
+    group: Option<(&str, usize)>,
+    links: LinkPolicy,
+    idle_timeout: Duration,
+) -> String {
+    use std::fmt::Write as _;
+    let policy = format!(
+        "links = \"{links}\"\nidle_timeout = \"{}s\"\n",
+        idle_timeout.as_secs().max(1)
+    );
+    let mut config = format!("[social]\n{policy}");
+    if let Some((room, i)) = group {
+        let _ = write!(
+            config,
+            "\n[[groups]]\nroom = \"{room}\"\nsubnet = \"{GROUP_SUBNET}\"\naddress = \"{}\"\n{policy}",
+            group_address(i)
+        );
+    }
+    config
 }
 
 /// The lab, its server and the daemons; dropping it stops the daemons first (without the
@@ -790,8 +933,10 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     let cores = thread::available_parallelism().map_or(1, usize::from);
     let started_at = now_utc();
     eprintln!(
-        "ipop-scale: {n} group devices + 1 with {n} friends on {}; setting up {} namespaces",
+        "ipop-scale: {n} group devices + 1 with {n} friends on {}, links = \"{}\"; setting up {} \
+         namespaces",
         opts.server,
+        opts.links,
         n + 3
     );
     // Devices 0..n, the well-connected device n, the server n + 1.
@@ -865,12 +1010,15 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         if interrupted() {
             return Err("interrupted during set-up".to_owned());
         }
+        // Links that the pings open stay up to the end, idle measurement included.
+        let idle_timeout = opts.timeout + opts.idle + IDLE_TIMEOUT_MARGIN;
         for (i, node) in run.lab.nodes.iter().take(n + 1).enumerate() {
-            let (account, device, overlays) = if i < n {
-                (users[i].as_str(), "pc", device_overlays(&room, i))
+            let (account, device, group) = if i < n {
+                (users[i].as_str(), "pc", Some((room.as_str(), i)))
             } else {
-                (HUB, "hub", "[social]\n".to_owned())
+                (HUB, "hub", None)
             };
+            let overlays = overlays_config(group, opts.links, idle_timeout);
             let mut config = node.config(51820);
             config.addresses.clear();
             "info".clone_into(&mut config.log_level);
@@ -898,11 +1046,15 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     let pids: Vec<Option<u32>> = nodes.iter().map(Node::pid).collect();
 
     // Wait for the pairs: each round reads the statuses of the devices that still ping or are
-    // not online yet, then pings the pairs whose pinger shows the other end connected.
+    // not online yet, then pings the pairs whose pinger shows the other end connected or idle.
     let pairs = wanted_pairs(n);
     let mut passed: Vec<Option<f64>> = vec![None; pairs.len()];
     let mut tried: Vec<Option<Instant>> = vec![None; pairs.len()];
+    // When each pair was first pinged (seconds from the start), and whether it was idle then.
+    let mut first_ping: Vec<Option<(f64, bool)>> = vec![None; pairs.len()];
+    let mut setup_s: Vec<f64> = Vec::new();
     let mut failed_pings = 0_u64;
+    let mut failed_idle_pings = 0_u64;
     let mut online = vec![false; n + 1];
     let mut all_online_s = None;
     let mut exited: Vec<String> = Vec::new();
@@ -948,52 +1100,42 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         if all_online_s.is_none() && online.iter().all(|o| *o) {
             all_online_s = Some(t0.elapsed().as_secs_f64());
         }
-        // (pair index, pinger, address) for the pairs ready to ping.
-        let mut ready: Vec<(usize, usize, IpAddr)> = Vec::new();
-        for (k, pair) in pairs.iter().enumerate() {
-            if passed[k].is_some() {
-                continue;
-            }
-            let Some(seen) = statuses[pair.pinger(n)] else {
-                continue;
-            };
-            match *pair {
-                Pair::Group { a, b } => {
-                    if seen.group.contains(&users[b]) {
-                        ready.push((k, a, group_address(b)));
-                    }
-                }
-                Pair::Hub { friend } => {
-                    if let Some((_, Some(addr))) =
-                        seen.social.iter().find(|(u, _)| *u == users[friend])
-                    {
-                        ready.push((k, n, *addr));
-                    }
-                }
-            }
-        }
-        // A round pings a few pairs per worker, those tried longest ago first, so that pings
-        // that go unanswered do not hold up the next look at the statuses.
-        ready.sort_by_key(|(k, _, _)| tried[*k]);
-        ready.truncate(opts.ping_workers * PINGS_PER_WORKER);
-        for (k, _, _) in &ready {
-            tried[*k] = Some(Instant::now());
-        }
-        let results = par_map(&ready, opts.ping_workers, |(_, from, addr)| {
-            if interrupted() || Instant::now() >= deadline {
+        let pings = choose_pings(&pairs, &passed, &tried, &statuses, &users);
+        let ping_until = (Instant::now() + PING_BUDGET).min(deadline);
+        let results = par_map(&pings, opts.ping_workers, |ping| {
+            if interrupted() || Instant::now() >= ping_until {
                 return None;
             }
-            let addr = addr.to_string();
-            let out = nodes[*from]
-                .ns()
-                .try_exec(&["ping", "-n", "-q", "-c", "1", "-W", "1", &addr]);
-            out.status.success().then(|| t0.elapsed().as_secs_f64())
-        });
-        for ((k, _, _), result) in ready.iter().zip(results) {
-            if result.is_some() {
-                passed[*k] = result;
+            let wait = if ping.idle {
+                PING_WAIT_IDLE
             } else {
-                failed_pings += 1;
+                PING_WAIT_CONNECTED
+            };
+            let to = ping.to.to_string();
+            let start = t0.elapsed().as_secs_f64();
+            let out = nodes[ping.from]
+                .ns()
+                .try_exec(&["ping", "-n", "-q", "-c", "1", "-W", wait, &to]);
+            Some((
+                start,
+                out.status.success().then(|| t0.elapsed().as_secs_f64()),
+            ))
+        });
+        for (ping, result) in pings.iter().zip(results) {
+            let Some((start, reply)) = result else {
+                continue;
+            };
+            tried[ping.pair] = Some(Instant::now());
+            let (first, idle_at_first) = *first_ping[ping.pair].get_or_insert((start, ping.idle));
+            match reply {
+                Some(t) => {
+                    passed[ping.pair] = Some(t);
+                    if idle_at_first {
+                        setup_s.push(t - first);
+                    }
+                }
+                None if ping.idle => failed_idle_pings += 1,
+                None => failed_pings += 1,
             }
         }
         let (group_done, hub_done) = count_passed(&pairs, &passed);
@@ -1002,7 +1144,8 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             last_progress = Instant::now();
             eprintln!(
                 "ipop-scale: {:6.1} s: {group_done}/{} group pairs pass, {hub_done}/{n} friend \
-                 pairs pass, {}/{} daemons online, {failed_pings} pings unanswered",
+                 pairs pass, {}/{} daemons online, pings unanswered: {failed_pings} to connected, \
+                 {failed_idle_pings} to idle",
                 t0.elapsed().as_secs_f64(),
                 n * (n - 1) / 2,
                 online.iter().filter(|o| **o).count(),
@@ -1068,7 +1211,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             };
             DeviceReport {
                 name: nodes[i].name.clone(),
-                links: seen.group.len() + seen.social.len(),
+                links: seen.links_up(),
                 idle_stanzas: grown("stanzas_sent") + grown("stanzas_received"),
                 idle_bytes: grown("bytes_sent") + grown("bytes_received"),
                 xmpp: seen.xmpp,
@@ -1095,6 +1238,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         devices: n,
         server: opts.server,
         server_limit,
+        links: opts.links,
         started_at,
         cores,
         group_pairs: n * (n - 1) / 2,
@@ -1105,6 +1249,8 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         timed_out,
         interrupted: interrupted(),
         failed_pings,
+        failed_idle_pings,
+        setup_s,
         exited,
         per_device,
         idle_s,
@@ -1137,6 +1283,68 @@ fn keep_logs(dir: &Path, nodes: &[Node], server: Option<&Path>) {
     }
     eprintln!("ipop-scale: logs kept in {}", dir.display());
 }
+
+/// A ping to send: for pair `pair`, from device `from` to address `to`, which its status shows
+/// `idle` (the ping opens an on-demand link) or `connected`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ping {
+    pair: usize,
+    from: usize,
+    to: IpAddr,
+    idle: bool,
+}
+
+/// The pings of one round, in the order to send them: one for each pair that has not passed
+/// and whose pinger's status (`statuses`, by device) lists the other device `connected` or
+/// `idle` with an IPv4 address, to that address. Pairs never pinged come first, then those
+/// pinged longest ago; among those, the pingers take turns in proportion to their pings, so
+/// that the links the pings open are spread over the devices rather than all offered by one.
+fn choose_pings(
+    pairs: &[Pair],
+    passed: &[Option<f64>],
+    tried: &[Option<Instant>],
+    statuses: &[Option<&Seen>],
+    users: &[String],
+) -> Vec<Ping> {
+    let n = users.len();
+    let mut turn = vec![0_usize; n + 1];
+    let mut ready: Vec<(Option<Instant>, usize, Ping)> = Vec::new();
+    for (k, pair) in pairs.iter().enumerate() {
+        if passed[k].is_some() {
+            continue;
+        }
+        let (from, to) = pair.pinger_target(n);
+        let Some(seen) = statuses.get(from).copied().flatten() else {
+            continue;
+        };
+        let found = match pair {
+            Pair::Group { .. } => find(&seen.group, &users[to]),
+            Pair::Hub { .. } => find(&seen.social, &users[to]),
+        };
+        if let Some(Reachable {
+            address: Some(to),
+            connected,
+            ..
+        }) = found
+        {
+            let ping = Ping {
+                pair: k,
+                from,
+                to,
+                idle: !connected,
+            };
+            ready.push((tried[k], turn[from], ping));
+            turn[from] += 1;
+        }
+    }
+    // A pinger's k-th ping of its `turn` goes where k / turn falls among all the pingers', so
+    // that one with more pairs (the hub) keeps pace with the others rather than finishing last.
+    ready.sort_by_key(|(tried, k, ping)| (*tried, k * PACE_SCALE / turn[ping.from]));
+    ready.into_iter().map(|(_, _, p)| p).collect()
+}
+
+/// The resolution of a pinger's progress through its pings in [`choose_pings`].
+const PACE_SCALE: usize = 1 << 20;
 
 /// How many group pairs and friend pairs passed.
 fn count_passed(pairs: &[Pair], passed: &[Option<f64>]) -> (usize, usize) {
@@ -1175,8 +1383,19 @@ mod tests {
         assert!(pairs.contains(&Pair::Group { a: 2, b: 3 }));
         assert!(!pairs.contains(&Pair::Group { a: 3, b: 2 }));
         assert_eq!(pairs[6], Pair::Hub { friend: 0 });
-        assert_eq!(Pair::Group { a: 2, b: 3 }.pinger(4), 2);
+        assert_eq!(Pair::Group { a: 1, b: 3 }.pinger_target(4), (1, 3));
+        assert_eq!(Pair::Group { a: 2, b: 3 }.pinger_target(4), (3, 2));
+        assert_eq!(Pair::Hub { friend: 1 }.pinger_target(4), (4, 1));
         assert_eq!(Pair::Hub { friend: 1 }.pinger(4), 4);
+        // Each device pings about half of the others.
+        let n = 100;
+        let mut pings = vec![0; n];
+        for pair in wanted_pairs(n) {
+            if let Pair::Group { .. } = pair {
+                pings[pair.pinger(n)] += 1;
+            }
+        }
+        assert!(pings.iter().all(|k| (49..=50).contains(k)), "{pings:?}");
         assert_eq!(wanted_pairs(100).len(), 4950 + 100);
         let passed = [Some(1.0), None, Some(2.0), None, None, None, Some(3.0)];
         let mut all = vec![None; pairs.len()];
@@ -1246,6 +1465,7 @@ mod tests {
             devices: 3,
             server: ServerKind::Prosody,
             server_limit: "stock",
+            links: LinkPolicy::OnDemand,
             started_at: "2026-12-04 22:30 UTC".to_owned(),
             cores: 2,
             group_pairs: 3,
@@ -1256,6 +1476,8 @@ mod tests {
             timed_out: true,
             interrupted: false,
             failed_pings: 2,
+            failed_idle_pings: 1,
+            setup_s: vec![0.4, 0.2, 1.5],
             exited: Vec::new(),
             per_device: vec![
                 device("a", 3, 10, 0.5),
@@ -1278,6 +1500,19 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("TIMED OUT"), "{table}");
+        assert!(table.contains("links = \"on-demand\""), "{table}");
+        assert!(
+            table.contains(
+                "first ping to a device shown idle until its reply: median 0.40 s, \
+                            max 1.50 s, over 3 pairs"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("unanswered pings: 2 to a device shown connected, 1 to one shown idle"),
+            "{table}"
+        );
+        assert!(table.contains("the worst case"), "{table}");
         let line = |label: &str| {
             table
                 .lines()
@@ -1296,7 +1531,171 @@ mod tests {
         let json = report.json();
         assert_eq!(json["group_converged_s"], 4.0);
         assert_eq!(json["hub_converged_s"], Value::Null);
+        assert_eq!(json["links"], "on-demand");
+        assert_eq!(json["on_demand_setup_pairs"], 3);
+        assert_eq!(json["on_demand_setup_median_s"], 0.4);
+        assert_eq!(json["failed_idle_pings"], 1);
         assert_eq!(json["per_device"]["links up"]["hub"], 3.0);
         assert_eq!(json["devices_xmpp"].as_array().map(Vec::len), Some(4));
+    }
+
+    #[test]
+    fn link_policies_are_named_as_in_the_config() {
+        for policy in [LinkPolicy::All, LinkPolicy::OnDemand, LinkPolicy::Auto] {
+            assert_eq!(LinkPolicy::parse(policy.as_str()), Some(policy));
+        }
+        assert_eq!(LinkPolicy::parse("on-demand"), Some(LinkPolicy::OnDemand));
+        assert_eq!(LinkPolicy::parse("ondemand"), None);
+        assert_eq!(LinkPolicy::default(), LinkPolicy::Auto);
+    }
+
+    #[test]
+    fn the_config_gives_both_overlays_the_policy() {
+        let group = overlays_config(
+            Some(("scale@conference.example.org", 1)),
+            LinkPolicy::OnDemand,
+            Duration::from_secs(750),
+        );
+        assert_eq!(
+            group,
+            "[social]\nlinks = \"on-demand\"\nidle_timeout = \"750s\"\n\n[[groups]]\n\
+             room = \"scale@conference.example.org\"\nsubnet = \"10.90.0.0/16\"\n\
+             address = \"10.90.0.2\"\nlinks = \"on-demand\"\nidle_timeout = \"750s\"\n"
+        );
+        let hub = overlays_config(None, LinkPolicy::All, Duration::ZERO);
+        assert_eq!(hub, "[social]\nlinks = \"all\"\nidle_timeout = \"1s\"\n");
+    }
+
+    /// A peer as `ipop status --json` lists it (fields the harness does not read left out).
+    fn peer(user: &str, state: &str, addresses: &[&str]) -> Value {
+        json!({"id": "key", "fingerprint": "fp", "name": null, "jid": format!("{user}@example.org"),
+               "device": "pc", "addresses": addresses, "state": state, "path": null,
+               "rx_bytes": 0, "tx_bytes": 0, "reason": null})
+    }
+
+    /// A status with a social overlay and the group `ROOM_JID`, holding these peers.
+    fn status(social: Vec<Value>, group: Vec<Value>) -> Value {
+        json!({"xmpp": {"state": "online", "stanzas_sent": 7}, "loop_stall_max_s": 0.002,
+               "overlays": [
+                   {"name": "social", "kind": "social", "addresses": ["172.31.0.1/16"],
+                    "peers": social},
+                   {"name": ROOM_JID, "kind": "group", "addresses": ["10.90.0.1/16"],
+                    "peers": group},
+                   {"name": "other@conference.example.org", "kind": "group",
+                    "addresses": ["10.91.0.1/16"],
+                    "peers": [peer("u007", "connected", &["10.91.0.7/32"])]}]})
+    }
+
+    const ROOM_JID: &str = "scale@conference.example.org";
+
+    #[test]
+    fn status_lists_connected_and_idle_peers_with_their_addresses() {
+        let social = vec![peer("hub", "idle", &["172.31.0.2/32", "fd00::2/128"])];
+        let group = vec![
+            peer("u002", "connected", &["10.90.0.2/32"]),
+            peer("u003", "idle", &["fd00::3/128", "10.90.0.3/32"]),
+            peer("u004", "connecting", &["10.90.0.4/32"]),
+            peer("u005", "offline", &[]),
+            peer("u006", "idle", &["fd00::6/128"]),
+        ];
+        let seen = parse_status(&status(social, group), ROOM_JID);
+        assert!(seen.online);
+        assert!((counter(&seen.xmpp, "stanzas_sent") - 7.0).abs() < f64::EPSILON);
+        assert!((seen.loop_stall_ms - 2.0).abs() < 1e-9);
+        let reach = |user: &str, a: Option<[u8; 4]>, connected| Reachable {
+            user: user.to_owned(),
+            address: a.map(IpAddr::from),
+            connected,
+        };
+        assert_eq!(seen.social, [reach("hub", Some([172, 31, 0, 2]), false)]);
+        assert_eq!(
+            seen.group,
+            [
+                reach("u002", Some([10, 90, 0, 2]), true),
+                reach("u003", Some([10, 90, 0, 3]), false),
+                reach("u006", None, false),
+            ]
+        );
+        assert_eq!(seen.links_up(), 1);
+        assert!(!parse_status(&json!({}), ROOM_JID).online);
+    }
+
+    #[test]
+    fn pings_go_to_connected_and_idle_peers_spread_over_the_pingers() {
+        let users: Vec<String> = (0..4).map(user).collect();
+        // Pairs and who pings whom: 0 (1 → 0), 1 (0 → 2), 2 (3 → 0), 3 (2 → 1), 4 (1 → 3),
+        // 5 (3 → 2), then the hub (4) with each, 6 to 9.
+        let pairs = wanted_pairs(4);
+        let group = |peers: Vec<Value>| Some(parse_status(&status(Vec::new(), peers), ROOM_JID));
+        let statuses = [
+            group(vec![peer("u003", "idle", &["10.90.0.3/32"])]),
+            group(vec![
+                peer("u001", "connected", &["10.90.0.1/32"]),
+                peer("u004", "idle", &["10.90.0.4/32"]),
+            ]),
+            group(vec![peer("u002", "connecting", &["10.90.0.2/32"])]),
+            group(vec![
+                peer("u001", "idle", &["10.90.0.1/32"]),
+                peer("u003", "connected", &["10.90.0.3/32"]),
+            ]),
+            Some(parse_status(
+                &status(
+                    vec![
+                        peer("u001", "idle", &["172.31.0.2/32"]),
+                        peer("u002", "idle", &["fd00::3/128"]),
+                        peer("u004", "connected", &["172.31.0.5/32"]),
+                    ],
+                    Vec::new(),
+                ),
+                ROOM_JID,
+            )),
+        ];
+        let statuses: Vec<Option<&Seen>> = statuses.iter().map(Option::as_ref).collect();
+        let mut passed = vec![None; pairs.len()];
+        let mut tried = vec![None; pairs.len()];
+        let ping = |pair, from, to: [u8; 4], idle| Ping {
+            pair,
+            from,
+            to: IpAddr::from(to),
+            idle,
+        };
+        // Each pinger's first pair, then each one's second.
+        assert_eq!(
+            choose_pings(&pairs, &passed, &tried, &statuses, &users),
+            [
+                ping(0, 1, [10, 90, 0, 1], false),
+                ping(1, 0, [10, 90, 0, 3], true),
+                ping(2, 3, [10, 90, 0, 1], true),
+                ping(6, 4, [172, 31, 0, 2], true),
+                ping(4, 1, [10, 90, 0, 4], true),
+                ping(5, 3, [10, 90, 0, 3], false),
+                ping(9, 4, [172, 31, 0, 5], false),
+            ]
+        );
+        // Passed pairs are done; pairs pinged before come after those never pinged.
+        passed[0] = Some(1.0);
+        tried[6] = Some(Instant::now());
+        let order: Vec<usize> = choose_pings(&pairs, &passed, &tried, &statuses, &users)
+            .iter()
+            .map(|p| p.pair)
+            .collect();
+        assert_eq!(order, [1, 2, 4, 5, 9, 6]);
+        // A pinger with twice the pings takes two turns for the other's one.
+        let hub = parse_status(
+            &status(
+                users
+                    .iter()
+                    .map(|u| peer(u, "connected", &["172.31.0.9/32"]))
+                    .collect(),
+                Vec::new(),
+            ),
+            ROOM_JID,
+        );
+        let statuses = [None, statuses[1], None, None, Some(&hub)];
+        let order: Vec<usize> = choose_pings(&pairs, &[None; 10], &[None; 10], &statuses, &users)
+            .iter()
+            .map(|p| p.pair)
+            .collect();
+        assert_eq!(order, [0, 6, 7, 4, 8, 9]);
     }
 }

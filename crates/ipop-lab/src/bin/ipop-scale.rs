@@ -1,13 +1,15 @@
 //! `ipop-scale`: the scale benchmark (run as root; `bench/scale.sh` builds and runs it).
 //!
 //! ```text
-//! ipop-scale N [prosody|ejabberd]
+//! ipop-scale N [prosody|ejabberd] [all|on-demand|auto]
 //! ```
 //!
 //! N devices in one group room and one device whose user has the N users as friends, each in
 //! its own namespace with its own `ipop up`, on one XMPP server with its stock client rate
-//! limits. Prints a table of the time until every pair passes a ping, the XMPP stanzas and
-//! bytes per device and per link, link offers and failed signals, idle CPU and memory.
+//! limits; every device has the given `links` policy (default `auto`) in the group and in the
+//! social overlay. Prints a table of the time until every pair passes a ping, the on-demand
+//! set-up time, the XMPP stanzas and bytes per device and per link, link offers and failed
+//! signals, idle CPU and memory.
 //!
 //! Environment: `IPOP_BIN` (default `target/release/ipop`), `SCALE_TIMEOUT` (seconds for the
 //! pairs to pass, default 600), `SCALE_IDLE_SECONDS` (idle measurement, default 30),
@@ -19,9 +21,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ipop_lab::ServerKind;
-use ipop_lab::scale::{self, Options};
+use ipop_lab::scale::{self, LinkPolicy, Options};
 
-const USAGE: &str = "usage: ipop-scale N [prosody|ejabberd]";
+const USAGE: &str = "usage: ipop-scale N [prosody|ejabberd] [all|on-demand|auto]";
 
 fn env_number(name: &str, default: u64) -> Result<u64, String> {
     match std::env::var(name) {
@@ -33,9 +35,10 @@ fn env_number(name: &str, default: u64) -> Result<u64, String> {
 }
 
 fn options(args: &[String]) -> Result<Options, String> {
-    let (devices, server) = match args {
-        [n] => (n, "prosody"),
-        [n, server] => (n, server.as_str()),
+    let (devices, server, links) = match args {
+        [n] => (n, "prosody", "auto"),
+        [n, server] => (n, server.as_str(), "auto"),
+        [n, server, links] => (n, server.as_str(), links.as_str()),
         _ => return Err(USAGE.to_owned()),
     };
     let devices: u8 = devices
@@ -46,11 +49,14 @@ fn options(args: &[String]) -> Result<Options, String> {
         "ejabberd" => ServerKind::Ejabberd,
         other => return Err(format!("unknown server {other:?}; {USAGE}")),
     };
+    let links = LinkPolicy::parse(links)
+        .ok_or_else(|| format!("unknown link policy {links:?}; {USAGE}"))?;
     let ipop = std::env::var_os("IPOP_BIN").map_or_else(scale::default_ipop, PathBuf::from);
     let workers = env_number("SCALE_PING_WORKERS", 8)?;
     Ok(Options {
         devices,
         server,
+        links,
         ipop,
         timeout: Duration::from_secs(env_number("SCALE_TIMEOUT", 600)?),
         idle: Duration::from_secs(env_number("SCALE_IDLE_SECONDS", 30)?),
