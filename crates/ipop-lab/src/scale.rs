@@ -38,6 +38,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How much longer than the wait and the idle measurement an on-demand link may stay up
 /// without data (`idle_timeout`).
 const IDLE_TIMEOUT_MARGIN: Duration = Duration::from_secs(120);
+/// Beyond a resting link's idle time, how long the run waits for it to close: the close is
+/// checked on the engine's timers, and both ends must agree.
+const REST_MARGIN: Duration = Duration::from_secs(15);
 /// How long each daemon may take to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a round starts pings for: those started by then run to their end, the rest wait
@@ -156,6 +159,10 @@ pub struct Options {
     pub ping_workers: usize,
     /// Where to copy the logs of the daemons and the server before they are removed.
     pub keep_logs: Option<PathBuf>,
+    /// With a time, on-demand links close after it without data (`idle_timeout`), and once
+    /// the pairs pass the run waits for them to close before the final figures: what a device
+    /// costs with N members and no traffic. Without, links outlast the run.
+    pub rest: Option<Duration>,
 }
 
 /// Who pings whom: device indices `0..n` are the group devices, `n` the well-connected one.
@@ -477,6 +484,8 @@ pub struct Report {
     pub server: ServerKind,
     pub server_limit: &'static str,
     pub links: LinkPolicy,
+    /// The `idle_timeout` the links rested for before the final figures, if they did.
+    pub rested: Option<Duration>,
     pub started_at: String,
     pub cores: usize,
     /// Pairs that passed a ping, and when (seconds from starting the daemons), by kind.
@@ -711,7 +720,14 @@ impl Report {
             opt(self.server_memory_kb.map(|m| m.1 as f64 / 1024.0), 1),
         );
         let _ = writeln!(s, "idle figures over {:.0} s", self.idle_s);
-        if !self.setup_s.is_empty() {
+        if let Some(rest) = self.rested {
+            let _ = writeln!(
+                s,
+                "links up and idle figures taken after the links rested: idle_timeout {} s, \
+                 then no traffic",
+                rest.as_secs()
+            );
+        } else if !self.setup_s.is_empty() {
             let _ = writeln!(
                 s,
                 "links up: every pair was pinged, which opened every on-demand link; these are \
@@ -743,6 +759,7 @@ impl Report {
             "server": self.server.to_string(),
             "server_limit": self.server_limit,
             "links": self.links.as_str(),
+            "rested_s": self.rested.map(|r| r.as_secs()),
             "started_at": self.started_at,
             "cores": self.cores,
             "group_pairs": self.group_pairs,
@@ -1011,7 +1028,9 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             return Err("interrupted during set-up".to_owned());
         }
         // Links that the pings open stay up to the end, idle measurement included.
-        let idle_timeout = opts.timeout + opts.idle + IDLE_TIMEOUT_MARGIN;
+        let idle_timeout = opts
+            .rest
+            .unwrap_or(opts.timeout + opts.idle + IDLE_TIMEOUT_MARGIN);
         for (i, node) in run.lab.nodes.iter().take(n + 1).enumerate() {
             let (account, device, group) = if i < n {
                 (users[i].as_str(), "pc", Some((room.as_str(), i)))
@@ -1164,6 +1183,14 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         .zip(server_cpu_start)
         .map(|(end, start)| end.saturating_sub(start) as f64 / USER_HZ);
 
+    if let Some(rest) = opts.rest.filter(|_| !interrupted()) {
+        let wait = rest + REST_MARGIN;
+        eprintln!(
+            "ipop-scale: waiting {} s for on-demand links to close after their idle time",
+            wait.as_secs()
+        );
+        sleep_unless_interrupted(wait);
+    }
     eprintln!("ipop-scale: reading every status");
     let all: Vec<usize> = (0..=n).collect();
     let before: Vec<Option<Seen>> =
@@ -1239,6 +1266,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         server: opts.server,
         server_limit,
         links: opts.links,
+        rested: opts.rest,
         started_at,
         cores,
         group_pairs: n * (n - 1) / 2,
@@ -1466,6 +1494,7 @@ mod tests {
             server: ServerKind::Prosody,
             server_limit: "stock",
             links: LinkPolicy::OnDemand,
+            rested: None,
             started_at: "2026-12-04 22:30 UTC".to_owned(),
             cores: 2,
             group_pairs: 3,

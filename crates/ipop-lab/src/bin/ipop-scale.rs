@@ -14,7 +14,9 @@
 //! Environment: `IPOP_BIN` (default `target/release/ipop`), `SCALE_TIMEOUT` (seconds for the
 //! pairs to pass, default 600), `SCALE_IDLE_SECONDS` (idle measurement, default 30),
 //! `SCALE_PING_WORKERS` (pings at once, default 8), `SCALE_JSON` (a file to write the report
-//! to as JSON), `SCALE_LOGS` (a directory to copy the daemons' and the server's logs to).
+//! to as JSON), `SCALE_LOGS` (a directory to copy the daemons' and the server's logs to),
+//! `SCALE_REST_SECONDS` (an `idle_timeout` for the links, after which they close before the
+//! final figures; unset, they stay up to the end).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +64,10 @@ fn options(args: &[String]) -> Result<Options, String> {
         idle: Duration::from_secs(env_number("SCALE_IDLE_SECONDS", 30)?),
         ping_workers: usize::try_from(workers.clamp(1, 64)).unwrap_or(8),
         keep_logs: std::env::var_os("SCALE_LOGS").map(PathBuf::from),
+        rest: match env_number("SCALE_REST_SECONDS", 0)? {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
     })
 }
 
