@@ -54,6 +54,13 @@ use std::time::{Duration, Instant};
 
 /// How long the device that sorts second waits for the other's offer before making its own.
 const ANSWER_GRACE: Duration = Duration::from_secs(3);
+/// How long the device that sorts first waits before its offer to a device that came online in
+/// a burst (another device of the same `auto` overlay came online within this time before it):
+/// the devices of a room come in one after the other when everyone starts at once, and the
+/// overlay may reach the threshold of on-demand links before the wait is over, so the offers
+/// of links that would rest at once are never made. A device that comes alone is offered at
+/// once.
+const AUTO_SETTLE: Duration = Duration::from_millis(500);
 /// A session not accepted within this time is abandoned and retried.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session whose ICE found no path within this time is abandoned and retried.
@@ -284,6 +291,8 @@ pub struct Engine {
     held: Held,
     /// Links that traffic was held for since the last [`Engine::handle_timeout`].
     demanded: Vec<DeviceId>,
+    /// When each `auto` overlay grew by a device, over the last [`AUTO_SETTLE`].
+    arrivals: HashMap<OverlayId, VecDeque<Instant>>,
     /// Counts up whenever the addresses of a link change: what the daemon's DNS names follow,
     /// with the node's version.
     addresses_version: u64,
@@ -352,6 +361,7 @@ impl Engine {
             by_address: HashMap::new(),
             held: Held::default(),
             demanded: Vec::new(),
+            arrivals: HashMap::new(),
             addresses_version: 0,
             me: None,
             online: false,
@@ -1239,7 +1249,20 @@ impl Engine {
                 })
                 .count();
             let before = self.overlay_wants(&overlay);
-            self.sizes.insert(overlay.clone(), online + 1);
+            let grew = self
+                .sizes
+                .insert(overlay.clone(), online + 1)
+                .is_some_and(|size| size < online + 1);
+            let arrivals = self.arrivals.entry(overlay.clone()).or_default();
+            while arrivals
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) > AUTO_SETTLE)
+            {
+                arrivals.pop_front();
+            }
+            if grew {
+                arrivals.push_back(now);
+            }
             let after = self.overlay_wants(&overlay);
             if after == before {
                 continue;
@@ -1433,6 +1456,13 @@ impl Engine {
         let offline = self.devices.get(device).is_some_and(Announced::offline);
         let wanted = self.wanted(device);
         let idle = wanted != Wanted::Always;
+        let burst = self.authorising(device).iter().any(|o| {
+            self.policies
+                .get(o)
+                .is_some_and(|(p, _)| *p == LinkPolicy::Auto)
+                && self.arrivals.get(o).is_some_and(|a| a.len() >= 2)
+        });
+        let settle = if burst { AUTO_SETTLE } else { Duration::ZERO };
         tracing::info!(%device, key = %key.fingerprint(), on_demand = idle, "authorised device online");
         self.links.insert(
             device.clone(),
@@ -1440,7 +1470,11 @@ impl Engine {
                 key,
                 session: None,
                 peer: None,
-                next_attempt: if first { now } else { now + ANSWER_GRACE },
+                next_attempt: if first {
+                    now + settle
+                } else {
+                    now + ANSWER_GRACE
+                },
                 backoff: BACKOFF_MIN,
                 last_error: None,
                 tried: (Vec::new(), Vec::new()),
@@ -3964,6 +3998,65 @@ mod tests {
         assert!(!send(&mut w, 1, 0, b"again"));
         w.run_until(Duration::from_secs(5), |w| received(w, 0, b"again"));
         assert_eq!(link_to(&w, 0, 1).phase, LinkPhase::Connected);
+    }
+
+    #[test]
+    fn in_an_auto_overlay_a_lone_device_is_offered_at_once_and_a_burst_after_a_wait() {
+        let room = OverlayId::Group("lab@conference.example.org".into());
+        let mut overlay = group(
+            "lab@conference.example.org",
+            "10.91.0.0/16",
+            Some("10.91.0.1"),
+        );
+        overlay.links = LinkPolicy::Auto;
+        let mut me = dev_in(
+            "aaa@example.org",
+            "pc",
+            "192.0.2.1:51820",
+            vec![overlay],
+            Memory::default(),
+        );
+        let e = &mut me.engine;
+        let t0 = Instant::now();
+        e.handle_osn(t0, OsnEvent::Online { me: me.id.clone() });
+        let users: Vec<String> = ["bob", "carol", "dave"]
+            .iter()
+            .map(|u| format!("{u}@example.org"))
+            .collect();
+        e.handle_osn(
+            t0,
+            OsnEvent::Members {
+                overlay: room.clone(),
+                users: users.clone(),
+            },
+        );
+        let up = |i: usize| OsnEvent::DeviceUp {
+            overlay: room.clone(),
+            device: DeviceId::new(&users[i], "pc"),
+            key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
+            claim: Some(Claim {
+                address: std::net::Ipv4Addr::new(10, 91, 0, 2 + i as u8),
+                fixed: true,
+            }),
+        };
+        let offers = |e: &mut Engine| {
+            std::iter::from_fn(|| e.poll_signal())
+                .filter(|o| matches!(o.signal, Signal::Initiate { .. }))
+                .count()
+        };
+        // Well within the wait (gathering host candidates takes a moment).
+        let soon = Duration::from_millis(100);
+        e.handle_osn(t0, up(0));
+        e.handle_timeout(t0 + soon);
+        assert_eq!(offers(e), 1, "a device that comes alone is offered at once");
+
+        let t1 = t0 + Duration::from_secs(5);
+        e.handle_osn(t1, up(1));
+        e.handle_osn(t1, up(2));
+        e.handle_timeout(t1 + soon);
+        assert_eq!(offers(e), 1, "the second of a burst waits");
+        e.handle_timeout(t1 + AUTO_SETTLE + soon);
+        assert_eq!(offers(e), 1, "and is offered after the wait");
     }
 
     #[test]
