@@ -25,6 +25,7 @@
 #   SCALE_IDLE_SECONDS   seconds of idle CPU measurement once they pass              (default 30)
 #   SCALE_REST_SECONDS   an idle_timeout for the links; the run waits for them to close before
 #                        the final figures (default: links stay up to the end)
+#   SCALE_SEND_RATE      every device's [xmpp] send_rate, bytes/s, 0 for no pacing (default: ipop's)
 #   SCALE_PING_WORKERS   pings run at once                                            (default 8)
 #   SCALE_JSON           also write the report as JSON to this file
 #   SCALE_LOGS           copy the logs of the daemons and the server to this directory

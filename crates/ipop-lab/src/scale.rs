@@ -163,6 +163,9 @@ pub struct Options {
     /// the pairs pass the run waits for them to close before the final figures: what a device
     /// costs with N members and no traffic. Without, links outlast the run.
     pub rest: Option<Duration>,
+    /// `[xmpp] send_rate` for every device, bytes per second (0: no pacing); `None` keeps the
+    /// default.
+    pub send_rate: Option<u32>,
 }
 
 /// Who pings whom: device indices `0..n` are the group devices, `n` the well-connected one.
@@ -486,6 +489,8 @@ pub struct Report {
     pub links: LinkPolicy,
     /// The `idle_timeout` the links rested for before the final figures, if they did.
     pub rested: Option<Duration>,
+    /// The devices' `send_rate`, when not the default.
+    pub send_rate: Option<u32>,
     pub started_at: String,
     pub cores: usize,
     /// Pairs that passed a ping, and when (seconds from starting the daemons), by kind.
@@ -720,6 +725,9 @@ impl Report {
             opt(self.server_memory_kb.map(|m| m.1 as f64 / 1024.0), 1),
         );
         let _ = writeln!(s, "idle figures over {:.0} s", self.idle_s);
+        if let Some(rate) = self.send_rate {
+            let _ = writeln!(s, "every device had [xmpp] send_rate = {rate}");
+        }
         if let Some(rest) = self.rested {
             let _ = writeln!(
                 s,
@@ -760,6 +768,7 @@ impl Report {
             "server_limit": self.server_limit,
             "links": self.links.as_str(),
             "rested_s": self.rested.map(|r| r.as_secs()),
+            "send_rate": self.send_rate,
             "started_at": self.started_at,
             "cores": self.cores,
             "group_pairs": self.group_pairs,
@@ -1041,9 +1050,13 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             let mut config = node.config(51820);
             config.addresses.clear();
             "info".clone_into(&mut config.log_level);
+            let pace = opts
+                .send_rate
+                .map(|r| format!("send_rate = {r}\n"))
+                .unwrap_or_default();
             config.extra = format!(
                 "[xmpp]\njid = \"{account}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{addr}\"\n\
-                 ca_file = {ca:?}\ndevice = \"{device}\"\n\n{overlays}",
+                 ca_file = {ca:?}\ndevice = \"{device}\"\n{pace}\n{overlays}",
                 pw = password(account),
                 addr = xmpp.c2s_addr(),
                 ca = xmpp.ca_cert_path(),
@@ -1267,6 +1280,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         server_limit,
         links: opts.links,
         rested: opts.rest,
+        send_rate: opts.send_rate,
         started_at,
         cores,
         group_pairs: n * (n - 1) / 2,
@@ -1495,6 +1509,7 @@ mod tests {
             server_limit: "stock",
             links: LinkPolicy::OnDemand,
             rested: None,
+            send_rate: None,
             started_at: "2026-12-04 22:30 UTC".to_owned(),
             cores: 2,
             group_pairs: 3,

@@ -16,7 +16,8 @@
 //! `SCALE_PING_WORKERS` (pings at once, default 8), `SCALE_JSON` (a file to write the report
 //! to as JSON), `SCALE_LOGS` (a directory to copy the daemons' and the server's logs to),
 //! `SCALE_REST_SECONDS` (an `idle_timeout` for the links, after which they close before the
-//! final figures; unset, they stay up to the end).
+//! final figures; unset, they stay up to the end), `SCALE_SEND_RATE` (every device's
+//! `[xmpp] send_rate`, bytes per second, 0 for no pacing; unset, the default).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,13 @@ fn options(args: &[String]) -> Result<Options, String> {
         rest: match env_number("SCALE_REST_SECONDS", 0)? {
             0 => None,
             secs => Some(Duration::from_secs(secs)),
+        },
+        send_rate: match std::env::var("SCALE_SEND_RATE") {
+            Ok(_) => Some(
+                u32::try_from(env_number("SCALE_SEND_RATE", 0)?)
+                    .map_err(|e| format!("SCALE_SEND_RATE: {e}"))?,
+            ),
+            Err(_) => None,
         },
     })
 }
