@@ -93,11 +93,14 @@ pub struct XmppConfig {
     pub send_burst: u32,
 }
 
-/// The default send rate, bytes per second: under the strictest stock client limit known
-/// (ejabberd's `normal` shaper, 3 000 B/s), with room for TLS framing.
-pub const DEFAULT_SEND_RATE: u32 = 2_500;
-/// The default send burst, bytes: under ejabberd's 20 000 B.
-pub const DEFAULT_SEND_BURST: u32 = 16_000;
+/// The default send rate, bytes per second: Debian's stock Prosody limit (10 kB/s). A server
+/// with a stricter limit (ejabberd's stock `normal` shaper: 3 000 B/s) throttles before the
+/// session does; a rate set under that limit keeps the session's order of urgency. A fixed
+/// rate under the strictest limit would make a device with a hundred friends take longer to
+/// answer their offers than they wait for an answer.
+pub const DEFAULT_SEND_RATE: u32 = 10_000;
+/// The default send burst, bytes: ejabberd's stock burst.
+pub const DEFAULT_SEND_BURST: u32 = 20_000;
 
 impl XmppConfig {
     /// A configuration with the defaults: STARTTLS through DNS SRV, social overlay on, no

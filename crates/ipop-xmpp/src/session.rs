@@ -1124,6 +1124,27 @@ impl Task {
         );
     }
 
+    /// Takes back what waits in the send queue for a session the other side ended (an answer
+    /// it gave up waiting for): sending it would only cost the rate limit.
+    fn drop_queued(&mut self, to: &DeviceId, session: &str) {
+        let mut taken = Vec::new();
+        self.queue.retain(|q| match q {
+            Queued::Signal { id, out, .. } if out.to == *to && out.signal.session() == session => {
+                taken.push(id.clone());
+                false
+            }
+            _ => true,
+        });
+        for id in &taken {
+            self.pending.remove(id);
+        }
+        if !taken.is_empty() {
+            tracing::debug!(%to, session, "the other side ended the session: its queued signals are not sent");
+            let n = taken.len() as u64;
+            self.shared.count_traffic(|t| t.signals_coalesced += n);
+        }
+    }
+
     /// Folds `out` into the queued signals of its link session: candidates join the offer or
     /// answer they follow, and the end of a session whose offer was never sent takes the
     /// offer back (the other side never hears of it). True when nothing is left to send.
@@ -1364,10 +1385,11 @@ impl Task {
         match jingle::from_element(payload) {
             Ok(signal) => {
                 self.reply(from, id, None);
-                self.out.push(OsnEvent::Signal {
-                    from: DeviceId::new(sender.to_bare().to_string(), sender.resource().as_str()),
-                    signal,
-                });
+                let from = DeviceId::new(sender.to_bare().to_string(), sender.resource().as_str());
+                if let Signal::Terminate { session, .. } = &signal {
+                    self.drop_queued(&from, session);
+                }
+                self.out.push(OsnEvent::Signal { from, signal });
             }
             Err(malformed) => {
                 let (reason, condition) = match malformed {

@@ -1161,7 +1161,7 @@ async fn a_paced_session_sends_the_most_urgent_first_and_never_an_offer_ended_in
     cfg.send_rate = RATE;
     cfg.send_burst = 1;
     let (alice, mut alice_events) = connect(cfg).await.expect("alice logs in");
-    let (_bob, mut bob_events) = connect(config_for(&server, "bob", "pw-bob", "desktop", 2))
+    let (bob, mut bob_events) = connect(config_for(&server, "bob", "pw-bob", "desktop", 2))
         .await
         .expect("bob logs in");
     expect(&mut alice_events, "bob's device", |e| {
@@ -1258,5 +1258,43 @@ async fn a_paced_session_sends_the_most_urgent_first_and_never_an_offer_ended_in
     })
     .await;
     assert!(quiet.is_err(), "unexpected {quiet:?}");
+
+    // Three answers queue at Alice's; Bob ends the third's session before it can leave: it
+    // never does.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 1..=3 {
+        send(
+            Signal::Accept {
+                session: format!("x{i}"),
+                offer: offer(1),
+            },
+            false,
+        );
+    }
+    bob.send(Outgoing::new(
+        device("alice", "laptop"),
+        Signal::Terminate {
+            session: "x3".to_owned(),
+            reason: TerminateReason::Done,
+        },
+    ));
+    let mut seen = vec![
+        next_signal(&mut bob_events).await,
+        next_signal(&mut bob_events).await,
+    ];
+    let quiet = tokio::time::timeout(Duration::from_secs(2), async {
+        next_signal(&mut bob_events).await
+    })
+    .await;
+    if let Ok(third) = quiet {
+        seen.push(third);
+    }
+    let sessions: Vec<&str> = seen.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert_eq!(
+        sessions,
+        ["x1", "x2"],
+        "the answer to an ended session went out"
+    );
+    assert_eq!(alice.status().traffic.signals_coalesced, 4);
     alice.shutdown().await;
 }
