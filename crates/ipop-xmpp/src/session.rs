@@ -118,29 +118,16 @@ impl View {
             .cloned()
             .collect();
         for device in gone {
-            self.devices.remove(&device);
-            out.push(OsnEvent::DeviceDown {
-                overlay: overlay.clone(),
-                device,
-            });
+            self.update(overlay, device, None, out);
         }
         for (device, announced) in devices {
-            self.stale.remove(&device);
-            if self.devices.get(&device) != Some(&announced) {
-                self.devices.insert(device.clone(), announced);
-                out.push(OsnEvent::DeviceUp {
-                    overlay: overlay.clone(),
-                    device,
-                    key: announced.key,
-                    claim: announced.claim,
-                });
-            }
+            self.update(overlay, device, Some(announced), out);
         }
     }
 
-    /// Tells the core of one device that came, changed or went (`None`), when nothing else
-    /// changed: the work is that device's, whatever the size of the overlay. Before the first
-    /// full publication there is nothing to update: that publication will say it.
+    /// Tells the core of one device that came, changed or went (`None`): the work is that
+    /// device's, whatever the size of the overlay. Before the first full publication there is
+    /// nothing to update: that publication will say it.
     fn update(
         &mut self,
         overlay: &OverlayId,
