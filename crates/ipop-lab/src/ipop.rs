@@ -434,7 +434,14 @@ impl Node {
 
 /// Every end-to-end test fails when a daemon it ran still shows a longer stall of its packet
 /// loop than this at the end (see [`Node::check_loop_stall`]).
-pub const MAX_LOOP_STALL: Duration = Duration::from_millis(10);
+///
+/// A wake-up's own work is bounded at about 2 ms (the read loops yield after that), and a quiet
+/// run of the suite shows at most about 1 ms. The margin is for the kernel: without
+/// `CONFIG_IRQ_TIME_ACCOUNTING` (Debian's kernels and this project's CI have none), interrupt and
+/// softirq work done while the loop's thread is on the CPU, such as another flow's packets, is
+/// billed to that thread. With a CPU hog on one core, one wake-up that handled a single ping was
+/// billed 10.6 ms while a stranger flooded the XMPP server beside it.
+pub const MAX_LOOP_STALL: Duration = Duration::from_millis(20);
 
 impl Drop for Node {
     /// Checks the loop stall before the daemon is stopped (by its own drop). A failing check

@@ -442,7 +442,7 @@ fn a_strangers_hostile_stanzas_leave_the_device_online_and_its_link_untouched() 
     );
     // A packet thread held by parsing shows as seconds of RTT (3.2 s before the guard). Below
     // that, what a busy machine's scheduler adds (92 ms seen with a CPU hog and builds beside
-    // the test) is not the daemon's: the loop's own stalls are held under 10 ms when the lab
+    // the test) is not the daemon's: the loop's own stalls are held under the lab's bound when it
     // stops the daemons.
     let max_rtt = ping.rtt.map_or(f64::INFINITY, |(_, _, max)| max);
     assert!(
