@@ -8,6 +8,12 @@
 //! adds to the queue that made it late. So the session keeps its own queue, sends from it no
 //! faster than a token bucket allows, and sends the most needed first. A signal's answer is
 //! timed from when it leaves the queue, not from when it was queued.
+//!
+//! The bucket's rate is a guess at the server's limit, and a server may throttle harder (a
+//! stricter shaper, or a user with many friends whose offers all come at once). So where the
+//! stream has stream management (XEP-0198), the session also keeps at most [`WINDOW`] bytes on
+//! the way that the server has not acknowledged: the server then paces the queue at whatever
+//! rate it reads, and what waits, waits here, in order of need, not in its socket buffers.
 
 use std::collections::VecDeque;
 use tokio::time::{Duration, Instant};
@@ -72,6 +78,70 @@ impl Bucket {
     pub(crate) fn take(&mut self, now: Instant, bytes: usize) {
         self.refill(now);
         self.tokens -= bytes as f64;
+    }
+}
+
+/// Most bytes on the way to the server and not yet acknowledged by it: at ejabberd's stock
+/// 3 000 B/s, what the session sent waits at most about 1.4 s at the server, while a
+/// server that reads at once acknowledges within a round trip, so 4 KiB do not slow a LAN or a
+/// server 100 ms away (40 kB/s, beyond every stock client limit).
+pub(crate) const WINDOW: usize = 4096;
+
+/// A stanza the server has not acknowledged within this time is no longer waited for: the
+/// queue then goes at the bucket's pace alone until the server acknowledges again.
+pub(crate) const ACK_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Whether the server has acknowledged a sent stanza, or it will never be (the stream that
+/// carried it is gone).
+pub(crate) trait Delivered {
+    fn delivered(&self) -> bool;
+}
+
+/// The stanzas sent and not yet acknowledged, with their bytes, oldest first (a server
+/// acknowledges in order).
+#[derive(Debug)]
+pub(crate) struct Window<T> {
+    sent: VecDeque<(T, usize, Instant)>,
+    bytes: usize,
+}
+
+impl<T: Delivered> Window<T> {
+    pub(crate) fn new() -> Self {
+        Window {
+            sent: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    pub(crate) fn sent(&mut self, item: T, bytes: usize, now: Instant) {
+        self.bytes += bytes;
+        self.sent.push_back((item, bytes, now));
+    }
+
+    /// With the window closed, the stanza to wait for and when the window opens at the latest:
+    /// `None` while fewer than [`WINDOW`] bytes wait for an acknowledgement (one stanza may take
+    /// it beyond). Forgets first what the server acknowledged, or failed to within
+    /// [`ACK_PATIENCE`].
+    pub(crate) fn waiting_for(&mut self, now: Instant) -> Option<(&T, Instant)> {
+        while let Some((item, bytes, at)) = self.sent.front() {
+            if !item.delivered() && now < *at + ACK_PATIENCE {
+                break;
+            }
+            self.bytes -= bytes;
+            self.sent.pop_front();
+        }
+        if self.bytes < WINDOW {
+            return None;
+        }
+        self.sent
+            .front()
+            .map(|(item, _, at)| (item, *at + ACK_PATIENCE))
+    }
+
+    /// A new stream: nothing of the old one will be acknowledged on it.
+    pub(crate) fn clear(&mut self) {
+        self.sent.clear();
+        self.bytes = 0;
     }
 }
 
@@ -162,6 +232,56 @@ mod tests {
         let t2 = t1 + Duration::from_secs(60);
         b.refill(t2);
         assert!((b.tokens - 3000.0).abs() < 1e-6, "{}", b.tokens);
+    }
+
+    #[derive(Debug)]
+    struct Acked(std::rc::Rc<std::cell::Cell<bool>>);
+
+    impl Delivered for Acked {
+        fn delivered(&self) -> bool {
+            self.0.get()
+        }
+    }
+
+    #[test]
+    fn the_window_closes_at_its_bytes_and_opens_as_the_server_acknowledges_in_order() {
+        let t0 = Instant::now();
+        let acks: Vec<_> = (0..3)
+            .map(|_| std::rc::Rc::new(std::cell::Cell::new(false)))
+            .collect();
+        let mut w = Window::new();
+        let waits_for = |w: &mut Window<Acked>, now: Instant| {
+            w.waiting_for(now).map(|(a, at)| {
+                let i = acks.iter().position(|b| std::ptr::eq(a.0.as_ref(), b.as_ref()));
+                (i, at)
+            })
+        };
+        assert_eq!(waits_for(&mut w, t0), None, "an empty window");
+        w.sent(Acked(acks[0].clone()), 3000, t0);
+        assert_eq!(waits_for(&mut w, t0), None, "3000 B on the way");
+        // One stanza may take it beyond the window; then it is closed.
+        w.sent(Acked(acks[1].clone()), 2000, t0);
+        w.sent(Acked(acks[2].clone()), 500, t0);
+        assert_eq!(waits_for(&mut w, t0), Some((Some(0), t0 + ACK_PATIENCE)));
+        // An acknowledgement of a later stanza alone frees nothing: the server acknowledges
+        // in order, and the oldest is the one to wait for.
+        acks[2].set(true);
+        assert_eq!(waits_for(&mut w, t0), Some((Some(0), t0 + ACK_PATIENCE)));
+        acks[0].set(true);
+        assert_eq!(waits_for(&mut w, t0), None, "2500 B of the second and third");
+        acks[1].set(true);
+        assert_eq!(waits_for(&mut w, t0), None);
+        assert!(w.sent.is_empty(), "the second and the third are both acknowledged");
+        // A server that does not acknowledge is waited for no longer than the patience.
+        let t1 = t0 + Duration::from_secs(1);
+        let silent = || Acked(std::rc::Rc::new(std::cell::Cell::new(false)));
+        w.sent(silent(), 5000, t1);
+        let t2 = t1 + ACK_PATIENCE - Duration::from_millis(1);
+        assert_eq!(waits_for(&mut w, t2), Some((None, t1 + ACK_PATIENCE)));
+        assert_eq!(waits_for(&mut w, t1 + ACK_PATIENCE), None);
+        w.sent(silent(), 5000, t1);
+        w.clear();
+        assert_eq!(waits_for(&mut w, t1), None, "a new stream starts with an open window");
     }
 
     #[test]

@@ -14,12 +14,12 @@ use crate::guard;
 use crate::jingle::{self, Malformed};
 use crate::login::Login;
 use crate::muc::{self, Affiliation, OccupantInfo};
-use crate::pace::{Bucket, Class, Queues};
+use crate::pace::{Bucket, Class, Delivered, Queues, Window};
 use crate::{
     Claims, Command, DropReason, Error, ExternalServiceStatus, LoginError, RoomStatus,
     SIGNAL_TIMEOUT, Shared, State, XmppConfig,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use ipop_core::PublicKey;
 use ipop_core::osn::{Claim, DeviceId, OsnEvent, Outgoing, OverlayId, Signal};
 use std::collections::hash_map::RandomState;
@@ -39,7 +39,9 @@ use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::presence::{Presence, Priority, Type as PresenceType};
 use tokio_xmpp::parsers::roster::{Item as RosterItem, Roster, Subscription};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
-use tokio_xmpp::stanzastream::{Connection, Event, StanzaStage, StanzaStream, StreamEvent};
+use tokio_xmpp::stanzastream::{
+    Connection, Event, StanzaStage, StanzaStream, StanzaToken, StreamEvent,
+};
 
 /// How long IQs to our server and rooms (roster, room configuration, affiliations) may take.
 const SERVER_IQ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -325,6 +327,8 @@ pub(crate) struct Task {
     /// What waits to be sent, by class, and the pace it goes at (none without a limit).
     queue: Queues<Queued>,
     bucket: Option<Bucket>,
+    /// What the server has not acknowledged yet, where the stream has stream management.
+    window: Option<Window<StanzaToken>>,
     /// Events produced while handling one input, sent afterwards.
     out: Vec<OsnEvent>,
 }
@@ -333,6 +337,24 @@ pub(crate) struct Task {
 async fn until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Delivered for StanzaToken {
+    fn delivered(&self) -> bool {
+        // Ready once acknowledged, failed or dropped, or when the stream forgot it.
+        self.clone()
+            .wait_for(StanzaStage::Acked)
+            .now_or_never()
+            .is_some()
+    }
+}
+
+/// Waits until the server acknowledges `token`'s stanza (or never will); forever with `None`.
+async fn acknowledged(token: Option<StanzaToken>) {
+    match token {
+        Some(mut token) => drop(token.wait_for(StanzaStage::Acked).await),
         None => std::future::pending().await,
     }
 }
@@ -466,6 +488,7 @@ impl Task {
             offered: BTreeSet::new(),
             queue: Queues::new(SEND_QUEUE, STRANGER_ANSWERS),
             bucket: Bucket::new(cfg.send_rate, cfg.send_burst, Instant::now()),
+            window: None,
             cfg,
             outbox: Vec::new(),
             out: Vec::new(),
@@ -484,6 +507,13 @@ impl Task {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let finished = loop {
             let send_at = self.send_at(Instant::now());
+            // With a closed window, the next stanza waits for the oldest to be acknowledged.
+            let ack = self
+                .window
+                .as_mut()
+                .filter(|_| send_at.is_some())
+                .and_then(|w| w.waiting_for(Instant::now()))
+                .map(|(token, _)| token.clone());
             tokio::select! {
                 event = self.stream.next() => match event {
                     Some(Event::Stream(e)) => self.on_stream_event(e),
@@ -504,6 +534,7 @@ impl Task {
                 () = claims_changed(&mut self.claims) => self.on_claims(),
                 _ = tick.tick() => self.on_tick(Instant::now()),
                 () = until(send_at) => {}
+                () = acknowledged(ack) => {}
             }
             self.flush().await;
         };
@@ -529,8 +560,9 @@ impl Task {
             };
             let stanza = self.prepare(queued, now);
             let waited = now.saturating_duration_since(queued_at).as_millis();
+            let bytes = wire_len(&stanza);
             if let Some(bucket) = &mut self.bucket {
-                bucket.take(now, wire_len(&stanza));
+                bucket.take(now, bytes);
             }
             self.shared.count_traffic(|t| {
                 t.stanzas_sent += 1;
@@ -538,9 +570,11 @@ impl Task {
                     .send_wait_max_ms
                     .max(u64::try_from(waited).unwrap_or(u64::MAX));
             });
-            // The token tracks delivery to the socket; stanzas are fire-and-forget here and
-            // IQs are tracked by their id.
-            drop(self.stream.send(Box::new(stanza)).await);
+            // IQs are tracked by their id; the token only tells when the server has the stanza.
+            let token = self.stream.send(Box::new(stanza)).await;
+            if let Some(window) = &mut self.window {
+                window.sent(token, bytes, now);
+            }
         }
         let queued = self.queue.len() as u64;
         self.shared.count_traffic(|t| t.send_queue = queued);
@@ -551,12 +585,17 @@ impl Task {
         }
     }
 
-    /// When the next queued stanza may go: `None` when nothing waits or the stream is down.
+    /// When the next queued stanza may go, at the latest (an acknowledgement from the server
+    /// may open the window before): `None` when nothing waits or the stream is down.
     fn send_at(&mut self, now: Instant) -> Option<Instant> {
         if !self.online || self.queue.is_empty() {
             return None;
         }
-        Some(self.bucket.as_mut().map_or(now, |b| b.ready_at(now)))
+        let paced = self.bucket.as_mut().map_or(now, |b| b.ready_at(now));
+        let Some(window) = &mut self.window else {
+            return Some(paced);
+        };
+        Some(window.waiting_for(now).map_or(paced, |(_, at)| paced.max(at)))
     }
 
     /// Turns a queued item into the stanza to send; a signal's answer is timed from now.
@@ -731,9 +770,19 @@ impl Task {
 
     fn on_stream_event(&mut self, event: StreamEvent) {
         match event {
-            StreamEvent::Reset { bound_jid, .. } => self.on_fresh_stream(bound_jid),
+            StreamEvent::Reset {
+                bound_jid,
+                features,
+            } => {
+                self.window = features.stream_management.is_some().then(Window::new);
+                self.on_fresh_stream(bound_jid);
+            }
             StreamEvent::Resumed => {
                 tracing::info!("XMPP stream resumed");
+                // What was not acknowledged is sent again by the stream: start afresh.
+                if let Some(window) = &mut self.window {
+                    window.clear();
+                }
                 self.online = true;
                 self.shared.update(|s| {
                     s.state = State::Online;

@@ -1298,3 +1298,87 @@ async fn a_paced_session_sends_the_most_urgent_first_and_never_an_offer_ended_in
     assert_eq!(alice.status().traffic.signals_coalesced, 4);
     alice.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_server_stricter_than_its_pace_a_session_keeps_what_waits_in_its_own_queue() {
+    // Debian's stock Prosody reads 10 kB/s from each client; Alice's session is told to send
+    // without a pace of its own, as if it trusted a far looser server.
+    let server = Prosody::builder(DOMAIN).stock_limits(true).start();
+    server.register("alice", "pw-alice");
+    server.register("bob", "pw-bob");
+    let mut alice_chat = ChatClient::connect(&server, "alice", "pw-alice", "chat", Some(0)).await;
+    let mut bob_chat = ChatClient::connect(&server, "bob", "pw-bob", "chat", Some(0)).await;
+    befriend(&mut alice_chat, &mut bob_chat).await;
+    let mut cfg = config_for(&server, "alice", "pw-alice", "laptop", 1);
+    cfg.send_rate = 0;
+    let (alice, _alice_events) = connect(cfg).await.expect("alice logs in");
+    let (bob, mut bob_events) = connect(config_for(&server, "bob", "pw-bob", "desktop", 2))
+        .await
+        .expect("bob logs in");
+    // Let the server's burst allowance refill after the logins.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // 150 offers of about 600 bytes each, some 90 kB: at 10 kB/s beyond the server's burst
+    // they take several seconds to get through. Then an answer to an offer of Bob's.
+    const OFFERS: usize = 150;
+    let bob_desktop = device("bob", "desktop");
+    for i in 0..OFFERS {
+        alice.send(Outgoing {
+            to: bob_desktop.clone(),
+            signal: Signal::Initiate {
+                session: format!("b{i}"),
+                offer: offer(1),
+            },
+            urgent: false,
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queued = alice.status().traffic.send_queue;
+    alice.send(Outgoing {
+        to: bob_desktop.clone(),
+        signal: Signal::Accept {
+            session: "a1".to_owned(),
+            offer: offer(1),
+        },
+        urgent: false,
+    });
+    let started = Instant::now();
+    let mut offers_before = 0;
+    loop {
+        let (session, action, _) = next_signal(&mut bob_events).await;
+        if action == "accept" {
+            assert_eq!(session, "a1");
+            break;
+        }
+        offers_before += 1;
+    }
+    let took = started.elapsed();
+    // Without the window, the answer would wait at the server behind every offer written
+    // before it: 150 of them, several seconds.
+    assert!(
+        queued > 100,
+        "only {queued} of {OFFERS} offers waited in the session's queue: the server's socket \
+         buffers held the rest"
+    );
+    assert!(
+        offers_before < 40,
+        "{offers_before} offers reached Bob before the answer queued after them (in {took:?})"
+    );
+    // The rest still arrive, in order, none lost and none timed out.
+    let mut rest = Vec::new();
+    while rest.len() < OFFERS - offers_before {
+        rest.push(next_signal(&mut bob_events).await.0);
+    }
+    let expected: Vec<String> = (offers_before..OFFERS).map(|i| format!("b{i}")).collect();
+    assert_eq!(rest, expected);
+    let traffic = alice.status().traffic;
+    assert_eq!(traffic.signals_timed_out, 0, "{traffic:?}");
+    assert_eq!(traffic.send_queue, 0, "{traffic:?}");
+    eprintln!(
+        "{queued} of {OFFERS} offers waited in the queue; the answer queued after them reached \
+         Bob after {offers_before} offers, in {took:?}; longest wait {} ms",
+        traffic.send_wait_max_ms
+    );
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
