@@ -26,7 +26,7 @@
 #   SCALE_REST_SECONDS   an idle_timeout for the links; the run waits for them to close before
 #                        the final figures (default: links stay up to the end)
 #   SCALE_SEND_RATE      every device's [xmpp] send_rate, bytes/s, 0 for no pacing (default: ipop's)
-#   SCALE_PING_WORKERS   pings run at once                                            (default 8)
+#   SCALE_PING_WORKERS   pings run at once                                            (default 16)
 #   SCALE_JSON           also write the report as JSON to this file
 #   SCALE_LOGS           copy the logs of the daemons and the server to this directory
 #   IPOP_BIN, IPOP_SCALE_BIN  binaries to use; if unset, target/release/ipop and

@@ -1082,6 +1082,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     let pairs = wanted_pairs(n);
     let mut passed: Vec<Option<f64>> = vec![None; pairs.len()];
     let mut tried: Vec<Option<Instant>> = vec![None; pairs.len()];
+    let mut targets: Vec<Option<Target>> = vec![None; pairs.len()];
     // When each pair was first pinged (seconds from the start), and whether it was idle then.
     let mut first_ping: Vec<Option<(f64, bool)>> = vec![None; pairs.len()];
     let mut setup_s: Vec<f64> = Vec::new();
@@ -1112,9 +1113,12 @@ pub fn run(opts: &Options) -> Result<Report, String> {
                 exited.push(name.clone());
             }
         }
+        // A pair's target, once its pinger listed it connected or idle, stays so for the run
+        // (nothing but the pings opens a link on demand, and a link up stays up), so only
+        // the devices not online yet and the pingers of pairs not yet seen are asked.
         let mut ask: Vec<usize> = (0..=n).filter(|i| !online[*i]).collect();
-        for (pair, done) in pairs.iter().zip(&passed) {
-            if done.is_none() {
+        for (k, pair) in pairs.iter().enumerate() {
+            if passed[k].is_none() && targets[k].is_none() {
                 ask.push(pair.pinger(n));
             }
         }
@@ -1132,7 +1136,8 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         if all_online_s.is_none() && online.iter().all(|o| *o) {
             all_online_s = Some(t0.elapsed().as_secs_f64());
         }
-        let pings = choose_pings(&pairs, &passed, &tried, &statuses, &users);
+        find_targets(&pairs, &mut targets, &statuses, &users);
+        let pings = choose_pings(&pairs, &passed, &tried, &targets);
         let ping_until = (Instant::now() + PING_BUDGET).min(deadline);
         let results = par_map(&pings, opts.ping_workers, |ping| {
             if interrupted() || Instant::now() >= ping_until {
@@ -1326,8 +1331,15 @@ fn keep_logs(dir: &Path, nodes: &[Node], server: Option<&Path>) {
     eprintln!("ipop-scale: logs kept in {}", dir.display());
 }
 
-/// A ping to send: for pair `pair`, from device `from` to address `to`, which its status shows
-/// `idle` (the ping opens an on-demand link) or `connected`.
+/// Where a pair's pinger reaches the other device: the IPv4 address its status lists for it,
+/// and whether the link was `idle` (the ping opens it on demand) rather than `connected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Target {
+    to: IpAddr,
+    idle: bool,
+}
+
+/// A ping to send: for pair `pair`, from device `from` to its target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Ping {
     pair: usize,
@@ -1336,23 +1348,17 @@ struct Ping {
     idle: bool,
 }
 
-/// The pings of one round, in the order to send them: one for each pair that has not passed
-/// and whose pinger's status (`statuses`, by device) lists the other device `connected` or
-/// `idle` with an IPv4 address, to that address. Pairs never pinged come first, then those
-/// pinged longest ago; among those, the pingers take turns in proportion to their pings, so
-/// that the links the pings open are spread over the devices rather than all offered by one.
-fn choose_pings(
+/// Fills in the target of each pair not yet known whose pinger's status (`statuses`, by
+/// device) lists the other device `connected` or `idle` with an IPv4 address.
+fn find_targets(
     pairs: &[Pair],
-    passed: &[Option<f64>],
-    tried: &[Option<Instant>],
+    targets: &mut [Option<Target>],
     statuses: &[Option<&Seen>],
     users: &[String],
-) -> Vec<Ping> {
+) {
     let n = users.len();
-    let mut turn = vec![0_usize; n + 1];
-    let mut ready: Vec<(Option<Instant>, usize, Ping)> = Vec::new();
-    for (k, pair) in pairs.iter().enumerate() {
-        if passed[k].is_some() {
+    for (pair, target) in pairs.iter().zip(targets.iter_mut()) {
+        if target.is_some() {
             continue;
         }
         let (from, to) = pair.pinger_target(n);
@@ -1369,19 +1375,56 @@ fn choose_pings(
             ..
         }) = found
         {
-            let ping = Ping {
-                pair: k,
-                from,
+            *target = Some(Target {
                 to,
                 idle: !connected,
-            };
-            ready.push((tried[k], turn[from], ping));
-            turn[from] += 1;
+            });
         }
     }
-    // A pinger's k-th ping of its `turn` goes where k / turn falls among all the pingers', so
-    // that one with more pairs (the hub) keeps pace with the others rather than finishing last.
-    ready.sort_by_key(|(tried, k, ping)| (*tried, k * PACE_SCALE / turn[ping.from]));
+}
+
+/// The pings of one round, in the order to send them: one for each pair that has not passed
+/// and has a target. Pairs never pinged come first, then those pinged longest ago. Among the
+/// pairs never pinged, each pinger goes by its progress over the whole run, the share of its
+/// pairs pinged so far, so that the links the pings open are spread over the devices, one with
+/// twice the pairs (the hub) takes two turns for the others' one, and a pinger left out of one
+/// round (a round holds fewer pings than there are pingers) comes first in the next.
+fn choose_pings(
+    pairs: &[Pair],
+    passed: &[Option<f64>],
+    tried: &[Option<Instant>],
+    targets: &[Option<Target>],
+) -> Vec<Ping> {
+    let n = pairs
+        .iter()
+        .filter(|p| matches!(p, Pair::Hub { .. }))
+        .count();
+    let mut total = vec![0_usize; n + 1];
+    let mut done = vec![0_usize; n + 1];
+    for (k, pair) in pairs.iter().enumerate() {
+        let from = pair.pinger(n);
+        total[from] += 1;
+        done[from] += usize::from(tried[k].is_some() || passed[k].is_some());
+    }
+    let mut ready: Vec<(Option<Instant>, usize, Ping)> = Vec::new();
+    for (k, pair) in pairs.iter().enumerate() {
+        let Some(Target { to, idle }) = targets[k].filter(|_| passed[k].is_none()) else {
+            continue;
+        };
+        let from = pair.pinger(n);
+        let progress = done[from] * PACE_SCALE / total[from];
+        if tried[k].is_none() {
+            done[from] += 1;
+        }
+        let ping = Ping {
+            pair: k,
+            from,
+            to,
+            idle,
+        };
+        ready.push((tried[k], progress, ping));
+    }
+    ready.sort_by_key(|(tried, progress, _)| (*tried, *progress));
     ready.into_iter().map(|(_, _, p)| p).collect()
 }
 
@@ -1695,6 +1738,8 @@ mod tests {
             )),
         ];
         let statuses: Vec<Option<&Seen>> = statuses.iter().map(Option::as_ref).collect();
+        let mut targets = vec![None; pairs.len()];
+        find_targets(&pairs, &mut targets, &statuses, &users);
         let mut passed = vec![None; pairs.len()];
         let mut tried = vec![None; pairs.len()];
         let ping = |pair, from, to: [u8; 4], idle| Ping {
@@ -1703,27 +1748,38 @@ mod tests {
             to: IpAddr::from(to),
             idle,
         };
-        // Each pinger's first pair, then each one's second.
+        // Each pinger's first pair, then by each one's share of its pairs pinged: the hub's
+        // second (a quarter of its four) before the others' second (half of their two).
         assert_eq!(
-            choose_pings(&pairs, &passed, &tried, &statuses, &users),
+            choose_pings(&pairs, &passed, &tried, &targets),
             [
                 ping(0, 1, [10, 90, 0, 1], false),
                 ping(1, 0, [10, 90, 0, 3], true),
                 ping(2, 3, [10, 90, 0, 1], true),
                 ping(6, 4, [172, 31, 0, 2], true),
+                ping(9, 4, [172, 31, 0, 5], false),
                 ping(4, 1, [10, 90, 0, 4], true),
                 ping(5, 3, [10, 90, 0, 3], false),
-                ping(9, 4, [172, 31, 0, 5], false),
             ]
         );
         // Passed pairs are done; pairs pinged before come after those never pinged.
         passed[0] = Some(1.0);
         tried[6] = Some(Instant::now());
-        let order: Vec<usize> = choose_pings(&pairs, &passed, &tried, &statuses, &users)
+        let order: Vec<usize> = choose_pings(&pairs, &passed, &tried, &targets)
             .iter()
             .map(|p| p.pair)
             .collect();
-        assert_eq!(order, [1, 2, 4, 5, 9, 6]);
+        assert_eq!(order, [1, 2, 9, 4, 5, 6]);
+        // A target once found is kept: a later status that no longer lists it changes
+        // nothing.
+        let before = targets.clone();
+        find_targets(
+            &pairs,
+            &mut targets,
+            &[None, None, None, None, None],
+            &users,
+        );
+        assert_eq!(targets, before);
         // A pinger with twice the pings takes two turns for the other's one.
         let hub = parse_status(
             &status(
@@ -1736,10 +1792,21 @@ mod tests {
             ROOM_JID,
         );
         let statuses = [None, statuses[1], None, None, Some(&hub)];
-        let order: Vec<usize> = choose_pings(&pairs, &[None; 10], &[None; 10], &statuses, &users)
+        let mut targets = vec![None; pairs.len()];
+        find_targets(&pairs, &mut targets, &statuses, &users);
+        let order: Vec<usize> = choose_pings(&pairs, &[None; 10], &[None; 10], &targets)
             .iter()
             .map(|p| p.pair)
             .collect();
         assert_eq!(order, [0, 6, 7, 4, 8, 9]);
+        // A pinger served in an earlier round waits for one that was not: with one of the
+        // first pinger's two pairs pinged, the hub's first two come before its second.
+        let mut tried = [None; 10];
+        tried[0] = Some(Instant::now());
+        let order: Vec<usize> = choose_pings(&pairs, &[None; 10], &tried, &targets)
+            .iter()
+            .map(|p| p.pair)
+            .collect();
+        assert_eq!(order, [6, 7, 4, 8, 9, 0]);
     }
 }

@@ -252,7 +252,9 @@ mod tests {
         let mut w = Window::new();
         let waits_for = |w: &mut Window<Acked>, now: Instant| {
             w.waiting_for(now).map(|(a, at)| {
-                let i = acks.iter().position(|b| std::ptr::eq(a.0.as_ref(), b.as_ref()));
+                let i = acks
+                    .iter()
+                    .position(|b| std::ptr::eq(a.0.as_ref(), b.as_ref()));
                 (i, at)
             })
         };
@@ -268,10 +270,17 @@ mod tests {
         acks[2].set(true);
         assert_eq!(waits_for(&mut w, t0), Some((Some(0), t0 + ACK_PATIENCE)));
         acks[0].set(true);
-        assert_eq!(waits_for(&mut w, t0), None, "2500 B of the second and third");
+        assert_eq!(
+            waits_for(&mut w, t0),
+            None,
+            "2500 B of the second and third"
+        );
         acks[1].set(true);
         assert_eq!(waits_for(&mut w, t0), None);
-        assert!(w.sent.is_empty(), "the second and the third are both acknowledged");
+        assert!(
+            w.sent.is_empty(),
+            "the second and the third are both acknowledged"
+        );
         // A server that does not acknowledge is waited for no longer than the patience.
         let t1 = t0 + Duration::from_secs(1);
         let silent = || Acked(std::rc::Rc::new(std::cell::Cell::new(false)));
@@ -281,7 +290,11 @@ mod tests {
         assert_eq!(waits_for(&mut w, t1 + ACK_PATIENCE), None);
         w.sent(silent(), 5000, t1);
         w.clear();
-        assert_eq!(waits_for(&mut w, t1), None, "a new stream starts with an open window");
+        assert_eq!(
+            waits_for(&mut w, t1),
+            None,
+            "a new stream starts with an open window"
+        );
     }
 
     #[test]

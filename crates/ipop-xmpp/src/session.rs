@@ -595,7 +595,11 @@ impl Task {
         let Some(window) = &mut self.window else {
             return Some(paced);
         };
-        Some(window.waiting_for(now).map_or(paced, |(_, at)| paced.max(at)))
+        Some(
+            window
+                .waiting_for(now)
+                .map_or(paced, |(_, at)| paced.max(at)),
+        )
     }
 
     /// Turns a queued item into the stanza to send; a signal's answer is timed from now.

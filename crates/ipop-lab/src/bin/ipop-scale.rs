@@ -55,7 +55,7 @@ fn options(args: &[String]) -> Result<Options, String> {
     let links = LinkPolicy::parse(links)
         .ok_or_else(|| format!("unknown link policy {links:?}; {USAGE}"))?;
     let ipop = std::env::var_os("IPOP_BIN").map_or_else(scale::default_ipop, PathBuf::from);
-    let workers = env_number("SCALE_PING_WORKERS", 8)?;
+    let workers = env_number("SCALE_PING_WORKERS", 16)?;
     Ok(Options {
         devices,
         server,
@@ -63,7 +63,7 @@ fn options(args: &[String]) -> Result<Options, String> {
         ipop,
         timeout: Duration::from_secs(env_number("SCALE_TIMEOUT", 600)?),
         idle: Duration::from_secs(env_number("SCALE_IDLE_SECONDS", 30)?),
-        ping_workers: usize::try_from(workers.clamp(1, 64)).unwrap_or(8),
+        ping_workers: usize::try_from(workers.clamp(1, 64)).unwrap_or(16),
         keep_logs: std::env::var_os("SCALE_LOGS").map(PathBuf::from),
         rest: match env_number("SCALE_REST_SECONDS", 0)? {
             0 => None,
