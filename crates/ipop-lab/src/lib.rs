@@ -35,6 +35,7 @@ mod dir;
 mod ejabberd;
 mod flood;
 mod hosts;
+mod icmp;
 mod ipop;
 mod nat;
 mod net;

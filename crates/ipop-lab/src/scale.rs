@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::ejabberd::Ejabberd;
+use crate::icmp;
 use crate::ipop::{Lab, Node};
+use crate::nsenter::NsHandle;
 use crate::prosody::Prosody;
 use crate::server::{ServerKind, XmppServer};
 use crate::xmpp_user::XmppUser;
@@ -48,8 +50,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const PING_BUDGET: Duration = Duration::from_secs(2);
 /// How long a ping waits for its reply: a device shown `connected` answers at once; to one
 /// shown `idle` the first packet opens an on-demand link, and is held until it is up.
-const PING_WAIT_CONNECTED: &str = "1";
-const PING_WAIT_IDLE: &str = "3";
+const PING_WAIT_CONNECTED: Duration = Duration::from_secs(1);
+const PING_WAIT_IDLE: Duration = Duration::from_secs(3);
 /// Threads that read statuses, register accounts and write rosters at once.
 const SETUP_WORKERS: usize = 4;
 /// The kernel's clock ticks per second in `/proc/PID/stat` (`USER_HZ`, 100 on Linux).
@@ -1083,6 +1085,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     let mut passed: Vec<Option<f64>> = vec![None; pairs.len()];
     let mut tried: Vec<Option<Instant>> = vec![None; pairs.len()];
     let mut targets: Vec<Option<Target>> = vec![None; pairs.len()];
+    let namespaces: Vec<NsHandle> = nodes.iter().map(|node| NsHandle::of(node.ns())).collect();
     // When each pair was first pinged (seconds from the start), and whether it was idle then.
     let mut first_ping: Vec<Option<(f64, bool)>> = vec![None; pairs.len()];
     let mut setup_s: Vec<f64> = Vec::new();
@@ -1148,15 +1151,21 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             } else {
                 PING_WAIT_CONNECTED
             };
-            let to = ping.to.to_string();
+            let IpAddr::V4(to) = ping.to else {
+                return None;
+            };
             let start = t0.elapsed().as_secs_f64();
-            let out = nodes[ping.from]
-                .ns()
-                .try_exec(&["ping", "-n", "-q", "-c", "1", "-W", wait, &to]);
-            Some((
-                start,
-                out.status.success().then(|| t0.elapsed().as_secs_f64()),
-            ))
+            let reply = match icmp::echo(&namespaces[ping.from], to, wait) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    eprintln!(
+                        "ipop-scale: cannot ping {to} from {}: {e}",
+                        nodes[ping.from].name
+                    );
+                    false
+                }
+            };
+            Some((start, reply.then(|| t0.elapsed().as_secs_f64())))
         });
         for (ping, result) in pings.iter().zip(results) {
             let Some((start, reply)) = result else {
