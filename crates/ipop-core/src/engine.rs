@@ -713,13 +713,23 @@ impl Engine {
             self.drops.count(DropReason::MalformedStun);
             return;
         };
-        let session = self
+        let Some(device) = self
             .links
-            .values_mut()
-            .filter_map(|l| l.session.as_mut())
-            .find(|s| s.agent.accepts_message(&message));
-        let Some(session) = session else {
+            .iter()
+            .find(|(_, l)| {
+                l.session
+                    .as_ref()
+                    .is_some_and(|s| s.agent.accepts_message(&message))
+            })
+            .map(|(d, _)| d.clone())
+        else {
             self.drops.count(DropReason::UnknownStun);
+            return;
+        };
+        let Some(link) = self.links.get_mut(&device) else {
+            return;
+        };
+        let Some(session) = link.session.as_mut() else {
             return;
         };
         session.agent.handle_packet(
@@ -732,7 +742,16 @@ impl Engine {
             },
         );
         session.agent.handle_timeout(now);
-        self.drive_agents(now);
+        // Only this link's agent has anything new to say.
+        drive_link(
+            now,
+            &device,
+            link,
+            &mut self.relays,
+            &mut self.node,
+            &mut self.transmits,
+        );
+        self.release_held();
     }
 
     /// What the social network reports.
@@ -2016,53 +2035,14 @@ impl Engine {
     /// Collects what the ICE agents want sent and what they decided.
     fn drive_agents(&mut self, now: Instant) {
         for (device, link) in &mut self.links {
-            let Some(s) = link.session.as_mut() else {
-                continue;
-            };
-            while let Some(t) = s.agent.poll_transmit() {
-                let via = self
-                    .relays
-                    .iter()
-                    .position(|a| a.relayed_address() == Some(t.source));
-                self.transmits.push_back(Transmit {
-                    destination: t.destination,
-                    via,
-                    stream: false,
-                    payload: t.contents.to_vec(),
-                });
-            }
-            while let Some(event) = s.agent.poll_event() {
-                if let IceAgentEvent::IceConnectionStateChange(state) = event {
-                    if state.is_disconnected() && s.nominated.is_some() && s.lost.is_none() {
-                        tracing::info!(%device, session = %s.id, "no path works any more");
-                        s.lost = Some(now);
-                    } else if state.is_connected() {
-                        s.lost = None;
-                    }
-                } else if let IceAgentEvent::NominatedSend {
-                    source,
-                    destination,
-                    ..
-                } = event
-                {
-                    s.nominated = Some((source, destination));
-                    s.lost = None;
-                    let via = self
-                        .relays
-                        .iter()
-                        .position(|a| a.relayed_address() == Some(source));
-                    if let Some(r) = via
-                        && let Err(e) = self.relays[r].bind_channel(now, destination)
-                    {
-                        tracing::debug!(%destination, "no TURN channel: {e}");
-                    }
-                    if let Some(index) = link.peer {
-                        self.node.set_endpoint(index, destination, via);
-                    }
-                    link.backoff = BACKOFF_MIN;
-                    link.last_error = None;
-                }
-            }
+            drive_link(
+                now,
+                device,
+                link,
+                &mut self.relays,
+                &mut self.node,
+                &mut self.transmits,
+            );
         }
         self.release_held();
     }
@@ -2533,6 +2513,63 @@ fn host_routes(p: &crate::plan::PeerAddresses) -> Vec<IpNet> {
         .copied()
         .chain(p.mapped.iter().map(|m| IpNet::from(IpAddr::V4(m.local))))
         .collect()
+}
+
+/// Takes what one link's ICE agent has to send and to say: its checks, a lost or found path,
+/// the pair it nominated (which moves the WireGuard peer there).
+fn drive_link(
+    now: Instant,
+    device: &DeviceId,
+    link: &mut Link,
+    relays: &mut [TurnAllocation],
+    node: &mut Node,
+    transmits: &mut VecDeque<Transmit>,
+) {
+    let Some(s) = link.session.as_mut() else {
+        return;
+    };
+    while let Some(t) = s.agent.poll_transmit() {
+        let via = relays
+            .iter()
+            .position(|a| a.relayed_address() == Some(t.source));
+        transmits.push_back(Transmit {
+            destination: t.destination,
+            via,
+            stream: false,
+            payload: t.contents.to_vec(),
+        });
+    }
+    while let Some(event) = s.agent.poll_event() {
+        if let IceAgentEvent::IceConnectionStateChange(state) = event {
+            if state.is_disconnected() && s.nominated.is_some() && s.lost.is_none() {
+                tracing::info!(%device, session = %s.id, "no path works any more");
+                s.lost = Some(now);
+            } else if state.is_connected() {
+                s.lost = None;
+            }
+        } else if let IceAgentEvent::NominatedSend {
+            source,
+            destination,
+            ..
+        } = event
+        {
+            s.nominated = Some((source, destination));
+            s.lost = None;
+            let via = relays
+                .iter()
+                .position(|a| a.relayed_address() == Some(source));
+            if let Some(r) = via
+                && let Err(e) = relays[r].bind_channel(now, destination)
+            {
+                tracing::debug!(%destination, "no TURN channel: {e}");
+            }
+            if let Some(index) = link.peer {
+                node.set_endpoint(index, destination, via);
+            }
+            link.backoff = BACKOFF_MIN;
+            link.last_error = None;
+        }
+    }
 }
 
 /// When a session whose path was lost restarts ICE: at once on the side that opened it (the

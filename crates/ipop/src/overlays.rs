@@ -7,20 +7,16 @@
 use crate::dns::{self, NameTable};
 use crate::state::State;
 use ipnet::IpNet;
-use ipop_core::osn::{Claim, OverlayId};
+use ipop_core::osn::{Claim, DeviceId, OverlayId};
 use ipop_core::{Engine, EngineEvent};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle as ThreadHandle;
-use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
-
-/// How often the DNS names are brought up to date with the links.
-const NAMES_EVERY: Duration = Duration::from_millis(500);
 
 /// Tells the social network binding which address this device claims in an overlay.
 pub type Announcer = mpsc::UnboundedSender<(OverlayId, Option<Claim>)>;
@@ -48,9 +44,9 @@ struct Dns {
     names: watch::Sender<NameTable>,
     server: Option<JoinHandle<()>>,
     bound: Vec<IpAddr>,
-    next: Instant,
-    /// The engine's addresses version the names were last built from.
-    seen: Option<u64>,
+    /// What the names were last built from: the engine's addresses version, this device and
+    /// its own addresses.
+    seen: Option<(u64, Option<DeviceId>, Vec<IpAddr>)>,
 }
 
 impl Keeper {
@@ -77,7 +73,6 @@ impl Keeper {
                 settings,
                 server: None,
                 bound: Vec::new(),
-                next: Instant::now(),
                 seen: None,
             }),
         }
@@ -138,21 +133,20 @@ impl Keeper {
         self.refresh_dns(engine, tun, true);
     }
 
-    /// Rebuilds the name table from the links (at once when a peer came, went or changed its
-    /// addresses, every [`NAMES_EVERY`] otherwise, or now when `force`), and rebinds the
-    /// responder when this device's addresses changed.
+    /// Rebuilds the name table from the links when what it is built from changed (a peer came,
+    /// went or changed its addresses; this device's name or addresses changed) or when
+    /// `force`, and rebinds the responder when this device's addresses changed. Otherwise it
+    /// costs a comparison: it runs after every timer of the packet loop.
     fn refresh_dns(&mut self, engine: &Engine, tun: &AsyncDevice, force: bool) {
         let Some(dns) = self.dns.as_mut() else {
             return;
         };
-        let now = Instant::now();
-        let version = engine.addresses_version();
-        if !force && now < dns.next && dns.seen == Some(version) {
+        let own = own_addresses(engine);
+        let basis = (engine.addresses_version(), engine.me().cloned(), own);
+        if !force && dns.seen.as_ref() == Some(&basis) {
             return;
         }
-        dns.next = now + NAMES_EVERY;
-        dns.seen = Some(version);
-        let own = own_addresses(engine);
+        let own = dns.seen.insert(basis).2.clone();
         let table = names(engine, &dns.settings.suffix, &own);
         dns.names.send_if_modified(|t| {
             let changed = *t != table;
