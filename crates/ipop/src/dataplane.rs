@@ -348,7 +348,7 @@ impl Dataplane {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        // When the loop last woke up: the time until it waits again is a stall.
+        // When the loop last woke up, and why: the time until it waits again is a stall.
         let mut woke: Option<(Instant, &'static str)> = None;
         let mut sched = SchedClock::open();
         loop {
@@ -361,6 +361,7 @@ impl Dataplane {
                     self.streams.connect(server);
                 }
             }
+            let timers_done = Instant::now();
             if now >= self.next_host_scan {
                 self.next_host_scan = now + HOST_SCAN_EVERY;
                 self.discover_host_candidates();
@@ -376,7 +377,7 @@ impl Dataplane {
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             if let Some((w, what)) = woke.take() {
-                let now = Instant::now();
+                let (top, now) = (now, Instant::now());
                 let elapsed = now.duration_since(w);
                 let stall = if elapsed >= SchedClock::RESOLUTION {
                     sched.stall(now, elapsed)
@@ -384,10 +385,16 @@ impl Dataplane {
                     elapsed
                 };
                 if stall >= LONG_STALL {
+                    // Where the wall time went: what woke the loop, the timers it then ran,
+                    // and the sending that followed.
+                    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
                     tracing::info!(
                         what,
-                        ms = stall.as_secs_f64() * 1000.0,
-                        wall_ms = elapsed.as_secs_f64() * 1000.0,
+                        ms = ms(stall),
+                        wall_ms = ms(elapsed),
+                        woken_ms = ms(top.saturating_duration_since(w)),
+                        timers_ms = ms(timers_done.saturating_duration_since(top)),
+                        sending_ms = ms(now.saturating_duration_since(timers_done)),
                         "the packet loop went long without waiting"
                     );
                 }
