@@ -9,7 +9,9 @@ use ipop_core::demand::DEFAULT_IDLE_TIMEOUT;
 use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OverlayId};
 use ipop_core::{LinkPolicy, OverlayConfig, PeerConfig, PublicKey};
 use serde::{Deserialize, Deserializer};
+use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -89,8 +91,8 @@ pub struct Interface {
     pub listen_port: u16,
 }
 
-/// How ipop logs in to XMPP.
-#[derive(Debug, Deserialize)]
+/// How ipop logs in to XMPP. Its `Debug` leaves the password out.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Xmpp {
     /// The account, a bare JID like `alice@example.org`.
@@ -114,6 +116,26 @@ pub struct Xmpp {
     #[serde(default = "default_send_burst")]
     pub send_burst: u32,
 }
+
+impl fmt::Debug for Xmpp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Xmpp")
+            .field("jid", &self.jid)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("password_file", &self.password_file)
+            .field("password_command", &self.password_command)
+            .field("server", &self.server)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
+            .field("device", &self.device)
+            .field("send_rate", &self.send_rate)
+            .field("send_burst", &self.send_burst)
+            .finish()
+    }
+}
+
+/// What `Debug` prints in place of a password.
+const REDACTED: &str = "<redacted>";
 
 fn default_send_rate() -> u32 {
     ipop_xmpp::DEFAULT_SEND_RATE
@@ -222,8 +244,8 @@ pub struct Nat {
     pub turn: Vec<Turn>,
 }
 
-/// A TURN server with long-term credentials.
-#[derive(Debug, Deserialize)]
+/// A TURN server with long-term credentials. Its `Debug` leaves the password out.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Turn {
     /// `host:port`.
@@ -232,6 +254,17 @@ pub struct Turn {
     pub transport: TurnTransport,
     pub username: String,
     pub password: String,
+}
+
+impl fmt::Debug for Turn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Turn")
+            .field("server", &self.server)
+            .field("transport", &self.transport)
+            .field("username", &self.username)
+            .field("password", &REDACTED)
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -633,6 +666,7 @@ impl Config {
         }
         if let Some(f) = &x.password_file {
             let path = self.resolve(f);
+            check_private(&path, PASSWORD_FILE)?;
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("[xmpp] password_file: cannot read {}", path.display()))?;
             return Ok(text.trim_end_matches(['\n', '\r']).to_owned());
@@ -664,6 +698,23 @@ impl Config {
 
     pub fn key_path(&self) -> PathBuf {
         self.resolve(&self.device.private_key_file)
+    }
+
+    /// The files of secrets the config names, with what errors call them: the private key
+    /// file, and the password file if there is one.
+    pub fn secret_files(&self) -> Vec<(&'static str, PathBuf)> {
+        let password_file = self.xmpp.as_ref().and_then(|x| x.password_file.as_ref());
+        std::iter::once((PRIVATE_KEY_FILE, self.key_path()))
+            .chain(password_file.map(|f| (PASSWORD_FILE, self.resolve(f))))
+            .collect()
+    }
+
+    /// Refuses to go on when a file of secrets is missing or open to other users (see
+    /// [`check_private`]).
+    pub fn check_secret_files(&self) -> anyhow::Result<()> {
+        self.secret_files()
+            .iter()
+            .try_for_each(|(what, path)| check_private(path, what))
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -709,8 +760,45 @@ fn describe(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// Reads the device's secret key file.
+/// What errors call the file of `[device] private_key_file`.
+const PRIVATE_KEY_FILE: &str = "private key file";
+/// What errors call the file of `[xmpp] password_file`.
+const PASSWORD_FILE: &str = "[xmpp] password_file";
+
+/// Refuses a file of secrets (`what`, for the message) that users other than its owner may
+/// read, write or execute, as ssh refuses such a private key: the error names the file and the
+/// `chmod` that fixes it.
+pub fn check_private(path: &Path, what: &str) -> anyhow::Result<()> {
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{what} {} is open to other users (mode {:04o}); only its owner may read it: run `chmod 600 {}`",
+            path.display(),
+            mode & 0o7777,
+            shell_word(&path.to_string_lossy())
+        );
+    }
+    Ok(())
+}
+
+/// `s` as one word for a POSIX shell: as it is when that is safe, else single-quoted.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@%=".contains(&b));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Reads the device's secret key file, which only its owner may read ([`check_private`]).
 pub fn read_secret(path: &Path) -> anyhow::Result<boringtun::x25519::StaticSecret> {
+    check_private(path, PRIVATE_KEY_FILE)?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read private key file {}", path.display()))?;
     ipop_core::key::parse_secret(&text)
@@ -784,6 +872,83 @@ mod tests {
         let c = Config::parse(&template(&PublicKey([7; 32]))).expect("template parses");
         assert_eq!(c.interface.addresses.len(), 2);
         assert!(c.peers.is_empty());
+    }
+
+    #[test]
+    fn secret_files_open_to_others_are_refused_with_the_chmod() {
+        let dir = ipop_lab::TestDir::new("config-private");
+        let key = dir.path().join("ipop.key");
+        let pass = dir.path().join("my pass");
+        let chmod = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        std::fs::write(&key, format!("{}\n", "A".repeat(43) + "=")).expect("write key");
+        std::fs::write(&pass, "pw\n").expect("write password");
+        let text = "[device]\nprivate_key_file = \"ipop.key\"\n\
+             [xmpp]\njid = \"a@b\"\npassword_file = \"my pass\"\n[social]\n";
+        let path = dir.path().join("ipop.toml");
+        std::fs::write(&path, text).expect("write config");
+        let c = Config::load(&path).expect("config");
+        let x = c.xmpp.as_ref().expect("[xmpp]");
+
+        chmod(&key, 0o600);
+        chmod(&pass, 0o400);
+        c.check_secret_files().expect("private files pass");
+        assert_eq!(c.xmpp_password(x).expect("password"), "pw");
+        read_secret(&key).expect("key");
+
+        for mode in [0o640, 0o604, 0o620, 0o644, 0o700 | 0o001] {
+            chmod(&key, mode);
+            let e = c.check_secret_files().expect_err("open key").to_string();
+            let want = format!(
+                "private key file {} is open to other users (mode {mode:04o})",
+                key.display()
+            );
+            assert!(e.contains(&want), "{e}");
+            assert!(e.contains(&format!("`chmod 600 {}`", key.display())), "{e}");
+            let Err(e) = read_secret(&key) else {
+                panic!("a key file of mode {mode:04o} is read");
+            };
+            let e = e.to_string();
+            assert!(e.contains(&want), "{e}");
+        }
+        chmod(&key, 0o600);
+        chmod(&pass, 0o644);
+        let e = c
+            .check_secret_files()
+            .expect_err("open password")
+            .to_string();
+        let quoted = format!("'{}'", pass.display());
+        assert!(
+            e.contains("[xmpp] password_file") && e.contains(&format!("`chmod 600 {quoted}`")),
+            "{e}"
+        );
+        let e = c.xmpp_password(x).expect_err("open password").to_string();
+        assert!(e.contains(&format!("chmod 600 {quoted}")), "{e}");
+
+        std::fs::remove_file(&key).expect("remove key");
+        let e = c.check_secret_files().expect_err("no key").to_string();
+        assert!(e.contains("cannot read private key file"), "{e}");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn debug_leaves_passwords_out() {
+        let text = "[xmpp]\njid = \"a@b\"\npassword = \"xmpp-secret-1\"\n[social]\n\
+            [[nat.turn]]\nserver = \"turn.example.org:3478\"\nusername = \"u\"\npassword = \"turn-secret-2\"\n";
+        let c = Config::parse(text).expect("valid");
+        for debug in [
+            format!("{c:?}"),
+            format!("{:?}", c.xmpp),
+            format!("{:?}", c.nat.turn),
+        ] {
+            assert!(
+                !debug.contains("xmpp-secret-1") && !debug.contains("turn-secret-2"),
+                "{debug}"
+            );
+            assert!(debug.contains("<redacted>"), "{debug}");
+        }
+        assert!(format!("{:?}", c.xmpp).contains("a@b"));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! [`StreamFramer`] over TCP and TLS), driven here by a small loop on tokio sockets; TCP and TLS
 //! connections are opened as the daemon opens them, trusting what it trusts.
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::streams::{TurnStream, open_stream};
 use anyhow::bail;
 use ipop_core::PublicKey;
@@ -166,14 +166,15 @@ pub fn run(path: &Path, json: bool) -> anyhow::Result<()> {
         checks: Vec::new(),
     };
     report.start(format_args!("the config file {}", path.display()));
-    let config = match Config::load(path) {
+    let config = match Config::load(path).and_then(|c| private_secrets(&c).map(|()| c)) {
         Ok(config) => {
             report.add(Check::ok("config", format!("{} loads", path.display())));
             config
         }
         Err(e) => {
             let advice = if path.exists() {
-                "fix the file (the message names the line and the key); the other checks need it"
+                "fix what the message names (the line and the key, or the mode or path of a \
+                 secret file: `ipop up` refuses it too); the other checks need it"
             } else {
                 "write one with `ipop init`, or point -c (or IPOP_CONFIG) at yours"
             };
@@ -183,6 +184,16 @@ pub fn run(path: &Path, json: bool) -> anyhow::Result<()> {
     };
     crate::runtime()?.block_on(checks(&config, &mut report));
     report.finish()
+}
+
+/// Refuses, as `ipop up` does, the files of secrets that other users can read. A missing one
+/// is left to the checks that read it (the private key to `ipop up`).
+fn private_secrets(config: &Config) -> anyhow::Result<()> {
+    config
+        .secret_files()
+        .iter()
+        .filter(|(_, path)| path.exists())
+        .try_for_each(|(what, path)| config::check_private(path, what))
 }
 
 async fn checks(config: &Config, report: &mut Report) {
@@ -244,7 +255,8 @@ async fn xmpp(config: &Config, report: &mut Report) -> Vec<IceServer> {
             report.add(Check::fail(
                 "xmpp login",
                 format!("{e:#}"),
-                "set exactly one of password, password_file and password_command in [xmpp]",
+                "fix the password source of [xmpp] that the message names (exactly one of \
+                 password, password_file and password_command)",
             ));
             return Vec::new();
         }
@@ -873,4 +885,37 @@ fn tun(report: &mut Report) {
 /// A secret, random seed for a STUN or TURN client's transaction IDs.
 fn seed() -> u64 {
     rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn secrets_open_to_others_fail_and_a_missing_key_is_left_to_ipop_up() {
+        let dir = ipop_lab::TestDir::new("doctor-secrets");
+        let path = dir.path().join("ipop.toml");
+        std::fs::write(
+            &path,
+            "[xmpp]\njid = \"a@b\"\npassword_file = \"xmpp.pass\"\n[social]\n",
+        )
+        .expect("write config");
+        let pass = dir.path().join("xmpp.pass");
+        std::fs::write(&pass, "pw\n").expect("write password");
+        let config = Config::load(&path).expect("config");
+        let chmod = |mode| {
+            std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+
+        chmod(0o600);
+        private_secrets(&config).expect("no key file, a private password file");
+        chmod(0o644);
+        let e = private_secrets(&config).expect_err("open password file");
+        assert!(
+            e.to_string()
+                .contains(&format!("chmod 600 {}", pass.display())),
+            "{e}"
+        );
+    }
 }

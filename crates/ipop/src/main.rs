@@ -229,6 +229,8 @@ fn group(config: &Path, action: GroupAction) -> anyhow::Result<()> {
 
 fn up(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // Before anything is set up: a secret that other users can read stops ipop here.
+    config.check_secret_files()?;
     let filter = std::env::var("RUST_LOG")
         .ok()
         .or_else(|| config.device.log_level.clone())

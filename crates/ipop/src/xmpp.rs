@@ -212,3 +212,25 @@ impl Binding {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bindings_settings_leave_the_password_out_of_debug() {
+        let config = Config::parse(
+            "[xmpp]\njid = \"alice@example.org\"\npassword = \"xmpp-secret-3\"\n[social]\n",
+        )
+        .expect("config");
+        let settings = settings(&config, PublicKey([7; 32]))
+            .expect("settings")
+            .expect("an account");
+        assert_eq!(settings.password, "xmpp-secret-3");
+        let debug = format!("{settings:?}");
+        assert!(
+            !debug.contains("xmpp-secret-3") && debug.contains("alice@example.org"),
+            "{debug}"
+        );
+    }
+}
