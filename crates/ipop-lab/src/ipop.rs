@@ -14,8 +14,8 @@ use crate::netns::Netns;
 use crate::process::{Daemon, log_tail};
 use crate::{run_checked, wait_until};
 
-/// Runs `ipop init DIR/ipop.toml` (which writes a config and `ipop.key`) and returns the public
-/// key that `ipop key` prints for it.
+/// Runs `ipop init --static DIR/ipop.toml` (which writes a config and `ipop.key`) and returns
+/// the public key that `ipop key` prints for it.
 ///
 /// # Panics
 /// When either command fails or the key does not look like a base64 Curve25519 key.
@@ -24,7 +24,7 @@ pub fn generate_key(bin: &Path, dir: &Path) -> String {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     let config = dir.join("ipop.toml");
     run_checked(
-        Command::new(bin).arg("init").arg(&config),
+        Command::new(bin).args(["init", "--static"]).arg(&config),
         "generate a key with `ipop init`",
     );
     let out = run_checked(

@@ -354,7 +354,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 /// Whether `s` looks like `host:port` (a bracketed IPv6 address is a host too).
-fn is_host_port(s: &str) -> bool {
+pub fn is_host_port(s: &str) -> bool {
     s.rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }
@@ -363,11 +363,15 @@ fn yes() -> bool {
     true
 }
 
+/// Whether `s` is a bare JID, `user@domain`.
+pub fn is_bare_jid(s: &str) -> bool {
+    matches!(s.split_once('@'), Some((local, domain))
+        if !local.is_empty() && !domain.is_empty() && !domain.contains(['@', '/']) && !s.contains(char::is_whitespace))
+}
+
 fn bare_jid<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let s = String::deserialize(d)?;
-    let ok = matches!(s.split_once('@'), Some((local, domain))
-        if !local.is_empty() && !domain.is_empty() && !domain.contains(['@', '/']) && !s.contains(char::is_whitespace));
-    if ok {
+    if is_bare_jid(&s) {
         Ok(s)
     } else {
         Err(serde::de::Error::custom(format!(
@@ -805,8 +809,122 @@ pub fn read_secret(path: &Path) -> anyhow::Result<boringtun::x25519::StaticSecre
         .map_err(|e| anyhow::anyhow!("private key file {}: {e}", path.display()))
 }
 
-/// The commented config that `ipop init` writes. Addresses are derived from the device's key so
-/// that two devices set up with the defaults do not collide.
+/// Where `ipop init` writes the XMPP password, next to the config file.
+pub const PASSWORD_FILE_NAME: &str = "xmpp.pass";
+
+/// An XMPP account and its overlays, as `ipop init` writes them into a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// A bare JID.
+    pub jid: String,
+    /// The device name (XMPP resource); `None`: the host name.
+    pub device: Option<String>,
+    /// `host:port`; `None`: DNS SRV records.
+    pub server: Option<String>,
+    /// Whether the social overlay is on.
+    pub social: bool,
+    pub group: Option<NewGroup>,
+}
+
+/// A group overlay for [`Account`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGroup {
+    /// The room's bare JID.
+    pub room: String,
+    pub subnet: Ipv4Net,
+    /// Whether this device creates the room when it does not exist.
+    pub create: bool,
+}
+
+/// A TOML basic string holding `s`, quoted and escaped.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// The commented config that `ipop init` writes for an XMPP account: the key in `ipop.key` and
+/// the password in [`PASSWORD_FILE_NAME`], both next to it; the other settings commented out
+/// with their defaults.
+pub fn xmpp_template(account: &Account) -> String {
+    let or_comment = |value: Option<&String>, example: &str| match value {
+        Some(v) => toml_string(v),
+        None => format!("{example:?}"),
+    };
+    let set = |on: bool| if on { "" } else { "# " };
+    let server = or_comment(account.server.as_ref(), "xmpp.example.org:5222");
+    let device = or_comment(account.device.as_ref(), "laptop");
+    let social = if account.social {
+        ""
+    } else {
+        "# Uncomment to link with them too.\n# "
+    };
+    let group = match &account.group {
+        Some(g) => format!(
+            "[[groups]]\nroom = {}\nsubnet = \"{}\"\n{}create = true\n",
+            toml_string(&g.room),
+            g.subnet,
+            set(g.create),
+        ),
+        None => "# Uncomment and name the room to join one.\n\
+                 # [[groups]]\n\
+                 # room = \"lab@conference.example.org\"\n\
+                 # subnet = \"10.79.0.0/24\"\n\
+                 # create = true\n"
+            .to_owned(),
+    };
+    format!(
+        r#"# ipop configuration for {jid}. Reference: docs/config.md. Unknown keys are errors.
+
+[device]
+# This device's WireGuard private key (base64), relative to this file. Only its owner may read
+# it (mode 0600): ipop refuses it otherwise.
+private_key_file = "ipop.key"
+# Log level: error, warn, info, debug or trace. The RUST_LOG environment variable overrides it.
+log_level = "info"
+# Keys pinned for the devices this one links with, and chosen addresses.
+# state_dir = "/var/lib/ipop"
+
+[xmpp]
+# The account this device logs in with; its server needs what docs/servers.md describes.
+jid = {jid_value}
+# The password, in a file that only its owner may read (mode 0600), relative to this file. Or
+# instead: password_command = "pass show xmpp".
+password_file = "{PASSWORD_FILE_NAME}"
+# host:port of the server, when the domain has no DNS SRV record.
+{server_set}server = {server}
+# "direct" for TLS from the first byte (usually port 5223); the default is STARTTLS.
+# tls = "direct"
+# A CA certificate (PEM) to trust for a private server, besides the system's.
+# ca_file = "my-ca.pem"
+# This device's name, the XMPP resource, and the first label of its DNS name. Default: the host
+# name.
+{device_set}device = {device}
+
+# Your own devices and your friends' (contacts with a mutual subscription). This device numbers
+# them in its subnet; they need not agree on one.
+{social}[social]
+# subnet = "{DEFAULT_SOCIAL_SUBNET}"
+# Links to every device ("all"), only while traffic flows ("on-demand"), or to every device
+# while fewer than 24 are online and on demand from there ("auto").
+# links = "auto"
+
+# Everyone in a members-only room (real JIDs visible): every member's device links with every
+# other, with an address in the group's subnet, the same subnet on every member's device. With
+# create, this device makes the room when it does not exist; its owner adds members with
+# `ipop group add ROOM JID`.
+{group}
+# Prometheus metrics at http://ADDRESS:PORT/metrics (peers, links, traffic, drops). Off unless set.
+# [metrics]
+# listen = "127.0.0.1:9469"
+"#,
+        jid = account.jid,
+        jid_value = toml_string(&account.jid),
+        server_set = set(account.server.is_some()),
+        device_set = set(account.device.is_some()),
+    )
+}
+
+/// The commented config that `ipop init --static` writes. Addresses are derived from the
+/// device's key so that two devices set up with the defaults do not collide.
 pub fn template(public: &PublicKey) -> String {
     let k = public.0;
     let host4 = format!("10.77.{}.{}", k[0], k[1].clamp(1, 254));
@@ -872,6 +990,71 @@ mod tests {
         let c = Config::parse(&template(&PublicKey([7; 32]))).expect("template parses");
         assert_eq!(c.interface.addresses.len(), 2);
         assert!(c.peers.is_empty());
+    }
+
+    #[test]
+    fn xmpp_templates_are_valid_configs() {
+        let group = NewGroup {
+            room: "lab@conference.example.org".to_owned(),
+            subnet: "10.79.0.0/24".parse().expect("subnet"),
+            create: true,
+        };
+        let social_only = Account {
+            jid: "alice@example.org".to_owned(),
+            device: None,
+            server: None,
+            social: true,
+            group: None,
+        };
+        let c = Config::parse(&xmpp_template(&social_only)).expect("social template parses");
+        let x = c.xmpp.as_ref().expect("[xmpp]");
+        assert_eq!(x.jid, "alice@example.org");
+        assert_eq!(x.password_file, Some(PathBuf::from(PASSWORD_FILE_NAME)));
+        assert_eq!((x.server.as_ref(), x.device.as_ref()), (None, None));
+        assert_eq!(c.device.private_key_file, PathBuf::from("ipop.key"));
+        assert_eq!(c.overlays().len(), 1);
+        assert!(c.groups.is_empty() && c.peers.is_empty());
+
+        let everything = Account {
+            device: Some("desk \"2\"".to_owned()),
+            server: Some("[2001:db8::1]:5222".to_owned()),
+            group: Some(group.clone()),
+            ..social_only.clone()
+        };
+        let c = Config::parse(&xmpp_template(&everything)).expect("full template parses");
+        let x = c.xmpp.as_ref().expect("[xmpp]");
+        assert_eq!(x.device.as_deref(), Some("desk \"2\""));
+        assert_eq!(x.server.as_deref(), Some("[2001:db8::1]:5222"));
+        assert_eq!(c.overlays().len(), 2);
+        assert_eq!(c.groups[0].room, "lab@conference.example.org");
+        assert!(c.groups[0].create);
+
+        let group_only = Account {
+            social: false,
+            group: Some(NewGroup {
+                create: false,
+                ..group
+            }),
+            ..social_only
+        };
+        let text = xmpp_template(&group_only);
+        let c = Config::parse(&text).expect("group template parses");
+        assert!(c.social.is_none());
+        assert_eq!(c.overlays().len(), 1);
+        assert!(!c.groups[0].create);
+        // The commented-out lines are settings that parse when uncommented.
+        let uncommented = text
+            .replace("# [social]", "[social]")
+            .replace("# create = true", "create = true")
+            .replace("# server =", "server =")
+            .replace("# device =", "device =")
+            .replace("# [metrics]\n# listen", "[metrics]\nlisten");
+        let c = Config::parse(&uncommented).expect("uncommented template parses");
+        assert!(c.social.is_some() && c.groups[0].create && c.metrics.is_some());
+        assert!(
+            c.xmpp
+                .is_some_and(|x| x.server.is_some() && x.device.is_some())
+        );
     }
 
     #[test]

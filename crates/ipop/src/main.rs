@@ -4,6 +4,7 @@ mod coalesce;
 mod dataplane;
 mod device;
 mod doctor;
+mod init;
 mod netlink;
 mod overlays;
 mod state;
@@ -16,7 +17,6 @@ use config::Config;
 use ipnet::IpNet;
 use ipop::{config, control, dns, metrics, status};
 use std::io::{IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -33,15 +33,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a commented config file and generate this device's private key.
-    Init {
-        /// Where to write the config (the key goes next to it as ipop.key).
-        #[arg(default_value = config::DEFAULT_PATH)]
-        path: PathBuf,
-        /// Overwrite an existing config and key.
-        #[arg(long)]
-        force: bool,
-    },
+    /// Write a commented config for an XMPP account (or, with --static, for static peers), this
+    /// device's private key and the account's password file.
+    Init(init::InitArgs),
     /// Run the daemon in the foreground until SIGINT or SIGTERM.
     Up {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
@@ -96,7 +90,7 @@ enum GroupAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Init { path, force } => init(&path, force),
+        Command::Init(args) => init::run(&args),
         Command::Up { config } => up(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Doctor { config, json } => doctor::run(&config, json),
@@ -111,40 +105,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init(path: &Path, force: bool) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let key_path = dir.join("ipop.key");
-    if !force {
-        for p in [path, key_path.as_path()] {
-            if p.exists() {
-                bail!("{} exists; use --force to overwrite it", p.display());
-            }
-        }
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let secret = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
-    let public = ipop_core::PublicKey::from_secret(&secret);
-    let mut key_file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&key_path)
-        .with_context(|| format!("cannot write {}", key_path.display()))?;
-    writeln!(key_file, "{}", ipop_core::key::format_secret(&secret))?;
-    std::fs::write(path, config::template(&public))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    print_out(&format!(
-        "wrote {} and {}\npublic key {public}\nfingerprint {}\n",
-        path.display(),
-        key_path.display(),
-        public.fingerprint()
-    ))
 }
 
 fn key(config: &Path) -> anyhow::Result<()> {
