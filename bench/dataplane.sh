@@ -502,8 +502,8 @@ start_ipop_pair() {
 write_ipop_configs() {
 	local da=$1 db=$2 pub_a pub_b
 	mkdir -p "$da" "$db"
-	"$IPOP_BIN" init "$da/ipop.toml" >/dev/null
-	"$IPOP_BIN" init "$db/ipop.toml" >/dev/null
+	"$IPOP_BIN" init --static "$da/ipop.toml" >/dev/null
+	"$IPOP_BIN" init --static "$db/ipop.toml" >/dev/null
 	[[ -f "$da/ipop.key" && -f "$db/ipop.key" ]] || die "ipop init did not write ipop.key"
 	pub_a=$("$IPOP_BIN" key -c "$da/ipop.toml" | awk 'NR == 1')
 	pub_b=$("$IPOP_BIN" key -c "$db/ipop.toml" | awk 'NR == 1')

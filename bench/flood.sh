@@ -168,8 +168,8 @@ PID_B=""
 start_ipop() {
 	local da="$WORKDIR/ipop-a" db="$WORKDIR/ipop-b" pub_a pid_a
 	mkdir -p "$da" "$db"
-	"$IPOP_BIN" init "$da/ipop.toml" >/dev/null
-	"$IPOP_BIN" init "$db/ipop.toml" >/dev/null
+	"$IPOP_BIN" init --static "$da/ipop.toml" >/dev/null
+	"$IPOP_BIN" init --static "$db/ipop.toml" >/dev/null
 	pub_a=$("$IPOP_BIN" key -c "$da/ipop.toml" | awk 'NR == 1')
 	PUB_B=$("$IPOP_BIN" key -c "$db/ipop.toml" | awk 'NR == 1')
 	[[ -n "$pub_a" && -n "$PUB_B" ]] || die "ipop key printed no public key"

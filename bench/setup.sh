@@ -355,7 +355,7 @@ for topo in $TOPOLOGIES; do
 	for side in a b; do
 		dir=$WORKDIR/$topo$side
 		mkdir -p "$dir"
-		"$IPOP" init "$dir/ipop.toml" >/dev/null
+		"$IPOP" init --static "$dir/ipop.toml" >/dev/null
 	done
 done
 
