@@ -68,6 +68,7 @@ pub struct ProsodyBuilder {
     external_services: Option<Vec<ExternalService>>,
     parent: Option<PathBuf>,
     ca: Option<TestCa>,
+    resumption_window: Option<Duration>,
 }
 
 impl ProsodyBuilder {
@@ -101,6 +102,14 @@ impl ProsodyBuilder {
     #[must_use]
     pub fn external_services(mut self, services: Vec<ExternalService>) -> ProsodyBuilder {
         self.external_services = Some(services);
+        self
+    }
+
+    /// How long Prosody keeps the session of a client whose connection dropped, for it to
+    /// resume the stream (`smacks_hibernation_time`, whole seconds); Prosody's 600 s by default.
+    #[must_use]
+    pub fn resumption_window(mut self, window: Duration) -> ProsodyBuilder {
+        self.resumption_window = Some(window);
         self
     }
 
@@ -165,11 +174,15 @@ impl ProsodyBuilder {
             dir,
             _scratch: scratch,
         };
-        let config = prosody.config_lua(
+        let mut config = prosody.config_lua(
             self.room_locking,
             self.stock_limits,
             self.external_services.as_deref(),
         );
+        if let Some(window) = self.resumption_window {
+            // The last section is the virtual host's: the setting is the host's.
+            let _ = writeln!(config, "smacks_hibernation_time = {}", window.as_secs());
+        }
         write(&prosody.config, &config);
         prosody.start();
         prosody
@@ -212,6 +225,7 @@ impl Prosody {
             external_services: None,
             parent: None,
             ca: None,
+            resumption_window: None,
         }
     }
 

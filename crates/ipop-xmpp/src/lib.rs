@@ -390,6 +390,9 @@ pub struct XmppStatus {
     pub server: String,
     /// How often the session came back after a lost connection.
     pub reconnects: u64,
+    /// How many of those came back by resuming the stream (XEP-0198): the server kept the
+    /// session, queued what came for it meanwhile and delivered it on return.
+    pub resumptions: u64,
     /// The last login or connection error, while reconnecting.
     pub last_error: Option<String>,
     /// Roster contacts with mutual subscription (the social overlay's friends).
@@ -463,6 +466,7 @@ impl Shared {
                 bound: None,
                 server,
                 reconnects: 0,
+                resumptions: 0,
                 last_error: None,
                 friends: 0,
                 social_devices: 0,

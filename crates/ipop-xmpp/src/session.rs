@@ -791,6 +791,7 @@ impl Task {
                 self.shared.update(|s| {
                     s.state = State::Online;
                     s.reconnects += 1;
+                    s.resumptions += 1;
                     s.last_error = None;
                 });
                 // Nothing was lost: say everything again from what we know.
@@ -1424,6 +1425,7 @@ impl Task {
         };
         match jingle::from_element(payload) {
             Ok(signal) => {
+                self.shared.count_traffic(|t| t.signals_received += 1);
                 self.reply(from, id, None);
                 let from = DeviceId::new(sender.to_bare().to_string(), sender.resource().as_str());
                 if let Signal::Terminate { session, .. } = &signal {

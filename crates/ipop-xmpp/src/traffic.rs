@@ -106,6 +106,9 @@ pub struct Traffic {
     pub bytes_received: u64,
     /// Link signals (Jingle IQs) sent.
     pub signals_sent: u64,
+    /// Well-formed link signals received from devices (before the core decides whether to
+    /// accept them).
+    pub signals_received: u64,
     /// Link offers (`session-initiate`) sent.
     pub offers_sent: u64,
     /// Link offers sent to a device that had one from this session before: retries after a

@@ -319,6 +319,12 @@ pub fn render(s: &Status) -> String {
         );
         out.sample("ipop_xmpp_reconnects_total", &[], x.reconnects);
         out.family(
+            "ipop_xmpp_resumptions_total",
+            "counter",
+            "Reconnections that resumed the stream (XEP-0198) and lost nothing.",
+        );
+        out.sample("ipop_xmpp_resumptions_total", &[], x.resumptions);
+        out.family(
             "ipop_xmpp_stanza_drops_total",
             "counter",
             "XMPP stanzas dropped, by reason.",
@@ -362,6 +368,12 @@ pub fn render(s: &Status) -> String {
             "Link signals (Jingle IQs) sent.",
         );
         out.sample("ipop_xmpp_signals_sent_total", &[], x.signals_sent);
+        out.family(
+            "ipop_xmpp_signals_received_total",
+            "counter",
+            "Well-formed link signals (Jingle IQs) received from devices.",
+        );
+        out.sample("ipop_xmpp_signals_received_total", &[], x.signals_received);
         out.family(
             "ipop_xmpp_link_offers_total",
             "counter",
@@ -478,12 +490,14 @@ mod tests {
                 jid: None,
                 server: None,
                 reconnects: 2,
+                resumptions: 1,
                 drops: BTreeMap::from([("too_large".into(), 1)]),
                 stanzas_sent: 40,
                 stanzas_received: 75,
                 bytes_sent: 9_000,
                 bytes_received: 21_000,
                 signals_sent: 6,
+                signals_received: 4,
                 link_offers: 3,
                 link_offers_repeated: 1,
                 signal_failures: BTreeMap::from([
@@ -549,6 +563,9 @@ ipop_xmpp_connected 1
 # HELP ipop_xmpp_reconnects_total Times the XMPP session was connected again after a loss.
 # TYPE ipop_xmpp_reconnects_total counter
 ipop_xmpp_reconnects_total 2
+# HELP ipop_xmpp_resumptions_total Reconnections that resumed the stream (XEP-0198) and lost nothing.
+# TYPE ipop_xmpp_resumptions_total counter
+ipop_xmpp_resumptions_total 1
 # HELP ipop_xmpp_stanza_drops_total XMPP stanzas dropped, by reason.
 # TYPE ipop_xmpp_stanza_drops_total counter
 ipop_xmpp_stanza_drops_total{reason="too_large"} 1
@@ -563,6 +580,9 @@ ipop_xmpp_bytes_total{direction="received"} 21000
 # HELP ipop_xmpp_signals_sent_total Link signals (Jingle IQs) sent.
 # TYPE ipop_xmpp_signals_sent_total counter
 ipop_xmpp_signals_sent_total 6
+# HELP ipop_xmpp_signals_received_total Well-formed link signals (Jingle IQs) received from devices.
+# TYPE ipop_xmpp_signals_received_total counter
+ipop_xmpp_signals_received_total 4
 # HELP ipop_xmpp_link_offers_total Link offers sent; repeated: to a device that had one before.
 # TYPE ipop_xmpp_link_offers_total counter
 ipop_xmpp_link_offers_total{repeated="false"} 2

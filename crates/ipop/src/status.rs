@@ -77,6 +77,9 @@ pub struct XmppInfo {
     pub jid: Option<String>,
     pub server: Option<String>,
     pub reconnects: u64,
+    /// How many of the reconnections resumed the stream (XEP-0198), losing nothing.
+    #[serde(default)]
+    pub resumptions: u64,
     /// Stanzas dropped, by reason.
     pub drops: BTreeMap<String, u64>,
     /// Stanzas sent to the server and received from it since start.
@@ -89,9 +92,11 @@ pub struct XmppInfo {
     pub bytes_sent: u64,
     #[serde(default)]
     pub bytes_received: u64,
-    /// Link signals (Jingle IQs) sent.
+    /// Link signals (Jingle IQs) sent, and well-formed ones received from devices.
     #[serde(default)]
     pub signals_sent: u64,
+    #[serde(default)]
+    pub signals_received: u64,
     /// Link offers sent, and those of them that went to a device that had one before.
     #[serde(default)]
     pub link_offers: u64,
@@ -479,11 +484,13 @@ pub fn render(s: &Status) -> String {
     if let Some(x) = &s.xmpp {
         let _ = writeln!(
             out,
-            "xmpp {}  as {}  via {}  reconnects {}  send queue {} (longest wait {} ms)",
+            "xmpp {}  as {}  via {}  reconnects {} ({} resumed)  send queue {} (longest wait \
+             {} ms)",
             x.state,
             x.jid.as_deref().unwrap_or("-"),
             x.server.as_deref().unwrap_or("-"),
             x.reconnects,
+            x.resumptions,
             x.send_queue,
             x.send_wait_max_ms
         );

@@ -116,6 +116,7 @@ impl Binding {
                 jid: s.bound,
                 server: Some(s.server),
                 reconnects: s.reconnects,
+                resumptions: s.resumptions,
                 drops: s
                     .drops
                     .iter()
@@ -126,6 +127,7 @@ impl Binding {
                 bytes_sent: t.bytes_sent,
                 bytes_received: t.bytes_received,
                 signals_sent: t.signals_sent,
+                signals_received: t.signals_received,
                 link_offers: t.offers_sent,
                 link_offers_repeated: t.offers_repeated,
                 signal_failures: BTreeMap::from([

@@ -4,6 +4,10 @@
 //! ejabberd. Links must carry on (under 1 % of the pings lost), and the devices must come back
 //! online by themselves.
 //!
+//! A network flap cuts one device's connection to a server that keeps sessions for resumption
+//! (XEP-0198) while a friend's device comes online and signals it: within the server's window
+//! the stream is resumed and every signal arrives; beyond it the device opens a fresh session.
+//!
 //! Run as root: they create network namespaces and TUN devices.
 
 use std::net::IpAddr;
@@ -20,6 +24,7 @@ use common::*;
 
 const ALICE: &str = "alice@example.org";
 const BOB: &str = "bob@example.org";
+const CAROL: &str = "carol@example.org";
 
 /// The most pings an outage may cost, in percent.
 const MAX_LOSS_PERCENT: f64 = 1.0;
@@ -217,6 +222,194 @@ fn staggered_outage(kind: ServerKind, tag: &str) {
     lab.stop_all();
 }
 
+// ---- (d) a network flap: the stream resumed, or a fresh session after the window ----
+
+/// How long the test's Prosody keeps a dropped session for its client to resume.
+const RESUMPTION_WINDOW: Duration = Duration::from_secs(20);
+
+/// When, after the flap began, carol's device starts: late enough that the signals it sends
+/// alice's device while the flap lasts are answered within their 10 s timeout once it is back.
+const CAROL_STARTS: Duration = Duration::from_secs(5);
+
+/// How soon after the flap ends the device must be back online: the reconnect back-off while
+/// connections are refused (at most 3 s) plus a login.
+const ONLINE_AFTER_FLAP: Duration = Duration::from_secs(6);
+
+#[test]
+fn prosody_network_flap_of_10_s_resumes_the_stream_and_every_signal_arrives() {
+    network_flap(Duration::from_secs(10), "oflaps");
+}
+
+#[test]
+fn prosody_network_flap_longer_than_the_resumption_window_opens_a_fresh_session() {
+    network_flap(RESUMPTION_WINDOW + Duration::from_secs(10), "oflapl");
+}
+
+/// Alice's and bob's devices are linked and ping each other; alice's device's connection to
+/// Prosody is reset and its new connections refused for `flap`. Meanwhile carol, alice's
+/// friend, starts her device, which signals alice's. Within [`RESUMPTION_WINDOW`] alice's
+/// device must resume its stream and receive what carol's sent it while away; beyond it, it
+/// must open a fresh session. Either way the link to bob's device stays the same WireGuard
+/// session, and alice's and carol's devices link once alice's is back.
+fn network_flap(flap: Duration, tag: &str) {
+    let lab = ipop_lab::Lab::new(BIN, tag, 4);
+    let host = &lab.nodes[3].host;
+    let prosody = ipop_lab::Prosody::builder(DOMAIN)
+        .in_netns(&host.ns, IpAddr::V4(host.ipv4))
+        .resumption_window(RESUMPTION_WINDOW)
+        .start();
+    let mut w = World {
+        lab,
+        server: Box::new(prosody),
+    };
+    let (mut alice, mut bob, mut carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    alice.befriend(&mut bob);
+    alice.befriend(&mut carol);
+    w.configure(0, "alice", "laptop", &social("10.78.0.1/16"));
+    w.configure(1, "bob", "phone", &social("10.78.0.2/16"));
+    w.configure(2, "carol", "tablet", &social("10.78.0.3/16"));
+    drop((alice, bob, carol));
+    for i in 0..2 {
+        w.node(i).start();
+        xmpp_online(w.node(i));
+    }
+    let World { lab, server } = &mut w;
+    let (nodes, others) = lab.nodes.split_at_mut(2);
+    let (nodes, carol) = (&*nodes, &mut others[0]);
+    wait_social_ping(
+        &nodes[0],
+        BOB,
+        Duration::from_secs(15),
+        "alice's device to ping bob's",
+    );
+    wait_social_ping(
+        &nodes[1],
+        ALICE,
+        Duration::from_secs(15),
+        "bob's device to ping alice's",
+    );
+
+    let mut watch = Watch::new(nodes);
+    let flood = Flood::start(&nodes[0], BOB);
+    watch.observe_for(Duration::from_secs(2));
+    let before = watch.latest();
+    let alice_before = XmppCounts::read(&nodes[0]);
+
+    let cut = Block::cut(&nodes[0], server.c2s_addr());
+    let cut_at = Instant::now();
+    watch.observe_for(CAROL_STARTS);
+    carol.start();
+    watch.observe_for(flap.saturating_sub(cut_at.elapsed()));
+    let carol_sent = XmppCounts::read(carol).signals_sent;
+    drop(cut);
+    let unblocked_at = Instant::now();
+    let back = watch.until_one_back_online(0, &before[0], unblocked_at, ONLINE_WAIT);
+    let alice_back = XmppCounts::read(&nodes[0]);
+    let what = format!("a network flap of {flap:?}");
+    watch.report(&before, cut_at, unblocked_at);
+    watch.print_one_back(0, back, "the flap ended");
+    wait_social_ping(
+        &nodes[0],
+        CAROL,
+        Duration::from_secs(20),
+        "alice's device to ping carol's after the flap",
+    );
+    eprintln!(
+        "alice's and carol's devices linked {:?} after the flap",
+        unblocked_at.elapsed()
+    );
+    watch.observe_for(Duration::from_secs(2));
+    let loss = flood.finish();
+    let alice_after = XmppCounts::read(&nodes[0]);
+
+    eprintln!("{what}: {loss}");
+    eprintln!(
+        "alice's device: reconnects {} -> {}, resumptions {} -> {}, signals received {} -> {}; \
+         carol's device sent {carol_sent} during the flap",
+        alice_before.reconnects,
+        alice_after.reconnects,
+        alice_before.resumptions,
+        alice_after.resumptions,
+        alice_before.signals_received,
+        alice_after.signals_received
+    );
+    let took = back.unwrap_or_else(|| {
+        panic!(
+            "{what}: alice's device was not back online {ONLINE_WAIT:?} after the flap (xmpp.state \
+             {:?})",
+            watch.latest()[0].xmpp_state
+        )
+    });
+    assert!(
+        took <= ONLINE_AFTER_FLAP,
+        "{what}: alice's device came back online {took:?} after the flap; want at most \
+         {ONLINE_AFTER_FLAP:?}"
+    );
+    assert_eq!(
+        alice_back.reconnects,
+        alice_before.reconnects + 1,
+        "{what}: alice's device should have come back once"
+    );
+    if flap < RESUMPTION_WINDOW {
+        assert_eq!(
+            alice_back.resumptions,
+            alice_before.resumptions + 1,
+            "{what}: alice's device opened a fresh session; the server should have resumed its \
+             stream"
+        );
+        assert!(
+            carol_sent > 0,
+            "{what}: carol's device sent alice's no signal during the flap, so nothing tested \
+             their delivery"
+        );
+        assert!(
+            alice_after.signals_received - alice_before.signals_received >= carol_sent,
+            "{what}: carol's device sent {carol_sent} signals to alice's while it was away, and \
+             alice's received {} in all since: some were lost",
+            alice_after.signals_received - alice_before.signals_received
+        );
+    } else {
+        assert_eq!(
+            alice_back.resumptions, alice_before.resumptions,
+            "{what}: the server resumed a stream that it should have dropped after \
+             {RESUMPTION_WINDOW:?}"
+        );
+    }
+    assert!(
+        loss.percent() < MAX_LOSS_PERCENT,
+        "{what}: {loss}; want under {MAX_LOSS_PERCENT}%"
+    );
+    watch.assert_same_link(&before, &what);
+    lab.stop_all();
+}
+
+/// A device's XMPP counters from its status.
+struct XmppCounts {
+    reconnects: u64,
+    resumptions: u64,
+    signals_sent: u64,
+    signals_received: u64,
+}
+
+impl XmppCounts {
+    fn read(node: &Node) -> XmppCounts {
+        let status = node
+            .status()
+            .unwrap_or_else(|e| panic!("no status from {}: {e}", node.name));
+        let count = |key: &str| {
+            status["xmpp"][key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no xmpp.{key} in the status: {status}"))
+        };
+        XmppCounts {
+            reconnects: count("reconnects"),
+            resumptions: count("resumptions"),
+            signals_sent: count("signals_sent"),
+            signals_received: count("signals_received"),
+        }
+    }
+}
+
 // ---- helpers ----
 
 /// Alice's laptop and Bob's phone, friends on `kind`, linked: each pings the other. The chat
@@ -351,7 +544,8 @@ impl std::fmt::Display for Loss {
 }
 
 /// nftables in a device's namespace rejects (TCP reset) its connections to the XMPP server,
-/// until dropped.
+/// until dropped. Resets the device sends still go out, so that a connection it aborts is
+/// closed at the server's end too.
 struct Block<'a> {
     node: &'a Node,
 }
@@ -359,12 +553,31 @@ struct Block<'a> {
 const BLOCK_TABLE: &str = "ipop_test_block";
 
 impl<'a> Block<'a> {
+    /// A network flap: the block, and the device's connection to the server aborted at once,
+    /// as a link going down breaks it (the kernel destroys the socket and resets the
+    /// connection, so both ends know).
+    fn cut(node: &'a Node, server: std::net::SocketAddr) -> Block<'a> {
+        let block = Block::xmpp(node, server);
+        node.ns().exec(&[
+            "ss",
+            "--kill",
+            "--tcp",
+            "dst",
+            &server.ip().to_string(),
+            "dport",
+            "=",
+            &server.port().to_string(),
+        ]);
+        block
+    }
+
     fn xmpp(node: &'a Node, server: std::net::SocketAddr) -> Block<'a> {
         let family = if server.is_ipv4() { "ip" } else { "ip6" };
         let rules = format!(
             "add table inet {BLOCK_TABLE}; \
              add chain inet {BLOCK_TABLE} out {{ type filter hook output priority 0; }}; \
-             add rule inet {BLOCK_TABLE} out {family} daddr {} tcp dport {} reject with tcp reset",
+             add rule inet {BLOCK_TABLE} out {family} daddr {} tcp dport {} tcp flags & rst == 0 \
+             reject with tcp reset",
             server.ip(),
             server.port()
         );
@@ -521,6 +734,26 @@ impl<'a> Watch<'a> {
             let now = [back(self, 0), back(self, 1)];
             if now.iter().all(Option::is_some) || Instant::now() >= end {
                 return now;
+            }
+            std::thread::sleep(SAMPLE_EVERY);
+            self.sample();
+        }
+    }
+
+    /// Samples until device `i` is online on a new session, or `timeout` after `since`;
+    /// returns how long after `since` it came back.
+    fn until_one_back_online(
+        &mut self,
+        i: usize,
+        before: &Sample,
+        since: Instant,
+        timeout: Duration,
+    ) -> Option<Duration> {
+        let end = since + timeout;
+        loop {
+            let back = self.first_online_since(i, before, since);
+            if back.is_some() || Instant::now() >= end {
+                return back.map(|at| at - since);
             }
             std::thread::sleep(SAMPLE_EVERY);
             self.sample();
