@@ -103,8 +103,8 @@ pub struct Claim {
     pub fixed: bool,
 }
 
-/// A STUN or TURN server, resolved to an address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A STUN or TURN server, resolved to an address. Its `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct IceServer {
     pub kind: IceServerKind,
     /// The host name, for TLS certificate checks and for status.
@@ -114,6 +114,19 @@ pub struct IceServer {
     /// TURN long-term credentials (for `use-auth-secret` servers, time-limited ones).
     pub username: Option<String>,
     pub password: Option<String>,
+}
+
+impl fmt::Debug for IceServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IceServer")
+            .field("kind", &self.kind)
+            .field("host", &self.host)
+            .field("address", &self.address)
+            .field("transport", &self.transport)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,5 +255,25 @@ impl CandidateKind {
             CandidateKind::PeerReflexive => "prflx",
             CandidateKind::Relayed => "relay",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_turn_password_stays_out_of_debug() {
+        let server = IceServer {
+            kind: IceServerKind::Turn,
+            host: "turn.example.org".to_owned(),
+            address: SocketAddr::from(([192, 0, 2, 1], 3478)),
+            transport: IceTransport::Udp,
+            username: Some("1700000000:alice".to_owned()),
+            password: Some("hunter2-hmac".to_owned()),
+        };
+        let debug = format!("{server:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("1700000000:alice") && debug.contains("<redacted>"), "{debug}");
     }
 }

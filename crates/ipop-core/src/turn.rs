@@ -284,12 +284,23 @@ impl Request {
     }
 }
 
-/// What a request was authenticated with, to check the answer's integrity.
-#[derive(Debug, Clone)]
+/// What a request was authenticated with, to check the answer's integrity. Its `Debug` leaves
+/// the password out.
+#[derive(Clone)]
 struct Key {
     username: Username,
     realm: Realm,
     password: String,
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("username", &self.username)
+            .field("realm", &self.realm)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
