@@ -274,6 +274,9 @@ mod tests {
         };
         let debug = format!("{server:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
-        assert!(debug.contains("1700000000:alice") && debug.contains("<redacted>"), "{debug}");
+        assert!(
+            debug.contains("1700000000:alice") && debug.contains("<redacted>"),
+            "{debug}"
+        );
     }
 }

@@ -713,6 +713,35 @@ impl Config {
             .collect()
     }
 
+    /// The secrets written in the config file itself: `[xmpp] password`, `[[nat.turn]]
+    /// password`.
+    pub fn inline_secrets(&self) -> Vec<&'static str> {
+        let xmpp = self.xmpp.as_ref().is_some_and(|x| x.password.is_some());
+        let turn = !self.nat.turn.is_empty();
+        [(xmpp, "[xmpp] password"), (turn, "[[nat.turn]] password")]
+            .into_iter()
+            .filter_map(|(present, what)| present.then_some(what))
+            .collect()
+    }
+
+    /// A warning when the config file at `path` holds secrets ([`Config::inline_secrets`]) and
+    /// other users may read it. Not refused, as a file of secrets is: a config file is often
+    /// world-readable by habit, and the secrets can move to files of their own.
+    pub fn open_inline_secrets(&self, path: &Path) -> Option<String> {
+        let secrets = self.inline_secrets();
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        (!secrets.is_empty() && mode & 0o077 != 0).then(|| {
+            format!(
+                "{} holds {} and is open to other users (mode {:04o}): run `chmod 600 {}`, or \
+                 move the XMPP password to `password_file`",
+                path.display(),
+                secrets.join(" and "),
+                mode & 0o7777,
+                shell_word(&path.to_string_lossy())
+            )
+        })
+    }
+
     /// Refuses to go on when a file of secrets is missing or open to other users (see
     /// [`check_private`]).
     pub fn check_secret_files(&self) -> anyhow::Result<()> {
@@ -1113,6 +1142,39 @@ mod tests {
         let e = c.check_secret_files().expect_err("no key").to_string();
         assert!(e.contains("cannot read private key file"), "{e}");
         assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn a_config_file_with_passwords_open_to_others_is_warned_of() {
+        let dir = ipop_lab::TestDir::new("config-inline");
+        let path = dir.path().join("ipop.toml");
+        let chmod = |mode: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        let with_password = "[xmpp]\njid = \"a@b\"\npassword = \"pw\"\n[social]\n\
+            [[nat.turn]]\nserver = \"turn.example.org:3478\"\nusername = \"u\"\npassword = \"t\"\n";
+        std::fs::write(&path, with_password).expect("write config");
+        let c = Config::load(&path).expect("config");
+        chmod(0o644);
+        let warning = c.open_inline_secrets(&path).expect("a warning");
+        assert!(
+            warning.contains("holds [xmpp] password and [[nat.turn]] password")
+                && warning.contains("(mode 0644)")
+                && warning.contains(&format!("`chmod 600 {}`", path.display())),
+            "{warning}"
+        );
+        chmod(0o600);
+        assert_eq!(c.open_inline_secrets(&path), None);
+
+        std::fs::write(
+            &path,
+            "[xmpp]\njid = \"a@b\"\npassword_file = \"p\"\n[social]\n",
+        )
+        .expect("write config");
+        chmod(0o644);
+        let c = Config::load(&path).expect("config");
+        assert!(c.inline_secrets().is_empty());
+        assert_eq!(c.open_inline_secrets(&path), None);
     }
 
     #[test]

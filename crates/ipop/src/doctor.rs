@@ -169,6 +169,13 @@ pub fn run(path: &Path, json: bool) -> anyhow::Result<()> {
     let config = match Config::load(path).and_then(|c| private_secrets(&c).map(|()| c)) {
         Ok(config) => {
             report.add(Check::ok("config", format!("{} loads", path.display())));
+            if let Some(warning) = config.open_inline_secrets(path) {
+                report.add(Check::warn(
+                    "config secrets",
+                    warning,
+                    "other users of this machine can read the password from the config file",
+                ));
+            }
             config
         }
         Err(e) => {

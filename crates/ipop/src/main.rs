@@ -203,6 +203,9 @@ fn up(path: &Path) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(warning) = config.open_inline_secrets(path) {
+        tracing::warn!("{warning}");
+    }
     let secret = config::read_secret(&config.key_path())?;
     let node = ipop_core::Node::new(secret, config.peer_configs())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
