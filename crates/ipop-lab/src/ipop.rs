@@ -1,7 +1,9 @@
 //! ipop nodes: keys, configs, daemons and `ipop status --json`.
 
 use std::fmt::Write as _;
+use std::fs::Permissions;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::time::Duration;
@@ -286,9 +288,12 @@ impl Node {
     }
 
     /// Writes `config` as the node's `ipop.toml`.
+    /// Writes the node's config file, readable by its owner only: tests put passwords in it,
+    /// which ipop warns of in a file that others can read.
     pub fn write_config(&self, config: &Config) {
         let path = self.config_path();
         std::fs::write(&path, config.to_toml())
+            .and_then(|()| std::fs::set_permissions(&path, Permissions::from_mode(0o600)))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 

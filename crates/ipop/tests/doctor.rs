@@ -10,8 +10,10 @@ use ipop_lab::{
     Site, TestCa, TestDir,
 };
 use serde_json::Value;
+use std::fs::Permissions;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::thread::JoinHandle;
@@ -137,6 +139,9 @@ impl World {
         );
         let path = self.dir.path().join("ipop.toml");
         std::fs::write(&path, text).expect("config written");
+        // It holds passwords: readable by its owner only, or doctor warns.
+        std::fs::set_permissions(&path, Permissions::from_mode(0o600))
+            .expect("config made private");
         path
     }
 }
