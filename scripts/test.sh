@@ -20,12 +20,18 @@ command -v nft >/dev/null || need+=(nftables)
 command -v turnserver >/dev/null || need+=(coturn)
 command -v conntrack >/dev/null || need+=(conntrack)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v adduser >/dev/null || need+=(adduser)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [[ -c /dev/net/tun ]] || { echo "test: /dev/net/tun is missing: the kernel has no TUN support here" >&2; exit 1; }
+# The Debian package's test builds the package with cargo-deb (about a minute to install).
+if ! command -v cargo-deb >/dev/null; then
+  step "installing cargo-deb"
+  cargo install --quiet --locked cargo-deb@3.8.0
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

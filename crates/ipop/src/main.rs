@@ -12,7 +12,7 @@ mod streams;
 mod xmpp;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use config::Config;
 use ipnet::IpNet;
 use ipop::{config, control, dns, metrics, status};
@@ -77,6 +77,13 @@ enum Command {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH, global = true)]
         config: PathBuf,
     },
+    /// Print the completion script for SHELL: `ipop completions bash >
+    /// /etc/bash_completion.d/ipop`, or zsh, fish, elvish, powershell.
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (ipop.1 and one per command) into DIR, as the Debian package
+    /// installs them.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +104,13 @@ fn main() -> ExitCode {
         Command::Key { config } => key(&config),
         Command::Group { action, config } => group(&config, action),
         Command::Trust { device, config } => trust(&config, &device),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ipop", &mut script);
+            print_bytes(&script)
+        }
+        Command::Man { dir } => clap_mangen::generate_to(Cli::command(), &dir)
+            .with_context(|| format!("cannot write the manual pages into {}", dir.display())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,7 +130,11 @@ fn key(config: &Path) -> anyhow::Result<()> {
 
 /// Writes to stdout; a reader that went away (`ipop key | head -1`) is not an error.
 fn print_out(text: &str) -> anyhow::Result<()> {
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
+    print_bytes(text.as_bytes())
+}
+
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
+    match std::io::stdout().lock().write_all(bytes) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }

@@ -59,7 +59,9 @@ fn the_unit_runs_ipop_up_unprivileged_in_a_sandbox() {
     );
     let expected = [
         ("Type", "simple"),
-        ("ExecStart", "/usr/local/bin/ipop up -c /etc/ipop/ipop.toml"),
+        // A bare name: systemd looks in /usr/local/bin (installed by hand), then /usr/bin (the
+        // Debian package).
+        ("ExecStart", "ipop up -c /etc/ipop/ipop.toml"),
         ("Restart", "on-failure"),
         ("RestartSec", "5"),
         ("User", "ipop"),
@@ -99,9 +101,9 @@ fn the_unit_runs_ipop_up_unprivileged_in_a_sandbox() {
 fn systemd_accepts_the_unit() {
     let dir = ipop_lab::TestDir::new("unit");
     let unit = dir.path().join("ipop.service");
-    let installed = "/usr/local/bin/ipop ";
+    let installed = "ExecStart=ipop ";
     assert!(UNIT.contains(installed));
-    let built = format!("{} ", env!("CARGO_BIN_EXE_ipop"));
+    let built = format!("ExecStart={} ", env!("CARGO_BIN_EXE_ipop"));
     std::fs::write(&unit, UNIT.replace(installed, &built)).expect("write the unit");
     let out = Command::new("systemd-analyze")
         .arg("verify")
