@@ -21,6 +21,7 @@ command -v turnserver >/dev/null || need+=(coturn)
 command -v conntrack >/dev/null || need+=(conntrack)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v adduser >/dev/null || need+=(adduser)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq

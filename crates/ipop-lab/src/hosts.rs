@@ -62,6 +62,48 @@ impl Drop for NetnsHosts {
     }
 }
 
+/// A `resolv.conf` for one namespace: the programs started there with [`Netns::command`] ask
+/// `nameserver` for names, and nothing else.
+///
+/// Dropping it removes the file, and `/etc/netns/NAME` when nothing else is left in it.
+#[derive(Debug)]
+pub struct NetnsResolver {
+    path: PathBuf,
+}
+
+impl NetnsResolver {
+    /// # Panics
+    /// When the file cannot be written.
+    #[must_use]
+    pub fn new(ns: &Netns, nameserver: IpAddr) -> NetnsResolver {
+        SWEEP.call_once(sweep_stale_hosts);
+        let dir = Path::new(NETNS_ETC).join(ns.name());
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let resolver = NetnsResolver {
+            path: dir.join("resolv.conf"),
+        };
+        std::fs::write(
+            &resolver.path,
+            format!("nameserver {nameserver}\noptions timeout:2 attempts:2\n"),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", resolver.path.display()));
+        resolver
+    }
+}
+
+impl Drop for NetnsResolver {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            eprintln!("cannot remove {}: {e}", self.path.display());
+        }
+        if let Some(dir) = self.path.parent() {
+            // Left in place while a hosts file is still there.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// Removes the `/etc/netns/ipl-*` directories of namespaces that no longer exist, left by a
 /// test process that died without running destructors. [`NetnsHosts::new`] calls it once per
 /// process.

@@ -15,7 +15,9 @@
 //! - [`Coturn`]: a private coturn (STUN/TURN, time-limited credentials, TLS when asked) on
 //!   loopback or inside a namespace, stopped on drop.
 //! - [`TestCa`]: a CA for the servers of a test; Prosody and coturn can share one.
-//! - [`NetnsHosts`]: host names that resolve inside one namespace (`/etc/netns/NAME/hosts`).
+//! - [`NetnsHosts`]: host names that resolve inside one namespace (`/etc/netns/NAME/hosts`);
+//!   [`NetnsResolver`]: the name server programs there ask (`/etc/netns/NAME/resolv.conf`).
+//! - [`Dnsmasq`]: a DNS server with a test's A and SRV records, for XMPP servers that federate.
 //! - [`XmppUser`]: a scripted chat-client user (befriend, chat, group rooms) with a blocking API.
 //! - [`RawXmpp`]: a raw XMPP client that sends bytes no well-behaved client would (stanzas
 //!   20 000 deep, 64 KiB attributes) and reads back elements of any depth.
@@ -32,6 +34,7 @@
 mod ca;
 mod coturn;
 mod dir;
+mod dnsmasq;
 mod ejabberd;
 mod flood;
 mod hosts;
@@ -59,11 +62,12 @@ pub use coturn::{
     COTURN_READY_TIMEOUT, COTURN_REALM, Coturn, CoturnBuilder, rest_credentials, sweep_stale_coturn,
 };
 pub use dir::TestDir;
+pub use dnsmasq::Dnsmasq;
 pub use ejabberd::{
     EJABBERD_READY_TIMEOUT, EJABBERD_STOP_TIMEOUT, Ejabberd, EjabberdBuilder, sweep_stale_ejabberd,
 };
 pub use flood::{Flood, FloodReport, Forgery, INITIATION_LEN, add_sources, flood};
-pub use hosts::{NetnsHosts, sweep_stale_hosts};
+pub use hosts::{NetnsHosts, NetnsResolver, sweep_stale_hosts};
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
 };

@@ -69,6 +69,7 @@ pub struct ProsodyBuilder {
     parent: Option<PathBuf>,
     ca: Option<TestCa>,
     resumption_window: Option<Duration>,
+    federation: bool,
 }
 
 impl ProsodyBuilder {
@@ -110,6 +111,16 @@ impl ProsodyBuilder {
     #[must_use]
     pub fn resumption_window(mut self, window: Duration) -> ProsodyBuilder {
         self.resumption_window = Some(window);
+        self
+    }
+
+    /// Federates with other XMPP servers: server-to-server links on port 5269 of its address,
+    /// over TLS, authenticated by certificates that the test CA signed (`s2s_secure_auth`, so
+    /// no dialback). Other servers are found through DNS (`_xmpp-server._tcp` SRV, then A
+    /// records): give the namespace a [`crate::NetnsResolver`]. Off by default.
+    #[must_use]
+    pub fn federation(mut self) -> ProsodyBuilder {
+        self.federation = true;
         self
     }
 
@@ -178,6 +189,7 @@ impl ProsodyBuilder {
             self.room_locking,
             self.stock_limits,
             self.external_services.as_deref(),
+            self.federation,
         );
         if let Some(window) = self.resumption_window {
             // The last section is the virtual host's: the setting is the host's.
@@ -226,6 +238,7 @@ impl Prosody {
             parent: None,
             ca: None,
             resumption_window: None,
+            federation: false,
         }
     }
 
@@ -416,6 +429,7 @@ impl Prosody {
         room_locking: bool,
         stock_limits: bool,
         services: Option<&[ExternalService]>,
+        federation: bool,
     ) -> String {
         let path = |p: &Path| lua_str(&p.to_string_lossy());
         let dir = &self.dir;
@@ -437,20 +451,30 @@ impl Prosody {
         );
         let _ = writeln!(s, "c2s_ports = {{ {} }}", self.addr.port());
         let _ = writeln!(s, "c2s_direct_tls_ports = {{ }}");
-        let _ = writeln!(s, "s2s_ports = {{ }}");
+        // The documented config requires encryption and certificates on server-to-server links.
+        if federation {
+            let _ = writeln!(s, "s2s_ports = {{ 5269 }}");
+        } else {
+            let _ = writeln!(s, "s2s_ports = {{ }}");
+        }
         let _ = writeln!(s, "http_ports = {{ }}");
         let _ = writeln!(s, "https_ports = {{ }}");
-        let mut disabled = vec!["s2s", "http", "posix", "offline"];
+        let mut disabled = vec!["http", "posix", "offline"];
+        if !federation {
+            disabled.push("s2s");
+        }
         if services.is_none() {
             disabled.push("external_services");
         }
         let disabled: Vec<String> = disabled.iter().map(|m| lua_str(m)).collect();
         let _ = writeln!(s, "modules_disabled = {{ {} }}", disabled.join("; "));
+        // The CA verifies other servers' certificates on server-to-server links.
         let _ = writeln!(
             s,
-            "ssl = {{ key = {}; certificate = {} }}",
+            "ssl = {{ key = {}; certificate = {}; cafile = {} }}",
             path(&dir.join("certs").join("server.key")),
-            path(&dir.join("certs").join("server.crt"))
+            path(&dir.join("certs").join("server.crt")),
+            path(&dir.join("certs").join("ca.crt"))
         );
         let _ = writeln!(s, "muc_room_locking = {room_locking}");
         let _ = writeln!(s, "{DOCUMENTED_HEADER}");

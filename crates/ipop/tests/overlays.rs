@@ -7,12 +7,11 @@
 //! Run as root: they create network namespaces and TUN devices.
 
 use ipnet::IpNet;
-use ipop_lab::{Netns, Node, ServerKind, wait_until};
+use ipop_lab::{NetnsResolver, Node, ServerKind, wait_until};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
 mod common;
@@ -115,35 +114,6 @@ fn wait_pings(node: &Node, addr: IpAddr, what: &str) {
             Err(format!("no reply from {addr}"))
         }
     });
-}
-
-/// A namespace's own `resolv.conf`, which `ip netns exec` puts in place of `/etc/resolv.conf`
-/// for the programs it starts: they ask `nameserver` like a user's resolver would. Removed on
-/// drop.
-struct NetnsResolver {
-    dir: PathBuf,
-}
-
-impl NetnsResolver {
-    fn new(ns: &Netns, nameserver: IpAddr) -> NetnsResolver {
-        let dir = PathBuf::from("/etc/netns").join(ns.name());
-        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
-        let resolver = NetnsResolver { dir };
-        std::fs::write(
-            resolver.dir.join("resolv.conf"),
-            format!("nameserver {nameserver}\noptions timeout:2 attempts:2\n"),
-        )
-        .expect("write resolv.conf");
-        resolver
-    }
-}
-
-impl Drop for NetnsResolver {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            eprintln!("cannot remove {}: {e}", self.dir.display());
-        }
-    }
 }
 
 /// `getent DATABASE NAME` in the node's namespace: its exit code and the addresses it printed.
