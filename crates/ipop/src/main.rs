@@ -7,6 +7,7 @@ mod doctor;
 mod init;
 mod netlink;
 mod overlays;
+mod ping;
 mod state;
 mod streams;
 mod xmpp;
@@ -77,6 +78,9 @@ enum Command {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH, global = true)]
         config: PathBuf,
     },
+    /// Ping a device through its tunnel (setting the link up if it is idle) and show the path
+    /// that answers (direct or relay, endpoint, ICE pair) and each round-trip time.
+    Ping(ping::PingArgs),
     /// Print the completion script for SHELL: `ipop completions bash >
     /// /etc/bash_completion.d/ipop`, or zsh, fish, elvish, powershell.
     Completions { shell: clap_complete::Shell },
@@ -104,6 +108,7 @@ fn main() -> ExitCode {
         Command::Key { config } => key(&config),
         Command::Group { action, config } => group(&config, action),
         Command::Trust { device, config } => trust(&config, &device),
+        Command::Ping(args) => ping::run(&args),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "ipop", &mut script);
@@ -140,7 +145,7 @@ fn print_bytes(bytes: &[u8]) -> anyhow::Result<()> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -315,6 +315,49 @@ fn symmetric_to_symmetric_goes_through_the_relay() {
     assert_eq!(path, "relay", "{peer}");
 }
 
+/// `ipop ping` names the relay as the path that answers, with the relay's address.
+#[test]
+fn ipop_ping_shows_the_relayed_path() {
+    let mut w = World::new(
+        "nping",
+        vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
+    );
+    let (path, peer) = linked(&mut w, Duration::from_secs(30));
+    assert_eq!(path, "relay", "{peer}");
+    let out = w
+        .ns(0)
+        .command(BIN)
+        .args([
+            "ping",
+            &format!("{}@{DOMAIN}/dev", w.devices[1].user),
+            "-n",
+            "2",
+            "-c",
+        ])
+        .arg(w.config(0))
+        .output()
+        .expect("run ipop ping");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let why = format!(
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{why}");
+    let relay = w.coturn.addr().ip().to_string();
+    for seq in 1..=2 {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("probe {seq}: reply in ")))
+            .unwrap_or_else(|| panic!("no reply to probe {seq}: {why}"));
+        assert!(
+            line.contains(" ms via relay ") && line.contains(&relay),
+            "probe {seq} through the relay at {relay}: {why}"
+        );
+    }
+    assert!(stdout.contains("2 probes, 2 replies"), "{why}");
+}
+
 #[test]
 fn port_restricted_cone_to_symmetric_goes_through_the_relay() {
     let mut w = World::new(
