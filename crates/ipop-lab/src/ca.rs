@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
+
+/// `id-on-xmppAddr` (RFC 6120 §13.7.1.4): the otherName that carries a JID in a certificate.
+const ID_ON_XMPP_ADDR: [u64; 9] = [1, 3, 6, 1, 5, 5, 7, 8, 5];
 
 /// A fresh CA; clones share it.
 #[derive(Clone)]
@@ -89,6 +92,36 @@ impl TestCa {
         let cert = params
             .signed_by(&key, &self.issuer)
             .unwrap_or_else(|e| panic!("cannot sign the certificate for {names:?}: {e}"));
+        ServerCertificate {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A client certificate for the XMPP account `jid` (a leaf: CA:FALSE, clientAuth), with the
+    /// JID as its common name and as an `id-on-xmppAddr` subject alternative name, as servers
+    /// read it for SASL EXTERNAL (XEP-0178).
+    ///
+    /// # Panics
+    /// When the certificate cannot be made.
+    #[must_use]
+    pub fn issue_client(&self, jid: &str) -> ServerCertificate {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, jid);
+        params.subject_alt_names = vec![SanType::OtherName((
+            ID_ON_XMPP_ADDR.to_vec(),
+            jid.to_owned().into(),
+        ))];
+        params.is_ca = IsCa::ExplicitNoCa;
+        set_validity(&mut params);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key =
+            KeyPair::generate().unwrap_or_else(|e| panic!("cannot generate a client key: {e}"));
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .unwrap_or_else(|e| panic!("cannot sign the certificate for {jid}: {e}"));
         ServerCertificate {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),

@@ -62,6 +62,7 @@ pub struct EjabberdBuilder {
     ca: Option<TestCa>,
     /// For a node of a cluster: its distribution reachable at its own address.
     cluster: Option<ClusterRole>,
+    certificate_login: bool,
 }
 
 /// How a node of a cluster gets its distribution port and cookie.
@@ -95,6 +96,15 @@ impl EjabberdBuilder {
     #[must_use]
     pub fn ca(mut self, ca: &TestCa) -> EjabberdBuilder {
         self.ca = Some(ca.clone());
+        self
+    }
+
+    /// Lets clients log in with a certificate that the test CA signed (SASL EXTERNAL, the JID
+    /// in the certificate): the c2s listener asks for client certificates (`tls_verify`) and
+    /// checks them against the CA (`c2s_cafile`). Off by default.
+    #[must_use]
+    pub fn certificate_login(mut self) -> EjabberdBuilder {
+        self.certificate_login = true;
         self
     }
 
@@ -209,7 +219,11 @@ impl EjabberdBuilder {
             dir,
             _scratch: scratch,
         };
-        write(&ejabberd.config, &ejabberd.config_yaml());
+        let mut config = ejabberd.config_yaml();
+        if self.certificate_login {
+            config = certificate_login(&config, &ejabberd.ca_cert.to_string_lossy());
+        }
+        write(&ejabberd.config, &config);
         write(&ejabberd.ctl_config, &ejabberd.ctl_config_text());
         // The stock Debian inetrc: `localhost` without asking DNS.
         write(
@@ -272,6 +286,7 @@ impl Ejabberd {
             parent: None,
             ca: None,
             cluster: None,
+            certificate_login: false,
         }
     }
 
@@ -733,6 +748,22 @@ fn lab_config(config: &str, certfile: &str, addr: SocketAddr) -> String {
         ),
     );
     without_module(&config, "mod_stun_disco")
+}
+
+/// `config` with client certificates asked for on the c2s listener and checked against `cafile`,
+/// for SASL EXTERNAL; the settings docs/servers.md gives for certificate login.
+fn certificate_login(config: &str, cafile: &str) -> String {
+    let listener = "    starttls_required: true\n";
+    assert_eq!(
+        config.matches(listener).count(),
+        1,
+        "docs/examples/ejabberd.yml has one c2s listener with STARTTLS"
+    );
+    format!(
+        "{}c2s_cafile: {}\n",
+        config.replace(listener, &format!("{listener}    tls_verify: true\n")),
+        yaml_str(cafile)
+    )
 }
 
 /// `config` less the module `name` and its options.

@@ -75,6 +75,8 @@ pub struct XmppConfig {
     pub direct_tls: bool,
     /// An extra CA certificate file (PEM) trusted in addition to the system's roots.
     pub extra_ca: Option<PathBuf>,
+    /// Log in with this client certificate (SASL EXTERNAL, XEP-0178) instead of the password.
+    pub client_cert: Option<ClientCertificate>,
     /// Whether the social overlay (own devices and mutual roster contacts) is on.
     pub social: bool,
     pub groups: Vec<GroupConfig>,
@@ -118,6 +120,7 @@ impl XmppConfig {
             server: None,
             direct_tls: false,
             extra_ca: None,
+            client_cert: None,
             social: true,
             groups: Vec::new(),
             key,
@@ -138,6 +141,7 @@ impl fmt::Debug for XmppConfig {
             .field("server", &self.server)
             .field("direct_tls", &self.direct_tls)
             .field("extra_ca", &self.extra_ca)
+            .field("client_cert", &self.client_cert)
             .field("social", &self.social)
             .field("groups", &self.groups)
             .field("key", &self.key)
@@ -147,6 +151,14 @@ impl fmt::Debug for XmppConfig {
             .field("send_burst", &self.send_burst)
             .finish()
     }
+}
+
+/// A client certificate and its private key, PEM files: the certificate names the account
+/// (`id-on-xmppAddr`), and the server trusts its issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A group overlay: the members of one multi-user chat room.
@@ -180,6 +192,24 @@ pub enum LoginError {
     NoScram {
         server: String,
         offered: Vec<String>,
+    },
+    #[error(
+        "{server} does not offer certificate login (SASL EXTERNAL; it offers {}): configure it \
+         to ask for client certificates (docs/servers.md), or log in with a password",
+        offered.join(", ")
+    )]
+    NoExternal {
+        server: String,
+        offered: Vec<String>,
+    },
+    #[error(
+        "{server} refused the client certificate for {jid} ({reason}): it must be signed by a \
+         CA the server trusts and name the account"
+    )]
+    CertificateRefused {
+        server: String,
+        jid: String,
+        reason: String,
     },
     /// XMPP servers answer `not-authorized` for a wrong password and for an unknown account
     /// alike, on purpose: the two cannot be told apart.

@@ -1,5 +1,5 @@
 //! Opening an authenticated XMPP stream: TCP, TLS (STARTTLS or direct) with our own rustls
-//! configuration, SASL SCRAM. Every failure is classified into a [`LoginError`] that names its
+//! configuration, SASL SCRAM, or SASL EXTERNAL with a client certificate. Every failure is classified into a [`LoginError`] that names its
 //! cause; tokio-xmpp's own connectors retry forever and only log why.
 //!
 //! The stream this returns is handed to tokio-xmpp's `StanzaStream`, which binds the resource,
@@ -7,7 +7,7 @@
 
 use crate::guard::{Guard, Limits, Sink};
 use crate::traffic::{ByteCounts, Counted};
-use crate::{LoginError, XmppConfig};
+use crate::{ClientCertificate, LoginError, XmppConfig};
 use futures::{SinkExt, StreamExt};
 use sasl::common::{ChannelBinding, Credentials};
 use std::borrow::Cow;
@@ -21,18 +21,20 @@ use tokio_rustls::TlsConnector;
 use tokio_xmpp::connect::DnsConfig;
 use tokio_xmpp::error::AuthError;
 use tokio_xmpp::jid::{BareJid, FullJid, Jid};
+use tokio_xmpp::minidom::Element;
+use tokio_xmpp::minidom::rxml::xml_ncname;
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::sasl::DefinedCondition as SaslCondition;
 use tokio_xmpp::parsers::sasl_cb::Type as ChannelBindingType;
 use tokio_xmpp::parsers::starttls;
 use tokio_xmpp::parsers::stream_features::StreamFeatures;
 use tokio_xmpp::rustls::pki_types::pem::PemObject;
-use tokio_xmpp::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_xmpp::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_xmpp::rustls::{self, CertificateError, ClientConfig, RootCertStore};
 use tokio_xmpp::stanzastream::Connection;
 use tokio_xmpp::xmlstream::{
-    FallibleStreamElement, ReadError, StreamHeader, Timeouts, XmppStream, XmppStreamElement,
-    initiate_stream,
+    FallibleStreamElement, InitiatingStream, PendingFeaturesRecv, ReadError, StreamHeader,
+    Timeouts, XmlStream, XmppStream, XmppStreamElement, initiate_stream,
 };
 
 /// Silence on the stream before we ping the server, and how long the ping may take: a dead
@@ -50,6 +52,8 @@ pub struct Login {
     /// How the server is reached, for messages: `example.org (SRV)` or `host:port`.
     pub server: String,
     direct_tls: bool,
+    /// Log in with the TLS client certificate (SASL EXTERNAL), not the password.
+    external: bool,
     tls: Arc<ClientConfig>,
     /// Where the guard on every stream reports what it dropped.
     guard: Sink,
@@ -90,7 +94,11 @@ impl Login {
             dns,
             server,
             direct_tls: cfg.direct_tls,
-            tls: Arc::new(tls_config(cfg.extra_ca.as_deref())?),
+            external: cfg.client_cert.is_some(),
+            tls: Arc::new(login_tls_config(
+                cfg.extra_ca.as_deref(),
+                cfg.client_cert.as_ref(),
+            )?),
             guard,
             bytes,
         })
@@ -268,6 +276,9 @@ impl Login {
         let pending = initiate_stream(io, ns::JABBER_CLIENT, header, STREAM_TIMEOUTS)
             .await
             .map_err(|e| self.stream_error(e))?;
+        if self.external {
+            return self.external(pending).await;
+        }
         let (features, stream): (StreamFeatures, XmppStream<BufStream<S>>) = pending
             .recv_features()
             .await
@@ -285,6 +296,17 @@ impl Login {
         let stream = tokio_xmpp::client_login(stream, mechanisms, credentials)
             .await
             .map_err(|e| self.auth_error(e))?;
+        self.restart(stream).await
+    }
+
+    /// The stream restart after authentication; returns the stream ready for binding.
+    async fn restart<S>(
+        &self,
+        stream: InitiatingStream<BufStream<S>>,
+    ) -> Result<Connection, LoginError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let pending = stream
             .send_header(self.header())
             .await
@@ -298,6 +320,77 @@ impl Login {
             features,
             identity: Jid::from(self.jid.clone()),
         })
+    }
+
+    /// SASL EXTERNAL (RFC 6120 §6.3.10, XEP-0178): the server takes the account from the client
+    /// certificate it checked during TLS. No authorization identity is sent (`=`): the
+    /// certificate names one account.
+    async fn external<S>(
+        &self,
+        pending: PendingFeaturesRecv<BufStream<S>>,
+    ) -> Result<Connection, LoginError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (features, mut stream): (StreamFeatures, XmlStream<BufStream<S>, Element>) = pending
+            .recv_features()
+            .await
+            .map_err(|e| self.refused_or(tokio_xmpp::Error::from(e)))?;
+        if !features.sasl_mechanisms.contains("EXTERNAL") {
+            return Err(LoginError::NoExternal {
+                server: self.server.clone(),
+                offered: features.sasl_mechanisms.iter().cloned().collect(),
+            });
+        }
+        let auth = Element::builder("auth", ns::SASL)
+            .attr(xml_ncname!("mechanism").into(), "EXTERNAL")
+            .append("=")
+            .build();
+        stream
+            .send(&auth)
+            .await
+            .map_err(|e| self.refused_or(tokio_xmpp::Error::from(e)))?;
+        loop {
+            match stream.next().await {
+                Some(Ok(answer)) if answer.is("success", ns::SASL) => {
+                    return self.restart(stream.initiate_reset()).await;
+                }
+                Some(Ok(answer)) if answer.is("failure", ns::SASL) => {
+                    let condition = answer
+                        .children()
+                        .find(|c| c.name() != "text")
+                        .map_or("failure", |c| c.name());
+                    return Err(LoginError::CertificateRefused {
+                        server: self.server.clone(),
+                        jid: self.jid.to_bare().to_string(),
+                        reason: condition.to_owned(),
+                    });
+                }
+                Some(Ok(_)) | Some(Err(ReadError::SoftTimeout)) => {}
+                Some(Err(ReadError::HardError(e))) => {
+                    return Err(self.refused_or(tokio_xmpp::Error::from(e)));
+                }
+                Some(Err(ReadError::ParseError(e))) => return Err(self.stream_error(e)),
+                None | Some(Err(ReadError::StreamFooterReceived)) => {
+                    return Err(self.stream_error("the server closed the stream"));
+                }
+            }
+        }
+    }
+
+    /// A stream error while logging in with a certificate: a TLS alert from the server means
+    /// it refused the certificate (with TLS 1.3 the refusal arrives after the handshake).
+    fn refused_or(&self, e: tokio_xmpp::Error) -> LoginError {
+        let text = e.to_string();
+        if text.contains("alert") {
+            LoginError::CertificateRefused {
+                server: self.server.clone(),
+                jid: self.jid.to_bare().to_string(),
+                reason: text,
+            }
+        } else {
+            self.stream_error(text)
+        }
     }
 
     fn auth_error(&self, e: tokio_xmpp::Error) -> LoginError {
@@ -369,6 +462,48 @@ pub fn describe_certificate_error(e: &CertificateError, domain: &str) -> String 
 /// The trust anchors: the system's roots and, for a private server, an extra CA file. The
 /// daemon checks its TURN servers over TLS with the same configuration.
 pub fn tls_config(extra_ca: Option<&std::path::Path>) -> Result<ClientConfig, LoginError> {
+    Ok(tls_builder(extra_ca)?.with_no_client_auth())
+}
+
+/// [`tls_config`], presenting `client` (certificate chain and key) when there is one.
+fn login_tls_config(
+    extra_ca: Option<&std::path::Path>,
+    client: Option<&ClientCertificate>,
+) -> Result<ClientConfig, LoginError> {
+    let builder = tls_builder(extra_ca)?;
+    let Some(client) = client else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let config_error = |what: &str, path: &std::path::Path, why: String| LoginError::Config {
+        what: format!("{what} {}", path.display()),
+        why,
+    };
+    let chain = CertificateDer::pem_file_iter(&client.cert)
+        .map_err(|e| config_error("client_cert", &client.cert, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| config_error("client_cert", &client.cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(config_error(
+            "client_cert",
+            &client.cert,
+            "no PEM certificate in the file".to_owned(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&client.key)
+        .map_err(|e| config_error("client_key", &client.key, e.to_string()))?;
+    builder.with_client_auth_cert(chain, key).map_err(|e| {
+        config_error(
+            "client_key",
+            &client.key,
+            format!("does not fit the certificate: {e}"),
+        )
+    })
+}
+
+/// The roots (the system's and `extra_ca`) and protocol versions every TLS connection uses.
+fn tls_builder(
+    extra_ca: Option<&std::path::Path>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, LoginError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for error in &native.errors {
@@ -399,8 +534,7 @@ pub fn tls_config(extra_ca: Option<&std::path::Path>) -> Result<ClientConfig, Lo
             server: String::new(),
             reason: e.to_string(),
         })?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots))
 }
 
 #[cfg(test)]

@@ -98,7 +98,8 @@ pub struct Xmpp {
     /// The account, a bare JID like `alice@example.org`.
     #[serde(deserialize_with = "bare_jid")]
     pub jid: String,
-    /// The password inline, or read from a file, or printed by a command: exactly one.
+    /// The password inline, or read from a file, or printed by a command: exactly one, unless
+    /// the device logs in with a client certificate.
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
     pub password_command: Option<String>,
@@ -108,6 +109,10 @@ pub struct Xmpp {
     pub tls: Tls,
     /// An extra CA certificate (PEM) to trust for a private server, besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// A client certificate and its private key (PEM), to log in with SASL EXTERNAL instead
+    /// of a password: both or neither.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     /// This device's name, the XMPP resource. Default: the host name.
     pub device: Option<String>,
     /// The most bytes per second the session sends (0: no pacing), and the most at once.
@@ -127,6 +132,8 @@ impl fmt::Debug for Xmpp {
             .field("server", &self.server)
             .field("tls", &self.tls)
             .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
             .field("device", &self.device)
             .field("send_rate", &self.send_rate)
             .field("send_burst", &self.send_burst)
@@ -514,11 +521,27 @@ impl Config {
                 x.password_file.is_some(),
                 x.password_command.is_some(),
             ];
-            if sources.iter().filter(|s| **s).count() != 1 {
-                return Err(
-                    "[xmpp]: set exactly one of password, password_file and password_command"
-                        .into(),
-                );
+            match (&x.client_cert, &x.client_key) {
+                (Some(_), Some(_)) => {
+                    if sources.iter().any(|s| *s) {
+                        return Err("[xmpp]: a device that logs in with client_cert needs no \
+                             password; remove password, password_file or password_command"
+                            .into());
+                    }
+                }
+                (None, None) => {
+                    if sources.iter().filter(|s| **s).count() != 1 {
+                        return Err("[xmpp]: set exactly one of password, password_file and \
+                             password_command (or client_cert and client_key)"
+                            .into());
+                    }
+                }
+                (Some(_), None) => {
+                    return Err("[xmpp] client_cert: set client_key, its private key, too".into());
+                }
+                (None, Some(_)) => {
+                    return Err("[xmpp] client_key: set client_cert, its certificate, too".into());
+                }
             }
             if let Some(server) = &x.server
                 && !is_host_port(server)
@@ -708,8 +731,10 @@ impl Config {
     /// file, and the password file if there is one.
     pub fn secret_files(&self) -> Vec<(&'static str, PathBuf)> {
         let password_file = self.xmpp.as_ref().and_then(|x| x.password_file.as_ref());
+        let client_key = self.xmpp.as_ref().and_then(|x| x.client_key.as_ref());
         std::iter::once((PRIVATE_KEY_FILE, self.key_path()))
             .chain(password_file.map(|f| (PASSWORD_FILE, self.resolve(f))))
+            .chain(client_key.map(|f| (CLIENT_KEY_FILE, self.resolve(f))))
             .collect()
     }
 
@@ -797,6 +822,8 @@ fn describe(text: &str, e: &toml::de::Error) -> String {
 const PRIVATE_KEY_FILE: &str = "private key file";
 /// What errors call the file of `[xmpp] password_file`.
 const PASSWORD_FILE: &str = "[xmpp] password_file";
+/// What errors call the file of `[xmpp] client_key`.
+const CLIENT_KEY_FILE: &str = "[xmpp] client_key";
 
 /// Refuses a file of secrets (`what`, for the message) that users other than its owner may
 /// read, write or execute, as ssh refuses such a private key: the error names the file and the
@@ -1145,6 +1172,41 @@ mod tests {
     }
 
     #[test]
+    fn a_client_certificate_comes_with_its_key_and_without_a_password() {
+        let with = |xmpp: &str| Config::parse(&format!("[xmpp]\njid = \"a@b\"\n{xmpp}[social]\n"));
+        let c = with("client_cert = \"a.crt\"\nclient_key = \"a.key\"\n").expect("cert login");
+        let x = c.xmpp.as_ref().expect("[xmpp]");
+        assert_eq!(x.client_cert.as_deref(), Some(Path::new("a.crt")));
+        assert!(
+            c.secret_files()
+                .iter()
+                .any(|(what, p)| *what == "[xmpp] client_key" && p.ends_with("a.key")),
+            "the key is a file of secrets"
+        );
+        for (xmpp, want) in [
+            (
+                "client_cert = \"a.crt\"\n",
+                "[xmpp] client_cert: set client_key",
+            ),
+            (
+                "client_key = \"a.key\"\n",
+                "[xmpp] client_key: set client_cert",
+            ),
+            (
+                "client_cert = \"a.crt\"\nclient_key = \"a.key\"\npassword = \"p\"\n",
+                "needs no password",
+            ),
+            (
+                "",
+                "set exactly one of password, password_file and password_command",
+            ),
+        ] {
+            let e = with(xmpp).expect_err(xmpp).to_string();
+            assert!(e.contains(want), "{xmpp:?}: {e}");
+        }
+    }
+
+    #[test]
     fn a_config_file_with_passwords_open_to_others_is_warned_of() {
         let dir = ipop_lab::TestDir::new("config-inline");
         let path = dir.path().join("ipop.toml");
@@ -1467,6 +1529,8 @@ mod tests {
                     server,
                     tls,
                     ca_file,
+                    client_cert,
+                    client_key,
                     device,
                     send_rate,
                     send_burst
@@ -1498,7 +1562,12 @@ mod tests {
         ]
         .concat();
         // Exactly one password source can be set: the full example sets `password`.
-        let alternatives = [("[xmpp]", "password_file"), ("[xmpp]", "password_command")];
+        let alternatives = [
+            ("[xmpp]", "password_file"),
+            ("[xmpp]", "password_command"),
+            ("[xmpp]", "client_cert"),
+            ("[xmpp]", "client_key"),
+        ];
 
         let doc = include_str!("../../../docs/config.md");
         let blocks: Vec<toml::Value> = doc

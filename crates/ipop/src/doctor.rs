@@ -374,6 +374,14 @@ fn login_advice(e: &LoginError) -> String {
         LoginError::NoScram { .. } => {
             "ask the XMPP server's admin to enable SCRAM authentication (hashed passwords)"
         }
+        LoginError::NoExternal { .. } => {
+            "ask the XMPP server's admin to accept client certificates (ejabberd: tls_verify \
+             and c2s_cafile), or log in with a password instead of [xmpp] client_cert"
+        }
+        LoginError::CertificateRefused { .. } => {
+            "check that [xmpp] client_cert is signed by a CA the server trusts and names this \
+             account (id-on-xmppAddr), and that client_key is its key"
+        }
         LoginError::Timeout { .. } | LoginError::Stream { .. } => {
             "check that [xmpp] server names an XMPP server and that the network lets the \
              connection through; try again"

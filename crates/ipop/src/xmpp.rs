@@ -33,7 +33,17 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
     let Some(x) = &config.xmpp else {
         return Ok(None);
     };
-    let password = config.xmpp_password(x)?;
+    let client_cert = match (&x.client_cert, &x.client_key) {
+        (Some(cert), Some(key)) => Some(ipop_xmpp::ClientCertificate {
+            cert: config.resolve(cert),
+            key: config.resolve(key),
+        }),
+        _ => None,
+    };
+    let password = match client_cert {
+        Some(_) => String::new(),
+        None => config.xmpp_password(x)?,
+    };
     let device = x.device.clone().unwrap_or_else(host_name);
     let mut cfg = XmppConfig::new(x.jid.clone(), password, device, key);
     cfg.server = x.server.as_ref().and_then(|s| {
@@ -42,6 +52,7 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
     });
     cfg.direct_tls = x.tls == Tls::Direct;
     cfg.extra_ca = x.ca_file.as_ref().map(|p| config.resolve(p));
+    cfg.client_cert = client_cert;
     cfg.social = config.social.as_ref().is_some_and(|s| s.enabled);
     cfg.groups = config
         .groups
