@@ -284,6 +284,10 @@ pub struct Engine {
     policies: BTreeMap<OverlayId, (LinkPolicy, Duration)>,
     /// How many devices are online in each overlay whose policy is `auto`, this one included.
     sizes: BTreeMap<OverlayId, usize>,
+    /// How many other devices count as online in each overlay (present there, their user a
+    /// member), kept as presences come and go so that a presence costs no walk over all
+    /// devices; counted anew when the members change.
+    online_in: HashMap<OverlayId, usize>,
     /// The device each address of a link belongs to, linked or not: a packet that no peer
     /// takes finds here the link it waits for.
     by_address: HashMap<IpAddr, DeviceId>,
@@ -358,6 +362,7 @@ impl Engine {
             plans: Plans::new(&key, overlays, memory),
             policies,
             sizes: BTreeMap::new(),
+            online_in: HashMap::new(),
             by_address: HashMap::new(),
             held: Held::default(),
             demanded: Vec::new(),
@@ -778,6 +783,7 @@ impl Engine {
             OsnEvent::Members { overlay, users } => {
                 self.members.insert(overlay, users.into_iter().collect());
                 self.sort_devices();
+                self.count_all();
                 self.count_devices(now);
                 self.reconcile(now);
             }
@@ -826,6 +832,7 @@ impl Engine {
         if self.me.as_ref() == Some(&device) {
             return;
         }
+        let counted = self.counted_in(&device);
         let seen = Seen {
             claim,
             present: true,
@@ -871,6 +878,7 @@ impl Engine {
                 s.lost = Some(now);
             }
         }
+        self.recount(&device, counted);
         self.count_devices(now);
         self.settle(now, &device);
     }
@@ -908,6 +916,7 @@ impl Engine {
             return;
         }
         let alive = self.alive_until(now, device);
+        let counted = self.counted_in(device);
         let Some(entry) = self.devices.get_mut(device) else {
             return;
         };
@@ -932,6 +941,7 @@ impl Engine {
                 }
             }
         }
+        self.recount(device, counted);
         self.count_devices(now);
         self.settle(now, device);
     }
@@ -962,6 +972,7 @@ impl Engine {
             }
         }
         for device in silent {
+            let counted = self.counted_in(&device);
             let Some(entry) = self.devices.get_mut(&device) else {
                 continue;
             };
@@ -974,6 +985,7 @@ impl Engine {
                     self.drop_link(now, &device, why);
                 }
             }
+            self.recount(&device, counted);
             self.settle(now, &device);
         }
         self.count_devices(now);
@@ -1258,15 +1270,15 @@ impl Engine {
             .map(|(o, _)| o.clone())
             .collect();
         for overlay in auto {
-            let members = self.members.get(&overlay);
-            let online = self
-                .devices
-                .iter()
-                .filter(|(d, a)| {
-                    a.via.get(&overlay).is_some_and(|s| s.present)
-                        && members.is_some_and(|m| m.contains(&d.user))
-                })
-                .count();
+            let online = self.online_in.get(&overlay).copied().unwrap_or(0);
+            debug_assert_eq!(
+                online,
+                self.devices
+                    .keys()
+                    .filter(|d| self.counted_in(d).contains(&overlay))
+                    .count(),
+                "the online count of {overlay} drifted from the devices"
+            );
             let before = self.overlay_wants(&overlay);
             let grew = self
                 .sizes
@@ -1305,6 +1317,50 @@ impl Engine {
             for device in concerned {
                 self.apply_wanted(now, &device);
             }
+        }
+    }
+
+    /// The overlays where `device` counts as online: present there, its user a member.
+    fn counted_in(&self, device: &DeviceId) -> Vec<OverlayId> {
+        let Some(a) = self.devices.get(device) else {
+            return Vec::new();
+        };
+        a.via
+            .iter()
+            .filter(|(o, s)| {
+                s.present
+                    && self
+                        .members
+                        .get(*o)
+                        .is_some_and(|m| m.contains(&device.user))
+            })
+            .map(|(o, _)| o.clone())
+            .collect()
+    }
+
+    /// Moves `device`'s share of the online counts from `before` (where it counted before a
+    /// change of its presences) to where it counts now.
+    fn recount(&mut self, device: &DeviceId, before: Vec<OverlayId>) {
+        for overlay in before {
+            if let Some(n) = self.online_in.get_mut(&overlay) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        for overlay in self.counted_in(device) {
+            *self.online_in.entry(overlay).or_default() += 1;
+        }
+    }
+
+    /// Counts every device anew, after a change of members.
+    fn count_all(&mut self) {
+        let counts: Vec<OverlayId> = self
+            .devices
+            .keys()
+            .flat_map(|d| self.counted_in(d))
+            .collect();
+        self.online_in.clear();
+        for overlay in counts {
+            *self.online_in.entry(overlay).or_default() += 1;
         }
     }
 
