@@ -21,7 +21,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Dnsmasq {
     /// Declared first: stopped before the directory goes.
-    daemon: Option<Daemon>,
+    _daemon: Option<Daemon>,
     addr: IpAddr,
     log: PathBuf,
     _dir: TestDir,
@@ -75,7 +75,7 @@ impl Dnsmasq {
             || log_tail(&log, 20),
         );
         Dnsmasq {
-            daemon,
+            _daemon: daemon,
             addr: ip,
             log,
             _dir: dir,
@@ -92,11 +92,5 @@ impl Dnsmasq {
     #[must_use]
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        drop(self.daemon.take());
     }
 }

@@ -1,6 +1,7 @@
 //! Opening an authenticated XMPP stream: TCP, TLS (STARTTLS or direct) with our own rustls
-//! configuration, SASL SCRAM, or SASL EXTERNAL with a client certificate. Every failure is classified into a [`LoginError`] that names its
-//! cause; tokio-xmpp's own connectors retry forever and only log why.
+//! configuration, SASL SCRAM, or SASL EXTERNAL with a client certificate. Every failure is
+//! classified into a [`LoginError`] that names its cause; tokio-xmpp's own connectors retry
+//! forever and only log why.
 //!
 //! The stream this returns is handed to tokio-xmpp's `StanzaStream`, which binds the resource,
 //! negotiates stream management and calls us again (through [`Login::open`]) to reconnect.
@@ -33,8 +34,8 @@ use tokio_xmpp::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_xmpp::rustls::{self, CertificateError, ClientConfig, RootCertStore};
 use tokio_xmpp::stanzastream::Connection;
 use tokio_xmpp::xmlstream::{
-    FallibleStreamElement, InitiatingStream, PendingFeaturesRecv, ReadError, StreamHeader,
-    Timeouts, XmlStream, XmppStream, XmppStreamElement, initiate_stream,
+    FallibleStreamElement, InitiatingStream, PendingFeaturesRecv, ReadError, RecvFeaturesError,
+    StreamHeader, Timeouts, XmlStream, XmppStream, XmppStreamElement, initiate_stream,
 };
 
 /// Silence on the stream before we ping the server, and how long the ping may take: a dead
@@ -332,10 +333,11 @@ impl Login {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (features, mut stream): (StreamFeatures, XmlStream<BufStream<S>, Element>) = pending
-            .recv_features()
-            .await
-            .map_err(|e| self.refused_or(tokio_xmpp::Error::from(e)))?;
+        let (features, mut stream): (StreamFeatures, XmlStream<BufStream<S>, Element>) =
+            pending.recv_features().await.map_err(|e| match e {
+                RecvFeaturesError::Io(e) => self.refused_or(&e),
+                other => self.stream_error(tokio_xmpp::Error::from(other)),
+            })?;
         if !features.sasl_mechanisms.contains("EXTERNAL") {
             return Err(LoginError::NoExternal {
                 server: self.server.clone(),
@@ -346,10 +348,7 @@ impl Login {
             .attr(xml_ncname!("mechanism").into(), "EXTERNAL")
             .append("=")
             .build();
-        stream
-            .send(&auth)
-            .await
-            .map_err(|e| self.refused_or(tokio_xmpp::Error::from(e)))?;
+        stream.send(&auth).await.map_err(|e| self.refused_or(&e))?;
         loop {
             match stream.next().await {
                 Some(Ok(answer)) if answer.is("success", ns::SASL) => {
@@ -367,9 +366,7 @@ impl Login {
                     });
                 }
                 Some(Ok(_)) | Some(Err(ReadError::SoftTimeout)) => {}
-                Some(Err(ReadError::HardError(e))) => {
-                    return Err(self.refused_or(tokio_xmpp::Error::from(e)));
-                }
+                Some(Err(ReadError::HardError(e))) => return Err(self.refused_or(&e)),
                 Some(Err(ReadError::ParseError(e))) => return Err(self.stream_error(e)),
                 None | Some(Err(ReadError::StreamFooterReceived)) => {
                     return Err(self.stream_error("the server closed the stream"));
@@ -380,16 +377,17 @@ impl Login {
 
     /// A stream error while logging in with a certificate: a TLS alert from the server means
     /// it refused the certificate (with TLS 1.3 the refusal arrives after the handshake).
-    fn refused_or(&self, e: tokio_xmpp::Error) -> LoginError {
-        let text = e.to_string();
-        if text.contains("alert") {
-            LoginError::CertificateRefused {
+    fn refused_or(&self, e: &io::Error) -> LoginError {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(alert @ rustls::Error::AlertReceived(_)) => LoginError::CertificateRefused {
                 server: self.server.clone(),
                 jid: self.jid.to_bare().to_string(),
-                reason: text,
-            }
-        } else {
-            self.stream_error(text)
+                reason: alert.to_string(),
+            },
+            _ => self.stream_error(e),
         }
     }
 

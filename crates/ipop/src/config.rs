@@ -755,14 +755,19 @@ impl Config {
     pub fn open_inline_secrets(&self, path: &Path) -> Option<String> {
         let secrets = self.inline_secrets();
         let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        let xmpp_inline = self.xmpp.as_ref().is_some_and(|x| x.password.is_some());
         (!secrets.is_empty() && mode & 0o077 != 0).then(|| {
             format!(
-                "{} holds {} and is open to other users (mode {:04o}): run `chmod 600 {}`, or \
-                 move the XMPP password to `password_file`",
+                "{} holds {} and is open to other users (mode {:04o}): run `chmod 600 {}`{}",
                 path.display(),
                 secrets.join(" and "),
                 mode & 0o7777,
-                shell_word(&path.to_string_lossy())
+                shell_word(&path.to_string_lossy()),
+                if xmpp_inline {
+                    ", or move the XMPP password to `password_file`"
+                } else {
+                    ""
+                }
             )
         })
     }

@@ -164,13 +164,21 @@ fn status(config: &Path, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// A device named on the command line as JID/DEVICE, split into its JID and device name.
+pub(crate) fn split_device(device: &str) -> anyhow::Result<(&str, &str)> {
+    match device.split_once('/') {
+        Some((jid, name))
+            if jid.contains('@') && !name.is_empty() && !device.contains(char::is_whitespace) =>
+        {
+            Ok((jid, name))
+        }
+        _ => bail!("{device:?} is not JID/DEVICE, like alice@example.org/laptop"),
+    }
+}
+
 fn trust(config: &Path, device: &str) -> anyhow::Result<()> {
     let config = Config::load(config)?;
-    let valid = matches!(device.split_once('/'), Some((jid, dev))
-        if jid.contains('@') && !dev.is_empty() && !device.contains(char::is_whitespace));
-    if !valid {
-        bail!("{device:?} is not JID/DEVICE, like alice@example.org/laptop");
-    }
+    split_device(device)?;
     let answer = runtime()?.block_on(control::ask(
         &config.control_socket(),
         &format!("trust {device}"),

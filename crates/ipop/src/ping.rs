@@ -38,14 +38,7 @@ const INTERVAL: Duration = Duration::from_secs(1);
 const PAYLOAD: &[u8] = b"ipop ping probe.";
 
 pub fn run(args: &PingArgs) -> anyhow::Result<()> {
-    let valid = matches!(args.device.split_once('/'), Some((jid, dev))
-        if jid.contains('@') && !dev.is_empty() && !args.device.contains(char::is_whitespace));
-    if !valid {
-        bail!(
-            "{:?} is not JID/DEVICE, like bob@example.org/phone",
-            args.device
-        );
-    }
+    let device = crate::split_device(&args.device)?;
     if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 60.0) {
         bail!("--timeout must be between 0 and 60 seconds");
     }
@@ -57,7 +50,7 @@ pub fn run(args: &PingArgs) -> anyhow::Result<()> {
         let answer = runtime.block_on(control::ask(&socket, "status"))?;
         serde_json::from_str(&answer).context("the daemon's status is not what this ipop reads")
     };
-    let peer = find(status()?, &args.device)?;
+    let peer = find(status()?, device)?;
     let target = peer
         .addresses
         .iter()
@@ -84,7 +77,7 @@ pub fn run(args: &PingArgs) -> anyhow::Result<()> {
         let sent = Instant::now();
         pinger.send(seq)?;
         let answer = pinger.wait(seq, wait)?;
-        let now = find(status()?, &args.device).ok();
+        let now = find(status()?, device).ok();
         match answer {
             Some(rtt) => {
                 rtts.push(rtt);
@@ -131,11 +124,9 @@ pub fn run(args: &PingArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The device's entry in the status, or why there is none to ping.
-fn find(status: Status, device: &str) -> anyhow::Result<Peer> {
-    let Some((jid, name)) = device.split_once('/') else {
-        bail!("{device:?} is not JID/DEVICE");
-    };
+/// The entry of `(jid, name)` in the status, or why there is none to ping.
+fn find(status: Status, (jid, name): (&str, &str)) -> anyhow::Result<Peer> {
+    let device = format!("{jid}/{name}");
     let peer = status
         .overlays
         .into_iter()
@@ -208,7 +199,7 @@ impl Pinger {
         packet.extend_from_slice(PAYLOAD);
         if !self.v6 {
             // The kernel computes ICMPv6 checksums itself, not ICMP ones.
-            let sum = checksum(&packet);
+            let sum = !tun_rs::checksum(&packet, 0);
             packet[2..4].copy_from_slice(&sum.to_be_bytes());
         }
         self.socket.send(&packet).context("cannot send the probe")?;
@@ -237,6 +228,7 @@ impl Pinger {
                 {
                     return Ok(None);
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("cannot read the reply"),
             };
             if self.is_reply(&buf[..n], seq) {
@@ -262,32 +254,9 @@ impl Pinger {
     }
 }
 
-/// The Internet checksum (RFC 1071) of `data`.
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_checksum_is_rfc_1071s() {
-        // An echo request with id 1, seq 1 and no data: 0x08 0x00 .. 0x0001 0x0001.
-        assert_eq!(checksum(&[8, 0, 0, 0, 0, 1, 0, 1]), 0xf7fd);
-        // A message with its checksum in place sums to zero, odd length included.
-        let mut odd = vec![8, 0, 0, 0, 0x12, 0x34, 0, 7, 0xab];
-        let sum = checksum(&odd);
-        odd[2..4].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(checksum(&odd), 0);
-    }
 
     #[test]
     fn only_the_echo_reply_to_this_probe_counts() {
