@@ -39,8 +39,8 @@ use crate::node::{
     DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit, Unsent,
 };
 use crate::osn::{
-    Candidate, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer, OsnEvent,
-    Outgoing, OverlayId, Signal, TerminateReason,
+    Candidate, CandidateKind, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer,
+    OsnEvent, Outgoing, OverlayId, Signal, TerminateReason,
 };
 use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
@@ -311,6 +311,8 @@ pub struct Engine {
     config_servers: Vec<IceServer>,
     /// Local candidates found after start (server-reflexive, relayed).
     gathered: Vec<is::Candidate>,
+    /// The port mapping the home router grants (internal, external), offered as a candidate.
+    port_mapping: Option<(SocketAddr, SocketAddr)>,
     bindings: Vec<StunBinding>,
     relays: Vec<TurnAllocation>,
     gathering_due: bool,
@@ -389,6 +391,7 @@ impl Engine {
             offered_servers: Vec::new(),
             config_servers: Vec::new(),
             gathered: Vec::new(),
+            port_mapping: None,
             bindings: Vec::new(),
             relays: Vec::new(),
             gathering_due: false,
@@ -1696,6 +1699,24 @@ impl Engine {
         self.gathered.push(candidate);
     }
 
+    /// The port mapping the home router now grants, `(internal, external)`, or none. The
+    /// external endpoint is offered as a server-reflexive candidate whose base is the internal
+    /// one (XEP-0176 has no type for it); a mapping that is gone is no longer offered to new
+    /// sessions.
+    pub fn set_port_mapping(&mut self, mapping: Option<(SocketAddr, SocketAddr)>) {
+        if let Some((_, old)) = self.port_mapping.take()
+            && mapping.is_none_or(|(_, new)| new != old)
+        {
+            self.gathered.retain(|c| c.addr() != old);
+        }
+        self.port_mapping = mapping;
+        if let Some((internal, external)) = mapping
+            && let Ok(c) = is::Candidate::server_reflexive(external, internal, "udp")
+        {
+            self.add_local_candidate(c);
+        }
+    }
+
     fn offer(&self, agent: &IceAgent) -> LinkOffer {
         let creds = agent.local_credentials();
         LinkOffer {
@@ -2355,7 +2376,11 @@ impl Engine {
                     Some(_) => LinkPhase::Connected,
                 },
                 peer: link.peer.and_then(|i| self.node.peer(i)),
-                pair: link.session.as_ref().and_then(chosen_pair),
+                pair: link
+                    .session
+                    .as_ref()
+                    .and_then(chosen_pair)
+                    .map(|pair| self.through_mapping(pair)),
                 relay: link
                     .session
                     .as_ref()
@@ -2488,6 +2513,26 @@ impl Engine {
     /// Counts up whenever [`Engine::memory`] changes.
     pub fn memory_version(&self) -> u64 {
         self.plans.version()
+    }
+
+    /// A pair whose local side is the port mapping's internal endpoint and whose remote side
+    /// is not on a private network goes through the mapping: its local candidate is shown as
+    /// the mapping (`mapped`, with the internal endpoint as its base).
+    fn through_mapping(&self, (local, remote): (Candidate, Candidate)) -> (Candidate, Candidate) {
+        match self.port_mapping {
+            Some((internal, external))
+                if local.address == internal && !is_private(remote.address.ip()) =>
+            {
+                let mapped = Candidate {
+                    kind: CandidateKind::Mapped,
+                    address: external,
+                    related: Some(internal),
+                    ..local
+                };
+                (mapped, remote)
+            }
+            _ => (local, remote),
+        }
     }
 
     /// Which relay a candidate pair goes through: ours (by its server), else the peer's.
@@ -2640,6 +2685,15 @@ fn restart_due(s: &Session) -> Option<Instant> {
     })
 }
 
+/// Whether an address is on a private network (RFC 1918, unique-local, link-local, loopback),
+/// which a NAT's port mapping does not stand between.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private() || v4.is_link_local() || v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_unique_local() || v6.is_unicast_link_local() || v6.is_loopback(),
+    }
+}
+
 /// The nominated pair of a session as candidates (with their types).
 fn chosen_pair(s: &Session) -> Option<(Candidate, Candidate)> {
     let (source, destination) = s.nominated?;
@@ -2673,7 +2727,6 @@ fn apply_remote(agent: &mut IceAgent, offer: &LinkOffer) {
 mod tests {
     use super::*;
     use crate::node::LinkState;
-    use crate::osn::CandidateKind;
     use crate::packet::tests::ipv4;
     use boringtun::x25519::StaticSecret;
 

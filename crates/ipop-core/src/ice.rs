@@ -74,7 +74,7 @@ pub fn to_sdp(c: &Candidate) -> String {
         c.priority,
         c.address.ip(),
         c.address.port(),
-        c.kind.as_str()
+        c.kind.wire().as_str()
     );
     if let Some(r) = c.related {
         s.push_str(&format!(" raddr {} rport {}", r.ip(), r.port()));

@@ -244,16 +244,28 @@ pub enum CandidateKind {
     ServerReflexive,
     PeerReflexive,
     Relayed,
+    /// A port mapping granted by this device's home router (PCP, NAT-PMP, UPnP IGD): known
+    /// only to this device, for status; on the wire it is server-reflexive.
+    Mapped,
 }
 
 impl CandidateKind {
-    /// The name used in XEP-0176 and SDP.
+    /// The name shown in status: the XEP-0176 and SDP type, or `mapped`.
     pub fn as_str(self) -> &'static str {
         match self {
             CandidateKind::Host => "host",
             CandidateKind::ServerReflexive => "srflx",
             CandidateKind::PeerReflexive => "prflx",
             CandidateKind::Relayed => "relay",
+            CandidateKind::Mapped => "mapped",
+        }
+    }
+
+    /// The type in XEP-0176 and SDP.
+    pub fn wire(self) -> CandidateKind {
+        match self {
+            CandidateKind::Mapped => CandidateKind::ServerReflexive,
+            other => other,
         }
     }
 }

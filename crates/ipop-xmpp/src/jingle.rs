@@ -173,9 +173,9 @@ fn ice_candidate(c: &Candidate) -> IceCandidate {
         rel_addr: c.related.map(|r| r.ip()),
         rel_port: c.related.map(|r| r.port()),
         network: None,
-        type_: match c.kind {
+        type_: match c.kind.wire() {
             CandidateKind::Host => IceType::Host,
-            CandidateKind::ServerReflexive => IceType::Srflx,
+            CandidateKind::ServerReflexive | CandidateKind::Mapped => IceType::Srflx,
             CandidateKind::PeerReflexive => IceType::Prflx,
             CandidateKind::Relayed => IceType::Relay,
         },

@@ -240,8 +240,8 @@ fn dns_suffix<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     }
 }
 
-/// NAT traversal servers from the config file.
-#[derive(Debug, Default, Deserialize)]
+/// NAT traversal: servers, and port mapping on the home router.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nat {
     /// STUN servers, `host:port`.
@@ -249,6 +249,19 @@ pub struct Nat {
     pub stun: Vec<String>,
     #[serde(default)]
     pub turn: Vec<Turn>,
+    /// Ask the default gateway for a UDP port mapping (PCP, NAT-PMP, UPnP IGD).
+    #[serde(default = "yes")]
+    pub port_mapping: bool,
+}
+
+impl Default for Nat {
+    fn default() -> Nat {
+        Nat {
+            stun: Vec::new(),
+            turn: Vec::new(),
+            port_mapping: true,
+        }
+    }
 }
 
 /// A TURN server with long-term credentials. Its `Debug` leaves the password out.
@@ -1552,7 +1565,7 @@ mod tests {
                 [room, subnet, address, create, links, idle_timeout]
             ),
             keys!("[dns]", Dns, [enabled, suffix, port]),
-            keys!("[nat]", Nat, [stun, turn]),
+            keys!("[nat]", Nat, [stun, turn, port_mapping]),
             keys!(
                 "[[nat.turn]]",
                 Turn,

@@ -119,6 +119,14 @@ pub struct Dataplane {
     streams: Streams,
     /// How long the loop went without waiting, over the last minute.
     stalls: status::StallWindow,
+    /// The port mapper's news and status, when it runs.
+    port_map: Option<PortMap>,
+}
+
+/// What the data plane holds of the port mapper.
+pub struct PortMap {
+    pub found: mpsc::UnboundedReceiver<crate::portmap::Found>,
+    pub status: Box<dyn Fn() -> crate::portmap::PortMapStatus + Send>,
 }
 
 /// Packets lost to system call errors, counted beside the core's drops.
@@ -306,12 +314,18 @@ impl Dataplane {
             io_errors: IoErrors::default(),
             streams: Streams::new(),
             stalls: status::StallWindow::default(),
+            port_map: None,
         })
     }
 
     /// Where address changes are announced: the XMPP binding.
     pub fn set_announcer(&mut self, announce: crate::overlays::Announcer) {
         self.keeper.set_announcer(announce);
+    }
+
+    /// Where the port mapper's news come from.
+    pub fn set_port_map(&mut self, port_map: PortMap) {
+        self.port_map = Some(port_map);
     }
 
     /// Where `ipop status` reads the XMPP session's state.
@@ -406,6 +420,12 @@ impl Dataplane {
                     None => std::future::pending().await,
                 }
             };
+            let port_mapping = async {
+                match self.port_map.as_mut() {
+                    Some(p) => p.found.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let osn_event = async {
                 match osn.as_mut() {
                     Some(o) => o.events.recv().await,
@@ -465,6 +485,11 @@ impl Dataplane {
                         }
                     }
                     (wake, "social network event")
+                }
+                Some(found) = port_mapping => {
+                    let wake = sched.woke();
+                    self.engine.set_port_mapping(found);
+                    (wake, "port mapping")
                 }
                 Some(chunk) = self.streams.incoming.recv() => {
                     let wake = sched.woke();
@@ -725,6 +750,7 @@ impl Dataplane {
                     ice_servers: status::ice_servers(&self.engine),
                     drops: self.drops(),
                     loop_stall_max_s: self.stalls.max(Instant::now()).as_secs_f64(),
+                    port_mapping: self.port_map.as_ref().map(|p| (p.status)()),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }

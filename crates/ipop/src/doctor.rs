@@ -220,6 +220,7 @@ async fn checks(config: &Config, report: &mut Report) {
     servers.extend(offered.into_iter().map(|s| (s, "XMPP server")));
     let answers = stun(config, &servers, report).await;
     mapping(&answers, report);
+    port_mapping(config, report).await;
     // TURN servers over TLS are trusted as the daemon trusts them: the system's authorities
     // and the XMPP server's CA file.
     let ca_file = config
@@ -864,6 +865,70 @@ fn credentials_advice(username: &str, source: &str) -> String {
         ),
         _ => "check username and password of this [[nat.turn]]".to_owned(),
     }
+}
+
+// ---- Port mapping ----
+
+/// Asks the default gateway for a short mapping of a throwaway UDP port, as the daemon asks
+/// for its own (PCP, NAT-PMP, UPnP IGD), and deletes it: a running daemon's mapping is left
+/// alone.
+async fn port_mapping(config: &Config, report: &mut Report) {
+    const CHECK: &str = "port mapping";
+    report.start("port mapping on the default gateway (PCP, NAT-PMP, UPnP IGD)");
+    if !config.nat.port_mapping {
+        report.add(Check::ok(CHECK, "off ([nat] port_mapping = false)"));
+        return;
+    }
+    let route = match crate::portmap::default_route() {
+        Ok(Some(route)) => route,
+        Ok(None) => {
+            report.add(Check::ok(CHECK, "no IPv4 default gateway: nothing to ask"));
+            return;
+        }
+        Err(e) => {
+            report.add(Check::warn(
+                CHECK,
+                format!("cannot read the default route: {e}"),
+                "the daemon cannot ask the router for a port mapping either",
+            ));
+            return;
+        }
+    };
+    let port = std::net::UdpSocket::bind((route.local, 0))
+        .and_then(|s| s.local_addr())
+        .ok()
+        .and_then(|a| std::num::NonZeroU16::new(a.port()));
+    let Some(port) = port else {
+        report.add(Check::warn(
+            CHECK,
+            format!("no UDP port free on {}", route.local),
+            "the mapping could not be tried",
+        ));
+        return;
+    };
+    let check = match crate::portmap::map(route, port, Duration::from_secs(60)).await {
+        Ok(m) => {
+            let detail = format!(
+                "the gateway {} maps {} to {} by {}",
+                m.gateway, m.external, m.internal, m.protocol
+            );
+            match m.delete().await {
+                Ok(()) => Check::ok(CHECK, format!("{detail} (a test mapping, deleted)")),
+                Err(e) => Check::warn(
+                    CHECK,
+                    format!("{detail}, but deleting the test mapping failed: {e}"),
+                    "the gateway drops it when its minute is over",
+                ),
+            }
+        }
+        Err(refused) => Check::warn(
+            CHECK,
+            format!("the gateway {} maps no port: {refused}", route.gateway),
+            "links still work through STUN and TURN; for direct links behind a NAT that gives \
+             every destination a new port, turn on UPnP IGD, NAT-PMP or PCP on the router",
+        ),
+    };
+    report.add(check);
 }
 
 // ---- TUN ----

@@ -7,4 +7,5 @@ pub mod config;
 pub mod control;
 pub mod dns;
 pub mod metrics;
+pub mod portmap;
 pub mod status;

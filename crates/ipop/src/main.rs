@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use config::Config;
 use ipnet::IpNet;
-use ipop::{config, control, dns, metrics, status};
+use ipop::{config, control, dns, metrics, portmap, status};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -285,6 +285,17 @@ fn up(path: &Path) -> anyhow::Result<()> {
                 .and_then(|x| x.ca_file.as_ref())
                 .map(|p| config.resolve(p)),
         );
+        let mapper = if config.nat.port_mapping {
+            let (found, news) = tokio::sync::mpsc::unbounded_channel();
+            let mapper = portmap::PortMapper::spawn(plane.listen_port(), found);
+            plane.set_port_map(dataplane::PortMap {
+                found: news,
+                status: Box::new(mapper.status_fn()),
+            });
+            mapper
+        } else {
+            portmap::PortMapper::off()
+        };
         let (requests_tx, requests) = tokio::sync::mpsc::channel(16);
         let _control =
             control::ControlSocket::bind(&config.control_socket(), requests_tx.clone()).await?;
@@ -311,6 +322,7 @@ fn up(path: &Path) -> anyhow::Result<()> {
         };
         plane.run(requests, osn, shutdown_signal()?).await;
         tracing::info!("shutting down");
+        mapper.shutdown().await;
         if let Some(binding) = binding {
             binding.shutdown().await;
         }

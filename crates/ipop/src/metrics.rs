@@ -485,6 +485,7 @@ mod tests {
             listen_port: 51820,
             uptime_s: 12.0,
             loop_stall_max_s: 0.0035,
+            port_mapping: None,
             xmpp: Some(XmppInfo {
                 state: "online".into(),
                 jid: None,
@@ -616,6 +617,7 @@ ipop_xmpp_send_wait_max_seconds 1.25
             listen_port: 0,
             uptime_s: 1.0,
             loop_stall_max_s: 0.0,
+            port_mapping: None,
             xmpp: None,
             overlays: vec![
                 overlay(

@@ -28,6 +28,9 @@ pub struct Status {
     /// The longest the packet loop went without waiting in the last minute, in seconds.
     #[serde(default)]
     pub loop_stall_max_s: f64,
+    /// The port mapping on the home router (`[nat] port_mapping`).
+    #[serde(default)]
+    pub port_mapping: Option<crate::portmap::PortMapStatus>,
 }
 
 /// The longest stalls of a loop over the last minute, kept per second.
@@ -213,6 +216,10 @@ impl Peer {
         let relayed = l.pair.as_ref().is_some_and(|(a, b)| {
             a.kind == CandidateKind::Relayed || b.kind == CandidateKind::Relayed
         });
+        let mapped = l
+            .pair
+            .as_ref()
+            .is_some_and(|(local, _)| local.kind == CandidateKind::Mapped);
         let candidate = |c: &Candidate| format!("{} {}", c.kind.as_str(), c.address);
         let candidates_tried = if connected {
             Vec::new()
@@ -237,7 +244,14 @@ impl Peer {
                 _ => "connecting",
             }
             .to_owned(),
-            path: connected.then(|| if relayed { "relay" } else { "direct" }.to_owned()),
+            path: connected.then(|| {
+                match (relayed, mapped) {
+                    (true, _) => "relay",
+                    (false, true) => "mapped",
+                    (false, false) => "direct",
+                }
+                .to_owned()
+            }),
             endpoint: l
                 .peer
                 .as_ref()
@@ -469,6 +483,23 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// The port mapping in one line: what maps where, or why nothing does.
+fn render_port_mapping(m: &crate::portmap::PortMapStatus) -> String {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    match m.state.as_str() {
+        "mapped" => format!(
+            "{} {} -> {}  gateway {}  renews in {} s",
+            or_dash(&m.protocol),
+            or_dash(&m.external),
+            or_dash(&m.internal),
+            or_dash(&m.gateway),
+            m.renew_in_s.unwrap_or(0)
+        ),
+        "none" => format!("none: {}", or_dash(&m.problem)),
+        other => other.to_owned(),
+    }
+}
+
 /// Renders the status as a compact table per overlay, for people.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
@@ -502,6 +533,9 @@ pub fn render(s: &Status) -> String {
                 r.problem.as_deref().unwrap_or("joining")
             );
         }
+    }
+    if let Some(m) = &s.port_mapping {
+        let _ = writeln!(out, "port mapping {}", render_port_mapping(m));
     }
     for o in &s.overlays {
         let _ = writeln!(
@@ -604,6 +638,7 @@ mod tests {
             listen_port: 51820,
             uptime_s: 12.0,
             loop_stall_max_s: 0.0021,
+            port_mapping: None,
             xmpp: None,
             ice_servers: Vec::new(),
             overlays: vec![Overlay {

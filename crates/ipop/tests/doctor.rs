@@ -281,6 +281,7 @@ fn behind_a_cone_nat_every_check_passes() {
         format!("stun {SERVER_IP}:{port}"),
         format!("stun {SERVER_ALT_IP}:{port}"),
         "nat mapping".to_owned(),
+        "port mapping".to_owned(),
         format!("turn udp {SERVER_IP}:{port}"),
         format!("turn tcp {SERVER_IP}:{port}"),
         format!("turn tls {}", w.tls_addr()),
@@ -297,6 +298,18 @@ fn behind_a_cone_nat_every_check_passes() {
     );
     assert!(mapped.contains(&format!("{router}:")), "{mapped}\n{run}");
     assert_verdict(&run, "nat mapping", "ok", "endpoint-independent mapping");
+    // The router runs no PCP, NAT-PMP or UPnP server: each protocol says why.
+    let gateway = w.lab.router_of(&w.lab.devices[0].name).lan_ip();
+    let refused = assert_verdict(
+        &run,
+        "port mapping",
+        "warn",
+        &format!("the gateway {gateway} maps no port: PCP: "),
+    );
+    assert!(
+        refused.contains("; NAT-PMP: ") && refused.contains("; UPnP: "),
+        "{refused}\n{run}"
+    );
     let tls = w.tls_addr();
     for name in [
         format!("turn udp {SERVER_IP}:{port}"),
@@ -366,6 +379,7 @@ fn wrong_xmpp_password_and_wrong_turn_credentials_fail() {
     // On the internet with its own address: STUN says so.
     assert_verdict(&run, &format!("stun {SERVER_IP}:{port}"), "ok", "no NAT");
     assert_verdict(&run, "nat mapping", "ok", "no NAT");
+    assert_verdict(&run, "port mapping", "ok", "no IPv4 default gateway");
 
     // What a user reads: the verdicts with advice, and the count of failures.
     let human = doctor(w.ns(), &config, &[]);
@@ -378,7 +392,7 @@ fn wrong_xmpp_password_and_wrong_turn_credentials_fail() {
             && human
                 .stdout
                 .contains("advice: check [xmpp] jid and the password")
-            && human.stderr.contains("4 of 9 checks failed"),
+            && human.stderr.contains("4 of 10 checks failed"),
         "{human}"
     );
 }
