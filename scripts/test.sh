@@ -22,6 +22,7 @@ command -v conntrack >/dev/null || need+=(conntrack)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v adduser >/dev/null || need+=(adduser)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v miniupnpd >/dev/null || need+=(miniupnpd-nftables)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq

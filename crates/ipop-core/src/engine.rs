@@ -2515,13 +2515,15 @@ impl Engine {
         self.plans.version()
     }
 
-    /// A pair whose local side is the port mapping's internal endpoint and whose remote side
-    /// is not on a private network goes through the mapping: its local candidate is shown as
-    /// the mapping (`mapped`, with the internal endpoint as its base).
+    /// A direct pair whose local side is the port mapping's internal endpoint and whose remote
+    /// side is not on a private network goes through the mapping: its local candidate is shown
+    /// as the mapping (`mapped`, with the internal endpoint as its base).
     fn through_mapping(&self, (local, remote): (Candidate, Candidate)) -> (Candidate, Candidate) {
         match self.port_mapping {
             Some((internal, external))
-                if local.address == internal && !is_private(remote.address.ip()) =>
+                if local.address == internal
+                    && remote.kind != CandidateKind::Relayed
+                    && !is_private(remote.address.ip()) =>
             {
                 let mapped = Candidate {
                     kind: CandidateKind::Mapped,

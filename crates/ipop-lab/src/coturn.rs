@@ -48,6 +48,7 @@ pub struct CoturnBuilder {
     extra: Vec<String>,
     parent: Option<PathBuf>,
     tls: Option<(TestCa, String)>,
+    alt_ip: Option<IpAddr>,
 }
 
 impl CoturnBuilder {
@@ -65,6 +66,15 @@ impl CoturnBuilder {
     #[must_use]
     pub fn relay_ip(mut self, ip: IpAddr) -> CoturnBuilder {
         self.relay_ip = Some(ip);
+        self
+    }
+
+    /// Also listens on `ip` (a second address of the same interface) and answers RFC 5780's
+    /// CHANGE-REQUEST from it and from the port after its own: what a NAT behaviour test (such
+    /// as miniupnpd's) needs. Off by default.
+    #[must_use]
+    pub fn alt_ip(mut self, ip: IpAddr) -> CoturnBuilder {
+        self.alt_ip = Some(ip);
         self
     }
 
@@ -162,7 +172,7 @@ impl CoturnBuilder {
             dir,
             _scratch: scratch,
         };
-        let config = coturn.config_text(self.stale_nonce, &self.extra);
+        let config = coturn.config_text(self.stale_nonce, self.alt_ip, &self.extra);
         std::fs::write(&coturn.config, config)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", coturn.config.display()));
         coturn.launch()
@@ -208,6 +218,7 @@ impl Coturn {
             extra: Vec::new(),
             parent: None,
             tls: None,
+            alt_ip: None,
         }
     }
 
@@ -357,12 +368,20 @@ impl Coturn {
         )
     }
 
-    fn config_text(&self, stale_nonce: Option<Duration>, extra: &[String]) -> String {
+    fn config_text(
+        &self,
+        stale_nonce: Option<Duration>,
+        alt_ip: Option<IpAddr>,
+        extra: &[String],
+    ) -> String {
         let dir = &self.dir;
         let mut s = String::new();
         // Writing to a String cannot fail.
         let _ = writeln!(s, "# Written by ipop-lab for one test.");
         let _ = writeln!(s, "listening-ip={}", self.addr.ip());
+        if let Some(ip) = alt_ip {
+            let _ = writeln!(s, "listening-ip={ip}");
+        }
         let _ = writeln!(s, "listening-port={}", self.addr.port());
         let _ = writeln!(s, "relay-ip={}", self.relay_ip);
         let _ = writeln!(s, "min-port={}", self.relay_ports.start());
@@ -385,7 +404,9 @@ impl Coturn {
         }
         let _ = writeln!(s, "no-dtls");
         let _ = writeln!(s, "no-cli");
-        let _ = writeln!(s, "no-rfc5780");
+        if alt_ip.is_none() {
+            let _ = writeln!(s, "no-rfc5780");
+        }
         let _ = writeln!(s, "userdb={}", dir.join("turndb").display());
         let _ = writeln!(s, "pidfile={}", dir.join("turnserver.pid").display());
         let _ = writeln!(s, "log-file={}", self.log.display());

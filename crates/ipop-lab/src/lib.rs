@@ -40,6 +40,7 @@ mod flood;
 mod hosts;
 mod icmp;
 mod ipop;
+mod miniupnpd;
 mod nat;
 mod net;
 mod netns;
@@ -71,6 +72,7 @@ pub use hosts::{NetnsHosts, NetnsResolver, sweep_stale_hosts};
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
 };
+pub use miniupnpd::{Mapping as UpnpMapping, MiniUpnpd, MiniUpnpdBuilder};
 pub use nat::{
     Device, INTERNET_PREFIX_LEN, Nat, NatLab, NatLabBuilder, Router, SERVER_ALT_IP, SERVER_IP,
     Server, Site,

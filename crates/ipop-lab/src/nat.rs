@@ -152,6 +152,9 @@ pub struct Router {
     udp_blocked: bool,
     /// How many times [`Router::rebind`] gave the router new public ports.
     rebinds: u16,
+    /// Whether UDP from the lab's server gets in on the WAN side unasked: the answers of an
+    /// RFC 5780 STUN test (miniupnpd's, see [`crate::MiniUpnpd`]).
+    stun_replies: bool,
 }
 
 /// The public ports of a router after its `n`th rebinding (from 1): a range of its own, so that
@@ -203,6 +206,12 @@ impl Router {
     /// When nftables refuses the new rules.
     pub fn set_udp_blocked(&mut self, blocked: bool) {
         self.udp_blocked = blocked;
+        self.apply();
+    }
+
+    /// Lets UDP from the lab's server in on the WAN side (or stops it again).
+    pub(crate) fn set_stun_replies(&mut self, on: bool) {
+        self.stun_replies = on;
         self.apply();
     }
 
@@ -361,6 +370,13 @@ impl Router {
             }
             let _ = writeln!(post, "{outbound} masquerade fully-random");
         }
+        let stun_replies = if self.stun_replies {
+            format!(
+                "iifname {WAN} ip saddr {{ {SERVER_IP}, {SERVER_ALT_IP} }} meta l4proto udp accept"
+            )
+        } else {
+            String::new()
+        };
         let block = if self.udp_blocked {
             "meta l4proto udp counter drop".to_owned()
         } else {
@@ -408,6 +424,7 @@ table ip {TABLE} {{
   chain input {{
     iifname {WAN} ct state established,related accept
     iifname {WAN} icmp type echo-request accept
+    {stun_replies}
     iifname {WAN} counter drop
     {hairpin_off}
   }}
@@ -647,6 +664,7 @@ impl NatLab {
             hairpin: site.hairpin,
             udp_blocked: site.nat == Nat::UdpBlocked,
             rebinds: 0,
+            stun_replies: false,
         };
         router.apply();
         self.routers.push(router);

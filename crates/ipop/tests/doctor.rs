@@ -56,7 +56,7 @@ impl World {
         let ca = TestCa::new("ipop-lab test CA");
         let coturn = Coturn::builder()
             .in_netns(&lab.server.ns, IpAddr::V4(SERVER_IP))
-            .config_line(&format!("listening-ip={SERVER_ALT_IP}"))
+            .alt_ip(IpAddr::V4(SERVER_ALT_IP))
             .tls(&ca, TURN_HOST)
             .dir(dir.path())
             .start();
@@ -331,9 +331,28 @@ fn behind_a_cone_nat_every_check_passes() {
 
 #[test]
 fn behind_a_symmetric_nat_the_mapping_is_address_dependent() {
-    let w = World::new("dsym", Nat::Symmetric, Servers::Xmpp);
+    let mut w = World::new("dsym", Nat::Symmetric, Servers::Xmpp);
     let config = w.config(PASSWORD, Servers::Xmpp);
+    // The router maps ports (miniupnpd): the doctor gets a test mapping and deletes it.
+    let (stun, name) = (w.coturn.addr(), w.lab.devices[0].name.clone());
+    let upnp = w.lab.router_of_mut(&name).miniupnpd(stun).start();
     let run = doctor(w.ns(), &config, &["--json"]);
+    let router = w.lab.router_of(&name);
+    let granted = assert_verdict(
+        &run,
+        "port mapping",
+        "ok",
+        &format!(
+            "the gateway {} maps {}:",
+            router.lan_ip(),
+            router.public_ip()
+        ),
+    );
+    assert!(
+        granted.contains(" by PCP (a test mapping, deleted)"),
+        "{granted}\n{run}"
+    );
+    assert_eq!(upnp.mappings(), [], "{}", upnp.rules());
     // A symmetric NAT is worth a warning, not a failure: the relay works.
     assert!(run.status.success(), "{run}");
     let port = w.coturn.addr().port();

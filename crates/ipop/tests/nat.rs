@@ -5,12 +5,12 @@
 //! Run as root: they create network namespaces, NAT rules and TUN devices.
 
 use ipop_lab::{
-    Coturn, Daemon, ExternalService, Nat, NatLab, Netns, NetnsHosts, Prosody, Site, TestCa,
-    TestDir, XmppUser, generate_key, status_json, wait_until,
+    Coturn, Daemon, ExternalService, MiniUpnpd, Nat, NatLab, Netns, NetnsHosts, Prosody,
+    SERVER_ALT_IP, Site, TestCa, TestDir, XmppUser, generate_key, status_json, wait_until,
 };
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -74,8 +74,10 @@ impl World {
         let server_ip = IpAddr::V4(lab.server.ip);
         // One CA for both servers: a device's `ca_file` covers the XMPP and the TURN server.
         let ca = TestCa::new("ipop-lab test CA");
+        // On both server addresses: miniupnpd's STUN test (RFC 5780) needs answers from two.
         let coturn = Coturn::builder()
             .in_netns(&lab.server.ns, server_ip)
+            .alt_ip(IpAddr::V4(SERVER_ALT_IP))
             .tls(&ca, TURN_HOST)
             .dir(dir.path())
             .start();
@@ -575,6 +577,130 @@ fn stun_and_turn_servers_can_come_from_the_xmpp_server_alone() {
         servers.contains("turn udp") && servers.contains("turn tcp"),
         "{servers}"
     );
+}
+
+/// Runs miniupnpd on device 0's router, serving UPnP IGD and, with `natpmp`, NAT-PMP and PCP.
+fn port_mapping_router(w: &mut World, natpmp: bool) -> MiniUpnpd {
+    let stun = w.coturn.addr();
+    let name = w.lab.devices[0].name.clone();
+    w.lab
+        .router_of_mut(&name)
+        .miniupnpd(stun)
+        .natpmp(natpmp)
+        .start()
+}
+
+/// Between two symmetric NATs, the device whose router maps its port (by `protocol`) links
+/// directly through the mapping: it shows the path as `mapped`, the other side sees the
+/// mapping's public endpoint, and the router forgets the mapping once ipop stops.
+fn linked_through_the_mapping(w: &mut World, upnp: &MiniUpnpd, protocol: &str) {
+    linked(w, Duration::from_secs(30));
+    // A relayed pair may answer first; ICE moves to the better pair once its checks pass.
+    let user = w.devices[1].user.clone();
+    let t0 = std::time::Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the path through the mapping",
+        || {
+            let status = w.status(0)?;
+            let peer = World::peer(&status, &user).cloned().unwrap_or(Value::Null);
+            if peer["path"] == "mapped" {
+                Ok(())
+            } else {
+                Err(peer.to_string())
+            }
+        },
+    );
+    eprintln!(
+        "on the path through the mapping {:.2} s after the link first answered",
+        t0.elapsed().as_secs_f64()
+    );
+    let (path, peer) = w.link(0, 1, Duration::from_secs(5));
+    assert_eq!(path, "mapped", "{peer}");
+    let lan = w.lab.devices[0].host.ipv4;
+    let internal = SocketAddrV4::new(lan, 51820);
+    let mappings = upnp.mappings();
+    let mapping = mappings
+        .iter()
+        .find(|m| m.protocol == "udp" && m.internal == internal)
+        .unwrap_or_else(|| {
+            panic!(
+                "no UDP mapping to {internal} on the router: {mappings:?}\n{}",
+                upnp.rules()
+            )
+        });
+    let public = w.lab.router_of(&w.lab.devices[0].name).public_ip();
+    let external = SocketAddr::from((public, mapping.external_port));
+    let status = w.status(0).expect("status");
+    let m = &status["port_mapping"];
+    assert_eq!(m["state"], "mapped", "{m}");
+    assert_eq!(m["protocol"], protocol, "{m}");
+    assert_eq!(m["external"], external.to_string(), "{m}");
+    assert!(
+        peer["pair"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("mapped {external} ")),
+        "{peer}"
+    );
+    let other = w.status(1).expect("status");
+    let seen = World::peer(&other, &w.devices[0].user)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(seen["path"], "direct", "{seen}");
+    assert!(
+        seen["pair"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(&format!(" srflx {external}")),
+        "{seen}"
+    );
+    let out = w
+        .ns(0)
+        .command(BIN)
+        .args(["ping", &format!("{user}@{DOMAIN}/dev"), "-n", "1", "-c"])
+        .arg(w.config(0))
+        .output()
+        .expect("run ipop ping");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains(" ms via mapped ")
+            && stdout.contains(&format!("(mapped {external} -> ")),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = w.devices[0].daemon.take().expect("device 0 runs");
+    assert!(daemon.stop().success());
+    let left = upnp.mappings();
+    assert!(
+        !left.iter().any(|m| m.internal == internal),
+        "ipop stopped, yet the router still maps {left:?}\n{}",
+        upnp.log_tail(20)
+    );
+}
+
+/// Without the mapping the same pair goes through the relay:
+/// `symmetric_to_symmetric_goes_through_the_relay`.
+#[test]
+fn a_symmetric_nat_that_maps_the_port_by_pcp_links_directly() {
+    let mut w = World::new(
+        "npcp",
+        vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
+    );
+    let upnp = port_mapping_router(&mut w, true);
+    linked_through_the_mapping(&mut w, &upnp, "PCP");
+}
+
+/// With NAT-PMP and PCP off on the router, ipop falls back to UPnP IGD.
+#[test]
+fn a_symmetric_nat_that_maps_the_port_by_upnp_links_directly() {
+    let mut w = World::new(
+        "nupnp",
+        vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
+    );
+    let upnp = port_mapping_router(&mut w, false);
+    linked_through_the_mapping(&mut w, &upnp, "UPnP");
 }
 
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
