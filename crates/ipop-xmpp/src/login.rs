@@ -14,7 +14,9 @@ use sasl::common::{ChannelBinding, Credentials};
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::io;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, BufStream};
 use tokio::time::{Instant, timeout_at};
@@ -60,6 +62,10 @@ pub struct Login {
     guard: Sink,
     /// Where every connection counts its bytes.
     bytes: Arc<ByteCounts>,
+    /// The local address of the last connection opened, and a handle on its socket: when the
+    /// address leaves the host (a new network), the connection is dead and is shut down at once
+    /// rather than after the stream's read timeout.
+    socket: Mutex<Option<(IpAddr, OwnedFd)>>,
 }
 
 impl Login {
@@ -102,7 +108,26 @@ impl Login {
             )?),
             guard,
             bytes,
+            socket: Mutex::new(None),
         })
+    }
+
+    /// When the address the current connection was opened from is no longer the host's, shuts
+    /// the connection down (the stream then reconnects, resuming the session when it can) and
+    /// returns the address.
+    pub(crate) fn drop_if_address_gone(&self) -> Option<IpAddr> {
+        let mut socket = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
+        let ip = socket.as_ref().map(|(ip, _)| *ip)?;
+        // Binding to an address the host does not have fails with EADDRNOTAVAIL.
+        match std::net::UdpSocket::bind((ip, 0)) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {}
+            _ => return None,
+        }
+        if let Some((_, fd)) = socket.take() {
+            // The stream sees the end of the connection; a socket already closed is fine.
+            let _ = rustix::net::shutdown(&fd, rustix::net::Shutdown::Both);
+        }
+        Some(ip)
     }
 
     pub fn jid(&self) -> &FullJid {
@@ -131,6 +156,9 @@ impl Login {
                     other => other.to_string(),
                 },
             })?;
+        if let (Ok(local), Ok(fd)) = (tcp.local_addr(), tcp.as_fd().try_clone_to_owned()) {
+            *self.socket.lock().unwrap_or_else(PoisonError::into_inner) = Some((local.ip(), fd));
+        }
         let tcp = Counted::new(tcp, self.bytes.clone());
         let opened = async {
             // From TLS on, everything the server sends passes the guard: authentication is

@@ -66,6 +66,8 @@ const MAX_DEVICES: usize = 4096;
 const QUEUE_DEPTH: usize = 64;
 /// How often pending IQs and timers are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the connection's local address is looked for among the host's.
+const ADDRESS_CHECK: Duration = Duration::from_secs(1);
 /// After a failed query for STUN/TURN servers, ask again this soon while credentials that were
 /// reported before are still valid.
 const EXTERNAL_RETRY: Duration = Duration::from_secs(30);
@@ -292,6 +294,10 @@ const SEND_QUEUE: usize = 2048;
 const STRANGER_ANSWERS: usize = 32;
 
 pub(crate) struct Task {
+    /// How connections are opened, and the current one's address.
+    login: Arc<Login>,
+    /// When to look again whether the connection's address is still the host's.
+    next_address_check: Instant,
     cfg: XmppConfig,
     own: BareJid,
     me: FullJid,
@@ -442,7 +448,7 @@ impl Task {
         let own = me.to_bare();
         let (closing, closing_rx) = watch::channel(false);
         let stream = StanzaStream::new(
-            reconnector(first, login, shared.clone(), closing_rx),
+            reconnector(first, login.clone(), shared.clone(), closing_rx),
             QUEUE_DEPTH,
         );
         let rooms = groups
@@ -463,6 +469,8 @@ impl Task {
             })
             .collect();
         Task {
+            login,
+            next_address_check: Instant::now(),
             own,
             me,
             shared,
@@ -925,6 +933,15 @@ impl Task {
     }
 
     fn on_tick(&mut self, now: Instant) {
+        if self.online && now >= self.next_address_check {
+            self.next_address_check = now + ADDRESS_CHECK;
+            if let Some(gone) = self.login.drop_if_address_gone() {
+                tracing::info!(
+                    "the address {gone} of the XMPP connection left this host (a new network); \
+                     reconnecting"
+                );
+            }
+        }
         let expired: Vec<String> = self
             .pending
             .iter()

@@ -252,6 +252,12 @@ pub struct Nat {
     /// Ask the default gateway for a UDP port mapping (PCP, NAT-PMP, UPnP IGD).
     #[serde(default = "yes")]
     pub port_mapping: bool,
+    /// The lifetime each mapping is asked for; it is renewed at half of it.
+    #[serde(
+        default = "default_port_mapping_lifetime",
+        deserialize_with = "port_mapping_lifetime"
+    )]
+    pub port_mapping_lifetime: Duration,
 }
 
 impl Default for Nat {
@@ -260,8 +266,24 @@ impl Default for Nat {
             stun: Vec::new(),
             turn: Vec::new(),
             port_mapping: true,
+            port_mapping_lifetime: default_port_mapping_lifetime(),
         }
     }
+}
+
+fn default_port_mapping_lifetime() -> Duration {
+    crate::portmap::LIFETIME
+}
+
+/// A mapping's lifetime: from 20 s (renewed every 10 s) to a day (what PCP allows).
+fn port_mapping_lifetime<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let lifetime = duration(d)?;
+    if !(Duration::from_secs(20)..=Duration::from_secs(86_400)).contains(&lifetime) {
+        return Err(serde::de::Error::custom(format!(
+            "{lifetime:?} is not between 20s and 24h"
+        )));
+    }
+    Ok(lifetime)
 }
 
 /// A TURN server with long-term credentials. Its `Debug` leaves the password out.
@@ -1565,7 +1587,11 @@ mod tests {
                 [room, subnet, address, create, links, idle_timeout]
             ),
             keys!("[dns]", Dns, [enabled, suffix, port]),
-            keys!("[nat]", Nat, [stun, turn, port_mapping]),
+            keys!(
+                "[nat]",
+                Nat,
+                [stun, turn, port_mapping, port_mapping_lifetime]
+            ),
             keys!(
                 "[[nat.turn]]",
                 Turn,

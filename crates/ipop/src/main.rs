@@ -287,7 +287,11 @@ fn up(path: &Path) -> anyhow::Result<()> {
         );
         let mapper = if config.nat.port_mapping {
             let (found, news) = tokio::sync::mpsc::unbounded_channel();
-            let mapper = portmap::PortMapper::spawn(plane.listen_port(), found);
+            let mapper = portmap::PortMapper::spawn(
+                plane.listen_port(),
+                config.nat.port_mapping_lifetime,
+                found,
+            );
             plane.set_port_map(dataplane::PortMap {
                 found: news,
                 status: Box::new(mapper.status_fn()),

@@ -18,11 +18,13 @@ use crab_nat::{InternetProtocol, PortMappingOptions, TimeoutConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-/// The lifetime asked for; gateways may grant less.
+/// The lifetime asked for by default (`[nat] port_mapping_lifetime`); gateways may grant less.
 pub const LIFETIME: Duration = Duration::from_secs(7200);
-/// How often the default route is looked at again, and how long after a refusal the gateway is
-/// asked again (doubling up to [`RETRY_MAX`]).
-const RECHECK: Duration = Duration::from_secs(30);
+/// How often the default route is looked at again: a new network needs a new mapping. (One
+/// read of `/proc/net/route` and one `connect` on a UDP socket.)
+const RECHECK: Duration = Duration::from_secs(2);
+/// How long after a refusal the gateway is asked again, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(30);
 const RETRY_MAX: Duration = Duration::from_secs(600);
 /// What the description field of a UPnP mapping says.
 const DESCRIPTION: &str = "ipop";
@@ -364,8 +366,9 @@ impl PortMapper {
         }
     }
 
-    /// Starts keeping a mapping of UDP `port`; changes go to `found`.
-    pub fn spawn(port: u16, found: mpsc::UnboundedSender<Found>) -> PortMapper {
+    /// Starts keeping a mapping of UDP `port`, asked for `lifetime` at a time; changes go to
+    /// `found`.
+    pub fn spawn(port: u16, lifetime: Duration, found: mpsc::UnboundedSender<Found>) -> PortMapper {
         let Some(port) = NonZeroU16::new(port) else {
             return PortMapper::off();
         };
@@ -374,7 +377,7 @@ impl PortMapper {
             ..PortMapStatus::default()
         }));
         let (stop_tx, stop) = oneshot::channel();
-        let task = tokio::spawn(keep(port, found, status.clone(), stop));
+        let task = tokio::spawn(keep(port, lifetime, found, status.clone(), stop));
         PortMapper {
             status,
             stop: Some((stop_tx, task)),
@@ -414,6 +417,7 @@ fn set(status: &Mutex<PortMapStatus>, value: PortMapStatus) {
 /// is none, renews at half the lifetime, and deletes the mapping when told to stop.
 async fn keep(
     port: NonZeroU16,
+    lifetime: Duration,
     found: mpsc::UnboundedSender<Found>,
     status: Arc<Mutex<PortMapStatus>>,
     mut stop: oneshot::Receiver<()>,
@@ -421,7 +425,7 @@ async fn keep(
     let mut route: Option<Route> = None;
     let mut current: Option<Mapping> = None;
     let mut renewals = 0;
-    let mut retry = RECHECK;
+    let mut retry = RETRY_FIRST;
     let mut next_try = Instant::now();
     let announce = |m: Option<&Mapping>| {
         let _ = found.send(m.map(|m| (SocketAddr::V4(m.internal), SocketAddr::V4(m.external))));
@@ -435,17 +439,19 @@ async fn keep(
             if let Some(old) = current.take() {
                 tracing::info!(external = %old.external, "the network changed; mapping the port again");
                 announce(None);
-                let _ = old.delete().await;
+                if let Err(e) = old.delete().await {
+                    tracing::info!("the old mapping stays until its lifetime ends: {e}");
+                }
             }
             route = now_route;
-            (retry, next_try) = (RECHECK, Instant::now());
+            (retry, next_try) = (RETRY_FIRST, Instant::now());
         }
         match (&mut current, route) {
             (None, None) => set(
                 &status,
                 PortMapStatus::none("no IPv4 default gateway".into()),
             ),
-            (None, Some(r)) if Instant::now() >= next_try => match map(r, port, LIFETIME).await {
+            (None, Some(r)) if Instant::now() >= next_try => match map(r, port, lifetime).await {
                 Ok(m) => {
                     tracing::info!(
                         protocol = %m.protocol, gateway = %m.gateway, external = %m.external,

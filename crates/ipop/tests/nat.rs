@@ -703,6 +703,89 @@ fn a_symmetric_nat_that_maps_the_port_by_upnp_links_directly() {
     linked_through_the_mapping(&mut w, &upnp, "UPnP");
 }
 
+/// A mapping asked for 20 s is renewed every 10 s and outlives its first lease; when the device
+/// gets a new address on its LAN (as from a new DHCP lease), the port is mapped to the new
+/// address and the old mapping goes.
+#[test]
+fn a_port_mapping_is_renewed_and_follows_a_new_address() {
+    let mut w = World::new(
+        "nrenew",
+        vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
+    );
+    let config = std::fs::read_to_string(w.config(0)).expect("config");
+    let config = config.replace("[nat]\n", "[nat]\nport_mapping_lifetime = \"20s\"\n");
+    std::fs::write(w.config(0), config).expect("config written");
+    let upnp = port_mapping_router(&mut w, false);
+    linked(&mut w, Duration::from_secs(30));
+    let (old, ifname) = {
+        let host = &w.lab.devices[0].host;
+        (host.ipv4, host.ifname.clone())
+    };
+    let internal = |ip: std::net::Ipv4Addr| SocketAddrV4::new(ip, 51820);
+    let mapped_to = |ip: std::net::Ipv4Addr| {
+        upnp.mappings()
+            .iter()
+            .any(|m| m.protocol == "udp" && m.internal == internal(ip))
+    };
+    assert!(mapped_to(old), "{}", upnp.rules());
+    // Past the first lease: still mapped, by renewals.
+    std::thread::sleep(Duration::from_secs(25));
+    let status = w.status(0).expect("status");
+    let m = &status["port_mapping"];
+    assert!(m["renewals"].as_u64().unwrap_or(0) >= 2, "{m}");
+    assert!(mapped_to(old), "{m}\n{}", upnp.rules());
+    assert!(
+        w.ns(0)
+            .ping(w.addr_of(0, 1).expect("address"), 1)
+            .status
+            .success()
+    );
+
+    let gateway = w.lab.router_of(&w.lab.devices[0].name).lan_ip();
+    let [a, b, c, _] = old.octets();
+    let new = std::net::Ipv4Addr::new(a, b, c, 77);
+    w.ns(0)
+        .ip(&["addr", "del", &format!("{old}/24"), "dev", &ifname]);
+    w.ns(0)
+        .ip(&["addr", "add", &format!("{new}/24"), "dev", &ifname]);
+    w.ns(0)
+        .ip(&["route", "replace", "default", "via", &gateway.to_string()]);
+    let moved = std::time::Instant::now();
+    w.link(0, 1, Duration::from_secs(30));
+    let relinked = moved.elapsed().as_secs_f64();
+    wait_until(
+        Duration::from_secs(10),
+        "the port mapped to the new address",
+        || {
+            let status = w.status(0)?;
+            let m = &status["port_mapping"];
+            if m["internal"] == internal(new).to_string() && mapped_to(new) {
+                Ok(())
+            } else {
+                Err(format!("{m}\n{}", upnp.rules()))
+            }
+        },
+    );
+    let remapped = moved.elapsed().as_secs_f64();
+    // Deleting the old mapping from the new address may be refused (miniupnpd's secure mode):
+    // then it lapses with its lease.
+    wait_until(Duration::from_secs(30), "the old mapping to go", || {
+        if mapped_to(old) {
+            Err(upnp.rules())
+        } else {
+            Ok(())
+        }
+    });
+    eprintln!(
+        "after the address changed: linked again in {relinked:.1} s, the port mapped to the new \
+         address in {remapped:.1} s, the old mapping gone in {:.1} s",
+        moved.elapsed().as_secs_f64()
+    );
+    // The XMPP connection from the old address was dropped at once, not after its timeout.
+    let xmpp = &w.status(0).expect("status")["xmpp"];
+    assert!(xmpp["reconnects"].as_u64().unwrap_or(0) >= 1, "{xmpp}");
+}
+
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
 /// the other side lets that first packet in (a port-restricted one needs the relay).
 #[test]
