@@ -7,12 +7,14 @@
 #   cone  each device behind its own port-restricted-cone NAT router
 #         (nftables `masquerade persistent`: the source port is kept, only replies get in);
 #   relay each device behind a symmetric NAT router (`masquerade fully-random`), so the
-#         link has to go through coturn.
+#         link has to go through coturn;
+#   mapped as relay, but device a's router runs miniupnpd (UPnP IGD, NAT-PMP, PCP), so
+#         that ipop gets a port mapping and the link is direct through it.
 # For each pair it measures, over SETUP_RUNS runs, the time from "both daemons report
 # .xmpp.state == online" to the first ping reply across the overlay, and prints the median
-# beside the target (<= 1 s lan, <= 2 s cone, <= 5 s relay). Then it measures iperf3 TCP
-# throughput (1 stream) over the direct (cone) link and the relayed link, with the CPU that
-# each daemon and coturn used meanwhile.
+# beside the target (<= 1 s lan, <= 2 s cone and mapped, <= 5 s relay). Then it measures
+# iperf3 TCP throughput (1 stream) over the direct (cone), relayed and mapped links, with the
+# CPU that each daemon and coturn used meanwhile.
 #
 # The devices of a pair are XMPP contacts of each other: their rosters are written into
 # Prosody's data directory before it starts. Each run starts both daemons afresh (on a new
@@ -26,7 +28,7 @@
 #   SETUP_RUNS           runs per topology, median taken        (default 5)
 #   SETUP_IPERF_SECONDS  seconds per iperf3 run                 (default 10)
 #   SETUP_TIMEOUT        seconds to wait for "online", and again for the first reply (default 30)
-#   SETUP_TOPOLOGIES     which topologies to run                (default "lan cone relay")
+#   SETUP_TOPOLOGIES     which topologies to run          (default "lan cone relay mapped")
 #   IPOP_BIN             ipop binary; if unset, target/release/ipop, (re)built with
 #                        `cargo build --release` when missing or older than the sources
 
@@ -35,7 +37,7 @@ set -euo pipefail
 RUNS=${SETUP_RUNS:-5}
 IPERF_SECONDS=${SETUP_IPERF_SECONDS:-10}
 TIMEOUT=${SETUP_TIMEOUT:-30}
-TOPOLOGIES=${SETUP_TOPOLOGIES:-lan cone relay}
+TOPOLOGIES=${SETUP_TOPOLOGIES:-lan cone relay mapped}
 
 BENCH_NAME=setup
 # shellcheck source=bench/lib.sh
@@ -43,6 +45,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DOMAIN=example.org
 SERVER_IP=198.18.0.10
+# coturn's second address: miniupnpd's STUN test (RFC 5780) needs answers from two.
+SERVER_ALT_IP=198.18.0.11
 XMPP_PORT=5222
 TURN_PORT=3478
 TURN_SECRET="ipop-bench-secret-$RANDOM$RANDOM"
@@ -51,7 +55,7 @@ OVERLAY_A=10.78.0.1
 OVERLAY_B=10.78.0.2
 BASE_PORT=51820
 
-declare -A TARGET=([lan]=1 [cone]=2 [relay]=5)
+declare -A TARGET=([lan]=1 [cone]=2 [relay]=5 [mapped]=2)
 
 TAG="$$"
 NS_PREFIX="ipsb$TAG-"
@@ -89,7 +93,7 @@ trap 'exit 143' TERM
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "SETUP_RUNS must be a positive integer"
 [[ "$IPERF_SECONDS" =~ ^[1-9][0-9]*$ ]] || die "SETUP_IPERF_SECONDS must be a positive integer"
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "SETUP_TIMEOUT must be a positive integer"
-for tool in ip nft prosody prosodyctl turnserver iperf3 jq openssl ping awk; do
+for tool in ip nft prosody prosodyctl turnserver iperf3 jq openssl ping awk miniupnpd; do
 	command -v "$tool" >/dev/null || die "$tool not found"
 done
 
@@ -171,6 +175,7 @@ ip -n "${NS_PREFIX}net" link set br0 up
 new_ns srv
 attach srv eth0 psrv
 ip -n "${NS_PREFIX}srv" addr add "$SERVER_IP/15" dev eth0
+ip -n "${NS_PREFIX}srv" addr add "$SERVER_ALT_IP/15" dev eth0
 # A real server's default route leads somewhere; without one coturn drops allocations that
 # fail to relay toward an unroutable (private) address.
 ip -n "${NS_PREFIX}srv" route add default via 198.18.0.1
@@ -186,6 +191,13 @@ router conera 198.18.0.111 1 persistent conea
 router conerb 198.18.0.112 2 persistent coneb
 router relayra 198.18.0.113 3 fully-random relaya
 router relayrb 198.18.0.114 4 fully-random relayb
+# mapped: symmetric NATs, the first one mapping ports on request (miniupnpd, started once
+# coturn is up). Its router forwards what a mapping DNATs, and takes the answers of
+# miniupnpd's STUN test from the server's two addresses.
+router mappedra 198.18.0.115 5 fully-random mappeda
+router mappedrb 198.18.0.116 6 fully-random mappedb
+nsx mappedra nft insert rule ip bench forward ct status dnat accept
+nsx mappedra nft insert rule ip bench input iifname wan ip saddr "{ $SERVER_IP, $SERVER_ALT_IP }" udp accept
 
 # wait_tcp NS IP PORT WHAT: until a TCP connect succeeds (at most 20 s).
 wait_tcp() {
@@ -262,7 +274,7 @@ return {
 EOF
 }
 for topo in $TOPOLOGIES; do
-	[[ -n "${TARGET[$topo]:-}" ]] || die "unknown topology $topo (lan, cone, relay)"
+	[[ -n "${TARGET[$topo]:-}" ]] || die "unknown topology $topo (lan, cone, relay, mapped)"
 	for u in "${topo}0" "${topo}1"; do
 		prosodyctl --config "$PROSODY_CFG" register "$u" "$DOMAIN" "$(password "$u")" >/dev/null
 	done
@@ -281,6 +293,7 @@ mkdir -p "$TURN_DIR"
 cat >"$TURN_DIR/turnserver.conf" <<EOF
 # Written by bench/setup.sh.
 listening-ip=$SERVER_IP
+listening-ip=$SERVER_ALT_IP
 listening-port=$TURN_PORT
 relay-ip=$SERVER_IP
 min-port=49152
@@ -293,7 +306,6 @@ no-multicast-peers
 no-tls
 no-dtls
 no-cli
-no-rfc5780
 userdb=$TURN_DIR/turndb
 pidfile=$TURN_DIR/turnserver.pid
 log-file=$TURN_DIR/turnserver.log
@@ -305,6 +317,55 @@ ip netns exec "${NS_PREFIX}srv" turnserver -c "$TURN_DIR/turnserver.conf" >"$TUR
 TURN_PID=$!
 PIDS+=("$TURN_PID")
 wait_tcp srv "$SERVER_IP" "$TURN_PORT" coturn
+
+# ---------------------------------------------------------------- miniupnpd
+
+# On the mapped topology's first router. It writes its rules into chains of a table that must
+# exist, whose NAT chains run just before the router's own; it maps ports only once its STUN
+# test against coturn says its WAN address takes unsolicited packets (the lab's addresses are
+# reserved ones, which it refuses otherwise).
+if [[ " $TOPOLOGIES " == *" mapped "* ]]; then
+	UPNP_DIR=$WORKDIR/miniupnpd
+	mkdir -p "$UPNP_DIR"
+	nsx mappedra nft -f - <<-EOF
+		table inet miniupnpd {
+		  chain forward { type filter hook forward priority filter; policy accept; jump miniupnpd; }
+		  chain miniupnpd { }
+		  chain prerouting { type nat hook prerouting priority -101; policy accept; jump prerouting_miniupnpd; }
+		  chain postrouting { type nat hook postrouting priority 99; policy accept; jump postrouting_miniupnpd; }
+		  chain prerouting_miniupnpd { }
+		  chain postrouting_miniupnpd { }
+		}
+	EOF
+	cat >"$UPNP_DIR/miniupnpd.conf" <<-EOF
+		ext_ifname=wan
+		listening_ip=lan
+		ext_perform_stun=yes
+		ext_stun_host=$SERVER_IP
+		ext_stun_port=$TURN_PORT
+		enable_upnp=yes
+		enable_natpmp=yes
+		secure_mode=yes
+		lease_file=$UPNP_DIR/leases
+		upnp_table_name=miniupnpd
+		upnp_nat_table_name=miniupnpd
+		upnp_forward_chain=miniupnpd
+		upnp_nat_chain=prerouting_miniupnpd
+		upnp_nat_postrouting_chain=postrouting_miniupnpd
+		allow 1024-65535 192.168.5.0/24 1024-65535
+		deny 0-65535 0.0.0.0/0 0-65535
+	EOF
+	log "starting miniupnpd on the mapped topology's router"
+	ip netns exec "${NS_PREFIX}mappedra" miniupnpd -f "$UPNP_DIR/miniupnpd.conf" \
+		-P "$UPNP_DIR/miniupnpd.pid" -d >"$UPNP_DIR/miniupnpd.log" 2>&1 &
+	PIDS+=("$!")
+	for ((i = 0; i < 100; i++)); do
+		grep -q "Port forwarding is now enabled" "$UPNP_DIR/miniupnpd.log" && break
+		sleep 0.1
+	done
+	grep -q "Port forwarding is now enabled" "$UPNP_DIR/miniupnpd.log" ||
+		die "miniupnpd does not map ports (log $UPNP_DIR/miniupnpd.log)"
+fi
 
 # TURN REST credentials: username "<expiry>:<name>", password base64(HMAC-SHA1(secret, username)).
 turn_password() {
@@ -503,6 +564,7 @@ for topo in $TOPOLOGIES; do
 	lan) kind="no NAT" ;;
 	cone) kind="cone NATs" ;;
 	relay) kind="symm. NATs" ;;
+	mapped) kind="symm., mapped" ;;
 	esac
 	printf '%-8s %-20s %7ss %7ss %7ss %6s s %-4s %10ss  %s\n' "$topo" "${PATHS[$topo]} ($kind)" \
 		"${MEDIAN[$topo]}" "${MIN[$topo]}" "${MAX[$topo]}" "<= ${TARGET[$topo]}" "$ok" \
@@ -511,11 +573,17 @@ done
 echo
 direct=${THROUGHPUT[cone]:-}
 relayed=${THROUGHPUT[relay]:-}
+mapped=${THROUGHPUT[mapped]:-}
 echo "iperf3 TCP throughput, 1 stream, ${IPERF_SECONDS} s (device a -> device b over the overlay)"
 printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s\n' "direct (cone NATs):" "${direct:-n/a}" "${CPU[cone]:-n/a}"
 printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s; coturn dropped %s datagrams (receive buffers full)\n' \
 	"relayed (symmetric NATs):" "${relayed:-n/a}" "${CPU[relay]:-n/a}" "${DROPS[relay]:-n/a}"
+printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s\n' "mapped (symmetric NATs):" "${mapped:-n/a}" "${CPU[mapped]:-n/a}"
 if [[ -n "$direct" && -n "$relayed" ]]; then
 	awk -v d="$direct" -v r="$relayed" 'BEGIN {
 		if (d > 0) printf "  %-26s %10.2f\n", "relayed / direct:", r / d }'
+fi
+if [[ -n "$direct" && -n "$mapped" ]]; then
+	awk -v d="$direct" -v m="$mapped" 'BEGIN {
+		if (d > 0) printf "  %-26s %10.2f\n", "mapped / direct:", m / d }'
 fi

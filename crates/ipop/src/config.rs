@@ -1458,6 +1458,31 @@ mod tests {
     }
 
     #[test]
+    fn port_mapping_is_on_by_default_and_its_lifetime_is_bounded() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert!(c.nat.port_mapping);
+        assert_eq!(c.nat.port_mapping_lifetime, Duration::from_secs(7200));
+        let c = Config::parse(&format!(
+            "{MINIMAL}[nat]\nport_mapping = false\nport_mapping_lifetime = \"1m\"\n"
+        ))
+        .expect("valid");
+        assert!(!c.nat.port_mapping);
+        assert_eq!(c.nat.port_mapping_lifetime, Duration::from_secs(60));
+        for bad in ["10s", "25h"] {
+            let e = Config::parse(&format!(
+                "{MINIMAL}[nat]\nport_mapping_lifetime = \"{bad}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("line 4")
+                    && e.contains("key `port_mapping_lifetime`")
+                    && e.contains("between 20s and 24h"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn nat_servers() {
         let text = format!(
             "{MINIMAL}[nat]\nstun = [\"stun.example.org:3478\"]\n[[nat.turn]]\nserver = \"turn.example.org:3478\"\ntransport = \"tcp\"\nusername = \"u\"\npassword = \"p\"\n"
