@@ -197,7 +197,7 @@ router relayrb 198.18.0.114 4 fully-random relayb
 router mappedra 198.18.0.115 5 fully-random mappeda
 router mappedrb 198.18.0.116 6 fully-random mappedb
 nsx mappedra nft insert rule ip bench forward ct status dnat accept
-nsx mappedra nft insert rule ip bench input iifname wan ip saddr "{ $SERVER_IP, $SERVER_ALT_IP }" udp accept
+nsx mappedra nft insert rule ip bench input iifname wan ip saddr "{ $SERVER_IP, $SERVER_ALT_IP }" meta l4proto udp accept
 
 # wait_tcp NS IP PORT WHAT: until a TCP connect succeeds (at most 20 s).
 wait_tcp() {
@@ -564,7 +564,7 @@ for topo in $TOPOLOGIES; do
 	lan) kind="no NAT" ;;
 	cone) kind="cone NATs" ;;
 	relay) kind="symm. NATs" ;;
-	mapped) kind="symm., mapped" ;;
+	mapped) kind="symm. NATs" ;;
 	esac
 	printf '%-8s %-20s %7ss %7ss %7ss %6s s %-4s %10ss  %s\n' "$topo" "${PATHS[$topo]} ($kind)" \
 		"${MEDIAN[$topo]}" "${MIN[$topo]}" "${MAX[$topo]}" "<= ${TARGET[$topo]}" "$ok" \
