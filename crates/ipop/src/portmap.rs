@@ -36,6 +36,8 @@ const REQUEST_TIMEOUTS: TimeoutConfig = TimeoutConfig {
     max_retries: 2,
     max_retry_timeout: Some(Duration::from_secs(1)),
 };
+/// The shortest lifetime a granted mapping may have: it is renewed at half of it.
+const MIN_LIFETIME: Duration = Duration::from_secs(20);
 /// How long deleting the mapping may hold up the daemon's exit.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -156,9 +158,13 @@ pub async fn map(route: Route, port: NonZeroU16, lifetime: Duration) -> Result<M
                 ..
             } = m.mapping_type()
             {
-                return Ok(granted(Protocol::Pcp, route, internal, ip, m));
+                match usable(granted(Protocol::Pcp, route, internal, ip, m)).await {
+                    Ok(m) => return Ok(m),
+                    Err(e) => refused.push((Protocol::Pcp, e)),
+                }
+            } else {
+                refused.push((Protocol::Pcp, "no IPv4 external address".to_owned()));
             }
-            refused.push((Protocol::Pcp, "no IPv4 external address".to_owned()));
         }
         Err(e) => refused.push((Protocol::Pcp, e.to_string())),
     }
@@ -166,7 +172,10 @@ pub async fn map(route: Route, port: NonZeroU16, lifetime: Duration) -> Result<M
         crab_nat::natpmp::port_mapping(gateway, InternetProtocol::Udp, port, options).await;
     match natpmp {
         Ok(m) => match crab_nat::natpmp::external_address(gateway, Some(REQUEST_TIMEOUTS)).await {
-            Ok(ip) => return Ok(granted(Protocol::NatPmp, route, internal, ip, m)),
+            Ok(ip) => match usable(granted(Protocol::NatPmp, route, internal, ip, m)).await {
+                Ok(m) => return Ok(m),
+                Err(e) => refused.push((Protocol::NatPmp, e)),
+            },
             Err(e) => {
                 refused.push((Protocol::NatPmp, format!("no external address: {e}")));
                 let _ = m.try_drop().await;
@@ -175,10 +184,35 @@ pub async fn map(route: Route, port: NonZeroU16, lifetime: Duration) -> Result<M
         Err(e) => refused.push((Protocol::NatPmp, e.to_string())),
     }
     match upnp(route, internal, seconds).await {
-        Ok(m) => return Ok(m),
+        Ok(m) => match usable(m).await {
+            Ok(m) => return Ok(m),
+            Err(e) => refused.push((Protocol::Upnp, e)),
+        },
         Err(e) => refused.push((Protocol::Upnp, e)),
     }
     Err(Refused(refused))
+}
+
+/// A granted mapping that cannot serve is deleted and refused: no external address, or a
+/// lifetime too short to renew in time (a gateway's answer is taken as it comes).
+async fn usable(m: Mapping) -> Result<Mapping, String> {
+    let ip = *m.external.ip();
+    let why = if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+        format!("granted {} with no usable external address", m.external)
+    } else if m.lifetime < MIN_LIFETIME {
+        format!("granted only {} s", m.lifetime.as_secs())
+    } else {
+        return Ok(m);
+    };
+    let _ = m.delete().await;
+    Err(why)
+}
+
+/// The gateway's own address is private (or shared, RFC 6598): another NAT lies beyond it, and
+/// the mapping serves only devices behind that one.
+pub fn beyond_another_nat(external: Ipv4Addr) -> bool {
+    let [a, b, ..] = external.octets();
+    external.is_private() || external.is_link_local() || (a == 100 && (64..128).contains(&b))
 }
 
 fn granted(
@@ -250,6 +284,9 @@ impl Mapping {
                 m.renew().await.map_err(|e| e.to_string())?;
                 self.external.set_port(m.external_port().get());
                 self.lifetime = Duration::from_secs(m.lifetime().into());
+                if self.lifetime < MIN_LIFETIME {
+                    return Err(format!("renewed for only {} s", self.lifetime.as_secs()));
+                }
             }
             Handle::Upnp(gateway) => {
                 let gateway = gateway.clone();
@@ -307,7 +344,7 @@ pub struct PortMapStatus {
     /// Seconds until the mapping is renewed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_in_s: Option<u64>,
-    /// Why there is no mapping.
+    /// Why there is no mapping, or what limits the one there is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
     #[serde(default)]
@@ -331,6 +368,7 @@ impl PortMapStatus {
     }
 
     fn mapped(m: &Mapping, renewals: u64) -> PortMapStatus {
+        let ip = *m.external.ip();
         PortMapStatus {
             state: "mapped".to_owned(),
             protocol: Some(m.protocol.to_string()),
@@ -342,7 +380,12 @@ impl PortMapStatus {
                     .saturating_duration_since(Instant::now())
                     .as_secs(),
             ),
-            problem: None,
+            problem: beyond_another_nat(ip).then(|| {
+                format!(
+                    "the gateway's own address {ip} is private: another NAT lies beyond it, \
+                     and only devices behind that one can use the mapping"
+                )
+            }),
             renewals,
         }
     }
@@ -525,6 +568,22 @@ mod tests {
                      eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                      eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
         assert_eq!(gateway_of(table), Some(Ipv4Addr::new(192, 168, 1, 1)));
+    }
+
+    #[test]
+    fn a_gateway_with_a_private_address_lies_behind_another_nat() {
+        for ip in [
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.5",
+            "100.64.0.1",
+            "100.127.255.254",
+        ] {
+            assert!(beyond_another_nat(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["198.51.100.7", "100.63.255.255", "100.128.0.1", "8.8.8.8"] {
+            assert!(!beyond_another_nat(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]

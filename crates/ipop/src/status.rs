@@ -487,14 +487,20 @@ fn bytes(n: u64) -> String {
 fn render_port_mapping(m: &crate::portmap::PortMapStatus) -> String {
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     match m.state.as_str() {
-        "mapped" => format!(
-            "{} {} -> {}  gateway {}  renews in {} s",
-            or_dash(&m.protocol),
-            or_dash(&m.external),
-            or_dash(&m.internal),
-            or_dash(&m.gateway),
-            m.renew_in_s.unwrap_or(0)
-        ),
+        "mapped" => {
+            let mut line = format!(
+                "{} {} -> {}  gateway {}  renews in {} s",
+                or_dash(&m.protocol),
+                or_dash(&m.external),
+                or_dash(&m.internal),
+                or_dash(&m.gateway),
+                m.renew_in_s.unwrap_or(0)
+            );
+            if let Some(problem) = &m.problem {
+                line.push_str(&format!("  ({problem})"));
+            }
+            line
+        }
         "none" => format!("none: {}", or_dash(&m.problem)),
         other => other.to_owned(),
     }
@@ -730,6 +736,40 @@ mod tests {
         assert!(
             t.contains("no_route=3") && !t.contains("spoofed_source"),
             "{t}"
+        );
+    }
+
+    #[test]
+    fn table_shows_the_port_mapping_or_why_there_is_none() {
+        let mut s = sample();
+        assert!(!render(&s).contains("port mapping"));
+        s.port_mapping = Some(crate::portmap::PortMapStatus {
+            state: "mapped".into(),
+            protocol: Some("PCP".into()),
+            gateway: Some("192.168.1.1".into()),
+            internal: Some("192.168.1.2:51820".into()),
+            external: Some("203.0.113.7:51820".into()),
+            renew_in_s: Some(3599),
+            problem: None,
+            renewals: 0,
+        });
+        let t = render(&s);
+        assert!(
+            t.contains(
+                "port mapping PCP 203.0.113.7:51820 -> 192.168.1.2:51820  gateway 192.168.1.1  \
+                 renews in 3599 s\n"
+            ),
+            "{t}"
+        );
+        s.port_mapping = Some(crate::portmap::PortMapStatus {
+            state: "none".into(),
+            problem: Some("the gateway 192.168.1.1 refused or did not answer: PCP: x".into()),
+            ..Default::default()
+        });
+        assert!(
+            render(&s).contains("port mapping none: the gateway 192.168.1.1 refused"),
+            "{}",
+            render(&s)
         );
     }
 
