@@ -14,6 +14,7 @@ pub mod key;
 pub mod node;
 pub mod osn;
 pub mod packet;
+pub mod peer_relay;
 pub mod plan;
 pub mod route;
 pub mod stun;
