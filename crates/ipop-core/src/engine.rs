@@ -40,8 +40,9 @@ use crate::node::{
 };
 use crate::osn::{
     Candidate, CandidateKind, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer,
-    OsnEvent, Outgoing, OverlayId, Signal, TerminateReason,
+    OsnEvent, Outgoing, OverlayId, RelayOffer, Signal, TerminateReason,
 };
+use crate::peer_relay::{ClientEvent, RelayClient, Side};
 use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
 use crate::stun::{BindingEvent, StunBinding};
 use crate::turn::{CHANNEL_DATA_HEADER, TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
@@ -313,6 +314,10 @@ pub struct Engine {
     gathered: Vec<is::Candidate>,
     /// The port mapping the home router grants (internal, external), offered as a candidate.
     port_mapping: Option<(SocketAddr, SocketAddr)>,
+    /// Devices that offered to relay for us (in their presence), by device.
+    relay_offers: BTreeMap<DeviceId, RelayOffer>,
+    /// Our registrations with those relays: one per session and relay.
+    peer_relays: Vec<PeerRelay>,
     bindings: Vec<StunBinding>,
     relays: Vec<TurnAllocation>,
     gathering_due: bool,
@@ -392,6 +397,8 @@ impl Engine {
             config_servers: Vec::new(),
             gathered: Vec::new(),
             port_mapping: None,
+            relay_offers: BTreeMap::new(),
+            peer_relays: Vec::new(),
             bindings: Vec::new(),
             relays: Vec::new(),
             gathering_due: false,
@@ -576,12 +583,21 @@ impl Engine {
         }
         if classify(datagram) == DatagramKind::Stun {
             self.kick();
-            if let Some(id) = crate::stun::transaction_id(datagram)
-                && let Some(b) = self.bindings.iter_mut().find(|b| b.owns_transaction(&id))
-            {
-                b.handle_response(now, from, datagram);
-                self.drive_gathering(now);
-                return None;
+            if let Some(id) = crate::stun::transaction_id(datagram) {
+                if let Some(b) = self.bindings.iter_mut().find(|b| b.owns_transaction(&id)) {
+                    b.handle_response(now, from, datagram);
+                    self.drive_gathering(now);
+                    return None;
+                }
+                if let Some(r) = self
+                    .peer_relays
+                    .iter_mut()
+                    .find(|r| r.client.owns_transaction(&id))
+                {
+                    r.client.handle_response(now, from, datagram);
+                    self.drive_peer_relays();
+                    return None;
+                }
             }
             self.handle_stun(now, local, from, datagram);
             return None;
@@ -795,8 +811,22 @@ impl Engine {
                 device,
                 key,
                 claim,
-            } => self.device_up(now, overlay, device, key, claim),
-            OsnEvent::DeviceDown { overlay, device } => self.device_down(now, &overlay, &device),
+                relay,
+            } => {
+                match relay {
+                    Some(offer) if self.is_authorised_user(&device.user) => {
+                        self.relay_offers.insert(device.clone(), offer);
+                    }
+                    _ => {
+                        self.relay_offers.remove(&device);
+                    }
+                }
+                self.device_up(now, overlay, device, key, claim);
+            }
+            OsnEvent::DeviceDown { overlay, device } => {
+                self.relay_offers.remove(&device);
+                self.device_down(now, &overlay, &device);
+            }
             OsnEvent::Signal { from, signal } => self.handle_signal(now, from, signal),
             OsnEvent::IceServers(servers) => {
                 tracing::info!(
@@ -1717,6 +1747,91 @@ impl Engine {
         }
     }
 
+    /// Registers, as `side` of `session` with `device`, with the relays that offered to
+    /// forward for us (at most [`MAX_RELAYS_PER_SESSION`]), other than the two ends.
+    fn start_peer_relays(&mut self, now: Instant, device: &DeviceId, session: &str, side: Side) {
+        self.peer_relays.retain(|r| &r.device != device);
+        let Some(me) = self.me.clone() else {
+            return;
+        };
+        let relays: Vec<(DeviceId, RelayOffer)> = self
+            .relay_offers
+            .iter()
+            .filter(|(relay, _)| *relay != device && **relay != me)
+            .take(MAX_RELAYS_PER_SESSION)
+            .map(|(relay, offer)| (relay.clone(), *offer))
+            .collect();
+        for (relay, offer) in relays {
+            let seed = self.client_seed();
+            tracing::debug!(%device, %relay, endpoint = %offer.endpoint, "registering with a peer relay");
+            let client = RelayClient::new(
+                now,
+                offer.endpoint,
+                &offer.token,
+                session,
+                side,
+                &me.to_string(),
+                seed,
+            );
+            self.peer_relays.push(PeerRelay {
+                device: device.clone(),
+                session: session.to_owned(),
+                relay,
+                client,
+            });
+        }
+        self.drive_peer_relays();
+    }
+
+    /// Sends what the relay registrations have to send, and gives each session the pair
+    /// endpoints that became ready as remote candidates. Registrations of sessions that ended
+    /// go.
+    fn drive_peer_relays(&mut self) {
+        let links = &self.links;
+        self.peer_relays.retain(|r| {
+            links
+                .get(&r.device)
+                .and_then(|l| l.session.as_ref())
+                .is_some_and(|s| s.id == r.session)
+        });
+        for r in &mut self.peer_relays {
+            while let Some((destination, payload)) = r.client.poll_transmit() {
+                self.transmits.push_back(Transmit {
+                    destination,
+                    via: None,
+                    stream: false,
+                    payload,
+                });
+            }
+            while let Some(event) = r.client.poll_event() {
+                match event {
+                    ClientEvent::Ready(pair) => {
+                        tracing::info!(device = %r.device, relay = %r.relay, %pair, "the peer relay forwards for this link");
+                        let candidate = Candidate {
+                            foundation: "peer-relay".to_owned(),
+                            component: 1,
+                            priority: PEER_RELAY_PRIORITY,
+                            address: pair,
+                            kind: CandidateKind::Relayed,
+                            related: Some(pair),
+                        };
+                        if let Some(s) = self
+                            .links
+                            .get_mut(&r.device)
+                            .and_then(|l| l.session.as_mut())
+                            && let Some(c) = ice::to_agent(&candidate)
+                        {
+                            s.agent.add_remote_candidate(c);
+                        }
+                    }
+                    ClientEvent::Failed(reason) => {
+                        tracing::info!(device = %r.device, relay = %r.relay, "no peer relay: {reason}");
+                    }
+                }
+            }
+        }
+    }
+
     fn offer(&self, agent: &IceAgent) -> LinkOffer {
         let creds = agent.local_credentials();
         LinkOffer {
@@ -1753,6 +1868,7 @@ impl Engine {
             consent: ice::Consent::default(),
             restart,
         });
+        self.start_peer_relays(now, device, &id, Side::Initiator);
         self.signals.push_back(Outgoing {
             to: device.clone(),
             signal: Signal::Initiate { session: id, offer },
@@ -1930,6 +2046,7 @@ impl Engine {
                 restart,
             });
         }
+        self.start_peer_relays(now, &from, &session, Side::Responder);
         self.signals.push_back(Outgoing::new(
             from.clone(),
             Signal::Accept {
@@ -1993,6 +2110,10 @@ impl Engine {
             a.handle_timeout(now);
         }
         self.drive_gathering(now);
+        for r in &mut self.peer_relays {
+            r.client.handle_timeout(now);
+        }
+        self.drive_peer_relays();
         if self.absent_due.is_some_and(|t| t <= now) {
             self.expire_absent(now);
         }
@@ -2191,6 +2312,9 @@ impl Engine {
         for a in &self.relays {
             consider(a.poll_timeout());
         }
+        for r in &self.peer_relays {
+            consider(r.client.poll_timeout());
+        }
         next
     }
 
@@ -2385,7 +2509,7 @@ impl Engine {
                     .session
                     .as_ref()
                     .and_then(chosen_pair)
-                    .and_then(|pair| self.describe_relay(&pair)),
+                    .and_then(|pair| self.describe_relay(device, &pair)),
                 rtt: link
                     .session
                     .as_ref()
@@ -2538,7 +2662,18 @@ impl Engine {
     }
 
     /// Which relay a candidate pair goes through: ours (by its server), else the peer's.
-    fn describe_relay(&self, (local, remote): &(Candidate, Candidate)) -> Option<String> {
+    fn describe_relay(
+        &self,
+        device: &DeviceId,
+        (local, remote): &(Candidate, Candidate),
+    ) -> Option<String> {
+        if let Some(r) = self
+            .peer_relays
+            .iter()
+            .find(|r| &r.device == device && r.client.pair_address() == Some(remote.address))
+        {
+            return Some(format!("the peer relay {} at {}", r.relay, remote.address));
+        }
         if local.kind == crate::osn::CandidateKind::Relayed {
             let a = self
                 .relays
@@ -2695,6 +2830,24 @@ fn is_private(ip: IpAddr) -> bool {
         IpAddr::V6(v6) => v6.is_unique_local() || v6.is_unicast_link_local() || v6.is_loopback(),
     }
 }
+
+/// A registration with a friend's relay for one session of a link ([`crate::peer_relay`]).
+#[derive(Debug)]
+struct PeerRelay {
+    /// The device at the other end of the link.
+    device: DeviceId,
+    session: String,
+    /// The device that relays.
+    relay: DeviceId,
+    client: RelayClient,
+}
+
+/// The ICE priority of a friend's relay as a remote candidate: a relayed candidate's (type
+/// preference 0), below every direct path.
+const PEER_RELAY_PRIORITY: u32 = (65_535 << 8) | 255;
+
+/// The most relays one session registers with.
+const MAX_RELAYS_PER_SESSION: usize = 2;
 
 /// The nominated pair of a session as candidates (with their types).
 fn chosen_pair(s: &Session) -> Option<(Candidate, Candidate)> {
@@ -2894,6 +3047,7 @@ mod tests {
                 overlay: overlay.clone(),
                 device: self.devs[j].id.clone(),
                 key,
+                relay: None,
                 claim,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
@@ -2914,6 +3068,7 @@ mod tests {
                 overlay: overlay.clone(),
                 device: device.clone(),
                 key,
+                relay: None,
                 claim: None,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
@@ -3055,6 +3210,7 @@ mod tests {
             overlay: OverlayId::Social,
             device: DeviceId::new(user, "pc"),
             key,
+            relay: None,
             claim: None,
         };
         for user in &users[..100] {
@@ -4182,6 +4338,7 @@ mod tests {
             overlay: room.clone(),
             device: DeviceId::new(&users[i], "pc"),
             key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
+            relay: None,
             claim: Some(Claim {
                 address: std::net::Ipv4Addr::new(10, 91, 0, 2 + i as u8),
                 fixed: true,
@@ -4241,6 +4398,7 @@ mod tests {
             overlay: room.clone(),
             device: DeviceId::new(&users[i], "pc"),
             key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
+            relay: None,
             claim: Some(Claim {
                 address: std::net::Ipv4Addr::new(10, 90, 1, i as u8),
                 fixed: true,

@@ -72,6 +72,9 @@ pub enum OsnEvent {
         device: DeviceId,
         key: PublicKey,
         claim: Option<Claim>,
+        /// The device forwards for the devices it authorises, which this one is
+        /// ([`crate::peer_relay`]).
+        relay: Option<RelayOffer>,
     },
     /// A device went offline (or left the room) as seen through `overlay`. Its link stays while
     /// WireGuard still hears from it.
@@ -91,6 +94,23 @@ pub enum OsnEvent {
     /// credentials. Replaces what the network offered before; servers from the config file are
     /// kept. Sent again when credentials are renewed.
     IceServers(Vec<IceServer>),
+}
+
+/// What a relay announces in its presence: where its control port is, and the token that its
+/// friends and fellow members derive their pair keys from ([`crate::peer_relay`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RelayOffer {
+    pub endpoint: SocketAddr,
+    pub token: [u8; crate::peer_relay::TOKEN_LEN],
+}
+
+impl fmt::Debug for RelayOffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayOffer")
+            .field("endpoint", &self.endpoint)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// The IPv4 address a device says it has in an overlay (in its presence there): its own

@@ -4,7 +4,8 @@
 
 use crate::{NS_IPOP, NS_LINK};
 use ipop_core::PublicKey;
-use ipop_core::osn::Claim;
+use ipop_core::osn::{Claim, RelayOffer};
+use ipop_core::peer_relay::TOKEN_LEN;
 use std::fmt;
 use std::net::Ipv4Addr;
 use tokio_xmpp::minidom::{Element, rxml::xml_ncname};
@@ -58,8 +59,8 @@ pub fn caps_node_ver() -> String {
 }
 
 /// The presence payloads of an ipop device: entity capabilities, the key and, if any, the
-/// device's claim in the overlay the presence goes to.
-pub fn payloads(key: &PublicKey, claim: Option<Claim>) -> Vec<Element> {
+/// device's claim in the overlay the presence goes to and its offer to relay.
+pub fn payloads(key: &PublicKey, claim: Option<Claim>, relay: Option<&RelayOffer>) -> Vec<Element> {
     let mut ipop =
         Element::builder("ipop", NS_IPOP).attr(xml_ncname!("key").into(), key.to_string());
     if let Some(claim) = claim {
@@ -68,12 +69,21 @@ pub fn payloads(key: &PublicKey, claim: Option<Claim>) -> Vec<Element> {
             ipop = ipop.attr(xml_ncname!("fixed").into(), "true");
         }
     }
+    if let Some(relay) = relay {
+        let token: String = relay.token.iter().map(|b| format!("{b:02x}")).collect();
+        ipop = ipop.append(
+            Element::builder("relay", NS_IPOP)
+                .attr(xml_ncname!("endpoint").into(), relay.endpoint.to_string())
+                .attr(xml_ncname!("token").into(), token)
+                .build(),
+        );
+    }
     vec![Caps::new(CAPS_NODE, caps_hash()).into(), ipop.build()]
 }
 
 /// The available presence of an ipop device, claiming `claim` where it goes.
-pub fn presence(key: &PublicKey, claim: Option<Claim>) -> Presence {
-    let mut presence = Presence::available().with_payloads(payloads(key, claim));
+pub fn presence(key: &PublicKey, claim: Option<Claim>, relay: Option<&RelayOffer>) -> Presence {
+    let mut presence = Presence::available().with_payloads(payloads(key, claim, relay));
     presence.priority = Priority(PRIORITY);
     presence
 }
@@ -92,10 +102,11 @@ pub enum Announce {
     /// No ipop payload: a chat client or another program; not a peer.
     None,
     /// An ipop device with this key, claiming an address or not. A claim that does not parse
-    /// leaves the device a peer without a claim.
+    /// leaves the device a peer without a claim; a relay offer that does not, without one.
     Key {
         key: PublicKey,
         claim: Result<Option<Claim>, BadClaim>,
+        relay: Option<RelayOffer>,
     },
     /// An ipop payload whose key does not parse.
     BadKey,
@@ -139,6 +150,21 @@ fn read_claim(ipop: &Element) -> Result<Option<Claim>, BadClaim> {
     }
 }
 
+/// Reads the relay offer of an ipop payload: `<relay endpoint='IP:PORT' token='32 hex'/>`.
+fn read_relay(ipop: &Element) -> Option<RelayOffer> {
+    let relay = ipop.get_child("relay", NS_IPOP)?;
+    let endpoint = relay.attr("endpoint")?.parse().ok()?;
+    let text = relay.attr("token")?;
+    let mut token = [0; TOKEN_LEN];
+    if text.len() != 2 * TOKEN_LEN || !text.is_ascii() {
+        return None;
+    }
+    for (i, byte) in token.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(RelayOffer { endpoint, token })
+}
+
 /// Reads the ipop payload of a presence.
 pub fn read(payloads: &[Element]) -> Announce {
     match payloads.iter().find(|p| p.is("ipop", NS_IPOP)) {
@@ -147,6 +173,7 @@ pub fn read(payloads: &[Element]) -> Announce {
             Some(Ok(key)) => Announce::Key {
                 key,
                 claim: read_claim(p),
+                relay: read_relay(p),
             },
             _ => Announce::BadKey,
         },
@@ -158,6 +185,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_relay_offer_travels_in_the_presence_and_a_bad_one_is_left_out() {
+        let key = PublicKey([3; 32]);
+        let offer = RelayOffer {
+            endpoint: "198.51.100.4:51821".parse().unwrap(),
+            token: [0xab; TOKEN_LEN],
+        };
+        let presence = presence(&key, None, Some(&offer));
+        match read(&presence.payloads) {
+            Announce::Key { relay, .. } => assert_eq!(relay, Some(offer)),
+            other => panic!("{other:?}"),
+        }
+        for relay in [
+            "<relay endpoint='198.51.100.4:51821' token='abab'/>",
+            "<relay endpoint='nowhere' token='abababababababababababababababab'/>",
+            "<relay token='abababababababababababababababab'/>",
+            "<relay endpoint='198.51.100.4:1' token='zzababababababababababababababab'/>",
+        ] {
+            let xml = format!("<ipop xmlns='{NS_IPOP}' key='{key}'>{relay}</ipop>");
+            match read(&[xml.parse().unwrap()]) {
+                Announce::Key { relay: None, .. } => {}
+                other => panic!("{xml}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn a_device_outside_the_social_overlay_announces_nothing() {
         let presence = unannounced_presence();
         assert_eq!(presence.priority, Priority(-1));
@@ -167,13 +220,14 @@ mod tests {
     #[test]
     fn presence_carries_caps_key_and_negative_priority() {
         let key = PublicKey([3; 32]);
-        let presence = presence(&key, None);
+        let presence = presence(&key, None, None);
         assert_eq!(presence.priority, Priority(-1));
         assert_eq!(
             read(&presence.payloads),
             Announce::Key {
                 key,
-                claim: Ok(None)
+                claim: Ok(None),
+                relay: None,
             }
         );
         let ipop = presence
@@ -199,8 +253,8 @@ mod tests {
             address: std::net::Ipv4Addr::new(172, 31, 255, 254),
             fixed: true,
         });
-        let stanza = String::from(&Element::from(presence(&PublicKey([7; 32]), claim)));
-        let payload: usize = payloads(&PublicKey([7; 32]), claim)
+        let stanza = String::from(&Element::from(presence(&PublicKey([7; 32]), claim, None)));
+        let payload: usize = payloads(&PublicKey([7; 32]), claim, None)
             .iter()
             .map(|p| String::from(p).len())
             .sum();
@@ -239,7 +293,7 @@ mod tests {
                 address: Ipv4Addr::new(10, 20, 0, 5),
                 fixed,
             };
-            let presence = presence(&key, Some(claim));
+            let presence = presence(&key, Some(claim), None);
             let ipop = presence
                 .payloads
                 .iter()
@@ -253,7 +307,8 @@ mod tests {
                 read(&[parsed]),
                 Announce::Key {
                     key,
-                    claim: Ok(Some(claim))
+                    claim: Ok(Some(claim)),
+                    relay: None,
                 },
                 "{xml}"
             );
@@ -271,7 +326,8 @@ mod tests {
                 read(&[ipop(&format!("address='10.1.2.3' fixed='{attr}'"))]),
                 Announce::Key {
                     key: PublicKey([7; 32]),
-                    claim: Ok(Some(claim(fixed)))
+                    claim: Ok(Some(claim(fixed))),
+                    relay: None,
                 },
                 "{attr}"
             );
@@ -306,7 +362,8 @@ mod tests {
                 read(&[ipop(attrs)]),
                 Announce::Key {
                     key: PublicKey([7; 32]),
-                    claim: Err(bad)
+                    claim: Err(bad),
+                    relay: None,
                 },
                 "{attrs}"
             );
@@ -315,7 +372,8 @@ mod tests {
             read(&[ipop("")]),
             Announce::Key {
                 key: PublicKey([7; 32]),
-                claim: Ok(None)
+                claim: Ok(None),
+                relay: None,
             }
         );
     }

@@ -85,6 +85,8 @@ pub struct XmppConfig {
     /// The device's own IPv4 address, claimed in the presence to the roster (the social
     /// overlay). [`Session::announce`] changes it.
     pub social_claim: Option<Claim>,
+    /// This device's offer to relay for its friends and fellow members, in every presence.
+    pub relay: Option<ipop_core::osn::RelayOffer>,
     /// How long [`connect`] may take to log in. The roster and the rooms may take longer: the
     /// session is then returned, and finishes synchronising in the background.
     pub login_timeout: Duration,
@@ -125,6 +127,7 @@ impl XmppConfig {
             groups: Vec::new(),
             key,
             social_claim: None,
+            relay: None,
             login_timeout: Duration::from_secs(15),
             send_rate: DEFAULT_SEND_RATE,
             send_burst: DEFAULT_SEND_BURST,

@@ -3,7 +3,7 @@
 
 use crate::announce;
 use ipop_core::PublicKey;
-use ipop_core::osn::Claim;
+use ipop_core::osn::{Claim, RelayOffer};
 use tokio_xmpp::jid::{BareJid, FullJid};
 use tokio_xmpp::minidom::{Element, rxml::xml_ncname};
 use tokio_xmpp::parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
@@ -116,13 +116,17 @@ pub fn nick(user: &BareJid, device: &str) -> String {
 
 /// The payloads of a join presence: the MUC element (no history) and the ipop announcement
 /// with the device's claim in the group.
-pub fn join_payloads(key: &PublicKey, claim: Option<Claim>) -> Vec<Element> {
+pub fn join_payloads(
+    key: &PublicKey,
+    claim: Option<Claim>,
+    relay: Option<&RelayOffer>,
+) -> Vec<Element> {
     let mut payloads = vec![
         Muc::new()
             .with_history(History::new().with_maxstanzas(0))
             .into(),
     ];
-    payloads.extend(announce::payloads(key, claim));
+    payloads.extend(announce::payloads(key, claim, relay));
     payloads
 }
 

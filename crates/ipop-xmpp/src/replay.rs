@@ -165,6 +165,7 @@ mod tests {
                 overlay: OverlayId::Social,
                 device: DeviceId::new(FRIEND, "phone"),
                 key: PublicKey([2; 32]),
+                relay: None,
                 claim: None,
             }),
             "{events:?}"

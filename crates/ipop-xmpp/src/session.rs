@@ -21,7 +21,7 @@ use crate::{
 };
 use futures::{FutureExt, StreamExt};
 use ipop_core::PublicKey;
-use ipop_core::osn::{Claim, DeviceId, OsnEvent, Outgoing, OverlayId, Signal};
+use ipop_core::osn::{Claim, DeviceId, OsnEvent, Outgoing, OverlayId, RelayOffer, Signal};
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -77,6 +77,7 @@ const EXTERNAL_RETRY: Duration = Duration::from_secs(30);
 struct Announced {
     key: PublicKey,
     claim: Option<Claim>,
+    relay: Option<RelayOffer>,
 }
 
 /// What the core was told about one overlay.
@@ -151,6 +152,7 @@ impl View {
                         overlay: overlay.clone(),
                         device,
                         key: announced.key,
+                        relay: announced.relay,
                         claim: announced.claim,
                     });
                 }
@@ -398,7 +400,7 @@ fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Opti
             );
             None
         }
-        Announce::Key { key, claim } => {
+        Announce::Key { key, claim, relay } => {
             let claim = claim.unwrap_or_else(|bad| {
                 count_drop(
                     shared,
@@ -407,7 +409,7 @@ fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Opti
                 );
                 None
             });
-            Some(Announced { key, claim })
+            Some(Announced { key, claim, relay })
         }
     }
 }
@@ -1039,7 +1041,11 @@ impl Task {
     /// for a peer.
     fn send_social_presence(&mut self) {
         let presence = if self.cfg.social {
-            announce::presence(&self.cfg.key, self.cfg.social_claim)
+            announce::presence(
+                &self.cfg.key,
+                self.cfg.social_claim,
+                self.cfg.relay.as_ref(),
+            )
         } else {
             announce::unannounced_presence()
         };
@@ -1053,7 +1059,7 @@ impl Task {
         let Some(to) = room.occupant_jid() else {
             return;
         };
-        let mut presence = announce::presence(&self.cfg.key, room.claim);
+        let mut presence = announce::presence(&self.cfg.key, room.claim, self.cfg.relay.as_ref());
         presence.to = Some(to.into());
         self.outbox.push((Class::Control, presence.into()));
     }
@@ -1932,7 +1938,11 @@ impl Task {
         room.claim_unsent = false;
         let mut presence = Presence::available()
             .with_to(to)
-            .with_payloads(muc::join_payloads(&self.cfg.key, room.claim));
+            .with_payloads(muc::join_payloads(
+                &self.cfg.key,
+                room.claim,
+                self.cfg.relay.as_ref(),
+            ));
         presence.priority = Priority(announce::PRIORITY);
         self.outbox.push((Class::Control, presence.into()));
         self.update_room_status();
@@ -2317,6 +2327,7 @@ mod tests {
                         device(d),
                         Announced {
                             key: PublicKey([*k; 32]),
+                            relay: None,
                             claim: None,
                         },
                     )
@@ -2332,6 +2343,7 @@ mod tests {
             overlay: OverlayId::Social,
             device: device(name),
             key: PublicKey([key; 32]),
+            relay: None,
             claim: None,
         }
     }
@@ -2375,6 +2387,7 @@ mod tests {
         let announced = |k: u8| {
             Some(Announced {
                 key: PublicKey([k; 32]),
+                relay: None,
                 claim: None,
             })
         };
@@ -2419,6 +2432,7 @@ mod tests {
             let mut out = Vec::new();
             let announced = Announced {
                 key: PublicKey([1; 32]),
+                relay: None,
                 claim,
             };
             view.publish(
@@ -2434,6 +2448,7 @@ mod tests {
             overlay: OverlayId::Social,
             device: device("laptop"),
             key: PublicKey([1; 32]),
+            relay: None,
             claim,
         };
         assert_eq!(say(claim(5, false)), vec![up_with(claim(5, false))]);
@@ -2462,7 +2477,11 @@ mod tests {
                 &ipop(&format!("key='{key}' address='10.20.0.300'")),
                 &from
             ),
-            Some(Announced { key, claim: None })
+            Some(Announced {
+                key,
+                claim: None,
+                relay: None,
+            })
         );
         assert_eq!(
             shared.snapshot().drops,
@@ -2476,6 +2495,7 @@ mod tests {
             ),
             Some(Announced {
                 key,
+                relay: None,
                 claim: Some(Claim {
                     address: std::net::Ipv4Addr::new(10, 20, 0, 30),
                     fixed: false

@@ -62,6 +62,7 @@ fn is_device_up(event: &OsnEvent, overlay: &OverlayId, who: &DeviceId) -> Option
             overlay: o,
             device,
             key,
+            relay: None,
             ..
         } if o == overlay && device == who => Some(*key),
         _ => None,

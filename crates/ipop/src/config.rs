@@ -42,6 +42,9 @@ pub struct Config {
     pub nat: Nat,
     /// Prometheus metrics over HTTP: without this section, none are served.
     pub metrics: Option<Metrics>,
+    /// Forwarding for friends and fellow members that have no direct path between them.
+    #[serde(default)]
+    pub relay: Relay,
     /// The directory relative paths are resolved against: the config file's own.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -316,6 +319,61 @@ pub enum TurnTransport {
     Udp,
     Tcp,
     Tls,
+}
+
+/// This device as a relay for its friends and fellow group members.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Relay {
+    #[serde(default)]
+    pub enabled: bool,
+    /// The UDP port registrations come to; 0: the interface's listen port plus one.
+    #[serde(default)]
+    pub port: u16,
+    /// Where the others reach that port, when it is not this device's own public address (a
+    /// port forward on the router): `ip:port`.
+    #[serde(default, deserialize_with = "optional_socket_address")]
+    pub endpoint: Option<SocketAddr>,
+    /// Pairs of devices forwarded for at once.
+    #[serde(default = "default_relay_pairs")]
+    pub max_pairs: usize,
+    /// Mbit/s for one pair, both ways together.
+    #[serde(default = "default_relay_pair_rate")]
+    pub pair_rate: u64,
+    /// Mbit/s for all pairs together.
+    #[serde(default = "default_relay_total_rate")]
+    pub total_rate: u64,
+}
+
+impl Default for Relay {
+    fn default() -> Relay {
+        Relay {
+            enabled: false,
+            port: 0,
+            endpoint: None,
+            max_pairs: default_relay_pairs(),
+            pair_rate: default_relay_pair_rate(),
+            total_rate: default_relay_total_rate(),
+        }
+    }
+}
+
+fn default_relay_pairs() -> usize {
+    16
+}
+
+fn default_relay_pair_rate() -> u64 {
+    100
+}
+
+fn default_relay_total_rate() -> u64 {
+    400
+}
+
+fn optional_socket_address<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    socket_address(d).map(Some)
 }
 
 /// Where the daemon serves Prometheus metrics.
@@ -1569,6 +1627,7 @@ mod tests {
                 dns: _,
                 nat: _,
                 metrics: _,
+                relay: _,
                 dir: _,
             } = c;
         };
@@ -1623,6 +1682,11 @@ mod tests {
                 [server, transport, username, password]
             ),
             keys!("[metrics]", Metrics, [listen]),
+            keys!(
+                "[relay]",
+                Relay,
+                [enabled, port, endpoint, max_pairs, pair_rate, total_rate]
+            ),
             keys!(
                 "[[peers]]",
                 Peer,

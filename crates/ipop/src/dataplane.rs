@@ -121,6 +121,8 @@ pub struct Dataplane {
     stalls: status::StallWindow,
     /// The port mapper's news and status, when it runs.
     port_map: Option<PortMap>,
+    /// What this device relays for others, when it does.
+    relay_status: Option<Box<dyn Fn() -> status::RelayStatus + Send>>,
 }
 
 /// What the data plane holds of the port mapper.
@@ -315,12 +317,18 @@ impl Dataplane {
             streams: Streams::new(),
             stalls: status::StallWindow::default(),
             port_map: None,
+            relay_status: None,
         })
     }
 
     /// Where address changes are announced: the XMPP binding.
     pub fn set_announcer(&mut self, announce: crate::overlays::Announcer) {
         self.keeper.set_announcer(announce);
+    }
+
+    /// Where `ipop status` reads what this device relays for others.
+    pub fn set_relay_status(&mut self, f: Box<dyn Fn() -> status::RelayStatus + Send>) {
+        self.relay_status = Some(f);
     }
 
     /// Where the port mapper's news come from.
@@ -751,6 +759,7 @@ impl Dataplane {
                     drops: self.drops(),
                     loop_stall_max_s: self.stalls.max(Instant::now()).as_secs_f64(),
                     port_mapping: self.port_map.as_ref().map(|p| (p.status)()),
+                    relay: self.relay_status.as_ref().map(|f| f()),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }

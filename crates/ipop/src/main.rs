@@ -8,6 +8,7 @@ mod init;
 mod netlink;
 mod overlays;
 mod ping;
+mod relay;
 mod state;
 mod streams;
 mod xmpp;
@@ -268,7 +269,36 @@ fn up(path: &Path) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         // Log in first: a wrong password or an unreachable server ends here, with nothing to
         // undo.
-        let binding = xmpp::start(&config, public, &claims).await?;
+        // A relay announces itself in the presence: it starts before the login.
+        let relay = if config.relay.enabled {
+            let r = &config.relay;
+            let limits = ipop_core::peer_relay::RelayLimits {
+                max_pairs: r.max_pairs,
+                pair_rate: r.pair_rate * 1_000_000 / 8,
+                total_rate: r.total_rate * 1_000_000 / 8,
+            };
+            let port = if r.port != 0 {
+                r.port
+            } else {
+                config
+                    .interface
+                    .listen_port
+                    .checked_add(1)
+                    .filter(|_| config.interface.listen_port != 0)
+                    .unwrap_or(0)
+            };
+            let hosts = device::host_addresses(&config.interface.name);
+            Some(relay::Relay::start(port, r.endpoint, &hosts, limits).await?)
+        } else {
+            None
+        };
+        let binding = xmpp::start(
+            &config,
+            public,
+            &claims,
+            relay.as_ref().and_then(relay::Relay::offer),
+        )
+        .await?;
         let mut plane = dataplane::Dataplane::new(
             engine,
             keeper,
@@ -300,6 +330,9 @@ fn up(path: &Path) -> anyhow::Result<()> {
         } else {
             portmap::PortMapper::off()
         };
+        if let Some(r) = &relay {
+            plane.set_relay_status(Box::new(r.status_fn()));
+        }
         let (requests_tx, requests) = tokio::sync::mpsc::channel(16);
         let _control =
             control::ControlSocket::bind(&config.control_socket(), requests_tx.clone()).await?;

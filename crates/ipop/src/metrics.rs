@@ -486,6 +486,7 @@ mod tests {
             uptime_s: 12.0,
             loop_stall_max_s: 0.0035,
             port_mapping: None,
+            relay: None,
             xmpp: Some(XmppInfo {
                 state: "online".into(),
                 jid: None,
@@ -618,6 +619,7 @@ ipop_xmpp_send_wait_max_seconds 1.25
             uptime_s: 1.0,
             loop_stall_max_s: 0.0,
             port_mapping: None,
+            relay: None,
             xmpp: None,
             overlays: vec![
                 overlay(

@@ -31,6 +31,36 @@ pub struct Status {
     /// The port mapping on the home router (`[nat] port_mapping`).
     #[serde(default)]
     pub port_mapping: Option<crate::portmap::PortMapStatus>,
+    /// This device as a relay for others (`[relay] enabled`).
+    #[serde(default)]
+    pub relay: Option<RelayStatus>,
+}
+
+/// What this device relays for others.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// Where the others reach it, as its presence announces; none when it cannot relay.
+    pub endpoint: Option<String>,
+    /// Why it does not relay.
+    pub problem: Option<String>,
+    pub max_pairs: usize,
+    pub pair_rate_mbit: u64,
+    pub total_rate_mbit: u64,
+    pub pairs: Vec<RelayPair>,
+    /// Datagrams dropped by reason: `relay_unauthenticated`, `relay_over_rate`, ...
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// One pair of devices the relay forwards for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelayPair {
+    /// The relay's port for the pair.
+    pub port: u16,
+    /// Each side: `JID/DEVICE at ip:port` (the device it registered as), or not registered.
+    pub ends: Vec<String>,
+    pub forwarded: u64,
+    pub bytes: u64,
+    pub over_rate: u64,
 }
 
 /// The longest stalls of a loop over the last minute, kept per second.
@@ -543,6 +573,35 @@ pub fn render(s: &Status) -> String {
     if let Some(m) = &s.port_mapping {
         let _ = writeln!(out, "port mapping {}", render_port_mapping(m));
     }
+    if let Some(r) = &s.relay {
+        match (&r.endpoint, &r.problem) {
+            (Some(e), _) => {
+                let _ = writeln!(
+                    out,
+                    "relay at {e}  {} of {} pairs",
+                    r.pairs.len(),
+                    r.max_pairs
+                );
+            }
+            (None, problem) => {
+                let _ = writeln!(
+                    out,
+                    "relay off: {}",
+                    problem.as_deref().unwrap_or("no endpoint")
+                );
+            }
+        }
+        for p in &r.pairs {
+            let _ = writeln!(
+                out,
+                "  pair on port {}: {}  {} datagrams, {} over the rate",
+                p.port,
+                p.ends.join(" <-> "),
+                p.forwarded,
+                p.over_rate
+            );
+        }
+    }
     for o in &s.overlays {
         let _ = writeln!(
             out,
@@ -645,6 +704,7 @@ mod tests {
             uptime_s: 12.0,
             loop_stall_max_s: 0.0021,
             port_mapping: None,
+            relay: None,
             xmpp: None,
             ice_servers: Vec::new(),
             overlays: vec![Overlay {

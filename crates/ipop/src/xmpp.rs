@@ -80,10 +80,12 @@ pub async fn start(
     config: &Config,
     key: PublicKey,
     claims: &[(OverlayId, Claim)],
+    relay: Option<ipop_core::osn::RelayOffer>,
 ) -> anyhow::Result<Option<(Binding, OsnChannel)>> {
     let Some(mut cfg) = settings(config, key)? else {
         return Ok(None);
     };
+    cfg.relay = relay;
     let claim = |overlay: &OverlayId| claims.iter().find(|(o, _)| o == overlay).map(|(_, c)| *c);
     cfg.social_claim = claim(&OverlayId::Social);
     for g in &mut cfg.groups {

@@ -139,6 +139,19 @@ impl World {
         world
     }
 
+    /// Makes the users of devices `i` and `j` friends (World::new befriends the first user
+    /// with every other).
+    fn befriend(&self, i: usize, j: usize) {
+        let connect = |k: usize| {
+            let u = &self.devices[k].user;
+            XmppUser::builder(&self.prosody, u, &password(u))
+                .resource("chat")
+                .netns(&self.lab.server.ns)
+                .connect()
+        };
+        connect(i).befriend(&mut connect(j));
+    }
+
     fn ns(&self, i: usize) -> &Netns {
         &self.lab.devices[i].host.ns
     }
@@ -250,9 +263,14 @@ impl World {
 
     /// 1 MB over TCP from device `i` to device `j`, compared byte for byte.
     fn tcp(&self, i: usize, j: usize) {
+        self.tcp_bytes(i, j, 1_000_000);
+    }
+
+    /// `len` bytes over TCP from device `i` to device `j`, compared byte for byte.
+    fn tcp_bytes(&self, i: usize, j: usize, len: u32) {
         let addr: IpAddr = self.devices[j].address.parse().expect("address");
         let seen_as = self.addr_of(i, j).expect("device j has an address");
-        let data: Vec<u8> = (0..1_000_000u32).map(|n| (n * 7 + n / 251) as u8).collect();
+        let data: Vec<u8> = (0..len).map(|n| (n * 7 + n / 251) as u8).collect();
         let listener = self
             .ns(j)
             .run_in(move || TcpListener::bind((addr, 0)).expect("listen"));
@@ -784,6 +802,118 @@ fn a_port_mapping_is_renewed_and_follows_a_new_address() {
     // The XMPP connection from the old address was dropped at once, not after its timeout.
     let xmpp = &w.status(0).expect("status")["xmpp"];
     assert!(xmpp["reconnects"].as_u64().unwrap_or(0) >= 1, "{xmpp}");
+}
+
+/// Two devices behind symmetric NATs, with no TURN server, link through a friend's device on
+/// an open address that relays (`[relay] enabled`): ping and 5 MB over TCP both ways. The
+/// relay shows the pair; a device whose user is not the relay's friend gets nothing from it.
+#[test]
+fn two_symmetric_nats_link_through_a_friends_relay() {
+    let mut w = World::new(
+        "nrly",
+        vec![
+            Site::new(Nat::Symmetric),
+            Site::new(Nat::Symmetric),
+            Site::new(Nat::None),
+            Site::new(Nat::Symmetric),
+        ],
+    );
+    // The relay (device 2) is a friend of devices 0 and 1; device 3 is device 0's friend only.
+    w.befriend(1, 2);
+    let stun = format!("[nat]\nstun = [\"{}\"]\n", w.coturn.addr());
+    for i in [0, 1, 3] {
+        w.write_config_with(i, &stun);
+    }
+    w.write_config_with(
+        2,
+        &format!("{stun}\n[relay]\nenabled = true\nmax_pairs = 4\n"),
+    );
+    w.start(2);
+    let relay_endpoint = format!("{}:51821", w.lab.devices[2].public_ip);
+    wait_until(Duration::from_secs(20), "the relay to be up", || {
+        let status = w.status(2)?;
+        match status["relay"]["endpoint"].as_str() {
+            Some(e) if e == relay_endpoint => Ok(()),
+            _ => Err(status["relay"].to_string()),
+        }
+    });
+    w.start(0);
+    w.start(1);
+    w.start(3);
+    let (path, peer) = w.link(0, 1, Duration::from_secs(40));
+    assert_eq!(path, "relay", "{peer}");
+    let relay_device = format!("{}@{DOMAIN}/dev", w.devices[2].user);
+    assert!(
+        peer["via"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!(
+                "the peer relay {relay_device} at {}:",
+                w.lab.devices[2].public_ip
+            )),
+        "{peer}"
+    );
+    w.tcp_bytes(0, 1, 5_000_000);
+    w.tcp_bytes(1, 0, 5_000_000);
+    let relay = w.status(2).expect("status")["relay"].clone();
+    let (a, b) = (
+        format!("{}@{DOMAIN}/dev at ", w.devices[0].user),
+        format!("{}@{DOMAIN}/dev at ", w.devices[1].user),
+    );
+    let pair = relay["pairs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| {
+            let ends = p["ends"].to_string();
+            ends.contains(&a) && ends.contains(&b)
+        })
+        .unwrap_or_else(|| panic!("the relay shows no pair of devices 0 and 1: {relay}"));
+    assert!(pair["forwarded"].as_u64().unwrap_or(0) > 3_000, "{pair}");
+
+    // Device 3 is not the relay's friend: it never heard the relay's token, and a registration
+    // with any other is dropped unanswered.
+    let user3 = format!("{}@{DOMAIN}/dev", w.devices[3].user);
+    let to_relay: std::net::SocketAddr = relay_endpoint.parse().expect("endpoint");
+    let mut guess = ipop_core::peer_relay::RelayClient::new(
+        std::time::Instant::now(),
+        to_relay,
+        &[0x5a; ipop_core::peer_relay::TOKEN_LEN],
+        "any-session",
+        ipop_core::peer_relay::Side::Initiator,
+        &user3,
+        3,
+    );
+    let (_, registration) = guess.poll_transmit().expect("a registration");
+    let answered = w.ns(3).run_in(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        socket.send_to(&registration, to_relay).expect("send");
+        socket.recv_from(&mut [0u8; 1500]).is_ok()
+    });
+    assert!(
+        !answered,
+        "the relay answered a device that is not its user's friend"
+    );
+    let relay = w.status(2).expect("status")["relay"].clone();
+    assert!(
+        relay["drops"]["relay_unauthenticated"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{relay}"
+    );
+    assert!(
+        !relay["pairs"].to_string().contains(&user3),
+        "device 3 registered with the relay: {relay}"
+    );
+    let status = w.status(0).expect("status");
+    let three = World::peer(&status, &w.devices[3].user)
+        .cloned()
+        .unwrap_or_default();
+    assert_ne!(three["state"], "connected", "{three}");
 }
 
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
