@@ -834,6 +834,43 @@ mod tests {
     }
 
     #[test]
+    fn table_shows_what_the_device_relays_or_why_it_does_not() {
+        let mut s = sample();
+        s.relay = Some(RelayStatus {
+            endpoint: Some("203.0.113.7:51821".into()),
+            max_pairs: 16,
+            pairs: vec![RelayPair {
+                port: 40001,
+                ends: vec![
+                    "alice@example.org/laptop at 198.51.100.1:1024".into(),
+                    "(not registered)".into(),
+                ],
+                forwarded: 12,
+                bytes: 1200,
+                over_rate: 0,
+            }],
+            ..RelayStatus::default()
+        });
+        let t = render(&s);
+        assert!(
+            t.contains("relay at 203.0.113.7:51821  1 of 16 pairs\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "  pair on port 40001: alice@example.org/laptop at 198.51.100.1:1024 <-> \
+                 (not registered)  12 datagrams, 0 over the rate"
+            ),
+            "{t}"
+        );
+        s.relay = Some(RelayStatus {
+            problem: Some("no public IPv4 address".into()),
+            ..RelayStatus::default()
+        });
+        assert!(render(&s).contains("relay off: no public IPv4 address"));
+    }
+
+    #[test]
     fn table_shows_a_link_kept_while_the_peer_is_offline_on_xmpp() {
         let mut s = sample();
         let bob = &mut s.overlays[0].peers[0];
