@@ -9,12 +9,14 @@
 #   relay each device behind a symmetric NAT router (`masquerade fully-random`), so the
 #         link has to go through coturn;
 #   mapped as relay, but device a's router runs miniupnpd (UPnP IGD, NAT-PMP, PCP), so
-#         that ipop gets a port mapping and the link is direct through it.
+#         that ipop gets a port mapping and the link is direct through it;
+#   peer  as relay, but with no TURN server: a third device on the internet, a friend of
+#         both users with `[relay] enabled`, forwards for them.
 # For each pair it measures, over SETUP_RUNS runs, the time from "both daemons report
 # .xmpp.state == online" to the first ping reply across the overlay, and prints the median
 # beside the target (<= 1 s lan, <= 2 s cone and mapped, <= 5 s relay). Then it measures
 # iperf3 TCP throughput (1 stream) over the direct (cone), relayed and mapped links, with the
-# CPU that each daemon and coturn used meanwhile.
+# CPU that each daemon and coturn (or the relaying device) used meanwhile.
 #
 # The devices of a pair are XMPP contacts of each other: their rosters are written into
 # Prosody's data directory before it starts. Each run starts both daemons afresh (on a new
@@ -28,7 +30,7 @@
 #   SETUP_RUNS           runs per topology, median taken        (default 5)
 #   SETUP_IPERF_SECONDS  seconds per iperf3 run                 (default 10)
 #   SETUP_TIMEOUT        seconds to wait for "online", and again for the first reply (default 30)
-#   SETUP_TOPOLOGIES     which topologies to run          (default "lan cone relay mapped")
+#   SETUP_TOPOLOGIES     which topologies to run     (default "lan cone relay mapped peer")
 #   IPOP_BIN             ipop binary; if unset, target/release/ipop, (re)built with
 #                        `cargo build --release` when missing or older than the sources
 
@@ -37,7 +39,7 @@ set -euo pipefail
 RUNS=${SETUP_RUNS:-5}
 IPERF_SECONDS=${SETUP_IPERF_SECONDS:-10}
 TIMEOUT=${SETUP_TIMEOUT:-30}
-TOPOLOGIES=${SETUP_TOPOLOGIES:-lan cone relay mapped}
+TOPOLOGIES=${SETUP_TOPOLOGIES:-lan cone relay mapped peer}
 
 BENCH_NAME=setup
 # shellcheck source=bench/lib.sh
@@ -55,7 +57,7 @@ OVERLAY_A=10.78.0.1
 OVERLAY_B=10.78.0.2
 BASE_PORT=51820
 
-declare -A TARGET=([lan]=1 [cone]=2 [relay]=5 [mapped]=2)
+declare -A TARGET=([lan]=1 [cone]=2 [relay]=5 [mapped]=2 [peer]=5)
 
 TAG="$$"
 NS_PREFIX="ipsb$TAG-"
@@ -198,6 +200,12 @@ router mappedra 198.18.0.115 5 fully-random mappeda
 router mappedrb 198.18.0.116 6 fully-random mappedb
 nsx mappedra nft insert rule ip bench forward ct status dnat accept
 nsx mappedra nft insert rule ip bench input iifname wan ip saddr "{ $SERVER_IP, $SERVER_ALT_IP }" meta l4proto udp accept
+# peer: symmetric NATs again, and the relaying device on the internet.
+router peerra 198.18.0.117 7 fully-random peera
+router peerrb 198.18.0.118 8 fully-random peerb
+new_ns peerrelay
+attach peerrelay eth0 ppeerrelay
+ip -n "${NS_PREFIX}peerrelay" addr add 198.18.0.119/15 dev eth0
 
 # wait_tcp NS IP PORT WHAT: until a TCP connect succeeds (at most 20 s).
 wait_tcp() {
@@ -265,21 +273,33 @@ password() { printf 'pw-%s-secret' "$1"; }
 # directory name is percent-escaped, as Prosody's datamanager does).
 ROSTER_DIR=$PROSODY_DIR/data/${DOMAIN//./%2e}/roster
 mkdir -p "$ROSTER_DIR"
+# write_roster USER CONTACT...: USER's roster, every CONTACT with subscription "both".
 write_roster() {
-	cat >"$ROSTER_DIR/$1.dat" <<EOF
-return {
-	[false] = { version = 1; pending = {}; };
-	["$2@$DOMAIN"] = { subscription = "both"; groups = {}; };
-};
-EOF
+	local user=$1 contact
+	shift
+	{
+		echo 'return {'
+		echo '	[false] = { version = 1; pending = {}; };'
+		for contact in "$@"; do
+			echo "	[\"$contact@$DOMAIN\"] = { subscription = \"both\"; groups = {}; };"
+		done
+		echo '};'
+	} >"$ROSTER_DIR/$user.dat"
 }
 for topo in $TOPOLOGIES; do
-	[[ -n "${TARGET[$topo]:-}" ]] || die "unknown topology $topo (lan, cone, relay, mapped)"
+	[[ -n "${TARGET[$topo]:-}" ]] || die "unknown topology $topo (lan, cone, relay, mapped, peer)"
 	for u in "${topo}0" "${topo}1"; do
 		prosodyctl --config "$PROSODY_CFG" register "$u" "$DOMAIN" "$(password "$u")" >/dev/null
 	done
-	write_roster "${topo}0" "${topo}1"
-	write_roster "${topo}1" "${topo}0"
+	if [[ $topo == peer ]]; then
+		prosodyctl --config "$PROSODY_CFG" register peerr "$DOMAIN" "$(password peerr)" >/dev/null
+		write_roster peer0 peer1 peerr
+		write_roster peer1 peer0 peerr
+		write_roster peerr peer0 peer1
+	else
+		write_roster "${topo}0" "${topo}1"
+		write_roster "${topo}1" "${topo}0"
+	fi
 done
 log "starting Prosody on $SERVER_IP:$XMPP_PORT"
 ip netns exec "${NS_PREFIX}srv" prosody --config "$PROSODY_CFG" -F >"$PROSODY_DIR/prosody.out" 2>&1 &
@@ -404,6 +424,9 @@ address = "$addr"
 
 [nat]
 stun = ["$SERVER_IP:$TURN_PORT"]
+EOF
+	# The peer topology's devices have no TURN server: a friend relays.
+	[[ $user == peer* ]] || cat >>"$dir/ipop.toml" <<EOF
 
 [[nat.turn]]
 server = "$SERVER_IP:$TURN_PORT"
@@ -419,6 +442,21 @@ for topo in $TOPOLOGIES; do
 		"$IPOP" init --static "$dir/ipop.toml" >/dev/null
 	done
 done
+
+# The peer topology's relaying device: up once, for every run.
+RELAY_PID=""
+if [[ " $TOPOLOGIES " == *" peer "* ]]; then
+	dir=$WORKDIR/peerr
+	mkdir -p "$dir"
+	"$IPOP" init --static "$dir/ipop.toml" >/dev/null
+	write_config "$dir" peerr 10.78.0.3 51900 peer0 "$OVERLAY_A"
+	# Rates above what the lab can carry: the benchmark measures the forwarding, not the limits.
+	printf '\n[relay]\nenabled = true\npair_rate = 100000\ntotal_rate = 100000\n' >>"$dir/ipop.toml"
+	log "starting the relaying device of the peer topology"
+	ip netns exec "${NS_PREFIX}peerrelay" "$IPOP" up -c "$dir/ipop.toml" >>"$dir/ipop.log" 2>&1 &
+	RELAY_PID=$!
+	PIDS+=("$RELAY_PID")
+fi
 
 # status NS DIR: `ipop status --json` of the device (empty on error).
 status() {
@@ -503,16 +541,20 @@ iperf() {
 		[[ -n "$(nsx "${topo}b" ss -Hltn "sport = :5201")" ]] && break
 		sleep 0.1
 	done
-	for pid in "${DAEMON_PIDS[0]}" "${DAEMON_PIDS[1]}" "$TURN_PID"; do before+=("$(cpu_ticks "$pid")"); done
-	drops0=$(rcvbuf_drops srv)
+	# The third party of the path: coturn, or the device that relays on the peer topology.
+	local third=$TURN_PID third_ns=srv third_name=coturn
+	if [[ $topo == peer ]]; then third=$RELAY_PID third_ns=peerrelay third_name="relaying device"; fi
+	for pid in "${DAEMON_PIDS[0]}" "${DAEMON_PIDS[1]}" "$third"; do before+=("$(cpu_ticks "$pid")"); done
+	drops0=$(rcvbuf_drops "$third_ns")
 	t0=$EPOCHREALTIME
 	out=$(nsx "${topo}a" timeout $((IPERF_SECONDS + 30)) \
 		iperf3 -c "$OVERLAY_B" -p 5201 -t "$IPERF_SECONDS" -J 2>/dev/null || true)
-	for pid in "${DAEMON_PIDS[0]}" "${DAEMON_PIDS[1]}" "$TURN_PID"; do after+=("$(cpu_ticks "$pid")"); done
+	for pid in "${DAEMON_PIDS[0]}" "${DAEMON_PIDS[1]}" "$third"; do after+=("$(cpu_ticks "$pid")"); done
 	CPU[$topo]=$(awk -v t0="$t0" -v t1="$EPOCHREALTIME" -v hz="$(getconf CLK_TCK)" \
 		-v a="$((after[0] - before[0]))" -v b="$((after[1] - before[1]))" -v c="$((after[2] - before[2]))" \
-		'BEGIN { s = (t1 - t0) * hz / 100; printf "a %.0f%%, b %.0f%%, coturn %.0f%%", a / s, b / s, c / s }')
-	DROPS[$topo]=$(($(rcvbuf_drops srv) - drops0))
+		-v n="$third_name" \
+		'BEGIN { s = (t1 - t0) * hz / 100; printf "a %.0f%%, b %.0f%%, %s %.0f%%", a / s, b / s, n, c / s }')
+	DROPS[$topo]=$(($(rcvbuf_drops "$third_ns") - drops0))
 	stop_pids "$srv_pid"
 	IPERF_MBPS=$(jq -r '.end.sum_received.bits_per_second // empty | . / 1e6 | . * 10 | round / 10' \
 		<<<"$out" 2>/dev/null || true)
@@ -565,6 +607,7 @@ for topo in $TOPOLOGIES; do
 	cone) kind="cone NATs" ;;
 	relay) kind="symm. NATs" ;;
 	mapped) kind="symm. NATs" ;;
+	peer) kind="symm., friend" ;;
 	esac
 	printf '%-8s %-20s %7ss %7ss %7ss %6s s %-4s %10ss  %s\n' "$topo" "${PATHS[$topo]} ($kind)" \
 		"${MEDIAN[$topo]}" "${MIN[$topo]}" "${MAX[$topo]}" "<= ${TARGET[$topo]}" "$ok" \
@@ -574,6 +617,7 @@ echo
 direct=${THROUGHPUT[cone]:-}
 relayed=${THROUGHPUT[relay]:-}
 mapped=${THROUGHPUT[mapped]:-}
+peer=${THROUGHPUT[peer]:-}
 echo "iperf3 TCP throughput, 1 stream, ${IPERF_SECONDS} s (device a -> device b over the overlay)"
 printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s\n' "direct (cone NATs):" "${direct:-n/a}" "${CPU[cone]:-n/a}"
 printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s; coturn dropped %s datagrams (receive buffers full)\n' \
@@ -582,6 +626,12 @@ printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s\n' "mapped (symmetric NATs)
 if [[ -n "$direct" && -n "$relayed" ]]; then
 	awk -v d="$direct" -v r="$relayed" 'BEGIN {
 		if (d > 0) printf "  %-26s %10.2f\n", "relayed / direct:", r / d }'
+fi
+printf '  %-26s %10s Mbit/s   CPU (%% of a core): %s; the relaying device dropped %s datagrams (receive buffers full)\n' \
+	"peer-relayed (symm. NATs):" "${peer:-n/a}" "${CPU[peer]:-n/a}" "${DROPS[peer]:-n/a}"
+if [[ -n "$direct" && -n "$peer" ]]; then
+	awk -v d="$direct" -v p="$peer" 'BEGIN {
+		if (d > 0) printf "  %-26s %10.2f\n", "peer-relayed / direct:", p / d }'
 fi
 if [[ -n "$direct" && -n "$mapped" ]]; then
 	awk -v d="$direct" -v m="$mapped" 'BEGIN {

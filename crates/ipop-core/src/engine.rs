@@ -1747,6 +1747,38 @@ impl Engine {
         }
     }
 
+    /// Registers with friends' relays the sessions that found no direct path
+    /// [`PEER_RELAY_AFTER`] after they started: a link that has one never takes a relay's
+    /// pair.
+    fn relay_where_needed(&mut self, now: Instant) {
+        if self.relay_offers.is_empty() {
+            return;
+        }
+        let needed: Vec<(DeviceId, String, Side)> = self
+            .links
+            .iter()
+            .filter_map(|(device, link)| {
+                let s = link.session.as_ref()?;
+                let direct = chosen_pair(s).is_some_and(|(l, r)| {
+                    l.kind != CandidateKind::Relayed && r.kind != CandidateKind::Relayed
+                });
+                let due = now >= s.started + PEER_RELAY_AFTER;
+                let registered = self.peer_relays.iter().any(|r| &r.device == device);
+                (due && !direct && !registered).then(|| {
+                    let side = if s.initiator {
+                        Side::Initiator
+                    } else {
+                        Side::Responder
+                    };
+                    (device.clone(), s.id.clone(), side)
+                })
+            })
+            .collect();
+        for (device, session, side) in needed {
+            self.start_peer_relays(now, &device, &session, side);
+        }
+    }
+
     /// Registers, as `side` of `session` with `device`, with the relays that offered to
     /// forward for us (at most [`MAX_RELAYS_PER_SESSION`]), other than the two ends.
     fn start_peer_relays(&mut self, now: Instant, device: &DeviceId, session: &str, side: Side) {
@@ -1788,11 +1820,18 @@ impl Engine {
     /// go.
     fn drive_peer_relays(&mut self) {
         let links = &self.links;
+        // A registration goes with its session, and once the session found a direct path (the
+        // relay's pair then ends for want of registrations).
         self.peer_relays.retain(|r| {
             links
                 .get(&r.device)
                 .and_then(|l| l.session.as_ref())
-                .is_some_and(|s| s.id == r.session)
+                .is_some_and(|s| {
+                    let direct = chosen_pair(s).is_some_and(|(l, r)| {
+                        l.kind != CandidateKind::Relayed && r.kind != CandidateKind::Relayed
+                    });
+                    s.id == r.session && !direct
+                })
         });
         for r in &mut self.peer_relays {
             while let Some((destination, payload)) = r.client.poll_transmit() {
@@ -1868,7 +1907,6 @@ impl Engine {
             consent: ice::Consent::default(),
             restart,
         });
-        self.start_peer_relays(now, device, &id, Side::Initiator);
         self.signals.push_back(Outgoing {
             to: device.clone(),
             signal: Signal::Initiate { session: id, offer },
@@ -2046,7 +2084,6 @@ impl Engine {
                 restart,
             });
         }
-        self.start_peer_relays(now, &from, &session, Side::Responder);
         self.signals.push_back(Outgoing::new(
             from.clone(),
             Signal::Accept {
@@ -2110,6 +2147,7 @@ impl Engine {
             a.handle_timeout(now);
         }
         self.drive_gathering(now);
+        self.relay_where_needed(now);
         for r in &mut self.peer_relays {
             r.client.handle_timeout(now);
         }
@@ -2314,6 +2352,16 @@ impl Engine {
         }
         for r in &self.peer_relays {
             consider(r.client.poll_timeout());
+        }
+        if !self.relay_offers.is_empty() {
+            for (device, link) in &self.links {
+                if let Some(s) = &link.session
+                    && s.nominated.is_none()
+                    && !self.peer_relays.iter().any(|r| &r.device == device)
+                {
+                    consider(Some(s.started + PEER_RELAY_AFTER).filter(|t| clock.is_none_or(|c| *t > c)));
+                }
+            }
         }
         next
     }
@@ -2845,6 +2893,9 @@ struct PeerRelay {
 /// The ICE priority of a friend's relay as a remote candidate: a relayed candidate's (type
 /// preference 0), below every direct path.
 const PEER_RELAY_PRIORITY: u32 = (65_535 << 8) | 255;
+
+/// How long a session looks for a direct path before it registers with friends' relays.
+const PEER_RELAY_AFTER: Duration = Duration::from_millis(1500);
 
 /// The most relays one session registers with.
 const MAX_RELAYS_PER_SESSION: usize = 2;
