@@ -2359,7 +2359,9 @@ impl Engine {
                     && s.nominated.is_none()
                     && !self.peer_relays.iter().any(|r| &r.device == device)
                 {
-                    consider(Some(s.started + PEER_RELAY_AFTER).filter(|t| clock.is_none_or(|c| *t > c)));
+                    consider(
+                        Some(s.started + PEER_RELAY_AFTER).filter(|t| clock.is_none_or(|c| *t > c)),
+                    );
                 }
             }
         }
