@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ipop::status::{RelayPair, RelayStatus};
 use ipop_core::peer_relay::{PairVerdict, RelayLimits, RelayServer, TOKEN_LEN};
 use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
 /// How often pairs nobody registers for are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(5);
@@ -123,7 +123,9 @@ impl Relay {
 
 /// The control port's loop: registrations, new pairs' sockets, and the end of idle pairs.
 async fn serve(control: UdpSocket, server: Arc<Mutex<RelayServer>>) {
-    let mut pairs: HashMap<u16, JoinHandle<()>> = HashMap::new();
+    // The pairs' tasks end with this one (the set aborts them when dropped).
+    let mut tasks = JoinSet::new();
+    let mut pairs: HashMap<u16, AbortHandle> = HashMap::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     loop {
@@ -142,7 +144,7 @@ async fn serve(control: UdpSocket, server: Arc<Mutex<RelayServer>>) {
                     .and_then(|s| UdpSocket::from_std(s).ok())
                     && let Ok(local) = socket.local_addr()
                 {
-                    pairs.insert(local.port(), tokio::spawn(forward(socket, server.clone())));
+                    pairs.insert(local.port(), tasks.spawn(forward(socket, server.clone())));
                 }
                 if let Some(answer) = answer {
                     let _ = control.send_to(&answer, from).await;
@@ -154,6 +156,8 @@ async fn serve(control: UdpSocket, server: Arc<Mutex<RelayServer>>) {
                         task.abort();
                     }
                 }
+                // Reap the aborted ones.
+                while tasks.try_join_next().is_some() {}
             }
         }
     }
