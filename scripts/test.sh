@@ -23,6 +23,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v adduser >/dev/null || need+=(adduser)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v miniupnpd >/dev/null || need+=(miniupnpd-nftables)
+command -v natpmpc >/dev/null || need+=(natpmpc)
+command -v upnpc >/dev/null || need+=(miniupnpc)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -71,7 +71,10 @@ impl CoturnBuilder {
 
     /// Also listens on `ip` (a second address of the same interface) and answers RFC 5780's
     /// CHANGE-REQUEST from it and from the port after its own: what a NAT behaviour test (such
-    /// as miniupnpd's) needs. Off by default.
+    /// as miniupnpd's) needs. Off by default. coturn then answers STUN on four endpoints, both
+    /// addresses with [`Coturn::addr`]'s port and the next one ([`Coturn::stun_addrs`]); the
+    /// port is chosen so that both are free on both addresses, and [`CoturnBuilder::start`]
+    /// waits until all four answer.
     #[must_use]
     pub fn alt_ip(mut self, ip: IpAddr) -> CoturnBuilder {
         self.alt_ip = Some(ip);
@@ -143,7 +146,12 @@ impl CoturnBuilder {
         };
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let port = free_port(self.netns.as_ref(), self.ip);
+        // With an alternate address, coturn also listens on the next port, on both addresses.
+        let (ips, span) = match self.alt_ip {
+            Some(alt) => (vec![self.ip, alt], 2),
+            None => (vec![self.ip], 1),
+        };
+        let port = free_port(self.netns.as_ref(), &ips, span);
         let relay_ip = self.relay_ip.unwrap_or(self.ip);
         let relay_ports = relay_ports(self.netns.as_ref(), relay_ip);
         let tls_addr = self.tls.as_ref().map(|(ca, host)| {
@@ -152,14 +160,15 @@ impl CoturnBuilder {
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", tls_dir.display()));
             ca.write_server_files(&tls_dir, &[host]);
             let tls_port = (0..50)
-                .map(|_| free_port(self.netns.as_ref(), self.ip))
-                .find(|p| *p != port)
+                .map(|_| free_port(self.netns.as_ref(), &[self.ip], 1))
+                .find(|p| !(port..port + span).contains(p))
                 .unwrap_or_else(|| panic!("no second free port on {} for TLS", self.ip));
             SocketAddr::new(self.ip, tls_port)
         });
         let coturn = Coturn {
             daemon: None,
             addr: SocketAddr::new(self.ip, port),
+            alt_ip: self.alt_ip,
             tls_addr,
             relay_ip,
             relay_ports,
@@ -172,7 +181,7 @@ impl CoturnBuilder {
             dir,
             _scratch: scratch,
         };
-        let config = coturn.config_text(self.stale_nonce, self.alt_ip, &self.extra);
+        let config = coturn.config_text(self.stale_nonce, &self.extra);
         std::fs::write(&coturn.config, config)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", coturn.config.display()));
         coturn.launch()
@@ -190,6 +199,8 @@ pub struct Coturn {
     daemon: Option<Daemon>,
     netns: Option<NsHandle>,
     addr: SocketAddr,
+    /// [`CoturnBuilder::alt_ip`].
+    alt_ip: Option<IpAddr>,
     tls_addr: Option<SocketAddr>,
     relay_ip: IpAddr,
     relay_ports: RangeInclusive<u16>,
@@ -235,6 +246,23 @@ impl Coturn {
     #[must_use]
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Every endpoint it answers STUN on over UDP: [`Coturn::addr`] and, with
+    /// [`CoturnBuilder::alt_ip`], the alternate address with the same port and both addresses
+    /// with the next port (RFC 5780's other endpoints).
+    #[must_use]
+    pub fn stun_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = vec![self.addr];
+        if let Some(alt) = self.alt_ip {
+            let next = self.addr.port() + 1;
+            addrs.extend([
+                SocketAddr::new(alt, self.addr.port()),
+                SocketAddr::new(self.addr.ip(), next),
+                SocketAddr::new(alt, next),
+            ]);
+        }
+        addrs
     }
 
     /// Where clients reach it over TLS, when started with [`CoturnBuilder::tls`].
@@ -322,8 +350,13 @@ impl Coturn {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + COTURN_READY_TIMEOUT;
         let (addr, tls_addr) = (self.addr, self.tls_addr);
+        // The other RFC 5780 endpoints (with an alternate address) answer STUN over UDP too.
+        let others = self.stun_addrs().split_off(1);
         loop {
-            let probe = run_in(self.netns.as_ref(), move || probe(addr, tls_addr));
+            let probe = run_in(self.netns.as_ref(), || {
+                probe(addr, tls_addr)?;
+                others.iter().try_for_each(|other| stun_answers(*other))
+            });
             let last = match probe {
                 Ok(Ok(())) if self.tls_listening() => return,
                 Ok(Ok(())) => std::io::Error::other("no TLS listener in the log yet"),
@@ -368,12 +401,8 @@ impl Coturn {
         )
     }
 
-    fn config_text(
-        &self,
-        stale_nonce: Option<Duration>,
-        alt_ip: Option<IpAddr>,
-        extra: &[String],
-    ) -> String {
+    fn config_text(&self, stale_nonce: Option<Duration>, extra: &[String]) -> String {
+        let alt_ip = self.alt_ip;
         let dir = &self.dir;
         let mut s = String::new();
         // Writing to a String cannot fail.
@@ -470,6 +499,15 @@ pub fn sweep_stale_coturn() {
 /// Sends a STUN Binding request to `addr` and waits briefly for the answer, then connects over
 /// TCP, to `tls_addr` as well when given.
 fn probe(addr: SocketAddr, tls_addr: Option<SocketAddr>) -> std::io::Result<()> {
+    stun_answers(addr)?;
+    for addr in std::iter::once(addr).chain(tls_addr) {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    }
+    Ok(())
+}
+
+/// Sends a STUN Binding request to `addr` over UDP and waits briefly for the answer from there.
+fn stun_answers(addr: SocketAddr) -> std::io::Result<()> {
     let unspecified: IpAddr = if addr.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
@@ -484,13 +522,9 @@ fn probe(addr: SocketAddr, tls_addr: Option<SocketAddr>) -> std::io::Result<()> 
         let (n, from) = socket.recv_from(&mut answer)?;
         if from == addr && n >= 20 && answer[..2] == [0x01, 0x01] && answer[8..20] == request[8..20]
         {
-            break;
+            return Ok(());
         }
     }
-    for addr in std::iter::once(addr).chain(tls_addr) {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    }
-    Ok(())
 }
 
 /// A STUN Binding request (no attributes) whose transaction ID is made of this process's ID.
@@ -502,13 +536,23 @@ fn binding_request() -> [u8; 20] {
     request
 }
 
-/// A port free for both UDP and TCP on `ip` (inside `ns` when given) at the time of the call.
-fn free_port(ns: Option<&NsHandle>, ip: IpAddr) -> u16 {
-    let found = run_in(ns, move || {
+/// A port `p` such that the `span` ports from `p` are free for both UDP and TCP on every address
+/// of `ips` (inside `ns` when given) at the time of the call.
+fn free_port(ns: Option<&NsHandle>, ips: &[IpAddr], span: u16) -> u16 {
+    let found = run_in(ns, || {
+        let first = *ips.first().expect("an address to find a port on");
         for _ in 0..50 {
-            let udp = UdpSocket::bind((ip, 0))?;
-            let port = udp.local_addr()?.port();
-            if TcpListener::bind((ip, port)).is_ok() {
+            let port = UdpSocket::bind((first, 0))?.local_addr()?.port();
+            let Some(last) = port.checked_add(span - 1) else {
+                continue;
+            };
+            // Each socket is closed again at once: only whether it could be bound matters.
+            let free = (port..=last).all(|p| {
+                ips.iter().all(|ip| {
+                    UdpSocket::bind((*ip, p)).is_ok() && TcpListener::bind((*ip, p)).is_ok()
+                })
+            });
+            if free {
                 return Ok(port);
             }
         }
@@ -516,7 +560,7 @@ fn free_port(ns: Option<&NsHandle>, ip: IpAddr) -> u16 {
     });
     match found {
         Ok(Ok(port)) => port,
-        Ok(Err(e)) | Err(e) => panic!("cannot find a free port on {ip} for coturn: {e}"),
+        Ok(Err(e)) | Err(e) => panic!("cannot find a free port on {ips:?} for coturn: {e}"),
     }
 }
 

@@ -2,48 +2,87 @@
 //! UPnP IGD, NAT-PMP and PCP to the router's LAN, as a home router does.
 //!
 //! Two things stand between miniupnpd and the lab:
-//! - It refuses to map ports when its WAN address is reserved, and the lab's internet is
-//!   198.18.0.0/15. Told to check its address with STUN (`ext_perform_stun`), it runs an RFC 5780
-//!   test against the lab server's coturn (which answers from two addresses and two ports:
-//!   [`crate::CoturnBuilder::alt_ip`]) and maps ports once every answer came back to the
-//!   address it sent from. For the answers from the other address and port to get in, the router's
-//!   `input` chain takes UDP from the server ([`crate::Router`] does it while miniupnpd runs).
-//! - Its nftables backend writes rules into chains that must exist. They are the table
-//!   `inet miniupnpd`: a `forward` filter chain, and NAT chains that run just before the
-//!   router's own (`dstnat - 1` and `srcnat - 1`), so that a mapping's DNAT wins over the lab's
-//!   rules. The lab's `forward` chain already accepts DNATed traffic.
+//! - It refuses to map ports when its WAN address is reserved ("Reserved / private IP address
+//!   ... Port forwarding is impossible"), and the lab's internet is 198.18.0.0/15. Told to check
+//!   its address with STUN (`ext_perform_stun`), it runs an RFC 5780 test at start: four
+//!   Binding requests from four sockets, asking for answers from the same endpoint, the other
+//!   address, the other port and both. coturn on the lab server answers them when it listens
+//!   on both server addresses ([`crate::CoturnBuilder::alt_ip`]). When all four answers arrive
+//!   and the mapped address is its own, miniupnpd takes itself for a host behind a "full-cone
+//!   NAT 1:1" and maps ports ("Port forwarding is now enabled"). The answers from the other
+//!   address or port are not replies to anything conntrack saw, so the router's `input` chain
+//!   would drop them: while miniupnpd runs, the router takes UDP from the STUN server's four
+//!   endpoints (its set `@stun`, see [`crate::NatLab`]).
+//! - Its nftables backend writes rules into chains that must exist; it creates no table. They
+//!   are the table `inet miniupnpd` (the layout of Debian's `/etc/miniupnpd/nft_init.sh`):
 //!
-//! miniupnpd deletes its rules when it stops; the table goes on drop.
+//!   ```text
+//!   table inet miniupnpd {
+//!     chain forward { type filter hook forward priority filter; jump miniupnpd }
+//!     chain miniupnpd { }              # miniupnpd: accept what a mapping lets in
+//!     chain prerouting { type nat hook prerouting priority dstnat - 1; jump prerouting_miniupnpd }
+//!     chain prerouting_miniupnpd { }   # miniupnpd: one DNAT rule per mapping
+//!     chain postrouting { type nat hook postrouting priority srcnat - 1; jump postrouting_miniupnpd }
+//!     chain postrouting_miniupnpd { }  # miniupnpd: PCP PEER source NAT
+//!   }
+//!   ```
+//!
+//!   The NAT chains run just before the router's own (`ip ipop_lab`, at `dstnat` and `srcnat`),
+//!   so a mapping's DNAT wins over the lab's rules; the lab's `forward` chain accepts DNATed
+//!   traffic (`ct status dnat`), and the answers leave from the mapping's public port since
+//!   conntrack undoes the DNAT.
+//!
+//! miniupnpd does not delete its rules when it stops (SIGTERM: "shutting down MiniUPnPd"; it
+//! keeps them, with its lease file, for its next start): [`MiniUpnpd`]'s drop stops it by PID,
+//! then deletes the table, which takes the mappings with it, and closes the router to the STUN
+//! server again. A mapping that a client deletes (NAT-PMP lifetime 0, UPnP
+//! `DeletePortMapping`) goes at once.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::dir::TestDir;
-use crate::nat::Router;
-use crate::process::{Daemon, log_tail};
+use crate::nat::{Router, SERVER_ALT_IP, SERVER_IP, stun_replies};
+use crate::netns;
+use crate::process::{Daemon, STOP_TIMEOUT, log_tail};
 
 /// How long [`MiniUpnpdBuilder::start`] waits for the STUN test and the listeners.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
+pub const MINIUPNPD_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The table miniupnpd writes its rules into.
 const TABLE: &str = "miniupnpd";
+/// Its chains in [`TABLE`]: filter, DNAT and SNAT rules.
+const FORWARD_CHAIN: &str = "miniupnpd";
+const NAT_CHAIN: &str = "prerouting_miniupnpd";
+const POSTROUTING_CHAIN: &str = "postrouting_miniupnpd";
 /// Lines of its log in a panic message.
 const LOG_LINES: usize = 40;
+/// What its log says once it maps ports.
+const FORWARDING_ENABLED: &str = "Port forwarding is now enabled";
+/// What its log says when it will not map ports.
+const FORWARDING_OFF: [&str; 2] = [
+    "Port forwarding is impossible",
+    "Port forwarding is now disabled",
+];
 
 /// Options for a [`MiniUpnpd`] on a router ([`Router::miniupnpd`]).
 #[derive(Debug)]
 pub struct MiniUpnpdBuilder<'a> {
-    router: &'a mut Router,
+    router: &'a Router,
     stun: SocketAddr,
     upnp: bool,
     natpmp: bool,
 }
 
 impl Router {
-    /// miniupnpd for this router, checking its address with the STUN server `stun` (coturn on
-    /// the lab's server, answering on both server addresses).
-    pub fn miniupnpd(&mut self, stun: SocketAddr) -> MiniUpnpdBuilder<'_> {
+    /// miniupnpd for this router, checking its address with the STUN server `stun`: coturn on
+    /// the lab's server, started with [`crate::CoturnBuilder::alt_ip`] so that it answers from
+    /// both server addresses.
+    #[must_use]
+    pub fn miniupnpd(&self, stun: SocketAddr) -> MiniUpnpdBuilder<'_> {
         MiniUpnpdBuilder {
             router: self,
             stun,
@@ -68,31 +107,77 @@ impl MiniUpnpdBuilder<'_> {
         self
     }
 
-    /// Creates its table, opens the router to the STUN answers, starts miniupnpd and waits
-    /// until it says port forwarding is on and its listeners are up.
+    /// Creates its table, lets the STUN server's answers in, starts miniupnpd in the router's
+    /// namespace and waits until its log says port forwarding is on and its listeners are up.
     ///
     /// # Panics
-    /// When miniupnpd is missing, exits, says it cannot forward ports, or is not ready within
-    /// 15 s; the message carries its log.
+    /// When the table or the config cannot be written, miniupnpd cannot start, exits, says it
+    /// will not forward ports, or is not ready within [`MINIUPNPD_READY_TIMEOUT`]; the message
+    /// carries its log. Whatever was set up is undone as the panic unwinds.
     #[must_use]
     pub fn start(self) -> MiniUpnpd {
         let ns = self.router.ns().name().to_owned();
         let lan = self.router.lan_ip();
-        self.router.set_stun_replies(true);
-        create_table(&ns);
         let dir = TestDir::new("miniupnpd");
         let conf = dir.path().join("miniupnpd.conf");
-        let [a, b, c, _] = lan.octets();
+        std::fs::write(&conf, self.config_text(&dir))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
+        create_table(&ns);
+        // From here on, dropping it (a panic included) undoes what was done.
+        let mut upnpd = MiniUpnpd {
+            daemon: None,
+            ns,
+            lan,
+            stun_endpoints: Vec::new(),
+            log: dir.path().join("miniupnpd.log"),
+            _dir: dir,
+        };
+        let endpoints = stun_endpoints(self.stun);
+        if let Err(e) = stun_replies(&upnpd.ns, &endpoints, true) {
+            panic!("cannot let the STUN answers in: {e}");
+        }
+        upnpd.stun_endpoints = endpoints;
+        let mut cmd = self.router.ns().command("miniupnpd");
+        // A pid file of its own: with the default one, a second router's miniupnpd would take
+        // the first for itself and refuse to start. `-d`: in the foreground, logging to stderr.
+        cmd.arg("-f")
+            .arg(&conf)
+            .arg("-P")
+            .arg(upnpd._dir.path().join("miniupnpd.pid"))
+            .arg("-d");
+        upnpd.daemon = Some(Daemon::spawn("miniupnpd", cmd, &upnpd.log));
+        let mut expected = vec![FORWARDING_ENABLED];
+        if self.natpmp {
+            expected.push("Listening for NAT-PMP/PCP traffic");
+        }
+        if self.upnp {
+            expected.push("HTTP listening on port");
+        }
+        upnpd.wait_ready(&expected);
+        upnpd
+    }
+
+    /// The config file's text; the lease file goes into `dir`.
+    fn config_text(&self, dir: &TestDir) -> String {
+        let [a, b, c, _] = self.router.lan_ip().octets();
         let yes_no = |on: bool| if on { "yes" } else { "no" };
-        let text = format!(
-            "ext_ifname=wan\nlistening_ip=lan\n\
-             ext_perform_stun=yes\next_stun_host={stun_ip}\next_stun_port={stun_port}\n\
-             enable_upnp={upnp}\nenable_natpmp={natpmp}\n\
-             secure_mode=yes\nsystem_uptime=yes\n\
+        format!(
+            "# Written by ipop-lab for one test.\n\
+             ext_ifname=wan\n\
+             listening_ip=lan\n\
+             ext_perform_stun=yes\n\
+             ext_stun_host={stun_ip}\n\
+             ext_stun_port={stun_port}\n\
+             enable_upnp={upnp}\n\
+             enable_natpmp={natpmp}\n\
+             secure_mode=yes\n\
+             system_uptime=yes\n\
              lease_file={lease}\n\
-             upnp_table_name={TABLE}\nupnp_nat_table_name={TABLE}\n\
-             upnp_forward_chain=miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n\
-             upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
+             upnp_table_name={TABLE}\n\
+             upnp_nat_table_name={TABLE}\n\
+             upnp_forward_chain={FORWARD_CHAIN}\n\
+             upnp_nat_chain={NAT_CHAIN}\n\
+             upnp_nat_postrouting_chain={POSTROUTING_CHAIN}\n\
              allow 1024-65535 {a}.{b}.{c}.0/24 1024-65535\n\
              deny 0-65535 0.0.0.0/0 0-65535\n",
             stun_ip = self.stun.ip(),
@@ -100,54 +185,7 @@ impl MiniUpnpdBuilder<'_> {
             upnp = yes_no(self.upnp),
             natpmp = yes_no(self.natpmp),
             lease = dir.path().join("leases").display(),
-        );
-        std::fs::write(&conf, text)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
-        let log = dir.path().join("miniupnpd.log");
-        let mut cmd = Command::new("ip");
-        // A pid file of its own: with the default one, a second router's miniupnpd would
-        // take the first for itself and refuse to start.
-        cmd.args(["netns", "exec", &ns, "miniupnpd", "-f"])
-            .arg(&conf)
-            .arg("-P")
-            .arg(dir.path().join("miniupnpd.pid"))
-            .arg("-d");
-        let mut daemon = Daemon::spawn("miniupnpd", cmd, &log);
-        let mut expected = vec!["Port forwarding is now enabled"];
-        if self.natpmp {
-            expected.push("Listening for NAT-PMP/PCP traffic");
-        }
-        if self.upnp {
-            expected.push("HTTP listening on port");
-        }
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if expected.iter().all(|line| text.contains(line)) {
-                break;
-            }
-            let broken = [
-                "Port forwarding is impossible",
-                "Port forwarding is now disabled",
-            ]
-            .iter()
-            .any(|line| text.contains(line));
-            if broken || daemon.try_wait().is_some() || Instant::now() >= deadline {
-                drop_table(&ns);
-                panic!(
-                    "miniupnpd in {ns} is not ready to map ports (waited for {expected:?}):\n{}",
-                    log_tail(&log, LOG_LINES)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        MiniUpnpd {
-            daemon: Some(daemon),
-            ns,
-            lan,
-            log,
-            _dir: dir,
-        }
+        )
     }
 }
 
@@ -156,29 +194,45 @@ impl MiniUpnpdBuilder<'_> {
 pub struct Mapping {
     /// `udp` or `tcp`.
     pub protocol: &'static str,
+    /// The port on the router's public address.
     pub external_port: u16,
+    /// Where the router sends what arrives there.
     pub internal: SocketAddrV4,
 }
 
-/// A running miniupnpd, stopped on drop (by PID), its table deleted.
+/// A running miniupnpd on a lab router. Dropping it stops the process (SIGTERM, then SIGKILL
+/// after [`STOP_TIMEOUT`], by PID), deletes its table and closes the router to the STUN server
+/// again; when the thread is panicking, its log is printed and its directory kept.
 #[derive(Debug)]
 pub struct MiniUpnpd {
+    /// Stopped first; `None` only while starting.
     daemon: Option<Daemon>,
     /// The router's namespace.
     ns: String,
     lan: Ipv4Addr,
+    /// The STUN server endpoints let in through the router's `input` chain.
+    stun_endpoints: Vec<SocketAddrV4>,
     log: PathBuf,
+    /// Config, log, pid and lease files; dropped last.
     _dir: TestDir,
 }
 
 impl MiniUpnpd {
-    /// The port mappings in force: the DNAT rules of its table.
+    /// The port mappings in force: the DNAT rules of its table, read from nftables' JSON.
     ///
     /// # Panics
-    /// When nft cannot list the table.
+    /// When nft cannot list its chain or prints something other than nftables' JSON.
     #[must_use]
     pub fn mappings(&self) -> Vec<Mapping> {
-        parse_mappings(&self.rules())
+        let out = nft(&self.ns, &["-j", "list", "chain", "inet", TABLE, NAT_CHAIN]);
+        assert!(
+            out.status.success(),
+            "cannot list miniupnpd's rules in {}: {}",
+            self.ns,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        parse_mappings(&String::from_utf8_lossy(&out.stdout))
+            .unwrap_or_else(|e| panic!("cannot read miniupnpd's rules in {}: {e}", self.ns))
     }
 
     /// Its DNAT chain as `nft list chain` prints it, for messages.
@@ -187,10 +241,7 @@ impl MiniUpnpd {
     /// When nft cannot list the chain.
     #[must_use]
     pub fn rules(&self) -> String {
-        let out = nft(
-            &self.ns,
-            &["list", "chain", "inet", TABLE, "prerouting_miniupnpd"],
-        );
+        let out = nft(&self.ns, &["list", "chain", "inet", TABLE, NAT_CHAIN]);
         assert!(
             out.status.success(),
             "cannot list miniupnpd's rules in {}: {}",
@@ -206,100 +257,227 @@ impl MiniUpnpd {
         self.lan
     }
 
-    /// The last `n` lines of its log.
+    /// The PID of the miniupnpd process.
+    ///
+    /// # Panics
+    /// Never once [`MiniUpnpdBuilder::start`] has returned.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.daemon
+            .as_ref()
+            .map(Daemon::pid)
+            .expect("miniupnpd runs from start to drop")
+    }
+
+    /// The last `n` lines of its log (its stderr: it runs in the foreground with `-d`).
     #[must_use]
     pub fn log_tail(&self, n: usize) -> String {
         log_tail(&self.log, n)
     }
 
-    /// Stops it (SIGTERM, by PID) and deletes its table.
-    pub fn stop(mut self) {
-        self.shut();
+    /// Stops it and cleans up, as dropping it does.
+    pub fn stop(self) {
+        drop(self);
     }
 
-    fn shut(&mut self) {
-        if let Some(daemon) = self.daemon.take() {
-            drop(daemon);
-            drop_table(&self.ns);
+    /// Waits until the log has every line of `expected`.
+    ///
+    /// # Panics
+    /// When it says it will not forward ports, exits, or the time is up.
+    fn wait_ready(&mut self, expected: &[&str]) {
+        let deadline = Instant::now() + MINIUPNPD_READY_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if expected.iter().all(|line| text.contains(line)) {
+                return;
+            }
+            let refused = FORWARDING_OFF.iter().any(|line| text.contains(line));
+            let exited = self.daemon.as_mut().and_then(Daemon::try_wait);
+            if refused || exited.is_some() || Instant::now() >= deadline {
+                let why = match exited {
+                    Some(status) => format!("it exited ({status})"),
+                    None if refused => "it will not forward ports".to_owned(),
+                    None => format!("timed out after {MINIUPNPD_READY_TIMEOUT:?}"),
+                };
+                panic!(
+                    "miniupnpd in {} is not ready to map ports ({why}; waited for {expected:?}); \
+                     log {}:\n{}",
+                    self.ns,
+                    self.log.display(),
+                    log_tail(&self.log, LOG_LINES)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 impl Drop for MiniUpnpd {
     fn drop(&mut self) {
-        self.shut();
+        if let Some(mut daemon) = self.daemon.take() {
+            let (status, killed) = daemon.stop_within(STOP_TIMEOUT);
+            if killed {
+                eprintln!(
+                    "ipop-lab: miniupnpd in {} ignored SIGTERM for {STOP_TIMEOUT:?} and was \
+                     killed ({status}); log {}",
+                    self.ns,
+                    self.log.display()
+                );
+            }
+            // Dropping the daemon prints its log in a failing test.
+            drop(daemon);
+        }
+        // With the lab dropped first, the namespace (and all in it) is gone already.
+        if !netns::exists(&self.ns) {
+            return;
+        }
+        let out = nft(&self.ns, &["delete", "table", "inet", TABLE]);
+        if !out.status.success() {
+            eprintln!(
+                "ipop-lab: cannot delete table inet {TABLE} in {}: {}",
+                self.ns,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if !self.stun_endpoints.is_empty()
+            && let Err(e) = stun_replies(&self.ns, &self.stun_endpoints, false)
+        {
+            eprintln!("ipop-lab: cannot close the router to the STUN server again: {e}");
+        }
     }
 }
 
-/// The mappings in `nft list chain` output: each DNAT rule names the protocol, the external
-/// port (`dport`) and the internal endpoint (`dnat ip to A:P`), as in
-/// `iif "wan" @nh,72,8 0x11 th dport 51820 dnat ip to 192.168.1.2:51820`.
-fn parse_mappings(text: &str) -> Vec<Mapping> {
-    text.lines()
-        .filter_map(|line| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let after = |key: &str| {
-                words
-                    .iter()
-                    .position(|w| *w == key)
-                    .and_then(|i| words.get(i + 1))
-            };
-            // miniupnpd matches the IP header's protocol byte: `@nh,72,8 0x11` is UDP.
-            let protocol = match after("@nh,72,8").copied() {
-                Some("0x11") => "udp",
-                Some("0x6" | "0x06") => "tcp",
-                _ if words.contains(&"udp") => "udp",
-                _ => "tcp",
-            };
-            let external_port = after("dport")?.parse().ok()?;
-            let to = words.iter().position(|w| *w == "dnat")?;
-            let internal = words[to..]
-                .iter()
-                .find_map(|w| w.parse::<SocketAddrV4>().ok())?;
-            Some(Mapping {
-                protocol,
-                external_port,
-                internal,
-            })
-        })
+/// The endpoints an RFC 5780 test against `stun` gets answers from: its port and the next one,
+/// on its address and on the lab server's other address.
+fn stun_endpoints(stun: SocketAddr) -> Vec<SocketAddrV4> {
+    let IpAddr::V4(ip) = stun.ip() else {
+        panic!("miniupnpd's STUN server must have an IPv4 address (the lab is IPv4), not {stun}");
+    };
+    let alt = if ip == SERVER_ALT_IP {
+        SERVER_IP
+    } else {
+        SERVER_ALT_IP
+    };
+    let port = stun.port();
+    let next = port
+        .checked_add(1)
+        .unwrap_or_else(|| panic!("a STUN server on port {port} has no next port"));
+    [ip, alt]
+        .into_iter()
+        .flat_map(|ip| [port, next].map(|port| SocketAddrV4::new(ip, port)))
         .collect()
 }
 
+/// The mappings in `nft -j list chain` output (nftables' JSON): each DNAT rule matches the
+/// protocol and the external port and names the internal endpoint, as miniupnpd 2.3 writes
+/// `iif "wan" @nh,72,8 0x11 th dport 51820 dnat ip to 192.168.1.2:51820` (the IP header's
+/// protocol byte, 17 for UDP, 6 for TCP). Rules of any other shape are skipped.
+fn parse_mappings(json: &str) -> Result<Vec<Mapping>, String> {
+    let doc: Value = serde_json::from_str(json).map_err(|e| format!("not JSON ({e}): {json}"))?;
+    let items = doc["nftables"]
+        .as_array()
+        .ok_or_else(|| format!("no \"nftables\" array in {json}"))?;
+    Ok(items
+        .iter()
+        .filter_map(|item| item["rule"]["expr"].as_array())
+        .filter_map(|exprs| mapping_of(exprs))
+        .collect())
+}
+
+/// The mapping a DNAT rule's expressions describe.
+fn mapping_of(exprs: &[Value]) -> Option<Mapping> {
+    let mut protocol = None;
+    let mut external_port = None;
+    let mut internal = None;
+    for expr in exprs {
+        let m = &expr["match"];
+        let (left, right) = (&m["left"], &m["right"]);
+        let payload = &left["payload"];
+        // The protocol: miniupnpd's `@nh,72,8` (the IP header's protocol byte), or what nft
+        // may print instead, `ip protocol` or `meta l4proto`.
+        let protocol_byte =
+            payload["base"] == "nh" && payload["offset"] == 72 && payload["len"] == 8;
+        if protocol_byte
+            || payload["protocol"] == "ip" && payload["field"] == "protocol"
+            || left["meta"]["key"] == "l4proto"
+        {
+            protocol = ip_protocol(right).or(protocol);
+        } else if payload["field"] == "dport" {
+            external_port = right.as_u64().and_then(|p| u16::try_from(p).ok());
+            protocol = ip_protocol(&payload["protocol"]).or(protocol);
+        }
+        let dnat = &expr["dnat"];
+        if let (Some(addr), Some(port)) = (dnat["addr"].as_str(), dnat["port"].as_u64()) {
+            internal = Some(SocketAddrV4::new(
+                addr.parse().ok()?,
+                u16::try_from(port).ok()?,
+            ));
+        }
+    }
+    Some(Mapping {
+        protocol: protocol?,
+        external_port: external_port?,
+        internal: internal?,
+    })
+}
+
+/// `udp` or `tcp` from a protocol number or name in nftables' JSON.
+fn ip_protocol(value: &Value) -> Option<&'static str> {
+    match (value.as_u64(), value.as_str()) {
+        (Some(17), _) | (_, Some("udp")) => Some("udp"),
+        (Some(6), _) | (_, Some("tcp")) => Some("tcp"),
+        _ => None,
+    }
+}
+
 /// `nft ARGS` in namespace `ns`.
+///
+/// # Panics
+/// When nft cannot be started.
 fn nft(ns: &str, args: &[&str]) -> Output {
     Command::new("ip")
         .args(["netns", "exec", ns, "nft"])
         .args(args)
+        .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run nft in {ns}: {e}"))
 }
 
+/// Creates [`TABLE`] with the chains miniupnpd writes into (see the module doc).
+///
+/// # Panics
+/// When nft refuses it.
 fn create_table(ns: &str) {
     let script = format!(
         "table inet {TABLE} {{
-  chain forward {{ type filter hook forward priority filter; policy accept; jump miniupnpd; }}
-  chain miniupnpd {{ }}
-  chain prerouting {{ type nat hook prerouting priority -101; policy accept; jump prerouting_miniupnpd; }}
-  chain postrouting {{ type nat hook postrouting priority 99; policy accept; jump postrouting_miniupnpd; }}
-  chain prerouting_miniupnpd {{ }}
-  chain postrouting_miniupnpd {{ }}
+  chain {FORWARD_CHAIN} {{ }}
+  chain {NAT_CHAIN} {{ }}
+  chain {POSTROUTING_CHAIN} {{ }}
+  chain forward {{ type filter hook forward priority filter; policy accept; jump {FORWARD_CHAIN}; }}
+  chain prerouting {{ type nat hook prerouting priority dstnat - 1; policy accept; jump {NAT_CHAIN}; }}
+  chain postrouting {{ type nat hook postrouting priority srcnat - 1; policy accept; jump {POSTROUTING_CHAIN}; }}
 }}
 "
     );
-    let path = std::env::temp_dir().join(format!("ipop-lab-{ns}-{TABLE}.nft"));
-    std::fs::write(&path, script)
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    let out = nft(ns, &["-f", &path.to_string_lossy()]);
-    let _ = std::fs::remove_file(&path);
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                std::io::Write::write_all(&mut stdin, script.as_bytes())?;
+            }
+            child.wait_with_output()
+        })
+        .unwrap_or_else(|e| panic!("cannot run nft in {ns}: {e}"));
     assert!(
         out.status.success(),
-        "nft refused miniupnpd's table in {ns}: {}",
+        "nft refused miniupnpd's table in {ns} ({}):\n{}\nrules:\n{script}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn drop_table(ns: &str) {
-    let _ = nft(ns, &["delete", "table", "inet", TABLE]);
 }
 
 #[cfg(test)]
@@ -308,22 +486,54 @@ mod tests {
 
     #[test]
     fn mappings_are_read_from_the_dnat_rules() {
-        let text = "table inet miniupnpd {\n\tchain prerouting_miniupnpd {\n\
-            \t\tiif \"wan\" @nh,72,8 0x11 th dport 51820 dnat ip to 192.168.1.2:51820\n\
-            \t\tiif \"wan\" @nh,72,8 0x6 th dport 8080 dnat ip to 192.168.1.3:80\n\t}\n}\n";
+        // `nft -j list chain inet miniupnpd prerouting_miniupnpd` with miniupnpd 2.3.1's rules
+        // for a NAT-PMP UDP mapping and a TCP one, and a rule of another shape.
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"chain": {"family": "inet", "table": "miniupnpd", "name": "prerouting_miniupnpd"}},
+            {"rule": {"family": "inet", "table": "miniupnpd", "chain": "prerouting_miniupnpd",
+              "handle": 14, "expr": [
+                {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "wan"}},
+                {"match": {"op": "==", "left": {"payload": {"base": "nh", "offset": 72, "len": 8}}, "right": 17}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 60421}},
+                {"dnat": {"family": "ip", "addr": "192.168.1.2", "port": 60421}}]}},
+            {"rule": {"family": "inet", "table": "miniupnpd", "chain": "prerouting_miniupnpd",
+              "handle": 15, "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}},
+                {"dnat": {"family": "ip", "addr": "192.168.1.3", "port": 80}}]}},
+            {"rule": {"family": "inet", "table": "miniupnpd", "chain": "prerouting_miniupnpd",
+              "handle": 16, "expr": [{"counter": {"packets": 0, "bytes": 0}}]}}]}"#;
         assert_eq!(
-            parse_mappings(text),
+            parse_mappings(json).expect("nftables JSON"),
             [
                 Mapping {
                     protocol: "udp",
-                    external_port: 51820,
-                    internal: "192.168.1.2:51820".parse().unwrap(),
+                    external_port: 60421,
+                    internal: "192.168.1.2:60421".parse().unwrap(),
                 },
                 Mapping {
                     protocol: "tcp",
                     external_port: 8080,
                     internal: "192.168.1.3:80".parse().unwrap(),
                 },
+            ]
+        );
+        assert!(parse_mappings("table inet miniupnpd {}").is_err());
+    }
+
+    #[test]
+    fn the_stun_test_is_answered_from_two_addresses_and_two_ports() {
+        let stun = SocketAddr::new(IpAddr::V4(SERVER_IP), 3478);
+        let endpoints: Vec<String> = stun_endpoints(stun)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                "198.18.0.10:3478",
+                "198.18.0.10:3479",
+                "198.18.0.11:3478",
+                "198.18.0.11:3479"
             ]
         );
     }

@@ -17,13 +17,15 @@
 //! public ip.port), `@hp` (public ip.port → internal ip.port) and `@used` (public ports in use).
 //! A full cone forwards inbound UDP through `@hp`; so does hairpinning, which then source-NATs
 //! through `@eim`. Everything else from the internet is dropped unless conntrack knows it as a
-//! reply. `k` counts routers and public devices in order, `r` counts routers (from 1).
+//! reply, or is UDP to the router itself from an endpoint of the set `@stun` (empty unless the
+//! router runs miniupnpd, whose STUN test needs it: [`crate::MiniUpnpd`]). `k` counts routers
+//! and public devices in order, `r` counts routers (from 1).
 //! A router's IPv4 forwarding is on and reverse-path filtering is loose; IPv6 is off in every
 //! namespace of the lab.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::process::Stdio;
 use std::thread;
 
@@ -40,6 +42,10 @@ pub const INTERNET_PREFIX_LEN: u8 = 15;
 
 /// nftables table of a router.
 const TABLE: &str = "ipop_lab";
+/// The set of STUN server endpoints (`ipv4_addr . inet_service`) whose UDP the router's
+/// `input` chain takes on the WAN side even when conntrack does not know it as an answer: empty
+/// unless miniupnpd runs ([`stun_replies`]).
+const STUN_SET: &str = "stun";
 /// How long the `@eim`, `@hp` and `@used` entries live after their last packet: the kernel's
 /// default timeout of an established UDP flow.
 const MAPPING_TIMEOUT_SECS: u32 = 120;
@@ -152,9 +158,6 @@ pub struct Router {
     udp_blocked: bool,
     /// How many times [`Router::rebind`] gave the router new public ports.
     rebinds: u16,
-    /// Whether UDP from the lab's server gets in on the WAN side unasked: the answers of an
-    /// RFC 5780 STUN test (miniupnpd's, see [`crate::MiniUpnpd`]).
-    stun_replies: bool,
 }
 
 /// The public ports of a router after its `n`th rebinding (from 1): a range of its own, so that
@@ -206,12 +209,6 @@ impl Router {
     /// When nftables refuses the new rules.
     pub fn set_udp_blocked(&mut self, blocked: bool) {
         self.udp_blocked = blocked;
-        self.apply();
-    }
-
-    /// Lets UDP from the lab's server in on the WAN side (or stops it again).
-    pub(crate) fn set_stun_replies(&mut self, on: bool) {
-        self.stun_replies = on;
         self.apply();
     }
 
@@ -370,13 +367,6 @@ impl Router {
             }
             let _ = writeln!(post, "{outbound} masquerade fully-random");
         }
-        let stun_replies = if self.stun_replies {
-            format!(
-                "iifname {WAN} ip saddr {{ {SERVER_IP}, {SERVER_ALT_IP} }} meta l4proto udp accept"
-            )
-        } else {
-            String::new()
-        };
         let block = if self.udp_blocked {
             "meta l4proto udp counter drop".to_owned()
         } else {
@@ -393,6 +383,7 @@ impl Router {
   map eim {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; flags dynamic,timeout; }}
   map hp {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; flags dynamic,timeout; }}
   set used {{ type inet_service; flags dynamic,timeout; }}
+  set {STUN_SET} {{ type ipv4_addr . inet_service; }}
   chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
   chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
   chain record {{ type filter hook postrouting priority 300; policy accept; }}
@@ -424,7 +415,7 @@ table ip {TABLE} {{
   chain input {{
     iifname {WAN} ct state established,related accept
     iifname {WAN} icmp type echo-request accept
-    {stun_replies}
+    iifname {WAN} ip saddr . udp sport @{STUN_SET} accept
     iifname {WAN} counter drop
     {hairpin_off}
   }}
@@ -664,7 +655,6 @@ impl NatLab {
             hairpin: site.hairpin,
             udp_blocked: site.nat == Nat::UdpBlocked,
             rebinds: 0,
-            stun_replies: false,
         };
         router.apply();
         self.routers.push(router);
@@ -675,6 +665,47 @@ impl NatLab {
             self.devices
                 .push(device(name, dev, ip, Some(index), public_ip));
         }
+    }
+}
+
+/// Lets UDP from the STUN server `endpoints` in through the WAN side of the router whose
+/// namespace is `router_ns` (`on`), or stops it again, by adding them to (removing them from)
+/// its set `stun`; the rest of its rules are left alone.
+///
+/// An RFC 5780 test (miniupnpd's at start: [`crate::MiniUpnpd`]) asks the server to answer from
+/// its other address and port. Those answers come from endpoints the router never sent to, so
+/// conntrack does not take them for replies and the `input` chain would drop them, and the test
+/// would conclude that the router sits behind a restrictive NAT. Only the router's own sockets
+/// see them: forwarded traffic does not pass `input`.
+///
+/// # Errors
+/// nft's message when it fails (say, the namespace is gone).
+pub(crate) fn stun_replies(
+    router_ns: &str,
+    endpoints: &[SocketAddrV4],
+    on: bool,
+) -> Result<(), String> {
+    let elements: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{} . {}", e.ip(), e.port()))
+        .collect();
+    let verb = if on { "add" } else { "delete" };
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", router_ns, "nft", verb, "element", "ip", TABLE, STUN_SET,
+        ])
+        .arg(format!("{{ {} }}", elements.join(", ")))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run nft in {router_ns}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft {verb} element {TABLE} {STUN_SET} in {router_ns} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
