@@ -75,6 +75,7 @@ pub struct MiniUpnpdBuilder<'a> {
     stun: SocketAddr,
     upnp: bool,
     natpmp: bool,
+    pcp: bool,
 }
 
 impl Router {
@@ -88,6 +89,7 @@ impl Router {
             stun,
             upnp: true,
             natpmp: true,
+            pcp: true,
         }
     }
 }
@@ -107,6 +109,16 @@ impl MiniUpnpdBuilder<'_> {
         self
     }
 
+    /// Whether PCP requests reach it; on by default. miniupnpd serves PCP and NAT-PMP together
+    /// ([`MiniUpnpdBuilder::natpmp`]); off, its table drops PCP requests (version 2 in the
+    /// first byte on port 5351) in the router's `input`, so that it speaks NAT-PMP only, as an
+    /// older router does.
+    #[must_use]
+    pub fn pcp(mut self, on: bool) -> Self {
+        self.pcp = on;
+        self
+    }
+
     /// Creates its table, lets the STUN server's answers in, starts miniupnpd in the router's
     /// namespace and waits until its log says port forwarding is on and its listeners are up.
     ///
@@ -122,7 +134,7 @@ impl MiniUpnpdBuilder<'_> {
         let conf = dir.path().join("miniupnpd.conf");
         std::fs::write(&conf, self.config_text(&dir))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
-        create_table(&ns);
+        create_table(&ns, self.pcp);
         // From here on, dropping it (a panic included) undoes what was done.
         let mut upnpd = MiniUpnpd {
             daemon: None,
@@ -447,9 +459,16 @@ fn nft(ns: &str, args: &[&str]) -> Output {
 ///
 /// # Panics
 /// When nft refuses it.
-fn create_table(ns: &str) {
+fn create_table(ns: &str, pcp: bool) {
+    // The first byte of a UDP payload is bits 64..72 past the transport header's start.
+    let no_pcp = if pcp {
+        ""
+    } else {
+        "  chain input { type filter hook input priority filter - 1; policy accept; udp dport 5351 @th,64,8 2 counter drop; }\n"
+    };
     let script = format!(
         "table inet {TABLE} {{
+{no_pcp}
   chain {FORWARD_CHAIN} {{ }}
   chain {NAT_CHAIN} {{ }}
   chain {POSTROUTING_CHAIN} {{ }}

@@ -597,14 +597,16 @@ fn stun_and_turn_servers_can_come_from_the_xmpp_server_alone() {
     );
 }
 
-/// Runs miniupnpd on device 0's router, serving UPnP IGD and, with `natpmp`, NAT-PMP and PCP.
-fn port_mapping_router(w: &mut World, natpmp: bool) -> MiniUpnpd {
+/// Runs miniupnpd on device 0's router, serving UPnP IGD and, with `natpmp`, NAT-PMP and (with
+/// `pcp`) PCP.
+fn port_mapping_router(w: &mut World, natpmp: bool, pcp: bool) -> MiniUpnpd {
     let stun = w.coturn.addr();
     let name = w.lab.devices[0].name.clone();
     w.lab
         .router_of_mut(&name)
         .miniupnpd(stun)
         .natpmp(natpmp)
+        .pcp(pcp)
         .start()
 }
 
@@ -706,8 +708,19 @@ fn a_symmetric_nat_that_maps_the_port_by_pcp_links_directly() {
         "npcp",
         vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
     );
-    let upnp = port_mapping_router(&mut w, true);
+    let upnp = port_mapping_router(&mut w, true, true);
     linked_through_the_mapping(&mut w, &upnp, "PCP");
+}
+
+/// A router that answers NAT-PMP but not PCP: ipop falls back to NAT-PMP.
+#[test]
+fn a_symmetric_nat_that_maps_the_port_by_nat_pmp_links_directly() {
+    let mut w = World::new(
+        "nnpmp",
+        vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
+    );
+    let upnp = port_mapping_router(&mut w, true, false);
+    linked_through_the_mapping(&mut w, &upnp, "NAT-PMP");
 }
 
 /// With NAT-PMP and PCP off on the router, ipop falls back to UPnP IGD.
@@ -717,7 +730,7 @@ fn a_symmetric_nat_that_maps_the_port_by_upnp_links_directly() {
         "nupnp",
         vec![Site::new(Nat::Symmetric), Site::new(Nat::Symmetric)],
     );
-    let upnp = port_mapping_router(&mut w, false);
+    let upnp = port_mapping_router(&mut w, false, false);
     linked_through_the_mapping(&mut w, &upnp, "UPnP");
 }
 
@@ -733,7 +746,7 @@ fn a_port_mapping_is_renewed_and_follows_a_new_address() {
     let config = std::fs::read_to_string(w.config(0)).expect("config");
     let config = config.replace("[nat]\n", "[nat]\nport_mapping_lifetime = \"20s\"\n");
     std::fs::write(w.config(0), config).expect("config written");
-    let upnp = port_mapping_router(&mut w, false);
+    let upnp = port_mapping_router(&mut w, false, false);
     linked(&mut w, Duration::from_secs(30));
     let (old, ifname) = {
         let host = &w.lab.devices[0].host;
