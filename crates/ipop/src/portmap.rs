@@ -443,7 +443,9 @@ impl PortMapper {
         if let Some((stop, task)) = self.stop {
             let _ = stop.send(());
             if tokio::time::timeout(DELETE_TIMEOUT, task).await.is_err() {
-                tracing::warn!("the port mapping was not deleted on the gateway in time");
+                tracing::warn!(
+                    "the port mapper did not finish in time: a mapping may be left on the gateway until its lifetime ends"
+                );
             }
         }
     }
@@ -494,7 +496,11 @@ async fn keep(
                 &status,
                 PortMapStatus::none("no IPv4 default gateway".into()),
             ),
-            (None, Some(r)) if Instant::now() >= next_try => match map(r, port, lifetime).await {
+            // Asking can take seconds (every protocol's timeout): stopping does not wait for it.
+            (None, Some(r)) if Instant::now() >= next_try => match tokio::select! {
+                granted = map(r, port, lifetime) => granted,
+                _ = &mut stop => return,
+            } {
                 Ok(m) => {
                     tracing::info!(
                         protocol = %m.protocol, gateway = %m.gateway, external = %m.external,
