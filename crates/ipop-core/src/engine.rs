@@ -1759,9 +1759,7 @@ impl Engine {
             .iter()
             .filter_map(|(device, link)| {
                 let s = link.session.as_ref()?;
-                let direct = chosen_pair(s).is_some_and(|(l, r)| {
-                    l.kind != CandidateKind::Relayed && r.kind != CandidateKind::Relayed
-                });
+                let direct = has_direct_path(s);
                 let due = now >= s.started + PEER_RELAY_AFTER;
                 let registered = self.peer_relays.iter().any(|r| &r.device == device);
                 (due && !direct && !registered).then(|| {
@@ -1826,12 +1824,7 @@ impl Engine {
             links
                 .get(&r.device)
                 .and_then(|l| l.session.as_ref())
-                .is_some_and(|s| {
-                    let direct = chosen_pair(s).is_some_and(|(l, r)| {
-                        l.kind != CandidateKind::Relayed && r.kind != CandidateKind::Relayed
-                    });
-                    s.id == r.session && !direct
-                })
+                .is_some_and(|s| s.id == r.session && !has_direct_path(s))
         });
         for r in &mut self.peer_relays {
             while let Some((destination, payload)) = r.client.poll_transmit() {
@@ -2901,6 +2894,12 @@ const PEER_RELAY_AFTER: Duration = Duration::from_millis(1500);
 
 /// The most relays one session registers with.
 const MAX_RELAYS_PER_SESSION: usize = 2;
+
+/// Whether a session's nominated pair goes through no relay (ours, the peer's or a friend's).
+fn has_direct_path(s: &Session) -> bool {
+    chosen_pair(s)
+        .is_some_and(|(l, r)| l.kind != CandidateKind::Relayed && r.kind != CandidateKind::Relayed)
+}
 
 /// The nominated pair of a session as candidates (with their types).
 fn chosen_pair(s: &Session) -> Option<(Candidate, Candidate)> {

@@ -102,11 +102,13 @@ fn password(token: &[u8; TOKEN_LEN], pair: &PairId, side: Side) -> String {
     hex(&digest[..16])
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hexadecimal: how pair IDs, keys and a relay's token are written.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+/// Exactly `N` bytes in hexadecimal; `None` for any other text.
+pub fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     if text.len() != 2 * N || !text.is_ascii() {
         return None;
     }

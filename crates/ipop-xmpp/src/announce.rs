@@ -5,7 +5,7 @@
 use crate::{NS_IPOP, NS_LINK};
 use ipop_core::PublicKey;
 use ipop_core::osn::{Claim, RelayOffer};
-use ipop_core::peer_relay::TOKEN_LEN;
+use ipop_core::peer_relay::{self, TOKEN_LEN};
 use std::fmt;
 use std::net::Ipv4Addr;
 use tokio_xmpp::minidom::{Element, rxml::xml_ncname};
@@ -70,7 +70,7 @@ pub fn payloads(key: &PublicKey, claim: Option<Claim>, relay: Option<&RelayOffer
         }
     }
     if let Some(relay) = relay {
-        let token: String = relay.token.iter().map(|b| format!("{b:02x}")).collect();
+        let token = peer_relay::hex(&relay.token);
         ipop = ipop.append(
             Element::builder("relay", NS_IPOP)
                 .attr(xml_ncname!("endpoint").into(), relay.endpoint.to_string())
@@ -154,14 +154,7 @@ fn read_claim(ipop: &Element) -> Result<Option<Claim>, BadClaim> {
 fn read_relay(ipop: &Element) -> Option<RelayOffer> {
     let relay = ipop.get_child("relay", NS_IPOP)?;
     let endpoint = relay.attr("endpoint")?.parse().ok()?;
-    let text = relay.attr("token")?;
-    let mut token = [0; TOKEN_LEN];
-    if text.len() != 2 * TOKEN_LEN || !text.is_ascii() {
-        return None;
-    }
-    for (i, byte) in token.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-    }
+    let token = peer_relay::unhex::<TOKEN_LEN>(relay.attr("token")?)?;
     Some(RelayOffer { endpoint, token })
 }
 
