@@ -44,6 +44,7 @@ use crate::osn::{
 };
 use crate::peer_relay::{ClientEvent, RelayClient, Side};
 use crate::plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses, Plans};
+use crate::punch::{self, NatMapping, PunchStats, Sprayer};
 use crate::stun::{BindingEvent, StunBinding};
 use crate::turn::{CHANNEL_DATA_HEADER, TurnAllocation, TurnCredentials, TurnEvent, TurnInput};
 use ipnet::IpNet;
@@ -133,6 +134,8 @@ pub struct LinkStatus {
     /// The device is offline on XMPP: WireGuard alone keeps the link, until it hears nothing
     /// from the device for 3 minutes.
     pub offline: bool,
+    /// The chosen pair was found by hole punching ([`crate::punch`]).
+    pub punched: bool,
 }
 
 struct Session {
@@ -149,9 +152,55 @@ struct Session {
     restart: bool,
     /// Consent freshness of the nominated pair while traffic goes out unanswered.
     consent: ice::Consent,
+    /// Hole punching to or from a NAT that maps each destination anew ([`punch`]).
+    punch: Punch,
+    /// Whether punching found the path this session uses.
+    punched: bool,
+}
+
+/// Where a session stands in hole punching ([`punch`]).
+#[derive(Debug, Default)]
+enum Punch {
+    #[default]
+    Idle,
+    /// The hard side asked the data plane for sockets `set`, to probe `targets` from.
+    Opening { set: u64, targets: Vec<SocketAddr> },
+    /// The hard side's sockets wait for a probe until `until`.
+    Open { ports: Vec<u16>, until: Instant },
+    /// The easy side probes the hard side's ports.
+    Spraying(Sprayer),
+    /// Punched, given up, or not possible.
+    Over,
+}
+
+/// What the data plane is asked to do with its extra UDP sockets, which the hard side of hole
+/// punching probes from ([`punch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketOrder {
+    /// Open `count` IPv4 UDP sockets on ports the system picks, and report their ports with
+    /// [`Engine::sockets_opened`] and `set`.
+    Open { set: u64, count: usize },
+    /// Close these sockets.
+    Close { ports: Vec<u16> },
+}
+
+/// An encrypted datagram that [`Engine::handle_tun`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wire {
+    pub destination: SocketAddr,
+    pub len: usize,
+    /// It goes over the TCP connection to a TURN server rather than over UDP.
+    pub stream: bool,
+    /// It leaves from the extra socket with this port rather than the main one.
+    pub source: Option<u16>,
 }
 
 impl Session {
+    /// Whether this session punched or is punching, on either side.
+    fn punch_started(&self) -> bool {
+        !matches!(self.punch, Punch::Idle)
+    }
+
     /// The session's candidates, local then remote.
     fn candidates(&self) -> (Vec<Candidate>, Vec<Candidate>) {
         let read = |c: is::Candidate| ice::from_agent(&c);
@@ -187,6 +236,9 @@ struct Link {
     used: Instant,
     /// Whether traffic was held for it since the last [`Engine::handle_timeout`].
     demanded: bool,
+    /// The port of the extra socket that hole punching found a path through, kept while the
+    /// link is: every session of the link offers it as a host candidate.
+    socket: Option<u16>,
 }
 
 /// A device as its presences describe it: its key, and the overlays it was seen through.
@@ -331,6 +383,13 @@ pub struct Engine {
     timers: Option<Option<Instant>>,
     /// Room to copy a datagram before it is wrapped for a relay.
     relay_scratch: Vec<u8>,
+    /// Orders for the data plane's extra sockets.
+    socket_orders: VecDeque<SocketOrder>,
+    /// The extra sockets open, by port, and the device each serves.
+    extra_ports: HashMap<u16, DeviceId>,
+    /// Peer endpoints reached from an extra socket (a punched path), and its port.
+    punched: HashMap<SocketAddr, u16>,
+    punch_stats: PunchStats,
     /// How many devices' links were settled: tests check that an event looks at few.
     #[cfg(test)]
     settled: usize,
@@ -406,6 +465,10 @@ impl Engine {
             kicked: true,
             timers: None,
             relay_scratch: vec![0; 65535 + 32],
+            socket_orders: VecDeque::new(),
+            extra_ports: HashMap::new(),
+            punched: HashMap::new(),
+            punch_stats: PunchStats::default(),
             #[cfg(test)]
             settled: 0,
         }
@@ -447,13 +510,7 @@ impl Engine {
     /// handshake initiation in ChannelData). A datagram for a bound TURN channel is encrypted
     /// behind room for the ChannelData header, which is then written in front of it: nothing is
     /// copied.
-    /// The third value says whether the datagram goes over the TCP connection to a TURN
-    /// server rather than over UDP.
-    pub fn handle_tun(
-        &mut self,
-        packet: &mut [u8],
-        out: &mut [u8],
-    ) -> Option<(SocketAddr, usize, bool)> {
+    pub fn handle_tun(&mut self, packet: &mut [u8], out: &mut [u8]) -> Option<Wire> {
         let relays = &self.relays;
         let sent = self
             .node
@@ -476,7 +533,17 @@ impl Engine {
             }
         };
         let Some(r) = o.via else {
-            return Some((o.destination, o.len, false));
+            let source = if self.punched.is_empty() {
+                None
+            } else {
+                self.punched.get(&o.destination).copied()
+            };
+            return Some(Wire {
+                destination: o.destination,
+                len: o.len,
+                stream: false,
+                source,
+            });
         };
         let Some(relay) = self.relays.get_mut(r) else {
             self.drops.count(DropReason::NoEndpoint);
@@ -490,7 +557,12 @@ impl Engine {
             relay.encapsulate(o.destination, &self.relay_scratch[..o.len], out)
         };
         match framed {
-            Ok(n) => Some((relay.server(), n, relay.transport() != IceTransport::Udp)),
+            Ok(n) => Some(Wire {
+                destination: relay.server(),
+                len: n,
+                stream: relay.transport() != IceTransport::Udp,
+                source: None,
+            }),
             Err(e) => {
                 tracing::debug!(peer = %o.destination, "cannot relay: {e}");
                 self.drops.count(DropReason::NoEndpoint);
@@ -553,6 +625,7 @@ impl Engine {
                         destination: o.destination,
                         via: o.via,
                         stream: false,
+                        source: None,
                         payload: out[o.start..o.start + o.len].to_vec(),
                     }),
                     Err(Unsent::Handled) => {}
@@ -583,6 +656,9 @@ impl Engine {
         }
         if classify(datagram) == DatagramKind::Stun {
             self.kick();
+            if self.take_probe(now, local, from, datagram) {
+                return None;
+            }
             if let Some(id) = crate::stun::transaction_id(datagram) {
                 if let Some(b) = self.bindings.iter_mut().find(|b| b.owns_transaction(&id)) {
                     b.handle_response(now, from, datagram);
@@ -603,7 +679,7 @@ impl Engine {
             return None;
         }
         let delivered = self.node.handle_udp(from, None, datagram, out);
-        self.follow_roams(now);
+        self.follow_roams(now, Some(local));
         self.release_held();
         delivered
     }
@@ -611,9 +687,14 @@ impl Engine {
     /// Takes note of peers that roamed off a quiet path: a relay they now come through gets
     /// a channel, and the move is logged. The agent keeps its nominated pair; only a new
     /// nomination (a working pair) moves the endpoint again, so it never goes back to the
-    /// dead path on its own.
-    fn follow_roams(&mut self, now: Instant) {
+    /// dead path on its own. `local` is where the datagram that moved it arrived, unless it came
+    /// through a relay: a peer heard on an extra socket is answered from it.
+    fn follow_roams(&mut self, now: Instant, local: Option<SocketAddr>) {
         while let Some((index, endpoint, via)) = self.node.poll_roamed() {
+            match local.filter(|l| via.is_none() && self.extra_ports.contains_key(&l.port())) {
+                Some(l) => self.punched.insert(endpoint, l.port()),
+                None => self.punched.remove(&endpoint),
+            };
             if let Some(relay) = via.and_then(|r| self.relays.get_mut(r))
                 && let Err(e) = relay.bind_channel(now, endpoint)
             {
@@ -723,7 +804,7 @@ impl Engine {
                     }
                     _ => {
                         let delivered = self.node.handle_udp(peer, Some(r), inner, out);
-                        self.follow_roams(now);
+                        self.follow_roams(now, None);
                         self.release_held();
                         delivered
                     }
@@ -771,9 +852,13 @@ impl Engine {
             now,
             &device,
             link,
-            &mut self.relays,
-            &mut self.node,
-            &mut self.transmits,
+            Io {
+                relays: &mut self.relays,
+                node: &mut self.node,
+                transmits: &mut self.transmits,
+                extra_ports: &self.extra_ports,
+                punched: &mut self.punched,
+            },
         );
         self.release_held();
     }
@@ -1592,6 +1677,7 @@ impl Engine {
                 idle,
                 used: now,
                 demanded: false,
+                socket: None,
             },
         );
         if let Some((id, offer, at)) = self.pending.remove(device)
@@ -1832,6 +1918,7 @@ impl Engine {
                     destination,
                     via: None,
                     stream: false,
+                    source: None,
                     payload,
                 });
             }
@@ -1864,6 +1951,330 @@ impl Engine {
         }
     }
 
+    /// How the NAT in front of this device maps its port, as the STUN servers saw it over
+    /// IPv4.
+    pub fn nat_mapping(&self) -> NatMapping {
+        NatMapping::from_observations(
+            self.bindings
+                .iter()
+                .filter(|b| b.server().is_ipv4())
+                .filter_map(StunBinding::mapped_address),
+        )
+    }
+
+    /// What hole punching did since start.
+    pub fn punch_stats(&self) -> PunchStats {
+        self.punch_stats
+    }
+
+    /// The next order for the data plane's extra sockets.
+    pub fn poll_socket_order(&mut self) -> Option<SocketOrder> {
+        self.socket_orders.pop_front()
+    }
+
+    /// Offers the extra socket that a link's punching found, if any, to a new session of it.
+    fn add_kept_socket(&self, agent: &mut IceAgent, device: &DeviceId) {
+        let Some(port) = self.links.get(device).and_then(|l| l.socket) else {
+            return;
+        };
+        if let Some(&host) = self.hosts.iter().find(|h| h.is_ipv4())
+            && let Ok(c) = is::Candidate::host(SocketAddr::new(host.ip(), port), "udp")
+        {
+            agent.add_local_candidate(c);
+        }
+    }
+
+    /// The public IPv4 server-reflexive endpoints among a session's remote candidates: where
+    /// the other side's NAT maps its port.
+    fn reflexive_targets(s: &Session) -> Vec<SocketAddr> {
+        let mut targets: Vec<SocketAddr> = s
+            .agent
+            .remote_candidates()
+            .filter(|c| c.kind() == is::CandidateKind::ServerReflexive)
+            .map(|c| c.addr())
+            .filter(|a| a.is_ipv4() && !is_private(a.ip()))
+            .collect();
+        targets.sort();
+        targets.dedup();
+        targets.truncate(4);
+        targets
+    }
+
+    /// On a device whose NAT maps each destination anew: asks for sockets to punch from, for
+    /// the sessions that found no direct path [`punch::PUNCH_AFTER`] after they started.
+    fn punch_where_needed(&mut self, now: Instant) {
+        if !self.online || self.nat_mapping() != NatMapping::Dependent {
+            return;
+        }
+        let mut wanted = Vec::new();
+        for (device, link) in &mut self.links {
+            let Some(s) = link.session.as_mut() else {
+                continue;
+            };
+            if link.offline
+                || !matches!(s.punch, Punch::Idle)
+                || now < s.started + punch::PUNCH_AFTER
+                || has_direct_path(s)
+            {
+                continue;
+            }
+            let targets = Self::reflexive_targets(s);
+            if targets.is_empty() {
+                s.punch = Punch::Over;
+                tracing::debug!(%device, "no direct path, and the other side has no public endpoint to punch to");
+                continue;
+            }
+            wanted.push((device.clone(), targets));
+        }
+        for (device, targets) in wanted {
+            let set = self.next_random();
+            if let Some(s) = self.links.get_mut(&device).and_then(|l| l.session.as_mut()) {
+                s.punch = Punch::Opening { set, targets };
+                self.socket_orders.push_back(SocketOrder::Open {
+                    set,
+                    count: punch::SOCKETS,
+                });
+            }
+        }
+    }
+
+    /// The data plane opened the extra sockets of `set` on `ports`: each sends a probe to the
+    /// other side's endpoints, and the other side is asked to probe back.
+    pub fn sockets_opened(&mut self, now: Instant, set: u64, ports: Vec<u16>) {
+        self.kick();
+        let found = self.links.iter_mut().find_map(|(device, link)| {
+            let s = link.session.as_mut()?;
+            matches!(&s.punch, Punch::Opening { set: x, .. } if *x == set).then_some((device, s))
+        });
+        let Some((device, s)) = found else {
+            self.socket_orders.push_back(SocketOrder::Close { ports });
+            return;
+        };
+        let Punch::Opening { targets, .. } = std::mem::take(&mut s.punch) else {
+            return;
+        };
+        let probe = punch::probe(&s.id);
+        self.punch_stats.sockets += ports.len() as u64;
+        self.punch_stats.probes += (ports.len() * targets.len()) as u64;
+        for &port in &ports {
+            self.extra_ports.insert(port, device.clone());
+            for &destination in &targets {
+                self.transmits.push_back(Transmit {
+                    destination,
+                    via: None,
+                    stream: false,
+                    source: Some(port),
+                    payload: probe.to_vec(),
+                });
+            }
+        }
+        tracing::info!(%device, sockets = ports.len(), ?targets, "no direct path and this NAT maps each destination anew: punching");
+        s.punch = Punch::Open {
+            ports,
+            until: now + punch::SOCKET_LIFETIME,
+        };
+        self.signals.push_back(Outgoing::new(
+            device.clone(),
+            Signal::Punch {
+                session: s.id.clone(),
+            },
+        ));
+    }
+
+    /// A probe of a session being punched: on an extra socket, the path is found (the socket
+    /// becomes a host candidate of the session, and the others close); on the main socket,
+    /// the other side's probe came through, which ICE's checks follow. Returns whether the
+    /// datagram was a probe.
+    fn take_probe(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> bool {
+        if datagram.len() != 20 || datagram.get(..2) != Some(&[0x00, 0x11]) {
+            return false;
+        }
+        let Some(device) = self.extra_ports.get(&local.port()).cloned() else {
+            return self.links.values().any(|l| {
+                l.session
+                    .as_ref()
+                    .is_some_and(|s| s.punch_started() && punch::is_probe(datagram, &s.id))
+            });
+        };
+        let host = self.hosts.iter().find(|h| h.is_ipv4()).map(|h| h.ip());
+        let Some(link) = self.links.get_mut(&device) else {
+            return false;
+        };
+        let Some(s) = link.session.as_mut() else {
+            return false;
+        };
+        if !punch::is_probe(datagram, &s.id) {
+            return false;
+        }
+        let port = local.port();
+        let Punch::Open { ports, .. } = &s.punch else {
+            return true;
+        };
+        if !ports.contains(&port) {
+            return true;
+        }
+        let mut closed: Vec<u16> = ports.iter().copied().filter(|&p| p != port).collect();
+        s.punch = Punch::Over;
+        s.punched = true;
+        self.punch_stats.punched += 1;
+        let ip = if local.ip().is_unspecified() {
+            host
+        } else {
+            Some(local.ip())
+        };
+        if let Some(ip) = ip
+            && let Ok(c) = is::Candidate::host(SocketAddr::new(ip, port), "udp")
+        {
+            s.agent.add_local_candidate(c);
+            s.agent.handle_timeout(now);
+        }
+        tracing::info!(%device, %from, port, "a probe came through both NATs: punched");
+        if let Some(old) = link.socket.replace(port)
+            && old != port
+        {
+            closed.push(old);
+        }
+        self.close_sockets(closed);
+        if let Some(link) = self.links.get_mut(&device) {
+            drive_link(
+                now,
+                &device,
+                link,
+                Io {
+                    relays: &mut self.relays,
+                    node: &mut self.node,
+                    transmits: &mut self.transmits,
+                    extra_ports: &self.extra_ports,
+                    punched: &mut self.punched,
+                },
+            );
+        }
+        true
+    }
+
+    /// Sprays the probes that are due, and ends the punching that is over: sockets that no
+    /// probe reached in time, sprays whose session found a direct path. Extra sockets that no
+    /// link or punching holds any more close.
+    fn drive_punches(&mut self, now: Instant) {
+        let mut closed = Vec::new();
+        for (device, link) in &mut self.links {
+            let Some(s) = link.session.as_mut() else {
+                continue;
+            };
+            let direct = has_direct_path(s);
+            match &mut s.punch {
+                Punch::Open { ports, until } if now >= *until => {
+                    tracing::info!(%device, "no probe came through in {:?}: punching failed", punch::SOCKET_LIFETIME);
+                    closed.append(ports);
+                    s.punch = Punch::Over;
+                    self.punch_stats.failed += 1;
+                }
+                Punch::Spraying(sprayer) => {
+                    if direct {
+                        tracing::info!(%device, probes = sprayer.sent(), "a direct path: probing ends");
+                        s.punched = true;
+                        s.punch = Punch::Over;
+                        self.punch_stats.punched += 1;
+                        continue;
+                    }
+                    let probe = punch::probe(&s.id);
+                    for destination in sprayer.poll_burst(now) {
+                        self.punch_stats.probes += 1;
+                        self.transmits.push_back(Transmit {
+                            destination,
+                            via: None,
+                            stream: false,
+                            source: None,
+                            payload: probe.to_vec(),
+                        });
+                    }
+                    if sprayer.done() {
+                        tracing::info!(%device, probes = sprayer.sent(), target = %sprayer.target(), "every probe went out");
+                        s.punch = Punch::Over;
+                        self.punch_stats.failed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.extra_ports.is_empty() {
+            self.close_sockets(closed);
+            return;
+        }
+        let links = &self.links;
+        let held = |port: u16, device: &DeviceId| {
+            links.get(device).is_some_and(|l| {
+                l.socket == Some(port)
+                    || l.session.as_ref().is_some_and(
+                        |s| matches!(&s.punch, Punch::Open { ports, .. } if ports.contains(&port)),
+                    )
+            })
+        };
+        closed.extend(
+            self.extra_ports
+                .iter()
+                .filter(|(port, device)| !held(**port, device))
+                .map(|(port, _)| *port),
+        );
+        self.close_sockets(closed);
+    }
+
+    /// Closes extra sockets, and forgets the paths through them.
+    fn close_sockets(&mut self, mut ports: Vec<u16>) {
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.is_empty() {
+            return;
+        }
+        for port in &ports {
+            self.extra_ports.remove(port);
+        }
+        self.punched.retain(|_, p| !ports.contains(p));
+        self.socket_orders.push_back(SocketOrder::Close { ports });
+    }
+
+    /// The other side, behind a NAT that maps each destination anew, opened sockets for
+    /// `session` and asks for probes.
+    fn spray(&mut self, now: Instant, from: &DeviceId, session: &str) {
+        let mapping = self.nat_mapping();
+        let seed = self.next_random();
+        let Some(s) = self
+            .links
+            .get_mut(from)
+            .and_then(|l| l.session.as_mut())
+            .filter(|s| s.id == session)
+        else {
+            self.drops.count(DropReason::UnknownSignal);
+            return;
+        };
+        if mapping == NatMapping::Dependent {
+            tracing::info!(device = %from, "both NATs map each destination anew: no punching");
+            if let Punch::Open { ports, .. } = std::mem::take(&mut s.punch) {
+                self.close_sockets(ports);
+            }
+            if let Some(s) = self.links.get_mut(from).and_then(|l| l.session.as_mut()) {
+                s.punch = Punch::Over;
+            }
+            return;
+        }
+        if has_direct_path(s) || !matches!(s.punch, Punch::Idle) {
+            return;
+        }
+        let Some(target) = Self::reflexive_targets(s).first().map(SocketAddr::ip) else {
+            tracing::debug!(device = %from, "asked to probe, but the device has no public endpoint");
+            return;
+        };
+        tracing::info!(device = %from, %target, budget = punch::PROBES, "probing the device's ports");
+        s.punch = Punch::Spraying(Sprayer::new(target, now, seed));
+        self.kick();
+    }
+
     fn offer(&self, agent: &IceAgent) -> LinkOffer {
         let creds = agent.local_credentials();
         LinkOffer {
@@ -1880,7 +2291,8 @@ impl Engine {
     /// Opens a session to `device` (an ICE restart when the link keeps its WireGuard peer).
     fn initiate(&mut self, now: Instant, device: &DeviceId) {
         let id = format!("{:016x}", self.next_random());
-        let agent = self.new_agent(true);
+        let mut agent = self.new_agent(true);
+        self.add_kept_socket(&mut agent, device);
         let offer = self.offer(&agent);
         let Some(link) = self.links.get_mut(device) else {
             return;
@@ -1899,6 +2311,8 @@ impl Engine {
             lost: None,
             consent: ice::Consent::default(),
             restart,
+            punch: Punch::Idle,
+            punched: false,
         });
         self.signals.push_back(Outgoing {
             to: device.clone(),
@@ -1970,6 +2384,7 @@ impl Engine {
                     None => self.drops.count(DropReason::UnknownSignal),
                 }
             }
+            Signal::Punch { session } => self.spray(now, &from, &session),
             Signal::Terminate { session, reason } => {
                 if self.is_current_session(&from, &session) {
                     let why = match reason {
@@ -2055,6 +2470,7 @@ impl Engine {
         // A new offer replaces the session we had, if any (an ICE restart when its path was
         // lost); the WireGuard peer, whose key the check above confirmed, stays.
         let mut agent = self.new_agent(false);
+        self.add_kept_socket(&mut agent, &from);
         apply_remote(&mut agent, &offer);
         agent.handle_timeout(now);
         let answer = self.offer(&agent);
@@ -2075,6 +2491,8 @@ impl Engine {
                 lost: None,
                 consent: ice::Consent::default(),
                 restart,
+                punch: Punch::Idle,
+                punched: false,
             });
         }
         self.signals.push_back(Outgoing::new(
@@ -2141,6 +2559,8 @@ impl Engine {
         }
         self.drive_gathering(now);
         self.relay_where_needed(now);
+        self.punch_where_needed(now);
+        self.drive_punches(now);
         for r in &mut self.peer_relays {
             r.client.handle_timeout(now);
         }
@@ -2268,9 +2688,13 @@ impl Engine {
                 now,
                 device,
                 link,
-                &mut self.relays,
-                &mut self.node,
-                &mut self.transmits,
+                Io {
+                    relays: &mut self.relays,
+                    node: &mut self.node,
+                    transmits: &mut self.transmits,
+                    extra_ports: &self.extra_ports,
+                    punched: &mut self.punched,
+                },
             );
         }
         self.release_held();
@@ -2346,6 +2770,17 @@ impl Engine {
         for r in &self.peer_relays {
             consider(r.client.poll_timeout());
         }
+        let hard = self.nat_mapping() == NatMapping::Dependent;
+        for s in self.links.values().filter_map(|l| l.session.as_ref()) {
+            match &s.punch {
+                Punch::Idle if hard => consider(
+                    Some(s.started + punch::PUNCH_AFTER).filter(|t| clock.is_none_or(|c| *t > c)),
+                ),
+                Punch::Open { until, .. } => consider(Some(*until)),
+                Punch::Spraying(sprayer) => consider(sprayer.poll_timeout()),
+                _ => {}
+            }
+        }
         if !self.relay_offers.is_empty() {
             for (device, link) in &self.links {
                 if let Some(s) = &link.session
@@ -2365,11 +2800,14 @@ impl Engine {
     /// then WireGuard control messages. What goes through a relay comes out wrapped for it.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         loop {
-            let t = self
+            let mut t = self
                 .transmits
                 .pop_front()
                 .or_else(|| self.node.poll_transmit())?;
             let Some(r) = t.via else {
+                if t.source.is_none() && !self.punched.is_empty() {
+                    t.source = self.punched.get(&t.destination).copied();
+                }
                 return Some(t);
             };
             let Some(relay) = self.relays.get_mut(r) else {
@@ -2390,6 +2828,7 @@ impl Engine {
                         destination: server,
                         via: None,
                         stream,
+                        source: None,
                         payload,
                     });
                 }
@@ -2402,6 +2841,7 @@ impl Engine {
                         destination: relay.server(),
                         via: None,
                         stream: relay.transport() != IceTransport::Udp,
+                        source: None,
                         payload: out,
                     });
                 }
@@ -2457,6 +2897,7 @@ impl Engine {
                     destination: server,
                     via: None,
                     stream: false,
+                    source: None,
                     payload,
                 });
             }
@@ -2480,6 +2921,7 @@ impl Engine {
                     destination: server,
                     via: None,
                     stream,
+                    source: None,
                     payload,
                 });
             }
@@ -2568,6 +3010,10 @@ impl Engine {
                     .as_ref()
                     .is_some_and(|s| s.restart && s.nominated.is_none()),
                 offline: link.offline,
+                punched: link
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.punched && has_direct_path(s)),
             })
             .collect()
     }
@@ -2798,16 +3244,20 @@ fn host_routes(p: &crate::plan::PeerAddresses) -> Vec<IpNet> {
 
 /// Takes what one link's ICE agent has to send and to say: its checks, a lost or found path,
 /// the pair it nominated (which moves the WireGuard peer there).
-fn drive_link(
-    now: Instant,
-    device: &DeviceId,
-    link: &mut Link,
-    relays: &mut [TurnAllocation],
-    node: &mut Node,
-    transmits: &mut VecDeque<Transmit>,
-) {
+fn drive_link(now: Instant, device: &DeviceId, link: &mut Link, io: Io<'_>) {
+    let Io {
+        relays,
+        node,
+        transmits,
+        extra_ports,
+        punched,
+    } = io;
     let Some(s) = link.session.as_mut() else {
         return;
+    };
+    // What leaves from an extra socket (whose host candidate has its port) goes through it.
+    let extra = |source: SocketAddr, via: Option<usize>| {
+        (via.is_none() && extra_ports.contains_key(&source.port())).then_some(source.port())
     };
     while let Some(t) = s.agent.poll_transmit() {
         let via = relays
@@ -2817,6 +3267,7 @@ fn drive_link(
             destination: t.destination,
             via,
             stream: false,
+            source: extra(t.source, via),
             payload: t.contents.to_vec(),
         });
     }
@@ -2844,6 +3295,10 @@ fn drive_link(
             {
                 tracing::debug!(%destination, "no TURN channel: {e}");
             }
+            match extra(source, via) {
+                Some(port) => punched.insert(destination, port),
+                None => punched.remove(&destination),
+            };
             if let Some(index) = link.peer {
                 node.set_endpoint(index, destination, via);
             }
@@ -2851,6 +3306,15 @@ fn drive_link(
             link.last_error = None;
         }
     }
+}
+
+/// What [`drive_link`] sends through and moves: the engine's parts beside the links.
+struct Io<'a> {
+    relays: &'a mut [TurnAllocation],
+    node: &'a mut Node,
+    transmits: &'a mut VecDeque<Transmit>,
+    extra_ports: &'a HashMap<u16, DeviceId>,
+    punched: &'a mut HashMap<SocketAddr, u16>,
 }
 
 /// When a session whose path was lost restarts ICE: at once on the side that opened it (the
@@ -3338,7 +3802,11 @@ mod tests {
         let bob_for_alice = numbers(0)[&w.devs[1].id];
         let alice_for_bob = numbers(1)[&w.devs[0].id];
         let mut p = ipv4([10, 78, 0, 1], bob_for_alice.octets(), b"hi bob");
-        let (dst, n, _) = w.devs[0]
+        let Wire {
+            destination: dst,
+            len: n,
+            ..
+        } = w.devs[0]
             .engine
             .handle_tun(&mut p, &mut wire)
             .expect("routed");
@@ -3805,7 +4273,7 @@ mod tests {
         let mut inner = vec![0u8; 2048];
         // Bob to Alice in the group they share: delivered.
         let mut p = ipv4(moved.octets(), contested.octets(), b"hi");
-        let (_, n, _) = w.devs[1]
+        let Wire { len: n, .. } = w.devs[1]
             .engine
             .handle_tun(&mut p, &mut wire)
             .expect("routed");
@@ -3873,7 +4341,11 @@ mod tests {
         let target = w.devs[i].engine.memory().social_numbers[&w.devs[j].id];
         let mut p = ipv4(own.octets(), target.octets(), payload);
         let mut wire = vec![0u8; 2048];
-        let (to, n, _) = w.devs[i]
+        let Wire {
+            destination: to,
+            len: n,
+            ..
+        } = w.devs[i]
             .engine
             .handle_tun(&mut p, &mut wire)
             .expect("routed");

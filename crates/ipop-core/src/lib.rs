@@ -16,6 +16,7 @@ pub mod osn;
 pub mod packet;
 pub mod peer_relay;
 pub mod plan;
+pub mod punch;
 pub mod route;
 pub mod stun;
 #[cfg(test)]

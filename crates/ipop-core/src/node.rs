@@ -112,6 +112,8 @@ pub struct Transmit {
     /// Whether it goes over the TCP connection to `destination` (a TURN server reached over
     /// TCP) rather than over UDP.
     pub stream: bool,
+    /// The port of the extra socket it leaves from (a punched path), rather than the main one.
+    pub source: Option<u16>,
     pub payload: Vec<u8>,
 }
 
@@ -971,6 +973,7 @@ impl Node {
                     destination: from,
                     via,
                     stream: false,
+                    source: None,
                     payload: reply,
                 });
                 self.flush_queued(index);
@@ -1060,6 +1063,7 @@ impl Node {
                 destination,
                 via: peer.via,
                 stream: false,
+                source: None,
                 payload: datagram.to_vec(),
             });
         }
@@ -1077,6 +1081,7 @@ impl Node {
                     destination: from,
                     via,
                     stream: false,
+                    source: None,
                     payload: reply[..len].to_vec(),
                 });
                 false
@@ -1186,6 +1191,7 @@ impl Node {
                             destination,
                             via: peer.via,
                             stream: false,
+                            source: None,
                             payload,
                         });
                     }

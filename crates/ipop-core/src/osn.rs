@@ -198,6 +198,9 @@ pub enum Signal {
         session: String,
         candidates: Vec<Candidate>,
     },
+    /// Asks the other side to probe our ports: we opened sockets to punch through our NAT
+    /// ([`crate::punch`]; Jingle `transport-info` with ipop's `<punch/>`).
+    Punch { session: String },
     /// Ends a session (Jingle `session-terminate`).
     Terminate {
         session: String,
@@ -211,6 +214,7 @@ impl Signal {
             Signal::Initiate { session, .. }
             | Signal::Accept { session, .. }
             | Signal::Candidates { session, .. }
+            | Signal::Punch { session }
             | Signal::Terminate { session, .. } => session,
         }
     }

@@ -29,6 +29,8 @@ const MAX_FOUNDATION: usize = 32;
 
 /// The name of the one content of an ipop link session.
 const CONTENT_NAME: &str = "link";
+/// ipop's payload of a `transport-info` that asks for probes ([`Signal::Punch`]).
+const PUNCH: &str = "punch";
 
 /// Why an incoming Jingle payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +61,7 @@ fn action_of(signal: &Signal) -> Action {
     match signal {
         Signal::Initiate { .. } => Action::SessionInitiate,
         Signal::Accept { .. } => Action::SessionAccept,
-        Signal::Candidates { .. } => Action::TransportInfo,
+        Signal::Candidates { .. } | Signal::Punch { .. } => Action::TransportInfo,
         Signal::Terminate { .. } => Action::SessionTerminate,
     }
 }
@@ -88,6 +90,13 @@ pub fn to_element(signal: &Signal, me: &Jid) -> (Element, usize) {
             let (transport, n) = transport(None, candidates);
             left_out = n;
             jingle = jingle.add_content(content().with_transport(transport));
+        }
+        Signal::Punch { .. } => {
+            // A transport-info with no candidate: a peer that does not know <punch/> finds
+            // nothing to do in it.
+            let (transport, _) = transport(None, &[]);
+            jingle = jingle.add_content(content().with_transport(transport));
+            jingle.other.push(Element::bare(PUNCH, NS_LINK));
         }
         Signal::Terminate { reason, .. } => {
             jingle = jingle.set_reason(ReasonElement {
@@ -219,6 +228,9 @@ pub fn from_element(element: &Element) -> Result<Signal, Malformed> {
         Action::TransportInfo => {
             let content = only_content(jingle.contents)?;
             let (_, candidates) = read_transport(content.transport)?;
+            if jingle.other.iter().any(|e| e.is(PUNCH, NS_LINK)) {
+                return Ok(Signal::Punch { session });
+            }
             Ok(Signal::Candidates {
                 session,
                 candidates,
@@ -414,6 +426,9 @@ mod tests {
         round_trip(Signal::Candidates {
             session: "s1".to_owned(),
             candidates: vec![],
+        });
+        round_trip(Signal::Punch {
+            session: "s1".to_owned(),
         });
         for reason in [
             TerminateReason::NotAuthorised,

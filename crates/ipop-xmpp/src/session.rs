@@ -1261,7 +1261,7 @@ impl Task {
                 offer.candidates.extend(candidates.iter().cloned());
                 1
             }
-            Signal::Initiate { .. } | Signal::Accept { .. } => return false,
+            Signal::Initiate { .. } | Signal::Accept { .. } | Signal::Punch { .. } => return false,
         };
         self.shared.count_traffic(|t| t.signals_coalesced += folded);
         true

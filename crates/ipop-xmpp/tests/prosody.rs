@@ -1138,6 +1138,7 @@ async fn next_signal(events: &mut UnboundedReceiver<OsnEvent>) -> (String, &'sta
                     session,
                     candidates,
                 } => (session.clone(), "candidates", candidates.len()),
+                Signal::Punch { session } => (session.clone(), "punch", 0),
                 Signal::Terminate { session, .. } => (session.clone(), "terminate", 0),
             })
         }

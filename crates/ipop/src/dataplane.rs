@@ -14,6 +14,7 @@ use crate::streams::{Chunk, Streams};
 use anyhow::Context;
 use ipnet::IpNet;
 use ipop_core::Engine;
+use ipop_core::engine::SocketOrder;
 use ipop_core::osn::{DeviceId, OsnEvent, Outgoing};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use std::io::{self, IoSliceMut};
@@ -55,7 +56,12 @@ struct Udp {
 }
 
 impl Udp {
+    /// A socket for the main port, with big kernel buffers.
     fn bind(addr: SocketAddr) -> io::Result<Udp> {
+        Self::bind_with(addr, true)
+    }
+
+    fn bind_with(addr: SocketAddr, big_buffers: bool) -> io::Result<Udp> {
         let domain = socket2::Domain::for_address(addr);
         let socket =
             socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
@@ -65,9 +71,12 @@ impl Udp {
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-        // Bigger kernel buffers absorb bursts while the loop is busy with the other direction.
-        let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), 4 << 20);
-        let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), 4 << 20);
+        if big_buffers {
+            // Bigger kernel buffers absorb bursts while the loop is busy with the other
+            // direction.
+            let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), 4 << 20);
+            let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), 4 << 20);
+        }
         let socket = UdpSocket::from_std(socket.into())?;
         Ok(Udp { socket, state })
     }
@@ -123,6 +132,18 @@ pub struct Dataplane {
     port_map: Option<PortMap>,
     /// What this device relays for others, when it does.
     relay_status: Option<Box<dyn Fn() -> status::RelayStatus + Send>>,
+    /// Extra IPv4 sockets, by port: hole punching's probes leave from them, and a punched
+    /// path goes through one ([`ipop_core::punch`]).
+    extra: Vec<(u16, Udp)>,
+}
+
+/// A socket the loop reads from.
+#[derive(Debug, Clone, Copy)]
+enum Socket {
+    V4,
+    V6,
+    /// The extra socket with this port.
+    Extra(u16),
 }
 
 /// What the data plane holds of the port mapper.
@@ -318,6 +339,7 @@ impl Dataplane {
             stalls: status::StallWindow::default(),
             port_map: None,
             relay_status: None,
+            extra: Vec::new(),
         })
     }
 
@@ -428,6 +450,14 @@ impl Dataplane {
                     None => std::future::pending().await,
                 }
             };
+            let extra_readable = std::future::poll_fn(|cx| {
+                for (port, udp) in &self.extra {
+                    if let std::task::Poll::Ready(r) = udp.socket.poll_recv_ready(cx) {
+                        return std::task::Poll::Ready(r.map(|()| *port));
+                    }
+                }
+                std::task::Poll::Pending
+            });
             let port_mapping = async {
                 match self.port_map.as_mut() {
                     Some(p) => p.found.recv().await,
@@ -460,16 +490,24 @@ impl Dataplane {
                 r = self.udp4.socket.readable() => {
                     let wake = sched.woke();
                     if r.is_ok() {
-                        self.network_to_tun(false).await;
+                        self.network_to_tun(Socket::V4).await;
                     }
                     (wake, "udp4")
                 }
                 r = udp6_readable => {
                     let wake = sched.woke();
                     if r.is_ok() {
-                        self.network_to_tun(true).await;
+                        self.network_to_tun(Socket::V6).await;
                     }
                     (wake, "udp6")
+                }
+                r = extra_readable => {
+                    let wake = sched.woke();
+                    match r {
+                        Ok(port) => self.network_to_tun(Socket::Extra(port)).await,
+                        Err(e) => tracing::debug!("extra socket: {e}"),
+                    }
+                    (wake, "extra socket")
                 }
                 event = osn_event => {
                     let wake = sched.woke();
@@ -539,6 +577,7 @@ impl Dataplane {
     /// Sends the control datagrams the core queued (handshakes, keepalives), and wakes the
     /// stream connections that have frames to write.
     async fn flush_control(&mut self) {
+        self.obey_socket_orders();
         while let Some(t) = self.engine.poll_transmit() {
             if t.stream {
                 self.streams.send(t.destination, &t.payload);
@@ -551,7 +590,7 @@ impl Dataplane {
                 segment_size: None,
                 src_ip: None,
             };
-            let sent = match self.socket_for(t.destination) {
+            let sent = match self.socket_for(t.destination, t.source) {
                 Some(udp) => udp.send(&transmit).await,
                 None => false,
             };
@@ -562,11 +601,53 @@ impl Dataplane {
         self.streams.flush();
     }
 
-    fn socket_for(&self, dst: SocketAddr) -> Option<&Udp> {
+    /// The socket to send to `dst` from: the extra socket with port `source`, else the main
+    /// socket of `dst`'s family.
+    fn socket_for(&self, dst: SocketAddr, source: Option<u16>) -> Option<&Udp> {
+        if let Some(port) = source {
+            return self.extra_socket(port);
+        }
         if dst.is_ipv4() {
             Some(&self.udp4)
         } else {
             self.udp6.as_ref()
+        }
+    }
+
+    fn extra_socket(&self, port: u16) -> Option<&Udp> {
+        self.extra.iter().find(|(p, _)| *p == port).map(|(_, u)| u)
+    }
+
+    /// Opens and closes the extra sockets the engine asks for.
+    fn obey_socket_orders(&mut self) {
+        while let Some(order) = self.engine.poll_socket_order() {
+            match order {
+                SocketOrder::Open { set, count } => {
+                    let mut ports = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let udp =
+                            Udp::bind_with(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), false)
+                                .and_then(|u| Ok((u.socket.local_addr()?.port(), u)));
+                        match udp {
+                            Ok((port, udp)) => {
+                                ports.push(port);
+                                self.extra.push((port, udp));
+                            }
+                            Err(e) => {
+                                tracing::warn!(
+                                    opened = ports.len(),
+                                    "cannot open more sockets to punch from: {e}"
+                                );
+                                break;
+                            }
+                        }
+                    }
+                    self.engine.sockets_opened(Instant::now(), set, ports);
+                }
+                SocketOrder::Close { ports } => {
+                    self.extra.retain(|(p, _)| !ports.contains(p));
+                }
+            }
         }
     }
 
@@ -602,20 +683,21 @@ impl Dataplane {
                 let Some(out) = b.wire.get_mut(end..end + room.max(MIN_WIRE_ROOM)) else {
                     break;
                 };
-                let Some((dst, len, stream)) = self.engine.handle_tun(packet, out) else {
+                let Some(wire) = self.engine.handle_tun(packet, out) else {
                     continue;
                 };
-                if stream {
+                let (dst, len, source) = (wire.destination, wire.len, wire.source);
+                if wire.stream {
                     self.streams.send(dst, &out[..len]);
                     continue;
                 }
                 match &mut run {
-                    Some(r) if r.extends(dst, len, max_segments) => r.push(len),
+                    Some(r) if r.extends(dst, source, len, max_segments) => r.push(len),
                     _ => {
                         if let Some(r) = run.take() {
                             self.send_run(&r).await;
                         }
-                        run = Some(Run::new(dst, end, len));
+                        run = Some(Run::new(dst, source, end, len));
                     }
                 }
                 end += len;
@@ -627,7 +709,7 @@ impl Dataplane {
     }
 
     async fn send_run(&mut self, r: &Run) {
-        let Some(udp) = self.socket_for(r.dst) else {
+        let Some(udp) = self.socket_for(r.dst, r.source) else {
             self.io_errors.udp_send += r.count as u64;
             return;
         };
@@ -645,19 +727,28 @@ impl Dataplane {
 
     /// Network → TUN: receives a batch of datagrams, decrypts them, and writes the packets to
     /// the TUN device, coalescing TCP segments again where offload allows.
-    async fn network_to_tun(&mut self, v6: bool) {
+    async fn network_to_tun(&mut self, socket: Socket) {
         let started = Instant::now();
+        let (v6, port) = match socket {
+            Socket::V4 => (false, self.listen_port),
+            Socket::V6 => (true, self.listen_port),
+            Socket::Extra(port) => (false, port),
+        };
         for _ in 0..MAX_READS_PER_WAKE {
             if started.elapsed() >= WAKE_BUDGET {
                 return;
             }
-            let udp = if v6 {
-                match &self.udp6 {
+            // Looked up anew each time: handling a batch may close extra sockets.
+            let udp = match socket {
+                Socket::V4 => &self.udp4,
+                Socket::V6 => match &self.udp6 {
                     Some(u) => u,
                     None => return,
-                }
-            } else {
-                &self.udp4
+                },
+                Socket::Extra(port) => match self.extra.iter().find(|(p, _)| *p == port) {
+                    Some((_, u)) => u,
+                    None => return,
+                },
             };
             let b = &mut self.bufs;
             let received = {
@@ -688,7 +779,7 @@ impl Dataplane {
                     } else {
                         Ipv4Addr::UNSPECIFIED.into()
                     }),
-                    self.listen_port,
+                    port,
                 );
                 let base = slot * UDP_SLOT_SIZE;
                 for offset in (0..meta.len).step_by(stride) {
@@ -760,6 +851,8 @@ impl Dataplane {
                     loop_stall_max_s: self.stalls.max(Instant::now()).as_secs_f64(),
                     port_mapping: self.port_map.as_ref().map(|p| (p.status)()),
                     relay: self.relay_status.as_ref().map(|f| f()),
+                    nat_mapping: self.engine.nat_mapping().as_str().to_owned(),
+                    punching: self.engine.punch_stats().into(),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }
@@ -791,6 +884,8 @@ impl Dataplane {
 /// the last, which may be shorter: the shape that one UDP GSO send takes.
 struct Run {
     dst: SocketAddr,
+    /// The extra socket it leaves from, if not the main one.
+    source: Option<u16>,
     start: usize,
     end: usize,
     segment: usize,
@@ -799,9 +894,10 @@ struct Run {
 }
 
 impl Run {
-    fn new(dst: SocketAddr, start: usize, len: usize) -> Self {
+    fn new(dst: SocketAddr, source: Option<u16>, start: usize, len: usize) -> Self {
         Run {
             dst,
+            source,
             start,
             end: start + len,
             segment: len,
@@ -810,8 +906,15 @@ impl Run {
         }
     }
 
-    fn extends(&self, dst: SocketAddr, len: usize, max_segments: usize) -> bool {
+    fn extends(
+        &self,
+        dst: SocketAddr,
+        source: Option<u16>,
+        len: usize,
+        max_segments: usize,
+    ) -> bool {
         dst == self.dst
+            && source == self.source
             && !self.closed
             && len <= self.segment
             && self.count < max_segments

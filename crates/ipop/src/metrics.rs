@@ -487,6 +487,8 @@ mod tests {
             loop_stall_max_s: 0.0035,
             port_mapping: None,
             relay: None,
+            nat_mapping: String::new(),
+            punching: Default::default(),
             xmpp: Some(XmppInfo {
                 state: "online".into(),
                 jid: None,
@@ -620,6 +622,8 @@ ipop_xmpp_send_wait_max_seconds 1.25
             loop_stall_max_s: 0.0,
             port_mapping: None,
             relay: None,
+            nat_mapping: String::new(),
+            punching: Default::default(),
             xmpp: None,
             overlays: vec![
                 overlay(

@@ -34,6 +34,37 @@ pub struct Status {
     /// This device as a relay for others (`[relay] enabled`).
     #[serde(default)]
     pub relay: Option<RelayStatus>,
+    /// How the NAT in front of this device maps its port, as two or more STUN servers saw it:
+    /// `independent` (one mapping for every destination), `dependent` (a new one for each:
+    /// this side punches with extra sockets), or `unknown`.
+    #[serde(default)]
+    pub nat_mapping: String,
+    /// What hole punching did since start ([`ipop_core::punch`]).
+    #[serde(default)]
+    pub punching: Punching,
+}
+
+/// Hole punching's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Punching {
+    /// Extra sockets opened to punch from.
+    pub sockets: u64,
+    /// Probes sent, from those sockets and to the other side's ports.
+    pub probes: u64,
+    /// Links whose punching found a direct path, and those whose punching found none.
+    pub punched: u64,
+    pub failed: u64,
+}
+
+impl From<ipop_core::punch::PunchStats> for Punching {
+    fn from(p: ipop_core::punch::PunchStats) -> Self {
+        Punching {
+            sockets: p.sockets,
+            probes: p.probes,
+            punched: p.punched,
+            failed: p.failed,
+        }
+    }
 }
 
 /// What this device relays for others.
@@ -250,6 +281,7 @@ impl Peer {
             .pair
             .as_ref()
             .is_some_and(|(local, _)| local.kind == CandidateKind::Mapped);
+        let punched = l.punched;
         let candidate = |c: &Candidate| format!("{} {}", c.kind.as_str(), c.address);
         let candidates_tried = if connected {
             Vec::new()
@@ -275,10 +307,11 @@ impl Peer {
             }
             .to_owned(),
             path: connected.then(|| {
-                match (relayed, mapped) {
-                    (true, _) => "relay",
-                    (false, true) => "mapped",
-                    (false, false) => "direct",
+                match (relayed, mapped, punched) {
+                    (true, _, _) => "relay",
+                    (false, true, _) => "mapped",
+                    (false, false, true) => "punched",
+                    (false, false, false) => "direct",
                 }
                 .to_owned()
             }),
@@ -573,6 +606,21 @@ pub fn render(s: &Status) -> String {
     if let Some(m) = &s.port_mapping {
         let _ = writeln!(out, "port mapping {}", render_port_mapping(m));
     }
+    match s.nat_mapping.as_str() {
+        "dependent" => {
+            let _ = writeln!(
+                out,
+                "nat mapping dependent: a new port for each destination; links to cone NATs punch"
+            );
+        }
+        "independent" => {
+            let _ = writeln!(
+                out,
+                "nat mapping independent: one port for every destination"
+            );
+        }
+        _ => {}
+    }
     if let Some(r) = &s.relay {
         match (&r.endpoint, &r.problem) {
             (Some(e), _) => {
@@ -705,6 +753,8 @@ mod tests {
             loop_stall_max_s: 0.0021,
             port_mapping: None,
             relay: None,
+            nat_mapping: String::new(),
+            punching: Default::default(),
             xmpp: None,
             ice_servers: Vec::new(),
             overlays: vec![Overlay {

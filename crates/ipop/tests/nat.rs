@@ -936,6 +936,114 @@ fn two_symmetric_nats_link_through_a_friends_relay() {
     assert_ne!(three["state"], "connected", "{three}");
 }
 
+/// A port-restricted cone and a symmetric NAT get a direct path by hole punching, in at most
+/// 10 s, when each device has two STUN servers to tell its NAT by (coturn's two addresses).
+/// The symmetric side opens 256 sockets toward the cone's mapping; the cone side probes the
+/// symmetric side's ports until one lands. `IPOP_PUNCH_RUNS` (default 3) sets how many times
+/// the pair links anew; every run must punch, and the figures are printed.
+#[test]
+fn a_port_restricted_cone_and_a_symmetric_nat_punch_a_direct_path() {
+    let runs: usize = std::env::var("IPOP_PUNCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut w = World::new(
+        "npunch",
+        vec![
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::Symmetric),
+        ],
+    );
+    let [main, alt, ..] = w.coturn.stun_addrs()[..] else {
+        panic!("coturn answers on two addresses");
+    };
+    for i in 0..2 {
+        let (username, password) = w
+            .coturn
+            .credentials(&w.devices[i].user, Duration::from_secs(3600));
+        w.write_config_with(
+            i,
+            &format!(
+                "[nat]\nstun = [\"{main}\", \"{alt}\"]\n\n\
+                 [[nat.turn]]\nserver = \"{main}\"\nusername = \"{username}\"\npassword = \"{password}\"\n"
+            ),
+        );
+    }
+    let mut times = Vec::new();
+    let mut probes = Vec::new();
+    for run in 0..runs {
+        let started = std::time::Instant::now();
+        w.start(0);
+        w.start(1);
+        // The hard side's view: the path it punched, through one of its extra sockets.
+        let peer = wait_until(
+            Duration::from_secs(10),
+            &format!("run {run}: a punched path"),
+            || {
+                let status = w.status(1)?;
+                match World::peer(&status, &w.devices[0].user) {
+                    Some(p) if p["path"] == "punched" => Ok(p.clone()),
+                    p => Err(format!("{p:?}\n{status}")),
+                }
+            },
+        );
+        let took = started.elapsed();
+        let (path, seen) = w.link(0, 1, Duration::from_secs(10));
+        assert_eq!(path, "punched", "run {run}: the cone side sees {seen}");
+        let (hard, easy) = (w.status(1).expect("status"), w.status(0).expect("status"));
+        assert_eq!(hard["nat_mapping"], "dependent", "{hard}");
+        assert_eq!(easy["nat_mapping"], "independent", "{easy}");
+        // The pair leaves from the socket that a probe reached, not the listening port...
+        let pair = peer["pair"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            pair.starts_with("host ") && !pair.contains(":51820 ->"),
+            "{pair}"
+        );
+        // ...and the other 255 sockets are closed.
+        let pid = w.devices[1]
+            .daemon
+            .as_ref()
+            .map(Daemon::pid)
+            .expect("running");
+        let sockets = w.ns(1).command("ss").args(["-uanp"]).output().expect("ss");
+        let listing = String::from_utf8_lossy(&sockets.stdout).into_owned();
+        let ours: Vec<&str> = listing
+            .lines()
+            .filter(|l| l.contains(&format!("pid={pid},")))
+            .collect();
+        let extra = ours
+            .iter()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter(|local| local.starts_with("0.0.0.0:") && *local != "0.0.0.0:51820")
+            .count();
+        assert_eq!(extra, 1, "the daemon's UDP sockets:\n{}", ours.join("\n"));
+        let (h, e) = (&hard["punching"], &easy["punching"]);
+        assert_eq!(h["punched"], 1, "{h}");
+        assert_eq!(h["sockets"], 256, "{h}");
+        assert_eq!(e["punched"], 1, "{e}");
+        let sent = h["probes"].as_u64().unwrap_or(0) + e["probes"].as_u64().unwrap_or(0);
+        eprintln!(
+            "run {run}: punched in {:.2} s with {sent} probes ({} sprayed)",
+            took.as_secs_f64(),
+            e["probes"]
+        );
+        times.push(took.as_secs_f64());
+        probes.push(sent);
+        for d in &mut w.devices {
+            d.daemon = None;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    probes.sort_unstable();
+    eprintln!(
+        "punching: {runs}/{runs} runs direct; time median {:.2} s, max {:.2} s; probes median {}, max {}",
+        times[runs / 2],
+        times[runs - 1],
+        probes[runs / 2],
+        probes[runs - 1]
+    );
+}
+
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
 /// the other side lets that first packet in (a port-restricted one needs the relay).
 #[test]
