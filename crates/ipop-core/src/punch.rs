@@ -146,7 +146,7 @@ impl Sprayer {
     /// Probes to `target`, starting now; `seed` must be random.
     pub fn new(target: IpAddr, now: Instant, seed: u64) -> Self {
         let mut step = ((seed >> 32) as u32 % PORTS) | 1;
-        while step % 3 == 0 || step % 7 == 0 {
+        while step.is_multiple_of(3) || step.is_multiple_of(7) {
             step = (step + 2) % PORTS;
         }
         Sprayer {
