@@ -1912,6 +1912,18 @@ impl Engine {
                 .and_then(|l| l.session.as_ref())
                 .is_some_and(|s| s.id == r.session && !has_direct_path(s))
         });
+        // The fastest TURN server this device holds a relayed address from, over UDP.
+        let turn_rtt = self
+            .relays
+            .iter()
+            .filter(|a| a.transport() == IceTransport::Udp && a.relayed_address().is_some())
+            .filter_map(|a| {
+                self.bindings
+                    .iter()
+                    .find(|b| b.server() == a.server())
+                    .and_then(StunBinding::rtt)
+            })
+            .min();
         for r in &mut self.peer_relays {
             while let Some((destination, payload)) = r.client.poll_transmit() {
                 self.transmits.push_back(Transmit {
@@ -1925,11 +1937,12 @@ impl Engine {
             while let Some(event) = r.client.poll_event() {
                 match event {
                     ClientEvent::Ready(pair) => {
-                        tracing::info!(device = %r.device, relay = %r.relay, %pair, "the peer relay forwards for this link");
+                        let priority = peer_relay_priority(r.client.rtt(), turn_rtt);
+                        tracing::info!(device = %r.device, relay = %r.relay, %pair, rtt = ?r.client.rtt(), ?turn_rtt, preferred_to_turn = priority == PEER_RELAY_FASTER, "the peer relay forwards for this link");
                         let candidate = Candidate {
                             foundation: "peer-relay".to_owned(),
                             component: 1,
-                            priority: PEER_RELAY_PRIORITY,
+                            priority,
                             address: pair,
                             kind: CandidateKind::Relayed,
                             related: Some(pair),
@@ -3349,9 +3362,24 @@ struct PeerRelay {
     client: RelayClient,
 }
 
-/// The ICE priority of a friend's relay as a remote candidate: a relayed candidate's (type
-/// preference 0), below every direct path.
-const PEER_RELAY_PRIORITY: u32 = (65_535 << 8) | 255;
+/// The ICE priority of a friend's relay as a remote candidate when it answers this device
+/// faster than the TURN servers do: type preference 3, above every TURN relay's candidate (the
+/// ICE agent gives those 2) and below every direct one (100 and more).
+const PEER_RELAY_FASTER: u32 = (3 << 24) | (65_535 << 8) | 255;
+/// Its priority otherwise (a TURN server over UDP answers faster, or the relay's time is
+/// unknown): type preference 0, below a TURN relay's candidate.
+const PEER_RELAY_SLOWER: u32 = (65_535 << 8) | 255;
+
+/// Ranks a friend's relay against the TURN servers by the round-trip time this device measured
+/// to each (a registration with the relay's pair port; a STUN Binding with the TURN server).
+/// The controlling side's ranking is the one that decides which pair is nominated.
+fn peer_relay_priority(relay: Option<Duration>, turn: Option<Duration>) -> u32 {
+    match (relay, turn) {
+        (Some(relay), Some(turn)) if relay < turn => PEER_RELAY_FASTER,
+        (Some(_), None) => PEER_RELAY_FASTER,
+        _ => PEER_RELAY_SLOWER,
+    }
+}
 
 /// How long a session looks for a direct path before it registers with friends' relays.
 const PEER_RELAY_AFTER: Duration = Duration::from_millis(1500);
@@ -3772,6 +3800,33 @@ mod tests {
             },
         );
         assert!(e.settled <= 1, "a signal settled {} devices", e.settled);
+    }
+
+    #[test]
+    fn a_friends_relay_ranks_above_turn_when_it_answers_faster_and_below_direct_paths() {
+        let turn = is::Candidate::relayed(
+            "198.51.100.1:49152".parse().unwrap(),
+            "192.168.1.2:51820".parse().unwrap(),
+            "udp",
+        )
+        .unwrap()
+        .prio();
+        let srflx = is::Candidate::server_reflexive(
+            "198.51.100.2:40000".parse().unwrap(),
+            "192.168.1.2:51820".parse().unwrap(),
+            "udp",
+        )
+        .unwrap()
+        .prio();
+        let ms = Duration::from_millis;
+        let faster = peer_relay_priority(Some(ms(3)), Some(ms(40)));
+        let slower = peer_relay_priority(Some(ms(40)), Some(ms(3)));
+        assert!(turn < faster && faster < srflx, "{turn} {faster} {srflx}");
+        assert!(slower < turn, "{slower} {turn}");
+        // No TURN time (none over UDP): the relay is preferred; no relay time: it is not.
+        assert_eq!(peer_relay_priority(Some(ms(40)), None), faster);
+        assert_eq!(peer_relay_priority(None, Some(ms(40))), slower);
+        assert_eq!(peer_relay_priority(None, None), slower);
     }
 
     #[test]

@@ -562,6 +562,8 @@ pub struct RelayClient {
     request: Option<(TransactionId, Vec<u8>, SocketAddr, Retransmit, bool)>,
     next_refresh: Option<Instant>,
     events: VecDeque<ClientEvent>,
+    /// The round-trip time to the pair's port, from the last registration that measured one.
+    rtt: Option<Duration>,
 }
 
 impl RelayClient {
@@ -591,6 +593,7 @@ impl RelayClient {
             request: None,
             next_refresh: None,
             events: VecDeque::new(),
+            rtt: None,
         };
         client.send(now, control);
         client
@@ -598,6 +601,11 @@ impl RelayClient {
 
     pub fn control(&self) -> SocketAddr {
         self.control
+    }
+
+    /// The round-trip time to the pair's port at the relay, once a registration measured it.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
     }
 
     pub fn state(&self) -> &ClientState {
@@ -652,7 +660,13 @@ impl RelayClient {
         if message.class() != MessageClass::SuccessResponse || !authentic {
             return true;
         }
-        self.request = None;
+        let sample = self
+            .request
+            .take()
+            .and_then(|(.., retransmit, _)| retransmit.rtt_sample(now));
+        if !matches!(self.state, ClientState::Asking) {
+            self.rtt = sample.or(self.rtt);
+        }
         match self.state {
             ClientState::Asking => {
                 let Some(port) = message

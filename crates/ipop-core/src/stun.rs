@@ -244,6 +244,8 @@ pub(crate) struct Retransmit {
     reliable: bool,
     transmits: u32,
     next: Instant,
+    /// When the first transmission went out.
+    first: Instant,
 }
 
 /// What a due [`Retransmit`] asks for.
@@ -261,7 +263,14 @@ impl Retransmit {
             reliable,
             transmits: 0,
             next: now,
+            first: now,
         }
+    }
+
+    /// The round-trip time that an answer at `now` measures: none after a retransmission,
+    /// which the answer may belong to either of (Karn's rule).
+    pub(crate) fn rtt_sample(&self, now: Instant) -> Option<Duration> {
+        (self.transmits == 1).then(|| now.saturating_duration_since(self.first))
     }
 
     pub(crate) fn deadline(&self) -> Instant {
@@ -349,6 +358,8 @@ pub struct StunBinding {
     next_bind: Option<Instant>,
     events: VecDeque<BindingEvent>,
     stats: BindingStats,
+    /// The round-trip time to the server, from the last answer that measured one.
+    rtt: Option<Duration>,
 }
 
 impl StunBinding {
@@ -366,6 +377,7 @@ impl StunBinding {
             next_bind: None,
             events: VecDeque::new(),
             stats: BindingStats::default(),
+            rtt: None,
         };
         binding.start(now);
         binding
@@ -377,6 +389,11 @@ impl StunBinding {
 
     pub fn state(&self) -> &BindingState {
         &self.state
+    }
+
+    /// The round-trip time to the server, once an answer measured it.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
     }
 
     /// Our address as the server sees it, while the last answer stands.
@@ -498,6 +515,13 @@ impl StunBinding {
             self.stats.dropped += 1;
             return true;
         };
+        if let Some(rtt) = self
+            .request
+            .as_ref()
+            .and_then(|r| r.retransmit.rtt_sample(now))
+        {
+            self.rtt = Some(rtt);
+        }
         self.answer(now, id);
         match self.state {
             BindingState::Done { mapped: before } if before == mapped => {}
@@ -625,6 +649,28 @@ mod tests {
         assert_eq!(b.mapped_address(), Some(mapped));
         assert_eq!(b.poll_event(), None);
         assert_eq!(b.stats().responses, 1);
+    }
+
+    #[test]
+    fn the_round_trip_is_measured_on_answers_to_a_single_transmission_only() {
+        let t0 = Instant::now();
+        let mut b = StunBinding::new(server(), t0, 3);
+        let (_, request) = b.poll_transmit().expect("a request");
+        let id = request_id(&request);
+        let rtt = Duration::from_millis(42);
+        assert!(b.handle_response(t0 + rtt, server(), &success(id, "198.51.100.7:1")));
+        assert_eq!(b.rtt(), Some(rtt));
+        // The next Binding is retransmitted before its answer: which transmission the answer
+        // belongs to is unknown, so the last figure stands.
+        let t1 = t0 + BINDING_REFRESH + rtt;
+        b.handle_timeout(t1);
+        let (_, request) = b.poll_transmit().expect("the next request");
+        b.handle_timeout(t1 + STUN_RTO);
+        assert!(b.poll_transmit().is_some(), "retransmitted");
+        let id = request_id(&request);
+        let late = t1 + STUN_RTO + Duration::from_millis(5);
+        assert!(b.handle_response(late, server(), &success(id, "198.51.100.7:1")));
+        assert_eq!(b.rtt(), Some(rtt));
     }
 
     #[test]
