@@ -35,6 +35,7 @@
 
 mod ca;
 mod coturn;
+mod delay;
 mod dir;
 mod dnsmasq;
 mod ejabberd;
@@ -64,6 +65,7 @@ pub use ca::{ServerCertificate, TestCa};
 pub use coturn::{
     COTURN_READY_TIMEOUT, COTURN_REALM, Coturn, CoturnBuilder, rest_credentials, sweep_stale_coturn,
 };
+pub use delay::UdpDelay;
 pub use dir::TestDir;
 pub use dnsmasq::Dnsmasq;
 pub use ejabberd::{

@@ -6,7 +6,8 @@
 
 use ipop_lab::{
     Coturn, Daemon, ExternalService, MiniUpnpd, Nat, NatLab, Netns, NetnsHosts, Prosody,
-    SERVER_ALT_IP, Site, TestCa, TestDir, XmppUser, generate_key, status_json, wait_until,
+    SERVER_ALT_IP, Site, TestCa, TestDir, UdpDelay, XmppUser, generate_key, status_json,
+    wait_until,
 };
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -1044,6 +1045,107 @@ fn a_port_restricted_cone_and_a_symmetric_nat_punch_a_direct_path() {
         probes[runs / 2],
         probes[runs - 1]
     );
+}
+
+/// Two symmetric NATs that both a TURN server and a friend's relay could link: the TURN server
+/// sits behind a delay line (25 ms each way, as a far-away server would), the friend on the same
+/// fake internet answers within a millisecond. The link goes through the friend's relay, which
+/// answered faster; once the friend is gone it moves to the TURN server, at its round-trip time.
+#[test]
+fn a_friends_relay_that_answers_faster_than_the_turn_server_is_preferred() {
+    let mut w = World::new(
+        "nrtt",
+        vec![
+            Site::new(Nat::Symmetric),
+            Site::new(Nat::Symmetric),
+            Site::new(Nat::None),
+        ],
+    );
+    w.befriend(1, 2);
+    let far = UdpDelay::start(
+        &w.lab.server.ns,
+        SocketAddr::new(IpAddr::V4(SERVER_ALT_IP), 0),
+        w.coturn.addr(),
+        Duration::from_millis(25),
+    );
+    for i in [0, 1] {
+        let (username, password) = w
+            .coturn
+            .credentials(&w.devices[i].user, Duration::from_secs(3600));
+        w.write_config_with(
+            i,
+            &format!(
+                "[nat]\n[[nat.turn]]\nserver = \"{}\"\nusername = \"{username}\"\npassword = \"{password}\"\n",
+                far.addr()
+            ),
+        );
+    }
+    w.write_config_with(
+        2,
+        &format!(
+            "[nat]\nstun = [\"{}\"]\n\n[relay]\nenabled = true\n",
+            w.coturn.addr()
+        ),
+    );
+    w.start(2);
+    wait_until(Duration::from_secs(20), "the relay to be up", || {
+        let status = w.status(2)?;
+        status["relay"]["endpoint"]
+            .as_str()
+            .map(|_| ())
+            .ok_or_else(|| status["relay"].to_string())
+    });
+    w.start(0);
+    w.start(1);
+    let through_friend = format!("the peer relay {}@{DOMAIN}/dev", w.devices[2].user);
+    let peer = wait_until(
+        Duration::from_secs(20),
+        "the link to go through the friend's relay",
+        || {
+            let status = w.status(0)?;
+            match World::peer(&status, &w.devices[1].user) {
+                Some(p)
+                    if p["via"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .starts_with(&through_friend) =>
+                {
+                    Ok(p.clone())
+                }
+                p => Err(format!("{p:?}")),
+            }
+        },
+    );
+    let (path, _) = w.link(0, 1, Duration::from_secs(10));
+    assert_eq!(path, "relay", "{peer}");
+    let rtt = |peer: &Value| peer["rtt_ms"].as_f64().unwrap_or(f64::NAN);
+    assert!(rtt(&peer) < 20.0, "{peer}");
+
+    // Without the friend, the TURN server carries the link, 100 ms a round trip.
+    w.devices[2].daemon = None;
+    let peer = wait_until(
+        Duration::from_secs(40),
+        "the link to move to the TURN server",
+        || {
+            let status = w.status(0)?;
+            match World::peer(&status, &w.devices[1].user) {
+                Some(p)
+                    if p["path"] == "relay"
+                        && !p["via"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .starts_with("the peer relay")
+                        && rtt(p) >= 50.0 =>
+                {
+                    Ok(p.clone())
+                }
+                p => Err(format!("{p:?}")),
+            }
+        },
+    );
+    eprintln!("through the TURN server: {peer}");
+    let (path, _) = w.link(0, 1, Duration::from_secs(10));
+    assert_eq!(path, "relay");
 }
 
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
