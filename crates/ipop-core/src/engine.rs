@@ -239,6 +239,8 @@ struct Link {
     /// The port of the extra socket that hole punching found a path through, kept while the
     /// link is: every session of the link offers it as a host candidate.
     socket: Option<u16>,
+    /// When this device last probed the other's ports for it.
+    sprayed: Option<Instant>,
 }
 
 /// A device as its presences describe it: its key, and the overlays it was seen through.
@@ -1678,6 +1680,7 @@ impl Engine {
                 used: now,
                 demanded: false,
                 socket: None,
+                sprayed: None,
             },
         );
         if let Some((id, offer, at)) = self.pending.remove(device)
@@ -2257,12 +2260,14 @@ impl Engine {
     fn spray(&mut self, now: Instant, from: &DeviceId, session: &str) {
         let mapping = self.nat_mapping();
         let seed = self.next_random();
-        let Some(s) = self
-            .links
-            .get_mut(from)
-            .and_then(|l| l.session.as_mut())
-            .filter(|s| s.id == session)
-        else {
+        let Some(link) = self.links.get_mut(from) else {
+            self.drops.count(DropReason::UnknownSignal);
+            return;
+        };
+        let recently = link
+            .sprayed
+            .is_some_and(|t| now.saturating_duration_since(t) < punch::SPRAY_INTERVAL);
+        let Some(s) = link.session.as_mut().filter(|s| s.id == session) else {
             self.drops.count(DropReason::UnknownSignal);
             return;
         };
@@ -2279,12 +2284,17 @@ impl Engine {
         if has_direct_path(s) || !matches!(s.punch, Punch::Idle) {
             return;
         }
+        if recently {
+            tracing::info!(device = %from, "asked to probe again within {:?}: not done", punch::SPRAY_INTERVAL);
+            return;
+        }
         let Some(target) = Self::reflexive_targets(s).first().map(SocketAddr::ip) else {
             tracing::debug!(device = %from, "asked to probe, but the device has no public endpoint");
             return;
         };
         tracing::info!(device = %from, %target, budget = punch::PROBES, "probing the device's ports");
         s.punch = Punch::Spraying(Sprayer::new(target, now, seed));
+        link.sprayed = Some(now);
         self.kick();
     }
 

@@ -40,6 +40,9 @@ pub const BURST: usize = 64;
 pub const BURST_EVERY: Duration = Duration::from_millis(50);
 /// How long the hard side keeps sockets that no probe reached.
 pub const SOCKET_LIFETIME: Duration = Duration::from_secs(10);
+/// The easy side probes for one link at most this often: a device that asks for probes again
+/// and again cannot turn this one into a stream of datagrams at an address of its choosing.
+pub const SPRAY_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a session looks for a direct path before it punches.
 pub const PUNCH_AFTER: Duration = Duration::from_millis(1500);
 

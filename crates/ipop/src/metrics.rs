@@ -259,6 +259,29 @@ pub fn render(s: &Status) -> String {
         out.sample("ipop_links", &[("path", path)], n);
     }
 
+    let punching = &s.punching;
+    out.family(
+        "ipop_punch_links_total",
+        "counter",
+        "Links that hole punching found a direct path for, or none.",
+    );
+    out.sample(
+        "ipop_punch_links_total",
+        &[("result", "punched")],
+        punching.punched,
+    );
+    out.sample(
+        "ipop_punch_links_total",
+        &[("result", "failed")],
+        punching.failed,
+    );
+    out.family(
+        "ipop_punch_probes_total",
+        "counter",
+        "Hole punching probes sent, from extra sockets and to the other side's ports.",
+    );
+    out.sample("ipop_punch_probes_total", &[], punching.probes);
+
     out.family(
         "ipop_peer_rx_bytes_total",
         "counter",
@@ -542,6 +565,13 @@ ipop_peers_linked{overlay="lab@conference.example.org"} 0
 # TYPE ipop_links gauge
 ipop_links{path="direct"} 1
 ipop_links{path="relay"} 1
+# HELP ipop_punch_links_total Links that hole punching found a direct path for, or none.
+# TYPE ipop_punch_links_total counter
+ipop_punch_links_total{result="punched"} 0
+ipop_punch_links_total{result="failed"} 0
+# HELP ipop_punch_probes_total Hole punching probes sent, from extra sockets and to the other side's ports.
+# TYPE ipop_punch_probes_total counter
+ipop_punch_probes_total 0
 # HELP ipop_peer_rx_bytes_total Bytes received from the peer through its tunnel.
 # TYPE ipop_peer_rx_bytes_total counter
 ipop_peer_rx_bytes_total{peer="bob \"b\"\\1"} 1500

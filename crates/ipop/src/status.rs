@@ -606,20 +606,21 @@ pub fn render(s: &Status) -> String {
     if let Some(m) = &s.port_mapping {
         let _ = writeln!(out, "port mapping {}", render_port_mapping(m));
     }
-    match s.nat_mapping.as_str() {
-        "dependent" => {
-            let _ = writeln!(
-                out,
-                "nat mapping dependent: a new port for each destination; links to cone NATs punch"
-            );
-        }
-        "independent" => {
-            let _ = writeln!(
-                out,
-                "nat mapping independent: one port for every destination"
-            );
-        }
-        _ => {}
+    let p = &s.punching;
+    let mapping = match s.nat_mapping.as_str() {
+        "dependent" => Some("dependent: a new port for each destination; links to cone NATs punch"),
+        "independent" => Some("independent: one port for every destination"),
+        _ => None,
+    };
+    if let Some(mapping) = mapping {
+        let _ = writeln!(out, "nat mapping {mapping}");
+    }
+    if p.probes > 0 {
+        let _ = writeln!(
+            out,
+            "punching {} punched, {} failed  ({} sockets, {} probes)",
+            p.punched, p.failed, p.sockets, p.probes
+        );
     }
     if let Some(r) = &s.relay {
         match (&r.endpoint, &r.problem) {
@@ -880,6 +881,30 @@ mod tests {
             render(&s).contains("port mapping none: the gateway 192.168.1.1 refused"),
             "{}",
             render(&s)
+        );
+    }
+
+    #[test]
+    fn table_shows_the_nat_mapping_when_known_and_what_punching_did() {
+        let mut s = sample();
+        s.nat_mapping = "unknown".into();
+        assert!(!render(&s).contains("nat mapping"), "{}", render(&s));
+        assert!(!render(&s).contains("punching"));
+        s.nat_mapping = "dependent".into();
+        s.punching = Punching {
+            sockets: 256,
+            probes: 640,
+            punched: 1,
+            failed: 0,
+        };
+        let t = render(&s);
+        assert!(
+            t.contains("nat mapping dependent: a new port for each destination"),
+            "{t}"
+        );
+        assert!(
+            t.contains("punching 1 punched, 0 failed  (256 sockets, 640 probes)\n"),
+            "{t}"
         );
     }
 
