@@ -135,6 +135,12 @@ pub struct Dataplane {
     /// Extra IPv4 sockets, by port: hole punching's probes leave from them, and a punched
     /// path goes through one ([`ipop_core::punch`]).
     extra: Vec<(u16, Udp)>,
+    /// Sets of extra sockets opened off the loop (hundreds of system calls), for the engine's
+    /// set.
+    opened: (
+        mpsc::UnboundedSender<(u64, Vec<(u16, Udp)>)>,
+        mpsc::UnboundedReceiver<(u64, Vec<(u16, Udp)>)>,
+    ),
 }
 
 /// A socket the loop reads from.
@@ -340,6 +346,7 @@ impl Dataplane {
             port_map: None,
             relay_status: None,
             extra: Vec::new(),
+            opened: mpsc::unbounded_channel(),
         })
     }
 
@@ -532,6 +539,14 @@ impl Dataplane {
                     }
                     (wake, "social network event")
                 }
+                Some((set, sockets)) = self.opened.1.recv() => {
+                    let wake = sched.woke();
+                    let ports = sockets.iter().map(|(p, _)| *p).collect();
+                    self.extra.extend(sockets);
+                    self.engine.sockets_opened(wake, set, ports);
+                    self.flush_control().await;
+                    (wake, "extra sockets opened")
+                }
                 Some(found) = port_mapping => {
                     let wake = sched.woke();
                     self.engine.set_port_mapping(found);
@@ -618,34 +633,25 @@ impl Dataplane {
         self.extra.iter().find(|(p, _)| *p == port).map(|(_, u)| u)
     }
 
-    /// Opens and closes the extra sockets the engine asks for.
+    /// Opens and closes the extra sockets the engine asks for, off the loop: the opened ones
+    /// come back through `opened`.
     fn obey_socket_orders(&mut self) {
         while let Some(order) = self.engine.poll_socket_order() {
             match order {
                 SocketOrder::Open { set, count } => {
-                    let mut ports = Vec::with_capacity(count);
-                    for _ in 0..count {
-                        let udp =
-                            Udp::bind_with(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), false)
-                                .and_then(|u| Ok((u.socket.local_addr()?.port(), u)));
-                        match udp {
-                            Ok((port, udp)) => {
-                                ports.push(port);
-                                self.extra.push((port, udp));
-                            }
-                            Err(e) => {
-                                tracing::warn!(
-                                    opened = ports.len(),
-                                    "cannot open more sockets to punch from: {e}"
-                                );
-                                break;
-                            }
-                        }
-                    }
-                    self.engine.sockets_opened(Instant::now(), set, ports);
+                    let opened = self.opened.0.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = opened.send((set, open_extra_sockets(count)));
+                    });
                 }
                 SocketOrder::Close { ports } => {
-                    self.extra.retain(|(p, _)| !ports.contains(p));
+                    let (closed, kept): (Vec<(u16, Udp)>, _) = std::mem::take(&mut self.extra)
+                        .into_iter()
+                        .partition(|(p, _)| ports.contains(p));
+                    self.extra = kept;
+                    if !closed.is_empty() {
+                        tokio::task::spawn_blocking(move || drop(closed));
+                    }
                 }
             }
         }
@@ -878,6 +884,26 @@ impl Dataplane {
             other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
         }
     }
+}
+
+/// Opens up to `count` IPv4 UDP sockets on ports the system picks, with default buffers.
+fn open_extra_sockets(count: usize) -> Vec<(u16, Udp)> {
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        let udp = Udp::bind_with(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), false)
+            .and_then(|u| Ok((u.socket.local_addr()?.port(), u)));
+        match udp {
+            Ok(socket) => sockets.push(socket),
+            Err(e) => {
+                tracing::warn!(
+                    opened = sockets.len(),
+                    "cannot open more sockets to punch from: {e}"
+                );
+                break;
+            }
+        }
+    }
+    sockets
 }
 
 /// A run of datagrams to one destination, back to back in `wire`, all `segment` bytes long but
