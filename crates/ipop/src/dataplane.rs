@@ -138,10 +138,13 @@ pub struct Dataplane {
     /// Sets of extra sockets opened off the loop (hundreds of system calls), for the engine's
     /// set.
     opened: (
-        mpsc::UnboundedSender<(u64, Vec<(u16, Udp)>)>,
-        mpsc::UnboundedReceiver<(u64, Vec<(u16, Udp)>)>,
+        mpsc::UnboundedSender<OpenedSockets>,
+        mpsc::UnboundedReceiver<OpenedSockets>,
     ),
 }
+
+/// Extra sockets opened for the engine's set, with their ports.
+type OpenedSockets = (u64, Vec<(u16, Udp)>);
 
 /// A socket the loop reads from.
 #[derive(Debug, Clone, Copy)]
