@@ -36,7 +36,8 @@ use crate::demux::{DatagramKind, classify};
 use crate::ice;
 use crate::key::PublicKey;
 use crate::node::{
-    DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit, Unsent,
+    Destinations, DropReason, Drops, LinkState, Node, NodeError, PeerConfig, PeerStatus, Transmit,
+    Unsent,
 };
 use crate::osn::{
     Candidate, CandidateKind, Claim, DeviceId, IceServer, IceServerKind, IceTransport, LinkOffer,
@@ -277,6 +278,33 @@ struct Seen {
     present: bool,
 }
 
+/// A prefix that a device routes for an overlay (a subnet router), and what this device made
+/// of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStatus {
+    pub prefix: IpNet,
+    pub device: DeviceId,
+    pub overlay: OverlayId,
+    pub state: RouteState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteState {
+    /// Routed into the tunnel, to the device; what this device sends there leaves from
+    /// `source`, its own address in the overlay.
+    Accepted { source: IpAddr },
+    /// The overlay does not take routes (`accept_routes` is off).
+    NotAccepted,
+    /// Refused, for the reason given: it overlaps an overlay, this device's own network, or a
+    /// prefix another device routes.
+    Refused(String),
+}
+
+/// Whether two prefixes share an address.
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
 /// What the engine makes of an announced device.
 enum Verdict {
     /// A link with this key is wanted; `pin` when the key is not pinned yet.
@@ -385,6 +413,16 @@ pub struct Engine {
     timers: Option<Option<Instant>>,
     /// Room to copy a datagram before it is wrapped for a relay.
     relay_scratch: Vec<u8>,
+    /// The prefixes devices route, by device and overlay (only devices that route some).
+    advertised: BTreeMap<DeviceId, BTreeMap<OverlayId, Vec<IpNet>>>,
+    /// The overlays whose devices' routes are taken (`accept_routes`).
+    accepting: BTreeSet<OverlayId>,
+    /// What became of every routed prefix, in the order they were settled.
+    routes: Vec<RouteStatus>,
+    /// Counts up whenever `routes` changes: the daemon's routes on the TUN device follow.
+    routes_version: u64,
+    /// The networks of this device's own interfaces, which no routed prefix may cover.
+    local_networks: Vec<IpNet>,
     /// Orders for the data plane's extra sockets.
     socket_orders: VecDeque<SocketOrder>,
     /// The extra sockets open, by port, and the device each serves.
@@ -423,6 +461,11 @@ impl Engine {
         let policies = overlays
             .iter()
             .map(|o| (o.id.clone(), (o.links, o.idle_timeout)))
+            .collect();
+        let accepting = overlays
+            .iter()
+            .filter(|o| o.accept_routes)
+            .map(|o| o.id.clone())
             .collect();
         Engine {
             key,
@@ -467,6 +510,11 @@ impl Engine {
             kicked: true,
             timers: None,
             relay_scratch: vec![0; 65535 + 32],
+            advertised: BTreeMap::new(),
+            accepting,
+            routes: Vec::new(),
+            routes_version: 0,
+            local_networks: Vec::new(),
             socket_orders: VecDeque::new(),
             extra_ports: HashMap::new(),
             punched: HashMap::new(),
@@ -579,7 +627,14 @@ impl Engine {
     /// and counted as `unsent` says.
     #[cold]
     fn hold(&mut self, dst: IpAddr, packet: &[u8], unsent: DropReason) {
-        let Some(device) = self.by_address.get(&dst) else {
+        let routed = || {
+            self.routes
+                .iter()
+                .filter(|r| matches!(r.state, RouteState::Accepted { .. }))
+                .find(|r| r.prefix.contains(&dst))
+                .map(|r| &r.device)
+        };
+        let Some(device) = self.by_address.get(&dst).or_else(routed) else {
             self.drops.count(unsent);
             return;
         };
@@ -892,6 +947,9 @@ impl Engine {
                 self.count_all();
                 self.count_devices(now);
                 self.reconcile(now);
+                if !self.advertised.is_empty() {
+                    self.plan_routes();
+                }
             }
             OsnEvent::DeviceUp {
                 overlay,
@@ -899,7 +957,28 @@ impl Engine {
                 key,
                 claim,
                 relay,
+                routes,
             } => {
+                let before = self
+                    .advertised
+                    .get(&device)
+                    .and_then(|by| by.get(&overlay))
+                    .cloned()
+                    .unwrap_or_default();
+                if routes.is_empty() {
+                    if let Some(by) = self.advertised.get_mut(&device) {
+                        by.remove(&overlay);
+                        if by.is_empty() {
+                            self.advertised.remove(&device);
+                        }
+                    }
+                } else {
+                    self.advertised
+                        .entry(device.clone())
+                        .or_default()
+                        .insert(overlay.clone(), routes.clone());
+                }
+                let routing = !before.is_empty() || !routes.is_empty();
                 match relay {
                     Some(offer) if self.is_authorised_user(&device.user) => {
                         self.relay_offers.insert(device.clone(), offer);
@@ -909,10 +988,16 @@ impl Engine {
                     }
                 }
                 self.device_up(now, overlay, device, key, claim);
+                if routing {
+                    self.plan_routes();
+                }
             }
             OsnEvent::DeviceDown { overlay, device } => {
                 self.relay_offers.remove(&device);
                 self.device_down(now, &overlay, &device);
+                if self.advertised.contains_key(&device) {
+                    self.plan_routes();
+                }
             }
             OsnEvent::Signal { from, signal } => self.handle_signal(now, from, signal),
             OsnEvent::IceServers(servers) => {
@@ -1109,6 +1194,115 @@ impl Engine {
             self.settle(now, &device);
         }
         self.count_devices(now);
+        if !self.advertised.is_empty() {
+            self.plan_routes();
+        }
+    }
+
+    /// Settles what becomes of every prefix that devices route: taken where the overlay
+    /// accepts routes and the prefix overlaps no overlay, no network of this device and no
+    /// prefix taken before it (devices in order of their IDs, so that the outcome does not
+    /// depend on who came online first). The links of the devices whose routes changed get
+    /// them.
+    fn plan_routes(&mut self) {
+        let own = self.plans.own_networks();
+        let mut planned: Vec<RouteStatus> = Vec::new();
+        for (device, by_overlay) in &self.advertised {
+            let Some(entry) = self.devices.get(device) else {
+                continue;
+            };
+            for (overlay, prefixes) in by_overlay {
+                let authorised = entry.via.contains_key(overlay)
+                    && self
+                        .members
+                        .get(overlay)
+                        .is_some_and(|users| users.contains(&device.user));
+                if !authorised {
+                    continue;
+                }
+                for prefix in prefixes {
+                    let taken = planned.iter().find(|r| {
+                        matches!(r.state, RouteState::Accepted { .. })
+                            && overlaps(&r.prefix, prefix)
+                    });
+                    let state = if !self.accepting.contains(overlay) {
+                        RouteState::NotAccepted
+                    } else if let Some((o, net)) = own.iter().find(|(_, n)| overlaps(n, prefix)) {
+                        RouteState::Refused(format!("overlaps {net} of the {o} overlay"))
+                    } else if let Some(net) =
+                        self.local_networks.iter().find(|n| overlaps(n, prefix))
+                    {
+                        RouteState::Refused(format!("overlaps {net}, a network of this device"))
+                    } else if let Some(r) = taken {
+                        RouteState::Refused(format!(
+                            "overlaps {}, routed by {}",
+                            r.prefix, r.device
+                        ))
+                    } else {
+                        match self.plans.source_in(overlay, prefix.addr().is_ipv4()) {
+                            Some(source) => RouteState::Accepted { source },
+                            None => RouteState::Refused("no address in the overlay".to_owned()),
+                        }
+                    };
+                    planned.push(RouteStatus {
+                        prefix: *prefix,
+                        device: device.clone(),
+                        overlay: overlay.clone(),
+                        state,
+                    });
+                }
+            }
+        }
+        if planned == self.routes {
+            return;
+        }
+        let accepted = |r: &&RouteStatus| matches!(r.state, RouteState::Accepted { .. });
+        let touched: BTreeSet<DeviceId> = self
+            .routes
+            .iter()
+            .chain(&planned)
+            .filter(accepted)
+            .map(|r| r.device.clone())
+            .collect();
+        for r in planned.iter().filter(|r| !self.routes.contains(r)) {
+            tracing::info!(prefix = %r.prefix, device = %r.device, overlay = %r.overlay, state = ?r.state, "a routed prefix");
+        }
+        self.routes = planned;
+        self.routes_version += 1;
+        for device in touched {
+            self.set_peer_addresses(&device);
+        }
+    }
+
+    /// The prefixes this device takes from `device`.
+    fn accepted_from<'a>(&'a self, device: &'a DeviceId) -> impl Iterator<Item = IpNet> + 'a {
+        self.routes
+            .iter()
+            .filter(move |r| &r.device == device && matches!(r.state, RouteState::Accepted { .. }))
+            .map(|r| r.prefix)
+    }
+
+    /// What became of the prefixes devices route.
+    pub fn routes(&self) -> &[RouteStatus] {
+        &self.routes
+    }
+
+    /// Counts up whenever [`Engine::routes`] changes.
+    pub fn routes_version(&self) -> u64 {
+        self.routes_version
+    }
+
+    /// The networks of this device's own interfaces (its LANs), which routed prefixes must
+    /// not cover.
+    pub fn set_local_networks(&mut self, mut networks: Vec<IpNet>) {
+        networks.sort();
+        networks.dedup();
+        if networks != self.local_networks {
+            self.local_networks = networks;
+            if !self.advertised.is_empty() {
+                self.plan_routes();
+            }
+        }
     }
 
     /// After a change of members: devices that no overlay authorises any more become strangers
@@ -1281,6 +1475,9 @@ impl Engine {
         for device in linked {
             self.set_peer_addresses(&device);
         }
+        if !self.advertised.is_empty() {
+            self.plan_routes();
+        }
     }
 
     /// Gives the link to `device` its current addresses, after settling a claim it makes on one
@@ -1308,14 +1505,19 @@ impl Engine {
         };
         let (key, peer) = (link.key, link.peer);
         let overlays = self.authorising_claims(device);
-        let p = self.plans.peer(device, &key, &overlays);
+        let mut p = self.plans.peer(device, &key, &overlays);
         self.set_link_addresses(device, host_routes(&p));
         let Some(index) = peer else {
             return;
         };
+        p.addresses.extend(self.accepted_from(device));
+        let destinations = Destinations {
+            own: p.destinations,
+            routed: p.routed,
+        };
         let refused = self
             .node
-            .set_addresses(index, p.addresses, p.mapped, Some(p.destinations));
+            .set_addresses(index, p.addresses, p.mapped, Some(destinations));
         if !refused.is_empty() {
             tracing::info!(%device, ?refused, "addresses already another peer's; left out");
         }
@@ -2535,15 +2737,19 @@ impl Engine {
             return;
         }
         let overlays = self.authorising_claims(device);
-        let p = self.plans.peer(device, &offer.key, &overlays);
+        let mut p = self.plans.peer(device, &offer.key, &overlays);
         self.set_link_addresses(device, host_routes(&p));
+        p.addresses.extend(self.accepted_from(device));
         let config = PeerConfig {
             name: Some(device.to_string()),
             public_key: offer.key,
             endpoint: None,
             addresses: p.addresses,
             mapped: p.mapped,
-            destinations: Some(p.destinations),
+            destinations: Some(Destinations {
+                own: p.destinations,
+                routed: p.routed,
+            }),
             keepalive: Some(KEEPALIVE_S),
             roaming: false,
         };
@@ -3500,6 +3706,8 @@ mod tests {
             address: Some(net.addr()),
             links,
             idle_timeout,
+            advertise: Vec::new(),
+            accept_routes: false,
         };
         dev_in(user, device, addr, vec![social], Memory::default())
     }
@@ -3511,6 +3719,8 @@ mod tests {
             address: address.map(|a| a.parse().unwrap()),
             links: LinkPolicy::All,
             idle_timeout: Duration::ZERO,
+            advertise: Vec::new(),
+            accept_routes: false,
         }
     }
 
@@ -3602,6 +3812,7 @@ mod tests {
                 device: self.devs[j].id.clone(),
                 key,
                 relay: None,
+                routes: Vec::new(),
                 claim,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
@@ -3623,6 +3834,7 @@ mod tests {
                 device: device.clone(),
                 key,
                 relay: None,
+                routes: Vec::new(),
                 claim: None,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
@@ -3765,6 +3977,7 @@ mod tests {
             device: DeviceId::new(user, "pc"),
             key,
             relay: None,
+            routes: Vec::new(),
             claim: None,
         };
         for user in &users[..100] {
@@ -4928,6 +5141,7 @@ mod tests {
             device: DeviceId::new(&users[i], "pc"),
             key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
             relay: None,
+            routes: Vec::new(),
             claim: Some(Claim {
                 address: std::net::Ipv4Addr::new(10, 91, 0, 2 + i as u8),
                 fixed: true,
@@ -4988,6 +5202,7 @@ mod tests {
             device: DeviceId::new(&users[i], "pc"),
             key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
             relay: None,
+            routes: Vec::new(),
             claim: Some(Claim {
                 address: std::net::Ipv4Addr::new(10, 90, 1, i as u8),
                 fixed: true,

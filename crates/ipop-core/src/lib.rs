@@ -25,9 +25,12 @@ pub mod translate;
 pub mod turn;
 
 pub use demand::LinkPolicy;
-pub use engine::{Engine, LinkPhase, LinkStatus, Unlinked, UnlinkedReason};
+pub use engine::{
+    Engine, LinkPhase, LinkStatus, RouteState, RouteStatus, Unlinked, UnlinkedReason,
+};
 pub use key::{KeyError, PublicKey};
 pub use node::{
-    DropReason, Drops, LinkState, Mapping, Node, PeerConfig, PeerStatus, Problem, Transmit, Unsent,
+    Destinations, DropReason, Drops, LinkState, Mapping, Node, PeerConfig, PeerStatus, Problem,
+    Transmit, Unsent,
 };
 pub use plan::{EngineEvent, Memory, OverlayConfig, OwnAddresses};

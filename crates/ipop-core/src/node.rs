@@ -81,9 +81,9 @@ pub struct PeerConfig {
     pub addresses: Vec<IpNet>,
     /// IPv4 addresses translated at the tunnel boundary (the social overlay).
     pub mapped: Vec<Mapping>,
-    /// Our own addresses this peer may send to, so that nothing crosses from one overlay into
-    /// another; `None` for any (a static peer may route whole networks, as in WireGuard).
-    pub destinations: Option<Vec<IpAddr>>,
+    /// Where this peer may send to, so that nothing crosses from one overlay into another;
+    /// `None` for anywhere (a static peer may route whole networks, as in WireGuard).
+    pub destinations: Option<Destinations>,
     /// Persistent keepalive interval in seconds.
     pub keepalive: Option<u16>,
     /// Whether an authenticated datagram from another address moves the endpoint there at
@@ -91,6 +91,21 @@ pub struct PeerConfig {
     /// (direct, relays) a datagram on one of them moves the link off the nominated pair only
     /// when that pair has gone quiet (nothing authenticated on it for [`ROAM_QUIET`]).
     pub roaming: bool,
+}
+
+/// Where a peer may send to through this device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Destinations {
+    /// Our own addresses in the overlays we share with it.
+    pub own: Vec<IpAddr>,
+    /// The prefixes we route for those overlays (a subnet router).
+    pub routed: Vec<IpNet>,
+}
+
+impl Destinations {
+    fn routes_to(&self, addr: IpAddr) -> bool {
+        self.routed.iter().any(|n| n.contains(&addr))
+    }
 }
 
 /// An IPv4 address translated at the tunnel boundary: this device calls the peer `local`; in
@@ -414,7 +429,15 @@ impl Peer {
         self.config
             .destinations
             .as_ref()
-            .is_none_or(|d| d.contains(&addr))
+            .is_none_or(|d| d.own.contains(&addr) || d.routes_to(addr))
+    }
+
+    /// Whether `addr` is in a prefix this device routes for the peer.
+    fn may_route_to(&self, addr: IpAddr) -> bool {
+        self.config
+            .destinations
+            .as_ref()
+            .is_some_and(|d| d.routes_to(addr))
     }
 
     /// The routes of this peer: its addresses and the local side of its mappings.
@@ -789,7 +812,7 @@ impl Node {
         index: usize,
         addresses: Vec<IpNet>,
         mapped: Vec<Mapping>,
-        destinations: Option<Vec<IpAddr>>,
+        destinations: Option<Destinations>,
     ) -> Vec<IpNet> {
         let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else {
             return Vec::new();
@@ -1036,7 +1059,7 @@ impl Node {
                 drops.count(DropReason::SpoofedSource);
                 return None;
             };
-            if dst != IpAddr::V4(m.own) {
+            if dst != IpAddr::V4(m.own) && !peer.may_route_to(dst) {
                 drops.count(DropReason::WrongOverlay);
                 return None;
             }
@@ -1602,7 +1625,10 @@ mod tests {
             0,
             vec!["10.0.0.2/32".parse().unwrap()],
             Vec::new(),
-            Some(vec!["10.0.0.1".parse().unwrap()]),
+            Some(Destinations {
+                own: vec!["10.0.0.1".parse().unwrap()],
+                routed: Vec::new(),
+            }),
         );
         assert!(refused.is_empty());
         sim.b
@@ -1632,7 +1658,10 @@ mod tests {
             0,
             Vec::new(),
             vec![m],
-            Some(vec!["10.0.0.1".parse().unwrap()]),
+            Some(Destinations {
+                own: vec!["10.0.0.1".parse().unwrap()],
+                routed: Vec::new(),
+            }),
         );
         let mut wire = vec![0u8; 2048];
         let mut inner = vec![0u8; 2048];

@@ -6,6 +6,7 @@
 //! (a bare JID for XMPP) and a device is a user plus a device name (the XMPP resource).
 
 use crate::key::PublicKey;
+use ipnet::IpNet;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -75,6 +76,8 @@ pub enum OsnEvent {
         /// The device forwards for the devices it authorises, which this one is
         /// ([`crate::peer_relay`]).
         relay: Option<RelayOffer>,
+        /// The prefixes it routes for the devices of `overlay` (a subnet router).
+        routes: Vec<IpNet>,
     },
     /// A device went offline (or left the room) as seen through `overlay`. Its link stays while
     /// WireGuard still hears from it.

@@ -25,6 +25,10 @@ pub struct OverlayConfig {
     pub links: LinkPolicy,
     /// How long an on-demand link stays up without data.
     pub idle_timeout: Duration,
+    /// The prefixes this device routes for the overlay's devices (a subnet router).
+    pub advertise: Vec<IpNet>,
+    /// Whether the prefixes the overlay's devices route are taken.
+    pub accept_routes: bool,
 }
 
 /// What the engine keeps across restarts; the daemon stores it in its state directory.
@@ -67,6 +71,8 @@ pub struct PeerAddresses {
     pub addresses: Vec<IpNet>,
     pub mapped: Vec<Mapping>,
     pub destinations: Vec<IpAddr>,
+    /// The prefixes this device routes for the overlays it shares with the peer.
+    pub routed: Vec<IpNet>,
 }
 
 struct Own {
@@ -75,6 +81,8 @@ struct Own {
     claim: Claim,
     ula: Ipv6Net,
     v6: Ipv6Addr,
+    /// The prefixes this device routes for the overlay.
+    advertise: Vec<IpNet>,
 }
 
 /// The address plans of every overlay of this device.
@@ -116,6 +124,7 @@ impl Plans {
             };
             own.push(Own {
                 v6: address::ula_address(ula, key),
+                advertise: o.advertise,
                 id: o.id,
                 subnet: o.subnet,
                 claim: Claim {
@@ -148,6 +157,30 @@ impl Plans {
 
     pub(crate) fn poll_event(&mut self) -> Option<EngineEvent> {
         self.events.pop_front()
+    }
+
+    /// The networks of this device's overlays: each IPv4 subnet and IPv6 ULA prefix.
+    pub(crate) fn own_networks(&self) -> Vec<(OverlayId, IpNet)> {
+        self.own
+            .iter()
+            .flat_map(|o| {
+                [
+                    (o.id.clone(), o.subnet.into()),
+                    (o.id.clone(), o.ula.into()),
+                ]
+            })
+            .collect()
+    }
+
+    /// This device's address in `overlay` of the family of `v4` or not: the source of what it
+    /// sends to a prefix routed there.
+    pub(crate) fn source_in(&self, overlay: &OverlayId, v4: bool) -> Option<IpAddr> {
+        let own = self.own.iter().find(|o| &o.id == overlay)?;
+        Some(if v4 {
+            IpAddr::V4(own.claim.address)
+        } else {
+            IpAddr::V6(own.v6)
+        })
     }
 
     pub(crate) fn own_addresses(&self) -> Vec<OwnAddresses> {
@@ -222,6 +255,11 @@ impl Plans {
             p.addresses
                 .push(IpAddr::V6(address::ula_address(own.ula, key)).into());
             p.destinations.push(IpAddr::V6(own.v6));
+            for net in &own.advertise {
+                if !p.routed.contains(net) {
+                    p.routed.push(*net);
+                }
+            }
             let Some(claim) = claim else { continue };
             match overlay {
                 OverlayId::Social => {
@@ -269,6 +307,8 @@ mod tests {
             address: address.map(|a| a.parse().unwrap()),
             links: LinkPolicy::All,
             idle_timeout: crate::demand::DEFAULT_IDLE_TIMEOUT,
+            advertise: Vec::new(),
+            accept_routes: false,
         }
     }
 
@@ -279,6 +319,8 @@ mod tests {
             address: None,
             links: LinkPolicy::All,
             idle_timeout: crate::demand::DEFAULT_IDLE_TIMEOUT,
+            advertise: Vec::new(),
+            accept_routes: false,
         }
     }
 

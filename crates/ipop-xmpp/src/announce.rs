@@ -3,6 +3,7 @@
 //! overlay) and the service discovery answer behind those capabilities.
 
 use crate::{NS_IPOP, NS_LINK};
+use ipnet::IpNet;
 use ipop_core::PublicKey;
 use ipop_core::osn::{Claim, RelayOffer};
 use ipop_core::peer_relay::{self, TOKEN_LEN};
@@ -58,9 +59,18 @@ pub fn caps_node_ver() -> String {
     format!("{CAPS_NODE}#{}", caps_ver())
 }
 
+/// At most this many routes are read from one presence; more are left out.
+pub const MAX_ROUTES: usize = 16;
+
 /// The presence payloads of an ipop device: entity capabilities, the key and, if any, the
-/// device's claim in the overlay the presence goes to and its offer to relay.
-pub fn payloads(key: &PublicKey, claim: Option<Claim>, relay: Option<&RelayOffer>) -> Vec<Element> {
+/// device's claim in the overlay the presence goes to, its offer to relay and the prefixes it
+/// routes for that overlay.
+pub fn payloads(
+    key: &PublicKey,
+    claim: Option<Claim>,
+    relay: Option<&RelayOffer>,
+    routes: &[IpNet],
+) -> Vec<Element> {
     let mut ipop =
         Element::builder("ipop", NS_IPOP).attr(xml_ncname!("key").into(), key.to_string());
     if let Some(claim) = claim {
@@ -78,12 +88,25 @@ pub fn payloads(key: &PublicKey, claim: Option<Claim>, relay: Option<&RelayOffer
                 .build(),
         );
     }
+    for route in routes.iter().take(MAX_ROUTES) {
+        ipop = ipop.append(
+            Element::builder("route", NS_IPOP)
+                .attr(xml_ncname!("prefix").into(), route.trunc().to_string())
+                .build(),
+        );
+    }
     vec![Caps::new(CAPS_NODE, caps_hash()).into(), ipop.build()]
 }
 
-/// The available presence of an ipop device, claiming `claim` where it goes.
-pub fn presence(key: &PublicKey, claim: Option<Claim>, relay: Option<&RelayOffer>) -> Presence {
-    let mut presence = Presence::available().with_payloads(payloads(key, claim, relay));
+/// The available presence of an ipop device, claiming `claim` where it goes and offering its
+/// `routes` there.
+pub fn presence(
+    key: &PublicKey,
+    claim: Option<Claim>,
+    relay: Option<&RelayOffer>,
+    routes: &[IpNet],
+) -> Presence {
+    let mut presence = Presence::available().with_payloads(payloads(key, claim, relay, routes));
     presence.priority = Priority(PRIORITY);
     presence
 }
@@ -107,6 +130,9 @@ pub enum Announce {
         key: PublicKey,
         claim: Result<Option<Claim>, BadClaim>,
         relay: Option<RelayOffer>,
+        /// The prefixes it routes, and how many `<route/>` elements were malformed or beyond
+        /// [`MAX_ROUTES`] (left out).
+        routes: (Vec<IpNet>, usize),
     },
     /// An ipop payload whose key does not parse.
     BadKey,
@@ -158,6 +184,27 @@ fn read_relay(ipop: &Element) -> Option<RelayOffer> {
     Some(RelayOffer { endpoint, token })
 }
 
+/// Reads the prefixes an ipop payload routes: `<route prefix='192.168.50.0/24'/>`, at most
+/// [`MAX_ROUTES`]. Returns them and how many were left out: malformed, with host bits set, a
+/// default route (an exit is not announced as a route) or beyond the limit.
+fn read_routes(ipop: &Element) -> (Vec<IpNet>, usize) {
+    let mut routes = Vec::new();
+    let mut bad = 0;
+    for r in ipop.children().filter(|c| c.is("route", NS_IPOP)) {
+        match r.attr("prefix").and_then(|p| p.parse::<IpNet>().ok()) {
+            Some(net)
+                if net.trunc() == net && net.prefix_len() > 0 && routes.len() < MAX_ROUTES =>
+            {
+                if !routes.contains(&net) {
+                    routes.push(net);
+                }
+            }
+            _ => bad += 1,
+        }
+    }
+    (routes, bad)
+}
+
 /// Reads the ipop payload of a presence.
 pub fn read(payloads: &[Element]) -> Announce {
     match payloads.iter().find(|p| p.is("ipop", NS_IPOP)) {
@@ -167,6 +214,7 @@ pub fn read(payloads: &[Element]) -> Announce {
                 key,
                 claim: read_claim(p),
                 relay: read_relay(p),
+                routes: read_routes(p),
             },
             _ => Announce::BadKey,
         },
@@ -178,13 +226,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn routes_travel_in_the_presence_and_bad_ones_are_left_out_and_counted() {
+        let key = PublicKey([4; 32]);
+        let routes: Vec<IpNet> = vec![
+            "192.168.50.0/24".parse().unwrap(),
+            "fd12::/64".parse().unwrap(),
+        ];
+        let presence = presence(&key, None, None, &routes);
+        match read(&presence.payloads) {
+            Announce::Key { routes: got, .. } => assert_eq!(got, (routes, 0)),
+            other => panic!("{other:?}"),
+        }
+        let xml = format!(
+            "<ipop xmlns='{NS_IPOP}' key='{key}'><route prefix='10.1.0.0/16'/>\
+             <route prefix='10.1.2.3/16'/><route prefix='0.0.0.0/0'/><route/>\
+             <route prefix='nonsense'/><route prefix='10.1.0.0/16'/></ipop>"
+        );
+        match read(&[xml.parse().unwrap()]) {
+            Announce::Key { routes, .. } => {
+                assert_eq!(routes, (vec!["10.1.0.0/16".parse().unwrap()], 4));
+            }
+            other => panic!("{other:?}"),
+        }
+        let many: String = (0..40)
+            .map(|i| format!("<route prefix='10.{i}.0.0/16'/>"))
+            .collect();
+        let xml = format!("<ipop xmlns='{NS_IPOP}' key='{key}'>{many}</ipop>");
+        match read(&[xml.parse().unwrap()]) {
+            Announce::Key { routes, .. } => {
+                assert_eq!((routes.0.len(), routes.1), (MAX_ROUTES, 40 - MAX_ROUTES));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_relay_offer_travels_in_the_presence_and_a_bad_one_is_left_out() {
         let key = PublicKey([3; 32]);
         let offer = RelayOffer {
             endpoint: "198.51.100.4:51821".parse().unwrap(),
             token: [0xab; TOKEN_LEN],
         };
-        let presence = presence(&key, None, Some(&offer));
+        let presence = presence(&key, None, Some(&offer), &[]);
         match read(&presence.payloads) {
             Announce::Key { relay, .. } => assert_eq!(relay, Some(offer)),
             other => panic!("{other:?}"),
@@ -213,7 +296,7 @@ mod tests {
     #[test]
     fn presence_carries_caps_key_and_negative_priority() {
         let key = PublicKey([3; 32]);
-        let presence = presence(&key, None, None);
+        let presence = presence(&key, None, None, &[]);
         assert_eq!(presence.priority, Priority(-1));
         assert_eq!(
             read(&presence.payloads),
@@ -221,6 +304,7 @@ mod tests {
                 key,
                 claim: Ok(None),
                 relay: None,
+                routes: (Vec::new(), 0),
             }
         );
         let ipop = presence
@@ -246,8 +330,13 @@ mod tests {
             address: std::net::Ipv4Addr::new(172, 31, 255, 254),
             fixed: true,
         });
-        let stanza = String::from(&Element::from(presence(&PublicKey([7; 32]), claim, None)));
-        let payload: usize = payloads(&PublicKey([7; 32]), claim, None)
+        let stanza = String::from(&Element::from(presence(
+            &PublicKey([7; 32]),
+            claim,
+            None,
+            &[],
+        )));
+        let payload: usize = payloads(&PublicKey([7; 32]), claim, None, &[])
             .iter()
             .map(|p| String::from(p).len())
             .sum();
@@ -286,7 +375,7 @@ mod tests {
                 address: Ipv4Addr::new(10, 20, 0, 5),
                 fixed,
             };
-            let presence = presence(&key, Some(claim), None);
+            let presence = presence(&key, Some(claim), None, &[]);
             let ipop = presence
                 .payloads
                 .iter()
@@ -302,6 +391,7 @@ mod tests {
                     key,
                     claim: Ok(Some(claim)),
                     relay: None,
+                    routes: (Vec::new(), 0),
                 },
                 "{xml}"
             );
@@ -321,6 +411,7 @@ mod tests {
                     key: PublicKey([7; 32]),
                     claim: Ok(Some(claim(fixed))),
                     relay: None,
+                    routes: (Vec::new(), 0),
                 },
                 "{attr}"
             );
@@ -357,6 +448,7 @@ mod tests {
                     key: PublicKey([7; 32]),
                     claim: Err(bad),
                     relay: None,
+                    routes: (Vec::new(), 0),
                 },
                 "{attrs}"
             );
@@ -367,6 +459,7 @@ mod tests {
                 key: PublicKey([7; 32]),
                 claim: Ok(None),
                 relay: None,
+                routes: (Vec::new(), 0),
             }
         );
     }

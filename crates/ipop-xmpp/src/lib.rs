@@ -85,6 +85,8 @@ pub struct XmppConfig {
     /// The device's own IPv4 address, claimed in the presence to the roster (the social
     /// overlay). [`Session::announce`] changes it.
     pub social_claim: Option<Claim>,
+    /// The prefixes this device routes for the social overlay's devices.
+    pub social_routes: Vec<ipnet::IpNet>,
     /// This device's offer to relay for its friends and fellow members, in every presence.
     pub relay: Option<ipop_core::osn::RelayOffer>,
     /// How long [`connect`] may take to log in. The roster and the rooms may take longer: the
@@ -127,6 +129,7 @@ impl XmppConfig {
             groups: Vec::new(),
             key,
             social_claim: None,
+            social_routes: Vec::new(),
             relay: None,
             login_timeout: Duration::from_secs(15),
             send_rate: DEFAULT_SEND_RATE,
@@ -174,6 +177,8 @@ pub struct GroupConfig {
     /// The device's address in the group's subnet, claimed in the presence to the room.
     /// [`Session::announce`] changes it.
     pub claim: Option<Claim>,
+    /// The prefixes this device routes for the group's devices.
+    pub routes: Vec<ipnet::IpNet>,
 }
 
 /// Why [`connect`] failed. Every variant names the cause in words for the user.
@@ -281,6 +286,9 @@ pub enum DropReason {
     /// A presence whose ipop payload has a valid key but a malformed address claim (the device
     /// counts as a peer without a claim).
     BadPresenceClaim,
+    /// A `<route/>` in a presence that is malformed, a default route, or beyond the limit (left
+    /// out; the rest of the presence counts).
+    BadPresenceRoute,
     /// A room presence without a readable `muc#user` payload.
     MalformedOccupant,
     /// A room occupant whose real JID is hidden.
@@ -317,7 +325,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::MalformedJingle,
         DropReason::TooManyCandidates,
         DropReason::UnsupportedJingleAction,
@@ -325,6 +333,7 @@ impl DropReason {
         DropReason::OutgoingCandidatesOverLimit,
         DropReason::BadPresenceKey,
         DropReason::BadPresenceClaim,
+        DropReason::BadPresenceRoute,
         DropReason::MalformedOccupant,
         DropReason::OccupantWithoutRealJid,
         DropReason::SpoofedRosterPush,
@@ -351,6 +360,7 @@ impl DropReason {
             DropReason::OutgoingCandidatesOverLimit => "outgoing-candidates-over-limit",
             DropReason::BadPresenceKey => "bad-presence-key",
             DropReason::BadPresenceClaim => "bad-presence-claim",
+            DropReason::BadPresenceRoute => "bad-presence-route",
             DropReason::MalformedOccupant => "malformed-occupant",
             DropReason::OccupantWithoutRealJid => "occupant-without-real-jid",
             DropReason::SpoofedRosterPush => "spoofed-roster-push",

@@ -115,18 +115,19 @@ pub fn nick(user: &BareJid, device: &str) -> String {
 }
 
 /// The payloads of a join presence: the MUC element (no history) and the ipop announcement
-/// with the device's claim in the group.
+/// with the device's claim in the group and the prefixes it routes there.
 pub fn join_payloads(
     key: &PublicKey,
     claim: Option<Claim>,
     relay: Option<&RelayOffer>,
+    routes: &[ipnet::IpNet],
 ) -> Vec<Element> {
     let mut payloads = vec![
         Muc::new()
             .with_history(History::new().with_maxstanzas(0))
             .into(),
     ];
-    payloads.extend(announce::payloads(key, claim, relay));
+    payloads.extend(announce::payloads(key, claim, relay, routes));
     payloads
 }
 

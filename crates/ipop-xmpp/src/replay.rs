@@ -80,6 +80,7 @@ async fn replay(input: &[u8]) -> Option<Vec<OsnEvent>> {
         room: ROOM.to_owned(),
         create: false,
         claim: None,
+        routes: Vec::new(),
     }];
     let shared = Arc::new(Shared::new("replay".to_owned()));
     let sink_shared = shared.clone();
@@ -166,6 +167,7 @@ mod tests {
                 device: DeviceId::new(FRIEND, "phone"),
                 key: PublicKey([2; 32]),
                 relay: None,
+                routes: Vec::new(),
                 claim: None,
             }),
             "{events:?}"

@@ -73,11 +73,12 @@ const ADDRESS_CHECK: Duration = Duration::from_secs(1);
 const EXTERNAL_RETRY: Duration = Duration::from_secs(30);
 
 /// What a device announces in one overlay: its key and its address claim there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Announced {
     key: PublicKey,
     claim: Option<Claim>,
     relay: Option<RelayOffer>,
+    routes: Vec<ipnet::IpNet>,
 }
 
 /// What the core was told about one overlay.
@@ -147,13 +148,14 @@ impl View {
             Some(announced) => {
                 self.stale.remove(&device);
                 if self.devices.get(&device) != Some(&announced) {
-                    self.devices.insert(device.clone(), announced);
+                    self.devices.insert(device.clone(), announced.clone());
                     out.push(OsnEvent::DeviceUp {
                         overlay: overlay.clone(),
                         device,
                         key: announced.key,
                         relay: announced.relay,
                         claim: announced.claim,
+                        routes: announced.routes,
                     });
                 }
             }
@@ -208,6 +210,8 @@ struct Room {
     create: bool,
     /// Our claim in the group, sent with every presence to the room.
     claim: Option<Claim>,
+    /// The prefixes we route for the group, sent with every presence to the room.
+    routes: Vec<ipnet::IpNet>,
     /// The claim changed while we could not tell the room: tell it once joined.
     claim_unsent: bool,
     nick: String,
@@ -400,7 +404,18 @@ fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Opti
             );
             None
         }
-        Announce::Key { key, claim, relay } => {
+        Announce::Key {
+            key,
+            claim,
+            relay,
+            routes: (routes, bad_routes),
+        } => {
+            if bad_routes > 0 {
+                for _ in 0..bad_routes {
+                    shared.count(DropReason::BadPresenceRoute);
+                }
+                tracing::debug!(%from, bad_routes, "routes left out of a presence");
+            }
             let claim = claim.unwrap_or_else(|bad| {
                 count_drop(
                     shared,
@@ -409,7 +424,12 @@ fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Opti
                 );
                 None
             });
-            Some(Announced { key, claim, relay })
+            Some(Announced {
+                key,
+                claim,
+                relay,
+                routes,
+            })
         }
     }
 }
@@ -461,6 +481,7 @@ impl Task {
                 jid,
                 create: group.create,
                 claim: group.claim,
+                routes: group.routes.clone(),
                 claim_unsent: false,
                 nick: muc::nick(&own, me.resource().as_str()),
                 state: RoomState::Out { rejoin_at: None },
@@ -1045,6 +1066,7 @@ impl Task {
                 &self.cfg.key,
                 self.cfg.social_claim,
                 self.cfg.relay.as_ref(),
+                &self.cfg.social_routes,
             )
         } else {
             announce::unannounced_presence()
@@ -1059,7 +1081,12 @@ impl Task {
         let Some(to) = room.occupant_jid() else {
             return;
         };
-        let mut presence = announce::presence(&self.cfg.key, room.claim, self.cfg.relay.as_ref());
+        let mut presence = announce::presence(
+            &self.cfg.key,
+            room.claim,
+            self.cfg.relay.as_ref(),
+            &room.routes,
+        );
         presence.to = Some(to.into());
         self.outbox.push((Class::Control, presence.into()));
     }
@@ -1842,7 +1869,7 @@ impl Task {
             .map(|(jid, announced)| {
                 (
                     DeviceId::new(jid.to_bare().to_string(), jid.resource().as_str()),
-                    *announced,
+                    announced.clone(),
                 )
             })
             .collect();
@@ -1895,7 +1922,7 @@ impl Task {
             PresenceType::None => read_announced(&self.shared, &presence.payloads, &full),
             _ => None,
         };
-        match announced {
+        match &announced {
             Some(announced) => {
                 if self.presences.len() >= MAX_DEVICES && !self.presences.contains_key(&full) {
                     self.drop_stanza(
@@ -1904,7 +1931,7 @@ impl Task {
                     );
                     return;
                 }
-                self.presences.insert(full.clone(), announced);
+                self.presences.insert(full.clone(), announced.clone());
             }
             None => {
                 if self.presences.remove(&full).is_none() {
@@ -1942,6 +1969,7 @@ impl Task {
                 &self.cfg.key,
                 room.claim,
                 self.cfg.relay.as_ref(),
+                &room.routes,
             ));
         presence.priority = Priority(announce::PRIORITY);
         self.outbox.push((Class::Control, presence.into()));
@@ -2003,7 +2031,7 @@ impl Task {
                 .values()
                 .filter(|o| o.real != self.me)
                 .filter_map(|o| {
-                    o.announced.map(|announced| {
+                    o.announced.clone().map(|announced| {
                         (
                             DeviceId::new(o.real.to_bare().to_string(), o.real.resource().as_str()),
                             announced,
@@ -2145,7 +2173,7 @@ impl Task {
                 Occupant {
                     real,
                     affiliation: info.affiliation,
-                    announced,
+                    announced: announced.clone(),
                 },
             )
             .is_some_and(|before| {
@@ -2328,6 +2356,7 @@ mod tests {
                         Announced {
                             key: PublicKey([*k; 32]),
                             relay: None,
+                            routes: Vec::new(),
                             claim: None,
                         },
                     )
@@ -2344,6 +2373,7 @@ mod tests {
             device: device(name),
             key: PublicKey([key; 32]),
             relay: None,
+            routes: Vec::new(),
             claim: None,
         }
     }
@@ -2388,6 +2418,7 @@ mod tests {
             Some(Announced {
                 key: PublicKey([k; 32]),
                 relay: None,
+                routes: Vec::new(),
                 claim: None,
             })
         };
@@ -2433,6 +2464,7 @@ mod tests {
             let announced = Announced {
                 key: PublicKey([1; 32]),
                 relay: None,
+                routes: Vec::new(),
                 claim,
             };
             view.publish(
@@ -2449,6 +2481,7 @@ mod tests {
             device: device("laptop"),
             key: PublicKey([1; 32]),
             relay: None,
+            routes: Vec::new(),
             claim,
         };
         assert_eq!(say(claim(5, false)), vec![up_with(claim(5, false))]);
@@ -2481,6 +2514,7 @@ mod tests {
                 key,
                 claim: None,
                 relay: None,
+                routes: Vec::new(),
             })
         );
         assert_eq!(
@@ -2496,6 +2530,7 @@ mod tests {
             Some(Announced {
                 key,
                 relay: None,
+                routes: Vec::new(),
                 claim: Some(Claim {
                     address: std::net::Ipv4Addr::new(10, 20, 0, 30),
                     fixed: false

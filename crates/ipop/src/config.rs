@@ -183,6 +183,12 @@ pub struct Social {
     /// How long an on-demand link stays up without data.
     #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// Prefixes this device routes for its friends' devices (a subnet router).
+    #[serde(default, deserialize_with = "prefixes")]
+    pub advertise_routes: Vec<IpNet>,
+    /// Take the prefixes friends' devices route.
+    #[serde(default)]
+    pub accept_routes: bool,
 }
 
 /// The social subnet unless configured: the one IPOP's SocialVPN used.
@@ -407,6 +413,40 @@ pub struct Group {
     /// How long an on-demand link stays up without data.
     #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// Prefixes this device routes for the group's devices (a subnet router).
+    #[serde(default, deserialize_with = "prefixes")]
+    pub advertise_routes: Vec<IpNet>,
+    /// Take the prefixes the group's devices route.
+    #[serde(default)]
+    pub accept_routes: bool,
+}
+
+/// Reads a list of prefixes (`"192.168.50.0/24"`), each without host bits and none a default
+/// route.
+fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    let mut out = Vec::new();
+    for s in list {
+        let net: IpNet = s.parse().map_err(|_| {
+            serde::de::Error::custom(format!("{s:?} is not a prefix like \"192.168.50.0/24\""))
+        })?;
+        if net.trunc() != net {
+            return Err(serde::de::Error::custom(format!(
+                "{s:?} has host bits set: did you mean \"{}\"?",
+                net.trunc()
+            )));
+        }
+        if net.prefix_len() == 0 {
+            return Err(serde::de::Error::custom(format!(
+                "{s:?} is a default route: routing all traffic is an exit node's job"
+            )));
+        }
+        if out.len() >= 16 {
+            return Err(serde::de::Error::custom("at most 16 prefixes"));
+        }
+        out.push(net);
+    }
+    Ok(out)
 }
 
 fn default_idle_timeout() -> Duration {
@@ -669,6 +709,23 @@ impl Config {
         Ok(())
     }
 
+    /// Every prefix this device routes for an overlay, each once.
+    pub fn advertised_routes(&self) -> Vec<IpNet> {
+        let mut all: Vec<IpNet> = Vec::new();
+        let lists = self
+            .social
+            .iter()
+            .filter(|s| s.enabled)
+            .map(|s| &s.advertise_routes)
+            .chain(self.groups.iter().map(|g| &g.advertise_routes));
+        for net in lists.flatten() {
+            if !all.contains(net) {
+                all.push(*net);
+            }
+        }
+        all
+    }
+
     /// The overlays of this device with their subnets, social first, as the engine takes them.
     pub fn overlays(&self) -> Vec<OverlayConfig> {
         let social = self
@@ -681,6 +738,8 @@ impl Config {
                 address: s.address,
                 links: s.links,
                 idle_timeout: s.idle_timeout,
+                advertise: s.advertise_routes.clone(),
+                accept_routes: s.accept_routes,
             });
         let groups = self.groups.iter().map(|g| OverlayConfig {
             id: OverlayId::Group(g.room.clone()),
@@ -688,6 +747,8 @@ impl Config {
             address: g.address,
             links: g.links,
             idle_timeout: g.idle_timeout,
+            advertise: g.advertise_routes.clone(),
+            accept_routes: g.accept_routes,
         });
         social.chain(groups).collect()
     }
@@ -1663,12 +1724,29 @@ mod tests {
             keys!(
                 "[social]",
                 Social,
-                [enabled, subnet, address, links, idle_timeout]
+                [
+                    enabled,
+                    subnet,
+                    address,
+                    links,
+                    idle_timeout,
+                    advertise_routes,
+                    accept_routes
+                ]
             ),
             keys!(
                 "[[groups]]",
                 Group,
-                [room, subnet, address, create, links, idle_timeout]
+                [
+                    room,
+                    subnet,
+                    address,
+                    create,
+                    links,
+                    idle_timeout,
+                    advertise_routes,
+                    accept_routes
+                ]
             ),
             keys!("[dns]", Dns, [enabled, suffix, port]),
             keys!(

@@ -135,6 +135,8 @@ pub struct Dataplane {
     /// Extra IPv4 sockets, by port: hole punching's probes leave from them, and a punched
     /// path goes through one ([`ipop_core::punch`]).
     extra: Vec<(u16, Udp)>,
+    /// The prefixes this device routes, by overlay, for status.
+    advertised_routes: std::collections::BTreeMap<String, Vec<String>>,
     /// Sets of extra sockets opened off the loop (hundreds of system calls), for the engine's
     /// set.
     opened: (
@@ -350,6 +352,7 @@ impl Dataplane {
             relay_status: None,
             extra: Vec::new(),
             opened: mpsc::unbounded_channel(),
+            advertised_routes: std::collections::BTreeMap::new(),
         })
     }
 
@@ -361,6 +364,14 @@ impl Dataplane {
     /// Where `ipop status` reads what this device relays for others.
     pub fn set_relay_status(&mut self, f: Box<dyn Fn() -> status::RelayStatus + Send>) {
         self.relay_status = Some(f);
+    }
+
+    /// The prefixes this device routes, by overlay, for status.
+    pub fn set_advertised_routes(
+        &mut self,
+        routes: std::collections::BTreeMap<String, Vec<String>>,
+    ) {
+        self.advertised_routes = routes;
     }
 
     /// Where the port mapper's news come from.
@@ -392,6 +403,8 @@ impl Dataplane {
             .collect::<Vec<_>>();
         tracing::debug!(?hosts, "host candidates");
         self.engine.set_host_candidates(hosts);
+        self.engine
+            .set_local_networks(crate::device::host_networks(&self.interface));
     }
 
     /// Runs until `shutdown` resolves.
@@ -862,6 +875,8 @@ impl Dataplane {
                     relay: self.relay_status.as_ref().map(|f| f()),
                     nat_mapping: self.engine.nat_mapping().as_str().to_owned(),
                     punching: self.engine.punch_stats().into(),
+                    advertised_routes: self.advertised_routes.clone(),
+                    routes: status::routes(&self.engine),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }

@@ -100,6 +100,47 @@ pub fn host_addresses(tunnel: &str) -> Vec<IpAddr> {
     out
 }
 
+/// The networks of the host's interfaces but the tunnel's and the loopback's: what the
+/// routes that peers offer must not cover.
+pub fn host_networks(tunnel: &str) -> Vec<IpNet> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for a in addrs {
+        if a.interface_name == tunnel {
+            continue;
+        }
+        let (Some(address), Some(mask)) = (a.address, a.netmask) else {
+            continue;
+        };
+        let net = if let (Some(ip), Some(mask)) = (address.as_sockaddr_in(), mask.as_sockaddr_in())
+        {
+            ipnet::Ipv4Net::with_netmask(ip.ip(), mask.ip())
+                .ok()
+                .map(IpNet::from)
+        } else if let (Some(ip), Some(mask)) = (address.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+            ipnet::Ipv6Net::with_netmask(ip.ip(), mask.ip())
+                .ok()
+                .map(IpNet::from)
+        } else {
+            None
+        };
+        let Some(net) = net.map(|n| n.trunc()) else {
+            continue;
+        };
+        let useless = net.addr().is_loopback()
+            || match net.addr() {
+                IpAddr::V4(v4) => v4.is_link_local(),
+                IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+        if !useless && !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    out
+}
+
 /// The peer prefixes that the interface's own prefixes do not cover, each once.
 pub fn extra_routes<'a>(interface: &[IpNet], peers: impl Iterator<Item = &'a IpNet>) -> Vec<IpNet> {
     let mut routes: Vec<IpNet> = Vec::new();

@@ -4,6 +4,7 @@ mod coalesce;
 mod dataplane;
 mod device;
 mod doctor;
+mod forward;
 mod init;
 mod netlink;
 mod overlays;
@@ -308,6 +309,26 @@ fn up(path: &Path) -> anyhow::Result<()> {
             &routes,
         )?;
         plane.discover_host_candidates();
+        plane.set_advertised_routes(
+            config
+                .overlays()
+                .iter()
+                .filter(|o| !o.advertise.is_empty())
+                .map(|o| {
+                    let list = o.advertise.iter().map(ToString::to_string).collect();
+                    (o.id.to_string(), list)
+                })
+                .collect(),
+        );
+        let advertised = config.advertised_routes();
+        let _forwarding = if advertised.is_empty() {
+            None
+        } else {
+            Some(forward::Forwarding::start(
+                &config.interface.name,
+                &advertised,
+            )?)
+        };
         plane.trust_ca_file(
             config
                 .xmpp

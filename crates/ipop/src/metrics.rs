@@ -512,6 +512,8 @@ mod tests {
             relay: None,
             nat_mapping: String::new(),
             punching: Default::default(),
+            advertised_routes: BTreeMap::new(),
+            routes: Vec::new(),
             xmpp: Some(XmppInfo {
                 state: "online".into(),
                 jid: None,
@@ -654,6 +656,8 @@ ipop_xmpp_send_wait_max_seconds 1.25
             relay: None,
             nat_mapping: String::new(),
             punching: Default::default(),
+            advertised_routes: BTreeMap::new(),
+            routes: Vec::new(),
             xmpp: None,
             overlays: vec![
                 overlay(

@@ -1,4 +1,5 @@
-//! Routes through rtnetlink: what `ip route add PREFIX dev IFACE` does, without running `ip`.
+//! Routes through rtnetlink: what `ip route add PREFIX dev IFACE [src ADDRESS]` and
+//! `ip route del` do, without running `ip`.
 
 use ipnet::IpNet;
 use netlink_packet_core::{
@@ -12,10 +13,25 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::constants::NETLINK_ROUTE;
 use netlink_sys::{Socket, SocketAddr};
 use std::io;
+use std::net::IpAddr;
 
 /// Routes `net` into the interface with index `ifindex` (main table), replacing a route to the
 /// same prefix if one exists, and waits for the kernel's answer.
 pub fn add_route(ifindex: u32, net: IpNet) -> io::Result<()> {
+    change_route(true, ifindex, net, None)
+}
+
+/// As [`add_route`], with `source` as the preferred source address of what leaves by it.
+pub fn add_route_from(ifindex: u32, net: IpNet, source: IpAddr) -> io::Result<()> {
+    change_route(true, ifindex, net, Some(source))
+}
+
+/// Removes the route to `net` through the interface with index `ifindex`.
+pub fn delete_route(ifindex: u32, net: IpNet) -> io::Result<()> {
+    change_route(false, ifindex, net, None)
+}
+
+fn change_route(add: bool, ifindex: u32, net: IpNet, source: Option<IpAddr>) -> io::Result<()> {
     let net = net.trunc();
     let mut route = RouteMessage::default();
     route.header.address_family = match net {
@@ -31,12 +47,20 @@ pub fn add_route(ifindex: u32, net: IpNet) -> io::Result<()> {
         RouteAttribute::Destination(net.addr().into()),
         RouteAttribute::Oif(ifindex),
     ];
+    if let Some(source) = source {
+        route
+            .attributes
+            .push(RouteAttribute::PrefSource(source.into()));
+    }
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    let mut request = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::NewRoute(route)),
-    );
+    let message = if add {
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+        RouteNetlinkMessage::NewRoute(route)
+    } else {
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        RouteNetlinkMessage::DelRoute(route)
+    };
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(message));
     request.finalize();
     let mut buf = vec![0; request.header.length as usize];
     request.serialize(&mut buf);

@@ -8,7 +8,7 @@ use crate::dns::{self, NameTable};
 use crate::state::State;
 use ipnet::IpNet;
 use ipop_core::osn::{Claim, DeviceId, OverlayId};
-use ipop_core::{Engine, EngineEvent};
+use ipop_core::{Engine, EngineEvent, RouteState};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -37,6 +37,8 @@ pub struct Keeper {
     interface: String,
     announce: Option<Announcer>,
     dns: Option<Dns>,
+    /// The engine's routes version the TUN device's routes were last set from.
+    routes_seen: u64,
 }
 
 struct Dns {
@@ -68,6 +70,7 @@ impl Keeper {
             saved: engine.memory_version(),
             interface: interface.to_owned(),
             announce: None,
+            routes_seen: 0,
             dns: dns.map(|settings| Dns {
                 names: watch::Sender::new(NameTable::new(&settings.suffix)),
                 settings,
@@ -96,6 +99,21 @@ impl Keeper {
         if engine.memory_version() != self.saved {
             self.saved = engine.memory_version();
             self.send(Job::Save(engine.memory().clone()));
+        }
+        if engine.routes_version() != self.routes_seen {
+            self.routes_seen = engine.routes_version();
+            let wanted = engine
+                .routes()
+                .iter()
+                .filter_map(|r| match r.state {
+                    RouteState::Accepted { source } => Some((r.prefix, source)),
+                    _ => None,
+                })
+                .collect();
+            match tun.if_index() {
+                Ok(ifindex) => self.send(Job::Routes { ifindex, wanted }),
+                Err(e) => tracing::error!("cannot route prefixes into {}: {e}", self.interface),
+            }
         }
         self.refresh_dns(engine, tun, false);
     }
@@ -216,10 +234,16 @@ enum Job {
         servers: Vec<IpAddr>,
         suffix: String,
     },
+    /// Routes exactly these prefixes into the interface, each from its source address.
+    Routes {
+        ifindex: u32,
+        wanted: Vec<(IpNet, IpAddr)>,
+    },
 }
 
 /// The worker thread: runs the jobs in order until the keeper goes.
 fn work(state: &State, jobs: &std::sync::mpsc::Receiver<Job>, registered: &AtomicBool) {
+    let mut routed: Vec<(IpNet, IpAddr)> = Vec::new();
     for job in jobs {
         match job {
             Job::Save(memory) => {
@@ -235,8 +259,35 @@ fn work(state: &State, jobs: &std::sync::mpsc::Receiver<Job>, registered: &Atomi
                 let done = dns::register_with_resolved(&interface, &servers, &suffix);
                 registered.store(done, Ordering::Relaxed);
             }
+            Job::Routes { ifindex, wanted } => set_routes(ifindex, &mut routed, wanted),
         }
     }
+}
+
+/// Moves the routes into the interface from `routed` to `wanted`: what is no longer wanted
+/// goes, what is new comes. A route the kernel refuses is logged and left out.
+fn set_routes(ifindex: u32, routed: &mut Vec<(IpNet, IpAddr)>, wanted: Vec<(IpNet, IpAddr)>) {
+    for &(net, _) in routed.iter().filter(|r| !wanted.contains(r)) {
+        match crate::netlink::delete_route(ifindex, net) {
+            Ok(()) => tracing::info!(%net, "no longer routed into the tunnel"),
+            Err(e) => tracing::debug!(%net, "cannot remove the route: {e}"),
+        }
+    }
+    let mut now = Vec::new();
+    for (net, source) in wanted {
+        if routed.contains(&(net, source)) {
+            now.push((net, source));
+            continue;
+        }
+        match crate::netlink::add_route_from(ifindex, net, source) {
+            Ok(()) => {
+                tracing::info!(%net, %source, "routed into the tunnel");
+                now.push((net, source));
+            }
+            Err(e) => tracing::error!(%net, %source, "cannot route into the tunnel: {e}"),
+        }
+    }
+    *routed = now;
 }
 
 /// This device's addresses in every overlay, IPv4 and IPv6.

@@ -42,6 +42,52 @@ pub struct Status {
     /// What hole punching did since start ([`ipop_core::punch`]).
     #[serde(default)]
     pub punching: Punching,
+    /// The prefixes this device routes for its overlays (`advertise_routes`), by overlay.
+    #[serde(default)]
+    pub advertised_routes: BTreeMap<String, Vec<String>>,
+    /// The prefixes other devices route for the overlays, and what this device made of each.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// A prefix a device routes for an overlay, as this device takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub prefix: String,
+    /// The device that routes it, `JID/DEVICE`.
+    pub via: String,
+    pub overlay: String,
+    /// `accepted`, `not_accepted` (the overlay's `accept_routes` is off) or `refused`.
+    pub state: String,
+    /// This device's address that what it sends there leaves from, when accepted.
+    pub source: Option<String>,
+    /// Why it was refused.
+    pub reason: Option<String>,
+}
+
+/// What became of the prefixes devices route, as status shows it.
+pub fn routes(engine: &Engine) -> Vec<Route> {
+    engine
+        .routes()
+        .iter()
+        .map(|r| {
+            let (state, source, reason) = match &r.state {
+                ipop_core::RouteState::Accepted { source } => {
+                    ("accepted", Some(source.to_string()), None)
+                }
+                ipop_core::RouteState::NotAccepted => ("not_accepted", None, None),
+                ipop_core::RouteState::Refused(why) => ("refused", None, Some(why.clone())),
+            };
+            Route {
+                prefix: r.prefix.to_string(),
+                via: r.device.to_string(),
+                overlay: r.overlay.to_string(),
+                state: state.to_owned(),
+                source,
+                reason,
+            }
+        })
+        .collect()
 }
 
 /// Hole punching's counters.
@@ -622,6 +668,22 @@ pub fn render(s: &Status) -> String {
             p.punched, p.failed, p.sockets, p.probes
         );
     }
+    for (overlay, prefixes) in &s.advertised_routes {
+        let _ = writeln!(out, "routing {} for {overlay}", prefixes.join(", "));
+    }
+    for r in &s.routes {
+        let what = match (r.state.as_str(), &r.source, &r.reason) {
+            ("accepted", Some(source), _) => format!("accepted, from {source}"),
+            ("refused", _, Some(why)) => format!("refused: {why}"),
+            ("not_accepted", ..) => "not taken (accept_routes is off)".to_owned(),
+            (other, ..) => other.to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "route {} via {} ({})  {what}",
+            r.prefix, r.via, r.overlay
+        );
+    }
     if let Some(r) = &s.relay {
         match (&r.endpoint, &r.problem) {
             (Some(e), _) => {
@@ -756,6 +818,8 @@ mod tests {
             relay: None,
             nat_mapping: String::new(),
             punching: Default::default(),
+            advertised_routes: BTreeMap::new(),
+            routes: Vec::new(),
             xmpp: None,
             ice_servers: Vec::new(),
             overlays: vec![Overlay {

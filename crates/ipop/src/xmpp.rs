@@ -54,6 +54,11 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
     cfg.extra_ca = x.ca_file.as_ref().map(|p| config.resolve(p));
     cfg.client_cert = client_cert;
     cfg.social = config.social.as_ref().is_some_and(|s| s.enabled);
+    cfg.social_routes = config
+        .social
+        .as_ref()
+        .map(|s| s.advertise_routes.clone())
+        .unwrap_or_default();
     cfg.groups = config
         .groups
         .iter()
@@ -61,6 +66,7 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
             room: g.room.clone(),
             create: g.create,
             claim: None,
+            routes: g.advertise_routes.clone(),
         })
         .collect();
     cfg.login_timeout = LOGIN_TIMEOUT;

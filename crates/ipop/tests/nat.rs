@@ -1151,6 +1151,117 @@ fn a_friends_relay_that_answers_faster_than_the_turn_server_is_preferred() {
     assert_eq!(path, "relay");
 }
 
+/// A subnet router: device 1 routes its LAN, where host 2 runs no ipop, for its friends.
+/// Device 0, a friend that accepts routes, reaches host 2 by ping and TCP, and host 2 sees the
+/// connection come from device 1's LAN address (masqueraded). Device 3 accepts routes too, but
+/// is not device 1's friend: it gets no route, and host 2 stays out of its reach.
+#[test]
+fn a_subnet_router_gives_a_friend_its_lan_and_a_stranger_nothing() {
+    let mut w = World::new(
+        "nsubnet",
+        vec![
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::PortRestrictedCone).devices(2),
+            Site::new(Nat::PortRestrictedCone),
+        ],
+    );
+    let router_lan = w.lab.devices[1].host.ipv4;
+    let host = w.lab.devices[2].host.ipv4;
+    let prefix = ipnet::Ipv4Net::new(router_lan, 24).expect("prefix").trunc();
+    let stun = format!("[nat]\nstun = [\"{}\"]\n", w.coturn.addr());
+    // Keys before the [nat] header belong to [social].
+    w.write_config_with(1, &format!("advertise_routes = [\"{prefix}\"]\n\n{stun}"));
+    for i in [0, 3] {
+        w.write_config_with(i, &format!("accept_routes = true\n\n{stun}"));
+    }
+    let forwarding = |w: &World| {
+        w.ns(1)
+            .run_in(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward"))
+            .expect("ip_forward")
+    };
+    let forwarding_before = forwarding(&w);
+    w.start(1);
+    w.start(0);
+    w.start(3);
+    let router = format!("{}@{DOMAIN}/dev", w.devices[1].user);
+    let route = wait_until(
+        Duration::from_secs(20),
+        "device 0 to take the route",
+        || {
+            let status = w.status(0)?;
+            status["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["prefix"] == prefix.to_string() && r["state"] == "accepted")
+                .cloned()
+                .ok_or_else(|| status["routes"].to_string())
+        },
+    );
+    assert_eq!(route["via"], router.as_str(), "{route}");
+    assert_eq!(route["source"], w.devices[0].address.as_str(), "{route}");
+    let status = w.status(1).expect("status");
+    assert_eq!(
+        status["advertised_routes"]["social"][0],
+        prefix.to_string(),
+        "{status}"
+    );
+    wait_until(Duration::from_secs(20), "device 0 to ping host 2", || {
+        if w.ns(0).ping(IpAddr::V4(host), 1).status.success() {
+            Ok(())
+        } else {
+            Err(w.status(0).map(|s| s.to_string()).unwrap_or_else(|e| e))
+        }
+    });
+    // 1 MB of TCP from device 0 to host 2, which sees it come from the router's LAN address.
+    let listener = w
+        .ns(2)
+        .run_in(move || TcpListener::bind((host, 0)).expect("listen"));
+    let port = listener.local_addr().expect("port").port();
+    let receiver = std::thread::spawn(move || {
+        let (mut conn, from) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("read through the router");
+        (got, from)
+    });
+    let data: Vec<u8> = (0..1_000_000u32).map(|n| (n * 7 + n / 251) as u8).collect();
+    let sent = data.clone();
+    w.ns(0).run_in(move || {
+        let mut conn = TcpStream::connect_timeout(&(host, port).into(), Duration::from_secs(5))
+            .expect("connect through the router");
+        conn.write_all(&sent).expect("send through the router");
+    });
+    let (got, from) = receiver.join().expect("receiver");
+    assert!(got == data, "TCP data arrived changed");
+    assert_eq!(from.ip(), IpAddr::V4(router_lan), "not masqueraded");
+
+    // Device 3 accepts routes, but device 1 is not its user's friend.
+    let status = w.status(3).expect("status");
+    assert!(
+        !status["routes"].to_string().contains(&prefix.to_string()),
+        "{status}"
+    );
+    assert!(
+        !w.ns(3).ping(IpAddr::V4(host), 2).status.success(),
+        "device 3 reaches host 2"
+    );
+
+    // Stopped, the router leaves its forwarding as it found it.
+    assert_eq!(forwarding(&w).trim(), "1");
+    w.devices[1].daemon = None;
+    assert_eq!(forwarding(&w), forwarding_before);
+    let tables = w
+        .ns(1)
+        .command("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    assert!(!tables.contains("ipop-"), "{tables}");
+}
+
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
 /// the other side lets that first packet in (a port-restricted one needs the relay).
 #[test]

@@ -74,6 +74,7 @@ pub fn group(room: &str, create: bool) -> GroupConfig {
         room: format!("{room}@{ROOMS}"),
         create,
         claim: None,
+        routes: Vec::new(),
     }
 }
 
