@@ -4446,6 +4446,99 @@ mod tests {
     }
 
     #[test]
+    fn routed_prefixes_are_taken_only_where_accepted_and_never_over_what_is_there() {
+        let mut w = alice_and_bob();
+        let social = OverlayId::Social;
+        w.devs[0].engine.accepting.insert(social.clone());
+        let users = ["alice@example.org", "bob@example.org", "carol@example.org"];
+        w.members(0, &social, &users);
+        w.devs[0]
+            .engine
+            .set_local_networks(vec!["192.168.1.0/24".parse().unwrap()]);
+        let route = |device: &str, routes: &[&str]| OsnEvent::DeviceUp {
+            overlay: OverlayId::Social,
+            device: DeviceId::new(
+                device.split('/').next().unwrap(),
+                device.split('/').nth(1).unwrap(),
+            ),
+            key: PublicKey([device.len() as u8; 32]),
+            claim: None,
+            relay: None,
+            routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+        };
+        let now = w.now;
+        let e = &mut w.devs[0].engine;
+        e.handle_osn(
+            now,
+            route(
+                "bob@example.org/phone",
+                &["192.168.50.0/24", "192.168.1.0/25", "10.78.3.0/24"],
+            ),
+        );
+        e.handle_osn(
+            now,
+            route("carol@example.org/pi", &["192.168.50.128/25", "fd12::/64"]),
+        );
+        // Eve is no member: her routes are not even considered.
+        e.handle_osn(now, route("eve@example.org/x", &["192.168.70.0/24"]));
+        let states: Vec<(String, String, RouteState)> = e
+            .routes()
+            .iter()
+            .map(|r| (r.prefix.to_string(), r.device.user.clone(), r.state.clone()))
+            .collect();
+        let accepted = |a: &str| RouteState::Accepted {
+            source: a.parse().unwrap(),
+        };
+        let refused = |why: &str| RouteState::Refused(why.to_owned());
+        let own_v6 = e.own_addresses()[0].v6.addr().to_string();
+        assert_eq!(
+            states,
+            vec![
+                (
+                    "192.168.50.0/24".into(),
+                    "bob@example.org".into(),
+                    accepted("10.78.0.1")
+                ),
+                (
+                    "192.168.1.0/25".into(),
+                    "bob@example.org".into(),
+                    refused("overlaps 192.168.1.0/24, a network of this device")
+                ),
+                (
+                    "10.78.3.0/24".into(),
+                    "bob@example.org".into(),
+                    refused("overlaps 10.78.0.0/16 of the social overlay")
+                ),
+                (
+                    "192.168.50.128/25".into(),
+                    "carol@example.org".into(),
+                    refused("overlaps 192.168.50.0/24, routed by bob@example.org/phone")
+                ),
+                (
+                    "fd12::/64".into(),
+                    "carol@example.org".into(),
+                    accepted(&own_v6)
+                ),
+            ]
+        );
+        // Bob withdraws his routes: Carol's /25 is taken now.
+        let version = e.routes_version();
+        e.handle_osn(now, route("bob@example.org/phone", &[]));
+        assert!(e.routes_version() > version);
+        assert!(e.routes().iter().any(
+            |r| r.prefix.to_string() == "192.168.50.128/25" && r.state == accepted("10.78.0.1")
+        ));
+        // Bob's device (no routes, no link) is not touched again by a presence without routes.
+        let version = e.routes_version();
+        e.handle_osn(now, route("bob@example.org/phone", &[]));
+        assert_eq!(e.routes_version(), version);
+        // Where routes are not accepted, they are listed, not taken.
+        e.accepting.clear();
+        e.handle_osn(now, route("carol@example.org/pi", &["192.168.50.128/25"]));
+        assert_eq!(e.routes()[0].state, RouteState::NotAccepted);
+    }
+
+    #[test]
     fn announcements_from_strangers_are_bounded_in_memory() {
         let mut w = alice_and_bob();
         let social = OverlayId::Social;

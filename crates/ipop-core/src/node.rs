@@ -1645,6 +1645,54 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_reaches_the_prefixes_routed_for_it_and_nothing_else_beyond_us() {
+        let mut sim = pair(None);
+        sim.start();
+        // A routes 192.168.50.0/24 for B: B, in the overlay directly or through a mapping (the
+        // social overlay), may send there; not to 192.168.60.0/24.
+        let m = Mapping {
+            local: "172.31.5.5".parse().unwrap(),
+            remote: "10.0.0.3".parse().unwrap(),
+            own: "10.0.0.1".parse().unwrap(),
+        };
+        sim.a.set_addresses(
+            0,
+            vec!["10.0.0.2/32".parse().unwrap()],
+            vec![m],
+            Some(Destinations {
+                own: vec!["10.0.0.1".parse().unwrap()],
+                routed: vec!["192.168.50.0/24".parse().unwrap()],
+            }),
+        );
+        sim.b
+            .set_addresses(0, vec!["0.0.0.0/0".parse().unwrap()], Vec::new(), None);
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        for (src, dst, delivered) in [
+            ([10, 0, 0, 2], [192, 168, 50, 9], true),
+            ([10, 0, 0, 3], [192, 168, 50, 9], true),
+            ([10, 0, 0, 2], [192, 168, 60, 9], false),
+            ([10, 0, 0, 3], [192, 168, 60, 9], false),
+        ] {
+            let mut p = ipv4(src, dst, b"x");
+            let n = sim.b.handle_tun(&mut p, &mut wire).expect("encrypted").len;
+            let got = sim.a.handle_udp(sim.b_addr, None, &wire[..n], &mut inner);
+            assert_eq!(got.is_some(), delivered, "{src:?} to {dst:?}");
+            if let Some(len) = got {
+                let (from, _) = packet::addresses(&inner[..len]).expect("a packet");
+                // Through the mapping, the source is A's name for B, as for any packet of B's.
+                let expected: std::net::Ipv4Addr = if src == [10, 0, 0, 3] {
+                    m.local
+                } else {
+                    src.into()
+                };
+                assert_eq!(from, IpAddr::V4(expected));
+            }
+        }
+        assert_eq!(sim.a.drops().get(DropReason::WrongOverlay), 2);
+    }
+
+    #[test]
     fn mapped_addresses_are_translated_both_ways() {
         let mut sim = pair(None);
         sim.start();
