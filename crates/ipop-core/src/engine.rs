@@ -300,6 +300,31 @@ pub enum RouteState {
     Refused(String),
 }
 
+/// Which device's exit this device sends its internet traffic through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ExitChoice {
+    /// None: internet traffic goes the host's own way.
+    #[default]
+    Off,
+    /// This device, when it offers to be an exit.
+    Device(DeviceId),
+    /// The exit with the lowest round-trip time among those whose link is up; another one
+    /// when it fails.
+    Auto,
+}
+
+/// The exit in use, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub choice: ExitChoice,
+    /// The device whose default routes are taken.
+    pub in_use: Option<DeviceId>,
+    /// Whether its link is up: traffic flows through it.
+    pub up: bool,
+    /// The devices that offer to be an exit, to this device.
+    pub offered: Vec<DeviceId>,
+}
+
 /// Whether two prefixes share an address.
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
@@ -423,6 +448,9 @@ pub struct Engine {
     routes_version: u64,
     /// The networks of this device's own interfaces, which no routed prefix may cover.
     local_networks: Vec<IpNet>,
+    /// Which exit this device wants, and the one whose default routes it takes.
+    exit: ExitChoice,
+    exit_in_use: Option<DeviceId>,
     /// Orders for the data plane's extra sockets.
     socket_orders: VecDeque<SocketOrder>,
     /// The extra sockets open, by port, and the device each serves.
@@ -515,6 +543,8 @@ impl Engine {
             routes: Vec::new(),
             routes_version: 0,
             local_networks: Vec::new(),
+            exit: ExitChoice::Off,
+            exit_in_use: None,
             socket_orders: VecDeque::new(),
             extra_ports: HashMap::new(),
             punched: HashMap::new(),
@@ -1221,8 +1251,33 @@ impl Engine {
                     continue;
                 }
                 for prefix in prefixes {
+                    if prefix.prefix_len() == 0 {
+                        // An exit's default route: taken from the exit in use, in the first
+                        // overlay it offers itself in.
+                        let in_use = self.exit_in_use.as_ref() == Some(device)
+                            && !planned.iter().any(|r| {
+                                r.prefix == *prefix
+                                    && matches!(r.state, RouteState::Accepted { .. })
+                            });
+                        let state = match self
+                            .plans
+                            .source_in(overlay, prefix.addr().is_ipv4())
+                            .filter(|_| in_use)
+                        {
+                            Some(source) => RouteState::Accepted { source },
+                            None => RouteState::NotAccepted,
+                        };
+                        planned.push(RouteStatus {
+                            prefix: *prefix,
+                            device: device.clone(),
+                            overlay: overlay.clone(),
+                            state,
+                        });
+                        continue;
+                    }
                     let taken = planned.iter().find(|r| {
                         matches!(r.state, RouteState::Accepted { .. })
+                            && r.prefix.prefix_len() > 0
                             && overlaps(&r.prefix, prefix)
                     });
                     let state = if !self.accepting.contains(overlay) {
@@ -1271,6 +1326,99 @@ impl Engine {
         self.routes_version += 1;
         for device in touched {
             self.set_peer_addresses(&device);
+        }
+    }
+
+    /// The devices that offer to be an exit: they route the default routes for an overlay that
+    /// authorises them.
+    fn exit_offers(&self) -> Vec<DeviceId> {
+        self.advertised
+            .iter()
+            .filter(|(device, by_overlay)| {
+                let Some(entry) = self.devices.get(*device) else {
+                    return false;
+                };
+                by_overlay.iter().any(|(overlay, prefixes)| {
+                    prefixes.iter().any(|p| p.prefix_len() == 0)
+                        && entry.via.contains_key(overlay)
+                        && self
+                            .members
+                            .get(overlay)
+                            .is_some_and(|users| users.contains(&device.user))
+                })
+            })
+            .map(|(device, _)| device.clone())
+            .collect()
+    }
+
+    /// Whether the link to `device` carries traffic: the device is online, its WireGuard
+    /// session is up and ICE has not lost its path.
+    fn link_up(&self, device: &DeviceId) -> bool {
+        self.links.get(device).is_some_and(|l| {
+            !l.offline
+                && l.peer
+                    .and_then(|i| self.node.peer(i))
+                    .is_some_and(|p| p.state == LinkState::Connected)
+                && l.session.as_ref().is_none_or(|s| s.lost.is_none())
+        })
+    }
+
+    /// The exit to use now. A chosen device while it offers; with `auto`, the exit in use
+    /// while its link is up, else the one with the lowest round-trip time among those whose
+    /// link is up, else (to open a link) the first that offers.
+    fn choose_exit(&self) -> Option<DeviceId> {
+        let offers = self.exit_offers();
+        match &self.exit {
+            ExitChoice::Off => None,
+            ExitChoice::Device(d) => offers.contains(d).then(|| d.clone()),
+            ExitChoice::Auto => {
+                if let Some(current) = &self.exit_in_use
+                    && offers.contains(current)
+                    && self.link_up(current)
+                {
+                    return Some(current.clone());
+                }
+                let rtt = |d: &DeviceId| {
+                    self.links
+                        .get(d)
+                        .and_then(|l| l.session.as_ref())
+                        .and_then(|s| s.agent.nominated_pair_rtt())
+                        .unwrap_or(Duration::MAX)
+                };
+                offers
+                    .iter()
+                    .filter(|d| self.link_up(d))
+                    .min_by_key(|d| (rtt(d), (*d).clone()))
+                    .or_else(|| offers.first())
+                    .cloned()
+            }
+        }
+    }
+
+    /// Takes another exit when the choice says so.
+    fn follow_exit(&mut self) {
+        let chosen = self.choose_exit();
+        if chosen != self.exit_in_use {
+            tracing::info!(from = ?self.exit_in_use, to = ?chosen, "the exit in use changes");
+            self.exit_in_use = chosen;
+            self.plan_routes();
+        }
+    }
+
+    /// Which exit to send internet traffic through.
+    pub fn set_exit(&mut self, choice: ExitChoice) {
+        self.exit = choice;
+        self.kick();
+        self.follow_exit();
+    }
+
+    /// The exit in use.
+    pub fn exit_status(&self) -> ExitStatus {
+        ExitStatus {
+            choice: self.exit.clone(),
+            in_use: self.exit_in_use.clone(),
+            up: self.exit_in_use.as_ref().is_some_and(|d| self.link_up(d)),
+            offered: self.exit_offers(),
         }
     }
 
@@ -2788,6 +2936,9 @@ impl Engine {
         }
         self.drive_gathering(now);
         self.relay_where_needed(now);
+        if self.exit != ExitChoice::Off {
+            self.follow_exit();
+        }
         self.punch_where_needed(now);
         self.drive_punches(now);
         for r in &mut self.peer_relays {

@@ -26,7 +26,8 @@ pub mod turn;
 
 pub use demand::LinkPolicy;
 pub use engine::{
-    Engine, LinkPhase, LinkStatus, RouteState, RouteStatus, Unlinked, UnlinkedReason,
+    Engine, ExitChoice, ExitStatus, LinkPhase, LinkStatus, RouteState, RouteStatus, Unlinked,
+    UnlinkedReason,
 };
 pub use key::{KeyError, PublicKey};
 pub use node::{

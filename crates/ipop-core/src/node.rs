@@ -1011,7 +1011,7 @@ impl Node {
                 if moved {
                     self.roamed.push_back(index);
                 }
-                Self::accept(peer, &mut self.drops, &mut out[..len])
+                Self::accept(peer, index, &self.routes, &mut self.drops, &mut out[..len])
             }
             TunnResult::Done => {
                 // A keepalive, or a cookie reply (which proves nothing: anyone who saw our
@@ -1040,25 +1040,23 @@ impl Node {
     /// Checks a decrypted packet's addresses: the source must be the peer's, the destination
     /// ours in an overlay the peer shares. A packet from the peer's translated address gets
     /// our numbering of the peer as its source, in place.
-    fn accept(peer: &mut Peer, drops: &mut Drops, packet: &mut [u8]) -> Option<usize> {
+    fn accept(
+        peer: &mut Peer,
+        index: usize,
+        routes: &RouteTable,
+        drops: &mut Drops,
+        packet: &mut [u8],
+    ) -> Option<usize> {
         let (src, dst) = packet::addresses(packet)?;
-        if peer.owns(src) {
-            if !peer.may_send_to(dst) {
-                tracing::debug!(peer = %peer.label(), %dst, "destination outside the peer's overlays");
-                drops.count(DropReason::WrongOverlay);
-                return None;
-            }
-        } else {
-            let Some(m) = peer
-                .config
-                .mapped
-                .iter()
-                .find(|m| IpAddr::V4(m.remote) == src)
-            else {
-                tracing::debug!(peer = %peer.label(), %src, "inner source is not the peer's");
-                drops.count(DropReason::SpoofedSource);
-                return None;
-            };
+        // The peer's own translated address first: an exit's peer owns every address, its
+        // own included, which must still be translated.
+        let mapping = peer
+            .config
+            .mapped
+            .iter()
+            .find(|m| IpAddr::V4(m.remote) == src)
+            .copied();
+        if let Some(m) = mapping {
             if dst != IpAddr::V4(m.own) && !peer.may_route_to(dst) {
                 drops.count(DropReason::WrongOverlay);
                 return None;
@@ -1067,6 +1065,18 @@ impl Node {
                 drops.count(DropReason::Untranslatable);
                 return None;
             }
+        } else if peer.owns(src) && routes.lookup(src) == Some(index) {
+            // (A peer that routes a prefix, an exit above all, does not speak for the
+            // addresses of another peer inside it.)
+            if !peer.may_send_to(dst) {
+                tracing::debug!(peer = %peer.label(), %dst, "destination outside the peer's overlays");
+                drops.count(DropReason::WrongOverlay);
+                return None;
+            }
+        } else {
+            tracing::debug!(peer = %peer.label(), %src, "inner source is not the peer's");
+            drops.count(DropReason::SpoofedSource);
+            return None;
         }
         Some(packet.len())
     }
@@ -1690,6 +1700,28 @@ mod tests {
             }
         }
         assert_eq!(sim.a.drops().get(DropReason::WrongOverlay), 2);
+    }
+
+    #[test]
+    fn a_peer_that_routes_everything_does_not_speak_for_another_peers_address() {
+        let mut sim = pair(None);
+        sim.start();
+        // B is A's exit (it routes every address), and C owns 10.0.0.3.
+        sim.a
+            .set_addresses(0, vec!["0.0.0.0/0".parse().unwrap()], Vec::new(), None);
+        let c = PublicKey::from_secret(&secret());
+        sim.a
+            .add_peer(peer(c, None, &["10.0.0.3/32"]))
+            .expect("a third peer");
+        let mut wire = vec![0u8; 2048];
+        let mut inner = vec![0u8; 2048];
+        for (src, delivered) in [([198, 51, 100, 7], true), ([10, 0, 0, 3], false)] {
+            let mut p = ipv4(src, [10, 0, 0, 1], b"x");
+            let n = sim.b.handle_tun(&mut p, &mut wire).expect("encrypted").len;
+            let got = sim.a.handle_udp(sim.b_addr, None, &wire[..n], &mut inner);
+            assert_eq!(got.is_some(), delivered, "from {src:?}");
+        }
+        assert_eq!(sim.a.drops().get(DropReason::SpoofedSource), 1);
     }
 
     #[test]

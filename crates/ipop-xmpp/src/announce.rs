@@ -88,7 +88,15 @@ pub fn payloads(
                 .build(),
         );
     }
-    for route in routes.iter().take(MAX_ROUTES) {
+    // The default routes say that the device is an exit: `<exit/>`, once.
+    if routes.iter().any(|r| r.prefix_len() == 0) {
+        ipop = ipop.append(Element::builder("exit", NS_IPOP).build());
+    }
+    for route in routes
+        .iter()
+        .filter(|r| r.prefix_len() > 0)
+        .take(MAX_ROUTES)
+    {
         ipop = ipop.append(
             Element::builder("route", NS_IPOP)
                 .attr(xml_ncname!("prefix").into(), route.trunc().to_string())
@@ -185,8 +193,9 @@ fn read_relay(ipop: &Element) -> Option<RelayOffer> {
 }
 
 /// Reads the prefixes an ipop payload routes: `<route prefix='192.168.50.0/24'/>`, at most
-/// [`MAX_ROUTES`]. Returns them and how many were left out: malformed, with host bits set, a
-/// default route (an exit is not announced as a route) or beyond the limit.
+/// [`MAX_ROUTES`], and the default routes of an exit, `<exit/>`. Returns them and how many were
+/// left out: malformed, with host bits set, a default route (an exit says `<exit/>`) or beyond
+/// the limit.
 fn read_routes(ipop: &Element) -> (Vec<IpNet>, usize) {
     let mut routes = Vec::new();
     let mut bad = 0;
@@ -202,7 +211,18 @@ fn read_routes(ipop: &Element) -> (Vec<IpNet>, usize) {
             _ => bad += 1,
         }
     }
+    if ipop.get_child("exit", NS_IPOP).is_some() {
+        routes.extend(exit_routes());
+    }
     (routes, bad)
+}
+
+/// The default routes, IPv4 and IPv6: what an exit routes.
+pub fn exit_routes() -> [IpNet; 2] {
+    [
+        IpNet::V4(ipnet::Ipv4Net::default()),
+        IpNet::V6(ipnet::Ipv6Net::default()),
+    ]
 }
 
 /// Reads the ipop payload of a presence.
@@ -234,7 +254,18 @@ mod tests {
         ];
         let presence = presence(&key, None, None, &routes);
         match read(&presence.payloads) {
-            Announce::Key { routes: got, .. } => assert_eq!(got, (routes, 0)),
+            Announce::Key { routes: got, .. } => assert_eq!(got, (routes.clone(), 0)),
+            other => panic!("{other:?}"),
+        }
+        // An exit: its default routes travel as one <exit/>.
+        let mut exit = routes.clone();
+        exit.extend(exit_routes());
+        let announced = super::presence(&key, None, None, &exit);
+        let xml = String::from(&Element::from(announced.clone()));
+        assert_eq!(xml.matches("<exit").count(), 1, "{xml}");
+        assert!(!xml.contains("0.0.0.0/0"), "{xml}");
+        match read(&announced.payloads) {
+            Announce::Key { routes: got, .. } => assert_eq!(got, (exit, 0)),
             other => panic!("{other:?}"),
         }
         let xml = format!(

@@ -431,6 +431,8 @@ pub struct XmppStatus {
     pub bound: Option<String>,
     /// The server as configured or found: `host:port` or `domain (SRV)`.
     pub server: String,
+    /// The server's address on the last connection.
+    pub server_ip: Option<std::net::IpAddr>,
     /// How often the session came back after a lost connection.
     pub reconnects: u64,
     /// How many of those came back by resuming the stream (XEP-0198): the server kept the
@@ -508,6 +510,7 @@ impl Shared {
                 state: State::Connecting,
                 bound: None,
                 server,
+                server_ip: None,
                 reconnects: 0,
                 resumptions: 0,
                 last_error: None,

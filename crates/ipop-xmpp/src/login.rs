@@ -66,6 +66,8 @@ pub struct Login {
     /// address leaves the host (a new network), the connection is dead and is shut down at once
     /// rather than after the stream's read timeout.
     socket: Mutex<Option<(IpAddr, OwnedFd)>>,
+    /// The server's address on the last connection opened.
+    server_ip: Mutex<Option<IpAddr>>,
 }
 
 impl Login {
@@ -109,6 +111,7 @@ impl Login {
             guard,
             bytes,
             socket: Mutex::new(None),
+            server_ip: Mutex::new(None),
         })
     }
 
@@ -128,6 +131,14 @@ impl Login {
             let _ = rustix::net::shutdown(&fd, rustix::net::Shutdown::Both);
         }
         Some(ip)
+    }
+
+    /// The server's address on the last connection opened.
+    pub fn server_ip(&self) -> Option<IpAddr> {
+        *self
+            .server_ip
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn jid(&self) -> &FullJid {
@@ -156,6 +167,12 @@ impl Login {
                     other => other.to_string(),
                 },
             })?;
+        if let Ok(peer) = tcp.peer_addr() {
+            *self
+                .server_ip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(peer.ip());
+        }
         if let (Ok(local), Ok(fd)) = (tcp.local_addr(), tcp.as_fd().try_clone_to_owned()) {
             *self.socket.lock().unwrap_or_else(PoisonError::into_inner) = Some((local.ip(), fd));
         }

@@ -958,6 +958,8 @@ impl Task {
     fn on_tick(&mut self, now: Instant) {
         if self.online && now >= self.next_address_check {
             self.next_address_check = now + ADDRESS_CHECK;
+            let server_ip = self.login.server_ip();
+            self.shared.update(|s| s.server_ip = server_ip);
             if let Some(gone) = self.login.drop_if_address_gone() {
                 tracing::info!(
                     "the address {gone} of the XMPP connection left this host (a new network); \

@@ -6,8 +6,8 @@
 use anyhow::Context;
 use ipnet::{IpNet, Ipv4Net};
 use ipop_core::demand::DEFAULT_IDLE_TIMEOUT;
-use ipop_core::osn::{IceServer, IceServerKind, IceTransport, OverlayId};
-use ipop_core::{LinkPolicy, OverlayConfig, PeerConfig, PublicKey};
+use ipop_core::osn::{DeviceId, IceServer, IceServerKind, IceTransport, OverlayId};
+use ipop_core::{ExitChoice, LinkPolicy, OverlayConfig, PeerConfig, PublicKey};
 use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -60,6 +60,12 @@ pub struct Device {
     pub state_dir: PathBuf,
     pub log_level: Option<String>,
     pub control_socket: Option<PathBuf>,
+    /// The exit that internet traffic goes through: `"auto"` or `"JID/DEVICE"`.
+    #[serde(default, deserialize_with = "exit_choice")]
+    pub exit: ExitChoice,
+    /// What internet traffic does while the exit is not up.
+    #[serde(default, deserialize_with = "exit_fallback")]
+    pub exit_fallback: ExitFallback,
 }
 
 impl Default for Device {
@@ -69,7 +75,49 @@ impl Default for Device {
             state_dir: default_state_dir(),
             log_level: None,
             control_socket: None,
+            exit: ExitChoice::Off,
+            exit_fallback: ExitFallback::Block,
         }
+    }
+}
+
+/// What internet traffic does while the exit in use is not up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ExitFallback {
+    /// It is dropped: nothing leaves outside the exit.
+    #[default]
+    Block,
+    /// It goes the host's own way until the exit is back.
+    Direct,
+}
+
+/// Reads an exit choice: `"auto"`, `"JID/DEVICE"`, or `"none"`.
+pub fn parse_exit(s: &str) -> Result<ExitChoice, String> {
+    match s {
+        "none" | "" => Ok(ExitChoice::Off),
+        "auto" => Ok(ExitChoice::Auto),
+        _ => match s.split_once('/') {
+            Some((user, device)) if user.contains('@') && !device.is_empty() => {
+                Ok(ExitChoice::Device(DeviceId::new(user, device)))
+            }
+            _ => Err(format!(
+                "{s:?} is not \"auto\", \"none\" or JID/DEVICE like \"bob@example.org/nas\""
+            )),
+        },
+    }
+}
+
+fn exit_choice<'de, D: Deserializer<'de>>(d: D) -> Result<ExitChoice, D::Error> {
+    parse_exit(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn exit_fallback<'de, D: Deserializer<'de>>(d: D) -> Result<ExitFallback, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "block" => Ok(ExitFallback::Block),
+        "direct" => Ok(ExitFallback::Direct),
+        other => Err(serde::de::Error::custom(format!(
+            "{other:?} is not \"block\" or \"direct\""
+        ))),
     }
 }
 
@@ -189,6 +237,9 @@ pub struct Social {
     /// Take the prefixes friends' devices route.
     #[serde(default)]
     pub accept_routes: bool,
+    /// Offer friends' devices to send their internet traffic through this one.
+    #[serde(default)]
+    pub exit: bool,
 }
 
 /// The social subnet unless configured: the one IPOP's SocialVPN used.
@@ -419,6 +470,19 @@ pub struct Group {
     /// Take the prefixes the group's devices route.
     #[serde(default)]
     pub accept_routes: bool,
+    /// Offer the group's devices to send their internet traffic through this one.
+    #[serde(default)]
+    pub exit: bool,
+}
+
+/// `routes`, and the default routes when the device is an exit.
+fn with_exit(routes: &[IpNet], exit: bool) -> Vec<IpNet> {
+    let mut all = routes.to_vec();
+    if exit {
+        all.push(IpNet::V4(ipnet::Ipv4Net::default()));
+        all.push(IpNet::V6(ipnet::Ipv6Net::default()));
+    }
+    all
 }
 
 /// Reads a list of prefixes (`"192.168.50.0/24"`), each without host bits and none a default
@@ -709,18 +773,15 @@ impl Config {
         Ok(())
     }
 
-    /// Every prefix this device routes for an overlay, each once.
+    /// Every prefix this device routes for an overlay, each once: the default routes too when
+    /// it is an exit.
     pub fn advertised_routes(&self) -> Vec<IpNet> {
         let mut all: Vec<IpNet> = Vec::new();
-        let lists = self
-            .social
-            .iter()
-            .filter(|s| s.enabled)
-            .map(|s| &s.advertise_routes)
-            .chain(self.groups.iter().map(|g| &g.advertise_routes));
-        for net in lists.flatten() {
-            if !all.contains(net) {
-                all.push(*net);
+        for o in self.overlays() {
+            for net in o.advertise {
+                if !all.contains(&net) {
+                    all.push(net);
+                }
             }
         }
         all
@@ -738,7 +799,7 @@ impl Config {
                 address: s.address,
                 links: s.links,
                 idle_timeout: s.idle_timeout,
-                advertise: s.advertise_routes.clone(),
+                advertise: with_exit(&s.advertise_routes, s.exit),
                 accept_routes: s.accept_routes,
             });
         let groups = self.groups.iter().map(|g| OverlayConfig {
@@ -747,7 +808,7 @@ impl Config {
             address: g.address,
             links: g.links,
             idle_timeout: g.idle_timeout,
-            advertise: g.advertise_routes.clone(),
+            advertise: with_exit(&g.advertise_routes, g.exit),
             accept_routes: g.accept_routes,
         });
         social.chain(groups).collect()
@@ -1696,7 +1757,14 @@ mod tests {
             keys!(
                 "[device]",
                 Device,
-                [private_key_file, state_dir, log_level, control_socket]
+                [
+                    private_key_file,
+                    state_dir,
+                    log_level,
+                    control_socket,
+                    exit,
+                    exit_fallback
+                ]
             ),
             keys!(
                 "[interface]",
@@ -1731,7 +1799,8 @@ mod tests {
                     links,
                     idle_timeout,
                     advertise_routes,
-                    accept_routes
+                    accept_routes,
+                    exit
                 ]
             ),
             keys!(
@@ -1745,7 +1814,8 @@ mod tests {
                     links,
                     idle_timeout,
                     advertise_routes,
-                    accept_routes
+                    accept_routes,
+                    exit
                 ]
             ),
             keys!("[dns]", Dns, [enabled, suffix, port]),

@@ -71,6 +71,8 @@ impl Udp {
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        // The mark keeps ipop's own datagrams off the tunnel when an exit is in use.
+        socket.set_mark(crate::exit::MARK)?;
         if big_buffers {
             // Bigger kernel buffers absorb bursts while the loop is busy with the other
             // direction.
@@ -372,6 +374,11 @@ impl Dataplane {
         routes: std::collections::BTreeMap<String, Vec<String>>,
     ) {
         self.advertised_routes = routes;
+    }
+
+    /// Where the XMPP server's address is read (kept off the tunnel while an exit is in use).
+    pub fn set_xmpp_server(&mut self, f: Box<dyn Fn() -> Option<std::net::IpAddr> + Send>) {
+        self.keeper.set_xmpp_server(f);
     }
 
     /// Where the port mapper's news come from.
@@ -877,6 +884,7 @@ impl Dataplane {
                     punching: self.engine.punch_stats().into(),
                     advertised_routes: self.advertised_routes.clone(),
                     routes: status::routes(&self.engine),
+                    exit: status::exit(&self.engine, self.keeper.exit_fallback()),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }
@@ -891,6 +899,17 @@ impl Dataplane {
                 };
                 match answer {
                     Ok(key) => serde_json::json!({ "trusted": key.to_string(), "fingerprint": key.fingerprint() }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                }
+                .to_string()
+            }
+            other if other.starts_with("exit ") => {
+                match crate::config::parse_exit(other["exit ".len()..].trim()) {
+                    Ok(choice) => {
+                        self.engine.set_exit(choice);
+                        self.keeper.after(&mut self.engine, &self.tun);
+                        serde_json::json!({ "exit": status::exit(&self.engine, self.keeper.exit_fallback()) })
+                    }
                     Err(e) => serde_json::json!({ "error": e }),
                 }
                 .to_string()

@@ -26,10 +26,15 @@ pub struct Forwarding {
 }
 
 impl Forwarding {
-    /// Forwards from `interface` to `prefixes` and masquerades it.
-    pub fn start(interface: &str, prefixes: &[IpNet]) -> anyhow::Result<Forwarding> {
+    /// Forwards from `interface` to `prefixes` what comes from `sources` (the overlays'
+    /// networks), and masquerades it.
+    pub fn start(
+        interface: &str,
+        prefixes: &[IpNet],
+        sources: &[IpNet],
+    ) -> anyhow::Result<Forwarding> {
         let table = format!("ipop-{interface}");
-        let script = ruleset(&table, interface, prefixes);
+        let script = ruleset(&table, interface, prefixes, sources);
         nft(&script).with_context(|| {
             format!("cannot set up forwarding to {prefixes:?} (nftables table inet {table})")
         })?;
@@ -69,21 +74,22 @@ impl Drop for Forwarding {
     }
 }
 
-/// The table: forwarding from the tunnel only to `prefixes`, masqueraded on the way out.
-fn ruleset(table: &str, interface: &str, prefixes: &[IpNet]) -> String {
-    let set = |v4: bool| {
-        prefixes
-            .iter()
+/// The table: forwarding from the tunnel only from `sources` to `prefixes`, masqueraded on the
+/// way out.
+fn ruleset(table: &str, interface: &str, prefixes: &[IpNet], sources: &[IpNet]) -> String {
+    let set = |nets: &[IpNet], v4: bool| {
+        nets.iter()
             .filter(|p| p.addr().is_ipv4() == v4)
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ")
     };
     let mut accept = String::new();
-    for (family, list) in [("ip", set(true)), ("ip6", set(false))] {
-        if !list.is_empty() {
+    for (family, v4) in [("ip", true), ("ip6", false)] {
+        let (to, from) = (set(prefixes, v4), set(sources, v4));
+        if !to.is_empty() && !from.is_empty() {
             accept.push_str(&format!(
-                "    iifname \"{interface}\" {family} daddr {{ {list} }} accept\n"
+                "    iifname \"{interface}\" {family} saddr {{ {from} }} {family} daddr {{ {to} }} accept\n"
             ));
         }
     }
@@ -138,15 +144,23 @@ mod tests {
             "10.9.0.0/16".parse().unwrap(),
             "fd12::/64".parse().unwrap(),
         ];
-        let r = ruleset("ipop-ipop0", "ipop0", &prefixes);
-        assert!(r.contains("iifname \"ipop0\" ip daddr { 192.168.50.0/24, 10.9.0.0/16 } accept"));
-        assert!(r.contains("iifname \"ipop0\" ip6 daddr { fd12::/64 } accept"));
+        let sources: Vec<IpNet> = vec![
+            "172.31.0.0/16".parse().unwrap(),
+            "fd00:1::/64".parse().unwrap(),
+        ];
+        let r = ruleset("ipop-ipop0", "ipop0", &prefixes, &sources);
+        assert!(r.contains(
+            "iifname \"ipop0\" ip saddr { 172.31.0.0/16 } ip daddr { 192.168.50.0/24, 10.9.0.0/16 } accept"
+        ));
+        assert!(r.contains(
+            "iifname \"ipop0\" ip6 saddr { fd00:1::/64 } ip6 daddr { fd12::/64 } accept"
+        ));
         let accept = r.find("accept\n").unwrap();
         let drop = r.find("iifname \"ipop0\" drop").unwrap();
         assert!(accept < drop, "the drop comes after the accepts:\n{r}");
         assert!(r.contains("iifname \"ipop0\" oifname != \"ipop0\" masquerade"));
         assert!(r.starts_with("add table inet ipop-ipop0\ndelete table inet ipop-ipop0\n"));
-        let v4_only = ruleset("t", "ipop0", &prefixes[..1]);
+        let v4_only = ruleset("t", "ipop0", &prefixes[..1], &sources);
         assert!(!v4_only.contains("ip6 daddr"));
     }
 }

@@ -4,6 +4,7 @@ mod coalesce;
 mod dataplane;
 mod device;
 mod doctor;
+mod exit;
 mod forward;
 mod init;
 mod netlink;
@@ -73,6 +74,14 @@ enum Command {
         #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Send internet traffic through an exit: JID/DEVICE (a device that offers to be one),
+    /// `auto` (the fastest that is up), or `none`. Until the daemon restarts; `[device] exit`
+    /// sets it for good.
+    Exit {
+        exit: String,
+        #[arg(short, long, env = "IPOP_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Manage the members of a group room that you own.
     Group {
         #[command(subcommand)]
@@ -110,6 +119,7 @@ fn main() -> ExitCode {
         Command::Key { config } => key(&config),
         Command::Group { action, config } => group(&config, action),
         Command::Trust { device, config } => trust(&config, &device),
+        Command::Exit { exit, config } => set_exit(&config, &exit),
         Command::Ping(args) => ping::run(&args),
         Command::Completions { shell } => {
             let mut script = Vec::new();
@@ -194,6 +204,28 @@ fn trust(config: &Path, device: &str) -> anyhow::Result<()> {
     print_out(&format!("{device} is now trusted with key {fingerprint}\n"))
 }
 
+fn set_exit(config: &Path, exit: &str) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    config::parse_exit(exit).map_err(|e| anyhow::anyhow!(e))?;
+    let answer = runtime()?.block_on(control::ask(
+        &config.control_socket(),
+        &format!("exit {exit}"),
+    ))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&answer).context("the daemon's answer is not JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("{e}");
+    }
+    let e = &v["exit"];
+    let line = match (e["in_use"].as_str(), e["state"].as_str()) {
+        (_, Some("off")) | (None, None) => "internet traffic goes the host's own way".to_owned(),
+        (Some(d), Some(state)) => format!("exit {d}: {state}"),
+        (None, Some(state)) => format!("no exit offered yet: {state}"),
+        (Some(d), None) => format!("exit {d}"),
+    };
+    print_out(&format!("{line}\n"))
+}
+
 fn group(config: &Path, action: GroupAction) -> anyhow::Result<()> {
     let config = Config::load(config)?;
     let (verb, room, jid) = match &action {
@@ -265,7 +297,9 @@ fn up(path: &Path) -> anyhow::Result<()> {
         suffix: config.dns.suffix.clone(),
         port: config.dns.port,
     });
-    let keeper = overlays::Keeper::new(state, &engine, &config.interface.name, dns);
+    engine.set_exit(config.device.exit.clone());
+    let mut keeper = overlays::Keeper::new(state, &engine, &config.interface.name, dns);
+    keeper.set_exit_fallback(config.device.exit_fallback);
     let claims = engine.claims();
     runtime()?.block_on(async {
         // Log in first: a wrong password or an unreachable server ends here, with nothing to
@@ -321,12 +355,19 @@ fn up(path: &Path) -> anyhow::Result<()> {
                 .collect(),
         );
         let advertised = config.advertised_routes();
+        // Only what comes from an address of the overlays is forwarded.
+        let sources: Vec<IpNet> = addresses
+            .iter()
+            .map(IpNet::trunc)
+            .chain(ula.iter().map(|u| IpNet::V6(u.trunc())))
+            .collect();
         let _forwarding = if advertised.is_empty() {
             None
         } else {
             Some(forward::Forwarding::start(
                 &config.interface.name,
                 &advertised,
+                &sources,
             )?)
         };
         plane.trust_ca_file(
@@ -371,6 +412,7 @@ fn up(path: &Path) -> anyhow::Result<()> {
         let (requests, osn, binding) = match binding {
             Some((binding, osn)) => {
                 plane.set_xmpp_info(binding.info());
+                plane.set_xmpp_server(binding.server_ip());
                 plane.set_announcer(binding.announcer());
                 let (to_plane, plane_requests) = tokio::sync::mpsc::channel(16);
                 binding.route_commands(requests, to_plane);

@@ -514,6 +514,7 @@ mod tests {
             punching: Default::default(),
             advertised_routes: BTreeMap::new(),
             routes: Vec::new(),
+            exit: None,
             xmpp: Some(XmppInfo {
                 state: "online".into(),
                 jid: None,
@@ -658,6 +659,7 @@ ipop_xmpp_send_wait_max_seconds 1.25
             punching: Default::default(),
             advertised_routes: BTreeMap::new(),
             routes: Vec::new(),
+            exit: None,
             xmpp: None,
             overlays: vec![
                 overlay(

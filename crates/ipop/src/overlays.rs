@@ -4,11 +4,12 @@
 //! What can wait on the system (writing the state with fsync, `resolvectl`) runs on a worker
 //! thread of its own, never on the packet loop.
 
+use crate::config::ExitFallback;
 use crate::dns::{self, NameTable};
 use crate::state::State;
 use ipnet::IpNet;
 use ipop_core::osn::{Claim, DeviceId, OverlayId};
-use ipop_core::{Engine, EngineEvent, RouteState};
+use ipop_core::{Engine, EngineEvent, ExitChoice, RouteState};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -39,6 +40,12 @@ pub struct Keeper {
     dns: Option<Dns>,
     /// The engine's routes version the TUN device's routes were last set from.
     routes_seen: u64,
+    /// What internet traffic does while the exit is not up.
+    exit_fallback: ExitFallback,
+    /// Reads the XMPP server's address, which stays off the tunnel while an exit is in use.
+    xmpp_server: Option<Box<dyn Fn() -> Option<IpAddr> + Send>>,
+    /// The exit routing last asked of the worker: on or not, and the servers kept off it.
+    exit_sent: Option<(bool, Vec<IpAddr>)>,
 }
 
 struct Dns {
@@ -58,9 +65,10 @@ impl Keeper {
         let registered = Arc::new(AtomicBool::new(false));
         let (jobs, queue) = std::sync::mpsc::channel();
         let done = registered.clone();
+        let exit = crate::exit::ExitRouting::new(interface);
         let worker = std::thread::Builder::new()
             .name("ipop-keeper".into())
-            .spawn(move || work(&state, &queue, &done))
+            .spawn(move || work(&state, &queue, &done, exit))
             .map_err(|e| tracing::error!("no worker thread for the state and DNS: {e}"))
             .ok();
         Keeper {
@@ -71,6 +79,9 @@ impl Keeper {
             interface: interface.to_owned(),
             announce: None,
             routes_seen: 0,
+            exit_fallback: ExitFallback::Block,
+            xmpp_server: None,
+            exit_sent: None,
             dns: dns.map(|settings| Dns {
                 names: watch::Sender::new(NameTable::new(&settings.suffix)),
                 settings,
@@ -84,6 +95,43 @@ impl Keeper {
     /// Where address changes are announced (the XMPP binding).
     pub fn set_announcer(&mut self, announce: Announcer) {
         self.announce = Some(announce);
+    }
+
+    /// What internet traffic does while the exit is not up.
+    pub fn set_exit_fallback(&mut self, fallback: ExitFallback) {
+        self.exit_fallback = fallback;
+    }
+
+    pub fn exit_fallback(&self) -> ExitFallback {
+        self.exit_fallback
+    }
+
+    /// Where the XMPP server's address is read, to keep it off the tunnel.
+    pub fn set_xmpp_server(&mut self, f: Box<dyn Fn() -> Option<IpAddr> + Send>) {
+        self.xmpp_server = Some(f);
+    }
+
+    /// Routes internet traffic into the tunnel while an exit is chosen and up (or, with the
+    /// `block` fallback, chosen), keeping the servers ipop needs off the tunnel.
+    fn follow_exit(&mut self, engine: &Engine) {
+        let exit = engine.exit_status();
+        if exit.choice == ExitChoice::Off && self.exit_sent.is_none() {
+            return;
+        }
+        let on = exit.choice != ExitChoice::Off
+            && (exit.up || self.exit_fallback == ExitFallback::Block);
+        let mut servers: Vec<IpAddr> = engine.servers().map(|s| s.address.ip()).collect();
+        servers.extend(self.xmpp_server.as_ref().and_then(|f| f()));
+        servers.sort();
+        servers.dedup();
+        let wanted = (on, servers);
+        if self.exit_sent.as_ref() != Some(&wanted) {
+            self.send(Job::Exit {
+                on: wanted.0,
+                servers: wanted.1.clone(),
+            });
+            self.exit_sent = Some(wanted);
+        }
     }
 
     /// Runs after the engine handled something: applies address changes, saves what changed,
@@ -106,7 +154,11 @@ impl Keeper {
                 .routes()
                 .iter()
                 .filter_map(|r| match r.state {
-                    RouteState::Accepted { source } => Some((r.prefix, source)),
+                    // An exit's default routes go in a table of their own (see `exit`): in the
+                    // main table they would replace the host's.
+                    RouteState::Accepted { source } if r.prefix.prefix_len() > 0 => {
+                        Some((r.prefix, source))
+                    }
                     _ => None,
                 })
                 .collect();
@@ -115,6 +167,7 @@ impl Keeper {
                 Err(e) => tracing::error!("cannot route prefixes into {}: {e}", self.interface),
             }
         }
+        self.follow_exit(engine);
         self.refresh_dns(engine, tun, false);
     }
 
@@ -239,10 +292,17 @@ enum Job {
         ifindex: u32,
         wanted: Vec<(IpNet, IpAddr)>,
     },
+    /// Internet traffic through the exit (`on`), the servers kept off it, or not.
+    Exit { on: bool, servers: Vec<IpAddr> },
 }
 
 /// The worker thread: runs the jobs in order until the keeper goes.
-fn work(state: &State, jobs: &std::sync::mpsc::Receiver<Job>, registered: &AtomicBool) {
+fn work(
+    state: &State,
+    jobs: &std::sync::mpsc::Receiver<Job>,
+    registered: &AtomicBool,
+    mut exit: crate::exit::ExitRouting,
+) {
     let mut routed: Vec<(IpNet, IpAddr)> = Vec::new();
     for job in jobs {
         match job {
@@ -260,6 +320,7 @@ fn work(state: &State, jobs: &std::sync::mpsc::Receiver<Job>, registered: &Atomi
                 registered.store(done, Ordering::Relaxed);
             }
             Job::Routes { ifindex, wanted } => set_routes(ifindex, &mut routed, wanted),
+            Job::Exit { on, servers } => exit.set(on, servers),
         }
     }
 }

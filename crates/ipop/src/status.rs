@@ -48,6 +48,48 @@ pub struct Status {
     /// The prefixes other devices route for the overlays, and what this device made of each.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The exit internet traffic goes through, when one is chosen or offered.
+    #[serde(default)]
+    pub exit: Option<Exit>,
+}
+
+/// The exit in use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    /// `none`, `auto` or the chosen `JID/DEVICE`.
+    pub choice: String,
+    /// The device whose exit is in use.
+    pub in_use: Option<String>,
+    /// `active` (traffic goes through it), `blocking` (it is not up: internet traffic is
+    /// dropped), `direct` (it is not up: traffic goes the host's own way) or `off`.
+    pub state: String,
+    /// The devices that offer to be an exit.
+    pub offered: Vec<String>,
+}
+
+/// The exit as status shows it: none when no exit is chosen or offered.
+pub fn exit(engine: &Engine, fallback: crate::config::ExitFallback) -> Option<Exit> {
+    let e = engine.exit_status();
+    let choice = match &e.choice {
+        ipop_core::ExitChoice::Off => "none".to_owned(),
+        ipop_core::ExitChoice::Auto => "auto".to_owned(),
+        ipop_core::ExitChoice::Device(d) => d.to_string(),
+    };
+    if e.choice == ipop_core::ExitChoice::Off && e.offered.is_empty() {
+        return None;
+    }
+    let state = match (&e.choice, e.up, fallback) {
+        (ipop_core::ExitChoice::Off, ..) => "off",
+        (_, true, _) => "active",
+        (_, false, crate::config::ExitFallback::Block) => "blocking",
+        (_, false, crate::config::ExitFallback::Direct) => "direct",
+    };
+    Some(Exit {
+        choice,
+        in_use: e.in_use.map(|d| d.to_string()),
+        state: state.to_owned(),
+        offered: e.offered.iter().map(ToString::to_string).collect(),
+    })
 }
 
 /// A prefix a device routes for an overlay, as this device takes it.
@@ -668,6 +710,16 @@ pub fn render(s: &Status) -> String {
             p.punched, p.failed, p.sockets, p.probes
         );
     }
+    if let Some(e) = &s.exit {
+        let through = e.in_use.as_deref().unwrap_or("none");
+        let what = match e.state.as_str() {
+            "active" => "internet traffic goes through it".to_owned(),
+            "blocking" => "not up: internet traffic is dropped".to_owned(),
+            "direct" => "not up: internet traffic goes the host's own way".to_owned(),
+            _ => format!("offered by {}", e.offered.join(", ")),
+        };
+        let _ = writeln!(out, "exit {through} ({})  {what}", e.choice);
+    }
     for (overlay, prefixes) in &s.advertised_routes {
         let _ = writeln!(out, "routing {} for {overlay}", prefixes.join(", "));
     }
@@ -820,6 +872,7 @@ mod tests {
             punching: Default::default(),
             advertised_routes: BTreeMap::new(),
             routes: Vec::new(),
+            exit: None,
             xmpp: None,
             ice_servers: Vec::new(),
             overlays: vec![Overlay {

@@ -54,11 +54,15 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
     cfg.extra_ca = x.ca_file.as_ref().map(|p| config.resolve(p));
     cfg.client_cert = client_cert;
     cfg.social = config.social.as_ref().is_some_and(|s| s.enabled);
-    cfg.social_routes = config
-        .social
-        .as_ref()
-        .map(|s| s.advertise_routes.clone())
-        .unwrap_or_default();
+    let advertised = |id: &OverlayId| {
+        config
+            .overlays()
+            .into_iter()
+            .find(|o| &o.id == id)
+            .map(|o| o.advertise)
+            .unwrap_or_default()
+    };
+    cfg.social_routes = advertised(&OverlayId::Social);
     cfg.groups = config
         .groups
         .iter()
@@ -66,7 +70,7 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
             room: g.room.clone(),
             create: g.create,
             claim: None,
-            routes: g.advertise_routes.clone(),
+            routes: advertised(&OverlayId::Group(g.room.clone())),
         })
         .collect();
     cfg.login_timeout = LOGIN_TIMEOUT;
@@ -171,6 +175,12 @@ impl Binding {
     }
 
     /// Where the data plane announces this device's address when it moves.
+    /// Reads the XMPP server's address on the current connection.
+    pub fn server_ip(&self) -> Box<dyn Fn() -> Option<std::net::IpAddr> + Send> {
+        let session = self.session.clone();
+        Box::new(move || session.status().server_ip)
+    }
+
     pub fn announcer(&self) -> Announcer {
         let (tx, mut rx) = mpsc::unbounded_channel::<(OverlayId, Option<Claim>)>();
         let session = Arc::downgrade(&self.session);

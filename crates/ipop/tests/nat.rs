@@ -1262,6 +1262,135 @@ fn a_subnet_router_gives_a_friend_its_lan_and_a_stranger_nothing() {
     assert!(!tables.contains("ipop-"), "{tables}");
 }
 
+/// The address a host on the fake internet sees a TCP connection from device `i` come from.
+fn seen_from_internet(w: &World, i: usize) -> Result<IpAddr, String> {
+    let listener = w
+        .lab
+        .server
+        .ns
+        .run_in(|| TcpListener::bind((SERVER_ALT_IP, 0)).map_err(|e| format!("listen: {e}")))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let accept = std::thread::spawn(move || {
+        listener
+            .set_nonblocking(false)
+            .and_then(|()| listener.accept())
+            .map(|(_, from)| from.ip())
+    });
+    let connected = w.ns(i).run_in(move || {
+        TcpStream::connect_timeout(&(SERVER_ALT_IP, port).into(), Duration::from_secs(2))
+            .map(|mut c| c.write_all(b"hello"))
+    });
+    match connected {
+        Ok(Ok(())) => accept
+            .join()
+            .map_err(|_| "accept panicked".to_owned())?
+            .map_err(|e| e.to_string()),
+        Ok(Err(e)) | Err(e) => {
+            // Unblock the accept.
+            let _ = w
+                .lab
+                .server
+                .ns
+                .run_in(move || TcpStream::connect((SERVER_ALT_IP, port)));
+            let _ = accept.join();
+            Err(format!("connect: {e}"))
+        }
+    }
+}
+
+/// Runs `ipop exit CHOICE` on device `i`.
+fn set_exit(w: &World, i: usize, choice: &str) {
+    let out = w
+        .ns(i)
+        .command(BIN)
+        .args(["exit", choice, "-c"])
+        .arg(w.config(i))
+        .output()
+        .expect("ipop exit");
+    assert!(
+        out.status.success(),
+        "ipop exit {choice}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An exit node: device 1 offers its friends to send their internet traffic through it. Before
+/// device 0 takes it, a host on the fake internet sees device 0's connections come from its own
+/// router; once it does (`ipop exit`), from device 1's public address. XMPP stays up
+/// meanwhile: its connection never goes through the tunnel. Device 3, not device 1's friend,
+/// gets no exit.
+#[test]
+fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
+    let mut w = World::new(
+        "nexit",
+        vec![
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::PortRestrictedCone),
+        ],
+    );
+    let stun = format!("[nat]\nstun = [\"{}\"]\n", w.coturn.addr());
+    w.write_config_with(1, &format!("exit = true\n\n{stun}"));
+    w.write_config_with(0, &stun);
+    w.start(1);
+    w.start(0);
+    w.link(0, 1, Duration::from_secs(20));
+    let own = IpAddr::V4(w.lab.devices[0].public_ip);
+    let exit = IpAddr::V4(w.lab.devices[1].public_ip);
+    assert_eq!(seen_from_internet(&w, 0), Ok(own));
+    let reconnects = |w: &World| w.status(0).expect("status")["xmpp"]["reconnects"].clone();
+    let before = reconnects(&w);
+
+    let device = format!("{}@{DOMAIN}/dev", w.devices[1].user);
+    set_exit(&w, 0, &device);
+    wait_until(Duration::from_secs(10), "the exit to be active", || {
+        let status = w.status(0)?;
+        if status["exit"]["state"] == "active" && status["exit"]["in_use"] == device.as_str() {
+            Ok(())
+        } else {
+            Err(status["exit"].to_string())
+        }
+    });
+    let seen = wait_until(Duration::from_secs(10), "traffic through the exit", || {
+        seen_from_internet(&w, 0).and_then(|ip| {
+            if ip == exit {
+                Ok(ip)
+            } else {
+                Err(format!("seen from {ip}"))
+            }
+        })
+    });
+    assert_eq!(seen, exit);
+    // The overlay, XMPP and the link keep working with the exit on.
+    w.tcp(0, 1);
+    std::thread::sleep(Duration::from_secs(3));
+    let status = w.status(0).expect("status");
+    assert_eq!(status["xmpp"]["state"], "online", "{status}");
+    assert_eq!(
+        reconnects(&w),
+        before,
+        "XMPP reconnected while the exit was on"
+    );
+    let exit_status = w.status(1).expect("status");
+    assert_eq!(exit_status["advertised_routes"]["social"][0], "0.0.0.0/0");
+
+    // Off again: the host's own way.
+    set_exit(&w, 0, "none");
+    let seen = wait_until(
+        Duration::from_secs(10),
+        "traffic the host's own way",
+        || {
+            seen_from_internet(&w, 0).and_then(|ip| {
+                if ip == own {
+                    Ok(ip)
+                } else {
+                    Err(format!("seen from {ip}"))
+                }
+            })
+        },
+    );
+    assert_eq!(seen, own);
+}
+
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
 /// the other side lets that first packet in (a port-restricted one needs the relay).
 #[test]
