@@ -1324,8 +1324,13 @@ impl Engine {
         }
         self.routes = planned;
         self.routes_version += 1;
-        for device in touched {
-            self.set_peer_addresses(&device);
+        // A prefix that moves from one device to another is taken only once the first let
+        // go of it: a second pass gives it to the second when it came first.
+        let passes = if touched.len() > 1 { 2 } else { 1 };
+        for _ in 0..passes {
+            for device in &touched {
+                self.set_peer_addresses(device);
+            }
         }
     }
 
@@ -1364,17 +1369,27 @@ impl Engine {
     }
 
     /// The exit to use now. A chosen device while it offers; with `auto`, the exit in use
-    /// while its link is up, else the one with the lowest round-trip time among those whose
-    /// link is up, else (to open a link) the first that offers.
+    /// while its link is up and its path answers, else the one with the lowest round-trip time
+    /// among those whose link is up, else (to open a link) the first that offers. An exit in
+    /// use whose path has left traffic unanswered for [`EXIT_FAILOVER`] is replaced before ICE
+    /// gives the path up: internet traffic waits on it.
     fn choose_exit(&self) -> Option<DeviceId> {
         let offers = self.exit_offers();
         match &self.exit {
             ExitChoice::Off => None,
             ExitChoice::Device(d) => offers.contains(d).then(|| d.clone()),
             ExitChoice::Auto => {
+                let failing = |d: &DeviceId| {
+                    self.links
+                        .get(d)
+                        .and_then(|l| l.session.as_ref())
+                        .zip(self.clock)
+                        .is_some_and(|(s, now)| s.consent.unanswered_for(now) >= EXIT_FAILOVER)
+                };
                 if let Some(current) = &self.exit_in_use
                     && offers.contains(current)
                     && self.link_up(current)
+                    && !failing(current)
                 {
                     return Some(current.clone());
                 }
@@ -1387,7 +1402,7 @@ impl Engine {
                 };
                 offers
                     .iter()
-                    .filter(|d| self.link_up(d))
+                    .filter(|d| self.link_up(d) && !failing(d))
                     .min_by_key(|d| (rtt(d), (*d).clone()))
                     .or_else(|| offers.first())
                     .cloned()
@@ -3747,6 +3762,10 @@ fn peer_relay_priority(relay: Option<Duration>, turn: Option<Duration>) -> u32 {
         _ => PEER_RELAY_SLOWER,
     }
 }
+
+/// How long the path to the exit in use may leave traffic unanswered (after the second of
+/// silence that makes it suspect) before another exit replaces it.
+const EXIT_FAILOVER: Duration = Duration::from_millis(1500);
 
 /// How long a session looks for a direct path before it registers with friends' relays.
 const PEER_RELAY_AFTER: Duration = Duration::from_millis(1500);

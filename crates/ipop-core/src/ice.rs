@@ -31,6 +31,13 @@ pub struct Consent {
 }
 
 impl Consent {
+    /// How long the path has been suspect with no check answered, at `now`.
+    pub fn unanswered_for(&self, now: Instant) -> Duration {
+        self.unanswered.map_or(Duration::ZERO, |(since, _)| {
+            now.saturating_duration_since(since)
+        })
+    }
+
     /// Paces the agent's checks for a path that is `suspect` or not, and tells whether
     /// consent is lost.
     pub fn update(&mut self, agent: &mut is::IceAgent, suspect: bool, now: Instant) -> bool {

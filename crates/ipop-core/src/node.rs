@@ -1301,18 +1301,21 @@ impl Node {
     }
 
     /// Whether the current path to the peer in slot `index` looks dead: the tunnel sent to it
-    /// within [`ROAM_QUIET`] and nothing authenticated came back on that path for longer.
+    /// since it last heard anything authenticated on that path, and that was [`ROAM_QUIET`] or
+    /// more ago. Sparse traffic counts as well as a stream: one packet left unanswered keeps
+    /// the path suspect until the peer is heard again (a live peer is, at the latest with
+    /// WireGuard's keepalive 10 s after our data; meanwhile consent is only checked faster).
     pub fn path_suspect(&self, index: usize, now: Instant) -> bool {
         let Some(peer) = self.peers.get(index).and_then(Option::as_ref) else {
             return false;
         };
-        let quiet_since = peer
-            .path_heard
-            .map_or(ROAM_QUIET, |h| now.saturating_duration_since(h));
-        let sending = peer
-            .sent
-            .is_some_and(|s| now.saturating_duration_since(s) < ROAM_QUIET);
-        sending && quiet_since >= ROAM_QUIET
+        let Some(sent) = peer.sent else {
+            return false;
+        };
+        match peer.path_heard {
+            Some(heard) => sent > heard && now.saturating_duration_since(heard) >= ROAM_QUIET,
+            None => now.saturating_duration_since(sent) >= ROAM_QUIET,
+        }
     }
 
     /// The state of one peer.
@@ -2035,6 +2038,13 @@ mod tests {
         // An answer on the path clears it.
         assert!(sim.b_to_a(b_addr, None));
         assert!(!sim.a.path_suspect(0, t1));
+        // One packet, unanswered: suspect a second later, and still a while after, with
+        // nothing sent since.
+        sim.a_at(t1 + Duration::from_millis(100));
+        sim.a_sends_to();
+        assert!(!sim.a.path_suspect(0, t1 + Duration::from_millis(500)));
+        assert!(sim.a.path_suspect(0, t1 + Duration::from_secs(1)));
+        assert!(sim.a.path_suspect(0, t1 + Duration::from_secs(4)));
     }
 
     #[test]

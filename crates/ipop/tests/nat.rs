@@ -26,6 +26,8 @@ struct Device {
     dir: PathBuf,
     daemon: Option<Daemon>,
     address: String,
+    /// More lines for its `[device]` section.
+    device_keys: String,
 }
 
 /// Where devices learn their STUN and TURN servers.
@@ -124,6 +126,7 @@ impl World {
                 dir,
                 daemon: None,
                 address: format!("10.78.0.{}", i + 1),
+                device_keys: String::new(),
             });
         }
         let world = World {
@@ -183,11 +186,12 @@ impl World {
     fn write_config_with(&self, i: usize, nat: &str) {
         let d = &self.devices[i];
         let text = format!(
-            "[device]\nlog_level = \"debug\"\ncontrol_socket = {sock:?}\nstate_dir = \"state\"\n\n\
+            "[device]\nlog_level = \"debug\"\ncontrol_socket = {sock:?}\nstate_dir = \"state\"\n{keys}\n\
              [interface]\nlisten_port = 51820\n\n\
              [xmpp]\njid = \"{user}@{DOMAIN}\"\npassword = \"{pw}\"\nserver = \"{xmpp}\"\nca_file = {ca:?}\ndevice = \"dev\"\n\n\
              [social]\nsubnet = \"10.78.0.0/16\"\naddress = \"{addr}\"\n\n{nat}",
             sock = d.dir.join("ctl.sock"),
+            keys = d.device_keys,
             user = d.user,
             pw = password(&d.user),
             xmpp = self.prosody.c2s_addr(),
@@ -1391,6 +1395,110 @@ fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
     assert_eq!(seen, own);
 }
 
+/// Two exits, and two devices that use whichever is fastest (`auto`): device 0 blocks its
+/// internet traffic while no exit is up (the default), device 3 lets it go its own way
+/// (`exit_fallback = "direct"`). When the exit in use fails (killed), the other replaces it
+/// within 5 s; when both are gone, device 0 reaches nothing on the internet and device 3 goes
+/// direct.
+#[test]
+fn a_failed_exit_is_replaced_and_without_one_traffic_blocks_or_goes_direct() {
+    let mut w = World::new(
+        "nexits",
+        vec![
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::PortRestrictedCone),
+            Site::new(Nat::PortRestrictedCone),
+        ],
+    );
+    w.befriend(3, 1);
+    w.befriend(3, 2);
+    let stun = format!("[nat]\nstun = [\"{}\"]\n", w.coturn.addr());
+    for i in [1, 2] {
+        w.write_config_with(i, &format!("exit = true\n\n{stun}"));
+    }
+    w.devices[0].device_keys = "exit = \"auto\"\n".to_owned();
+    w.devices[3].device_keys = "exit = \"auto\"\nexit_fallback = \"direct\"\n".to_owned();
+    for i in [0, 3] {
+        w.write_config_with(i, &stun);
+    }
+    for i in [1, 2, 0, 3] {
+        w.start(i);
+    }
+    let public = |i: usize| IpAddr::V4(w.lab.devices[i].public_ip);
+    let exit_of = |w: &World, i: usize| -> Result<usize, String> {
+        let status = w.status(i)?;
+        let e = &status["exit"];
+        if e["state"] != "active" {
+            return Err(e.to_string());
+        }
+        (1..=2)
+            .find(|&j| e["in_use"] == format!("{}@{DOMAIN}/dev", w.devices[j].user).as_str())
+            .ok_or_else(|| e.to_string())
+    };
+    let first = wait_until(Duration::from_secs(30), "device 0 to use an exit", || {
+        exit_of(&w, 0)
+    });
+    wait_until(Duration::from_secs(30), "device 3 to use an exit", || {
+        exit_of(&w, 3)
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "traffic through the exit",
+        || match seen_from_internet(&w, 0) {
+            Ok(ip) if ip == public(first) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let other = 3 - first;
+
+    // The exit in use dies, during pings to the internet at 5/s: the other one carries them
+    // within 5 s.
+    let pings = pings_to(&w, 0, IpAddr::V4(SERVER_ALT_IP));
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = unix_now();
+    if let Some(d) = w.devices[first].daemon.as_mut() {
+        d.kill();
+    }
+    let (replaced, gap) = recovery(pings, killed);
+    eprintln!(
+        "a failed exit was replaced: replies again {replaced:.2} s after, longest gap {gap:.2} s"
+    );
+    assert!(
+        replaced <= 5.0,
+        "replies again {replaced:.2} s after the exit died"
+    );
+    assert_eq!(exit_of(&w, 0), Ok(other));
+    assert_eq!(seen_from_internet(&w, 0), Ok(public(other)));
+
+    // No exit left: device 0 blocks, device 3 goes its own way.
+    if let Some(d) = w.devices[other].daemon.as_mut() {
+        d.kill();
+    }
+    wait_until(Duration::from_secs(15), "device 0 to block", || {
+        let status = w.status(0)?;
+        (status["exit"]["state"] == "blocking")
+            .then_some(())
+            .ok_or_else(|| status["exit"].to_string())
+    });
+    assert!(
+        seen_from_internet(&w, 0).is_err(),
+        "device 0 reached the internet without an exit"
+    );
+    let seen =
+        wait_until(
+            Duration::from_secs(15),
+            "device 3 to go direct",
+            || match seen_from_internet(&w, 3) {
+                Ok(ip) if ip == public(3) => Ok(ip),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    assert_eq!(seen, public(3));
+    let status = w.status(3).expect("status");
+    assert_eq!(status["exit"]["state"], "direct", "{status}");
+}
+
 /// A symmetric NAT's mapping toward a peer is unknown until it sends; only a full-cone NAT on
 /// the other side lets that first packet in (a port-restricted one needs the relay).
 #[test]
@@ -1419,8 +1527,13 @@ fn two_devices_behind_one_nat_link_directly() {
 
 /// Pings from device `i` to device `j` at 5/s for 12 s, in the background.
 fn start_pings(w: &World, i: usize, j: usize) -> std::process::Child {
-    const SECONDS_OF_PINGS: u32 = 12;
     let target = w.addr_of(i, j).expect("device j's address");
+    pings_to(w, i, target)
+}
+
+/// Pings `target` from device `i` 5 times a second, for 12 s at most.
+fn pings_to(w: &World, i: usize, target: IpAddr) -> std::process::Child {
+    const SECONDS_OF_PINGS: u32 = 12;
     w.ns(i)
         .command("ping")
         .args(["-n", "-D", "-i", "0.2", "-W", "1"])
