@@ -17,7 +17,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as WgPublicKey, StaticSecret};
 use ipnet::IpNet;
 use ipop_core::turn::MAX_OVERHEAD;
-use ipop_core::{Engine, Mapping, Memory, Node, PeerConfig, PublicKey, packet};
+use ipop_core::{Destinations, Engine, Mapping, Memory, Node, PeerConfig, PublicKey, packet};
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
@@ -133,7 +133,10 @@ impl Harness {
                 remote: Ipv4Addr::new(10, 99, 0, 7),
                 own: Ipv4Addr::new(10, 99, 0, 1),
             }],
-            destinations: Some(vec![IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1))]),
+            destinations: Some(Destinations {
+                own: vec![IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1))],
+                routed: nets(&["192.168.50.0/24"]),
+            }),
             keepalive: None,
             roaming: false,
         };
