@@ -1379,17 +1379,9 @@ impl Engine {
             ExitChoice::Off => None,
             ExitChoice::Device(d) => offers.contains(d).then(|| d.clone()),
             ExitChoice::Auto => {
-                let failing = |d: &DeviceId| {
-                    self.links
-                        .get(d)
-                        .and_then(|l| l.session.as_ref())
-                        .zip(self.clock)
-                        .is_some_and(|(s, now)| s.consent.unanswered_for(now) >= EXIT_FAILOVER)
-                };
                 if let Some(current) = &self.exit_in_use
                     && offers.contains(current)
-                    && self.link_up(current)
-                    && !failing(current)
+                    && self.exit_usable(current)
                 {
                     return Some(current.clone());
                 }
@@ -1402,12 +1394,24 @@ impl Engine {
                 };
                 offers
                     .iter()
-                    .filter(|d| self.link_up(d) && !failing(d))
+                    .filter(|d| self.exit_usable(d))
                     .min_by_key(|d| (rtt(d), (*d).clone()))
                     .or_else(|| offers.first())
                     .cloned()
             }
         }
+    }
+
+    /// Whether the exit `device` carries traffic: its link is up, and its path has not left
+    /// traffic unanswered for [`EXIT_FAILOVER`].
+    fn exit_usable(&self, device: &DeviceId) -> bool {
+        let failing = self
+            .links
+            .get(device)
+            .and_then(|l| l.session.as_ref())
+            .zip(self.clock)
+            .is_some_and(|(s, now)| s.consent.unanswered_for(now) >= EXIT_FAILOVER);
+        self.link_up(device) && !failing
     }
 
     /// Takes another exit when the choice says so.
@@ -1432,7 +1436,10 @@ impl Engine {
         ExitStatus {
             choice: self.exit.clone(),
             in_use: self.exit_in_use.clone(),
-            up: self.exit_in_use.as_ref().is_some_and(|d| self.link_up(d)),
+            up: self
+                .exit_in_use
+                .as_ref()
+                .is_some_and(|d| self.exit_usable(d)),
             offered: self.exit_offers(),
         }
     }

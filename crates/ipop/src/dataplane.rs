@@ -72,7 +72,12 @@ impl Udp {
         socket.bind(&addr.into())?;
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         // The mark keeps ipop's own datagrams off the tunnel when an exit is in use.
-        socket.set_mark(crate::exit::MARK)?;
+        socket.set_mark(crate::exit::MARK).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot mark the socket (SO_MARK needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
         if big_buffers {
             // Bigger kernel buffers absorb bursts while the loop is busy with the other
             // direction.

@@ -1488,7 +1488,9 @@ fn a_failed_exit_is_replaced_and_without_one_traffic_blocks_or_goes_direct() {
     assert_eq!(exit_of(&w, 0), Ok(other));
     assert_eq!(seen_from_internet(&w, 0), Ok(public(other)));
 
-    // No exit left: device 0 blocks, device 3 goes its own way.
+    // No exit left, while device 0 pings the internet: it blocks, device 3 goes its own way.
+    let pings = pings_to(&w, 0, IpAddr::V4(SERVER_ALT_IP));
+    std::thread::sleep(Duration::from_secs(1));
     if let Some(d) = w.devices[other].daemon.as_mut() {
         d.kill();
     }
@@ -1502,6 +1504,7 @@ fn a_failed_exit_is_replaced_and_without_one_traffic_blocks_or_goes_direct() {
         seen_from_internet(&w, 0).is_err(),
         "device 0 reached the internet without an exit"
     );
+    let _ = pings.wait_with_output();
     let seen =
         wait_until(
             Duration::from_secs(15),
