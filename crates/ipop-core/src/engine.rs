@@ -155,6 +155,8 @@ struct Session {
     consent: ice::Consent,
     /// Hole punching to or from a NAT that maps each destination anew ([`punch`]).
     punch: Punch,
+    /// This session's probe datagram.
+    probe: [u8; 20],
     /// Whether punching found the path this session uses.
     punched: bool,
 }
@@ -935,18 +937,7 @@ impl Engine {
         );
         session.agent.handle_timeout(now);
         // Only this link's agent has anything new to say.
-        drive_link(
-            now,
-            &device,
-            link,
-            Io {
-                relays: &mut self.relays,
-                node: &mut self.node,
-                transmits: &mut self.transmits,
-                extra_ports: &self.extra_ports,
-                punched: &mut self.punched,
-            },
-        );
+        self.drive_device(now, &device);
         self.release_held();
     }
 
@@ -2441,7 +2432,7 @@ impl Engine {
         let Punch::Opening { targets, .. } = std::mem::take(&mut s.punch) else {
             return;
         };
-        let probe = punch::probe(&s.id);
+        let probe = s.probe;
         self.punch_stats.sockets += ports.len() as u64;
         self.punch_stats.probes += (ports.len() * targets.len()) as u64;
         for &port in &ports {
@@ -2487,7 +2478,7 @@ impl Engine {
             return self.links.values().any(|l| {
                 l.session
                     .as_ref()
-                    .is_some_and(|s| s.punch_started() && punch::is_probe(datagram, &s.id))
+                    .is_some_and(|s| s.punch_started() && datagram == s.probe)
             });
         };
         let host = self.hosts.iter().find(|h| h.is_ipv4()).map(|h| h.ip());
@@ -2497,7 +2488,7 @@ impl Engine {
         let Some(s) = link.session.as_mut() else {
             return false;
         };
-        if !punch::is_probe(datagram, &s.id) {
+        if datagram != s.probe {
             return false;
         }
         let port = local.port();
@@ -2529,20 +2520,7 @@ impl Engine {
             closed.push(old);
         }
         self.close_sockets(closed);
-        if let Some(link) = self.links.get_mut(&device) {
-            drive_link(
-                now,
-                &device,
-                link,
-                Io {
-                    relays: &mut self.relays,
-                    node: &mut self.node,
-                    transmits: &mut self.transmits,
-                    extra_ports: &self.extra_ports,
-                    punched: &mut self.punched,
-                },
-            );
-        }
+        self.drive_device(now, &device);
         true
     }
 
@@ -2571,7 +2549,7 @@ impl Engine {
                         self.punch_stats.punched += 1;
                         continue;
                     }
-                    let probe = punch::probe(&s.id);
+                    let probe = s.probe;
                     for destination in sprayer.poll_burst(now) {
                         self.punch_stats.probes += 1;
                         self.transmits.push_back(Transmit {
@@ -2707,6 +2685,7 @@ impl Engine {
             consent: ice::Consent::default(),
             restart,
             punch: Punch::Idle,
+            probe: punch::probe(&id),
             punched: false,
         });
         self.signals.push_back(Outgoing {
@@ -2887,6 +2866,7 @@ impl Engine {
                 consent: ice::Consent::default(),
                 restart,
                 punch: Punch::Idle,
+                probe: punch::probe(&session),
                 punched: false,
             });
         }
@@ -3081,6 +3061,24 @@ impl Engine {
         }
         self.drive_agents(now);
         self.node.handle_timeout(now);
+    }
+
+    /// Collects what one link's ICE agent wants sent and what it decided.
+    fn drive_device(&mut self, now: Instant, device: &DeviceId) {
+        if let Some(link) = self.links.get_mut(device) {
+            drive_link(
+                now,
+                device,
+                link,
+                Io {
+                    relays: &mut self.relays,
+                    node: &mut self.node,
+                    transmits: &mut self.transmits,
+                    extra_ports: &self.extra_ports,
+                    punched: &mut self.punched,
+                },
+            );
+        }
     }
 
     /// Collects what the ICE agents want sent and what they decided.

@@ -68,9 +68,9 @@ pub fn create(
     Ok(device)
 }
 
-/// The host's addresses that peers might reach: every interface's but the tunnel's own, the
+/// The host's addresses, each with its interface's prefix length, but the tunnel's own, the
 /// loopback's and link-local ones.
-pub fn host_addresses(tunnel: &str) -> Vec<IpAddr> {
+fn interface_addresses(tunnel: &str) -> Vec<IpNet> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
@@ -79,21 +79,44 @@ pub fn host_addresses(tunnel: &str) -> Vec<IpAddr> {
         if a.interface_name == tunnel {
             continue;
         }
-        let Some(storage) = a.address else { continue };
-        let ip: IpAddr = if let Some(v4) = storage.as_sockaddr_in() {
-            v4.ip().into()
-        } else if let Some(v6) = storage.as_sockaddr_in6() {
-            v6.ip().into()
+        let Some(address) = a.address else { continue };
+        let mask = a.netmask;
+        let net = if let Some(ip) = address.as_sockaddr_in() {
+            let prefix = mask
+                .and_then(|m| m.as_sockaddr_in().map(|m| m.ip()))
+                .and_then(|m| ipnet::ipv4_mask_to_prefix(m).ok())
+                .unwrap_or(32);
+            ipnet::Ipv4Net::new(ip.ip(), prefix).ok().map(IpNet::from)
+        } else if let Some(ip) = address.as_sockaddr_in6() {
+            let prefix = mask
+                .and_then(|m| m.as_sockaddr_in6().map(|m| m.ip()))
+                .and_then(|m| ipnet::ipv6_mask_to_prefix(m).ok())
+                .unwrap_or(128);
+            ipnet::Ipv6Net::new(ip.ip(), prefix).ok().map(IpNet::from)
         } else {
-            continue;
+            None
         };
+        let Some(net) = net else { continue };
+        let ip = net.addr();
         let useless = ip.is_loopback()
             || ip.is_unspecified()
             || match ip {
                 IpAddr::V4(v4) => v4.is_link_local(),
                 IpAddr::V6(v6) => v6.is_unicast_link_local(),
             };
-        if !useless && !out.contains(&ip) {
+        if !useless {
+            out.push(net);
+        }
+    }
+    out
+}
+
+/// The host's addresses that peers might reach: every interface's but the tunnel's own, the
+/// loopback's and link-local ones.
+pub fn host_addresses(tunnel: &str) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for ip in interface_addresses(tunnel).iter().map(IpNet::addr) {
+        if !out.contains(&ip) {
             out.push(ip);
         }
     }
@@ -103,38 +126,9 @@ pub fn host_addresses(tunnel: &str) -> Vec<IpAddr> {
 /// The networks of the host's interfaces but the tunnel's and the loopback's: what the
 /// routes that peers offer must not cover.
 pub fn host_networks(tunnel: &str) -> Vec<IpNet> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for a in addrs {
-        if a.interface_name == tunnel {
-            continue;
-        }
-        let (Some(address), Some(mask)) = (a.address, a.netmask) else {
-            continue;
-        };
-        let net = if let (Some(ip), Some(mask)) = (address.as_sockaddr_in(), mask.as_sockaddr_in())
-        {
-            ipnet::Ipv4Net::with_netmask(ip.ip(), mask.ip())
-                .ok()
-                .map(IpNet::from)
-        } else if let (Some(ip), Some(mask)) = (address.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
-            ipnet::Ipv6Net::with_netmask(ip.ip(), mask.ip())
-                .ok()
-                .map(IpNet::from)
-        } else {
-            None
-        };
-        let Some(net) = net.map(|n| n.trunc()) else {
-            continue;
-        };
-        let useless = net.addr().is_loopback()
-            || match net.addr() {
-                IpAddr::V4(v4) => v4.is_link_local(),
-                IpAddr::V6(v6) => v6.is_unicast_link_local(),
-            };
-        if !useless && !out.contains(&net) {
+    let mut out: Vec<IpNet> = Vec::new();
+    for net in interface_addresses(tunnel).iter().map(IpNet::trunc) {
+        if !out.contains(&net) {
             out.push(net);
         }
     }

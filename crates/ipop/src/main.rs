@@ -188,18 +188,21 @@ pub(crate) fn split_device(device: &str) -> anyhow::Result<(&str, &str)> {
     }
 }
 
-fn trust(config: &Path, device: &str) -> anyhow::Result<()> {
-    let config = Config::load(config)?;
-    split_device(device)?;
-    let answer = runtime()?.block_on(control::ask(
-        &config.control_socket(),
-        &format!("trust {device}"),
-    ))?;
+/// Sends `command` to the running daemon and returns its JSON answer, or its error.
+fn ask_daemon(config: &Config, command: &str) -> anyhow::Result<serde_json::Value> {
+    let answer = runtime()?.block_on(control::ask(&config.control_socket(), command))?;
     let v: serde_json::Value =
         serde_json::from_str(&answer).context("the daemon's answer is not JSON")?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("{e}");
     }
+    Ok(v)
+}
+
+fn trust(config: &Path, device: &str) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    split_device(device)?;
+    let v = ask_daemon(&config, &format!("trust {device}"))?;
     let fingerprint = v["fingerprint"].as_str().unwrap_or("?");
     print_out(&format!("{device} is now trusted with key {fingerprint}\n"))
 }
@@ -207,15 +210,7 @@ fn trust(config: &Path, device: &str) -> anyhow::Result<()> {
 fn set_exit(config: &Path, exit: &str) -> anyhow::Result<()> {
     let config = Config::load(config)?;
     config::parse_exit(exit).map_err(|e| anyhow::anyhow!(e))?;
-    let answer = runtime()?.block_on(control::ask(
-        &config.control_socket(),
-        &format!("exit {exit}"),
-    ))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&answer).context("the daemon's answer is not JSON")?;
-    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        bail!("{e}");
-    }
+    let v = ask_daemon(&config, &format!("exit {exit}"))?;
     let e = &v["exit"];
     let line = match (e["in_use"].as_str(), e["state"].as_str()) {
         (_, Some("off")) | (None, None) => "internet traffic goes the host's own way".to_owned(),
@@ -237,13 +232,7 @@ fn group(config: &Path, action: GroupAction) -> anyhow::Result<()> {
             bail!("{word:?} is not a JID");
         }
     }
-    let command = format!("group {verb} {room} {jid}");
-    let answer = runtime()?.block_on(control::ask(&config.control_socket(), &command))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&answer).context("the daemon's answer is not JSON")?;
-    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        bail!("{e}");
-    }
+    ask_daemon(&config, &format!("group {verb} {room} {jid}"))?;
     let done = if verb == "add" {
         "is now a member of"
     } else {
