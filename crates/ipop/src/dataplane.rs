@@ -191,6 +191,13 @@ struct SchedStat {
     on_cpu: Duration,
     run_queue: Duration,
     switched_in: u64,
+    /// From `getrusage(RUSAGE_THREAD)`, for the log only: where the CPU time went (the loop's
+    /// own code, or the kernel on its behalf, softirqs that ran on its CPU included), how often
+    /// it slept, and page faults that needed I/O.
+    user: Duration,
+    system: Duration,
+    slept: u64,
+    major_faults: u64,
 }
 
 /// Tells how much of a long loop iteration was the loop's own doing. Time the scheduler gave
@@ -209,6 +216,22 @@ struct SchedClock {
     last: SchedStat,
     /// Wake-ups since `last` was read: each follows at most one switch-in, from waiting.
     wakes: u64,
+    /// The kernel's figures behind the last [`SchedClock::stall`], for the log.
+    judged: Judged,
+}
+
+/// What one [`SchedClock::stall`] judged from: the thread's CPU time, its run-queue wait, its
+/// switch-ins and the loop's wake-ups between two readings.
+#[derive(Debug, Clone, Copy, Default)]
+struct Judged {
+    cpu: Duration,
+    queued: Duration,
+    switched_in: u64,
+    wakes: u64,
+    user: Duration,
+    system: Duration,
+    slept: u64,
+    major_faults: u64,
 }
 
 impl SchedClock {
@@ -221,18 +244,30 @@ impl SchedClock {
             at: Instant::now(),
             last: SchedStat::default(),
             wakes: 0,
+            judged: Judged::default(),
         };
         c.last = c.read().unwrap_or_default();
         c
     }
 
     fn read(&self) -> Option<SchedStat> {
+        use nix::sys::resource::{UsageWho, getrusage};
         use nix::time::{ClockId, clock_gettime};
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 96];
         let n = self.file.as_ref()?.read_at(&mut buf, 0).ok()?;
         let mut stat = parse_schedstat(std::str::from_utf8(buf.get(..n)?).ok()?)?;
         stat.on_cpu = Duration::from(clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?);
+        if let Ok(usage) = getrusage(UsageWho::RUSAGE_THREAD) {
+            let duration = |t: nix::sys::time::TimeVal| {
+                Duration::from_secs(u64::try_from(t.tv_sec()).unwrap_or(0))
+                    + Duration::from_micros(u64::try_from(t.tv_usec()).unwrap_or(0))
+            };
+            stat.user = duration(usage.user_time());
+            stat.system = duration(usage.system_time());
+            stat.slept = u64::try_from(usage.voluntary_context_switches()).unwrap_or(0);
+            stat.major_faults = u64::try_from(usage.major_page_faults()).unwrap_or(0);
+        }
         Some(stat)
     }
 
@@ -253,9 +288,20 @@ impl SchedClock {
     /// The part of `elapsed` (from the last wake-up to `now`) that was the loop's own doing.
     fn stall(&mut self, now: Instant, elapsed: Duration) -> Duration {
         let Some(stat) = self.read() else {
+            self.judged = Judged::default();
             return elapsed;
         };
         let stall = loop_share(elapsed, self.last, stat, self.wakes);
+        self.judged = Judged {
+            cpu: stat.on_cpu.saturating_sub(self.last.on_cpu),
+            queued: stat.run_queue.saturating_sub(self.last.run_queue),
+            switched_in: stat.switched_in.saturating_sub(self.last.switched_in),
+            wakes: self.wakes,
+            user: stat.user.saturating_sub(self.last.user),
+            system: stat.system.saturating_sub(self.last.system),
+            slept: stat.slept.saturating_sub(self.last.slept),
+            major_faults: stat.major_faults.saturating_sub(self.last.major_faults),
+        };
         (self.at, self.last, self.wakes) = (now, stat, 0);
         stall
     }
@@ -268,6 +314,7 @@ fn parse_schedstat(text: &str) -> Option<SchedStat> {
         on_cpu: Duration::from_nanos(next()?),
         run_queue: Duration::from_nanos(next()?),
         switched_in: next()?,
+        ..SchedStat::default()
     })
 }
 
@@ -474,6 +521,14 @@ impl Dataplane {
                         woken_ms = ms(top.saturating_duration_since(w)),
                         timers_ms = ms(timers_done.saturating_duration_since(top)),
                         sending_ms = ms(now.saturating_duration_since(timers_done)),
+                        cpu_ms = ms(sched.judged.cpu),
+                        queued_ms = ms(sched.judged.queued),
+                        switched_in = sched.judged.switched_in,
+                        wakes = sched.judged.wakes,
+                        user_ms = ms(sched.judged.user),
+                        system_ms = ms(sched.judged.system),
+                        slept = sched.judged.slept,
+                        major_faults = sched.judged.major_faults,
                         "the packet loop went long without waiting"
                     );
                 }
@@ -1034,6 +1089,7 @@ mod tests {
             on_cpu: Duration::from_millis(cpu_ms),
             run_queue: Duration::from_millis(rq_ms),
             switched_in,
+            ..SchedStat::default()
         };
         let wall = Duration::from_millis(18);
         // The virtual CPU was taken away: 2 ms on the CPU, no switch but the wake-up's.
