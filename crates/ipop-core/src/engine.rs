@@ -325,6 +325,8 @@ pub struct ExitStatus {
     pub up: bool,
     /// The devices that offer to be an exit, to this device.
     pub offered: Vec<DeviceId>,
+    /// The port on which the exit in use answers DNS, when it does.
+    pub dns: Option<u16>,
 }
 
 /// Whether two prefixes share an address.
@@ -425,6 +427,8 @@ pub struct Engine {
     port_mapping: Option<(SocketAddr, SocketAddr)>,
     /// Devices that offered to relay for us (in their presence), by device.
     relay_offers: BTreeMap<DeviceId, RelayOffer>,
+    /// Exits that answer DNS for the devices they carry: on which port.
+    exit_dns: BTreeMap<DeviceId, u16>,
     /// Our registrations with those relays: one per session and relay.
     peer_relays: Vec<PeerRelay>,
     bindings: Vec<StunBinding>,
@@ -532,6 +536,7 @@ impl Engine {
             gathered: Vec::new(),
             port_mapping: None,
             relay_offers: BTreeMap::new(),
+            exit_dns: BTreeMap::new(),
             peer_relays: Vec::new(),
             bindings: Vec::new(),
             relays: Vec::new(),
@@ -979,7 +984,12 @@ impl Engine {
                 claim,
                 relay,
                 routes,
+                exit_dns,
             } => {
+                match exit_dns {
+                    Some(port) => self.exit_dns.insert(device.clone(), port),
+                    None => self.exit_dns.remove(&device),
+                };
                 let before = self
                     .advertised
                     .get(&device)
@@ -1015,6 +1025,7 @@ impl Engine {
             }
             OsnEvent::DeviceDown { overlay, device } => {
                 self.relay_offers.remove(&device);
+                self.exit_dns.remove(&device);
                 self.device_down(now, &overlay, &device);
                 if self.advertised.contains_key(&device) {
                     self.plan_routes();
@@ -1432,7 +1443,16 @@ impl Engine {
                 .as_ref()
                 .is_some_and(|d| self.exit_usable(d)),
             offered: self.exit_offers(),
+            dns: self
+                .exit_in_use
+                .as_ref()
+                .and_then(|d| self.exit_dns.get(d).copied()),
         }
+    }
+
+    /// The addresses of the link to `device` (its host routes first), if there is one.
+    pub fn link_addresses(&self, device: &DeviceId) -> &[IpNet] {
+        self.links.get(device).map_or(&[], |l| &l.addresses)
     }
 
     /// The prefixes this device takes from `device`.
@@ -3988,6 +4008,7 @@ mod tests {
                 key,
                 relay: None,
                 routes: Vec::new(),
+                exit_dns: None,
                 claim,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
@@ -4010,6 +4031,7 @@ mod tests {
                 key,
                 relay: None,
                 routes: Vec::new(),
+                exit_dns: None,
                 claim: None,
             };
             self.devs[i].engine.handle_osn(self.now, ev);
@@ -4153,6 +4175,7 @@ mod tests {
             key,
             relay: None,
             routes: Vec::new(),
+            exit_dns: None,
             claim: None,
         };
         for user in &users[..100] {
@@ -4640,6 +4663,7 @@ mod tests {
             claim: None,
             relay: None,
             routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+            exit_dns: None,
         };
         let now = w.now;
         let e = &mut w.devs[0].engine;
@@ -5410,6 +5434,7 @@ mod tests {
             key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
             relay: None,
             routes: Vec::new(),
+            exit_dns: None,
             claim: Some(Claim {
                 address: std::net::Ipv4Addr::new(10, 91, 0, 2 + i as u8),
                 fixed: true,
@@ -5471,6 +5496,7 @@ mod tests {
             key: PublicKey::from_secret(&StaticSecret::random_from_rng(rand_core::OsRng)),
             relay: None,
             routes: Vec::new(),
+            exit_dns: None,
             claim: Some(Claim {
                 address: std::net::Ipv4Addr::new(10, 90, 1, i as u8),
                 fixed: true,

@@ -78,6 +78,9 @@ pub enum OsnEvent {
         relay: Option<RelayOffer>,
         /// The prefixes it routes for the devices of `overlay` (a subnet router).
         routes: Vec<IpNet>,
+        /// An exit that also answers DNS queries from the devices it carries, on this UDP port
+        /// of its overlay addresses.
+        exit_dns: Option<u16>,
     },
     /// A device went offline (or left the room) as seen through `overlay`. Its link stays while
     /// WireGuard still hears from it.

@@ -64,12 +64,13 @@ pub const MAX_ROUTES: usize = 16;
 
 /// The presence payloads of an ipop device: entity capabilities, the key and, if any, the
 /// device's claim in the overlay the presence goes to, its offer to relay and the prefixes it
-/// routes for that overlay.
+/// routes for that overlay; an exit says on which port it answers DNS (`exit_dns`).
 pub fn payloads(
     key: &PublicKey,
     claim: Option<Claim>,
     relay: Option<&RelayOffer>,
     routes: &[IpNet],
+    exit_dns: Option<u16>,
 ) -> Vec<Element> {
     let mut ipop =
         Element::builder("ipop", NS_IPOP).attr(xml_ncname!("key").into(), key.to_string());
@@ -88,9 +89,14 @@ pub fn payloads(
                 .build(),
         );
     }
-    // The default routes say that the device is an exit: `<exit/>`, once.
+    // The default routes say that the device is an exit: `<exit/>`, once, with the port of
+    // its DNS responder when it forwards its peers' queries: `<exit dns='53'/>`.
     if routes.iter().any(|r| r.prefix_len() == 0) {
-        ipop = ipop.append(Element::builder("exit", NS_IPOP).build());
+        let mut exit = Element::builder("exit", NS_IPOP);
+        if let Some(port) = exit_dns {
+            exit = exit.attr(xml_ncname!("dns").into(), port.to_string());
+        }
+        ipop = ipop.append(exit.build());
     }
     for route in routes
         .iter()
@@ -113,8 +119,10 @@ pub fn presence(
     claim: Option<Claim>,
     relay: Option<&RelayOffer>,
     routes: &[IpNet],
+    exit_dns: Option<u16>,
 ) -> Presence {
-    let mut presence = Presence::available().with_payloads(payloads(key, claim, relay, routes));
+    let mut presence =
+        Presence::available().with_payloads(payloads(key, claim, relay, routes, exit_dns));
     presence.priority = Priority(PRIORITY);
     presence
 }
@@ -141,6 +149,8 @@ pub enum Announce {
         /// The prefixes it routes, and how many `<route/>` elements were malformed or beyond
         /// [`MAX_ROUTES`] (left out).
         routes: (Vec<IpNet>, usize),
+        /// The port on which an exit answers DNS.
+        exit_dns: Option<u16>,
     },
     /// An ipop payload whose key does not parse.
     BadKey,
@@ -225,6 +235,13 @@ pub fn exit_routes() -> [IpNet; 2] {
     ]
 }
 
+/// Reads the DNS port of an exit: `<exit dns='53'/>`. A port that does not parse, or 0, is
+/// left out: the exit is still an exit.
+fn read_exit_dns(ipop: &Element) -> Option<u16> {
+    let port = ipop.get_child("exit", NS_IPOP)?.attr("dns")?.parse().ok()?;
+    (port != 0).then_some(port)
+}
+
 /// Reads the ipop payload of a presence.
 pub fn read(payloads: &[Element]) -> Announce {
     match payloads.iter().find(|p| p.is("ipop", NS_IPOP)) {
@@ -235,6 +252,7 @@ pub fn read(payloads: &[Element]) -> Announce {
                 claim: read_claim(p),
                 relay: read_relay(p),
                 routes: read_routes(p),
+                exit_dns: read_exit_dns(p),
             },
             _ => Announce::BadKey,
         },
@@ -252,7 +270,7 @@ mod tests {
             "192.168.50.0/24".parse().unwrap(),
             "fd12::/64".parse().unwrap(),
         ];
-        let presence = presence(&key, None, None, &routes);
+        let presence = presence(&key, None, None, &routes, None);
         match read(&presence.payloads) {
             Announce::Key { routes: got, .. } => assert_eq!(got, (routes.clone(), 0)),
             other => panic!("{other:?}"),
@@ -260,13 +278,27 @@ mod tests {
         // An exit: its default routes travel as one <exit/>.
         let mut exit = routes.clone();
         exit.extend(exit_routes());
-        let announced = super::presence(&key, None, None, &exit);
+        let announced = super::presence(&key, None, None, &exit, Some(5353));
         let xml = String::from(&Element::from(announced.clone()));
         assert_eq!(xml.matches("<exit").count(), 1, "{xml}");
         assert!(!xml.contains("0.0.0.0/0"), "{xml}");
         match read(&announced.payloads) {
-            Announce::Key { routes: got, .. } => assert_eq!(got, (exit, 0)),
+            Announce::Key {
+                routes: got,
+                exit_dns,
+                ..
+            } => assert_eq!((got, exit_dns), ((exit, 0), Some(5353))),
             other => panic!("{other:?}"),
+        }
+        // A DNS port on an exit that does not parse leaves an exit without DNS.
+        for bad in ["0", "65536", "fifty-three"] {
+            let xml = format!("<ipop xmlns='{NS_IPOP}' key='{key}'><exit dns='{bad}'/></ipop>");
+            match read(&[xml.parse().unwrap()]) {
+                Announce::Key {
+                    routes, exit_dns, ..
+                } => assert_eq!((routes.0.len(), exit_dns), (2, None), "{bad}"),
+                other => panic!("{other:?}"),
+            }
         }
         let xml = format!(
             "<ipop xmlns='{NS_IPOP}' key='{key}'><route prefix='10.1.0.0/16'/>\
@@ -298,7 +330,7 @@ mod tests {
             endpoint: "198.51.100.4:51821".parse().unwrap(),
             token: [0xab; TOKEN_LEN],
         };
-        let presence = presence(&key, None, Some(&offer), &[]);
+        let presence = presence(&key, None, Some(&offer), &[], None);
         match read(&presence.payloads) {
             Announce::Key { relay, .. } => assert_eq!(relay, Some(offer)),
             other => panic!("{other:?}"),
@@ -327,7 +359,7 @@ mod tests {
     #[test]
     fn presence_carries_caps_key_and_negative_priority() {
         let key = PublicKey([3; 32]);
-        let presence = presence(&key, None, None, &[]);
+        let presence = presence(&key, None, None, &[], None);
         assert_eq!(presence.priority, Priority(-1));
         assert_eq!(
             read(&presence.payloads),
@@ -336,6 +368,7 @@ mod tests {
                 claim: Ok(None),
                 relay: None,
                 routes: (Vec::new(), 0),
+                exit_dns: None,
             }
         );
         let ipop = presence
@@ -366,8 +399,9 @@ mod tests {
             claim,
             None,
             &[],
+            None,
         )));
-        let payload: usize = payloads(&PublicKey([7; 32]), claim, None, &[])
+        let payload: usize = payloads(&PublicKey([7; 32]), claim, None, &[], None)
             .iter()
             .map(|p| String::from(p).len())
             .sum();
@@ -406,7 +440,7 @@ mod tests {
                 address: Ipv4Addr::new(10, 20, 0, 5),
                 fixed,
             };
-            let presence = presence(&key, Some(claim), None, &[]);
+            let presence = presence(&key, Some(claim), None, &[], None);
             let ipop = presence
                 .payloads
                 .iter()
@@ -423,6 +457,7 @@ mod tests {
                     claim: Ok(Some(claim)),
                     relay: None,
                     routes: (Vec::new(), 0),
+                    exit_dns: None,
                 },
                 "{xml}"
             );
@@ -443,6 +478,7 @@ mod tests {
                     claim: Ok(Some(claim(fixed))),
                     relay: None,
                     routes: (Vec::new(), 0),
+                    exit_dns: None,
                 },
                 "{attr}"
             );
@@ -480,6 +516,7 @@ mod tests {
                     claim: Err(bad),
                     relay: None,
                     routes: (Vec::new(), 0),
+                    exit_dns: None,
                 },
                 "{attrs}"
             );
@@ -491,6 +528,7 @@ mod tests {
                 claim: Ok(None),
                 relay: None,
                 routes: (Vec::new(), 0),
+                exit_dns: None,
             }
         );
     }

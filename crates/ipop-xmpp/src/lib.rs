@@ -89,6 +89,9 @@ pub struct XmppConfig {
     pub social_routes: Vec<ipnet::IpNet>,
     /// This device's offer to relay for its friends and fellow members, in every presence.
     pub relay: Option<ipop_core::osn::RelayOffer>,
+    /// The port on which this device answers its peers' DNS queries, said with `<exit/>`
+    /// wherever it routes the default routes.
+    pub exit_dns: Option<u16>,
     /// How long [`connect`] may take to log in. The roster and the rooms may take longer: the
     /// session is then returned, and finishes synchronising in the background.
     pub login_timeout: Duration,
@@ -131,6 +134,7 @@ impl XmppConfig {
             social_claim: None,
             social_routes: Vec::new(),
             relay: None,
+            exit_dns: None,
             login_timeout: Duration::from_secs(15),
             send_rate: DEFAULT_SEND_RATE,
             send_burst: DEFAULT_SEND_BURST,

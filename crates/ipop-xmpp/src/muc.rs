@@ -121,13 +121,14 @@ pub fn join_payloads(
     claim: Option<Claim>,
     relay: Option<&RelayOffer>,
     routes: &[ipnet::IpNet],
+    exit_dns: Option<u16>,
 ) -> Vec<Element> {
     let mut payloads = vec![
         Muc::new()
             .with_history(History::new().with_maxstanzas(0))
             .into(),
     ];
-    payloads.extend(announce::payloads(key, claim, relay, routes));
+    payloads.extend(announce::payloads(key, claim, relay, routes, exit_dns));
     payloads
 }
 

@@ -168,6 +168,7 @@ mod tests {
                 key: PublicKey([2; 32]),
                 relay: None,
                 routes: Vec::new(),
+                exit_dns: None,
                 claim: None,
             }),
             "{events:?}"

@@ -79,6 +79,7 @@ struct Announced {
     claim: Option<Claim>,
     relay: Option<RelayOffer>,
     routes: Vec<ipnet::IpNet>,
+    exit_dns: Option<u16>,
 }
 
 /// What the core was told about one overlay.
@@ -156,6 +157,7 @@ impl View {
                         relay: announced.relay,
                         claim: announced.claim,
                         routes: announced.routes,
+                        exit_dns: announced.exit_dns,
                     });
                 }
             }
@@ -409,6 +411,7 @@ fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Opti
             claim,
             relay,
             routes: (routes, bad_routes),
+            exit_dns,
         } => {
             if bad_routes > 0 {
                 for _ in 0..bad_routes {
@@ -429,6 +432,7 @@ fn read_announced(shared: &Shared, payloads: &[Element], from: &FullJid) -> Opti
                 claim,
                 relay,
                 routes,
+                exit_dns,
             })
         }
     }
@@ -1069,6 +1073,7 @@ impl Task {
                 self.cfg.social_claim,
                 self.cfg.relay.as_ref(),
                 &self.cfg.social_routes,
+                self.cfg.exit_dns,
             )
         } else {
             announce::unannounced_presence()
@@ -1088,6 +1093,7 @@ impl Task {
             room.claim,
             self.cfg.relay.as_ref(),
             &room.routes,
+            self.cfg.exit_dns,
         );
         presence.to = Some(to.into());
         self.outbox.push((Class::Control, presence.into()));
@@ -1972,6 +1978,7 @@ impl Task {
                 room.claim,
                 self.cfg.relay.as_ref(),
                 &room.routes,
+                self.cfg.exit_dns,
             ));
         presence.priority = Priority(announce::PRIORITY);
         self.outbox.push((Class::Control, presence.into()));
@@ -2359,6 +2366,7 @@ mod tests {
                             key: PublicKey([*k; 32]),
                             relay: None,
                             routes: Vec::new(),
+                            exit_dns: None,
                             claim: None,
                         },
                     )
@@ -2376,6 +2384,7 @@ mod tests {
             key: PublicKey([key; 32]),
             relay: None,
             routes: Vec::new(),
+            exit_dns: None,
             claim: None,
         }
     }
@@ -2421,6 +2430,7 @@ mod tests {
                 key: PublicKey([k; 32]),
                 relay: None,
                 routes: Vec::new(),
+                exit_dns: None,
                 claim: None,
             })
         };
@@ -2467,6 +2477,7 @@ mod tests {
                 key: PublicKey([1; 32]),
                 relay: None,
                 routes: Vec::new(),
+                exit_dns: None,
                 claim,
             };
             view.publish(
@@ -2484,6 +2495,7 @@ mod tests {
             key: PublicKey([1; 32]),
             relay: None,
             routes: Vec::new(),
+            exit_dns: None,
             claim,
         };
         assert_eq!(say(claim(5, false)), vec![up_with(claim(5, false))]);
@@ -2517,6 +2529,7 @@ mod tests {
                 claim: None,
                 relay: None,
                 routes: Vec::new(),
+                exit_dns: None,
             })
         );
         assert_eq!(
@@ -2533,6 +2546,7 @@ mod tests {
                 key,
                 relay: None,
                 routes: Vec::new(),
+                exit_dns: None,
                 claim: Some(Claim {
                     address: std::net::Ipv4Addr::new(10, 20, 0, 30),
                     fixed: false

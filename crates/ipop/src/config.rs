@@ -66,6 +66,10 @@ pub struct Device {
     /// What internet traffic does while the exit is not up.
     #[serde(default, deserialize_with = "exit_fallback")]
     pub exit_fallback: ExitFallback,
+    /// Whether names outside the overlays' suffix are resolved through the exit in use, when
+    /// it answers DNS.
+    #[serde(default = "yes")]
+    pub exit_dns: bool,
 }
 
 impl Default for Device {
@@ -77,6 +81,7 @@ impl Default for Device {
             control_socket: None,
             exit: ExitChoice::Off,
             exit_fallback: ExitFallback::Block,
+            exit_dns: true,
         }
     }
 }
@@ -1763,7 +1768,8 @@ mod tests {
                     log_level,
                     control_socket,
                     exit,
-                    exit_fallback
+                    exit_fallback,
+                    exit_dns
                 ]
             ),
             keys!(

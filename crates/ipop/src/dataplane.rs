@@ -917,6 +917,7 @@ impl Dataplane {
                 e.stream_batch_full + self.streams.dropped,
             ),
             ("dns_malformed", crate::dns::malformed()),
+            ("dns_forward_failed", crate::dns::forward_failed()),
         ] {
             drops.insert(name.to_owned(), n);
         }
@@ -944,7 +945,7 @@ impl Dataplane {
                     punching: self.engine.punch_stats().into(),
                     advertised_routes: self.advertised_routes.clone(),
                     routes: status::routes(&self.engine),
-                    exit: status::exit(&self.engine, self.keeper.exit_fallback()),
+                    exit: status::exit(&self.engine, self.keeper.exit_fallback(), self.keeper.exit_dns()),
                 };
                 serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
             }
@@ -968,7 +969,7 @@ impl Dataplane {
                     Ok(choice) => {
                         self.engine.set_exit(choice);
                         self.keeper.after(&mut self.engine, &self.tun);
-                        serde_json::json!({ "exit": status::exit(&self.engine, self.keeper.exit_fallback()) })
+                        serde_json::json!({ "exit": status::exit(&self.engine, self.keeper.exit_fallback(), self.keeper.exit_dns()) })
                     }
                     Err(e) => serde_json::json!({ "error": e }),
                 }

@@ -8,18 +8,25 @@
 //!
 //! It serves UDP only. Datagrams that are not DNS queries are dropped and counted
 //! ([`malformed`]).
+//!
+//! A query it would refuse may be forwarded instead ([`Forwarding`]): this device's own
+//! programs' queries to the responder of the exit in use, and the queries of the devices this
+//! device is an exit for to this host's resolvers (`/etc/resolv.conf`). The answer is relayed
+//! as it comes; one that does not come within [`FORWARD_TIMEOUT`] is a SERVFAIL.
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// Time to live of every answer: names follow links coming and going, so resolvers must not keep
 /// them long.
@@ -38,8 +45,65 @@ const EDNS_UDP_LIMIT: u16 = 1232;
 /// How long a `resolvectl` command may run before it is killed.
 const RESOLVECTL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a forwarded query may wait for its answer.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// At most this many forwarded queries wait for an answer at once; more are answered SERVFAIL
+/// at once.
+const MAX_FORWARDING: usize = 256;
+
+/// The response code of a refusal, as the header's low four bits of its fourth byte carry it.
+const RCODE_REFUSED: u8 = 5;
+const RCODE_SERVFAIL: u8 = 2;
+
 /// Datagrams received by any responder of this process that were not DNS queries.
 static MALFORMED: AtomicU64 = AtomicU64::new(0);
+
+/// Forwarded queries that got no answer.
+static FORWARD_FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// How many forwarded queries got no answer (none in time, no resolver to ask, too many
+/// waiting) since start: each was answered SERVFAIL.
+pub fn forward_failed() -> u64 {
+    FORWARD_FAILED.load(Ordering::Relaxed)
+}
+
+/// Where the responder sends the queries its table refuses (names outside the suffix, reverse
+/// queries for other addresses). By default nowhere: they are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    /// This device's own addresses: a query from one of them is its own programs'.
+    pub own: Vec<IpAddr>,
+    /// The responder of the exit in use, which this device's own queries go to.
+    pub exit: Option<SocketAddr>,
+    /// The networks of the overlays this device is an exit for: their devices' queries go to
+    /// this host's resolvers.
+    pub carried: Vec<IpNet>,
+}
+
+/// Where one query goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    /// The exit's responder.
+    Exit(SocketAddr),
+    /// This host's resolvers.
+    Host,
+}
+
+impl Forwarding {
+    /// Where a refused query from `from` goes instead, if anywhere. A device's own queries
+    /// never go to its host's resolvers (they would come back: the host may point at this
+    /// responder), and the devices it carries never reach its own exit.
+    fn upstream(&self, from: IpAddr) -> Option<Upstream> {
+        if self.own.contains(&from) {
+            self.exit.map(Upstream::Exit)
+        } else if self.carried.iter().any(|n| n.contains(&from)) {
+            Some(Upstream::Host)
+        } else {
+            None
+        }
+    }
+}
 
 /// How many datagrams the responders of this process dropped since start because they were not
 /// DNS queries: undecodable bytes (random data, a truncated header or record) and DNS responses
@@ -167,16 +231,32 @@ pub fn user_name(user: &str, suffix: &str) -> String {
 }
 
 /// Answers queries on `sockets` (UDP, one per overlay address) from the latest table in `names`,
-/// until `names`' sender is dropped (at once when there is no socket). One task per socket.
-pub async fn serve(sockets: Vec<UdpSocket>, names: watch::Receiver<NameTable>) {
+/// forwarding what it refuses as `forwarding` says, until `names`' sender is dropped (at once
+/// when there is no socket). One task per socket.
+pub async fn serve(
+    sockets: Vec<UdpSocket>,
+    names: watch::Receiver<NameTable>,
+    forwarding: watch::Receiver<Forwarding>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
+    let waiting = Arc::new(Semaphore::new(MAX_FORWARDING));
     for socket in sockets {
-        tasks.spawn(serve_socket(socket, names.clone()));
+        tasks.spawn(serve_socket(
+            Arc::new(socket),
+            names.clone(),
+            forwarding.clone(),
+            waiting.clone(),
+        ));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn serve_socket(socket: UdpSocket, mut names: watch::Receiver<NameTable>) {
+async fn serve_socket(
+    socket: Arc<UdpSocket>,
+    mut names: watch::Receiver<NameTable>,
+    forwarding: watch::Receiver<Forwarding>,
+    waiting: Arc<Semaphore>,
+) {
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
@@ -196,15 +276,113 @@ async fn serve_socket(socket: UdpSocket, mut names: watch::Receiver<NameTable>) 
                         continue;
                     }
                 };
-                let response = respond(&buf[..len], &names.borrow());
-                if let Some(response) = response
-                    && let Err(e) = socket.send_to(&response, from).await
-                {
-                    tracing::debug!(%from, "DNS send: {e}");
+                let Some(response) = respond(&buf[..len], &names.borrow()) else {
+                    continue;
+                };
+                let upstream = forwarding.borrow().upstream(from.ip());
+                if let Some(upstream) = upstream.filter(|_| refused(&response)) {
+                    let own = forwarding.borrow().own.clone();
+                    let query = buf[..len].to_vec();
+                    match waiting.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let socket = socket.clone();
+                            tokio::spawn(async move {
+                                let answer = forward(&query, upstream, &own).await;
+                                drop(permit);
+                                reply(&socket, answer, response, from).await;
+                            });
+                        }
+                        Err(_) => reply(&socket, None, response, from).await,
+                    }
+                    continue;
                 }
+                send(&socket, &response, from).await;
             }
         }
     }
+}
+
+async fn send(socket: &UdpSocket, response: &[u8], to: SocketAddr) {
+    if let Err(e) = socket.send_to(response, to).await {
+        tracing::debug!(%to, "DNS send: {e}");
+    }
+}
+
+/// Sends a forwarded query's `answer` to `to`, or when there is none, the `refused` response
+/// turned into a SERVFAIL.
+async fn reply(socket: &UdpSocket, answer: Option<Vec<u8>>, mut refused: Vec<u8>, to: SocketAddr) {
+    match answer {
+        Some(answer) => send(socket, &answer, to).await,
+        None => {
+            FORWARD_FAILED.fetch_add(1, Ordering::Relaxed);
+            if let Some(flags) = refused.get_mut(3) {
+                *flags = (*flags & 0xf0) | RCODE_SERVFAIL;
+            }
+            send(socket, &refused, to).await;
+        }
+    }
+}
+
+/// Whether a response of [`respond`] refuses its query.
+fn refused(response: &[u8]) -> bool {
+    response
+        .get(3)
+        .is_some_and(|flags| flags & 0x0f == RCODE_REFUSED)
+}
+
+/// Asks `upstream` the `query` as it came, and returns the answer with the query's ID, or
+/// `None` when none comes within [`FORWARD_TIMEOUT`] or there is no resolver to ask.
+async fn forward(query: &[u8], upstream: Upstream, own: &[IpAddr]) -> Option<Vec<u8>> {
+    let to = match upstream {
+        Upstream::Exit(to) => to,
+        Upstream::Host => host_resolver(own).await?,
+    };
+    let local: SocketAddr = if to.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local).await.ok()?;
+    socket.connect(to).await.ok()?;
+    socket.send(query).await.ok()?;
+    let id = query.get(..2)?;
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(FORWARD_TIMEOUT, async {
+        loop {
+            match socket.recv(&mut buf).await {
+                Ok(len) if buf.get(..2) == Some(id) && len > 3 => {
+                    buf.truncate(len);
+                    return Some(buf);
+                }
+                Ok(_) => {}
+                Err(e) if is_icmp_error(&e) => return None,
+                Err(e) => {
+                    tracing::debug!(%to, "forwarded DNS query: {e}");
+                    return None;
+                }
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The first resolver `/etc/resolv.conf` names that is not one of this device's `own`
+/// addresses, on port 53.
+async fn host_resolver(own: &[IpAddr]) -> Option<SocketAddr> {
+    let text = tokio::task::spawn_blocking(|| std::fs::read("/etc/resolv.conf"))
+        .await
+        .ok()?
+        .ok()?;
+    let conf = resolv_conf::Config::parse(text)
+        .map_err(|e| tracing::debug!("/etc/resolv.conf: {e}"))
+        .ok()?;
+    conf.get_nameservers_or_local()
+        .iter()
+        .map(IpAddr::from)
+        .find(|ip| !own.contains(ip))
+        .map(|ip| SocketAddr::new(ip, 53))
 }
 
 fn is_icmp_error(e: &std::io::Error) -> bool {
@@ -390,9 +568,15 @@ pub async fn bind(addrs: &[IpAddr], port: u16) -> Vec<UdpSocket> {
 /// When systemd-resolved runs (`resolvectl` exists and `resolvectl status` succeeds), sends the
 /// names under `~suffix` to `servers` through `interface` (`resolvectl dns`, `resolvectl domain`)
 /// and keeps other names off that interface (`resolvectl default-route … false`); returns true.
+/// With `everything` (DNS through the exit), every name goes there (`~.`, default route).
 /// Otherwise, or when resolved refuses, returns false.
-pub fn register_with_resolved(interface: &str, servers: &[IpAddr], suffix: &str) -> bool {
-    register_with(&["resolvectl"], interface, servers, suffix)
+pub fn register_with_resolved(
+    interface: &str,
+    servers: &[IpAddr],
+    suffix: &str,
+    everything: bool,
+) -> bool {
+    register_with(&["resolvectl"], interface, servers, suffix, everything)
 }
 
 /// Undoes [`register_with_resolved`] (`resolvectl revert IFACE`).
@@ -402,7 +586,13 @@ pub fn unregister_from_resolved(interface: &str) {
 
 /// [`register_with_resolved`] with `resolvectl` being the command `program` (its first element
 /// is the executable, the rest come before the subcommand).
-fn register_with(program: &[&str], interface: &str, servers: &[IpAddr], suffix: &str) -> bool {
+fn register_with(
+    program: &[&str],
+    interface: &str,
+    servers: &[IpAddr],
+    suffix: &str,
+    everything: bool,
+) -> bool {
     if let Err(e) = run(program, &["status"], RESOLVECTL_TIMEOUT) {
         tracing::debug!(
             "systemd-resolved is not in use ({e}); names under .{suffix} are served on the overlay addresses only"
@@ -413,26 +603,39 @@ fn register_with(program: &[&str], interface: &str, servers: &[IpAddr], suffix: 
     let mut dns = vec!["dns", interface];
     dns.extend(servers.iter().map(String::as_str));
     let domain = format!("~{}", normalise(suffix));
-    for args in [dns, vec!["domain", interface, &domain]] {
+    let mut domains = vec!["domain", interface, &domain];
+    if everything {
+        domains.push("~.");
+    }
+    for args in [dns, domains] {
         if let Err(e) = run(program, &args, RESOLVECTL_TIMEOUT) {
             tracing::warn!("cannot register the DNS responder with systemd-resolved: {e}");
             return false;
         }
     }
     // Only systemd 240 and later know this; without it the interface gets other names too.
+    let default_route = if everything { "true" } else { "false" };
     if let Err(e) = run(
         program,
-        &["default-route", interface, "false"],
+        &["default-route", interface, default_route],
         RESOLVECTL_TIMEOUT,
     ) {
         tracing::debug!("{e}");
     }
-    tracing::info!(
-        interface,
-        servers = %servers.join(" "),
-        "systemd-resolved sends names under .{} to the DNS responder",
-        normalise(suffix)
-    );
+    if everything {
+        tracing::info!(
+            interface,
+            servers = %servers.join(" "),
+            "systemd-resolved sends every name to the DNS responder, which asks the exit"
+        );
+    } else {
+        tracing::info!(
+            interface,
+            servers = %servers.join(" "),
+            "systemd-resolved sends names under .{} to the DNS responder",
+            normalise(suffix)
+        );
+    }
     true
 }
 
@@ -759,6 +962,7 @@ mod tests {
         addr: SocketAddr,
         client: UdpSocket,
         names: watch::Sender<NameTable>,
+        forwarding: watch::Sender<Forwarding>,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -768,12 +972,14 @@ mod tests {
             assert_eq!(sockets.len(), 1);
             let addr = sockets[0].local_addr().unwrap();
             let (names, rx) = watch::channel(t);
-            let task = tokio::spawn(serve(sockets, rx));
+            let (forwarding, forwarded) = watch::channel(Forwarding::default());
+            let task = tokio::spawn(serve(sockets, rx, forwarded));
             let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
             Server {
                 addr,
                 client,
                 names,
+                forwarding,
                 task,
             }
         }
@@ -797,6 +1003,102 @@ mod tests {
                     .unwrap();
             Message::from_vec(&buf[..len]).unwrap()
         }
+    }
+
+    /// A resolver upstream that answers every A query with `answer`.
+    async fn upstream(answer: Ipv4Addr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+                let q = Message::from_vec(&buf[..len]).unwrap();
+                let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+                r.metadata = Metadata::response_from_request(&q.metadata);
+                r.metadata.recursion_available = true;
+                r.add_queries(q.queries.iter().cloned());
+                let name = q.queries[0].name().clone();
+                r.add_answer(Record::from_rdata(name, 60, RData::A(A(answer))));
+                socket.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn names_outside_the_suffix_go_through_the_exit_for_own_queries_only() {
+        let server = Server::start(table()).await;
+        let far = Ipv4Addr::new(198, 51, 100, 7);
+        let (exit, resolver) = upstream(far).await;
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        // The client is this device: its query for a name outside the suffix goes to the exit,
+        // and the answer comes back as the exit gave it.
+        server.forwarding.send_replace(Forwarding {
+            own: vec![localhost],
+            exit: Some(exit),
+            carried: Vec::new(),
+        });
+        let r = server.ask("www.example.com.", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(addrs(&r), [IpAddr::V4(far)]);
+        assert!(r.metadata.recursion_available);
+        // Names under the suffix are still answered here.
+        let r = server
+            .ask("laptop.bob.example.org.ipop.", RecordType::A)
+            .await;
+        assert_eq!(addrs(&r), [BOB4]);
+        assert!(r.metadata.authoritative);
+        // A device that is neither this one nor carried by it is refused.
+        server.forwarding.send_replace(Forwarding {
+            own: vec![IpAddr::V4(Ipv4Addr::new(10, 78, 0, 1))],
+            exit: Some(exit),
+            carried: vec!["10.78.0.0/16".parse().unwrap()],
+        });
+        let r = server.ask("www.example.com.", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        // No exit: refused, as without forwarding.
+        server.forwarding.send_replace(Forwarding {
+            own: vec![localhost],
+            exit: None,
+            carried: Vec::new(),
+        });
+        let r = server.ask("www.example.com.", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+        // An exit that does not answer: SERVFAIL, counted.
+        resolver.abort();
+        let _ = resolver.await;
+        let failed = forward_failed();
+        server.forwarding.send_replace(Forwarding {
+            own: vec![localhost],
+            exit: Some(exit),
+            carried: Vec::new(),
+        });
+        let r = server.ask("www.example.com.", RecordType::A).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        assert!(forward_failed() > failed);
+    }
+
+    #[test]
+    fn only_own_queries_go_to_the_exit_and_only_carried_ones_to_the_host() {
+        let exit: SocketAddr = "10.78.0.9:53".parse().unwrap();
+        let f = Forwarding {
+            own: vec![BOB4],
+            exit: Some(exit),
+            carried: vec!["10.77.0.0/16".parse().unwrap()],
+        };
+        assert_eq!(f.upstream(BOB4), Some(Upstream::Exit(exit)));
+        assert_eq!(
+            f.upstream("10.77.3.4".parse().unwrap()),
+            Some(Upstream::Host)
+        );
+        assert_eq!(f.upstream("10.78.0.9".parse().unwrap()), None);
+        // A device carried by this one never reaches this device's own exit, nor the other way.
+        let f = Forwarding {
+            own: vec![BOB4],
+            exit: None,
+            carried: vec!["10.78.0.0/16".parse().unwrap()],
+        };
+        assert_eq!(f.upstream(BOB4), None);
     }
 
     #[tokio::test]
@@ -940,7 +1242,8 @@ mod tests {
             &["/nonexistent/resolvectl"],
             "ipop0",
             &[BOB4],
-            "ipop"
+            "ipop",
+            false
         ));
         if Command::new("resolvectl")
             .arg("status")
@@ -949,7 +1252,7 @@ mod tests {
             .status()
             .is_err()
         {
-            assert!(!register_with_resolved("ipop0", &[BOB4], "ipop"));
+            assert!(!register_with_resolved("ipop0", &[BOB4], "ipop", false));
             unregister_from_resolved("ipop0");
         }
     }
@@ -960,20 +1263,24 @@ mod tests {
         let log = std::env::temp_dir().join(format!("ipop-dns-resolvectl-{}", std::process::id()));
         let script = format!("printf '%s\\n' \"$*\" >> '{}'", log.display());
         let fake = ["sh", "-c", &script, "resolvectl"];
-        assert!(register_with(&fake, "ipop0", &[BOB4, BOB6], "IPOP"));
+        assert!(register_with(&fake, "ipop0", &[BOB4, BOB6], "IPOP", false));
         unregister_with(&fake, "ipop0");
+        // DNS through the exit: every name.
+        assert!(register_with(&fake, "ipop0", &[BOB4], "ipop", true));
         let written = std::fs::read_to_string(&log).unwrap();
         std::fs::remove_file(&log).unwrap();
         assert_eq!(
             written,
-            "status\ndns ipop0 10.78.0.2 fd00::2\ndomain ipop0 ~ipop\ndefault-route ipop0 false\nrevert ipop0\n"
+            "status\ndns ipop0 10.78.0.2 fd00::2\ndomain ipop0 ~ipop\ndefault-route ipop0 false\nrevert ipop0\n\
+             status\ndns ipop0 10.78.0.2\ndomain ipop0 ~ipop ~.\ndefault-route ipop0 true\n"
         );
         // resolved present but refusing: not registered.
         assert!(!register_with(
             &["sh", "-c", "[ \"$1\" = status ]", "resolvectl"],
             "ipop0",
             &[BOB4],
-            "ipop"
+            "ipop",
+            false
         ));
     }
 

@@ -276,15 +276,28 @@ fn up(path: &Path) -> anyhow::Result<()> {
     }
     let mut addresses = config.interface.addresses.clone();
     let mut ula = Vec::new();
+    // The networks of the overlays this device is an exit for.
+    let mut carried = Vec::new();
+    let exit_for: Vec<ipop_core::osn::OverlayId> = config
+        .overlays()
+        .into_iter()
+        .filter(|o| o.advertise.iter().any(|r| r.prefix_len() == 0))
+        .map(|o| o.id)
+        .collect();
     for own in engine.own_addresses() {
         tracing::info!(overlay = %own.overlay, v4 = %own.v4, v6 = %own.v6, "overlay addresses");
         addresses.push(IpNet::V4(own.v4));
         ula.push(own.v6);
+        if exit_for.contains(&own.overlay) {
+            carried.extend([IpNet::V4(own.v4.trunc()), IpNet::V6(own.v6.trunc())]);
+        }
     }
     let routes = device::extra_routes(&addresses, config.peers.iter().flat_map(|p| &p.addresses));
     let dns = config.dns.enabled.then(|| overlays::DnsSettings {
         suffix: config.dns.suffix.clone(),
         port: config.dns.port,
+        carried,
+        through_exit: config.device.exit_dns,
     });
     engine.set_exit(config.device.exit.clone());
     let mut keeper = overlays::Keeper::new(state, &engine, &config.interface.name, dns);

@@ -5,13 +5,13 @@
 //! thread of its own, never on the packet loop.
 
 use crate::config::ExitFallback;
-use crate::dns::{self, NameTable};
+use crate::dns::{self, Forwarding, NameTable};
 use crate::state::State;
 use ipnet::IpNet;
 use ipop_core::osn::{Claim, DeviceId, OverlayId};
-use ipop_core::{Engine, EngineEvent, ExitChoice, RouteState};
+use ipop_core::{Engine, EngineEvent, ExitChoice, ExitStatus, RouteState};
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle as ThreadHandle;
@@ -26,6 +26,11 @@ pub type Announcer = mpsc::UnboundedSender<(OverlayId, Option<Claim>)>;
 pub struct DnsSettings {
     pub suffix: String,
     pub port: u16,
+    /// The networks of the overlays this device is an exit for: their devices' queries are
+    /// forwarded to this host's resolvers.
+    pub carried: Vec<IpNet>,
+    /// Whether this device's own queries go through the exit in use, when it answers DNS.
+    pub through_exit: bool,
 }
 
 pub struct Keeper {
@@ -51,8 +56,15 @@ pub struct Keeper {
 struct Dns {
     settings: DnsSettings,
     names: watch::Sender<NameTable>,
+    forwarding: watch::Sender<Forwarding>,
     server: Option<JoinHandle<()>>,
     bound: Vec<IpAddr>,
+    /// The addresses systemd-resolved was last given, which the responder is bound to.
+    servers: Vec<IpAddr>,
+    /// The exit's responder that this device's own queries go to.
+    exit: Option<SocketAddr>,
+    /// Whether every name is sent here (DNS through the exit), or only the suffix's.
+    everything: bool,
     /// What the names were last built from: the engine's addresses version, this device and
     /// its own addresses.
     seen: Option<(u64, Option<DeviceId>, Vec<IpAddr>)>,
@@ -84,9 +96,13 @@ impl Keeper {
             exit_sent: None,
             dns: dns.map(|settings| Dns {
                 names: watch::Sender::new(NameTable::new(&settings.suffix)),
+                forwarding: watch::Sender::new(Forwarding::default()),
                 settings,
                 server: None,
                 bound: Vec::new(),
+                servers: Vec::new(),
+                exit: None,
+                everything: false,
                 seen: None,
             }),
         }
@@ -104,6 +120,11 @@ impl Keeper {
 
     pub fn exit_fallback(&self) -> ExitFallback {
         self.exit_fallback
+    }
+
+    /// The exit's DNS responder, while this device's DNS goes through it.
+    pub fn exit_dns(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().and_then(|d| d.exit)
     }
 
     /// Where the XMPP server's address is read, to keep it off the tunnel.
@@ -131,6 +152,53 @@ impl Keeper {
                 servers: wanted.1.clone(),
             });
             self.exit_sent = Some(wanted);
+        }
+        self.follow_exit_dns(engine, &exit, on);
+    }
+
+    /// While internet traffic goes to an exit (`on`) that answers DNS, and `exit_dns` allows,
+    /// every name goes to the responder (systemd-resolved is told), and the responder sends
+    /// what is not under the suffix to the exit's, while the exit is up. Otherwise the
+    /// responder answers for the suffix only.
+    fn follow_exit_dns(&mut self, engine: &Engine, exit: &ExitStatus, on: bool) {
+        let Some(dns) = self.dns.as_mut() else {
+            return;
+        };
+        let everything = dns.settings.through_exit && on && exit.dns.is_some();
+        let to = exit
+            .dns
+            .zip(exit.in_use.as_ref())
+            .filter(|_| everything && exit.up)
+            .and_then(|(port, device)| {
+                let hosts = || {
+                    engine
+                        .link_addresses(device)
+                        .iter()
+                        .filter(|n| n.prefix_len() == n.max_prefix_len())
+                        .map(IpNet::addr)
+                };
+                let addr = hosts().find(IpAddr::is_ipv4).or_else(|| hosts().next())?;
+                Some(SocketAddr::new(addr, port))
+            });
+        if to != dns.exit {
+            match to {
+                Some(to) => tracing::info!(%to, "DNS goes through the exit"),
+                None => tracing::info!("DNS no longer goes through an exit"),
+            }
+            dns.exit = to;
+            publish_forwarding(dns);
+        }
+        if everything != dns.everything {
+            dns.everything = everything;
+            if !dns.servers.is_empty() {
+                let job = Job::Register {
+                    interface: self.interface.clone(),
+                    servers: dns.servers.clone(),
+                    suffix: dns.settings.suffix.clone(),
+                    everything,
+                };
+                self.send(job);
+            }
         }
     }
 
@@ -236,16 +304,20 @@ impl Keeper {
                 .filter(|a| on_interface.contains(a))
                 .collect();
             let (port, names, bind) = (dns.settings.port, dns.names.subscribe(), addrs.clone());
+            let forwarding = dns.forwarding.subscribe();
             dns.server = Some(tokio::spawn(async move {
                 let sockets = dns::bind(&bind, port).await;
-                dns::serve(sockets, names).await;
+                dns::serve(sockets, names, forwarding).await;
             }));
             dns.bound = own;
+            publish_forwarding(dns);
             if !addrs.is_empty() {
+                dns.servers.clone_from(&addrs);
                 let job = Job::Register {
                     interface: self.interface.clone(),
                     servers: addrs,
                     suffix: dns.settings.suffix.clone(),
+                    everything: dns.everything,
                 };
                 self.send(job);
             }
@@ -281,11 +353,13 @@ impl Keeper {
 enum Job {
     /// Writes what the engine remembers to the state file (with fsync).
     Save(ipop_core::Memory),
-    /// Gives systemd-resolved this interface's DNS servers and routing domain.
+    /// Gives systemd-resolved this interface's DNS servers and routing domain, or every name
+    /// (`everything`).
     Register {
         interface: String,
         servers: Vec<IpAddr>,
         suffix: String,
+        everything: bool,
     },
     /// Routes exactly these prefixes into the interface, each from its source address.
     Routes {
@@ -294,6 +368,20 @@ enum Job {
     },
     /// Internet traffic through the exit (`on`), the servers kept off it, or not.
     Exit { on: bool, servers: Vec<IpAddr> },
+}
+
+/// Tells the responder where its refusals go now.
+fn publish_forwarding(dns: &Dns) {
+    let wanted = Forwarding {
+        own: dns.bound.clone(),
+        exit: dns.exit,
+        carried: dns.settings.carried.clone(),
+    };
+    dns.forwarding.send_if_modified(|f| {
+        let changed = *f != wanted;
+        *f = wanted;
+        changed
+    });
 }
 
 /// The worker thread: runs the jobs in order until the keeper goes.
@@ -315,8 +403,9 @@ fn work(
                 interface,
                 servers,
                 suffix,
+                everything,
             } => {
-                let done = dns::register_with_resolved(&interface, &servers, &suffix);
+                let done = dns::register_with_resolved(&interface, &servers, &suffix, everything);
                 registered.store(done, Ordering::Relaxed);
             }
             Job::Routes { ifindex, wanted } => set_routes(ifindex, &mut routed, wanted),

@@ -65,10 +65,18 @@ pub struct Exit {
     pub state: String,
     /// The devices that offer to be an exit.
     pub offered: Vec<String>,
+    /// The exit's DNS responder (`IP:PORT`) while this device's DNS goes through it.
+    #[serde(default)]
+    pub dns: Option<String>,
 }
 
-/// The exit as status shows it: none when no exit is chosen or offered.
-pub fn exit(engine: &Engine, fallback: crate::config::ExitFallback) -> Option<Exit> {
+/// The exit as status shows it: none when no exit is chosen or offered. `dns` is the exit's
+/// responder while DNS goes through it.
+pub fn exit(
+    engine: &Engine,
+    fallback: crate::config::ExitFallback,
+    dns: Option<std::net::SocketAddr>,
+) -> Option<Exit> {
     let e = engine.exit_status();
     let choice = match &e.choice {
         ipop_core::ExitChoice::Off => "none".to_owned(),
@@ -89,6 +97,7 @@ pub fn exit(engine: &Engine, fallback: crate::config::ExitFallback) -> Option<Ex
         in_use: e.in_use.map(|d| d.to_string()),
         state: state.to_owned(),
         offered: e.offered.iter().map(ToString::to_string).collect(),
+        dns: dns.map(|d| d.to_string()),
     })
 }
 
@@ -719,6 +728,12 @@ pub fn render(s: &Status) -> String {
             _ => format!("offered by {}", e.offered.join(", ")),
         };
         let _ = writeln!(out, "exit {through} ({})  {what}", e.choice);
+        if let Some(dns) = &e.dns {
+            let _ = writeln!(
+                out,
+                "exit dns  names outside the overlays are asked at {dns}"
+            );
+        }
     }
     for (overlay, prefixes) in &s.advertised_routes {
         let _ = writeln!(out, "routing {} for {overlay}", prefixes.join(", "));

@@ -63,6 +63,12 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
             .unwrap_or_default()
     };
     cfg.social_routes = advertised(&OverlayId::Social);
+    // An exit forwards its peers' DNS queries when its responder runs.
+    let exit = config
+        .overlays()
+        .iter()
+        .any(|o| o.advertise.iter().any(|r| r.prefix_len() == 0));
+    cfg.exit_dns = (exit && config.dns.enabled).then_some(config.dns.port);
     cfg.groups = config
         .groups
         .iter()

@@ -4,14 +4,16 @@
 //!
 //! Run as root: they create network namespaces, NAT rules and TUN devices.
 
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
 use ipop_lab::{
-    Coturn, Daemon, ExternalService, MiniUpnpd, Nat, NatLab, Netns, NetnsHosts, Prosody,
-    SERVER_ALT_IP, Site, TestCa, TestDir, UdpDelay, XmppUser, generate_key, status_json,
-    wait_until,
+    Coturn, Daemon, Dnsmasq, ExternalService, MiniUpnpd, Nat, NatLab, Netns, NetnsHosts,
+    NetnsResolver, Prosody, SERVER_ALT_IP, Site, TestCa, TestDir, UdpDelay, XmppUser, generate_key,
+    status_json, wait_until,
 };
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -1319,6 +1321,38 @@ fn seen_from_internet(w: &World, i: usize) -> Result<IpAddr, String> {
     }
 }
 
+/// Asks the DNS server at `server` (port 53) for the A records of `name` from device `i`'s
+/// namespace, as `dig @server name` would: the response code and the addresses.
+fn ask_dns(w: &World, i: usize, server: IpAddr, name: &str) -> (ResponseCode, Vec<IpAddr>) {
+    let mut query = Message::query();
+    query.metadata.id = 0x5a17;
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        Name::from_ascii(name).expect("a name"),
+        RecordType::A,
+    ));
+    let bytes = query.to_vec().expect("a query");
+    let answer = w.ns(i).run_in(move || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        socket.send_to(&bytes, (server, 53))?;
+        let mut buf = [0u8; 2048];
+        let len = socket.recv(&mut buf)?;
+        Ok::<_, std::io::Error>(buf[..len].to_vec())
+    });
+    let answer = answer.unwrap_or_else(|e| panic!("no DNS answer from {server}: {e}"));
+    let response = Message::from_vec(&answer).expect("a DNS response");
+    let addrs = response
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .collect();
+    (response.metadata.response_code, addrs)
+}
+
 /// Runs `ipop exit CHOICE` on device `i`.
 fn set_exit(w: &World, i: usize, choice: &str) {
     let out = w
@@ -1338,8 +1372,10 @@ fn set_exit(w: &World, i: usize, choice: &str) {
 /// An exit node: device 1 offers its friends to send their internet traffic through it. Before
 /// device 0 takes it, a host on the fake internet sees device 0's connections come from its own
 /// router; once it does (`ipop exit`), from device 1's public address. XMPP stays up
-/// meanwhile: its connection never goes through the tunnel. Device 3, not device 1's friend,
-/// gets no exit.
+/// meanwhile: its connection never goes through the tunnel. DNS goes through the exit too:
+/// device 0's responder forwards a name outside the overlays to device 1's, which asks its
+/// host's resolver on the fake internet, and that resolver sees the query come from the
+/// exit's public address.
 #[test]
 fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
     let mut w = World::new(
@@ -1350,6 +1386,15 @@ fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
         ],
     );
     let stun = format!("[nat]\nstun = [\"{}\"]\n", w.coturn.addr());
+    // The exit's host resolves names with a DNS server on the fake internet.
+    let far = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 80));
+    let resolver = Dnsmasq::start(
+        &w.lab.server.ns,
+        IpAddr::V4(SERVER_ALT_IP),
+        &[("www.internet.test", far)],
+        &[],
+    );
+    let _resolv_conf = NetnsResolver::new(w.ns(1), resolver.addr());
     w.write_config_with(1, &format!("exit = true\n\n{stun}"));
     w.write_config_with(0, &stun);
     w.start(1);
@@ -1358,6 +1403,12 @@ fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
     let own = IpAddr::V4(w.lab.devices[0].public_ip);
     let exit = IpAddr::V4(w.lab.devices[1].public_ip);
     assert_eq!(seen_from_internet(&w, 0), Ok(own));
+    // Without an exit, device 0's responder answers for the overlays only.
+    let responder: IpAddr = w.devices[0].address.parse().expect("an address");
+    assert_eq!(
+        ask_dns(&w, 0, responder, "www.internet.test."),
+        (ResponseCode::Refused, vec![])
+    );
     let reconnects = |w: &World| w.status(0).expect("status")["xmpp"]["reconnects"].clone();
     let before = reconnects(&w);
 
@@ -1381,6 +1432,36 @@ fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
         })
     });
     assert_eq!(seen, exit);
+    // DNS through the exit: answered by the exit's resolver, which saw the exit ask.
+    let answer = wait_until(
+        Duration::from_secs(10),
+        "DNS through the exit",
+        || match ask_dns(&w, 0, responder, "www.internet.test.") {
+            (ResponseCode::NoError, addrs) if !addrs.is_empty() => Ok(addrs),
+            other => Err(format!("{other:?}; status {}", w.status(0)?["exit"])),
+        },
+    );
+    assert_eq!(answer, [far]);
+    let log = resolver.log();
+    assert!(
+        log.contains(&format!("query[A] www.internet.test from {exit}")),
+        "the resolver saw the query come from elsewhere than the exit {exit}:\n{log}"
+    );
+    // At the address device 0 knows the exit by (in the social overlay, its own numbering).
+    let peer = peer_entry(&w, 0, 1);
+    let exit_at = peer["addresses"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .find(|a| !a.contains(':'))
+        })
+        .map(|a| a.trim_end_matches("/32").to_owned())
+        .unwrap_or_else(|| panic!("no IPv4 address for the exit in {peer}"));
+    assert_eq!(
+        w.status(0).expect("status")["exit"]["dns"],
+        format!("{exit_at}:53").as_str()
+    );
     // The overlay, XMPP and the link keep working with the exit on.
     w.tcp(0, 1);
     std::thread::sleep(Duration::from_secs(3));
@@ -1410,6 +1491,16 @@ fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
         },
     );
     assert_eq!(seen, own);
+    // And DNS is the overlays' only again.
+    wait_until(
+        Duration::from_secs(5),
+        "DNS no longer through the exit",
+        || match ask_dns(&w, 0, responder, "www.internet.test.") {
+            (ResponseCode::Refused, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(w.status(0).expect("status")["exit"]["dns"], Value::Null);
 }
 
 /// Two exits, and two devices that use whichever is fastest (`auto`): device 0 blocks its
