@@ -410,8 +410,32 @@ impl XmppUser {
         other.send(Presence::subscribe().with_to(me.clone()).into());
         self.wait_subscription_request(&them);
         self.send(Presence::subscribed().with_to(them.clone()).into());
-        self.wait_subscription(&them, |s| s == Some(Subscription::Both), "both");
-        other.wait_subscription(&me, |s| s == Some(Subscription::Both), "both");
+        self.settle_both(&them);
+        other.settle_both(&me);
+    }
+
+    /// Waits until `contact` shows `both` on the roster, asking for its presence again once
+    /// halfway through. Each side's `to` comes from the other's approval, which an ejabberd
+    /// cluster can drop: a node that handles the approval before the request it answers has
+    /// reached its copy of the roster ignores it, as RFC 6121 says of an approval nobody asked
+    /// for. Asked again, the contact's server approves at once, as it must for a contact that
+    /// already approved.
+    fn settle_both(&mut self, contact: &BareJid) {
+        let both = |s: Option<Subscription>| s == Some(Subscription::Both);
+        let deadline = Instant::now() + self.step_timeout / 2;
+        while Instant::now() < deadline {
+            if both(self.subscription(contact)) {
+                return;
+            }
+            std::thread::sleep(ROSTER_POLL);
+        }
+        eprintln!(
+            "{}: {contact} is not `both` on the roster after {:?}; asking again",
+            self.jid,
+            self.step_timeout / 2
+        );
+        self.send(Presence::subscribe().with_to(contact.clone()).into());
+        self.wait_subscription(contact, both, "both");
     }
 
     /// Removes `other` from `self`'s contacts, as "remove contact" in a chat client does (a
