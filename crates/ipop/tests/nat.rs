@@ -1526,7 +1526,8 @@ fn a_failed_exit_is_replaced_and_without_one_traffic_blocks_or_goes_direct() {
         w.write_config_with(i, &format!("exit = true\n\n{stun}"));
     }
     w.devices[0].device_keys = "exit = \"auto\"\n".to_owned();
-    w.devices[3].device_keys = "exit = \"auto\"\nexit_fallback = \"direct\"\n".to_owned();
+    w.devices[3].device_keys =
+        "exit = \"auto\"\nexit_fallback = \"direct\"\nexit_dns = false\n".to_owned();
     for i in [0, 3] {
         w.write_config_with(i, &stun);
     }
@@ -1559,6 +1560,17 @@ fn a_failed_exit_is_replaced_and_without_one_traffic_blocks_or_goes_direct() {
         },
     );
     let other = 3 - first;
+    // Device 0's names go through its exit (the default); device 3 keeps its own
+    // (`exit_dns = false`): its responder refuses a name outside the overlays, as it would
+    // without an exit.
+    let dns_of = |i: usize| w.status(i).expect("status")["exit"]["dns"].clone();
+    assert!(dns_of(0).is_string(), "{}", dns_of(0));
+    assert_eq!(dns_of(3), Value::Null);
+    let responder: IpAddr = w.devices[3].address.parse().expect("an address");
+    assert_eq!(
+        ask_dns(&w, 3, responder, "www.internet.test.").0,
+        ResponseCode::Refused
+    );
 
     // The exit in use dies, during pings to the internet at 5/s: the other one carries them
     // within 5 s.
