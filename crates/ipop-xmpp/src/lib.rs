@@ -921,6 +921,16 @@ impl Session {
         self.shared.snapshot()
     }
 
+    /// The address of the XMPP server the session is connected to, if it is: what
+    /// [`Session::status`] says, without copying the rest.
+    pub fn server_ip(&self) -> Option<std::net::IpAddr> {
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .server_ip
+    }
+
     /// Ends the session: unavailable presence to the rooms and the account, then the stream is
     /// closed.
     pub async fn shutdown(self) {

@@ -184,7 +184,7 @@ impl Binding {
     /// Reads the XMPP server's address on the current connection.
     pub fn server_ip(&self) -> Box<dyn Fn() -> Option<std::net::IpAddr> + Send> {
         let session = self.session.clone();
-        Box::new(move || session.status().server_ip)
+        Box::new(move || session.server_ip())
     }
 
     pub fn announcer(&self) -> Announcer {
