@@ -31,6 +31,13 @@ pub struct OverlayConfig {
     pub accept_routes: bool,
 }
 
+impl OverlayConfig {
+    /// Whether this device offers to be the overlay's exit: it routes a default route.
+    pub fn is_exit(&self) -> bool {
+        self.advertise.iter().any(|r| r.prefix_len() == 0)
+    }
+}
+
 /// What the engine keeps across restarts; the daemon stores it in its state directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Memory {

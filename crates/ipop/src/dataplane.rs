@@ -216,22 +216,24 @@ struct SchedClock {
     last: SchedStat,
     /// Wake-ups since `last` was read: each follows at most one switch-in, from waiting.
     wakes: u64,
-    /// The kernel's figures behind the last [`SchedClock::stall`], for the log.
-    judged: Judged,
+    /// What the last [`SchedClock::stall`] judged from, for the log: the kernel's figures
+    /// between its two readings, and the wake-ups in between.
+    judged: (SchedStat, u64),
 }
 
-/// What one [`SchedClock::stall`] judged from: the thread's CPU time, its run-queue wait, its
-/// switch-ins and the loop's wake-ups between two readings.
-#[derive(Debug, Clone, Copy, Default)]
-struct Judged {
-    cpu: Duration,
-    queued: Duration,
-    switched_in: u64,
-    wakes: u64,
-    user: Duration,
-    system: Duration,
-    slept: u64,
-    major_faults: u64,
+impl SchedStat {
+    /// What the thread did from `before` to `self`.
+    fn since(self, before: SchedStat) -> SchedStat {
+        SchedStat {
+            on_cpu: self.on_cpu.saturating_sub(before.on_cpu),
+            run_queue: self.run_queue.saturating_sub(before.run_queue),
+            switched_in: self.switched_in.saturating_sub(before.switched_in),
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+            slept: self.slept.saturating_sub(before.slept),
+            major_faults: self.major_faults.saturating_sub(before.major_faults),
+        }
+    }
 }
 
 impl SchedClock {
@@ -244,7 +246,7 @@ impl SchedClock {
             at: Instant::now(),
             last: SchedStat::default(),
             wakes: 0,
-            judged: Judged::default(),
+            judged: (SchedStat::default(), 0),
         };
         c.last = c.read().unwrap_or_default();
         c
@@ -288,20 +290,11 @@ impl SchedClock {
     /// The part of `elapsed` (from the last wake-up to `now`) that was the loop's own doing.
     fn stall(&mut self, now: Instant, elapsed: Duration) -> Duration {
         let Some(stat) = self.read() else {
-            self.judged = Judged::default();
+            self.judged = (SchedStat::default(), 0);
             return elapsed;
         };
         let stall = loop_share(elapsed, self.last, stat, self.wakes);
-        self.judged = Judged {
-            cpu: stat.on_cpu.saturating_sub(self.last.on_cpu),
-            queued: stat.run_queue.saturating_sub(self.last.run_queue),
-            switched_in: stat.switched_in.saturating_sub(self.last.switched_in),
-            wakes: self.wakes,
-            user: stat.user.saturating_sub(self.last.user),
-            system: stat.system.saturating_sub(self.last.system),
-            slept: stat.slept.saturating_sub(self.last.slept),
-            major_faults: stat.major_faults.saturating_sub(self.last.major_faults),
-        };
+        self.judged = (stat.since(self.last), self.wakes);
         (self.at, self.last, self.wakes) = (now, stat, 0);
         stall
     }
@@ -514,6 +507,7 @@ impl Dataplane {
                     // Where the wall time went: what woke the loop, the timers it then ran,
                     // and the sending that followed.
                     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                    let (judged, wakes) = sched.judged;
                     tracing::info!(
                         what,
                         ms = ms(stall),
@@ -521,14 +515,14 @@ impl Dataplane {
                         woken_ms = ms(top.saturating_duration_since(w)),
                         timers_ms = ms(timers_done.saturating_duration_since(top)),
                         sending_ms = ms(now.saturating_duration_since(timers_done)),
-                        cpu_ms = ms(sched.judged.cpu),
-                        queued_ms = ms(sched.judged.queued),
-                        switched_in = sched.judged.switched_in,
-                        wakes = sched.judged.wakes,
-                        user_ms = ms(sched.judged.user),
-                        system_ms = ms(sched.judged.system),
-                        slept = sched.judged.slept,
-                        major_faults = sched.judged.major_faults,
+                        cpu_ms = ms(judged.on_cpu),
+                        queued_ms = ms(judged.run_queue),
+                        switched_in = judged.switched_in,
+                        wakes,
+                        user_ms = ms(judged.user),
+                        system_ms = ms(judged.system),
+                        slept = judged.slept,
+                        major_faults = judged.major_faults,
                         "the packet loop went long without waiting"
                     );
                 }

@@ -1033,11 +1033,12 @@ mod tests {
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         // The client is this device: its query for a name outside the suffix goes to the exit,
         // and the answer comes back as the exit gave it.
-        server.forwarding.send_replace(Forwarding {
+        let through_exit = Forwarding {
             own: vec![localhost],
             exit: Some(exit),
             carried: Vec::new(),
-        });
+        };
+        server.forwarding.send_replace(through_exit.clone());
         let r = server.ask("www.example.com.", RecordType::A).await;
         assert_eq!(r.metadata.response_code, ResponseCode::NoError);
         assert_eq!(addrs(&r), [IpAddr::V4(far)]);
@@ -1068,11 +1069,7 @@ mod tests {
         resolver.abort();
         let _ = resolver.await;
         let failed = forward_failed();
-        server.forwarding.send_replace(Forwarding {
-            own: vec![localhost],
-            exit: Some(exit),
-            carried: Vec::new(),
-        });
+        server.forwarding.send_replace(through_exit);
         let r = server.ask("www.example.com.", RecordType::A).await;
         assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
         assert!(forward_failed() > failed);

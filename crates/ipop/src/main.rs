@@ -281,7 +281,7 @@ fn up(path: &Path) -> anyhow::Result<()> {
     let exit_for: Vec<ipop_core::osn::OverlayId> = config
         .overlays()
         .into_iter()
-        .filter(|o| o.advertise.iter().any(|r| r.prefix_len() == 0))
+        .filter(ipop_core::OverlayConfig::is_exit)
         .map(|o| o.id)
         .collect();
     for own in engine.own_addresses() {

@@ -67,7 +67,7 @@ pub(crate) fn settings(config: &Config, key: PublicKey) -> anyhow::Result<Option
     let exit = config
         .overlays()
         .iter()
-        .any(|o| o.advertise.iter().any(|r| r.prefix_len() == 0));
+        .any(ipop_core::OverlayConfig::is_exit);
     cfg.exit_dns = (exit && config.dns.enabled).then_some(config.dns.port);
     cfg.groups = config
         .groups
