@@ -11,18 +11,17 @@ use crate::control::Request;
 use crate::overlays::Keeper;
 use crate::status::{self, Status, XmppInfo};
 use crate::streams::{Chunk, Streams};
+use crate::udp::{Run, Udp};
 use anyhow::Context;
 use ipnet::IpNet;
 use ipop_core::Engine;
 use ipop_core::engine::SocketOrder;
 use ipop_core::osn::{DeviceId, OsnEvent, Outgoing};
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use quinn_udp::{RecvMeta, Transmit};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -40,8 +39,6 @@ const MIN_WIRE_ROOM: usize = 148 + ipop_core::turn::CHANNEL_DATA_HEADER;
 /// Datagrams per `recvmmsg`; each slot holds a GRO-coalesced train of up to 64 KiB.
 const UDP_SLOTS: usize = 8;
 const UDP_SLOT_SIZE: usize = 65535;
-/// The most bytes one UDP GSO send may carry: the largest UDP payload of an IPv4 datagram.
-const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
 /// Reads from one source per wake-up before the loop looks at the others.
 const MAX_READS_PER_WAKE: usize = 16;
 /// How long one wake-up may keep reading before the loop looks at its other inputs (readiness
@@ -49,60 +46,6 @@ const MAX_READS_PER_WAKE: usize = 16;
 const WAKE_BUDGET: Duration = Duration::from_millis(2);
 /// A stall of the loop this long is logged, with what woke it.
 const LONG_STALL: Duration = Duration::from_millis(10);
-
-struct Udp {
-    socket: UdpSocket,
-    state: UdpSocketState,
-}
-
-impl Udp {
-    /// A socket for the main port, with big kernel buffers.
-    fn bind(addr: SocketAddr) -> io::Result<Udp> {
-        Self::bind_with(addr, true)
-    }
-
-    fn bind_with(addr: SocketAddr, big_buffers: bool) -> io::Result<Udp> {
-        let domain = socket2::Domain::for_address(addr);
-        let socket =
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-        // The mark keeps ipop's own datagrams off the tunnel when an exit is in use.
-        socket.set_mark(crate::exit::MARK).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot mark the socket (SO_MARK needs CAP_NET_ADMIN): {e}"),
-            )
-        })?;
-        if big_buffers {
-            // Bigger kernel buffers absorb bursts while the loop is busy with the other
-            // direction.
-            let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), 4 << 20);
-            let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), 4 << 20);
-        }
-        let socket = UdpSocket::from_std(socket.into())?;
-        Ok(Udp { socket, state })
-    }
-
-    /// Sends, waiting for room in the socket buffer if it is full. Returns whether the kernel
-    /// took the datagrams.
-    async fn send(&self, t: &Transmit<'_>) -> bool {
-        let r = self
-            .socket
-            .async_io(Interest::WRITABLE, || {
-                self.state.try_send(UdpSockRef::from(&self.socket), t)
-            })
-            .await;
-        if let Err(e) = &r {
-            tracing::debug!(destination = %t.destination, "send failed: {e}");
-        }
-        r.is_ok()
-    }
-}
 
 /// The data plane's side of the social network binding: events in, signals out. The loop never
 /// waits on the binding: signals go into an unbounded queue.
@@ -796,14 +739,7 @@ impl Dataplane {
             self.io_errors.udp_send += r.count as u64;
             return;
         };
-        let transmit = Transmit {
-            destination: r.dst,
-            ecn: None,
-            contents: &self.bufs.wire[r.start..r.end],
-            segment_size: (r.count > 1).then_some(r.segment),
-            src_ip: None,
-        };
-        if !udp.send(&transmit).await {
+        if !udp.send(&r.transmit(&self.bufs.wire)).await {
             self.io_errors.udp_send += r.count as u64;
         }
     }
@@ -838,10 +774,7 @@ impl Dataplane {
                 let mut chunks = b.udp_read.chunks_mut(UDP_SLOT_SIZE);
                 let mut iovs: [IoSliceMut<'_>; UDP_SLOTS] =
                     std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                udp.socket.try_io(Interest::READABLE, || {
-                    udp.state
-                        .recv(UdpSockRef::from(&udp.socket), &mut iovs, &mut b.metas)
-                })
+                udp.try_recv(&mut iovs, &mut b.metas)
             };
             let count = match received {
                 Ok(n) => n,
@@ -996,54 +929,6 @@ fn open_extra_sockets(count: usize) -> Vec<(u16, Udp)> {
         }
     }
     sockets
-}
-
-/// A run of datagrams to one destination, back to back in `wire`, all `segment` bytes long but
-/// the last, which may be shorter: the shape that one UDP GSO send takes.
-struct Run {
-    dst: SocketAddr,
-    /// The extra socket it leaves from, if not the main one.
-    source: Option<u16>,
-    start: usize,
-    end: usize,
-    segment: usize,
-    count: usize,
-    closed: bool,
-}
-
-impl Run {
-    fn new(dst: SocketAddr, source: Option<u16>, start: usize, len: usize) -> Self {
-        Run {
-            dst,
-            source,
-            start,
-            end: start + len,
-            segment: len,
-            count: 1,
-            closed: false,
-        }
-    }
-
-    fn extends(
-        &self,
-        dst: SocketAddr,
-        source: Option<u16>,
-        len: usize,
-        max_segments: usize,
-    ) -> bool {
-        dst == self.dst
-            && source == self.source
-            && !self.closed
-            && len <= self.segment
-            && self.count < max_segments
-            && self.end - self.start + len <= GSO_MAX_BYTES
-    }
-
-    fn push(&mut self, len: usize) {
-        self.end += len;
-        self.count += 1;
-        self.closed = len < self.segment;
-    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod ping;
 mod relay;
 mod state;
 mod streams;
+mod udp;
 mod xmpp;
 
 use anyhow::{Context, bail};

@@ -2,21 +2,32 @@
 //! sockets around the core's [`RelayServer`]. Registrations come to the control port; every
 //! pair gets a UDP port of its own, whose datagrams a task of its own forwards. The relay runs
 //! beside the packet loop and never touches the tunnel.
+//!
+//! A pair's task forwards in batches, as the data plane sends: one `recvmmsg` takes up to
+//! [`PAIR_SLOTS`] trains of datagrams that the kernel's GRO merged, the relay's verdicts for all
+//! of them are taken under one lock, and each run of datagrams to the other side leaves, from
+//! where it was received, in one UDP GSO send. Its sockets have big kernel buffers, so a burst
+//! of a fast sender waits there instead of being dropped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ipop::status::{RelayPair, RelayStatus};
 use ipop_core::peer_relay::{PairVerdict, RelayLimits, RelayServer, TOKEN_LEN};
-use tokio::net::UdpSocket;
+use quinn_udp::{RecvMeta, Transmit};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+
+use crate::udp::{Run, Udp};
 
 /// How often pairs nobody registers for are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(5);
-/// The largest datagram forwarded.
+/// The largest datagram, or GRO train of datagrams, received.
 const MAX_DATAGRAM: usize = 65_535;
+/// Trains of datagrams one receive on a pair's port takes.
+const PAIR_SLOTS: usize = 4;
 
 /// The running relay.
 pub struct Relay {
@@ -45,10 +56,9 @@ impl Relay {
         hosts: &[IpAddr],
         limits: RelayLimits,
     ) -> anyhow::Result<Relay> {
-        let control = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-            .await
+        let control = Udp::bind_with(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false)
             .map_err(|e| anyhow::anyhow!("[relay]: cannot bind UDP port {port}: {e}"))?;
-        let port = control.local_addr()?.port();
+        let port = control.socket.local_addr()?.port();
         let (endpoint, problem) = match endpoint(configured, hosts, port) {
             Ok(e) => (Some(e), None),
             Err(why) => {
@@ -122,7 +132,7 @@ impl Relay {
 }
 
 /// The control port's loop: registrations, new pairs' sockets, and the end of idle pairs.
-async fn serve(control: UdpSocket, server: Arc<Mutex<RelayServer>>) {
+async fn serve(control: Udp, server: Arc<Mutex<RelayServer>>) {
     // The pairs' tasks end with this one (the set aborts them when dropped).
     let mut tasks = JoinSet::new();
     let mut pairs: HashMap<u16, AbortHandle> = HashMap::new();
@@ -130,24 +140,22 @@ async fn serve(control: UdpSocket, server: Arc<Mutex<RelayServer>>) {
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     loop {
         tokio::select! {
-            got = control.recv_from(&mut buf) => {
+            got = control.socket.recv_from(&mut buf) => {
                 let Ok((n, from)) = got else { continue };
                 let mut opened = None;
                 let answer = lock(&server).handle_control(Instant::now(), from, &buf[..n], || {
-                    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
-                    let port = socket.local_addr().ok()?.port();
-                    opened = Some(socket);
+                    let udp = Udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+                        .inspect_err(|e| tracing::warn!("relay: cannot open a pair's port: {e}"))
+                        .ok()?;
+                    let port = udp.socket.local_addr().ok()?.port();
+                    opened = Some((port, udp));
                     Some(port)
                 });
-                if let Some(socket) = opened
-                    .and_then(|s| s.set_nonblocking(true).ok().map(|()| s))
-                    .and_then(|s| UdpSocket::from_std(s).ok())
-                    && let Ok(local) = socket.local_addr()
-                {
-                    pairs.insert(local.port(), tasks.spawn(forward(socket, server.clone())));
+                if let Some((port, udp)) = opened {
+                    pairs.insert(port, tasks.spawn(forward(udp, port, server.clone())));
                 }
                 if let Some(answer) = answer {
-                    let _ = control.send_to(&answer, from).await;
+                    let _ = control.socket.send_to(&answer, from).await;
                 }
             }
             _ = expire.tick() => {
@@ -164,24 +172,61 @@ async fn serve(control: UdpSocket, server: Arc<Mutex<RelayServer>>) {
 }
 
 /// One pair's port: registrations are answered, the rest goes to the other side.
-async fn forward(socket: UdpSocket, server: Arc<Mutex<RelayServer>>) {
-    let Ok(port) = socket.local_addr().map(|a| a.port()) else {
-        return;
-    };
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+async fn forward(udp: Udp, port: u16, server: Arc<Mutex<RelayServer>>) {
+    let mut buf = vec![0u8; PAIR_SLOTS * MAX_DATAGRAM];
+    let mut metas = [RecvMeta::default(); PAIR_SLOTS];
+    let mut runs: Vec<Run> = Vec::new();
+    let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
     loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+        let received = {
+            let mut chunks = buf.chunks_mut(MAX_DATAGRAM);
+            let mut slots: [IoSliceMut<'_>; PAIR_SLOTS] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+            udp.recv(&mut slots, &mut metas).await
+        };
+        let Ok(count) = received else {
             continue;
         };
-        let verdict = lock(&server).handle_pair(Instant::now(), port, from, &buf[..n]);
-        match verdict {
-            PairVerdict::Reply(answer) => {
-                let _ = socket.send_to(&answer, from).await;
+        let max_segments = udp.state.max_gso_segments();
+        {
+            let mut server = lock(&server);
+            let now = Instant::now();
+            for (slot, meta) in metas.iter().take(count).enumerate() {
+                let base = slot * MAX_DATAGRAM;
+                let mut run: Option<Run> = None;
+                for offset in (0..meta.len).step_by(meta.stride.max(1)) {
+                    let (start, end) = (base + offset, base + meta.len.min(offset + meta.stride));
+                    let Some(datagram) = buf.get(start..end) else {
+                        break;
+                    };
+                    let len = datagram.len();
+                    match server.handle_pair(now, port, meta.addr, datagram) {
+                        PairVerdict::Forward(to) => match &mut run {
+                            Some(r) if r.extends(to, None, len, max_segments) => r.push(len),
+                            _ => runs.extend(run.replace(Run::new(to, None, start, len))),
+                        },
+                        PairVerdict::Reply(answer) => {
+                            runs.extend(run.take());
+                            replies.push((answer, meta.addr));
+                        }
+                        PairVerdict::Drop(_) => runs.extend(run.take()),
+                    }
+                }
+                runs.extend(run);
             }
-            PairVerdict::Forward(to) => {
-                let _ = socket.send_to(&buf[..n], to).await;
-            }
-            PairVerdict::Drop(_) => {}
+        }
+        for run in runs.drain(..) {
+            udp.send(&run.transmit(&buf)).await;
+        }
+        for (answer, to) in replies.drain(..) {
+            udp.send(&Transmit {
+                destination: to,
+                ecn: None,
+                contents: &answer,
+                segment_size: None,
+                src_ip: None,
+            })
+            .await;
         }
     }
 }
