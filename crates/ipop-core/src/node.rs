@@ -1031,7 +1031,11 @@ impl Node {
                 None
             }
         };
-        if let Some(peer) = self.peer_mut(index) {
+        // Data decrypted for a connected peer changes nothing: a session that decrypts is
+        // younger than the lifetime. The session's clock is read only when it may have.
+        if let Some(peer) = self.peer_mut(index)
+            && !(peer.connected && delivered.is_some())
+        {
             peer.update_connected();
         }
         delivered

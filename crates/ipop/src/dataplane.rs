@@ -150,8 +150,9 @@ struct SchedStat {
 /// time during the iteration, unless the thread was switched out meanwhile for other reasons
 /// than waiting for the next wake-up (a blocking call, a page fault), in which case it is the
 /// wall time less the run-queue wait. The kernel's figures are read at most once a millisecond
-/// at wake-ups, and after a wake-up that took longer, so their cost does not grow with the
-/// packet rate; a figure is off by at most [`SchedClock::RESOLUTION`].
+/// just before the loop waits, and after a wake-up that took longer, so their cost does not
+/// grow with the packet rate and the packet that wakes the loop never waits for them; a figure
+/// is off by at most [`SchedClock::RESOLUTION`].
 struct SchedClock {
     file: Option<std::fs::File>,
     /// When `last` was read.
@@ -216,18 +217,20 @@ impl SchedClock {
         Some(stat)
     }
 
-    /// The loop wakes up: returns the time.
-    fn woke(&mut self) -> Instant {
+    /// The loop is about to wait: the figures a long next iteration is judged from.
+    fn waits(&mut self) {
         let now = Instant::now();
         if now.duration_since(self.at) >= Self::RESOLUTION
             && let Some(last) = self.read()
         {
-            // Read after this wake-up's switch-in.
             (self.at, self.last, self.wakes) = (now, last, 0);
-        } else {
-            self.wakes += 1;
         }
-        now
+    }
+
+    /// The loop wakes up: returns the time.
+    fn woke(&mut self) -> Instant {
+        self.wakes += 1;
+        Instant::now()
     }
 
     /// The part of `elapsed` (from the last wake-up to `now`) that was the loop's own doing.
@@ -471,6 +474,7 @@ impl Dataplane {
                 }
                 self.stalls.record(now, stall);
             }
+            sched.waits();
             let udp6_readable = async {
                 match &self.udp6 {
                     Some(u) => u.socket.readable().await,
