@@ -33,6 +33,11 @@
 #   BENCH_UP_TIMEOUT seconds to wait for a tunnel to come up   (default 30)
 #   BENCH_CALLGRIND_MB megabytes moved under callgrind when perf has no
 #                    instruction counter; 0 skips that pass      (default 50)
+#   BENCH_PIN        1 pins each end to its own CPU (namespace A's daemon, iperf3
+#                    client and ping to CPU 0, B's daemon and iperf3 server to
+#                    CPU 1), for every configuration alike: the two ends then
+#                    share no core, as on two machines    (default 0: the
+#                    scheduler places everything)
 #   BENCH_IDLE_PEERS N > 0 measures ipop again with N idle static peers in both
 #                    daemons (see run_idle_peers) and reports both side by side (default 0)
 
@@ -45,6 +50,13 @@ WARM_PING_COUNT=500
 CONFIGS=${BENCH_CONFIGS:-raw boringtun ipop}
 UP_TIMEOUT=${BENCH_UP_TIMEOUT:-30}
 CALLGRIND_MB=${BENCH_CALLGRIND_MB:-50}
+PIN_A=()
+PIN_B=()
+if [[ ${BENCH_PIN:-0} == 1 ]]; then
+	(($(nproc) >= 2)) || { echo "dataplane: BENCH_PIN=1 needs 2 CPUs" >&2; exit 1; }
+	PIN_A=(taskset -c 0)
+	PIN_B=(taskset -c 1)
+fi
 TUN_MTU=1420
 UNDERLAY_MTU=1500
 
@@ -195,7 +207,7 @@ start_iperf_server() {
 		return 0
 	fi
 	[[ -n "$IPERF_SRV_PID" ]] && log "iperf3 server (pid $IPERF_SRV_PID) died; restarting"
-	ip netns exec "$NS_B" iperf3 -s >"$WORKDIR/iperf3-server.log" 2>&1 &
+	ip netns exec "$NS_B" "${PIN_B[@]}" iperf3 -s >"$WORKDIR/iperf3-server.log" 2>&1 &
 	IPERF_SRV_PID=$!
 	local i
 	for ((i = 0; i < 50; i++)); do
@@ -316,7 +328,7 @@ iperf_once() {
 	local addr=$1 streams=$2 out="$WORKDIR/iperf3-client.json"
 	IPERF_MBPS=""
 	start_iperf_server
-	if ! fg_run "$out" "$WORKDIR/iperf3-client.log" timeout -k 5 $((DURATION + 30)) ip netns exec "$NS_A" \
+	if ! fg_run "$out" "$WORKDIR/iperf3-client.log" timeout -k 5 $((DURATION + 30)) ip netns exec "$NS_A" "${PIN_A[@]}" \
 		iperf3 -c "$addr" -t "$DURATION" -P "$streams" --connect-timeout 5000 -J; then
 		log "iperf3 client failed: $(jq -r '.error // empty' "$out" 2>/dev/null || true)"
 		cat "$WORKDIR/iperf3-client.log" >&2
@@ -354,7 +366,7 @@ measure() {
 	done
 	log "$cfg: ping -c $PING_COUNT -i 0.2 $addr"
 	local out
-	fg_run "$WORKDIR/ping.out" "$WORKDIR/ping.out" timeout -k 5 $((PING_COUNT + 30)) ip netns exec "$NS_A" \
+	fg_run "$WORKDIR/ping.out" "$WORKDIR/ping.out" timeout -k 5 $((PING_COUNT + 30)) ip netns exec "$NS_A" "${PIN_A[@]}" \
 		ping -c "$PING_COUNT" -i 0.2 -q "$addr" ||
 		die "$cfg: ping failed: $(cat "$WORKDIR/ping.out")"
 	out=$(<"$WORKDIR/ping.out")
@@ -364,7 +376,7 @@ measure() {
 	log "$cfg: RTT avg ${RES[$cfg:rtt]} ms"
 	# The same with pings 2 ms apart: the CPUs and caches stay warm between packets, which on
 	# a VM separates what the path costs from what waking from idle costs.
-	fg_run "$WORKDIR/ping.out" "$WORKDIR/ping.out" timeout -k 5 30 ip netns exec "$NS_A" \
+	fg_run "$WORKDIR/ping.out" "$WORKDIR/ping.out" timeout -k 5 30 ip netns exec "$NS_A" "${PIN_A[@]}" \
 		ping -c "$WARM_PING_COUNT" -i 0.002 -q "$addr" ||
 		die "$cfg: ping -i 0.002 failed: $(cat "$WORKDIR/ping.out")"
 	out=$(<"$WORKDIR/ping.out")
@@ -395,10 +407,10 @@ run_boringtun() {
 	[[ -n "${BORINGTUN_THREADS:-}" ]] && bt_args+=(--threads "$BORINGTUN_THREADS")
 
 	log "boringtun: starting $WG_A in $NS_A and $WG_B in $NS_B"
-	ip netns exec "$NS_A" "$BORINGTUN_BIN" "${bt_args[@]}" "$WG_A" >>"$WORKDIR/boringtun-a.log" 2>&1 &
+	ip netns exec "$NS_A" "${PIN_A[@]}" "$BORINGTUN_BIN" "${bt_args[@]}" "$WG_A" >>"$WORKDIR/boringtun-a.log" 2>&1 &
 	pid_a=$!
 	PIDS+=("$pid_a")
-	ip netns exec "$NS_B" "$BORINGTUN_BIN" "${bt_args[@]}" "$WG_B" >>"$WORKDIR/boringtun-b.log" 2>&1 &
+	ip netns exec "$NS_B" "${PIN_B[@]}" "$BORINGTUN_BIN" "${bt_args[@]}" "$WG_B" >>"$WORKDIR/boringtun-b.log" 2>&1 &
 	pid_b=$!
 	PIDS+=("$pid_b")
 
@@ -481,10 +493,10 @@ start_ipop_pair() {
 		write_ipop_configs "$da" "$db"
 	fi
 	log "ipop: starting daemons in $NS_A and $NS_B${1:+ under $1}"
-	ip netns exec "$NS_A" "$@" "$IPOP_BIN" up -c "$da/ipop.toml" >"$WORKDIR/ipop-a${1:+-$1}.log" 2>&1 &
+	ip netns exec "$NS_A" "${PIN_A[@]}" "$@" "$IPOP_BIN" up -c "$da/ipop.toml" >"$WORKDIR/ipop-a${1:+-$1}.log" 2>&1 &
 	pid_a=$!
 	PIDS+=("$pid_a")
-	ip netns exec "$NS_B" "$@" "$IPOP_BIN" up -c "$db/ipop.toml" >"$WORKDIR/ipop-b${1:+-$1}.log" 2>&1 &
+	ip netns exec "$NS_B" "${PIN_B[@]}" "$@" "$IPOP_BIN" up -c "$db/ipop.toml" >"$WORKDIR/ipop-b${1:+-$1}.log" 2>&1 &
 	pid_b=$!
 	PIDS+=("$pid_b")
 	IPOP_PID_A=$pid_a
@@ -574,7 +586,7 @@ ipop_callgrind() {
 		callgrind_control -z "$pid" >/dev/null || die "callgrind_control -z $pid failed"
 	done
 	start_iperf_server
-	fg_run "$out" "$WORKDIR/iperf3-client.log" timeout -k 5 600 ip netns exec "$NS_A" \
+	fg_run "$out" "$WORKDIR/iperf3-client.log" timeout -k 5 600 ip netns exec "$NS_A" "${PIN_A[@]}" \
 		iperf3 -c "$IPOP_ADDR_B" -n "${CALLGRIND_MB}M" --connect-timeout 5000 -J ||
 		die "ipop: iperf3 under callgrind failed"
 	local bytes
@@ -655,6 +667,9 @@ report() {
 	local cfg label
 	printf '\nipop data-plane benchmark  (%s; kernel %s; %s CPUs; iperf3 %ss x %s runs, median; ping -c %s -i 0.2; tunnel MTU %s, underlay MTU %s)\n\n' \
 		"$(date '+%Y-%m-%d %H:%M:%S')" "$(uname -r)" "$(nproc)" "$DURATION" "$RUNS" "$PING_COUNT" "$TUN_MTU" "$UNDERLAY_MTU"
+	if ((${#PIN_A[@]})); then
+		printf 'each end pinned to its own CPU (BENCH_PIN=1): A on CPU 0, B on CPU 1\n\n'
+	fi
 	printf 'load average (1/5/15 min) at start: %s; at end: %s  (other CPU load on this 2-core box skews results)\n\n' \
 		"$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 	printf '%-16s %16s %16s %10s\n' "configuration" "1-stream Mbit/s" "4-stream Mbit/s" "RTT ms"
