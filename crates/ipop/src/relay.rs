@@ -191,29 +191,14 @@ async fn forward(udp: Udp, port: u16, server: Arc<Mutex<RelayServer>>) {
         {
             let mut server = lock(&server);
             let now = Instant::now();
-            for (slot, meta) in metas.iter().take(count).enumerate() {
-                let base = slot * MAX_DATAGRAM;
-                let mut run: Option<Run> = None;
-                for offset in (0..meta.len).step_by(meta.stride.max(1)) {
-                    let (start, end) = (base + offset, base + meta.len.min(offset + meta.stride));
-                    let Some(datagram) = buf.get(start..end) else {
-                        break;
-                    };
-                    let len = datagram.len();
-                    match server.handle_pair(now, port, meta.addr, datagram) {
-                        PairVerdict::Forward(to) => match &mut run {
-                            Some(r) if r.extends(to, None, len, max_segments) => r.push(len),
-                            _ => runs.extend(run.replace(Run::new(to, None, start, len))),
-                        },
-                        PairVerdict::Reply(answer) => {
-                            runs.extend(run.take());
-                            replies.push((answer, meta.addr));
-                        }
-                        PairVerdict::Drop(_) => runs.extend(run.take()),
-                    }
-                }
-                runs.extend(run);
-            }
+            sort_batch(
+                &buf,
+                metas.get(..count).unwrap_or_default(),
+                max_segments,
+                |from, datagram| server.handle_pair(now, port, from, datagram),
+                &mut runs,
+                &mut replies,
+            );
         }
         for run in runs.drain(..) {
             udp.send(&run.transmit(&buf)).await;
@@ -228,6 +213,45 @@ async fn forward(udp: Udp, port: u16, server: Arc<Mutex<RelayServer>>) {
             })
             .await;
         }
+    }
+}
+
+/// Sorts a batch that one receive put in `buf` (slot `i` at `i * MAX_DATAGRAM`, described by
+/// `metas[i]`): each slot's train is cut into its datagrams, `verdict` judges each in order, the
+/// datagrams to forward are grouped into `runs` that one GSO send each can take (back to back in
+/// `buf`, one destination, at most `max_segments`), and answers go to `replies`. A datagram not
+/// forwarded ends the run before it.
+fn sort_batch(
+    buf: &[u8],
+    metas: &[RecvMeta],
+    max_segments: usize,
+    mut verdict: impl FnMut(SocketAddr, &[u8]) -> PairVerdict,
+    runs: &mut Vec<Run>,
+    replies: &mut Vec<(Vec<u8>, SocketAddr)>,
+) {
+    for (slot, meta) in metas.iter().enumerate() {
+        let base = slot * MAX_DATAGRAM;
+        let stride = meta.stride.max(1);
+        let mut run: Option<Run> = None;
+        for offset in (0..meta.len).step_by(stride) {
+            let (start, end) = (base + offset, base + meta.len.min(offset + stride));
+            let Some(datagram) = buf.get(start..end) else {
+                break;
+            };
+            let len = datagram.len();
+            match verdict(meta.addr, datagram) {
+                PairVerdict::Forward(to) => match &mut run {
+                    Some(r) if r.extends(to, None, len, max_segments) => r.push(len),
+                    _ => runs.extend(run.replace(Run::new(to, None, start, len))),
+                },
+                PairVerdict::Reply(answer) => {
+                    runs.extend(run.take());
+                    replies.push((answer, meta.addr));
+                }
+                PairVerdict::Drop(_) => runs.extend(run.take()),
+            }
+        }
+        runs.extend(run);
     }
 }
 
@@ -254,4 +278,100 @@ fn endpoint(
              address and port a port forward on the router gives the relay port"
                 .to_owned()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipop_core::peer_relay::RelayDrop;
+
+    const A: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 4000);
+    const B: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2)), 5000);
+
+    /// A batch buffer whose slot `i` holds a train of `len` bytes from `from`, cut every
+    /// `stride` bytes; every byte of a datagram is its index in the train.
+    fn batch(trains: &[(SocketAddr, usize, usize)]) -> (Vec<u8>, Vec<RecvMeta>) {
+        let mut buf = vec![0u8; trains.len() * MAX_DATAGRAM];
+        let mut metas = Vec::new();
+        for (slot, &(from, len, stride)) in trains.iter().enumerate() {
+            for (i, b) in buf[slot * MAX_DATAGRAM..][..len].iter_mut().enumerate() {
+                *b = u8::try_from(i / stride).expect("a short train");
+            }
+            let mut meta = RecvMeta::default();
+            (meta.addr, meta.len, meta.stride) = (from, len, stride);
+            metas.push(meta);
+        }
+        (buf, metas)
+    }
+
+    /// Each run as (destination, start, length, segment size).
+    fn shape(runs: &[Run], buf: &[u8]) -> Vec<(SocketAddr, usize, usize, Option<usize>)> {
+        runs.iter()
+            .map(|r| {
+                let t = r.transmit(buf);
+                let start = t.contents.as_ptr() as usize - buf.as_ptr() as usize;
+                (t.destination, start, t.contents.len(), t.segment_size)
+            })
+            .collect()
+    }
+
+    fn to_the_other_side(from: SocketAddr, _: &[u8]) -> PairVerdict {
+        PairVerdict::Forward(if from == A { B } else { A })
+    }
+
+    #[test]
+    fn a_train_forwarded_whole_leaves_in_one_gso_send_from_where_it_lies() {
+        let (buf, metas) = batch(&[(A, 560, 100)]);
+        let (mut runs, mut replies) = (Vec::new(), Vec::new());
+        sort_batch(&buf, &metas, 64, to_the_other_side, &mut runs, &mut replies);
+        assert_eq!(shape(&runs, &buf), [(B, 0, 560, Some(100))]);
+        assert!(replies.is_empty());
+    }
+
+    #[test]
+    fn a_datagram_not_forwarded_cuts_the_run_and_a_registration_is_answered() {
+        let (buf, metas) = batch(&[(A, 560, 100)]);
+        let (mut runs, mut replies) = (Vec::new(), Vec::new());
+        let mut judged = Vec::new();
+        let verdict = |from: SocketAddr, datagram: &[u8]| {
+            judged.push((datagram[0], datagram.len()));
+            match datagram[0] {
+                2 => PairVerdict::Drop(RelayDrop::OverRate),
+                4 => PairVerdict::Reply(vec![0xaa]),
+                _ => to_the_other_side(from, datagram),
+            }
+        };
+        sort_batch(&buf, &metas, 64, verdict, &mut runs, &mut replies);
+        assert_eq!(
+            judged,
+            [(0, 100), (1, 100), (2, 100), (3, 100), (4, 100), (5, 60)],
+            "every datagram of the train is judged once, in order"
+        );
+        assert_eq!(
+            shape(&runs, &buf),
+            [
+                (B, 0, 200, Some(100)),
+                (B, 300, 100, None),
+                (B, 500, 60, None)
+            ]
+        );
+        assert_eq!(replies, [(vec![0xaa], A)]);
+    }
+
+    #[test]
+    fn slots_go_their_own_ways_and_runs_keep_to_the_segment_limit() {
+        let (buf, metas) = batch(&[(A, 500, 100), (B, 150, 150)]);
+        let (mut runs, mut replies) = (Vec::new(), Vec::new());
+        sort_batch(&buf, &metas, 2, to_the_other_side, &mut runs, &mut replies);
+        assert_eq!(
+            shape(&runs, &buf),
+            [
+                (B, 0, 200, Some(100)),
+                (B, 200, 200, Some(100)),
+                (B, 400, 100, None),
+                (A, MAX_DATAGRAM, 150, None),
+            ]
+        );
+        assert!(replies.is_empty());
+    }
 }
