@@ -140,22 +140,30 @@ async fn serve(control: Udp, server: Arc<Mutex<RelayServer>>) {
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     loop {
         tokio::select! {
-            got = control.socket.recv_from(&mut buf) => {
-                let Ok((n, from)) = got else { continue };
-                let mut opened = None;
-                let answer = lock(&server).handle_control(Instant::now(), from, &buf[..n], || {
-                    let udp = Udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
-                        .inspect_err(|e| tracing::warn!("relay: cannot open a pair's port: {e}"))
-                        .ok()?;
-                    let port = udp.socket.local_addr().ok()?.port();
-                    opened = Some((port, udp));
-                    Some(port)
-                });
-                if let Some((port, udp)) = opened {
-                    pairs.insert(port, tasks.spawn(forward(udp, port, server.clone())));
-                }
-                if let Some(answer) = answer {
-                    let _ = control.socket.send_to(&answer, from).await;
+            // The socket has UDP_GRO on (as every `Udp`): registrations from one sender that
+            // arrive together come as one train, cut at the stride.
+            got = control.recv_train(&mut buf) => {
+                let Ok(meta) = got else { continue };
+                let from = meta.addr;
+                let train = buf.get(..meta.len).unwrap_or_default();
+                for datagram in train.chunks(meta.stride.max(1)) {
+                    let mut opened = None;
+                    let answer = lock(&server).handle_control(Instant::now(), from, datagram, || {
+                        let udp = Udp::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+                            .inspect_err(|e| {
+                                tracing::warn!("relay: cannot open a pair's port: {e}");
+                            })
+                            .ok()?;
+                        let port = udp.socket.local_addr().ok()?.port();
+                        opened = Some((port, udp));
+                        Some(port)
+                    });
+                    if let Some((port, udp)) = opened {
+                        pairs.insert(port, tasks.spawn(forward(udp, port, server.clone())));
+                    }
+                    if let Some(answer) = answer {
+                        let _ = control.socket.send_to(&answer, from).await;
+                    }
                 }
             }
             _ = expire.tick() => {

@@ -77,6 +77,14 @@ impl Udp {
             .await
     }
 
+    /// As [`Udp::recv`], one train into `buf`: what was received.
+    pub async fn recv_train(&self, buf: &mut [u8]) -> io::Result<RecvMeta> {
+        let mut meta = RecvMeta::default();
+        self.recv(&mut [IoSliceMut::new(buf)], std::slice::from_mut(&mut meta))
+            .await?;
+        Ok(meta)
+    }
+
     /// Sends, waiting for room in the socket buffer if it is full. Returns whether the kernel
     /// took the datagrams.
     pub async fn send(&self, t: &Transmit<'_>) -> bool {
