@@ -43,6 +43,7 @@ mod flood;
 mod hosts;
 mod icmp;
 mod ipop;
+mod machine;
 mod miniupnpd;
 mod nat;
 mod net;
