@@ -27,6 +27,8 @@
 //!   one group room and one with N friends, on a server with its stock rate limits.
 //! - [`NatLab`]: a fake internet with a [`Server`] on it and [`Device`]s behind nftables NAT
 //!   [`Router`]s of each [`Nat`] type (full cone, port-restricted cone, symmetric, UDP blocked).
+//! - [`machine_stopped_during`]: how long the whole machine was stopped (a virtual machine
+//!   paused by its host) in an interval, so that timing checks do not blame ipop for it.
 //! - [`MiniUpnpd`]: Debian's miniupnpd on a [`Router`], mapping ports for its LAN by UPnP IGD,
 //!   NAT-PMP and PCP ([`UpnpMapping`]), stopped on drop.
 //!
@@ -77,6 +79,7 @@ pub use hosts::{NetnsHosts, NetnsResolver, sweep_stale_hosts};
 pub use ipop::{
     Config, Lab, Node, Peer, find_peer, generate_key, peer_field, status_json, status_peers,
 };
+pub use machine::stopped_during as machine_stopped_during;
 pub use miniupnpd::{MINIUPNPD_READY_TIMEOUT, Mapping as UpnpMapping, MiniUpnpd, MiniUpnpdBuilder};
 pub use nat::{
     Device, INTERNET_PREFIX_LEN, Nat, NatLab, NatLabBuilder, Router, SERVER_ALT_IP, SERVER_IP,

@@ -1678,7 +1678,9 @@ fn unix_now() -> f64 {
 }
 
 /// Waits for the pings of [`start_pings`] to end; returns how long after `disrupted` (from
-/// [`unix_now`]) the first reply came, and the longest gap between two replies, in seconds.
+/// [`unix_now`]) the first reply came, not counting the time the whole machine was stopped
+/// (see [`ipop_lab::machine_stopped_during`]), and the longest gap between two replies, in
+/// seconds.
 fn recovery(pings: std::process::Child, disrupted: f64) -> (f64, f64) {
     let out = pings.wait_with_output().expect("ping ends");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -1693,7 +1695,12 @@ fn recovery(pings: std::process::Child, disrupted: f64) -> (f64, f64) {
         .find(|&&t| t > disrupted)
         .unwrap_or_else(|| panic!("no reply after the disruption:\n{text}"));
     let longest_gap = replies.windows(2).map(|p| p[1] - p[0]).fold(0.0, f64::max);
-    (first_after - disrupted, longest_gap)
+    let at = |t: f64| std::time::UNIX_EPOCH + Duration::from_secs_f64(t);
+    let stopped = ipop_lab::machine_stopped_during(at(disrupted), at(*first_after));
+    if !stopped.is_zero() {
+        eprintln!("the machine was stopped for {stopped:.2?} of the recovery: not counted");
+    }
+    (first_after - disrupted - stopped.as_secs_f64(), longest_gap)
 }
 
 /// The peer entry device `i` shows for device `j`.
