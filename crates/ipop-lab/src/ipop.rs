@@ -372,8 +372,12 @@ impl Node {
                 .map(|s| (s, crate::machine::stopped_during(s.end - s.wall, s.end)))
                 .find(|(s, stopped)| s.own.saturating_sub(*stopped) >= MAX_LOOP_STALL);
             if stalls.is_empty() || blamed.is_some() {
-                let stopped = blamed.map_or(String::new(), |(_, stopped)| {
-                    format!("; the machine itself was stopped for {stopped:.1?} of it")
+                let stopped = blamed.map_or(String::new(), |(s, stopped)| {
+                    let late = crate::machine::late_per_cpu(s.end - s.wall, s.end);
+                    format!(
+                        "; the whole machine was stopped for {stopped:.1?} of it, and each \
+                         CPU's watcher was late {late:.1?} in it"
+                    )
                 });
                 return Err(format!(
                     "ipop {}: its packet loop went {:.1} ms without waiting (limit {} ms){stopped}; log {}",
@@ -385,8 +389,10 @@ impl Node {
             }
             for s in &stalls {
                 eprintln!(
-                    "ipop {}: its packet loop went {:.1?} without waiting, while the machine itself was stopped (not counted against it)",
-                    self.name, s.own
+                    "ipop {}: its packet loop went {:.1?} without waiting, while the whole machine was stopped for {:.1?} (not counted against it)",
+                    self.name,
+                    s.own,
+                    crate::machine::stopped_during(s.end - s.wall, s.end)
                 );
             }
             return Ok(());
@@ -469,8 +475,8 @@ impl Node {
 /// billed 10.6 ms while a stranger flooded the XMPP server beside it.
 ///
 /// A stall during which the whole machine was stopped (a virtual machine whose host paused
-/// it, seen by [`crate::machine`]) is judged without the stop: the loop was charged for time
-/// in which nothing ran.
+/// it: [`crate::machine`]'s watchers of every CPU held up at once) is judged without the stop:
+/// the loop was charged for time in which nothing ran.
 pub const MAX_LOOP_STALL: Duration = Duration::from_millis(20);
 
 /// A long stall, as a daemon logs it: when it ended, how much of it was the loop's own doing,

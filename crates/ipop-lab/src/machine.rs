@@ -4,9 +4,11 @@
 //! Every task on it is then charged the stop as if it had run, a daemon's packet loop included,
 //! so the loop stall check would blame the daemon for it. One real-time thread per CPU sleeps
 //! [`PERIOD`] at a time and records each wake-up that came [`LATE`] or later. Under
-//! `SCHED_FIFO` it runs ahead of every ordinary task, so a busy test delays it by microseconds;
-//! only a stop of the machine, or of its CPU, delays it by milliseconds. [`stopped_during`]
-//! tells how much of an interval the machine was stopped for.
+//! `SCHED_FIFO` it runs ahead of every ordinary task, so a busy test delays it by microseconds.
+//! A long stretch of kernel work on its CPU can delay it too (a kernel built without forced
+//! preemption finishes a system call before it switches), and that may be the daemon's own
+//! work; but only a stop of the machine delays the watchers of every CPU at once.
+//! [`stopped_during`] counts only such times.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, OnceLock, mpsc};
@@ -22,15 +24,16 @@ use thread_priority::unix::{
 
 const PERIOD: Duration = Duration::from_millis(2);
 const LATE: Duration = Duration::from_millis(3);
-/// Stops remembered, the oldest forgotten first.
+/// Late wake-ups remembered per CPU, the oldest forgotten first.
 const KEPT: usize = 4096;
 
-/// The stops seen so far: when each began (wall clock, like the daemons' logs) and how long it
-/// lasted.
-type Stops = Mutex<VecDeque<(SystemTime, Duration)>>;
+/// A late wake-up: when the watcher should have woken (wall clock, like the daemons' logs) and
+/// how late it was.
+type Stop = (SystemTime, Duration);
 
-/// `None` when the watch could not start on every CPU.
-static STOPS: OnceLock<Option<Stops>> = OnceLock::new();
+/// Each watcher's late wake-ups, in the order of [`start`]'s CPUs. `None` when the watch
+/// could not start on every CPU.
+static STOPS: OnceLock<Option<Mutex<Vec<VecDeque<Stop>>>>> = OnceLock::new();
 
 /// Starts watching for stops of the machine, once per process, and returns whether it
 /// watches. The watch needs root (real-time priority); without it [`stopped_during`] is always
@@ -38,7 +41,7 @@ static STOPS: OnceLock<Option<Stops>> = OnceLock::new();
 pub fn watch() -> bool {
     STOPS
         .get_or_init(|| match start() {
-            Ok(()) => Some(Mutex::new(VecDeque::new())),
+            Ok(cpus) => Some(Mutex::new(vec![VecDeque::new(); cpus])),
             Err(e) => {
                 eprintln!("ipop-lab: not watching for stops of the machine: {e}");
                 None
@@ -47,28 +50,43 @@ pub fn watch() -> bool {
         .is_some()
 }
 
-/// How much of `from..to` the machine was stopped for, by any of its CPUs' watchers.
+/// How much of `from..to` the whole machine was stopped for: the time in which the watchers
+/// of all CPUs were late at once.
 pub fn stopped_during(from: SystemTime, to: SystemTime) -> Duration {
     match STOPS.get() {
         Some(Some(stops)) => {
             let stops = stops
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            covered(stops.iter().copied(), from, to)
+            all_late(&stops, from, to)
         }
         _ => Duration::ZERO,
     }
 }
 
+/// How late each CPU's watcher was within `from..to`, in total, in the order of the CPUs:
+/// where only some were late, something held those CPUs (kernel work), not the machine.
+pub fn late_per_cpu(from: SystemTime, to: SystemTime) -> Vec<Duration> {
+    match STOPS.get() {
+        Some(Some(stops)) => stops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|stops| total(&merged(stops, from, to)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// One watcher per CPU this process may run on, each pinned to its CPU at real-time priority.
-/// Returns once every watcher runs, or the first that could not.
-fn start() -> Result<(), String> {
+/// Returns the number of watchers once every one runs, or the first error.
+fn start() -> Result<usize, String> {
     let allowed = sched_getaffinity(Pid::from_raw(0)).map_err(|e| format!("CPUs: {e}"))?;
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
         .collect();
     let (ready, started) = mpsc::channel();
-    for &cpu in &cpus {
+    for (index, &cpu) in cpus.iter().enumerate() {
         let ready = ready.clone();
         std::thread::Builder::new()
             .name(format!("machine-watch-{cpu}"))
@@ -76,7 +94,7 @@ fn start() -> Result<(), String> {
                 Ok(()) => {
                     let _ = ready.send(Ok(()));
                     drop(ready);
-                    watch_cpu();
+                    watch_cpu(index);
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -89,7 +107,7 @@ fn start() -> Result<(), String> {
             .recv()
             .map_err(|_| "a watcher thread ended".to_owned())??;
     }
-    Ok(())
+    Ok(cpus.len())
 }
 
 fn pin(cpu: usize) -> Result<(), String> {
@@ -104,8 +122,9 @@ fn pin(cpu: usize) -> Result<(), String> {
     .map_err(|e| format!("real-time priority on CPU {cpu}: {e:?}"))
 }
 
-/// Sleeps [`PERIOD`] at a time, for as long as the process lives, recording late wake-ups.
-fn watch_cpu() {
+/// Sleeps [`PERIOD`] at a time, for as long as the process lives, recording the late wake-ups
+/// of watcher `index`.
+fn watch_cpu(index: usize) {
     loop {
         let before = Instant::now();
         std::thread::sleep(PERIOD);
@@ -116,35 +135,68 @@ fn watch_cpu() {
             let mut stops = stops
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if stops.len() == KEPT {
-                stops.pop_front();
+            if let Some(mine) = stops.get_mut(index) {
+                if mine.len() == KEPT {
+                    mine.pop_front();
+                }
+                mine.push_back((SystemTime::now() - late, late));
             }
-            stops.push_back((SystemTime::now() - late, late));
         }
     }
 }
 
-/// How much of `from..to` the union of `stops` (start, length) covers.
-fn covered(
-    stops: impl Iterator<Item = (SystemTime, Duration)>,
-    from: SystemTime,
-    to: SystemTime,
-) -> Duration {
-    let mut clipped: Vec<(SystemTime, SystemTime)> = stops
-        .map(|(start, length)| (start.max(from), (start + length).min(to)))
+/// An interval of wall-clock time.
+type Span = (SystemTime, SystemTime);
+
+/// The time within `from..to` in which every CPU's watcher was late.
+fn all_late(per_cpu: &[VecDeque<Stop>], from: SystemTime, to: SystemTime) -> Duration {
+    let mut cpus = per_cpu.iter().map(|stops| merged(stops, from, to));
+    let Some(first) = cpus.next() else {
+        return Duration::ZERO;
+    };
+    total(&cpus.fold(first, |all, one| intersection(&all, &one)))
+}
+
+fn total(spans: &[Span]) -> Duration {
+    spans
+        .iter()
+        .map(|(start, end)| end.duration_since(*start).unwrap_or_default())
+        .sum()
+}
+
+/// `stops` clipped to `from..to`, sorted, overlaps merged.
+fn merged(stops: &VecDeque<Stop>, from: SystemTime, to: SystemTime) -> Vec<Span> {
+    let mut clipped: Vec<Span> = stops
+        .iter()
+        .map(|&(start, length)| (start.max(from), (start + length).min(to)))
         .filter(|(start, end)| start < end)
         .collect();
     clipped.sort();
-    let mut total = Duration::ZERO;
-    let mut reach = from;
+    let mut spans: Vec<Span> = Vec::with_capacity(clipped.len());
     for (start, end) in clipped {
-        let start = start.max(reach);
-        if end > start {
-            total += end.duration_since(start).unwrap_or_default();
-            reach = end;
+        match spans.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => spans.push((start, end)),
         }
     }
-    total
+    spans
+}
+
+/// Where two sorted lists of disjoint spans overlap.
+fn intersection(a: &[Span], b: &[Span]) -> Vec<Span> {
+    let (mut i, mut j, mut both) = (0, 0, Vec::new());
+    while let (Some(x), Some(y)) = (a.get(i), b.get(j)) {
+        let (start, end) = (x.0.max(y.0), x.1.min(y.1));
+        if start < end {
+            both.push((start, end));
+        }
+        if x.1 <= y.1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    both
 }
 
 #[cfg(test)]
@@ -159,23 +211,38 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn cpu(stops: &[(u64, u64)]) -> VecDeque<Stop> {
+        stops
+            .iter()
+            .map(|&(start, length)| (at(start), ms(length)))
+            .collect()
+    }
+
     #[test]
-    fn stops_seen_on_several_cpus_count_once() {
-        let stops = [(at(100), ms(50)), (at(110), ms(50)), (at(300), ms(10))];
-        assert_eq!(covered(stops.into_iter(), at(0), at(1000)), ms(70));
+    fn a_stop_counts_where_every_cpu_saw_it() {
+        let cpus = [cpu(&[(100, 50), (300, 10)]), cpu(&[(110, 50), (500, 10)])];
+        assert_eq!(all_late(&cpus, at(0), at(1000)), ms(40));
+    }
+
+    #[test]
+    fn a_late_wake_up_on_one_cpu_alone_is_not_a_stop() {
+        let cpus = [cpu(&[(100, 50)]), cpu(&[])];
+        assert_eq!(all_late(&cpus, at(0), at(1000)), ms(0));
+        assert_eq!(all_late(&cpus[..1], at(0), at(1000)), ms(50));
     }
 
     #[test]
     fn only_the_part_inside_the_interval_counts() {
-        let stops = [(at(90), ms(20)), (at(190), ms(20)), (at(500), ms(5))];
-        assert_eq!(covered(stops.into_iter(), at(100), at(200)), ms(20));
-        assert_eq!(covered(stops.into_iter(), at(300), at(400)), ms(0));
+        let stops = cpu(&[(90, 20), (190, 20), (500, 5)]);
+        let cpus = [stops.clone(), stops];
+        assert_eq!(all_late(&cpus, at(100), at(200)), ms(20));
+        assert_eq!(all_late(&cpus, at(300), at(400)), ms(0));
     }
 
     #[test]
-    fn a_stop_inside_another_adds_nothing() {
-        let stops = [(at(100), ms(100)), (at(120), ms(10))];
-        assert_eq!(covered(stops.into_iter(), at(0), at(1000)), ms(100));
+    fn overlapping_late_wake_ups_of_one_cpu_count_once() {
+        let cpus = [cpu(&[(100, 100), (120, 10), (150, 100)]), cpu(&[(0, 1000)])];
+        assert_eq!(all_late(&cpus, at(0), at(1000)), ms(150));
     }
 
     /// Ordinary tasks keeping every CPU busy do not delay the watchers: a busy machine is not

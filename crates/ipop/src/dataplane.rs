@@ -145,11 +145,12 @@ struct SchedStat {
 
 /// Tells how much of a long loop iteration was the loop's own doing. Time the scheduler gave
 /// the CPU to other processes (run-queue wait) is not; neither is time the hypervisor took the
-/// virtual CPU away (steal: the thread is neither on a CPU nor on a run queue, and is not
-/// switched out, as seen here in gaps of up to 18 ms under load). So a stall is the thread's CPU
-/// time during the iteration, unless the thread was switched out meanwhile for other reasons
-/// than waiting for the next wake-up (a blocking call, a page fault), in which case it is the
-/// wall time less the run-queue wait. The kernel's figures are read at most once a millisecond
+/// virtual CPU away (steal: the thread is neither on a CPU nor on a run queue, as seen here in
+/// gaps of up to 18 ms under load). So a stall is the thread's CPU time during the iteration,
+/// unless the thread went to sleep meanwhile other than to wait for the next wake-up (a
+/// blocking call, a page fault read from disk: a voluntary switch that no wake-up explains), in
+/// which case it is the wall time less the run-queue wait. Being preempted is not sleeping: the
+/// wait to run again is run-queue time, and any steal in between stays out. The kernel's figures are read at most once a millisecond
 /// just before the loop waits, and after a wake-up that took longer, so their cost does not
 /// grow with the packet rate and the packet that wakes the loop never waits for them; a figure
 /// is off by at most [`SchedClock::RESOLUTION`].
@@ -158,7 +159,7 @@ struct SchedClock {
     /// When `last` was read.
     at: Instant,
     last: SchedStat,
-    /// Wake-ups since `last` was read: each follows at most one switch-in, from waiting.
+    /// Wake-ups since `last` was read: each follows at most one sleep, the wait.
     wakes: u64,
     /// What the last [`SchedClock::stall`] judged from, for the log: the kernel's figures
     /// between its two readings, and the wake-ups in between.
@@ -259,8 +260,7 @@ fn parse_schedstat(text: &str) -> Option<SchedStat> {
 
 /// [`SchedClock::stall`]'s rule, between two readings with `wakes` wake-ups in between.
 fn loop_share(elapsed: Duration, before: SchedStat, after: SchedStat, wakes: u64) -> Duration {
-    let switched = after.switched_in.saturating_sub(before.switched_in);
-    if switched <= wakes {
+    if after.slept.saturating_sub(before.slept) <= wakes {
         elapsed.min(after.on_cpu.saturating_sub(before.on_cpu))
     } else {
         elapsed.saturating_sub(after.run_queue.saturating_sub(before.run_queue))
@@ -969,25 +969,31 @@ mod tests {
 
     #[test]
     fn a_stall_leaves_out_stolen_time_and_run_queue_waits_but_not_blocking() {
-        let at = |cpu_ms: u64, rq_ms: u64, switched_in: u64| SchedStat {
+        let at = |cpu_ms: u64, rq_ms: u64, switched_in: u64, slept: u64| SchedStat {
             on_cpu: Duration::from_millis(cpu_ms),
             run_queue: Duration::from_millis(rq_ms),
             switched_in,
+            slept,
             ..SchedStat::default()
         };
         let wall = Duration::from_millis(18);
-        // The virtual CPU was taken away: 2 ms on the CPU, no switch but the wake-up's.
+        // The virtual CPU was taken away: 2 ms on the CPU, no sleep but the wait.
         assert_eq!(
-            loop_share(wall, at(10, 5, 40), at(12, 5, 41), 1),
+            loop_share(wall, at(10, 5, 40, 7), at(12, 5, 41, 8), 1),
             Duration::from_millis(2)
         );
-        // Preempted for 6 ms, or blocked: switched in once more than the wake-ups explain, so
-        // the wall time less the run-queue wait.
+        // Preempted for 6 ms, and the virtual CPU taken away besides: switched in once more
+        // than the wake-ups explain, but no sleep, so still the CPU time.
         assert_eq!(
-            loop_share(wall, at(10, 5, 40), at(12, 11, 42), 1),
+            loop_share(wall, at(10, 5, 40, 7), at(12, 11, 42, 8), 1),
+            Duration::from_millis(2)
+        );
+        // Blocked: a sleep no wake-up explains, so the wall time less the run-queue wait.
+        assert_eq!(
+            loop_share(wall, at(10, 5, 40, 7), at(12, 11, 42, 9), 1),
             Duration::from_millis(12)
         );
         // CPU time read from before the last wait is capped by the wall time.
-        assert_eq!(loop_share(wall, at(0, 0, 0), at(30, 0, 1), 1), wall);
+        assert_eq!(loop_share(wall, at(0, 0, 0, 0), at(30, 0, 1, 1), 1), wall);
     }
 }
