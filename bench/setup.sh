@@ -31,6 +31,9 @@
 #   SETUP_IPERF_SECONDS  seconds per iperf3 run                 (default 10)
 #   SETUP_TIMEOUT        seconds to wait for "online", and again for the first reply (default 30)
 #   SETUP_TOPOLOGIES     which topologies to run     (default "lan cone relay mapped peer")
+#   SETUP_IPERF_UDP      if set, Mbit/s of iperf3 UDP to offer over each link after the TCP
+#                        run (1372-byte datagrams, which fit the tunnel's MTU): what each path
+#                        delivers when the sender does not slow down for losses (default unset)
 #   IPOP_BIN             ipop binary; if unset, target/release/ipop, (re)built with
 #                        `cargo build --release` when missing or older than the sources
 
@@ -40,6 +43,7 @@ RUNS=${SETUP_RUNS:-5}
 IPERF_SECONDS=${SETUP_IPERF_SECONDS:-10}
 TIMEOUT=${SETUP_TIMEOUT:-30}
 TOPOLOGIES=${SETUP_TOPOLOGIES:-lan cone relay mapped peer}
+UDP_MBIT=${SETUP_IPERF_UDP:-}
 
 BENCH_NAME=setup
 # shellcheck source=bench/lib.sh
@@ -66,7 +70,7 @@ NAMESPACES=()
 PIDS=()
 DAEMON_PIDS=()
 
-declare -A FROM_START=() MEDIAN=() MIN=() MAX=() PATHS=() THROUGHPUT=() SAMPLES=()
+declare -A FROM_START=() MEDIAN=() MIN=() MAX=() PATHS=() THROUGHPUT=() THROUGHPUT_UDP=() SAMPLES=()
 
 cleanup() {
 	local rc=$? ns
@@ -95,6 +99,7 @@ trap 'exit 143' TERM
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "SETUP_RUNS must be a positive integer"
 [[ "$IPERF_SECONDS" =~ ^[1-9][0-9]*$ ]] || die "SETUP_IPERF_SECONDS must be a positive integer"
 [[ "$TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "SETUP_TIMEOUT must be a positive integer"
+[[ -z "$UDP_MBIT" || "$UDP_MBIT" =~ ^[1-9][0-9]*$ ]] || die "SETUP_IPERF_UDP must be a positive integer (Mbit/s)"
 for tool in ip nft prosody prosodyctl turnserver iperf3 jq openssl ping awk miniupnpd; do
 	command -v "$tool" >/dev/null || die "$tool not found"
 done
@@ -526,13 +531,15 @@ cpu_ticks() {
 	awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
-# iperf TOPO: sets IPERF_MBPS to Mbit/s, device a -> device b over the overlay, 1 stream,
-# CPU[TOPO] to the share of a core that device a, device b and coturn used meanwhile, and
-# DROPS[TOPO] to the datagrams coturn's sockets dropped meanwhile (receive buffers full).
+# iperf TOPO [MBIT]: sets IPERF_MBPS to the Mbit/s received, device a -> device b over the
+# overlay, 1 TCP stream (or, with MBIT, UDP offered at MBIT Mbit/s), CPU[KEY] to the share of a
+# core that device a, device b and coturn used meanwhile, and DROPS[KEY] to the datagrams
+# coturn's sockets dropped meanwhile (receive buffers full); KEY is TOPO, or TOPO-udp.
 IPERF_MBPS=""
 declare -A CPU=() DROPS=()
 iperf() {
-	local topo=$1 srv_pid out i pid t0 drops0 before=() after=()
+	local topo=$1 key=$1${2:+-udp} srv_pid out i pid t0 drops0 before=() after=() udp=()
+	[[ -n "${2:-}" ]] && udp=(-u -b "${2}M" -l 1372)
 	ip netns exec "$NS_PREFIX${topo}b" iperf3 -s -1 -B "$OVERLAY_B" -p 5201 \
 		>"$WORKDIR/iperf-$topo.srv" 2>&1 &
 	srv_pid=$!
@@ -548,13 +555,13 @@ iperf() {
 	drops0=$(rcvbuf_drops "$third_ns")
 	t0=$EPOCHREALTIME
 	out=$(nsx "${topo}a" timeout $((IPERF_SECONDS + 30)) \
-		iperf3 -c "$OVERLAY_B" -p 5201 -t "$IPERF_SECONDS" -J 2>/dev/null || true)
+		iperf3 -c "$OVERLAY_B" -p 5201 -t "$IPERF_SECONDS" "${udp[@]}" -J 2>/dev/null || true)
 	for pid in "${DAEMON_PIDS[0]}" "${DAEMON_PIDS[1]}" "$third"; do after+=("$(cpu_ticks "$pid")"); done
-	CPU[$topo]=$(awk -v t0="$t0" -v t1="$EPOCHREALTIME" -v hz="$(getconf CLK_TCK)" \
+	CPU[$key]=$(awk -v t0="$t0" -v t1="$EPOCHREALTIME" -v hz="$(getconf CLK_TCK)" \
 		-v a="$((after[0] - before[0]))" -v b="$((after[1] - before[1]))" -v c="$((after[2] - before[2]))" \
 		-v n="$third_name" \
 		'BEGIN { s = (t1 - t0) * hz / 100; printf "a %.0f%%, b %.0f%%, %s %.0f%%", a / s, b / s, n, c / s }')
-	DROPS[$topo]=$(($(rcvbuf_drops "$third_ns") - drops0))
+	DROPS[$key]=$(($(rcvbuf_drops "$third_ns") - drops0))
 	stop_pids "$srv_pid"
 	IPERF_MBPS=$(jq -r '.end.sum_received.bits_per_second // empty | . / 1e6 | . * 10 | round / 10' \
 		<<<"$out" 2>/dev/null || true)
@@ -582,6 +589,12 @@ for topo in $TOPOLOGIES; do
 			iperf "$topo"
 			THROUGHPUT[$topo]=$IPERF_MBPS
 			log "$topo: ${IPERF_MBPS:-?} Mbit/s"
+			if [[ -n "$UDP_MBIT" ]]; then
+				log "$topo: iperf3, UDP at $UDP_MBIT Mbit/s, ${IPERF_SECONDS}s over the $path link"
+				iperf "$topo" "$UDP_MBIT"
+				THROUGHPUT_UDP[$topo]=$IPERF_MBPS
+				log "$topo: ${IPERF_MBPS:-?} Mbit/s received"
+			fi
 		fi
 		stop_daemons
 	done
@@ -636,4 +649,19 @@ fi
 if [[ -n "$direct" && -n "$mapped" ]]; then
 	awk -v d="$direct" -v m="$mapped" 'BEGIN {
 		if (d > 0) printf "  %-26s %10.2f\n", "mapped / direct:", m / d }'
+fi
+if [[ -n "$UDP_MBIT" ]]; then
+	echo
+	echo "iperf3 UDP, $UDP_MBIT Mbit/s offered, ${IPERF_SECONDS} s (device a -> device b over the overlay): Mbit/s received"
+	for topo in cone relay mapped peer; do
+		[[ -n "${THROUGHPUT_UDP[$topo]:-}" ]] || continue
+		third=coturn
+		[[ $topo == peer ]] && third="the relaying device"
+		printf '  %-8s %-20s %10s Mbit/s   CPU (%% of a core): %s; %s dropped %s datagrams\n' "$topo" \
+			"${PATHS[$topo]}" "${THROUGHPUT_UDP[$topo]}" "${CPU[$topo-udp]}" "$third" "${DROPS[$topo-udp]}"
+		if [[ $topo != cone && -n "${THROUGHPUT_UDP[cone]:-}" ]]; then
+			awk -v d="${THROUGHPUT_UDP[cone]}" -v r="${THROUGHPUT_UDP[$topo]}" 'BEGIN {
+				if (d > 0) printf "  %-29s %10.2f\n", "over direct:", r / d }'
+		fi
+	done
 fi
