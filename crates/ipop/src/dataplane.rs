@@ -682,12 +682,18 @@ impl Dataplane {
     }
 
     /// TUN → network: reads packets, encrypts them back to back into `wire`, and sends each run
-    /// of equal-sized datagrams to one destination with a single GSO send.
+    /// of equal-sized datagrams to one destination with a single GSO send. A run goes on across
+    /// reads, so that packets the TUN device hands over one at a time (UDP, such as QUIC or
+    /// a game's traffic) leave in trains too; it leaves when the next packet does not extend it,
+    /// when `wire` has no room for another read, and when the wake-up's reading ends.
     async fn tun_to_network(&mut self) {
         let started = Instant::now();
+        let max_segments = self.udp4.state.max_gso_segments();
+        let mut run: Option<Run> = None;
+        let mut end = 0;
         for _ in 0..MAX_READS_PER_WAKE {
             if started.elapsed() >= WAKE_BUDGET {
-                return;
+                break;
             }
             let b = &mut self.bufs;
             let n =
@@ -696,16 +702,24 @@ impl Dataplane {
                     .try_recv_multiple(&mut b.tun_read, &mut b.segments, &mut b.sizes, 0)
                 {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         tracing::debug!("TUN read: {e}");
                         self.io_errors.tun_read += 1;
-                        return;
+                        break;
                     }
                 };
-            let max_segments = self.udp4.state.max_gso_segments();
-            let mut run: Option<Run> = None;
-            let mut end = 0;
+            let b = &self.bufs;
+            let needed: usize = b.sizes[..n]
+                .iter()
+                .map(|size| (size + WG_OVERHEAD).max(MIN_WIRE_ROOM))
+                .sum();
+            if end + needed > b.wire.len() {
+                if let Some(r) = run.take() {
+                    self.send_run(&r).await;
+                }
+                end = 0;
+            }
             for i in 0..n {
                 let b = &mut self.bufs;
                 let packet = &mut b.segments[i][..b.sizes[i]];
@@ -732,9 +746,9 @@ impl Dataplane {
                 }
                 end += len;
             }
-            if let Some(r) = run {
-                self.send_run(&r).await;
-            }
+        }
+        if let Some(r) = run {
+            self.send_run(&r).await;
         }
     }
 

@@ -2,7 +2,7 @@
 //! traffic. Needs root (namespaces, veths, TUN devices), `ip` and `ping`.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -212,6 +212,103 @@ fn receiver_merges_tcp_segments_into_at_most_one_tun_write_per_8_packets() {
             "{writes} TUN writes for at least {packets} packets to {to}: more than 1 per 8"
         );
     }
+    lab.stop_all();
+}
+
+/// Datagrams `node` sent on its LAN interface, a UDP GSO train counting as one.
+fn lan_tx_packets(node: &Node) -> u64 {
+    let out = node
+        .ns()
+        .ip(&["-s", "-j", "link", "show", "dev", &node.host.ifname]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+    json[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tx counters in {json}"))
+}
+
+/// UDP that the TUN device hands over one packet at a time (QUIC, calls, games: no offload
+/// merges it) still leaves in UDP GSO trains when the application sends in bursts, and arrives
+/// whole and in order.
+#[test]
+fn udp_sent_a_datagram_at_a_time_leaves_in_trains_and_arrives_in_order() {
+    const BURSTS: u32 = 50;
+    const BURST: u32 = 40;
+    const COUNT: u32 = BURSTS * BURST;
+    const SIZE: usize = 1200;
+    let payload = |seq: u32| -> Vec<u8> {
+        let mut p = vec![0u8; SIZE];
+        p[..4].copy_from_slice(&seq.to_be_bytes());
+        for (i, byte) in p.iter_mut().enumerate().skip(4) {
+            *byte = (seq as usize * 31 + i) as u8;
+        }
+        p
+    };
+    let mut lab = two_nodes("udptrain");
+    let (a, b) = pair(&mut lab);
+    wait_ping(a, b, LINK_UP);
+    let server_addr = SocketAddr::new(IpAddr::V4(b.overlay_v4), 5002);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = b.ns().spawn_in(move || -> Result<Vec<u32>, String> {
+        let socket = UdpSocket::bind(server_addr).map_err(|e| format!("bind: {e}"))?;
+        // Room for every datagram, so that a receiver slowed down by the machine loses none.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20))
+            .map_err(|e| format!("SO_RCVBUFFORCE: {e}"))?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| format!("timeout: {e}"))?;
+        let _ = ready_tx.send(());
+        let mut seqs = Vec::new();
+        let mut buf = vec![0u8; 2048];
+        while seqs.len() < COUNT as usize {
+            let n = match socket.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(format!("receive: {e}")),
+            };
+            let seq = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
+            if buf[..n] != payload(seq)[..] {
+                return Err(format!("datagram {seq} arrived altered ({n} bytes)"));
+            }
+            seqs.push(seq);
+        }
+        Ok(seqs)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the receiver should bind its overlay address");
+
+    let sent_before = lan_tx_packets(a);
+    a.ns()
+        .run_in(|| -> std::io::Result<()> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            for burst in 0..BURSTS {
+                for seq in burst * BURST..(burst + 1) * BURST {
+                    socket.send_to(&payload(seq), server_addr)?;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        })
+        .expect("the sender should send every datagram");
+    let seqs = server
+        .join()
+        .expect("the receiver thread should not panic")
+        .expect("the receiver should read what came");
+    let on_the_lan = lan_tx_packets(a) - sent_before;
+    eprintln!(
+        "{COUNT} datagrams of {SIZE} bytes in bursts of {BURST}: {} arrived; the sender put \
+         {on_the_lan} packets (GSO trains) on its LAN",
+        seqs.len()
+    );
+    assert_eq!(
+        seqs,
+        (0..COUNT).collect::<Vec<_>>(),
+        "every datagram arrives, in order"
+    );
+    assert!(
+        on_the_lan * 2 <= u64::from(COUNT),
+        "{on_the_lan} packets on the LAN for {COUNT} datagrams: not in trains"
+    );
     lab.stop_all();
 }
 
