@@ -364,12 +364,15 @@ impl Node {
         let stall = status["loop_stall_max_s"].as_f64().unwrap_or_default();
         if stall >= MAX_LOOP_STALL.as_secs_f64() {
             let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            let stalls: Vec<LongStall> = long_stalls(&log)
+            let stalls: Vec<(LongStall, Duration)> = long_stalls(&log)
                 .filter(|s| s.own >= MAX_LOOP_STALL)
+                .map(|s| {
+                    let stopped = crate::machine::stopped_during(s.end - s.wall, s.end);
+                    (s, stopped)
+                })
                 .collect();
             let blamed = stalls
                 .iter()
-                .map(|s| (s, crate::machine::stopped_during(s.end - s.wall, s.end)))
                 .find(|(s, stopped)| s.own.saturating_sub(*stopped) >= MAX_LOOP_STALL);
             if stalls.is_empty() || blamed.is_some() {
                 let stopped = blamed.map_or(String::new(), |(s, stopped)| {
@@ -387,12 +390,10 @@ impl Node {
                     self.log_path().display()
                 ));
             }
-            for s in &stalls {
+            for (s, stopped) in &stalls {
                 eprintln!(
-                    "ipop {}: its packet loop went {:.1?} without waiting, while the whole machine was stopped for {:.1?} (not counted against it)",
-                    self.name,
-                    s.own,
-                    crate::machine::stopped_during(s.end - s.wall, s.end)
+                    "ipop {}: its packet loop went {:.1?} without waiting, while the whole machine was stopped for {stopped:.1?} (not counted against it)",
+                    self.name, s.own
                 );
             }
             return Ok(());
@@ -493,10 +494,11 @@ fn long_stalls(log: &str) -> impl Iterator<Item = LongStall> {
     log.lines()
         .filter(|line| line.contains("the packet loop went long without waiting"))
         .filter_map(|line| {
-            let mut words = line.split_ascii_whitespace();
-            let end = chrono::DateTime::parse_from_rfc3339(words.next()?).ok()?;
+            let (time, fields) = line.split_once(' ')?;
+            let end = chrono::DateTime::parse_from_rfc3339(time).ok()?;
             let field = |name: &str| {
-                line.split_ascii_whitespace()
+                fields
+                    .split_ascii_whitespace()
                     .find_map(|w| w.strip_prefix(name)?.parse::<f64>().ok())
                     .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
             };

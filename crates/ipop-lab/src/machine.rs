@@ -53,29 +53,29 @@ pub fn watch() -> bool {
 /// How much of `from..to` the whole machine was stopped for: the time in which the watchers
 /// of all CPUs were late at once.
 pub fn stopped_during(from: SystemTime, to: SystemTime) -> Duration {
-    match STOPS.get() {
-        Some(Some(stops)) => {
-            let stops = stops
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            all_late(&stops, from, to)
-        }
-        _ => Duration::ZERO,
-    }
+    with_stops(|stops| all_late(stops, from, to)).unwrap_or_default()
 }
 
 /// How late each CPU's watcher was within `from..to`, in total, in the order of the CPUs:
 /// where only some were late, something held those CPUs (kernel work), not the machine.
 pub fn late_per_cpu(from: SystemTime, to: SystemTime) -> Vec<Duration> {
-    match STOPS.get() {
-        Some(Some(stops)) => stops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    with_stops(|stops| {
+        stops
             .iter()
             .map(|stops| total(&merged(stops, from, to)))
-            .collect(),
-        _ => Vec::new(),
-    }
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// `f` on the watchers' records, if the watch runs.
+fn with_stops<T>(f: impl FnOnce(&mut Vec<VecDeque<Stop>>) -> T) -> Option<T> {
+    let Some(Some(stops)) = STOPS.get() else {
+        return None;
+    };
+    Some(f(&mut stops
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)))
 }
 
 /// One watcher per CPU this process may run on, each pinned to its CPU at real-time priority.
@@ -129,18 +129,15 @@ fn watch_cpu(index: usize) {
         let before = Instant::now();
         std::thread::sleep(PERIOD);
         let late = before.elapsed().saturating_sub(PERIOD);
-        if late >= LATE
-            && let Some(Some(stops)) = STOPS.get()
-        {
-            let mut stops = stops
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(mine) = stops.get_mut(index) {
-                if mine.len() == KEPT {
-                    mine.pop_front();
+        if late >= LATE {
+            with_stops(|stops| {
+                if let Some(mine) = stops.get_mut(index) {
+                    if mine.len() == KEPT {
+                        mine.pop_front();
+                    }
+                    mine.push_back((SystemTime::now() - late, late));
                 }
-                mine.push_back((SystemTime::now() - late, late));
-            }
+            });
         }
     }
 }

@@ -150,10 +150,10 @@ struct SchedStat {
 /// unless the thread went to sleep meanwhile other than to wait for the next wake-up (a
 /// blocking call, a page fault read from disk: a voluntary switch that no wake-up explains), in
 /// which case it is the wall time less the run-queue wait. Being preempted is not sleeping: the
-/// wait to run again is run-queue time, and any steal in between stays out. The kernel's figures are read at most once a millisecond
-/// just before the loop waits, and after a wake-up that took longer, so their cost does not
-/// grow with the packet rate and the packet that wakes the loop never waits for them; a figure
-/// is off by at most [`SchedClock::RESOLUTION`].
+/// wait to run again is run-queue time, and any steal in between stays out. The kernel's
+/// figures are read at most once a millisecond just before the loop waits, and after a wake-up
+/// that took longer, so their cost does not grow with the packet rate and the packet that wakes
+/// the loop never waits for them; a figure is off by at most [`SchedClock::RESOLUTION`].
 struct SchedClock {
     file: Option<std::fs::File>,
     /// When `last` was read.
