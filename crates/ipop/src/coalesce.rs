@@ -1,7 +1,9 @@
 //! Receive-side coalescing: the decrypted TCP segments of one flow are merged into one packet of
 //! up to 64 KiB, written to the TUN device with a virtio header that describes it as a TCP GSO
 //! packet, as the kernel's own GRO would hand it up. A train of 45 segments then costs one
-//! write instead of 45.
+//! write instead of 45. Where the device takes UDP segmentation offload (Linux 6.2 and later),
+//! the datagrams of one UDP flow are merged the same way into a UDP GSO packet, which the kernel
+//! splits again for a socket that does not ask for UDP GRO.
 //!
 //! A packet is decrypted straight after the end of the flow the previous packet extended,
 //! overlapping the room its own headers take there. When it extends that flow (the usual case in
@@ -10,9 +12,12 @@
 //! Segments are merged on the kernel's GRO rules: same addresses, ports, acknowledgement, TCP
 //! options, IP type of service and TTL (or traffic class and hop limit), consecutive sequence
 //! numbers, flags ACK or ACK+PSH (PSH ends a flow), no segment longer than the first and a
-//! short one last. Each segment's checksum is checked before it is merged, since the kernel
-//! trusts a packet that asks it to complete the checksum. Everything else (UDP, ICMP, TCP
-//! control segments, fragments) is written unmerged, in the order it came relative to its flow.
+//! short one last. UDP datagrams are merged on the same rules less those of TCP's own header:
+//! same addresses, ports and IP fields, the same length but a short one last, at most
+//! [`UDP_MAX_SEGMENTS`] of them. Each segment's checksum is checked before it is merged, since
+//! the kernel trusts a packet that asks it to complete the checksum (so UDP without a checksum is
+//! never merged). Everything else (ICMP, TCP control segments, fragments, IPv6 extension headers)
+//! is written unmerged, in the order it came relative to its flow.
 
 use tun_rs::{VIRTIO_NET_HDR_LEN as VNET, VirtioNetHdr, checksum};
 
@@ -26,12 +31,17 @@ const BUFFER_LEN: usize = VNET + MAX_PACKET;
 const MAX_HEADERS: usize = 120;
 
 const TCP: u8 = 6;
+const UDP: u8 = 17;
+/// The most datagrams one UDP GSO packet may carry: the kernel refuses more from a TUN writer
+/// (`UDP_MAX_SEGMENTS`, 64 before Linux 6.10 and 128 since).
+const UDP_MAX_SEGMENTS: usize = 64;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 /// virtio-net header: the packet's checksum is to be completed by whoever consumes it.
 const NEEDS_CSUM: u8 = 1;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
+const GSO_UDP_L4: u8 = 5;
 
 /// Decrypted packets of one batch, coalesced, waiting to be written to the TUN device.
 pub struct Coalescer {
@@ -46,6 +56,8 @@ pub struct Coalescer {
     stash: [u8; MAX_HEADERS],
     /// Whether the device takes virtio headers; without them nothing is merged.
     offload: bool,
+    /// Whether the device also takes UDP GSO packets.
+    udp: bool,
 }
 
 /// Where the packet handed out by [`Coalescer::room`] is being decrypted.
@@ -67,12 +79,15 @@ struct Used {
     flow: Option<Flow>,
 }
 
-/// A TCP packet that later segments may extend; its headers are those of its first segment.
+/// A TCP or UDP packet that later segments may extend; its headers are those of its first
+/// segment.
 #[derive(Clone, Copy)]
 struct Flow {
     v6: bool,
     iph: usize,
+    proto: u8,
     headers: usize,
+    /// TCP only.
     next_seq: u32,
     /// The first segment's payload length: the GSO segment size.
     gso: usize,
@@ -81,20 +96,23 @@ struct Flow {
     open: bool,
 }
 
-/// A TCP segment that may be merged.
+/// A TCP segment or UDP datagram that may be merged.
 #[derive(Clone, Copy)]
 struct Segment {
     v6: bool,
     iph: usize,
+    proto: u8,
     headers: usize,
     payload: usize,
+    /// TCP only, as is `psh`.
     seq: u32,
     psh: bool,
 }
 
 impl Coalescer {
-    /// `offload`: the TUN device was opened with virtio headers (`IFF_VNET_HDR`) and TSO.
-    pub fn new(offload: bool) -> Self {
+    /// `offload`: the TUN device was opened with virtio headers (`IFF_VNET_HDR`) and TSO; `udp`:
+    /// it takes UDP segmentation offload too.
+    pub fn new(offload: bool, udp: bool) -> Self {
         Coalescer {
             bufs: (0..BUFFERS).map(|_| vec![0; BUFFER_LEN]).collect(),
             used: Vec::with_capacity(BUFFERS),
@@ -102,6 +120,7 @@ impl Coalescer {
             pending: Pending::None,
             stash: [0; MAX_HEADERS],
             offload,
+            udp: offload && udp,
         }
     }
 
@@ -146,7 +165,7 @@ impl Coalescer {
                 let Some(h) = self.hot else { return };
                 if let Some(n) = len {
                     let packet = &self.bufs[h][at..at + n];
-                    match segment(packet).filter(|s| self.extends(h, packet, s)) {
+                    match self.segment(packet).filter(|s| self.extends(h, packet, s)) {
                         Some(s) => {
                             self.bufs[h][at..at + headers].copy_from_slice(&self.stash[..headers]);
                             self.append(h, &s);
@@ -170,10 +189,8 @@ impl Coalescer {
     /// extends, or as a buffer of its own.
     fn place(&mut self, free: usize, n: usize) {
         let packet = &self.bufs[free][VNET..VNET + n];
-        let Some(s) = segment(packet).filter(|_| self.offload) else {
-            if is_tcp(packet) {
-                self.close_flows_of(free, n);
-            }
+        let Some(s) = self.segment(packet) else {
+            self.close_flows_of(free, n);
             self.used.push(Used { len: n, flow: None });
             return;
         };
@@ -188,9 +205,10 @@ impl Coalescer {
             self.hot = Some(g);
             return;
         }
-        let flow = checksum_valid(packet, s.iph, s.v6).then_some(Flow {
+        let flow = checksum_valid(packet, s.iph, s.v6, s.proto).then_some(Flow {
             v6: s.v6,
             iph: s.iph,
+            proto: s.proto,
             headers: s.headers,
             next_seq: s.seq.wrapping_add(s.payload as u32),
             gso: s.payload,
@@ -204,6 +222,11 @@ impl Coalescer {
         self.used.push(Used { len: n, flow });
     }
 
+    /// The packet as a segment that may be merged into this device's writes.
+    fn segment(&self, p: &[u8]) -> Option<Segment> {
+        segment(p).filter(|s| self.offload && (s.proto == TCP || self.udp))
+    }
+
     /// Whether `packet` (the segment `s`) extends the open flow in buffer `g`.
     fn extends(&self, g: usize, packet: &[u8], s: &Segment) -> bool {
         let Some(f) = self.used[g].flow.filter(|f| f.open) else {
@@ -211,18 +234,23 @@ impl Coalescer {
         };
         let first = &self.bufs[g][VNET..VNET + f.headers];
         let (iph, headers) = (f.iph, f.headers);
+        let tcp_fields_match = || {
+            f.proto != TCP
+                || (s.seq == f.next_seq
+                    // Acknowledgement number, then TCP options.
+                    && first[iph + 8..iph + 12] == packet[iph + 8..iph + 12]
+                    && first[iph + 20..headers] == packet[iph + 20..headers])
+        };
         s.v6 == f.v6
             && s.iph == iph
+            && s.proto == f.proto
             && s.headers == headers
-            && s.seq == f.next_seq
             && s.payload <= f.gso
             && self.used[g].len + s.payload <= MAX_PACKET
             && same_flow(first, packet, f.v6, iph)
             && ip_fields_match(first, packet, f.v6)
-            // Acknowledgement number, then TCP options.
-            && first[iph + 8..iph + 12] == packet[iph + 8..iph + 12]
-            && first[iph + 20..headers] == packet[iph + 20..headers]
-            && checksum_valid(packet, iph, f.v6)
+            && tcp_fields_match()
+            && checksum_valid(packet, iph, f.v6, f.proto)
     }
 
     fn append(&mut self, g: usize, s: &Segment) {
@@ -231,7 +259,7 @@ impl Coalescer {
         if let Some(f) = used.flow.as_mut() {
             f.next_seq = f.next_seq.wrapping_add(s.payload as u32);
             f.segments += 1;
-            if s.psh || s.payload < f.gso {
+            if s.psh || s.payload < f.gso || (f.proto == UDP && f.segments == UDP_MAX_SEGMENTS) {
                 f.open = false;
             }
             if s.psh {
@@ -244,7 +272,7 @@ impl Coalescer {
     /// them is written after it.
     fn close_flows_of(&mut self, free: usize, n: usize) {
         let packet = &self.bufs[free][VNET..VNET + n];
-        let Some((v6, iph)) = tcp_header_at(packet) else {
+        let Some((v6, iph, proto)) = transport_at(packet) else {
             return;
         };
         for (g, used) in self.used.iter_mut().enumerate() {
@@ -252,6 +280,7 @@ impl Coalescer {
                 && f.open
                 && f.v6 == v6
                 && f.iph == iph
+                && f.proto == proto
                 && same_flow(&self.bufs[g][VNET..VNET + f.headers], packet, v6, iph)
             {
                 f.open = false;
@@ -298,33 +327,47 @@ fn pair(bufs: &mut [Vec<u8>], a: usize, b: usize) -> (&[u8], &mut [u8]) {
     }
 }
 
-/// The IP version and header length of a TCP packet, not fragmented.
-fn tcp_header_at(p: &[u8]) -> Option<(bool, usize)> {
+/// The IP version, header length and protocol of a TCP or UDP packet, not fragmented.
+fn transport_at(p: &[u8]) -> Option<(bool, usize, u8)> {
     match p.first()? >> 4 {
         4 => {
             let iph = usize::from(p[0] & 0x0f) * 4;
             let unfragmented = p.len() >= 20 && p[6] & 0x3f == 0 && p[7] == 0;
-            (iph >= 20 && unfragmented && p[9] == TCP).then_some((false, iph))
+            (iph >= 20 && unfragmented && (p[9] == TCP || p[9] == UDP)).then(|| (false, iph, p[9]))
         }
-        6 => (p.len() >= 40 && p[6] == TCP).then_some((true, 40)),
+        6 => (p.len() >= 40 && (p[6] == TCP || p[6] == UDP)).then(|| (true, 40, p[6])),
         _ => None,
     }
 }
 
-fn is_tcp(p: &[u8]) -> bool {
-    tcp_header_at(p).is_some_and(|(_, iph)| p.len() >= iph + 20)
-}
-
-/// The packet as a segment that may be merged: TCP with a payload, flags ACK or ACK+PSH, and
-/// lengths that agree with the IP header.
+/// The packet as a segment that may be merged, with lengths that agree with the IP header: TCP
+/// with a payload and flags ACK or ACK+PSH, or UDP with a payload and a checksum.
 fn segment(p: &[u8]) -> Option<Segment> {
-    let (v6, iph) = tcp_header_at(p)?;
+    let (v6, iph, proto) = transport_at(p)?;
     let ip_len = if v6 {
         usize::from(u16::from_be_bytes([p[4], p[5]])) + 40
     } else {
         usize::from(u16::from_be_bytes([p[2], p[3]]))
     };
-    if ip_len != p.len() || p.len() < iph + 20 {
+    if ip_len != p.len() {
+        return None;
+    }
+    if proto == UDP {
+        let headers = iph + 8;
+        let udp_len = p.get(iph + 4..iph + 6)?;
+        let checksum = p.get(iph + 6..iph + 8)?;
+        let agrees = usize::from(u16::from_be_bytes([udp_len[0], udp_len[1]])) == p.len() - iph;
+        return (agrees && headers < p.len() && checksum != [0, 0]).then_some(Segment {
+            v6,
+            iph,
+            proto,
+            headers,
+            payload: p.len() - headers,
+            seq: 0,
+            psh: false,
+        });
+    }
+    if p.len() < iph + 20 {
         return None;
     }
     let headers = iph + usize::from(p[iph + 12] >> 4) * 4;
@@ -336,6 +379,7 @@ fn segment(p: &[u8]) -> Option<Segment> {
     Some(Segment {
         v6,
         iph,
+        proto,
         headers,
         payload: p.len() - headers,
         seq: u32::from_be_bytes([p[iph + 4], p[iph + 5], p[iph + 6], p[iph + 7]]),
@@ -364,20 +408,20 @@ fn ip_fields_match(a: &[u8], b: &[u8], v6: bool) -> bool {
     }
 }
 
-/// The one's-complement sum of the TCP pseudo-header for `tcp_len` bytes of segment.
-fn pseudo_header_sum(p: &[u8], v6: bool, tcp_len: usize) -> u64 {
+/// The one's-complement sum of the pseudo-header of `proto` for `len` bytes of segment.
+fn pseudo_header_sum(p: &[u8], v6: bool, proto: u8, len: usize) -> u64 {
     let addresses = if v6 { &p[8..40] } else { &p[12..20] };
-    tun_rs::checksum_no_fold(addresses, u64::from(TCP) + tcp_len as u64)
+    tun_rs::checksum_no_fold(addresses, u64::from(proto) + len as u64)
 }
 
-fn checksum_valid(p: &[u8], iph: usize, v6: bool) -> bool {
-    let sum = pseudo_header_sum(p, v6, p.len() - iph);
+fn checksum_valid(p: &[u8], iph: usize, v6: bool, proto: u8) -> bool {
+    let sum = pseudo_header_sum(p, v6, proto, p.len() - iph);
     checksum(&p[iph..], sum) == 0xffff
 }
 
-/// Makes the merged packet's headers describe all of it and returns its virtio header: TCP GSO
-/// with the segment size, the checksum left for the kernel to complete (the pseudo-header sum
-/// in the checksum field).
+/// Makes the merged packet's headers describe all of it and returns its virtio header: TCP or
+/// UDP GSO with the segment size, the checksum left for the kernel to complete (the
+/// pseudo-header sum in the checksum field).
 fn merged_header(p: &mut [u8], f: &Flow) -> VirtioNetHdr {
     let len = p.len();
     if f.v6 {
@@ -388,15 +432,25 @@ fn merged_header(p: &mut [u8], f: &Flow) -> VirtioNetHdr {
         let sum = !checksum(&p[..f.iph], 0);
         p[10..12].copy_from_slice(&sum.to_be_bytes());
     }
-    let sum = checksum(&[], pseudo_header_sum(p, f.v6, len - f.iph));
-    p[f.iph + 16..f.iph + 18].copy_from_slice(&sum.to_be_bytes());
+    let l4_len = len - f.iph;
+    let (gso_type, csum_offset) = match (f.proto, f.v6) {
+        (UDP, _) => {
+            p[f.iph + 4..f.iph + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            (GSO_UDP_L4, 6)
+        }
+        (_, true) => (GSO_TCPV6, 16),
+        (_, false) => (GSO_TCPV4, 16),
+    };
+    let sum = checksum(&[], pseudo_header_sum(p, f.v6, f.proto, l4_len));
+    let at = f.iph + usize::from(csum_offset);
+    p[at..at + 2].copy_from_slice(&sum.to_be_bytes());
     VirtioNetHdr {
         flags: NEEDS_CSUM,
-        gso_type: if f.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        gso_type,
         hdr_len: f.headers as u16,
         gso_size: f.gso as u16,
         csum_start: f.iph as u16,
-        csum_offset: 16,
+        csum_offset,
     }
 }
 
@@ -448,7 +502,7 @@ mod tests {
         for (i, b) in p[t + tcph..].iter_mut().enumerate() {
             *b = (seq as usize + i) as u8;
         }
-        let sum = !checksum(&p[t..], pseudo_header_sum(&p, v6, len - t));
+        let sum = !checksum(&p[t..], pseudo_header_sum(&p, v6, TCP, len - t));
         p[t + 16..t + 18].copy_from_slice(&sum.to_be_bytes());
         p
     }
@@ -458,6 +512,44 @@ mod tests {
         p[0] = 0x45;
         p[2..4].copy_from_slice(&60u16.to_be_bytes());
         p[9] = 17;
+        p
+    }
+
+    /// UDP datagram `n` of `payload` bytes from port `sport` of 10.0.0.1 (or fd00::1) to
+    /// 10.0.0.2:5001 (or fd00::2), with a valid checksum and bytes that depend on `n`.
+    fn udp_datagram(v6: bool, sport: u16, n: u32, payload: usize) -> Vec<u8> {
+        let iph = if v6 { 40 } else { 20 };
+        let mut p = vec![0u8; iph + 8 + payload];
+        let len = p.len();
+        if v6 {
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+            p[6] = UDP;
+            p[7] = 64;
+            let src: std::net::Ipv6Addr = "fd00::1".parse().expect("address");
+            let dst: std::net::Ipv6Addr = "fd00::2".parse().expect("address");
+            p[8..24].copy_from_slice(&src.octets());
+            p[24..40].copy_from_slice(&dst.octets());
+        } else {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&(n as u16).to_be_bytes());
+            p[6] = 0x40;
+            p[8] = 64;
+            p[9] = UDP;
+            p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+            p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+            let sum = !checksum(&p[..20], 0);
+            p[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        p[iph..iph + 2].copy_from_slice(&sport.to_be_bytes());
+        p[iph + 2..iph + 4].copy_from_slice(&5001u16.to_be_bytes());
+        p[iph + 4..iph + 6].copy_from_slice(&((len - iph) as u16).to_be_bytes());
+        for (i, b) in p[iph + 8..].iter_mut().enumerate() {
+            *b = (n as usize * 7 + i) as u8;
+        }
+        let sum = !checksum(&p[iph..], pseudo_header_sum(&p, v6, UDP, len - iph));
+        p[iph + 6..iph + 8].copy_from_slice(&sum.to_be_bytes());
         p
     }
 
@@ -504,7 +596,7 @@ mod tests {
     #[test]
     fn a_train_of_segments_becomes_one_write_that_splits_back_into_the_same_segments() {
         for v6 in [false, true] {
-            let mut c = Coalescer::new(true);
+            let mut c = Coalescer::new(true, true);
             let mut sent: Vec<Vec<u8>> = (0..40)
                 .map(|i| tcp(v6, 1000 + i * PAYLOAD as u32, PAYLOAD, TCP_ACK))
                 .collect();
@@ -520,14 +612,14 @@ mod tests {
                     "segment {i} differs after the round trip (IPv6: {v6})"
                 );
                 let iph = if v6 { 40 } else { 20 };
-                assert!(checksum_valid(&b, iph, v6), "segment {i} checksum");
+                assert!(checksum_valid(&b, iph, v6, TCP), "segment {i} checksum");
             }
         }
     }
 
     #[test]
     fn a_merged_packet_stays_within_64_kib() {
-        let mut c = Coalescer::new(true);
+        let mut c = Coalescer::new(true, true);
         let sent: Vec<Vec<u8>> = (0..100)
             .map(|i| tcp(false, i * PAYLOAD as u32, PAYLOAD, TCP_ACK))
             .collect();
@@ -543,7 +635,7 @@ mod tests {
 
     #[test]
     fn gaps_other_protocols_control_segments_and_bad_checksums_pass_unmerged_in_order() {
-        let mut c = Coalescer::new(true);
+        let mut c = Coalescer::new(true, true);
         let mut bad = tcp(false, 1000 + 2 * PAYLOAD as u32, PAYLOAD, TCP_ACK);
         let last = bad.len() - 1;
         bad[last] ^= 0xff;
@@ -571,13 +663,13 @@ mod tests {
 
     #[test]
     fn interleaved_flows_each_merge_and_a_lost_decryption_leaves_the_flow_intact() {
-        let mut c = Coalescer::new(true);
+        let mut c = Coalescer::new(true, true);
         let other = |seq: u32| {
             let mut p = tcp(false, seq, PAYLOAD, TCP_ACK);
             // Another source port; fix the checksum.
             p[20..22].copy_from_slice(&4001u16.to_be_bytes());
             p[36..38].fill(0);
-            let sum = !checksum(&p[20..], pseudo_header_sum(&p, false, p.len() - 20));
+            let sum = !checksum(&p[20..], pseudo_header_sum(&p, false, TCP, p.len() - 20));
             p[36..38].copy_from_slice(&sum.to_be_bytes());
             p
         };
@@ -616,9 +708,100 @@ mod tests {
         }
     }
 
+    /// Splits every write back and checks that the datagrams come out as they went in.
+    fn assert_round_trip(written: &[Vec<u8>], sent: &[Vec<u8>]) {
+        let back: Vec<Vec<u8>> = written
+            .iter()
+            .flat_map(|w| split(w))
+            .map(ip_id_free)
+            .collect();
+        let sent: Vec<Vec<u8>> = sent.iter().cloned().map(ip_id_free).collect();
+        assert_eq!(back.len(), sent.len(), "datagrams after the round trip");
+        for (i, (b, s)) in back.iter().zip(&sent).enumerate() {
+            assert!(b == s, "datagram {i} differs after the round trip");
+            let (v6, iph) = if b[0] >> 4 == 6 {
+                (true, 40)
+            } else {
+                (false, 20)
+            };
+            assert!(checksum_valid(b, iph, v6, UDP), "datagram {i} checksum");
+        }
+    }
+
+    #[test]
+    fn a_train_of_udp_datagrams_becomes_one_write_that_splits_back_into_the_same_datagrams() {
+        for v6 in [false, true] {
+            let mut c = Coalescer::new(true, true);
+            let mut sent: Vec<Vec<u8>> = (0..40).map(|n| udp_datagram(v6, 4000, n, 1200)).collect();
+            sent.push(udp_datagram(v6, 4000, 40, 300));
+            let written = run(&mut c, &sent);
+            assert_eq!(written.len(), 1, "one write for 41 datagrams (IPv6: {v6})");
+            let hdr = VirtioNetHdr::decode(&written[0]).expect("virtio header");
+            assert_eq!((hdr.gso_type, hdr.gso_size), (GSO_UDP_L4, 1200));
+            assert_round_trip(&written, &sent);
+        }
+    }
+
+    #[test]
+    fn a_udp_write_carries_at_most_the_datagrams_the_kernel_takes() {
+        let mut c = Coalescer::new(true, true);
+        let sent: Vec<Vec<u8>> = (0..150)
+            .map(|n| udp_datagram(false, 4000, n, 100))
+            .collect();
+        let written = run(&mut c, &sent);
+        let counts: Vec<usize> = written.iter().map(|w| split(w).len()).collect();
+        assert_eq!(counts, [64, 64, 22]);
+        assert_round_trip(&written, &sent);
+    }
+
+    #[test]
+    fn udp_of_other_flows_sizes_or_bad_checksums_stays_apart_in_order() {
+        let mut c = Coalescer::new(true, true);
+        let mut bad = udp_datagram(false, 4000, 2, 1200);
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        let mut no_checksum = udp_datagram(false, 4000, 5, 1200);
+        no_checksum[26..28].fill(0);
+        let sent = vec![
+            udp_datagram(false, 4000, 0, 1200),
+            udp_datagram(false, 4000, 1, 1200),
+            bad,
+            udp_datagram(false, 4000, 3, 1200),
+            udp_datagram(false, 4001, 0, 1200),
+            udp_datagram(false, 4000, 4, 1200),
+            no_checksum,
+            // Longer than the flow's datagrams: it starts a flow of its own.
+            udp_datagram(false, 4000, 6, 1300),
+            udp_datagram(false, 4000, 7, 1300),
+        ];
+        let written = run(&mut c, &sent);
+        let counts: Vec<usize> = written.iter().map(|w| split(w).len()).collect();
+        assert_eq!(counts, [2, 1, 2, 1, 1, 2]);
+        let back: Vec<Vec<u8>> = written.iter().flat_map(|w| split(w)).collect();
+        let order: Vec<usize> = back
+            .iter()
+            .map(|b| {
+                sent.iter()
+                    .position(|s| s == b)
+                    .expect("a datagram that was sent")
+            })
+            .collect();
+        assert_eq!(order, [0, 1, 2, 3, 5, 4, 6, 7, 8], "each flow in its order");
+    }
+
+    #[test]
+    fn without_udp_offload_udp_is_written_alone_and_tcp_still_merged() {
+        let mut c = Coalescer::new(true, false);
+        let mut sent: Vec<Vec<u8>> = (0..3).map(|n| udp_datagram(false, 4000, n, 1200)).collect();
+        sent.extend((0..3).map(|i| tcp(false, i * PAYLOAD as u32, PAYLOAD, TCP_ACK)));
+        let written = run(&mut c, &sent);
+        let counts: Vec<usize> = written.iter().map(|w| split(w).len()).collect();
+        assert_eq!(counts, [1, 1, 1, 3]);
+    }
+
     #[test]
     fn without_offload_every_packet_is_written_alone_without_a_virtio_header() {
-        let mut c = Coalescer::new(false);
+        let mut c = Coalescer::new(false, false);
         let sent: Vec<Vec<u8>> = (0..3)
             .map(|i| tcp(false, i * PAYLOAD as u32, PAYLOAD, TCP_ACK))
             .collect();
@@ -627,7 +810,7 @@ mod tests {
 
     #[test]
     fn a_full_batch_asks_to_be_written() {
-        let mut c = Coalescer::new(true);
+        let mut c = Coalescer::new(true, true);
         for _ in 0..BUFFERS {
             let p = udp();
             let room = c.room(p.len()).expect("room");

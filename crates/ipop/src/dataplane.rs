@@ -279,12 +279,12 @@ struct Buffers {
     /// Received datagrams (GRO trains), one slot per `recvmmsg` message.
     udp_read: Vec<u8>,
     metas: Vec<RecvMeta>,
-    /// Decrypted packets waiting for the TUN device, TCP segments merged.
+    /// Decrypted packets waiting for the TUN device, TCP segments and UDP datagrams merged.
     to_tun: Coalescer,
 }
 
 impl Buffers {
-    fn new(mtu: usize, offload: bool) -> Self {
+    fn new(mtu: usize, offload: bool, udp_offload: bool) -> Self {
         let segment = mtu + VIRTIO_NET_HDR_LEN + 64;
         Buffers {
             tun_read: vec![0; TUN_READ_MAX],
@@ -293,7 +293,7 @@ impl Buffers {
             wire: vec![0; IDEAL_BATCH_SIZE * (segment + WG_OVERHEAD)],
             udp_read: vec![0; UDP_SLOTS * UDP_SLOT_SIZE],
             metas: vec![RecvMeta::default(); UDP_SLOTS],
-            to_tun: Coalescer::new(offload),
+            to_tun: Coalescer::new(offload, udp_offload),
         }
     }
 }
@@ -324,7 +324,7 @@ impl Dataplane {
             }
         };
         let tun = crate::device::create(&interface.name, addresses, ula, routes, mtu)?;
-        let offload = tun.tcp_gso();
+        let (offload, udp_offload) = (tun.tcp_gso(), tun.udp_gso());
         Ok(Dataplane {
             engine,
             tun,
@@ -337,7 +337,7 @@ impl Dataplane {
             listen_port: port,
             started: Instant::now(),
             next_host_scan: Instant::now() + HOST_SCAN_EVERY,
-            bufs: Buffers::new(mtu.into(), offload),
+            bufs: Buffers::new(mtu.into(), offload, udp_offload),
             io_errors: IoErrors::default(),
             streams: Streams::new(),
             stalls: status::StallWindow::default(),
@@ -763,7 +763,7 @@ impl Dataplane {
     }
 
     /// Network → TUN: receives a batch of datagrams, decrypts them, and writes the packets to
-    /// the TUN device, coalescing TCP segments again where offload allows.
+    /// the TUN device, coalescing TCP segments and UDP datagrams again where offload allows.
     async fn network_to_tun(&mut self, socket: Socket) {
         let started = Instant::now();
         let (v6, port) = match socket {

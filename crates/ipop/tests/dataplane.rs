@@ -2,7 +2,9 @@
 //! traffic. Needs root (namespaces, veths, TUN devices), `ip` and `ping`.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -227,10 +229,10 @@ fn lan_tx_packets(node: &Node) -> u64 {
 }
 
 /// UDP that the TUN device hands over one packet at a time (QUIC, calls, games: no offload
-/// merges it) still leaves in UDP GSO trains when the application sends in bursts, and arrives
-/// whole and in order.
+/// merges it) still leaves in UDP GSO trains when the application sends in bursts, is merged
+/// again into UDP GSO writes to the receiver's TUN device, and arrives whole and in order.
 #[test]
-fn udp_sent_a_datagram_at_a_time_leaves_in_trains_and_arrives_in_order() {
+fn udp_sent_a_datagram_at_a_time_travels_in_trains_and_arrives_in_order() {
     const BURSTS: u32 = 50;
     const BURST: u32 = 40;
     const COUNT: u32 = BURSTS * BURST;
@@ -246,69 +248,89 @@ fn udp_sent_a_datagram_at_a_time_leaves_in_trains_and_arrives_in_order() {
     let mut lab = two_nodes("udptrain");
     let (a, b) = pair(&mut lab);
     wait_ping(a, b, LINK_UP);
-    let server_addr = SocketAddr::new(IpAddr::V4(b.overlay_v4), 5002);
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = b.ns().spawn_in(move || -> Result<Vec<u32>, String> {
-        let socket = UdpSocket::bind(server_addr).map_err(|e| format!("bind: {e}"))?;
-        // Room for every datagram, so that a receiver slowed down by the machine loses none.
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20))
+    for to in [IpAddr::V4(b.overlay_v4), IpAddr::V6(b.overlay_v6)] {
+        let server_addr = SocketAddr::new(to, 5002);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let server = b.ns().spawn_in(move || -> Result<Vec<u32>, String> {
+            let socket = UdpSocket::bind(server_addr).map_err(|e| format!("bind: {e}"))?;
+            // Room for every datagram, so that a receiver slowed down by the machine loses none.
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(16 << 20),
+            )
             .map_err(|e| format!("SO_RCVBUFFORCE: {e}"))?;
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .map_err(|e| format!("timeout: {e}"))?;
-        let _ = ready_tx.send(());
-        let mut seqs = Vec::new();
-        let mut buf = vec![0u8; 2048];
-        while seqs.len() < COUNT as usize {
-            let n = match socket.recv(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(format!("receive: {e}")),
-            };
-            let seq = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
-            if buf[..n] != payload(seq)[..] {
-                return Err(format!("datagram {seq} arrived altered ({n} bytes)"));
-            }
-            seqs.push(seq);
-        }
-        Ok(seqs)
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the receiver should bind its overlay address");
-
-    let sent_before = lan_tx_packets(a);
-    a.ns()
-        .run_in(|| -> std::io::Result<()> {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            for burst in 0..BURSTS {
-                for seq in burst * BURST..(burst + 1) * BURST {
-                    socket.send_to(&payload(seq), server_addr)?;
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| format!("timeout: {e}"))?;
+            let _ = ready_tx.send(());
+            let mut seqs = Vec::new();
+            let mut buf = vec![0u8; 2048];
+            while seqs.len() < COUNT as usize {
+                let n = match socket.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(format!("receive: {e}")),
+                };
+                let seq = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
+                if buf[..n] != payload(seq)[..] {
+                    return Err(format!("datagram {seq} arrived altered ({n} bytes)"));
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                seqs.push(seq);
             }
-            Ok(())
-        })
-        .expect("the sender should send every datagram");
-    let seqs = server
-        .join()
-        .expect("the receiver thread should not panic")
-        .expect("the receiver should read what came");
-    let on_the_lan = lan_tx_packets(a) - sent_before;
-    eprintln!(
-        "{COUNT} datagrams of {SIZE} bytes in bursts of {BURST}: {} arrived; the sender put \
-         {on_the_lan} packets (GSO trains) on its LAN",
-        seqs.len()
-    );
-    assert_eq!(
-        seqs,
-        (0..COUNT).collect::<Vec<_>>(),
-        "every datagram arrives, in order"
-    );
-    assert!(
-        on_the_lan * 2 <= u64::from(COUNT),
-        "{on_the_lan} packets on the LAN for {COUNT} datagrams: not in trains"
-    );
+            Ok(seqs)
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the receiver should bind its overlay address");
+
+        let sent_before = lan_tx_packets(a);
+        let (writes_before, _) = tun_rx(b);
+        a.ns()
+            .run_in(|| -> std::io::Result<()> {
+                let socket = UdpSocket::bind(SocketAddr::new(
+                    if to.is_ipv4() {
+                        Ipv4Addr::UNSPECIFIED.into()
+                    } else {
+                        Ipv6Addr::UNSPECIFIED.into()
+                    },
+                    0,
+                ))?;
+                for burst in 0..BURSTS {
+                    for seq in burst * BURST..(burst + 1) * BURST {
+                        socket.send_to(&payload(seq), server_addr)?;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(())
+            })
+            .expect("the sender should send every datagram");
+        let seqs = server
+            .join()
+            .expect("the receiver thread should not panic")
+            .expect("the receiver should read what came");
+        let on_the_lan = lan_tx_packets(a) - sent_before;
+        let writes = tun_rx(b).0 - writes_before;
+        eprintln!(
+            "to {to}: {COUNT} datagrams of {SIZE} bytes in bursts of {BURST}: {} arrived; the \
+             sender put {on_the_lan} packets (GSO trains) on its LAN, the receiver wrote its TUN \
+             device {writes} times",
+            seqs.len()
+        );
+        assert_eq!(
+            seqs,
+            (0..COUNT).collect::<Vec<_>>(),
+            "every datagram to {to} arrives, in order"
+        );
+        assert!(
+            on_the_lan * 2 <= u64::from(COUNT),
+            "{on_the_lan} packets on the LAN for {COUNT} datagrams to {to}: not in trains"
+        );
+        assert!(
+            writes * 2 <= u64::from(COUNT),
+            "{writes} TUN writes on the receiver for {COUNT} datagrams to {to}: not merged"
+        );
+    }
     lab.stop_all();
 }
 
