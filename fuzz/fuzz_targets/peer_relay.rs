@@ -98,17 +98,23 @@ fuzz_target!(|data: &[u8]| {
             3 | 4 => {
                 let port = 40_001 + u16::from(op >> 5);
                 if let PairVerdict::Forward(to) = server.handle_pair(now, port, from, payload) {
-                    assert!(open.contains(&port), "forwarded on port {port}, never opened");
+                    assert!(
+                        open.contains(&port),
+                        "forwarded on port {port}, never opened"
+                    );
                     let a = registered.get(&(port, 0));
                     let b = registered.get(&(port, 1));
                     assert!(
-                        (a == Some(&from) && b == Some(&to)) || (b == Some(&from) && a == Some(&to)),
+                        (a == Some(&from) && b == Some(&to))
+                            || (b == Some(&from) && a == Some(&to)),
                         "forwarded {from} -> {to} on {port}: sides {a:?} {b:?}"
                     );
                 }
             }
             // Time passes.
-            5 => now += Duration::from_millis(u64::from(payload.first().copied().unwrap_or(0)) * 100),
+            5 => {
+                now += Duration::from_millis(u64::from(payload.first().copied().unwrap_or(0)) * 100)
+            }
             // Idle pairs end.
             _ => {
                 for port in server.expire(now) {

@@ -9,5 +9,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     // A replay that cannot finish in time is a bug (the session hung on an input).
-    assert!(ipop_xmpp::replay::events(data).is_some(), "the replay did not finish");
+    assert!(
+        ipop_xmpp::replay::events(data).is_some(),
+        "the replay did not finish"
+    );
 });

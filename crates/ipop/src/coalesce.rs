@@ -9,11 +9,12 @@
 //! overlapping the room its own headers take there. When it extends that flow (the usual case in
 //! a bulk transfer), its payload is already in place: only the few bytes under its headers are
 //! put back. Otherwise it is moved to the next free buffer, or appended to another open flow.
-//! Segments are merged on the kernel's GRO rules: same addresses, ports, acknowledgement, TCP
-//! options, IP type of service and TTL (or traffic class and hop limit), consecutive sequence
-//! numbers, flags ACK or ACK+PSH (PSH ends a flow), no segment longer than the first and a
-//! short one last. UDP datagrams are merged on the same rules less those of TCP's own header:
-//! same addresses, ports and IP fields, the same length but a short one last, at most
+//! Segments are merged on the kernel's GRO rules: same addresses, ports, acknowledgement,
+//! window, TCP options (and urgent pointer, which the kernel ignores), IP type of service and
+//! TTL (or traffic class, flow label and hop limit), a valid IPv4 header checksum, consecutive
+//! sequence numbers, flags ACK or ACK+PSH (PSH ends a flow), no segment longer than the first
+//! and a short one last. UDP datagrams are merged on the same rules less those of TCP's own
+//! header: same addresses, ports and IP fields, the same length but a short one last, at most
 //! [`UDP_MAX_SEGMENTS`] of them. Each segment's checksum is checked before it is merged, since
 //! the kernel trusts a packet that asks it to complete the checksum (so UDP without a checksum is
 //! never merged). Everything else (ICMP, TCP control segments, fragments, IPv6 extension headers)
@@ -237,9 +238,12 @@ impl Coalescer {
         let tcp_fields_match = || {
             f.proto != TCP
                 || (s.seq == f.next_seq
-                    // Acknowledgement number, then TCP options.
-                    && first[iph + 8..iph + 12] == packet[iph + 8..iph + 12]
-                    && first[iph + 20..headers] == packet[iph + 20..headers])
+                    // Acknowledgement number, header length and reserved bits; window; urgent
+                    // pointer and options: all but the flags, the sequence number and the
+                    // checksum.
+                    && first[iph + 8..iph + 13] == packet[iph + 8..iph + 13]
+                    && first[iph + 14..iph + 16] == packet[iph + 14..iph + 16]
+                    && first[iph + 18..headers] == packet[iph + 18..headers])
         };
         s.v6 == f.v6
             && s.iph == iph
@@ -340,8 +344,9 @@ fn transport_at(p: &[u8]) -> Option<(bool, usize, u8)> {
     }
 }
 
-/// The packet as a segment that may be merged, with lengths that agree with the IP header: TCP
-/// with a payload and flags ACK or ACK+PSH, or UDP with a payload and a checksum.
+/// The packet as a segment that may be merged, with lengths that agree with the IP header (and
+/// an IPv4 header checksum that is valid, since the merged packet gets a new one): TCP with a
+/// payload and flags ACK or ACK+PSH, or UDP with a payload and a checksum.
 fn segment(p: &[u8]) -> Option<Segment> {
     let (v6, iph, proto) = transport_at(p)?;
     let ip_len = if v6 {
@@ -349,7 +354,7 @@ fn segment(p: &[u8]) -> Option<Segment> {
     } else {
         usize::from(u16::from_be_bytes([p[2], p[3]]))
     };
-    if ip_len != p.len() {
+    if ip_len != p.len() || (!v6 && (p.len() < iph || checksum(&p[..iph], 0) != 0xffff)) {
         return None;
     }
     if proto == UDP {
@@ -399,8 +404,8 @@ fn same_flow(a: &[u8], b: &[u8], v6: bool, iph: usize) -> bool {
 /// The IP fields that must agree for segments to be merged.
 fn ip_fields_match(a: &[u8], b: &[u8], v6: bool) -> bool {
     if v6 {
-        // Version and traffic class, hop limit.
-        a[0] == b[0] && a[1] >> 4 == b[1] >> 4 && a[7] == b[7]
+        // Version, traffic class and flow label; hop limit.
+        a[..4] == b[..4] && a[7] == b[7]
     } else {
         // Type of service, DF and reserved flags, TTL, options.
         let iph = usize::from(a[0] & 0x0f) * 4;
@@ -659,6 +664,31 @@ mod tests {
         let back: Vec<Vec<u8>> = segments.into_iter().flatten().map(ip_id_free).collect();
         let sent: Vec<Vec<u8>> = sent.into_iter().map(ip_id_free).collect();
         assert!(back == sent, "the packets come out as they went in");
+    }
+
+    #[test]
+    fn a_segment_with_another_window_or_a_bad_ip_header_checksum_starts_a_new_write() {
+        let seq = |i: u32| i * PAYLOAD as u32;
+        let wider = |i: u32| {
+            let mut p = tcp(false, seq(i), PAYLOAD, TCP_ACK);
+            p[34..36].copy_from_slice(&1024u16.to_be_bytes());
+            p[36..38].fill(0);
+            let sum = !checksum(&p[20..], pseudo_header_sum(&p, false, TCP, PAYLOAD + 32));
+            p[36..38].copy_from_slice(&sum.to_be_bytes());
+            p
+        };
+        let mut header_checksum = wider(3);
+        header_checksum[10] ^= 0x01;
+        let sent = vec![
+            tcp(false, seq(0), PAYLOAD, TCP_ACK),
+            wider(1),
+            wider(2),
+            header_checksum,
+        ];
+        let mut c = Coalescer::new(true, true);
+        let written = run(&mut c, &sent);
+        let counts: Vec<usize> = written.iter().map(|w| split(w).len()).collect();
+        assert_eq!(counts, [1, 2, 1]);
     }
 
     #[test]

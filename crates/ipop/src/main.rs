@@ -1,6 +1,5 @@
 //! `ipop`: a peer-to-peer VPN whose membership and signalling come from XMPP.
 
-mod coalesce;
 mod dataplane;
 mod device;
 mod doctor;
@@ -20,7 +19,7 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use config::Config;
 use ipnet::IpNet;
-use ipop::{config, control, dns, metrics, portmap, status};
+use ipop::{coalesce, config, control, dns, metrics, portmap, status};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
