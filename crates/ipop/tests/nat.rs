@@ -1321,6 +1321,71 @@ fn seen_from_internet(w: &World, i: usize) -> Result<IpAddr, String> {
     }
 }
 
+/// Sends `COUNT` datagrams of 1200 bytes from device `i` to a UDP server on the fake internet,
+/// in bursts of 40 (as a QUIC or media sender would), and returns where they came from and the
+/// sequence numbers that arrived whole, in arrival order.
+fn udp_burst_to_internet(w: &World, i: usize) -> Result<(IpAddr, Vec<u32>), String> {
+    const COUNT: u32 = 400;
+    const BURST: u32 = 40;
+    let payload = |seq: u32| -> Vec<u8> {
+        let mut p = vec![0u8; 1200];
+        p[..4].copy_from_slice(&seq.to_be_bytes());
+        for (k, byte) in p.iter_mut().enumerate().skip(4) {
+            *byte = (seq as usize * 13 + k) as u8;
+        }
+        p
+    };
+    let server = w.lab.server.ns.run_in(|| -> Result<UdpSocket, String> {
+        let socket = UdpSocket::bind((SERVER_ALT_IP, 0)).map_err(|e| format!("bind: {e}"))?;
+        // Room for every datagram, so that a receiver slowed down by the machine loses none.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20))
+            .map_err(|e| format!("SO_RCVBUFFORCE: {e}"))?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| format!("timeout: {e}"))?;
+        Ok(socket)
+    })?;
+    let to = server.local_addr().map_err(|e| e.to_string())?;
+    w.ns(i)
+        .run_in(|| -> std::io::Result<()> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            for burst in 0..COUNT / BURST {
+                for seq in burst * BURST..(burst + 1) * BURST {
+                    socket.send_to(&payload(seq), to)?;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("send: {e}"))?;
+    let mut seqs = Vec::new();
+    let mut from = None;
+    let mut buf = vec![0u8; 2048];
+    while seqs.len() < COUNT as usize {
+        let (n, source) = match server.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(format!("receive: {e}")),
+        };
+        let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        if buf[..n] != payload(seq)[..] {
+            return Err(format!("datagram {seq} arrived altered ({n} bytes)"));
+        }
+        from = Some(source.ip());
+        seqs.push(seq);
+    }
+    Ok((from.ok_or("no datagram arrived")?, seqs))
+}
+
+/// What device `i` wrote to its TUN device: the interface's received packets.
+fn tun_rx_packets(w: &World, i: usize) -> u64 {
+    let out = w.ns(i).ip(&["-s", "-j", "link", "show", "dev", "ipop0"]);
+    let json: Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+    json[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no rx counters for ipop0 in {json}"))
+}
+
 /// Asks the DNS server at `server` (port 53) for the A records of `name` from device `i`'s
 /// namespace, as `dig @server name` would: the response code and the addresses.
 fn ask_dns(w: &World, i: usize, server: IpAddr, name: &str) -> (ResponseCode, Vec<IpAddr>) {
@@ -1432,6 +1497,27 @@ fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
         })
     });
     assert_eq!(seen, exit);
+    // UDP in bursts (QUIC, calls) reaches the internet through the exit whole and in order,
+    // although the exit merges the datagrams into UDP GSO writes to its TUN device, which its
+    // kernel must split again as it forwards and masquerades them.
+    let written_before = tun_rx_packets(&w, 1);
+    let (from, seqs) = udp_burst_to_internet(&w, 0).expect("UDP through the exit");
+    let written = tun_rx_packets(&w, 1) - written_before;
+    eprintln!(
+        "UDP through the exit: {} of 400 datagrams arrived from {from}; the exit wrote its TUN \
+         device {written} times",
+        seqs.len()
+    );
+    assert_eq!(from, exit, "the datagrams left through the exit");
+    assert_eq!(
+        seqs,
+        (0..400).collect::<Vec<_>>(),
+        "every datagram, in order"
+    );
+    assert!(
+        written * 2 <= 400,
+        "the exit wrote its TUN device {written} times for 400 datagrams: not merged"
+    );
     // DNS through the exit: answered by the exit's resolver, which saw the exit ask.
     let answer = wait_until(
         Duration::from_secs(10),
