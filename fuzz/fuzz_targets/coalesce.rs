@@ -12,7 +12,7 @@
 //! Besides never panicking: every write fits a TUN write (a virtio header and 64 KiB), one
 //! without offload carries no virtio header, and the writes of a batch, split as the kernel
 //! splits them, give back exactly the packets that went in (IPv4 identification and header
-//! checksum aside, which segmentation renumbers).
+//! checksum aside, which segmentation renumbers), those of each flow in the order they came.
 #![no_main]
 
 use ipop::coalesce::Coalescer;
@@ -105,11 +105,41 @@ fn check(c: &mut Coalescer, fed: &mut Vec<Vec<u8>>, offload: bool) {
         }));
     }
     c.clear();
-    let mut sent: Vec<Vec<u8>> = fed.drain(..).map(renumbered).collect();
-    let mut back: Vec<Vec<u8>> = back.into_iter().map(renumbered).collect();
-    sent.sort();
-    back.sort();
-    assert!(sent == back, "the packets written are not the packets fed");
+    let sent: Vec<Vec<u8>> = fed.drain(..).map(renumbered).collect();
+    let back: Vec<Vec<u8>> = back.into_iter().map(renumbered).collect();
+    let (mut sorted_sent, mut sorted_back) = (sent.clone(), back.clone());
+    sorted_sent.sort();
+    sorted_back.sort();
+    assert!(
+        sorted_sent == sorted_back,
+        "the packets written are not the packets fed"
+    );
+    let mut flows = std::collections::BTreeSet::new();
+    flows.extend(sent.iter().filter_map(|p| flow(p)));
+    for f in flows {
+        let of = |packets: &[Vec<u8>]| -> Vec<Vec<u8>> {
+            packets
+                .iter()
+                .filter(|p| flow(p).as_ref() == Some(&f))
+                .cloned()
+                .collect()
+        };
+        assert!(of(&sent) == of(&back), "a flow's packets came out of order");
+    }
+}
+
+/// The flow of an unfragmented TCP or UDP packet: its IP version, protocol, addresses and
+/// ports.
+fn flow(p: &[u8]) -> Option<(u8, u8, Vec<u8>)> {
+    let (proto, addresses, iph) = match p.first()? >> 4 {
+        4 if p.len() >= 20 && p[0] & 0x0f >= 5 && p[6] & 0x3f == 0 && p[7] == 0 => {
+            (p[9], &p[12..20], usize::from(p[0] & 0x0f) * 4)
+        }
+        6 if p.len() >= 40 => (p[6], &p[8..40], 40),
+        _ => return None,
+    };
+    let ports = p.get(iph..iph + 4).filter(|_| proto == 6 || proto == 17)?;
+    Some((p[0] >> 4, proto, [addresses, ports].concat()))
 }
 
 /// The packet with its IPv4 identification and header checksum zeroed.

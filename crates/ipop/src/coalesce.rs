@@ -251,7 +251,7 @@ impl Coalescer {
             && s.headers == headers
             && s.payload <= f.gso
             && self.used[g].len + s.payload <= MAX_PACKET
-            && same_flow(first, packet, f.v6, iph)
+            && same_flow(first, iph, packet, iph, f.v6)
             && ip_fields_match(first, packet, f.v6)
             && tcp_fields_match()
             && checksum_valid(packet, iph, f.v6, f.proto)
@@ -283,9 +283,14 @@ impl Coalescer {
             if let Some(f) = used.flow.as_mut()
                 && f.open
                 && f.v6 == v6
-                && f.iph == iph
                 && f.proto == proto
-                && same_flow(&self.bufs[g][VNET..VNET + f.headers], packet, v6, iph)
+                && same_flow(
+                    &self.bufs[g][VNET..VNET + f.headers],
+                    f.iph,
+                    packet,
+                    iph,
+                    v6,
+                )
             {
                 f.open = false;
             }
@@ -392,13 +397,14 @@ fn segment(p: &[u8]) -> Option<Segment> {
     })
 }
 
-/// Same addresses and ports.
-fn same_flow(a: &[u8], b: &[u8], v6: bool, iph: usize) -> bool {
+/// Same addresses and ports, for packets whose transport headers start at `a_iph` and `b_iph`
+/// (IPv4 options may differ within a flow).
+fn same_flow(a: &[u8], a_iph: usize, b: &[u8], b_iph: usize, v6: bool) -> bool {
     let addresses = if v6 { 8..40 } else { 12..20 };
-    a.len() >= iph + 4
-        && b.len() >= iph + 4
+    a.len() >= a_iph + 4
+        && b.len() >= b_iph + 4
         && a[addresses.clone()] == b[addresses]
-        && a[iph..iph + 4] == b[iph..iph + 4]
+        && a[a_iph..a_iph + 4] == b[b_iph..b_iph + 4]
 }
 
 /// The IP fields that must agree for segments to be merged.
@@ -689,6 +695,32 @@ mod tests {
         let written = run(&mut c, &sent);
         let counts: Vec<usize> = written.iter().map(|w| split(w).len()).collect();
         assert_eq!(counts, [1, 2, 1]);
+    }
+
+    #[test]
+    fn a_packet_of_the_flow_with_ip_options_keeps_its_place() {
+        let seq = |i: u32| i * PAYLOAD as u32;
+        let plain = tcp(false, seq(1), PAYLOAD, TCP_ACK);
+        // The same segment with 4 bytes of IPv4 options (NOP, NOP, NOP, end).
+        let mut options = [&plain[..20], &[1, 1, 1, 0], &plain[20..]].concat();
+        options[0] = 0x46;
+        options[2..4].copy_from_slice(&(plain.len() as u16 + 4).to_be_bytes());
+        options[10..12].fill(0);
+        let sum = !checksum(&options[..24], 0);
+        options[10..12].copy_from_slice(&sum.to_be_bytes());
+        let sent = vec![tcp(false, seq(0), PAYLOAD, TCP_ACK), options, plain];
+        let mut c = Coalescer::new(true, true);
+        let written = run(&mut c, &sent);
+        let back: Vec<Vec<u8>> = written
+            .iter()
+            .flat_map(|w| split(w))
+            .map(ip_id_free)
+            .collect();
+        let sent: Vec<Vec<u8>> = sent.into_iter().map(ip_id_free).collect();
+        assert!(
+            back == sent,
+            "the flow's packets come out in the order they came"
+        );
     }
 
     #[test]
