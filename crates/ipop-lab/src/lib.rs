@@ -86,7 +86,7 @@ pub use nat::{
     Server, Site,
 };
 pub use net::{Host, Lan, host_letter, ifname, veth};
-pub use netns::{Netns, exists as netns_exists, sweep_stale};
+pub use netns::{LinkCounters, Netns, exists as netns_exists, sweep_stale};
 pub use process::{Daemon, STOP_TIMEOUT, log_tail};
 pub use prosody::{
     ExternalService, PROSODY_READY_TIMEOUT, Prosody, ProsodyBuilder, sweep_stale_prosody,

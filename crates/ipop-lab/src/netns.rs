@@ -19,6 +19,14 @@ use crate::{PREFIX, next_id, run_checked, sanitize_tag};
 static ADD_LOCK: Mutex<()> = Mutex::new(());
 static SWEEP: Once = Once::new();
 
+/// An interface's counters, from [`Netns::link_counters`].
+#[derive(Debug, Clone, Copy)]
+pub struct LinkCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+}
+
 /// A network namespace named `ipl-<pid>-<n>-<tag>`, with `lo` up.
 ///
 /// Dropping it kills (SIGKILL, by PID) every process still inside and deletes it, which also
@@ -100,6 +108,30 @@ impl Netns {
         let mut cmd = Command::new("ip");
         cmd.args(["-n", &self.name]).args(args);
         run_checked(&mut cmd, "configure a namespace")
+    }
+
+    /// The packet and byte counters of interface `ifname` (`ip -s link show`): for a TUN
+    /// device, its received packets are what the daemon wrote to it, and for a veth or a LAN
+    /// interface a UDP GSO train counts as one packet.
+    ///
+    /// # Panics
+    /// When the interface does not exist or `ip` prints no counters.
+    #[must_use]
+    pub fn link_counters(&self, ifname: &str) -> LinkCounters {
+        let out = self.ip(&["-s", "-j", "link", "show", "dev", ifname]);
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+        let stats = &json[0]["stats64"];
+        let counter = |path: [&str; 2]| {
+            stats[path[0]][path[1]]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {path:?} counter for {ifname} in {json}"))
+        };
+        LinkCounters {
+            rx_packets: counter(["rx", "packets"]),
+            rx_bytes: counter(["rx", "bytes"]),
+            tx_packets: counter(["tx", "packets"]),
+        }
     }
 
     /// Adds an address (`10.0.0.1/24`, `fd00::1/64`) to an interface in the namespace. IPv6

@@ -471,17 +471,17 @@ mod tests {
 
     const PAYLOAD: usize = 1368;
 
-    /// A TCP segment from 10.0.0.1:4000 (or fd00::1) to 10.0.0.2:5001 (or fd00::2) with
-    /// timestamps, a valid checksum and payload bytes that depend on the sequence number.
-    fn tcp(v6: bool, seq: u32, payload: usize, flags: u8) -> Vec<u8> {
+    /// An IP packet of `proto` from 10.0.0.1 (or fd00::1) to 10.0.0.2 (or fd00::2) with
+    /// `l4_len` zero bytes after its header, IPv4 identification `id` and a valid IPv4 header
+    /// checksum; and its header's length.
+    fn ip_packet(v6: bool, proto: u8, l4_len: usize, id: u32) -> (Vec<u8>, usize) {
         let iph = if v6 { 40 } else { 20 };
-        let tcph = 32;
-        let mut p = vec![0u8; iph + tcph + payload];
+        let mut p = vec![0u8; iph + l4_len];
         let len = p.len();
         if v6 {
             p[0] = 0x60;
             p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-            p[6] = TCP;
+            p[6] = proto;
             p[7] = 64;
             let src: std::net::Ipv6Addr = "fd00::1".parse().expect("address");
             let dst: std::net::Ipv6Addr = "fd00::2".parse().expect("address");
@@ -490,15 +490,24 @@ mod tests {
         } else {
             p[0] = 0x45;
             p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            p[4..6].copy_from_slice(&((seq / PAYLOAD as u32) as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&(id as u16).to_be_bytes());
             p[6] = 0x40;
             p[8] = 64;
-            p[9] = TCP;
+            p[9] = proto;
             p[12..16].copy_from_slice(&[10, 0, 0, 1]);
             p[16..20].copy_from_slice(&[10, 0, 0, 2]);
             let sum = !checksum(&p[..20], 0);
             p[10..12].copy_from_slice(&sum.to_be_bytes());
         }
+        (p, iph)
+    }
+
+    /// A TCP segment from 10.0.0.1:4000 (or fd00::1) to 10.0.0.2:5001 (or fd00::2) with
+    /// timestamps, a valid checksum and payload bytes that depend on the sequence number.
+    fn tcp(v6: bool, seq: u32, payload: usize, flags: u8) -> Vec<u8> {
+        let tcph = 32;
+        let (mut p, iph) = ip_packet(v6, TCP, tcph + payload, seq / PAYLOAD as u32);
+        let len = p.len();
         let t = iph;
         p[t..t + 2].copy_from_slice(&4000u16.to_be_bytes());
         p[t + 2..t + 4].copy_from_slice(&5001u16.to_be_bytes());
@@ -529,30 +538,8 @@ mod tests {
     /// UDP datagram `n` of `payload` bytes from port `sport` of 10.0.0.1 (or fd00::1) to
     /// 10.0.0.2:5001 (or fd00::2), with a valid checksum and bytes that depend on `n`.
     fn udp_datagram(v6: bool, sport: u16, n: u32, payload: usize) -> Vec<u8> {
-        let iph = if v6 { 40 } else { 20 };
-        let mut p = vec![0u8; iph + 8 + payload];
+        let (mut p, iph) = ip_packet(v6, UDP, 8 + payload, n);
         let len = p.len();
-        if v6 {
-            p[0] = 0x60;
-            p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-            p[6] = UDP;
-            p[7] = 64;
-            let src: std::net::Ipv6Addr = "fd00::1".parse().expect("address");
-            let dst: std::net::Ipv6Addr = "fd00::2".parse().expect("address");
-            p[8..24].copy_from_slice(&src.octets());
-            p[24..40].copy_from_slice(&dst.octets());
-        } else {
-            p[0] = 0x45;
-            p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            p[4..6].copy_from_slice(&(n as u16).to_be_bytes());
-            p[6] = 0x40;
-            p[8] = 64;
-            p[9] = UDP;
-            p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-            p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-            let sum = !checksum(&p[..20], 0);
-            p[10..12].copy_from_slice(&sum.to_be_bytes());
-        }
         p[iph..iph + 2].copy_from_slice(&sport.to_be_bytes());
         p[iph + 2..iph + 4].copy_from_slice(&5001u16.to_be_bytes());
         p[iph + 4..iph + 6].copy_from_slice(&((len - iph) as u16).to_be_bytes());

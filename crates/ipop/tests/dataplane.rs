@@ -8,7 +8,7 @@ use std::net::{
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ipop_lab::{Lab, Node, peer_field, wait_until};
+use ipop_lab::{Lab, LinkCounters, Node, peer_field, wait_until};
 
 const IPOP: &str = env!("CARGO_BIN_EXE_ipop");
 const PORT: u16 = 51820;
@@ -173,15 +173,9 @@ fn tcp_transfer_of_20_mb_arrives_intact() {
     lab.stop_all();
 }
 
-/// The received-packet and byte counters of `node`'s TUN device: what ipop wrote to it.
-fn tun_rx(node: &Node) -> (u64, u64) {
-    let out = node.ns().ip(&["-s", "-j", "link", "show", "dev", "ipop0"]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
-    let rx = &json[0]["stats64"]["rx"];
-    match (rx["packets"].as_u64(), rx["bytes"].as_u64()) {
-        (Some(packets), Some(bytes)) => (packets, bytes),
-        _ => panic!("no rx counters for ipop0 in {json}"),
-    }
+/// `node`'s TUN device's counters: its received packets and bytes are what ipop wrote to it.
+fn tun(node: &Node) -> LinkCounters {
+    node.ns().link_counters("ipop0")
 }
 
 #[test]
@@ -192,11 +186,11 @@ fn receiver_merges_tcp_segments_into_at_most_one_tun_write_per_8_packets() {
     let (a, b) = pair(&mut lab);
     wait_ping(a, b, LINK_UP);
     for to in [IpAddr::V4(b.overlay_v4), IpAddr::V6(b.overlay_v6)] {
-        let (writes_before, bytes_before) = tun_rx(b);
+        let before = tun(b);
         let elapsed = transfer(a, b, to, LEN);
-        let (writes_after, bytes_after) = tun_rx(b);
-        let writes = writes_after - writes_before;
-        let bytes = bytes_after - bytes_before;
+        let after = tun(b);
+        let writes = after.rx_packets - before.rx_packets;
+        let bytes = after.rx_bytes - before.rx_bytes;
         // Each WireGuard datagram carries at most one MTU-sized packet, so at least this many
         // came in.
         let packets = bytes.div_ceil(MTU);
@@ -215,17 +209,6 @@ fn receiver_merges_tcp_segments_into_at_most_one_tun_write_per_8_packets() {
         );
     }
     lab.stop_all();
-}
-
-/// Datagrams `node` sent on its LAN interface, a UDP GSO train counting as one.
-fn lan_tx_packets(node: &Node) -> u64 {
-    let out = node
-        .ns()
-        .ip(&["-s", "-j", "link", "show", "dev", &node.host.ifname]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
-    json[0]["stats64"]["tx"]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no tx counters in {json}"))
 }
 
 /// UDP that the TUN device hands over one packet at a time (QUIC, calls, games: no offload
@@ -284,8 +267,8 @@ fn udp_sent_a_datagram_at_a_time_travels_in_trains_and_arrives_in_order() {
             .recv_timeout(Duration::from_secs(5))
             .expect("the receiver should bind its overlay address");
 
-        let sent_before = lan_tx_packets(a);
-        let (writes_before, _) = tun_rx(b);
+        let sent_before = a.ns().link_counters(&a.host.ifname).tx_packets;
+        let writes_before = tun(b).rx_packets;
         a.ns()
             .run_in(|| -> std::io::Result<()> {
                 let socket = UdpSocket::bind(SocketAddr::new(
@@ -309,8 +292,9 @@ fn udp_sent_a_datagram_at_a_time_travels_in_trains_and_arrives_in_order() {
             .join()
             .expect("the receiver thread should not panic")
             .expect("the receiver should read what came");
-        let on_the_lan = lan_tx_packets(a) - sent_before;
-        let writes = tun_rx(b).0 - writes_before;
+        // Datagrams a sent on its LAN interface, a UDP GSO train counting as one.
+        let on_the_lan = a.ns().link_counters(&a.host.ifname).tx_packets - sent_before;
+        let writes = tun(b).rx_packets - writes_before;
         eprintln!(
             "to {to}: {COUNT} datagrams of {SIZE} bytes in bursts of {BURST}: {} arrived; the \
              sender put {on_the_lan} packets (GSO trains) on its LAN, the receiver wrote its TUN \

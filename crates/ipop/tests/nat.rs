@@ -1377,15 +1377,6 @@ fn udp_burst_to_internet(w: &World, i: usize) -> Result<(IpAddr, Vec<u32>), Stri
     Ok((from.ok_or("no datagram arrived")?, seqs))
 }
 
-/// What device `i` wrote to its TUN device: the interface's received packets.
-fn tun_rx_packets(w: &World, i: usize) -> u64 {
-    let out = w.ns(i).ip(&["-s", "-j", "link", "show", "dev", "ipop0"]);
-    let json: Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
-    json[0]["stats64"]["rx"]["packets"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no rx counters for ipop0 in {json}"))
-}
-
 /// Asks the DNS server at `server` (port 53) for the A records of `name` from device `i`'s
 /// namespace, as `dig @server name` would: the response code and the addresses.
 fn ask_dns(w: &World, i: usize, server: IpAddr, name: &str) -> (ResponseCode, Vec<IpAddr>) {
@@ -1500,9 +1491,9 @@ fn an_exit_node_carries_a_friends_internet_traffic_and_not_its_own_underlay() {
     // UDP in bursts (QUIC, calls) reaches the internet through the exit whole and in order,
     // although the exit merges the datagrams into UDP GSO writes to its TUN device, which its
     // kernel must split again as it forwards and masquerades them.
-    let written_before = tun_rx_packets(&w, 1);
+    let written_before = w.ns(1).link_counters("ipop0").rx_packets;
     let (from, seqs) = udp_burst_to_internet(&w, 0).expect("UDP through the exit");
-    let written = tun_rx_packets(&w, 1) - written_before;
+    let written = w.ns(1).link_counters("ipop0").rx_packets - written_before;
     eprintln!(
         "UDP through the exit: {} of 400 datagrams arrived from {from}; the exit wrote its TUN \
          device {written} times",
